@@ -1,0 +1,51 @@
+"""puller's own errors, rooted in :class:`PullerError`, and the error kinds on the wire."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    """Why a node did not get an image. Sent in replies; stable strings."""
+
+    INVALID_REQUEST = "invalid_request"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    REGISTRY_UNREACHABLE = "registry_unreachable"
+    REGISTRY_ERROR = "registry_error"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    ENGINE_ERROR = "engine_error"
+    STALLED = "stalled"
+    TIMEOUT = "timeout"
+    NO_SPACE = "no_space"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class PullerError(Exception):
+    """The root of every error puller raises on purpose."""
+
+
+class InvalidReference(PullerError, ValueError):
+    """An image reference that breaks the distribution reference grammar."""
+
+
+class InvalidMessage(PullerError, ValueError):
+    """A message body that breaks the wire contract."""
+
+
+class BrokerUnavailable(PullerError):
+    """RabbitMQ could not be reached, or the connection to it was lost."""
+
+
+class NoNodes(PullerError):
+    """A pull request was published, but no worker queue was bound to receive it."""
+
+
+class PullFailed(PullerError):
+    """A node could not get an image; ``kind`` says why in one word."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message

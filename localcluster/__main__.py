@@ -1,0 +1,130 @@
+"""``python -m localcluster``: bring a puller cluster up on this machine, demo it, take it down."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import docker
+
+from localcluster.cluster import LocalCluster, read_state, stop_recorded, worker_command
+from localcluster.engines import ensure_host_engine
+from localcluster.images import (
+    build_worker_image,
+    ensure_base_image,
+    ensure_rabbitmq_image,
+    host_client,
+)
+from localcluster.rabbitmq import ensure_rabbitmq, stop_rabbitmq
+from localcluster.registry import free_port
+
+DEFAULT_ROOT = Path("/tmp/puller-cluster")  # noqa: S108 - a fixed, documented place
+DEMO_REGISTRY_PORT = 5000
+DEMO_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+BROKER_MARKER = "started-rabbitmq"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="state directory")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start RabbitMQ, a registry, N engines and N workers")
+    up.add_argument("--nodes", type=int, default=3)
+    demo = commands.add_parser("demo", help="up, then pull a demo image onto every node")
+    demo.add_argument("--nodes", type=int, default=3)
+    commands.add_parser("down", help="stop what up started (and RabbitMQ, if up started it)")
+    commands.add_parser("test-images", help="start the machine's dockerd, build test images")
+    args = parser.parse_args(argv)
+
+    if args.command == "down":
+        stopped = stop_recorded(args.root)
+        if (args.root / BROKER_MARKER).exists():
+            stop_rabbitmq()
+            (args.root / BROKER_MARKER).unlink()
+        print(f"stopped {stopped} process(es) of the cluster under {args.root}")
+        return 0
+    if args.command == "test-images":
+        ensure_host_engine()
+        client = host_client()
+        print("base image:", ensure_base_image(client))
+        print("rabbitmq image:", ensure_rabbitmq_image(client))
+        print("worker image:", build_worker_image(client))
+        return 0
+    cluster = _up(args.root, args.nodes)
+    if args.command == "demo":
+        return _demo(cluster)
+    return 0
+
+
+def _up(root: Path, nodes: int) -> LocalCluster:
+    if read_state(root) is not None:
+        print(f"stopping the cluster left running under {root}")
+        stop_recorded(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if ensure_rabbitmq():
+        (root / BROKER_MARKER).touch()
+    port = DEMO_REGISTRY_PORT if _port_free(DEMO_REGISTRY_PORT) else free_port()
+    cluster = LocalCluster(root=root, amqp_url=DEMO_AMQP_URL, nodes=nodes, registry_port=port)
+    cluster.start()
+    print(f"RabbitMQ   {DEMO_AMQP_URL}")
+    print(f"registry   {cluster.registry.address}")
+    for engine, worker in zip(cluster.engines, cluster.workers, strict=True):
+        print(f"{engine.name:<10} DOCKER_HOST={engine.docker_host}  worker log {worker.log_path}")
+    return cluster
+
+
+def _demo(cluster: LocalCluster) -> int:
+    image = cluster.registry.push_files("demo/hello", "1", {"hello.txt": b"hello from puller\n"})
+    for engine in cluster.engines:  # so that the demo shows a real pull, not "present"
+        client = engine.client()
+        try:
+            client.images.remove(image, force=True)
+        except docker.errors.ImageNotFound:
+            pass
+        finally:
+            client.close()
+    print(f"\n$ puller pull {image} --expect {cluster.nodes}")
+    puller = str(Path(worker_command()[0]).parent / "puller")
+    status = subprocess.run(
+        [
+            puller,
+            "--amqp-url",
+            cluster.amqp_url,
+            "pull",
+            image,
+            "--expect",
+            str(cluster.nodes),
+            "--timeout",
+            "120",
+        ],
+        check=False,
+    ).returncode
+    print("\nchecked through each node's own Docker Engine API:")
+    everywhere = True
+    for engine in cluster.engines:
+        client = engine.client()
+        try:
+            found = client.images.get(image).short_id
+        except docker.errors.ImageNotFound:
+            found, everywhere = "MISSING", False
+        finally:
+            client.close()
+        print(f"  {engine.name}: {found}")
+    print("\nthe cluster stays up; stop it with: .venv/bin/python -m localcluster down")
+    return 0 if status == 0 and everywhere else 1
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

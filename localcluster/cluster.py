@@ -1,0 +1,165 @@
+"""A whole local cluster: registry, node engines and workers, against one RabbitMQ vhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localcluster.engines import NodeEngine
+from localcluster.processes import start_daemon, stop, stop_process_group, wait_until
+from localcluster.registry import Registry
+
+STATE_FILE = "cluster.json"
+
+
+def worker_command() -> list[str]:
+    """The installed ``puller-worker`` beside this interpreter, else ``python -m worker.main``."""
+    script = Path(sys.executable).parent / "puller-worker"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "worker.main"]
+
+
+@dataclass
+class WorkerProcess:
+    """``puller-worker`` for one node, with that node's ``DOCKER_HOST``."""
+
+    node: str
+    docker_host: str
+    amqp_url: str
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, timeout: float = 30.0) -> None:
+        env = {
+            **os.environ,
+            "PULLER_AMQP_URL": self.amqp_url,
+            "PULLER_NODE_NAME": self.node,
+            "DOCKER_HOST": self.docker_host,
+            "PULLER_LOG_FORMAT": "json",
+            **self.extra_env,
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        self.process = start_daemon(worker_command(), self.log_path, env)
+        wait_until(self.serving, f"puller-worker {self.node}", timeout, self.process, self.log_path)
+
+    def serving(self) -> bool:
+        """The worker logged that it consumes its queue (after its latest start)."""
+        return any(
+            json.loads(line).get("event") == "serving"
+            for line in self.log_path.read_text().splitlines()
+            if line.startswith("{")
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+    def signal(self, signum: signal.Signals) -> None:
+        if self.process is not None:
+            self.process.send_signal(signum)
+
+
+@dataclass
+class LocalCluster:
+    """``nodes`` Docker Engines with a worker each, and a registry, under ``root``."""
+
+    root: Path
+    amqp_url: str
+    nodes: int = 3
+    registry_port: int = 0
+    worker_env: dict[str, str] = field(default_factory=dict)
+    registry: Registry = field(init=False)
+    engines: list[NodeEngine] = field(default_factory=list, init=False)
+    workers: list[WorkerProcess] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.registry = Registry(self.root / "registry", port=self.registry_port)
+
+    def start(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.registry.start()
+            for index in range(1, self.nodes + 1):
+                self.add_node(f"node-{index}")
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+
+    def add_node(self, name: str) -> WorkerProcess:
+        engine = NodeEngine(name, self.root / name)
+        self.engines.append(engine)
+        engine.start()
+        worker = WorkerProcess(
+            node=name,
+            docker_host=engine.docker_host,
+            amqp_url=self.amqp_url,
+            log_path=self.root / name / "worker.log",
+            extra_env=dict(self.worker_env),
+        )
+        self.workers.append(worker)
+        worker.start()
+        self._write_state()
+        return worker
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for engine in self.engines:
+            engine.stop()
+        self.registry.stop()
+        (self.root / STATE_FILE).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _write_state(self) -> None:
+        pids = [p.pid for p in self._processes()]
+        state = {
+            "amqp_url": self.amqp_url,
+            "registry": self.registry.address,
+            "pids": pids,
+            "nodes": [{"node": e.name, "docker_host": e.docker_host} for e in self.engines],
+        }
+        (self.root / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def _processes(self) -> list[subprocess.Popen[bytes]]:
+        found = [w.process for w in self.workers] + [e.process for e in self.engines]
+        found.append(self.registry.process)
+        return [p for p in found if p is not None]
+
+
+def read_state(root: Path) -> dict[str, object] | None:
+    path = root / STATE_FILE
+    if not path.exists():
+        return None
+    state: dict[str, object] = json.loads(path.read_text())
+    return state
+
+
+def stop_recorded(root: Path) -> int:
+    """Stops the processes a ``localcluster up`` recorded under ``root``; returns how many."""
+    state = read_state(root)
+    if state is None:
+        return 0
+    pids = state.get("pids", [])
+    if not isinstance(pids, list):
+        raise TypeError(f"{root / STATE_FILE} is damaged: 'pids' is not a list")
+    for pid in pids:
+        stop_process_group(int(pid), timeout=20)
+    (root / STATE_FILE).unlink(missing_ok=True)
+    return len(pids)

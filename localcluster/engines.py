@@ -1,0 +1,98 @@
+"""Docker Engines: one per simulated node, and the machine's own for building images."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+
+from localcluster.processes import start_daemon, stop, wait_until
+
+HOST_DOCKER_SOCKET = Path("/var/run/docker.sock")
+
+
+@dataclass
+class NodeEngine:
+    """A ``dockerd`` with its own socket, data root and exec root, as one node would have.
+
+    Bridge networking and iptables are off: a node engine only pulls images, and
+    several engines on one machine must not fight over ``docker0``.
+    """
+
+    name: str
+    root: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "docker.sock"
+
+    @property
+    def docker_host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dockerd.log"
+
+    def client(self, timeout: int = 60) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.docker_host, timeout=timeout)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        self.process = start_daemon(
+            [
+                "dockerd",
+                f"--host={self.docker_host}",
+                f"--data-root={self.root / 'data'}",
+                f"--exec-root={self.root / 'exec'}",
+                f"--pidfile={self.root / 'docker.pid'}",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+            ],
+            self.log_path,
+        )
+        wait_until(self._pings, f"dockerd for {self.name}", timeout, self.process, self.log_path)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=20)
+            self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _pings(self) -> bool:
+        client = self.client(timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+
+def host_engine_running() -> bool:
+    try:
+        client = docker.DockerClient(base_url=f"unix://{HOST_DOCKER_SOCKET}", timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except docker.errors.DockerException:
+        return False
+
+
+def ensure_host_engine(log_path: Path = Path("/var/log/puller-host-dockerd.log")) -> None:
+    """Starts the machine's own dockerd (default socket, bridge networking) unless it runs.
+
+    It builds the test images and runs the containers testcontainers starts.
+    """
+    if host_engine_running():
+        return
+    process = start_daemon(["dockerd"], log_path)
+    wait_until(host_engine_running, "the machine's dockerd", 60.0, process, log_path)

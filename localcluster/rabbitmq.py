@@ -1,0 +1,54 @@
+"""RabbitMQ on this machine (Debian's rabbitmq-server), for the demo cluster."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+from localcluster.processes import ServiceFailed, wait_until
+
+AMQP_PORT = 5672
+
+
+def broker_listening(port: int = AMQP_PORT) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_rabbitmq(timeout: float = 90.0) -> bool:
+    """Starts rabbitmq-server unless a broker already listens; returns whether it started one."""
+    if broker_listening():
+        return False
+    subprocess.run(["rabbitmq-server", "-detached"], check=True)
+    # await_startup fails at once while the node is not yet reachable, so ask until it says yes.
+    wait_until(_booted, "rabbitmq-server (see /var/log/rabbitmq/)", timeout)
+    if not broker_listening():
+        raise ServiceFailed("rabbitmq-server booted but does not listen on 127.0.0.1:5672")
+    return True
+
+
+def _booted() -> bool:
+    answer = subprocess.run(
+        ["rabbitmqctl", "--timeout", "10", "await_startup"],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+    return answer.returncode == 0
+
+
+def stop_rabbitmq() -> None:
+    subprocess.run(["rabbitmqctl", "stop"], check=False, capture_output=True, timeout=60)
+
+
+def add_vhost(vhost: str, user: str = "guest") -> None:
+    """A separate vhost keeps one cluster's exchanges and queues apart from another's."""
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=False, capture_output=True)
+    subprocess.run(
+        ["rabbitmqctl", "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+        check=True,
+        capture_output=True,
+    )

@@ -1,0 +1,200 @@
+"""A real distribution registry (``docker-registry``) and a way to put images in it.
+
+Images are written straight through the registry's HTTP API, so no Docker
+Engine and no base image are needed to make one, and a layer can be any size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin
+
+import requests
+
+from localcluster.processes import start_daemon, stop, wait_until
+
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
+LAYER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Registry:
+    """``docker-registry serve`` on 127.0.0.1, storing blobs under ``root``.
+
+    Docker Engines treat 127.0.0.0/8 registries as insecure by default, so
+    plain HTTP pulls work with no daemon flag.
+    """
+
+    root: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.port == 0:
+            self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        config.write_text(
+            json.dumps(  # JSON is YAML, and needs no YAML library here
+                {
+                    "version": 0.1,
+                    "log": {"level": "warn"},
+                    "storage": {
+                        "filesystem": {"rootdirectory": str(self.root / "data")},
+                        "delete": {"enabled": True},
+                    },
+                    "http": {"addr": self.address},
+                }
+            )
+        )
+        log_path = self.root / "registry.log"
+        self.process = start_daemon(["docker-registry", "serve", str(config)], log_path)
+        wait_until(self._answers, "docker-registry", timeout, self.process, log_path)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _answers(self) -> bool:
+        return requests.get(f"{self.url}/v2/", timeout=2).status_code == 200
+
+    def push_files(self, repository: str, tag: str, files: dict[str, bytes]) -> str:
+        """Pushes a one-layer image holding ``files``; returns ``ADDRESS/REPOSITORY:TAG``."""
+        push_image(self.url, repository, tag, [make_layer(files)])
+        return f"{self.address}/{repository}:{tag}"
+
+    def push_sized(self, repository: str, tag: str, layer_sizes: list[int]) -> str:
+        """Pushes an image whose layers each hold one file of random bytes of the given size."""
+        layers = [
+            make_layer({f"blob{i}.bin": os.urandom(size)}) for i, size in enumerate(layer_sizes)
+        ]
+        push_image(self.url, repository, tag, layers)
+        return f"{self.address}/{repository}:{tag}"
+
+
+@dataclass(frozen=True)
+class Layer:
+    compressed: bytes
+    diff_id: str  # sha256 of the uncompressed tar
+
+    @property
+    def digest(self) -> str:
+        return _sha256(self.compressed)
+
+
+def make_layer(files: dict[str, bytes]) -> Layer:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, content in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(content))
+    uncompressed = raw.getvalue()
+    return Layer(
+        compressed=gzip.compress(uncompressed, compresslevel=1, mtime=0),
+        diff_id=_sha256(uncompressed),
+    )
+
+
+def push_image(registry_url: str, repository: str, tag: str, layers: list[Layer]) -> str:
+    """Uploads layers, config and a schema-2 manifest; returns the manifest digest."""
+    config = json.dumps(
+        {
+            "architecture": _docker_architecture(),
+            "os": "linux",
+            "config": {"Cmd": ["/bin/true"]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
+            "history": [{"created_by": "puller localcluster"} for _ in layers],
+        }
+    ).encode()
+    with requests.Session() as session:
+        for layer in layers:
+            _upload_blob(session, registry_url, repository, layer.compressed)
+        _upload_blob(session, registry_url, repository, config)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_V2,
+                "config": {"mediaType": CONFIG_V1, "size": len(config), "digest": _sha256(config)},
+                "layers": [
+                    {
+                        "mediaType": LAYER_TAR_GZIP,
+                        "size": len(layer.compressed),
+                        "digest": layer.digest,
+                    }
+                    for layer in layers
+                ],
+            }
+        ).encode()
+        response = session.put(
+            f"{registry_url}/v2/{repository}/manifests/{tag}",
+            data=manifest,
+            headers={"Content-Type": MANIFEST_V2},
+            timeout=60,
+        )
+        response.raise_for_status()
+    return _sha256(manifest)
+
+
+def _upload_blob(
+    session: requests.Session, registry_url: str, repository: str, blob: bytes
+) -> None:
+    digest = _sha256(blob)
+    if (
+        session.head(f"{registry_url}/v2/{repository}/blobs/{digest}", timeout=30).status_code
+        == 200
+    ):
+        return
+    started = session.post(f"{registry_url}/v2/{repository}/blobs/uploads/", timeout=30)
+    started.raise_for_status()
+    location = urljoin(registry_url, started.headers["Location"])
+    separator = "&" if "?" in location else "?"
+    finished = session.put(
+        f"{location}{separator}digest={digest}",
+        data=blob,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=300,
+    )
+    finished.raise_for_status()
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _docker_architecture() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)

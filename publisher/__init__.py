@@ -1,0 +1,38 @@
+"""puller's publisher: ask every node to pull an image, and learn what each one did.
+
+    from publisher import Publisher
+    with Publisher("amqp://guest:guest@localhost:5672/%2F") as p:
+        request_id = p.request("cyberdojofoundation/gcc_assert:93eefc6")
+        report = p.pull("cyberdojofoundation/gcc_assert:93eefc6", expect=3, timeout=60)
+
+- ``client``: :class:`Publisher`, the library
+- ``broker``: the AMQP connection (the only pika user on this side)
+- ``report``: :class:`PullReport`
+- ``cli``: the ``puller`` command
+"""
+
+from contract import (
+    BrokerUnavailable,
+    ErrorKind,
+    InvalidReference,
+    NodeError,
+    NodeResult,
+    NoNodes,
+    PullerError,
+    Status,
+)
+from publisher.client import Publisher
+from publisher.report import PullReport
+
+__all__ = [
+    "BrokerUnavailable",
+    "ErrorKind",
+    "InvalidReference",
+    "NoNodes",
+    "NodeError",
+    "NodeResult",
+    "Publisher",
+    "PullReport",
+    "PullerError",
+    "Status",
+]

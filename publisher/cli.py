@@ -1,0 +1,136 @@
+"""``puller``: the ops command. ``puller pull IMAGE`` puts an image on every node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+from contract import BrokerUnavailable, InvalidReference, NoNodes, parse_reference
+from publisher.client import DEFAULT_TIMEOUT, Publisher
+from publisher.report import PullReport
+
+EXIT_OK = 0
+EXIT_NOT_EVERYWHERE = 1
+EXIT_USAGE = 2
+EXIT_BROKER = 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The library logs for services that embed it; a person at the CLI wants only warnings.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "pull":
+        return _pull(args, sys.stdout, sys.stderr)
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="puller",
+        description="Put docker images on every node of the cluster.",
+        epilog="exit status: 0 every expected node has the image; 1 some failed, did not "
+        "answer, or no node was there; 2 bad usage or image reference; 3 RabbitMQ unreachable.",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        help="RabbitMQ URL (default: $PULLER_AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    pull = commands.add_parser("pull", help="pull IMAGE onto every node and report per node")
+    pull.add_argument("image", metavar="IMAGE", help="e.g. cyberdojofoundation/gcc_assert:93eefc6")
+    pull.add_argument(
+        "--expect",
+        type=_positive_int,
+        metavar="N",
+        help="wait until N nodes answered (default: collect answers until the timeout)",
+    )
+    pull.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    pull.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        image = parse_reference(args.image)
+    except InvalidReference as error:
+        print(f"puller: invalid image reference: {error}", file=err)
+        return EXIT_USAGE
+    try:
+        with Publisher(args.amqp_url) as publisher:
+            report = publisher.pull(image, expect=args.expect, timeout=args.timeout)
+    except NoNodes as error:
+        if args.json:
+            json.dump({"image": str(image), "nodes": [], "ok": False, "error": str(error)}, out)
+            out.write("\n")
+        print(f"puller: {error}", file=err)
+        return EXIT_NOT_EVERYWHERE
+    except BrokerUnavailable as error:
+        print(f"puller: {error}", file=err)
+        return EXIT_BROKER
+    if args.json:
+        json.dump(report.to_json(), out)
+        out.write("\n")
+    else:
+        _print_table(report, out)
+    _print_verdict(report, args.timeout, err)
+    return EXIT_OK if report.ok else EXIT_NOT_EVERYWHERE
+
+
+def _print_table(report: PullReport, out: TextIO) -> None:
+    print(f"{report.image}  (request {report.request_id})", file=out)
+    width = max([len(r.node) for r in report.nodes] + [4])
+    for result in report.nodes:
+        detail = (
+            f"{result.error.kind.value}: {result.error.message}"
+            if result.error
+            else (result.image_id or "")
+        )
+        print(
+            f"  {result.node:<{width}}  {result.status.value:<7}  {result.seconds:8.3f}s  {detail}",
+            file=out,
+        )
+
+
+def _print_verdict(report: PullReport, timeout: float, err: TextIO) -> None:
+    if report.failed:
+        names = ", ".join(r.node for r in report.failed)
+        print(f"puller: failed on {len(report.failed)} node(s): {names}", file=err)
+    if report.missing:
+        print(
+            f"puller: {report.missing} of {report.expected} expected node(s) did not answer "
+            f"within {timeout:g}s",
+            file=err,
+        )
+    if not report.nodes:
+        print(f"puller: no node answered within {timeout:g}s", file=err)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

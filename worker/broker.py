@@ -1,0 +1,187 @@
+"""The worker's AMQP connection: the only module of the worker that imports pika.
+
+One thread owns the connection: the one that calls :meth:`WorkerBroker.serve`.
+Every other thread reaches it only through :meth:`WorkerBroker.call_soon`, which
+is pika's ``add_callback_threadsafe``: replies and acks for a finished pull are
+sent from the connection's own thread, while the connection keeps answering
+heartbeats through a pull that takes minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+import structlog
+
+from contract import CONTENT_TYPE, PULL_EXCHANGE, REPLY_EXCHANGE, BrokerUnavailable, PullerError
+from contract.messages import node_queue_name
+
+log = structlog.get_logger("worker.broker")
+
+RESOURCE_LOCKED = 405
+
+
+class NodeNameInUse(PullerError):
+    """Another worker holds this node's exclusive queue."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message from the node's queue, in the project's own terms."""
+
+    body: bytes
+    delivery_tag: int
+    reply_to: str | None
+    correlation_id: str | None
+    content_type: str | None
+    connection_generation: int
+    """Which connection delivered it: an ack on a later connection would be an error."""
+
+
+class WorkerBroker:
+    """Connects, declares the topology, consumes the node's queue and sends replies."""
+
+    def __init__(self, amqp_url: str, node: str, prefetch: int, heartbeat: int) -> None:
+        self._parameters = pika.URLParameters(amqp_url)
+        self._parameters.heartbeat = heartbeat
+        self._parameters.blocked_connection_timeout = max(60, 2 * heartbeat)
+        self._parameters.connection_attempts = 1
+        self._parameters.socket_timeout = 10
+        self._node = node
+        self._prefetch = prefetch
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._consumer_tag: str | None = None
+        self._generation = 0
+        self.queue = node_queue_name(node)
+
+    @property
+    def where(self) -> str:
+        parameters = self._parameters
+        return f"{parameters.host}:{parameters.port} vhost {parameters.virtual_host!r}"
+
+    def connect(self, on_delivery: Callable[[Delivery], None]) -> None:
+        """Opens the connection, declares exchanges and the node's queue, starts consuming."""
+        self._generation += 1
+        generation = self._generation
+        try:
+            self._connection = pika.BlockingConnection(self._parameters)
+            channel = self._connection.channel()
+            channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
+            channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
+            channel.queue_bind(self.queue, PULL_EXCHANGE)
+            channel.basic_qos(prefetch_count=self._prefetch)
+
+            def deliver(
+                _channel: object,
+                method: pika.spec.Basic.Deliver,
+                properties: pika.BasicProperties,
+                body: bytes,
+            ) -> None:
+                on_delivery(
+                    Delivery(
+                        body=body,
+                        delivery_tag=method.delivery_tag,
+                        reply_to=properties.reply_to,
+                        correlation_id=properties.correlation_id,
+                        content_type=properties.content_type,
+                        connection_generation=generation,
+                    )
+                )
+
+            self._consumer_tag = channel.basic_consume(self.queue, deliver, auto_ack=False)
+            self._channel = channel
+        except pika.exceptions.ChannelClosedByBroker as error:
+            self.close()
+            if error.reply_code == RESOURCE_LOCKED:
+                raise NodeNameInUse(
+                    f"queue {self.queue} is held by another connection: another worker with "
+                    f"PULLER_NODE_NAME={self._node!r} is running against {self.where}. "
+                    "Give each node's worker its own name."
+                ) from None
+            raise BrokerUnavailable(f"RabbitMQ at {self.where} refused: {error}") from None
+        except (pika.exceptions.AMQPError, OSError) as error:
+            self.close()
+            raise BrokerUnavailable(
+                f"cannot connect to RabbitMQ at {self.where}: {_describe(error)}"
+            ) from None
+
+    def process_events(self, seconds: float) -> None:
+        """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
+        try:
+            self._open_connection().process_data_events(time_limit=seconds)
+        except (pika.exceptions.AMQPError, OSError) as error:
+            raise BrokerUnavailable(
+                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
+            ) from None
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Runs ``callback`` on the connection's thread. The one method safe from any thread."""
+        try:
+            self._open_connection().add_callback_threadsafe(callback)
+        except (pika.exceptions.AMQPError, OSError, BrokerUnavailable) as error:
+            log.warning("connection gone; dropping a callback", error=_describe(error))
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        """Sends a reply through :data:`REPLY_EXCHANGE`. Connection thread only."""
+        self._open_channel().basic_publish(
+            REPLY_EXCHANGE,
+            routing_key=reply_to,
+            body=body,
+            properties=pika.BasicProperties(
+                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+            ),
+        )
+
+    def ack(self, delivery: Delivery) -> None:
+        if self._current(delivery):
+            self._open_channel().basic_ack(delivery.delivery_tag)
+
+    def reject(self, delivery: Delivery) -> None:
+        """Rejects without requeue: a message that cannot be served now never will be."""
+        if self._current(delivery):
+            self._open_channel().basic_reject(delivery.delivery_tag, requeue=False)
+
+    def _current(self, delivery: Delivery) -> bool:
+        if delivery.connection_generation == self._generation:
+            return True
+        log.info(
+            "not acking a delivery from a connection that is gone",
+            delivery_tag=delivery.delivery_tag,
+        )
+        return False
+
+    def stop_consuming(self) -> None:
+        if self._channel is not None and self._consumer_tag is not None:
+            try:
+                self._channel.basic_cancel(self._consumer_tag)
+            except (pika.exceptions.AMQPError, OSError) as error:
+                log.warning("could not cancel the consumer", error=_describe(error))
+            self._consumer_tag = None
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (pika.exceptions.AMQPError, OSError) as error:
+                log.warning("error while closing the connection", error=_describe(error))
+
+    def _open_connection(self) -> pika.BlockingConnection:
+        if self._connection is None or not self._connection.is_open:
+            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
+        return self._connection
+
+    def _open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        if self._channel is None or not self._channel.is_open:
+            raise BrokerUnavailable(f"no open channel to RabbitMQ at {self.where}")
+        return self._channel
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or repr(error)
+    return f"{type(error).__name__}: {text}"

@@ -1,0 +1,331 @@
+"""The node's Docker Engine: the only module of the worker that imports the docker SDK.
+
+It answers two questions, "is this image here?" and "pull it", and turns every
+failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
+person can act on. A containerd backend would be another class with the same
+two methods (:class:`ImageStore` in ``worker.service``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import docker
+import requests
+import urllib3
+from docker import auth as docker_auth
+
+from contract import ErrorKind, ImageReference, PullFailed
+
+ENGINE_API_VERSION = "auto"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the engine knows of an image it holds."""
+
+    image_id: str
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """Bytes downloaded so far over all layers the engine reported, and their total."""
+
+    done: int
+    total: int
+
+
+class DockerEngine:
+    """Talks to one Docker Engine (``docker_host``, or the SDK's default from the environment).
+
+    ``stall_timeout``: a pull whose stream says nothing for that long is abandoned; closing
+    the stream makes the engine cancel the pull. ``pull_timeout``: the most one pull may take.
+    """
+
+    def __init__(
+        self,
+        docker_host: str | None,
+        stall_timeout: float,
+        pull_timeout: float,
+        inspect_timeout: float = 30.0,
+    ) -> None:
+        self._docker_host = docker_host
+        self._stall_timeout = stall_timeout
+        self._pull_timeout = pull_timeout
+        self._inspect_timeout = inspect_timeout
+        self._client: docker.APIClient | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return self._docker_host or "the local Docker Engine (DOCKER_HOST unset)"
+
+    def version(self) -> str:
+        with self._failures_as_pull_failed(None):
+            return str(self._api().version().get("Version", "unknown"))
+
+    def find_image(self, image: ImageReference) -> ImageInfo | None:
+        """The image's id and digest if the engine has it; ``None`` if it does not."""
+        with self._failures_as_pull_failed(image):
+            try:
+                attrs = self._api().inspect_image(_engine_name(image))
+            except docker.errors.ImageNotFound:
+                return None
+        return _image_info(attrs, image)
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`."""
+        api = self._api_or_unavailable()
+        registry = image.domain
+        headers: dict[str, str] = {}
+        auth_header = docker_auth.get_config_header(api, registry)
+        if auth_header:
+            headers["X-Registry-Auth"] = auth_header
+        params = {"fromImage": image.repository, "tag": image.digest or image.tag}
+        started = time.monotonic()
+        stream_open = False
+        response: requests.Response | None = None
+        try:
+            # The SDK's own pull() reads the stream with no timeout at all; a stalled
+            # registry would hang it forever. This is the same request with a read timeout.
+            response = api._post(  # noqa: SLF001 - see above
+                api._url("/images/create"),  # noqa: SLF001
+                params=params,
+                headers=headers,
+                stream=True,
+                timeout=(self._inspect_timeout, self._stall_timeout),
+            )
+            api._raise_for_status(response)  # noqa: SLF001
+            stream_open = True
+            tracker = _ProgressTracker()
+            for event in _events(api, response):
+                if "error" in event or "errorDetail" in event:
+                    message = event.get("error") or event.get("errorDetail", {}).get("message", "")
+                    raise _classified(str(message), image)
+                if on_progress is not None and tracker.update(event):
+                    on_progress(tracker.progress)
+                if time.monotonic() - started > self._pull_timeout:
+                    raise PullFailed(
+                        ErrorKind.TIMEOUT,
+                        f"pulling {image} took longer than PULLER_PULL_TIMEOUT="
+                        f"{self._pull_timeout:g}s; the pull was cancelled. Raise the timeout "
+                        "for very large images or check the node's network.",
+                    )
+        except PullFailed:
+            raise
+        except docker.errors.APIError as error:
+            raise _classified(_api_error_text(error), image) from None
+        except (
+            requests.exceptions.Timeout,
+            requests.exceptions.ConnectionError,
+            urllib3.exceptions.HTTPError,
+            OSError,
+        ) as error:
+            if stream_open:
+                raise PullFailed(
+                    ErrorKind.STALLED,
+                    f"pulling {image}: the engine reported no progress for "
+                    f"{self._stall_timeout:g}s (PULLER_STALL_TIMEOUT); the pull was cancelled. "
+                    f"Check that the node can reach {registry} ({type(error).__name__}).",
+                ) from None
+            self._forget_client()
+            raise _engine_unavailable(self.describe(), error) from None
+        finally:
+            if response is not None:
+                response.close()  # an abandoned stream makes the engine cancel the pull
+        info = self.find_image(image)
+        if info is None:
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"the engine reported pulling {image} but does not list it afterwards; "
+                "it may have been removed at once by another client",
+            )
+        return info
+
+    def _api(self) -> docker.APIClient:
+        with self._lock:
+            if self._client is None:
+                self._client = docker.APIClient(
+                    base_url=self._docker_host,  # None: the SDK's default local socket
+                    version=ENGINE_API_VERSION,
+                    timeout=int(self._inspect_timeout),
+                )
+            return self._client
+
+    def _api_or_unavailable(self) -> docker.APIClient:
+        with self._failures_as_pull_failed(None):
+            return self._api()
+
+    def _forget_client(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            self._client = None
+
+    def _failures_as_pull_failed(self, image: ImageReference | None) -> _FailureTranslator:
+        return _FailureTranslator(self, image)
+
+    def close(self) -> None:
+        self._forget_client()
+
+
+class _FailureTranslator:
+    """Turns the SDK's exceptions into :class:`PullFailed` for inspect and version calls."""
+
+    def __init__(self, engine: DockerEngine, image: ImageReference | None) -> None:
+        self._engine = engine
+        self._image = image
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, _tb: object
+    ) -> bool:
+        if error is None or isinstance(error, PullFailed | docker.errors.ImageNotFound):
+            return False
+        if isinstance(error, docker.errors.APIError):
+            what = f" about {self._image}" if self._image else ""
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"the engine at {self._engine.describe()} answered an error{what}: "
+                f"{_api_error_text(error)}",
+            ) from None
+        if isinstance(
+            error,
+            docker.errors.DockerException
+            | requests.exceptions.RequestException
+            | urllib3.exceptions.HTTPError
+            | OSError,
+        ):
+            self._engine._forget_client()  # noqa: SLF001 - the translator is part of the engine
+            raise _engine_unavailable(self._engine.describe(), error) from None
+        return False
+
+
+class _ProgressTracker:
+    """Sums the per-layer byte counts of the engine's "Downloading" events."""
+
+    def __init__(self) -> None:
+        self._layers: dict[str, tuple[int, int]] = {}
+        self.progress = PullProgress(0, 0)
+
+    def update(self, event: dict[str, Any]) -> bool:
+        layer = event.get("id")
+        detail = event.get("progressDetail") or {}
+        status = event.get("status", "")
+        if not isinstance(layer, str):
+            return False
+        done, total = self._layers.get(layer, (0, 0))
+        if status == "Downloading" and isinstance(detail.get("total"), int):
+            done, total = int(detail.get("current", 0)), int(detail["total"])
+        elif status in ("Download complete", "Already exists", "Pull complete") and total:
+            done = total
+        else:
+            return False
+        self._layers[layer] = (done, total)
+        self.progress = PullProgress(
+            done=sum(d for d, _ in self._layers.values()),
+            total=sum(t for _, t in self._layers.values()),
+        )
+        return True
+
+
+def _events(api: docker.APIClient, response: requests.Response) -> Iterator[dict[str, Any]]:
+    for event in api._stream_helper(response, decode=True):  # noqa: SLF001
+        if isinstance(event, dict):
+            yield event
+
+
+def _engine_name(image: ImageReference) -> str:
+    if image.digest is not None:
+        return f"{image.repository}@{image.digest}"
+    return f"{image.repository}:{image.tag}"
+
+
+def _image_info(attrs: dict[str, Any], image: ImageReference) -> ImageInfo:
+    digests = [d for d in attrs.get("RepoDigests") or [] if isinstance(d, str)]
+    mine = [d for d in digests if d.split("@", 1)[0] in (image.repository, image.familiar)]
+    chosen = (mine or digests or [None])[0]
+    return ImageInfo(
+        image_id=str(attrs.get("Id", "")),
+        digest=chosen.split("@", 1)[1] if chosen else image.digest,
+    )
+
+
+def _api_error_text(error: docker.errors.APIError) -> str:
+    explanation = getattr(error, "explanation", None)
+    return str(explanation or error)
+
+
+def _engine_unavailable(where: str, error: BaseException) -> PullFailed:
+    return PullFailed(
+        ErrorKind.ENGINE_UNAVAILABLE,
+        f"cannot reach the Docker Engine at {where} ({type(error).__name__}: {error}). "
+        "Check that dockerd is running on this node and that DOCKER_HOST points at it.",
+    )
+
+
+_RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
+    (
+        ErrorKind.NO_SPACE,
+        ("no space left on device",),
+        "free disk space on the node (for example: docker image prune)",
+    ),
+    (
+        ErrorKind.NOT_FOUND,
+        ("manifest unknown", "not found", "does not exist", "name unknown"),
+        "check that the repository and tag exist in the registry",
+    ),
+    (
+        ErrorKind.UNAUTHORIZED,
+        ("unauthorized", "authentication required", "denied", "no basic auth credentials"),
+        "give the node's engine credentials for this registry (docker login on the node)",
+    ),
+    (
+        ErrorKind.REGISTRY_UNREACHABLE,
+        (
+            "connection refused",
+            "no such host",
+            "i/o timeout",
+            "dial tcp",
+            "connection reset",
+            "tls handshake",
+            "network is unreachable",
+            "eof",
+            "timeout",
+        ),
+        "check that the node can reach the registry (DNS, network, proxy, firewall)",
+    ),
+    (
+        ErrorKind.REGISTRY_ERROR,
+        (
+            "toomanyrequests",
+            "too many requests",
+            "500",
+            "502",
+            "503",
+            "504",
+            "internal server error",
+            "service unavailable",
+        ),
+        "the registry is failing or rate-limiting; try again later",
+    ),
+]
+
+
+def _classified(engine_message: str, image: ImageReference) -> PullFailed:
+    lowered = engine_message.lower()
+    for kind, needles, advice in _RULES:
+        if any(needle in lowered for needle in needles):
+            return PullFailed(kind, f"pulling {image} failed: {engine_message.strip()}; {advice}")
+    return PullFailed(
+        ErrorKind.ENGINE_ERROR,
+        f"pulling {image} failed: {engine_message.strip()}; see the node's dockerd log",
+    )

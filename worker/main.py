@@ -1,0 +1,130 @@
+"""``puller-worker``: the node daemon. Settings come from the environment only."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from contract import BrokerUnavailable, PullFailed
+from worker.broker import NodeNameInUse, WorkerBroker
+from worker.engine import DockerEngine
+from worker.logs import configure_logging
+from worker.service import PullService
+from worker.settings import InvalidSetting, WorkerSettings
+
+log = structlog.get_logger("worker")
+
+EVENT_LOOP_SLICE = 0.5
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+
+ENVIRONMENT_HELP = """\
+environment:
+  PULLER_AMQP_URL              RabbitMQ URL (amqp://guest:guest@localhost:5672/%2F)
+  PULLER_NODE_NAME             this node's name in replies (the host name)
+  DOCKER_HOST                  the node's Docker Engine (the local socket)
+  PULLER_MAX_CONCURRENT_PULLS  pulls at once on this node (2)
+  PULLER_PULL_TIMEOUT          seconds one pull may take at most (1800)
+  PULLER_STALL_TIMEOUT         seconds of no pull progress before giving up (120)
+  PULLER_HEARTBEAT             AMQP heartbeat seconds (30)
+  PULLER_SHUTDOWN_GRACE        seconds to finish pulls after SIGTERM (30)
+  PULLER_LOG_FORMAT            auto | json | console (auto: console on a terminal)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="puller-worker",
+        description="Pull images onto this node when puller publishes a request.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    try:
+        settings = WorkerSettings.from_env()
+    except InvalidSetting as error:
+        print(f"puller-worker: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format)
+    structlog.contextvars.bind_contextvars(node=settings.node_name)
+    stopping = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    run(settings, stopping)
+    return 0
+
+
+def run(settings: WorkerSettings, stopping: threading.Event) -> None:
+    """Connects, serves and reconnects until ``stopping`` is set; then drains and closes."""
+    engine = DockerEngine(
+        settings.docker_host,
+        stall_timeout=settings.stall_timeout,
+        pull_timeout=settings.pull_timeout,
+    )
+    try:
+        log.info("starting", engine=engine.describe(), engine_version=engine.version())
+    except PullFailed as failure:
+        log.warning(
+            "the Docker Engine is not reachable yet; requests will fail until it is",
+            error=failure.message,
+        )
+    service = PullService(settings.node_name, engine, settings.max_concurrent_pulls)
+    broker = WorkerBroker(
+        settings.amqp_url,
+        settings.node_name,
+        prefetch=max(8, 2 * settings.max_concurrent_pulls),
+        heartbeat=settings.heartbeat,
+    )
+    delay = RECONNECT_FIRST_DELAY
+    attempt = 0
+    while not stopping.is_set():
+        attempt += 1
+        try:
+            broker.connect(lambda delivery: service.on_delivery(delivery, broker))
+        except (BrokerUnavailable, NodeNameInUse) as error:
+            log.warning(
+                "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(delay, 1)
+            )
+            stopping.wait(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            continue
+        log.info("serving", queue=broker.queue, broker=broker.where)
+        delay, attempt = RECONNECT_FIRST_DELAY, 0
+        try:
+            while not stopping.is_set():
+                broker.process_events(EVENT_LOOP_SLICE)
+        except BrokerUnavailable as error:
+            log.warning("connection lost; reconnecting", error=str(error))
+            broker.close()
+    _drain(settings, broker, service)
+    engine.close()
+    log.info("stopped")
+
+
+def _drain(settings: WorkerSettings, broker: WorkerBroker, service: PullService) -> None:
+    """Stops taking requests, and answers those in flight for up to the grace period."""
+    broker.stop_consuming()
+    deadline = time.monotonic() + settings.shutdown_grace
+    try:
+        while service.unfinished and time.monotonic() < deadline:
+            broker.process_events(0.2)
+    except BrokerUnavailable:
+        pass
+    if service.unfinished:
+        log.warning("stopping with requests unanswered", unanswered=service.unfinished)
+    service.shutdown(wait=False)
+    broker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

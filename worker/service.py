@@ -1,0 +1,257 @@
+"""What a worker does with a pull request, free of pika and the docker SDK.
+
+The connection thread hands each delivery to :meth:`PullService.on_delivery`,
+which only decodes it and queues work. Checking the engine and pulling run on
+thread pools; the result goes back to the connection thread through
+``call_soon`` to be replied and acked there. Nothing a message contains can
+raise out of this module: a worker never dies on a message.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
+
+import structlog
+
+from contract import (
+    ErrorKind,
+    ImageReference,
+    InvalidMessage,
+    NodeError,
+    NodeResult,
+    PullFailed,
+    PullRequest,
+    Status,
+)
+from worker.broker import Delivery
+from worker.engine import ImageInfo, PullProgress
+
+log = structlog.get_logger("worker.service")
+
+INSPECT_THREADS = 4
+
+
+class ImageStore(Protocol):
+    """A node's image store: the Docker Engine today, containerd later."""
+
+    def find_image(self, image: ImageReference) -> ImageInfo | None: ...
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo: ...
+
+
+class ReplyChannel(Protocol):
+    """The part of the broker the service uses. Only ``call_soon`` is safe off its thread."""
+
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
+    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None: ...
+
+    def ack(self, delivery: Delivery) -> None: ...
+
+    def reject(self, delivery: Delivery) -> None: ...
+
+
+class PullService:
+    """Serves pull requests for one node.
+
+    At most ``max_concurrent_pulls`` pulls run at once; a request for an image
+    whose pull is already running joins that pull instead of starting another.
+    """
+
+    def __init__(self, node: str, store: ImageStore, max_concurrent_pulls: int) -> None:
+        self.node = node
+        self._store = store
+        self._inspectors = ThreadPoolExecutor(INSPECT_THREADS, thread_name_prefix="inspect")
+        self._pullers = ThreadPoolExecutor(max_concurrent_pulls, thread_name_prefix="pull")
+        self._lock = threading.Lock()
+        self._pulls_in_flight: dict[ImageReference, Future[ImageInfo]] = {}
+        self._unfinished = 0
+
+    @property
+    def unfinished(self) -> int:
+        """Requests accepted but not yet answered."""
+        with self._lock:
+            return self._unfinished
+
+    def on_delivery(self, delivery: Delivery, channel: ReplyChannel) -> None:
+        """Connection thread: decode, then queue the work. Never raises."""
+        try:
+            request = PullRequest.decode(delivery.body)
+        except InvalidMessage as error:
+            self._refuse(delivery, channel, str(error))
+            return
+        except Exception as error:  # a decoder bug must not take the worker down
+            log.exception("decoding failed unexpectedly")
+            self._refuse(delivery, channel, f"the worker could not decode the message: {error}")
+            return
+        with self._lock:
+            self._unfinished += 1
+        self._inspectors.submit(self._serve, request, delivery, channel)
+
+    def _refuse(self, delivery: Delivery, channel: ReplyChannel, reason: str) -> None:
+        log.warning(
+            "rejected a message that breaks the contract",
+            reason=reason,
+            correlation_id=delivery.correlation_id,
+            bytes=len(delivery.body),
+        )
+        try:
+            if delivery.reply_to:
+                result = NodeResult(
+                    request_id=_printable(delivery.correlation_id) or "unknown",
+                    node=self.node,
+                    image="",
+                    status=Status.FAILED,
+                    seconds=0.0,
+                    error=NodeError(ErrorKind.INVALID_REQUEST, reason),
+                )
+                channel.reply(delivery.reply_to, delivery.correlation_id, result.encode())
+        finally:
+            channel.reject(delivery)
+
+    def _serve(self, request: PullRequest, delivery: Delivery, channel: ReplyChannel) -> None:
+        """Inspect thread: answer ``present`` at once, or hand the image to the pull pool."""
+        started = time.monotonic()
+        bound = log.bind(request_id=request.request_id, image=str(request.image))
+        try:
+            info = self._store.find_image(request.image)
+        except PullFailed as failure:
+            self._finish(request, delivery, channel, started, failure)
+            return
+        except Exception as error:
+            bound.exception("checking the engine failed unexpectedly")
+            self._finish(request, delivery, channel, started, _internal(error))
+            return
+        if info is not None:
+            self._finish(request, delivery, channel, started, info, Status.PRESENT)
+            return
+        pull = self._join_or_start_pull(request.image)
+        pull.add_done_callback(
+            lambda done: self._finish(
+                request,
+                delivery,
+                channel,
+                started,
+                done.exception() or done.result(),
+                Status.PULLED,
+            )
+        )
+
+    def _join_or_start_pull(self, image: ImageReference) -> Future[ImageInfo]:
+        with self._lock:
+            running = self._pulls_in_flight.get(image)
+            if running is not None:
+                log.info("joining a pull already in flight", image=str(image))
+                return running
+            pull = self._pullers.submit(self._pull, image)
+            self._pulls_in_flight[image] = pull
+        pull.add_done_callback(lambda _: self._forget_pull(image, pull))
+        return pull
+
+    def _forget_pull(self, image: ImageReference, pull: Future[ImageInfo]) -> None:
+        with self._lock:
+            if self._pulls_in_flight.get(image) is pull:
+                del self._pulls_in_flight[image]
+
+    def _pull(self, image: ImageReference) -> ImageInfo:
+        """Pull thread."""
+        started = time.monotonic()
+        log.info("pulling", image=str(image))
+        try:
+            info = self._store.pull(image)
+        except PullFailed as failure:
+            log.warning(
+                "pull failed", image=str(image), kind=failure.kind.value, error=failure.message
+            )
+            raise
+        except Exception as error:
+            log.exception("pull failed unexpectedly", image=str(image))
+            raise _internal(error) from None
+        log.info(
+            "pulled",
+            image=str(image),
+            image_id=info.image_id,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return info
+
+    def _finish(
+        self,
+        request: PullRequest,
+        delivery: Delivery,
+        channel: ReplyChannel,
+        started: float,
+        outcome: ImageInfo | BaseException,
+        status: Status = Status.FAILED,
+    ) -> None:
+        """Any thread: build the result, then reply and ack on the connection's thread."""
+        seconds = round(time.monotonic() - started, 6)
+        if isinstance(outcome, ImageInfo):
+            result = NodeResult(
+                request_id=request.request_id,
+                node=self.node,
+                image=str(request.image),
+                status=status,
+                seconds=seconds,
+                image_id=outcome.image_id,
+                digest=outcome.digest,
+            )
+        else:
+            failure = outcome if isinstance(outcome, PullFailed) else _internal(outcome)
+            result = NodeResult(
+                request_id=request.request_id,
+                node=self.node,
+                image=str(request.image),
+                status=Status.FAILED,
+                seconds=seconds,
+                error=NodeError(failure.kind, failure.message),
+            )
+
+        def send() -> None:
+            try:
+                if delivery.reply_to:
+                    channel.reply(delivery.reply_to, delivery.correlation_id, result.encode())
+                channel.ack(delivery)
+            except Exception as error:
+                log.warning(
+                    "could not reply or ack; the connection was lost",
+                    error=str(error),
+                    request_id=request.request_id,
+                )
+            finally:
+                with self._lock:
+                    self._unfinished -= 1
+            log.info(
+                "answered",
+                request_id=request.request_id,
+                image=str(request.image),
+                status=result.status.value,
+                seconds=result.seconds,
+                error_kind=result.error.kind.value if result.error else None,
+            )
+
+        channel.call_soon(send)
+
+    def shutdown(self, wait: bool) -> None:
+        self._inspectors.shutdown(wait=wait, cancel_futures=not wait)
+        self._pullers.shutdown(wait=wait, cancel_futures=not wait)
+
+
+def _internal(error: BaseException) -> PullFailed:
+    return PullFailed(
+        ErrorKind.INTERNAL,
+        f"the worker failed unexpectedly ({type(error).__name__}: {error}); "
+        "this is a bug in puller: please report it with the worker's log",
+    )
+
+
+def _printable(text: str | None) -> str | None:
+    if text is None or not text.isprintable() or not text.isascii():
+        return None
+    return text[:128]
