@@ -18,8 +18,10 @@ HOST_DOCKER_SOCKET = Path("/var/run/docker.sock")
 class NodeEngine:
     """A ``dockerd`` with its own socket, data root and exec root, as one node would have.
 
-    Bridge networking and iptables are off: a node engine only pulls images, and
-    several engines on one machine must not fight over ``docker0``.
+    iptables and masquerading are off: a node engine only pulls images, and never
+    runs a container. Bridge networking stays on, on the machine's ``docker0``:
+    with ``--bridge=none`` dockerd deletes any ``docker0`` interface it finds at
+    start, which would cut off the machine's own engine and its containers.
     """
 
     name: str
@@ -53,7 +55,6 @@ class NodeEngine:
                 f"--pidfile={self.root / 'docker.pid'}",
                 "--iptables=false",
                 "--ip-masq=false",
-                "--bridge=none",
             ],
             self.log_path,
         )
@@ -69,6 +70,9 @@ class NodeEngine:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _pings(self) -> bool:
+        # The SDK leaks its socket when a connect fails; dockerd makes the socket as it listens.
+        if not self.socket.exists():
+            return False
         client = self.client(timeout=2)
         try:
             return bool(client.ping())

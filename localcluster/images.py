@@ -8,6 +8,7 @@ from the project's own Dockerfile on that base.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -76,9 +77,39 @@ def ensure_rabbitmq_image(client: docker.DockerClient) -> str:
     return STANDIN_RABBITMQ_IMAGE
 
 
+WORKER_CONTEXT = (
+    "Dockerfile",
+    ".dockerignore",
+    "pyproject.toml",
+    "README.md",
+    "contract",
+    "worker",
+    "publisher",
+    "localcluster",
+    "build-ca",
+)
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
 def build_worker_image(client: docker.DockerClient) -> str:
-    """Builds the project's Dockerfile on the local base image (always: the code changes)."""
-    _build(client, PROJECT_ROOT, WORKER_IMAGE)
+    """Builds the project's Dockerfile on the local base image (always: the code changes).
+
+    The build context is a copy of the project with this machine's CA bundle in
+    ``build-ca/``, so pip in the build trusts what this machine trusts.
+    """
+    with tempfile.TemporaryDirectory(prefix="puller-context-") as scratch:
+        context = Path(scratch)
+        for name in WORKER_CONTEXT:
+            source = PROJECT_ROOT / name
+            if source.is_dir():
+                shutil.copytree(
+                    source, context / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            else:
+                shutil.copy2(source, context / name)
+        if HOST_CA_BUNDLE.exists():
+            shutil.copy2(HOST_CA_BUNDLE, context / "build-ca" / "host-ca-bundle.crt")
+        _build(client, context, WORKER_IMAGE)
     return WORKER_IMAGE
 
 

@@ -8,6 +8,7 @@ two methods (:class:`ImageStore` in ``worker.service``).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,15 +67,16 @@ class DockerEngine:
 
     def version(self) -> str:
         with self._failures_as_pull_failed(None):
-            return str(self._api().version().get("Version", "unknown"))
+            answer = self._api().version()
+        return str(answer.get("Version", "unknown"))
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         """The image's id and digest if the engine has it; ``None`` if it does not."""
-        with self._failures_as_pull_failed(image):
-            try:
+        try:
+            with self._failures_as_pull_failed(image):
                 attrs = self._api().inspect_image(_engine_name(image))
-            except docker.errors.ImageNotFound:
-                return None
+        except docker.errors.ImageNotFound:
+            return None
         return _image_info(attrs, image)
 
     def pull(
@@ -160,7 +162,8 @@ class DockerEngine:
 
     def _api_or_unavailable(self) -> docker.APIClient:
         with self._failures_as_pull_failed(None):
-            return self._api()
+            api = self._api()
+        return api
 
     def _forget_client(self) -> None:
         with self._lock:
@@ -168,45 +171,31 @@ class DockerEngine:
                 self._client.close()
             self._client = None
 
-    def _failures_as_pull_failed(self, image: ImageReference | None) -> _FailureTranslator:
-        return _FailureTranslator(self, image)
+    @contextlib.contextmanager
+    def _failures_as_pull_failed(self, image: ImageReference | None) -> Iterator[None]:
+        """Turns the SDK's exceptions into :class:`PullFailed` for inspect and version calls."""
+        try:
+            yield
+        except (PullFailed, docker.errors.ImageNotFound):
+            raise
+        except docker.errors.APIError as error:
+            what = f" about {image}" if image else ""
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"the engine at {self.describe()} answered an error{what}: "
+                f"{_api_error_text(error)}",
+            ) from None
+        except (
+            docker.errors.DockerException,
+            requests.exceptions.RequestException,
+            urllib3.exceptions.HTTPError,
+            OSError,
+        ) as error:
+            self._forget_client()
+            raise _engine_unavailable(self.describe(), error) from None
 
     def close(self) -> None:
         self._forget_client()
-
-
-class _FailureTranslator:
-    """Turns the SDK's exceptions into :class:`PullFailed` for inspect and version calls."""
-
-    def __init__(self, engine: DockerEngine, image: ImageReference | None) -> None:
-        self._engine = engine
-        self._image = image
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, _tb: object
-    ) -> bool:
-        if error is None or isinstance(error, PullFailed | docker.errors.ImageNotFound):
-            return False
-        if isinstance(error, docker.errors.APIError):
-            what = f" about {self._image}" if self._image else ""
-            raise PullFailed(
-                ErrorKind.ENGINE_ERROR,
-                f"the engine at {self._engine.describe()} answered an error{what}: "
-                f"{_api_error_text(error)}",
-            ) from None
-        if isinstance(
-            error,
-            docker.errors.DockerException
-            | requests.exceptions.RequestException
-            | urllib3.exceptions.HTTPError
-            | OSError,
-        ):
-            self._engine._forget_client()  # noqa: SLF001 - the translator is part of the engine
-            raise _engine_unavailable(self._engine.describe(), error) from None
-        return False
 
 
 class _ProgressTracker:
@@ -252,10 +241,10 @@ def _engine_name(image: ImageReference) -> str:
 def _image_info(attrs: dict[str, Any], image: ImageReference) -> ImageInfo:
     digests = [d for d in attrs.get("RepoDigests") or [] if isinstance(d, str)]
     mine = [d for d in digests if d.split("@", 1)[0] in (image.repository, image.familiar)]
-    chosen = (mine or digests or [None])[0]
+    chosen = (mine or digests)[:1]
     return ImageInfo(
         image_id=str(attrs.get("Id", "")),
-        digest=chosen.split("@", 1)[1] if chosen else image.digest,
+        digest=chosen[0].split("@", 1)[1] if chosen else image.digest,
     )
 
 
