@@ -33,26 +33,44 @@ def compose_project(host_docker: docker.DockerClient) -> Iterator[tuple[str, str
         "AMQP_HOST_PORT": str(port),
         "PULLER_NODE_NAME": node,
     }
-    compose = ["docker-compose", "--project-name", node, "--file",
-               str(Path(PROJECT_ROOT) / "docker-compose.yml")]
-    subprocess.run([*compose, "up", "--detach", "--no-build"], env=env, check=True,
-                   capture_output=True, timeout=300)
+    compose = [
+        "docker-compose",
+        "--project-name",
+        node,
+        "--file",
+        str(Path(PROJECT_ROOT) / "docker-compose.yml"),
+    ]
+    subprocess.run(
+        [*compose, "up", "--detach", "--no-build"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     try:
         yield f"amqp://guest:guest@127.0.0.1:{port}/%2F", node
     finally:
-        logs = subprocess.run([*compose, "logs", "--no-color", "worker"], env=env,
-                              capture_output=True, text=True, check=False, timeout=60)
+        logs = subprocess.run(
+            [*compose, "logs", "--no-color", "worker"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
         print(logs.stdout[-3000:])
-        subprocess.run([*compose, "down", "--volumes"], env=env, check=False,
-                       capture_output=True, timeout=300)
+        subprocess.run(
+            [*compose, "down", "--volumes"], env=env, check=False, capture_output=True, timeout=300
+        )
 
 
 def test_compose_worker_pulls_through_the_engine_it_is_given(
     compose_project: tuple[str, str], cluster: LocalCluster, host_docker: docker.DockerClient
 ) -> None:
     amqp_url, node = compose_project
-    image = cluster.registry.push_files(f"test/compose-{uuid.uuid4().hex[:8]}", "1",
-                                        {"f": uuid.uuid4().bytes})
+    image = cluster.registry.push_files(
+        f"test/compose-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+    )
     deadline = time.monotonic() + 120
     while True:  # RabbitMQ and the worker come up in their own time
         try:
