@@ -8,6 +8,7 @@ optional fields without breaking older peers; they reject everything else with
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import time
@@ -37,6 +38,23 @@ PULL_EXCHANGE = "puller.pulls"
 REPLY_EXCHANGE = "puller.replies"
 """Direct exchange for replies; the routing key is the requester's ``reply_to`` queue."""
 
+PRESENCE_EXCHANGE = "puller.presence"
+"""Fanout exchange for workers' presence announcements; bound to :data:`PRESENCE_STREAM`."""
+
+PRESENCE_STREAM = "puller.presence"
+"""A RabbitMQ stream holding recent presence announcements: the roster is read from it."""
+
+PRESENCE_STREAM_ARGUMENTS: dict[str, object] = {
+    "x-queue-type": "stream",
+    "x-max-age": "10m",
+    # Retention drops whole segments; small ones let x-max-age take effect promptly.
+    "x-stream-max-segment-size-bytes": 1_000_000,
+}
+"""Every side declares the stream with exactly these arguments (RabbitMQ insists)."""
+
+PRESENCE_INTERVAL = 5.0
+"""Seconds between a worker's presence announcements."""
+
 NODE_QUEUE_PREFIX = "puller.node."
 REPLY_QUEUE_PREFIX = "puller.reply."
 
@@ -52,6 +70,11 @@ class Status(StrEnum):
     PULLED = "pulled"
     PRESENT = "present"
     FAILED = "failed"
+    NO_REPLY = "no_reply"
+    """Never sent by a node: a publisher's word for an expected node that did not answer."""
+
+
+WIRE_STATUSES = (Status.PULLED, Status.PRESENT, Status.FAILED)
 
 
 def new_request_id() -> str:
@@ -146,6 +169,8 @@ class NodeResult:
     def decode(cls, body: bytes) -> NodeResult:
         fields = _load(body, cls.TYPE)
         status = _enum(fields, "status", Status)
+        if status not in WIRE_STATUSES:
+            raise InvalidMessage(f"'status' {status.value!r} is not sent by nodes")
         error_field = fields.get("error")
         error: NodeError | None = None
         if error_field is not None:
@@ -169,11 +194,125 @@ class NodeResult:
         )
 
 
+@dataclass(frozen=True)
+class NodeProgress:
+    """A running pull's bytes so far, sent to the requester at most a few times a second."""
+
+    request_id: str
+    node: str
+    image: str
+    done: int
+    total: int
+
+    TYPE = "progress"
+
+    def encode(self) -> bytes:
+        return _dump(
+            {
+                "version": PROTOCOL_VERSION,
+                "type": self.TYPE,
+                "request_id": self.request_id,
+                "node": self.node,
+                "image": self.image,
+                "done": self.done,
+                "total": self.total,
+            }
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> NodeProgress:
+        fields = _load(body, cls.TYPE)
+        return cls(
+            request_id=_identifier(fields, "request_id"),
+            node=_text(fields, "node", MAX_NODE_NAME_LENGTH),
+            image=_text(fields, "image", 1024, allow_empty=True),
+            done=_count(fields, "done"),
+            total=_count(fields, "total"),
+        )
+
+
+def decode_reply(body: bytes) -> NodeResult | NodeProgress:
+    """A message on a reply queue: a node's final result or a progress report."""
+    kind = _load(body, None).get("type")
+    if kind == NodeProgress.TYPE:
+        return NodeProgress.decode(body)
+    return NodeResult.decode(body)
+
+
+class NodeState(StrEnum):
+    UP = "up"
+    LEAVING = "leaving"
+
+
+@dataclass(frozen=True)
+class NodePresence:
+    """A worker saying it is there (every :data:`PRESENCE_INTERVAL`), or that it is leaving."""
+
+    node: str
+    version: str
+    engine: str | None
+    """The Docker Engine's version, or ``None`` while the engine cannot be reached."""
+    started_at: float
+    sent_at: float
+    state: NodeState = NodeState.UP
+
+    TYPE = "presence"
+
+    def encode(self) -> bytes:
+        return _dump(
+            {
+                "version": PROTOCOL_VERSION,
+                "type": self.TYPE,
+                "node": self.node,
+                "puller_version": self.version,
+                "engine": self.engine,
+                "started_at": self.started_at,
+                "sent_at": self.sent_at,
+                "state": self.state.value,
+            }
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> NodePresence:
+        fields = _load(body, cls.TYPE)
+        return cls(
+            node=_text(fields, "node", MAX_NODE_NAME_LENGTH),
+            version=_text(fields, "puller_version", 64),
+            engine=_optional_text(fields, "engine"),
+            started_at=_number(fields, "started_at"),
+            sent_at=_number(fields, "sent_at"),
+            state=_enum(fields, "state", NodeState),
+        )
+
+
+@dataclass(frozen=True)
+class RosterMarker:
+    """Put in the presence stream by a publisher reading it: everything before it is history."""
+
+    marker_id: str
+
+    TYPE = "marker"
+
+    def encode(self) -> bytes:
+        return _dump({"version": PROTOCOL_VERSION, "type": self.TYPE, "marker_id": self.marker_id})
+
+    @classmethod
+    def decode(cls, body: bytes) -> RosterMarker:
+        return cls(marker_id=_identifier(_load(body, cls.TYPE), "marker_id"))
+
+
+def decode_presence_stream(body: bytes) -> NodePresence | RosterMarker:
+    if _load(body, None).get("type") == RosterMarker.TYPE:
+        return RosterMarker.decode(body)
+    return NodePresence.decode(body)
+
+
 def _dump(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
 
 
-def _load(body: bytes, expected_type: str) -> dict[str, Any]:
+def _load(body: bytes, expected_type: str | None) -> dict[str, Any]:
+    """The body's fields, checked for size, JSON, version and (unless ``None``) type."""
     if not isinstance(body, bytes | bytearray):
         raise InvalidMessage(f"a message body must be bytes, not {type(body).__name__}")
     if len(body) > MAX_MESSAGE_BYTES:
@@ -193,7 +332,7 @@ def _load(body: bytes, expected_type: str) -> dict[str, Any]:
         raise InvalidMessage(
             f"unsupported contract version {version!r}; this side speaks version {PROTOCOL_VERSION}"
         )
-    if fields.get("type") != expected_type:
+    if expected_type is not None and fields.get("type") != expected_type:
         raise InvalidMessage(
             f"expected a message of type {expected_type!r}, got {fields.get('type')!r}"
         )
@@ -223,6 +362,13 @@ def _optional_text(fields: dict[str, Any], name: str) -> str | None:
     if fields.get(name) is None:
         return None
     return _text(fields, name, 1024)
+
+
+def _count(fields: dict[str, Any], name: str) -> int:
+    value = fields.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessage(f"{name!r} must be a whole number of bytes, at least 0")
+    return value
 
 
 def _identifier(fields: dict[str, Any], name: str) -> str:
@@ -260,3 +406,11 @@ def _image(fields: dict[str, Any]) -> ImageReference:
         return parse_reference(fields["image"])
     except ValueError as error:
         raise InvalidMessage(f"invalid image reference: {error}") from None
+
+
+def puller_version() -> str:
+    """The installed distribution's version, sent in presence announcements."""
+    try:
+        return importlib.metadata.version("puller")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -8,6 +8,7 @@
 - ``client``: :class:`Publisher`, the library
 - ``broker``: the AMQP connection (the only pika user on this side)
 - ``report``: :class:`PullReport`
+- ``roster``: :class:`NodeInfo`, the live nodes, from the workers' presence stream
 - ``cli``: the ``puller`` command
 """
 
@@ -16,6 +17,7 @@ from contract import (
     ErrorKind,
     InvalidReference,
     NodeError,
+    NodeProgress,
     NodeResult,
     NoNodes,
     PullerError,
@@ -23,6 +25,7 @@ from contract import (
 )
 from publisher.client import Publisher
 from publisher.report import PullReport
+from publisher.roster import NodeInfo
 
 __all__ = [
     "BrokerUnavailable",
@@ -30,6 +33,8 @@ __all__ = [
     "InvalidReference",
     "NoNodes",
     "NodeError",
+    "NodeInfo",
+    "NodeProgress",
     "NodeResult",
     "Publisher",
     "PullReport",

@@ -9,20 +9,28 @@ exclusive queue bound to the reply exchange under its own name.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pika
 import pika.exceptions
 
 from contract import (
     CONTENT_TYPE,
+    PRESENCE_EXCHANGE,
+    PRESENCE_STREAM,
+    PRESENCE_STREAM_ARGUMENTS,
     PULL_EXCHANGE,
     REPLY_EXCHANGE,
     REPLY_QUEUE_PREFIX,
     BrokerUnavailable,
     NoNodes,
+    RosterMarker,
 )
+
+STREAM_PREFETCH = 1000
 
 ReplyHandler = Callable[[str | None, bytes], None]
 
@@ -63,6 +71,11 @@ class PublisherBroker:
             channel.confirm_delivery()
             channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
             channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
+            channel.exchange_declare(PRESENCE_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.queue_declare(
+                PRESENCE_STREAM, durable=True, arguments=PRESENCE_STREAM_ARGUMENTS
+            )
+            channel.queue_bind(PRESENCE_STREAM, PRESENCE_EXCHANGE)
             channel.queue_declare(self.reply_queue, exclusive=True, auto_delete=True)
             channel.queue_bind(self.reply_queue, REPLY_EXCHANGE, routing_key=self.reply_queue)
 
@@ -114,6 +127,68 @@ class PublisherBroker:
             raise BrokerUnavailable(
                 f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
             ) from None
+
+    def read_presence(self, since: float, timeout: float) -> list[bytes]:
+        """Every presence announcement in the stream from ``since`` (a Unix time) until now.
+
+        "Now" is a marker this call puts into the stream itself: the stream is
+        read until the marker comes back, so nothing announced before the call is missed.
+        """
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
+        marker_id = uuid.uuid4().hex
+        bodies: list[bytes] = []
+        marker_seen = False
+
+        def on_message(
+            channel: pika.adapters.blocking_connection.BlockingChannel,
+            method: pika.spec.Basic.Deliver,
+            properties: pika.BasicProperties,
+            body: bytes,
+        ) -> None:
+            nonlocal marker_seen
+            if properties.correlation_id == marker_id:
+                marker_seen = True
+            else:
+                bodies.append(body)
+            channel.basic_ack(method.delivery_tag)
+
+        try:
+            stream = connection.channel()
+            try:
+                stream.basic_qos(prefetch_count=STREAM_PREFETCH)
+                stream.basic_consume(
+                    PRESENCE_STREAM,
+                    on_message,
+                    arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
+                )
+                self._open_channel().basic_publish(
+                    PRESENCE_EXCHANGE,
+                    routing_key="",
+                    body=RosterMarker(marker_id).encode(),
+                    properties=pika.BasicProperties(
+                        content_type=CONTENT_TYPE, correlation_id=marker_id
+                    ),
+                )
+                deadline = time.monotonic() + timeout
+                while not marker_seen:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise BrokerUnavailable(
+                            f"reading the presence stream at {self.where} took longer than "
+                            f"{timeout:g}s"
+                        )
+                    connection.process_data_events(time_limit=min(remaining, 0.1))
+            finally:
+                if stream.is_open:
+                    stream.close()
+        except (pika.exceptions.AMQPError, OSError) as error:
+            self.close()
+            raise BrokerUnavailable(
+                f"reading the presence stream at {self.where} failed: {_describe(error)}"
+            ) from None
+        return bodies
 
     def process_events(self, seconds: float) -> None:
         """Receives replies for up to ``seconds`` (returns early once some arrived)."""

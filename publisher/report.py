@@ -22,16 +22,24 @@ class PullReport:
         return tuple(r for r in self.nodes if r.status is Status.FAILED)
 
     @property
+    def no_reply(self) -> tuple[NodeResult, ...]:
+        """Expected nodes, by name, that did not answer in time."""
+        return tuple(r for r in self.nodes if r.status is Status.NO_REPLY)
+
+    @property
+    def answered(self) -> tuple[NodeResult, ...]:
+        return tuple(r for r in self.nodes if r.status is not Status.NO_REPLY)
+
+    @property
     def missing(self) -> int:
-        """How many expected nodes did not answer."""
-        if self.expected is None:
-            return 0
-        return max(0, self.expected - len(self.nodes))
+        """How many expected nodes did not answer (named in :attr:`no_reply` when known)."""
+        by_count = 0 if self.expected is None else self.expected - len(self.answered)
+        return max(len(self.no_reply), by_count, 0)
 
     @property
     def ok(self) -> bool:
         """Every expected node answered and has the image."""
-        return bool(self.nodes) and not self.failed and self.missing == 0
+        return bool(self.answered) and not self.failed and self.missing == 0
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -16,7 +16,16 @@ import pika
 import pika.exceptions
 import structlog
 
-from contract import CONTENT_TYPE, PULL_EXCHANGE, REPLY_EXCHANGE, BrokerUnavailable, PullerError
+from contract import (
+    CONTENT_TYPE,
+    PRESENCE_EXCHANGE,
+    PRESENCE_STREAM,
+    PRESENCE_STREAM_ARGUMENTS,
+    PULL_EXCHANGE,
+    REPLY_EXCHANGE,
+    BrokerUnavailable,
+    PullerError,
+)
 from contract.messages import node_queue_name
 
 log = structlog.get_logger("worker.broker")
@@ -72,6 +81,7 @@ class WorkerBroker:
             channel = self._connection.channel()
             channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
             channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
+            declare_presence_stream(channel)
             channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
             channel.queue_bind(self.queue, PULL_EXCHANGE)
             channel.basic_qos(prefetch_count=self._prefetch)
@@ -137,6 +147,20 @@ class WorkerBroker:
             ),
         )
 
+    def announce(self, body: bytes) -> None:
+        """Publishes a presence announcement into the presence stream. Connection thread only."""
+        try:
+            self._open_channel().basic_publish(
+                PRESENCE_EXCHANGE,
+                routing_key="",
+                body=body,
+                properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+            )
+        except (pika.exceptions.AMQPError, OSError) as error:
+            raise BrokerUnavailable(
+                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
+            ) from None
+
     def ack(self, delivery: Delivery) -> None:
         if self._current(delivery):
             self._open_channel().basic_ack(delivery.delivery_tag)
@@ -180,6 +204,13 @@ class WorkerBroker:
         if self._channel is None or not self._channel.is_open:
             raise BrokerUnavailable(f"no open channel to RabbitMQ at {self.where}")
         return self._channel
+
+
+def declare_presence_stream(channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
+    """The presence exchange and the stream bound to it (idempotent; same arguments everywhere)."""
+    channel.exchange_declare(PRESENCE_EXCHANGE, exchange_type="fanout", durable=True)
+    channel.queue_declare(PRESENCE_STREAM, durable=True, arguments=PRESENCE_STREAM_ARGUMENTS)
+    channel.queue_bind(PRESENCE_STREAM, PRESENCE_EXCHANGE)
 
 
 def _describe(error: BaseException) -> str:

@@ -219,6 +219,8 @@ class _ProgressTracker:
         else:
             return False
         self._layers[layer] = (done, total)
+        if not total:
+            return False
         self.progress = PullProgress(
             done=sum(d for d, _ in self._layers.values()),
             total=sum(t for _, t in self._layers.values()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -11,10 +12,11 @@ from types import FrameType
 
 import structlog
 
-from contract import BrokerUnavailable, PullFailed
+from contract import BrokerUnavailable, NodeState
 from worker.broker import NodeNameInUse, WorkerBroker
 from worker.engine import DockerEngine
 from worker.logs import configure_logging
+from worker.presence import PresenceAnnouncer
 from worker.service import PullService
 from worker.settings import InvalidSetting, WorkerSettings
 
@@ -33,6 +35,7 @@ environment:
   PULLER_PULL_TIMEOUT          seconds one pull may take at most (1800)
   PULLER_STALL_TIMEOUT         seconds of no pull progress before giving up (120)
   PULLER_HEARTBEAT             AMQP heartbeat seconds (30)
+  PULLER_PRESENCE_INTERVAL     seconds between presence announcements (5)
   PULLER_SHUTDOWN_GRACE        seconds to finish pulls after SIGTERM (30)
   PULLER_LOG_FORMAT            auto | json | console (auto: console on a terminal)
 """
@@ -71,13 +74,15 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         stall_timeout=settings.stall_timeout,
         pull_timeout=settings.pull_timeout,
     )
-    try:
-        log.info("starting", engine=engine.describe(), engine_version=engine.version())
-    except PullFailed as failure:
+    presence = PresenceAnnouncer(settings.node_name, engine, settings.presence_interval)
+    presence.start()
+    if presence.engine_version is None:
         log.warning(
             "the Docker Engine is not reachable yet; requests will fail until it is",
-            error=failure.message,
+            engine=engine.describe(),
         )
+    else:
+        log.info("starting", engine=engine.describe(), engine_version=presence.engine_version)
     service = PullService(settings.node_name, engine, settings.max_concurrent_pulls)
     broker = WorkerBroker(
         settings.amqp_url,
@@ -102,17 +107,29 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         delay, attempt = RECONNECT_FIRST_DELAY, 0
         try:
             while not stopping.is_set():
+                if presence.due():
+                    broker.announce(presence.message())
                 broker.process_events(EVENT_LOOP_SLICE)
         except BrokerUnavailable as error:
             log.warning("connection lost; reconnecting", error=str(error))
             broker.close()
-    _drain(settings, broker, service)
+    presence.stop()
+    _drain(settings, broker, service, presence)
     engine.close()
     log.info("stopped")
 
 
-def _drain(settings: WorkerSettings, broker: WorkerBroker, service: PullService) -> None:
-    """Stops taking requests, and answers those in flight for up to the grace period."""
+def _drain(
+    settings: WorkerSettings,
+    broker: WorkerBroker,
+    service: PullService,
+    presence: PresenceAnnouncer,
+) -> None:
+    """Says it is leaving, stops taking requests, and answers those in flight for up to the
+    grace period."""
+    # Not connected? Then the roster drops this node when its announcements stop.
+    with contextlib.suppress(BrokerUnavailable):
+        broker.announce(presence.message(NodeState.LEAVING))
     broker.stop_consuming()
     deadline = time.monotonic() + settings.shutdown_grace
     try:

@@ -22,6 +22,7 @@ from contract import (
     ImageReference,
     InvalidMessage,
     NodeError,
+    NodeProgress,
     NodeResult,
     PullFailed,
     PullRequest,
@@ -43,6 +44,8 @@ class ImageStore(Protocol):
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
     ) -> ImageInfo: ...
+
+    def version(self) -> str: ...
 
 
 class ReplyChannel(Protocol):
@@ -70,7 +73,7 @@ class PullService:
         self._inspectors = ThreadPoolExecutor(INSPECT_THREADS, thread_name_prefix="inspect")
         self._pullers = ThreadPoolExecutor(max_concurrent_pulls, thread_name_prefix="pull")
         self._lock = threading.Lock()
-        self._pulls_in_flight: dict[ImageReference, Future[ImageInfo]] = {}
+        self._pulls_in_flight: dict[ImageReference, _InFlightPull] = {}
         self._unfinished = 0
 
     @property
@@ -131,40 +134,40 @@ class PullService:
         if info is not None:
             self._finish(request, delivery, channel, started, info, Status.PRESENT)
             return
-        pull = self._join_or_start_pull(request.image)
+        listener = _ProgressListener(request, delivery, channel, self.node)
+        pull = self._join_or_start_pull(request.image, listener)
         pull.add_done_callback(
             lambda done: self._finish(
-                request,
-                delivery,
-                channel,
-                started,
-                done.exception() or done.result(),
-                Status.PULLED,
+                request, delivery, channel, started, _outcome(done), Status.PULLED
             )
         )
 
-    def _join_or_start_pull(self, image: ImageReference) -> Future[ImageInfo]:
+    def _join_or_start_pull(
+        self, image: ImageReference, listener: _ProgressListener
+    ) -> Future[ImageInfo]:
         with self._lock:
             running = self._pulls_in_flight.get(image)
             if running is not None:
                 log.info("joining a pull already in flight", image=str(image))
-                return running
-            pull = self._pullers.submit(self._pull, image)
-            self._pulls_in_flight[image] = pull
-        pull.add_done_callback(lambda _: self._forget_pull(image, pull))
-        return pull
+                running.listeners.append(listener)
+                return running.future
+            in_flight = _InFlightPull([listener])
+            in_flight.future = self._pullers.submit(self._pull, image, in_flight)
+            self._pulls_in_flight[image] = in_flight
+        in_flight.future.add_done_callback(lambda _: self._forget_pull(image, in_flight))
+        return in_flight.future
 
-    def _forget_pull(self, image: ImageReference, pull: Future[ImageInfo]) -> None:
+    def _forget_pull(self, image: ImageReference, in_flight: _InFlightPull) -> None:
         with self._lock:
-            if self._pulls_in_flight.get(image) is pull:
+            if self._pulls_in_flight.get(image) is in_flight:
                 del self._pulls_in_flight[image]
 
-    def _pull(self, image: ImageReference) -> ImageInfo:
+    def _pull(self, image: ImageReference, in_flight: _InFlightPull) -> ImageInfo:
         """Pull thread."""
         started = time.monotonic()
         log.info("pulling", image=str(image))
         try:
-            info = self._store.pull(image)
+            info = self._store.pull(image, in_flight.report_progress)
         except PullFailed as failure:
             log.warning(
                 "pull failed", image=str(image), kind=failure.kind.value, error=failure.message
@@ -241,6 +244,62 @@ class PullService:
     def shutdown(self, wait: bool) -> None:
         self._inspectors.shutdown(wait=wait, cancel_futures=not wait)
         self._pullers.shutdown(wait=wait, cancel_futures=not wait)
+
+
+PROGRESS_INTERVAL = 0.25
+"""Seconds between progress messages for one pull: at most four a second per node."""
+
+
+class _ProgressListener:
+    """A request waiting on a pull; sends it progress through its connection's thread."""
+
+    def __init__(
+        self, request: PullRequest, delivery: Delivery, channel: ReplyChannel, node: str
+    ) -> None:
+        self._request = request
+        self._delivery = delivery
+        self._channel = channel
+        self._node = node
+
+    def send(self, progress: PullProgress) -> None:
+        reply_to = self._delivery.reply_to
+        if not reply_to:
+            return
+        body = NodeProgress(
+            request_id=self._request.request_id,
+            node=self._node,
+            image=str(self._request.image),
+            done=progress.done,
+            total=progress.total,
+        ).encode()
+        correlation_id = self._delivery.correlation_id
+        self._channel.call_soon(lambda: self._channel.reply(reply_to, correlation_id, body))
+
+
+class _InFlightPull:
+    """One running pull of an image, and every request that waits on it."""
+
+    def __init__(self, listeners: list[_ProgressListener]) -> None:
+        self.listeners = listeners
+        self.future: Future[ImageInfo] = Future()
+        self._last_sent = 0.0
+
+    def report_progress(self, progress: PullProgress) -> None:
+        """Pull thread: forwards the engine's progress, throttled, to every waiting request."""
+        now = time.monotonic()
+        if now - self._last_sent < PROGRESS_INTERVAL and progress.done < progress.total:
+            return
+        self._last_sent = now
+        for listener in list(self.listeners):
+            listener.send(progress)
+
+
+def _outcome(done: Future[ImageInfo]) -> ImageInfo | BaseException:
+    if done.cancelled():
+        return PullFailed(
+            ErrorKind.CANCELLED, "the worker was shutting down and did not start this pull"
+        )
+    return done.exception() or done.result()
 
 
 def _internal(error: BaseException) -> PullFailed:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from contract import PullerError
+from contract import PRESENCE_INTERVAL, PullerError
 from contract.messages import DEFAULT_AMQP_URL, MAX_NODE_NAME_LENGTH
 
 _T = TypeVar("_T")
@@ -28,6 +28,7 @@ class WorkerSettings:
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0
     heartbeat: int = 30
+    presence_interval: float = PRESENCE_INTERVAL
     shutdown_grace: float = 30.0
     log_format: str = "auto"
 
@@ -59,6 +60,9 @@ class WorkerSettings:
                 env, "PULLER_STALL_TIMEOUT", float, defaults.stall_timeout, minimum=1
             ),
             heartbeat=_read(env, "PULLER_HEARTBEAT", int, defaults.heartbeat, minimum=1),
+            presence_interval=_read(
+                env, "PULLER_PRESENCE_INTERVAL", float, defaults.presence_interval, minimum=0.1
+            ),
             shutdown_grace=_read(
                 env, "PULLER_SHUTDOWN_GRACE", float, defaults.shutdown_grace, minimum=0
             ),

@@ -27,6 +27,9 @@ from publisher import Publisher
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # the reaper image cannot be pulled
 
 NODES = 3
+PRESENCE_INTERVAL = 1.0
+"""Workers under test announce themselves every second, so the roster reacts within seconds."""
+ROSTER_MAX_AGE = 4.0
 
 
 @pytest.fixture(scope="session")
@@ -62,18 +65,29 @@ def amqp_url(rabbitmq: RabbitMqContainer) -> str:
     return new_vhost(rabbitmq)
 
 
+def start_cluster(amqp_url: str, nodes: int = NODES, **worker_env: str) -> LocalCluster:
+    root = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
+    cluster = LocalCluster(
+        root=root,
+        amqp_url=amqp_url,
+        nodes=nodes,
+        worker_env={"PULLER_PRESENCE_INTERVAL": str(PRESENCE_INTERVAL), **worker_env},
+    )
+    cluster.start()
+    return cluster
+
+
 @pytest.fixture(scope="session")
 def cluster(amqp_url: str) -> Iterator[LocalCluster]:
-    root = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
-    cluster = LocalCluster(root=root, amqp_url=amqp_url, nodes=NODES)
-    cluster.start()
+    """Shared by tests that leave every node as they found it."""
+    cluster = start_cluster(amqp_url)
     yield cluster
     cluster.remove()
 
 
 @pytest.fixture
 def publisher(cluster: LocalCluster) -> Iterator[Publisher]:
-    with Publisher(cluster.amqp_url) as publisher:
+    with Publisher(cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
         yield publisher
 
 

@@ -13,10 +13,12 @@ import pytest
 from contract import (
     ErrorKind,
     ImageReference,
+    NodeProgress,
     NodeResult,
     PullFailed,
     PullRequest,
     Status,
+    decode_reply,
     parse_reference,
 )
 from worker.broker import Delivery
@@ -35,6 +37,11 @@ class FakeStore:
     def __post_init__(self) -> None:
         self.gate.set()
 
+    progress_steps: list[PullProgress] = field(default_factory=list)
+
+    def version(self) -> str:
+        return "20.10.24"
+
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         if str(image) in self.present:
             return ImageInfo("sha256:present", None)
@@ -46,6 +53,9 @@ class FakeStore:
         self.pulls.append(str(image))
         self.pull_threads.add(threading.current_thread().name)
         assert self.gate.wait(10)
+        for step in self.progress_steps:
+            if on_progress is not None:
+                on_progress(step)
         if str(image) in self.failures:
             raise self.failures[str(image)]
         self.present.add(str(image))
@@ -60,6 +70,7 @@ class FakeConnection:
         self._callbacks: list[Callable[[], None]] = []
         self.owner = threading.current_thread()
         self.replies: list[tuple[str, str | None, NodeResult]] = []
+        self.progress: list[NodeProgress] = []
         self.acked: list[int] = []
         self.rejected: list[int] = []
 
@@ -69,7 +80,11 @@ class FakeConnection:
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         assert threading.current_thread() is self.owner, "replied off the connection thread"
-        self.replies.append((reply_to, correlation_id, NodeResult.decode(body)))
+        message = decode_reply(body)
+        if isinstance(message, NodeProgress):
+            self.progress.append(message)
+        else:
+            self.replies.append((reply_to, correlation_id, message))
 
     def ack(self, delivery: Delivery) -> None:
         assert threading.current_thread() is self.owner, "acked off the connection thread"
@@ -242,3 +257,26 @@ def test_a_request_without_reply_to_is_still_served_and_acked(
     connection.drain_until(lambda: bool(connection.acked))
     assert store.pulls == ["docker.io/library/quiet:1"]
     assert connection.replies == []
+
+
+def test_progress_is_throttled_and_reaches_every_joined_request_before_the_result(
+    service: PullService, store: FakeStore, connection: FakeConnection
+) -> None:
+    store.gate.clear()
+    store.progress_steps = [PullProgress(done, 1000) for done in range(0, 1001, 10)]
+    first, second = delivery_for("big:1"), delivery_for("big:1")
+    service.on_delivery(first, connection)
+    service.on_delivery(second, connection)
+    time.sleep(0.2)
+    store.gate.set()
+    connection.drain_until(lambda: len(connection.acked) == 2)
+    by_request: dict[str, list[int]] = {}
+    for message in connection.progress:
+        by_request.setdefault(message.request_id, []).append(message.done)
+    assert set(by_request) == {first.correlation_id, second.correlation_id}
+    for dones in by_request.values():
+        # 101 engine events in well under a second: throttled to the first and the last.
+        assert dones[0] == 0
+        assert dones[-1] == 1000
+        assert len(dones) < 10
+        assert dones == sorted(dones)

@@ -1,0 +1,162 @@
+"""The roster of live nodes, waits that name the nodes that did not answer, and progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from testcontainers.community.rabbitmq import RabbitMqContainer
+
+from contract import NodeProgress, NodeResult, Status
+from localcluster.cluster import LocalCluster
+from publisher import Publisher
+from tests.integration.conftest import (
+    NODES,
+    PRESENCE_INTERVAL,
+    ROSTER_MAX_AGE,
+    engine_has,
+    new_vhost,
+    run_cli,
+    start_cluster,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def own_cluster(rabbitmq: RabbitMqContainer) -> Iterator[LocalCluster]:
+    """A cluster of its own, in its own vhost: these tests stop and freeze workers."""
+    cluster = start_cluster(new_vhost(rabbitmq))
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture
+def own_publisher(own_cluster: LocalCluster) -> Iterator[Publisher]:
+    for worker in own_cluster.workers:  # every node up, whatever an earlier test did
+        if not worker.alive:
+            worker.start()
+    with Publisher(own_cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+        yield publisher
+
+
+def node_names(cluster: LocalCluster) -> list[str]:
+    return sorted(worker.node for worker in cluster.workers)
+
+
+def test_the_roster_lists_exactly_the_running_workers(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    roster = own_publisher.nodes()
+    assert [info.node for info in roster] == node_names(own_cluster)
+    now = time.time()
+    for info in roster:
+        assert info.version
+        assert info.engine  # the engine's version, asked by the worker
+        assert info.started_at <= info.last_seen <= now + 1
+        assert now - info.last_seen < ROSTER_MAX_AGE
+
+
+def test_a_stopped_worker_leaves_the_roster_and_a_restarted_one_returns(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    leaving = own_cluster.workers[1]
+    leaving.stop()  # SIGTERM: it says it is leaving
+    assert [i.node for i in own_publisher.nodes()] == [
+        n for n in node_names(own_cluster) if n != leaving.node
+    ]
+    leaving.start()
+    assert [i.node for i in own_publisher.nodes()] == node_names(own_cluster)
+
+
+def test_a_killed_worker_drops_out_after_the_roster_max_age(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    killed = own_cluster.workers[2]
+    killed.signal(signal.SIGKILL)  # no goodbye
+    assert killed.process is not None
+    killed.process.wait(10)
+    deadline = time.monotonic() + ROSTER_MAX_AGE + 3 * PRESENCE_INTERVAL
+    while killed.node in [i.node for i in own_publisher.nodes()]:
+        assert time.monotonic() < deadline, "a dead node stayed in the roster"
+        time.sleep(0.5)
+
+
+def test_a_frozen_worker_is_reported_no_reply_while_the_others_pull(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    image = own_cluster.registry.push_files(
+        f"test/frozen-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+    )
+    frozen = own_cluster.workers[0]
+    frozen.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        report = own_publisher.pull(image, timeout=5)  # waits for the whole roster
+        waited = time.monotonic() - started
+        cli = run_cli("--amqp-url", own_cluster.amqp_url, "pull", image, "--timeout", "5", "--json")
+    finally:
+        frozen.signal(signal.SIGCONT)
+    assert 5 <= waited < 15
+    statuses = {r.node: r.status for r in report.nodes}
+    assert statuses.pop(frozen.node) is Status.NO_REPLY
+    assert set(statuses.values()) == {Status.PULLED}
+    assert len(statuses) == NODES - 1
+    assert not report.ok
+    assert [r.node for r in report.no_reply] == [frozen.node]
+    assert cli.returncode == 1
+    printed = {n["node"]: n["status"] for n in json.loads(cli.stdout)["nodes"]}
+    assert printed[frozen.node] == "no_reply"
+    assert f"did not answer within 5s: {frozen.node}" in cli.stderr
+    has = engine_has(own_cluster, image)
+    assert [node for node, there in has.items() if there] == [
+        n for n in node_names(own_cluster) if n != frozen.node
+    ]
+
+
+def test_waiting_for_named_nodes(own_cluster: LocalCluster, own_publisher: Publisher) -> None:
+    image = own_cluster.registry.push_files(
+        f"test/named-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+    )
+    report = own_publisher.pull(image, nodes=["node-1", "node-9"], timeout=3)
+    statuses = {r.node: r.status for r in report.nodes}
+    assert statuses["node-1"] is Status.PULLED
+    assert statuses["node-9"] is Status.NO_REPLY
+    assert report.missing == 1
+    assert not report.ok
+
+
+def test_a_large_layer_reports_progress_that_grows_to_the_total(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    layer = 40_000_000
+    image = own_cluster.registry.push_sized(f"test/big-{uuid.uuid4().hex[:8]}", "1", [layer])
+    progress: list[NodeProgress] = []
+    results: list[NodeResult] = []
+    report = own_publisher.pull(
+        image, timeout=120, on_progress=progress.append, on_result=results.append
+    )
+    assert report.ok, report
+    assert sorted(r.node for r in results) == node_names(own_cluster)
+    for node in node_names(own_cluster):
+        mine = [p for p in progress if p.node == node]
+        assert len(mine) >= 2, f"{node} sent {len(mine)} progress message(s)"
+        dones = [p.done for p in mine]
+        assert dones == sorted(dones)
+        assert mine[-1].done == mine[-1].total
+        assert layer <= mine[-1].total < layer * 1.01  # the compressed layer's size
+        assert dones[0] < mine[-1].total
+
+
+def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Publisher) -> None:
+    done = run_cli("--amqp-url", own_cluster.amqp_url, "nodes", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)["nodes"]
+    assert [n["node"] for n in listed] == node_names(own_cluster)
+    assert set(listed[0]) == {"node", "version", "engine", "started_at", "last_seen"}
+    plain = run_cli("--amqp-url", own_cluster.amqp_url, "nodes")
+    assert [line.split()[0] for line in plain.stdout.splitlines()] == node_names(own_cluster)

@@ -1,0 +1,112 @@
+"""PullReport's verdicts, the roster built from presence announcements, the live view."""
+
+from __future__ import annotations
+
+import io
+
+from contract import (
+    ErrorKind,
+    NodeError,
+    NodePresence,
+    NodeProgress,
+    NodeResult,
+    NodeState,
+    RosterMarker,
+    Status,
+    decode_presence_stream,
+)
+from publisher.live_view import LiveView
+from publisher.report import PullReport
+from publisher.roster import build_roster
+
+
+def result(node: str, status: Status) -> NodeResult:
+    error = NodeError(ErrorKind.NOT_FOUND, "gone") if status is Status.FAILED else None
+    return NodeResult("r", node, "img", status, 1.0, error=error)
+
+
+def report(expected: int | None, *results: NodeResult) -> PullReport:
+    return PullReport("r", "img", tuple(results), expected)
+
+
+def test_ok_only_when_every_expected_node_has_the_image() -> None:
+    assert report(2, result("a", Status.PULLED), result("b", Status.PRESENT)).ok
+    assert not report(3, result("a", Status.PULLED), result("b", Status.PRESENT)).ok
+    assert not report(2, result("a", Status.PULLED), result("b", Status.FAILED)).ok
+    assert not report(2, result("a", Status.PULLED), result("b", Status.NO_REPLY)).ok
+    assert report(None, result("a", Status.PULLED)).ok
+    assert not report(None).ok
+
+
+def test_missing_counts_named_and_unnamed_silence() -> None:
+    assert report(3, result("a", Status.PULLED)).missing == 2
+    named = report(
+        2, result("a", Status.PULLED), result("c", Status.PULLED), result("b", Status.NO_REPLY)
+    )
+    assert named.missing == 1
+    assert [r.node for r in named.no_reply] == ["b"]
+
+
+def test_json_shape() -> None:
+    shape = report(2, result("a", Status.PULLED), result("b", Status.FAILED)).to_json()
+    assert set(shape) == {"request_id", "image", "expected", "ok", "missing", "nodes"}
+    assert shape["nodes"][1]["error"] == {"kind": "not_found", "message": "gone"}
+    assert set(shape["nodes"][0]) == {"node", "status", "seconds", "image_id", "digest", "error"}
+
+
+def presence(node: str, sent_at: float, state: NodeState = NodeState.UP) -> NodePresence:
+    return NodePresence(node, "0.1.0", "20.10", 100.0, sent_at, state)
+
+
+def test_the_roster_keeps_each_nodes_latest_announcement() -> None:
+    roster = build_roster(
+        [
+            presence("b", 1),
+            presence("a", 2),
+            presence("b", 3),
+            presence("c", 4),
+            presence("c", 5, NodeState.LEAVING),
+        ]
+    )
+    assert [(i.node, i.last_seen) for i in roster] == [("a", 2), ("b", 3)]
+
+
+def test_a_node_that_comes_back_after_leaving_is_in_the_roster() -> None:
+    roster = build_roster([presence("a", 1, NodeState.LEAVING), presence("a", 2)])
+    assert [i.node for i in roster] == ["a"]
+
+
+def test_the_presence_stream_holds_announcements_and_markers() -> None:
+    assert decode_presence_stream(presence("a", 1).encode()) == presence("a", 1)
+    assert decode_presence_stream(RosterMarker("m1").encode()) == RosterMarker("m1")
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_live_view_redraws_one_row_per_node_in_place() -> None:
+    screen = FakeTerminal()
+    view = LiveView(screen, ["node-1", "node-2"], live=True)
+    view.progress(NodeProgress("r", "node-1", "img", 5_000_000, 10_000_000))
+    view.result(result("node-2", Status.PRESENT))
+    view.close()
+    frames = screen.getvalue().split("\x1b[2F")  # each redraw moves up over the 2 rows
+    last = frames[-1]
+    assert last.count("\n") == 2
+    assert "node-1" in last
+    assert "pulling" in last
+    assert "5.0/10.0 MB" in last
+    assert "############............" in last  # half the bar
+    assert "present" in last
+
+
+def test_the_plain_view_prints_progress_lines_only() -> None:
+    out = io.StringIO()
+    view = LiveView(out, ["node-1"], live=False)
+    view.progress(NodeProgress("r", "node-1", "img", 1_000_000, 2_000_000))
+    view.progress(NodeProgress("r", "node-1", "img", 1_500_000, 2_000_000))  # throttled
+    view.result(result("node-1", Status.PULLED))
+    view.close()
+    assert out.getvalue() == "progress node-1 1.0/2.0 MB\n"
