@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import TypeVar
 
 import structlog
 
@@ -39,6 +41,7 @@ REQUESTS_REMEMBERED = 1000
 
 ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
+_T = TypeVar("_T")
 
 
 class Publisher:
@@ -86,8 +89,9 @@ class Publisher:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
         since = time.time() - self.roster_max_age
         with self._lock:
-            self._ensure_connected()
-            bodies = self._broker.read_presence(since, timeout=self._connect_timeout)
+            bodies = self._reconnecting_once(
+                lambda: self._broker.read_presence(since, timeout=self._connect_timeout)
+            )
         announcements: list[NodePresence] = []
         for body in bodies:
             try:
@@ -112,14 +116,7 @@ class Publisher:
         body = request.encode()
         with self._lock:
             self._remember(request.request_id)
-            try:
-                self._ensure_connected()
-                self._broker.publish_request(body, request.request_id)
-            except BrokerUnavailable:
-                # One fresh connection, then give up: the caller must not hang here.
-                log.info("publish failed; reconnecting once", request_id=request.request_id)
-                self._broker.connect(self._on_reply)
-                self._broker.publish_request(body, request.request_id)
+            self._reconnecting_once(lambda: self._broker.publish_request(body, request.request_id))
         log.debug("requested", request_id=request.request_id, image=str(reference))
         return request.request_id
 
@@ -197,16 +194,26 @@ class Publisher:
                 if wanted and wanted <= answered.keys():
                     break
                 remaining = deadline - time.monotonic()
-                self._ensure_connected()
-                self._broker.process_events(max(0.0, min(remaining, 0.25)))
+                wait = max(0.0, min(remaining, 0.25))
+                self._reconnecting_once(functools.partial(self._broker.process_events, wait))
                 if remaining <= 0:
                     break
             answered = self._results.get(request_id, {})
             return tuple(answered[node] for node in sorted(answered))
 
-    def _ensure_connected(self) -> None:
+    def _reconnecting_once(self, action: Callable[[], _T]) -> _T:
+        """Runs ``action`` on the connection; if the connection turns out lost, opens one
+        fresh connection and runs it once more. Never waits longer than the connect timeout
+        for a broker that is down: the caller must not hang here."""
         if not self._broker.connected:
             self._broker.connect(self._on_reply)
+            return action()
+        try:
+            return action()
+        except BrokerUnavailable as error:
+            log.info("connection lost; reconnecting once", error=str(error))
+            self._broker.connect(self._on_reply)
+            return action()
 
     def _remember(self, request_id: str) -> None:
         self._results[request_id] = {}

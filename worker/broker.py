@@ -9,6 +9,7 @@ heartbeats through a pull that takes minutes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ class WorkerBroker:
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._consumer_tag: str | None = None
         self._generation = 0
+        self._pending: list[Callable[[], None]] = []
+        self._pending_lock = threading.Lock()
         self.queue = node_queue_name(node)
 
     @property
@@ -105,6 +108,7 @@ class WorkerBroker:
 
             self._consumer_tag = channel.basic_consume(self.queue, deliver, auto_ack=False)
             self._channel = channel
+            self._run_pending()
         except pika.exceptions.ChannelClosedByBroker as error:
             self.close()
             if error.reply_code == RESOURCE_LOCKED:
@@ -130,11 +134,32 @@ class WorkerBroker:
             ) from None
 
     def call_soon(self, callback: Callable[[], None]) -> None:
-        """Runs ``callback`` on the connection's thread. The one method safe from any thread."""
-        try:
-            self._open_connection().add_callback_threadsafe(callback)
-        except (pika.exceptions.AMQPError, OSError, BrokerUnavailable) as error:
-            log.warning("connection gone; dropping a callback", error=_describe(error))
+        """Runs ``callback`` on the connection's thread. The one method safe from any thread.
+
+        While there is no connection, callbacks wait and run on the next one, so a pull
+        that finishes while the worker reconnects still gets its reply sent.
+        """
+        with self._pending_lock:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                self._pending.append(callback)
+                return
+            try:
+                connection.add_callback_threadsafe(callback)
+            except (pika.exceptions.AMQPError, OSError) as error:
+                log.info("connection closing; keeping a callback for the next", error=str(error))
+                self._pending.append(callback)
+
+    def _run_pending(self) -> None:
+        with self._pending_lock:
+            waiting, self._pending = self._pending, []
+            connection = self._connection
+        if waiting:
+            log.info("sending what waited for the connection", callbacks=len(waiting))
+        for callback in waiting:
+            if connection is None:
+                break
+            connection.add_callback_threadsafe(callback)
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Sends a reply through :data:`REPLY_EXCHANGE`. Connection thread only."""
@@ -188,7 +213,8 @@ class WorkerBroker:
             self._consumer_tag = None
 
     def close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
+        with self._pending_lock:
+            connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and connection.is_open:
             try:
                 connection.close()

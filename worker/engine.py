@@ -9,6 +9,7 @@ two methods (:class:`ImageStore` in ``worker.service``).
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +62,8 @@ class DockerEngine:
         self._inspect_timeout = inspect_timeout
         self._client: docker.APIClient | None = None
         self._lock = threading.Lock()
+        self._open_streams: set[requests.Response] = set()
+        self._cancelling = threading.Event()
 
     def describe(self) -> str:
         return self._docker_host or "the local Docker Engine (DOCKER_HOST unset)"
@@ -84,62 +87,21 @@ class DockerEngine:
     ) -> ImageInfo:
         """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`."""
         api = self._api_or_unavailable()
-        registry = image.domain
-        headers: dict[str, str] = {}
-        auth_header = docker_auth.get_config_header(api, registry)
-        if auth_header:
-            headers["X-Registry-Auth"] = auth_header
-        params = {"fromImage": image.repository, "tag": image.digest or image.tag}
+        if self._cancelling.is_set():
+            raise _cancelled(image)
         started = time.monotonic()
-        stream_open = False
         response: requests.Response | None = None
         try:
-            # The SDK's own pull() reads the stream with no timeout at all; a stalled
-            # registry would hang it forever. This is the same request with a read timeout.
-            response = api._post(  # noqa: SLF001 - see above
-                api._url("/images/create"),  # noqa: SLF001
-                params=params,
-                headers=headers,
-                stream=True,
-                timeout=(self._inspect_timeout, self._stall_timeout),
-            )
-            api._raise_for_status(response)  # noqa: SLF001
-            stream_open = True
-            tracker = _ProgressTracker()
-            for event in _events(api, response):
-                if "error" in event or "errorDetail" in event:
-                    message = event.get("error") or event.get("errorDetail", {}).get("message", "")
-                    raise _classified(str(message), image)
-                if on_progress is not None and tracker.update(event):
-                    on_progress(tracker.progress)
-                if time.monotonic() - started > self._pull_timeout:
-                    raise PullFailed(
-                        ErrorKind.TIMEOUT,
-                        f"pulling {image} took longer than PULLER_PULL_TIMEOUT="
-                        f"{self._pull_timeout:g}s; the pull was cancelled. Raise the timeout "
-                        "for very large images or check the node's network.",
-                    )
+            response = self._start_pull(api, image)
+            self._follow(api, response, image, started, on_progress)
         except PullFailed:
             raise
-        except docker.errors.APIError as error:
-            raise _classified(_api_error_text(error), image) from None
-        except (
-            requests.exceptions.Timeout,
-            requests.exceptions.ConnectionError,
-            urllib3.exceptions.HTTPError,
-            OSError,
-        ) as error:
-            if stream_open:
-                raise PullFailed(
-                    ErrorKind.STALLED,
-                    f"pulling {image}: the engine reported no progress for "
-                    f"{self._stall_timeout:g}s (PULLER_STALL_TIMEOUT); the pull was cancelled. "
-                    f"Check that the node can reach {registry} ({type(error).__name__}).",
-                ) from None
-            self._forget_client()
-            raise _engine_unavailable(self.describe(), error) from None
+        except Exception as error:
+            raise self._failure(error, image, stream_open=response is not None) from None
         finally:
             if response is not None:
+                with self._lock:
+                    self._open_streams.discard(response)
                 response.close()  # an abandoned stream makes the engine cancel the pull
         info = self.find_image(image)
         if info is None:
@@ -149,6 +111,80 @@ class DockerEngine:
                 "it may have been removed at once by another client",
             )
         return info
+
+    def _start_pull(self, api: docker.APIClient, image: ImageReference) -> requests.Response:
+        headers: dict[str, str] = {}
+        auth_header = docker_auth.get_config_header(api, image.domain)
+        if auth_header:
+            headers["X-Registry-Auth"] = auth_header
+        # The SDK's own pull() reads the stream with no timeout at all; a stalled
+        # registry would hang it forever. This is the same request with a read timeout.
+        response: requests.Response = api._post(  # noqa: SLF001 - see above
+            api._url("/images/create"),  # noqa: SLF001
+            params={"fromImage": image.repository, "tag": image.digest or image.tag},
+            headers=headers,
+            stream=True,
+            timeout=(self._inspect_timeout, self._stall_timeout),
+        )
+        with self._lock:
+            self._open_streams.add(response)
+        try:
+            api._raise_for_status(response)  # noqa: SLF001
+        except docker.errors.APIError:
+            response.close()
+            with self._lock:
+                self._open_streams.discard(response)
+            raise
+        return response
+
+    def _follow(
+        self,
+        api: docker.APIClient,
+        response: requests.Response,
+        image: ImageReference,
+        started: float,
+        on_progress: Callable[[PullProgress], None] | None,
+    ) -> None:
+        """Reads the pull's event stream to its end, raising what it reports."""
+        tracker = _ProgressTracker()
+        for event in _events(api, response):
+            if "error" in event or "errorDetail" in event:
+                message = event.get("error") or event.get("errorDetail", {}).get("message", "")
+                raise _classified(str(message), image)
+            if on_progress is not None and tracker.update(event):
+                on_progress(tracker.progress)
+            if time.monotonic() - started > self._pull_timeout:
+                raise PullFailed(
+                    ErrorKind.TIMEOUT,
+                    f"pulling {image} took longer than PULLER_PULL_TIMEOUT="
+                    f"{self._pull_timeout:g}s; the pull was cancelled. Raise the timeout "
+                    "for very large images or check the node's network.",
+                )
+        if self._cancelling.is_set():
+            raise _cancelled(image)  # the stream ended because it was cut
+
+    def _failure(self, error: Exception, image: ImageReference, stream_open: bool) -> PullFailed:
+        """What an exception during a pull means for the requester; re-raises a bug."""
+        if self._cancelling.is_set():
+            return _cancelled(image)
+        if isinstance(error, docker.errors.APIError):
+            return _classified(_api_error_text(error), image)
+        if not isinstance(error, _TRANSPORT_ERRORS):
+            raise error
+        # Silence from an engine that took the request: while it waits on the registry it
+        # sends nothing, not even its response headers. A refused connection is the engine.
+        silent = isinstance(
+            error, requests.exceptions.ReadTimeout | urllib3.exceptions.ReadTimeoutError
+        )
+        if stream_open or silent:
+            return PullFailed(
+                ErrorKind.STALLED,
+                f"pulling {image}: the engine reported no progress for "
+                f"{self._stall_timeout:g}s (PULLER_STALL_TIMEOUT); the pull was cancelled. "
+                f"Check that the node can reach {image.domain} ({type(error).__name__}).",
+            )
+        self._forget_client()
+        return _engine_unavailable(self.describe(), error)
 
     def _api(self) -> docker.APIClient:
         with self._lock:
@@ -194,6 +230,15 @@ class DockerEngine:
             self._forget_client()
             raise _engine_unavailable(self.describe(), error) from None
 
+    def cancel_pulls(self) -> None:
+        """Cuts every running pull's stream (the engine then cancels those pulls); each
+        running and later :meth:`pull` raises :class:`PullFailed` of kind ``cancelled``."""
+        self._cancelling.set()
+        with self._lock:
+            streams = list(self._open_streams)
+        for response in streams:
+            _cut(response)
+
     def close(self) -> None:
         self._forget_client()
 
@@ -226,6 +271,41 @@ class _ProgressTracker:
             total=sum(t for _, t in self._layers.values()),
         )
         return True
+
+
+_TRANSPORT_ERRORS = (
+    requests.exceptions.Timeout,
+    requests.exceptions.ConnectionError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+
+
+def _cut(response: requests.Response) -> None:
+    """Shuts the stream's socket down, waking the thread blocked reading it; closing the
+    response alone would leave that thread waiting for the read timeout."""
+    raw = response.raw
+    sockets = [
+        getattr(getattr(raw, "_connection", None), "sock", None),
+        getattr(
+            getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None
+        ),
+    ]
+    for sock in sockets:
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return
+    with contextlib.suppress(Exception):
+        response.close()
+
+
+def _cancelled(image: ImageReference) -> PullFailed:
+    return PullFailed(
+        ErrorKind.CANCELLED,
+        f"pulling {image} was cancelled because the worker is shutting down; "
+        "the node may pull it on the next request",
+    )
 
 
 def _events(api: docker.APIClient, response: requests.Response) -> Iterator[dict[str, Any]]:

@@ -17,7 +17,7 @@ from worker.broker import NodeNameInUse, WorkerBroker
 from worker.engine import DockerEngine
 from worker.logs import configure_logging
 from worker.presence import PresenceAnnouncer
-from worker.service import PullService
+from worker.service import PullService, RetryPolicy
 from worker.settings import InvalidSetting, WorkerSettings
 
 log = structlog.get_logger("worker")
@@ -25,6 +25,8 @@ log = structlog.get_logger("worker")
 EVENT_LOOP_SLICE = 0.5
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
+CANCEL_GRACE = 5.0
+"""Seconds, after cancelling, to send the ``cancelled`` replies."""
 
 ENVIRONMENT_HELP = """\
 environment:
@@ -34,6 +36,8 @@ environment:
   PULLER_MAX_CONCURRENT_PULLS  pulls at once on this node (2)
   PULLER_PULL_TIMEOUT          seconds one pull may take at most (1800)
   PULLER_STALL_TIMEOUT         seconds of no pull progress before giving up (120)
+  PULLER_PULL_RETRIES          retries after a transient pull failure (3)
+  PULLER_RETRY_DELAY           seconds before the first retry, doubling (1)
   PULLER_HEARTBEAT             AMQP heartbeat seconds (30)
   PULLER_PRESENCE_INTERVAL     seconds between presence announcements (5)
   PULLER_SHUTDOWN_GRACE        seconds to finish pulls after SIGTERM (30)
@@ -83,7 +87,12 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         )
     else:
         log.info("starting", engine=engine.describe(), engine_version=presence.engine_version)
-    service = PullService(settings.node_name, engine, settings.max_concurrent_pulls)
+    service = PullService(
+        settings.node_name,
+        engine,
+        settings.max_concurrent_pulls,
+        RetryPolicy(attempts=1 + settings.pull_retries, first_delay=settings.retry_delay),
+    )
     broker = WorkerBroker(
         settings.amqp_url,
         settings.node_name,
@@ -131,16 +140,23 @@ def _drain(
     with contextlib.suppress(BrokerUnavailable):
         broker.announce(presence.message(NodeState.LEAVING))
     broker.stop_consuming()
-    deadline = time.monotonic() + settings.shutdown_grace
-    try:
-        while service.unfinished and time.monotonic() < deadline:
-            broker.process_events(0.2)
-    except BrokerUnavailable:
-        pass
+    _serve_while_unfinished(broker, service, settings.shutdown_grace)
+    if service.unfinished:
+        log.warning("grace period over; cancelling", unanswered=service.unfinished)
+        service.cancel()
+        _serve_while_unfinished(broker, service, CANCEL_GRACE)
     if service.unfinished:
         log.warning("stopping with requests unanswered", unanswered=service.unfinished)
     service.shutdown(wait=False)
     broker.close()
+
+
+def _serve_while_unfinished(broker: WorkerBroker, service: PullService, seconds: float) -> None:
+    """Keeps the connection's thread serving (replies, acks) until nothing is unanswered."""
+    deadline = time.monotonic() + seconds
+    with contextlib.suppress(BrokerUnavailable):
+        while service.unfinished and time.monotonic() < deadline:
+            broker.process_events(0.1)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -35,6 +36,23 @@ log = structlog.get_logger("worker.service")
 
 INSPECT_THREADS = 4
 
+TRANSIENT_KINDS = frozenset(
+    {ErrorKind.REGISTRY_UNREACHABLE, ErrorKind.REGISTRY_ERROR, ErrorKind.STALLED}
+)
+"""Failures that may pass by themselves, and so are retried; the others are answered at once."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``attempts`` tries in all; waits ``first_delay`` seconds, doubling up to ``max_delay``."""
+
+    attempts: int = 4
+    first_delay: float = 1.0
+    max_delay: float = 15.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.first_delay * 2 ** (attempt - 1), self.max_delay))
+
 
 class ImageStore(Protocol):
     """A node's image store: the Docker Engine today, containerd later."""
@@ -46,6 +64,8 @@ class ImageStore(Protocol):
     ) -> ImageInfo: ...
 
     def version(self) -> str: ...
+
+    def cancel_pulls(self) -> None: ...
 
 
 class ReplyChannel(Protocol):
@@ -67,9 +87,17 @@ class PullService:
     whose pull is already running joins that pull instead of starting another.
     """
 
-    def __init__(self, node: str, store: ImageStore, max_concurrent_pulls: int) -> None:
+    def __init__(
+        self,
+        node: str,
+        store: ImageStore,
+        max_concurrent_pulls: int,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.node = node
         self._store = store
+        self._retry = retry or RetryPolicy()
+        self._cancelling = threading.Event()
         self._inspectors = ThreadPoolExecutor(INSPECT_THREADS, thread_name_prefix="inspect")
         self._pullers = ThreadPoolExecutor(max_concurrent_pulls, thread_name_prefix="pull")
         self._lock = threading.Lock()
@@ -163,26 +191,54 @@ class PullService:
                 del self._pulls_in_flight[image]
 
     def _pull(self, image: ImageReference, in_flight: _InFlightPull) -> ImageInfo:
-        """Pull thread."""
+        """Pull thread: pulls, retrying transient failures with capped backoff."""
         started = time.monotonic()
-        log.info("pulling", image=str(image))
-        try:
-            info = self._store.pull(image, in_flight.report_progress)
-        except PullFailed as failure:
-            log.warning(
-                "pull failed", image=str(image), kind=failure.kind.value, error=failure.message
-            )
-            raise
-        except Exception as error:
-            log.exception("pull failed unexpectedly", image=str(image))
-            raise _internal(error) from None
-        log.info(
-            "pulled",
-            image=str(image),
-            image_id=info.image_id,
-            seconds=round(time.monotonic() - started, 3),
-        )
-        return info
+        for attempt in range(1, self._retry.attempts + 1):
+            log.info("pulling", image=str(image), attempt=attempt)
+            try:
+                info = self._store.pull(image, in_flight.report_progress)
+            except PullFailed as failure:
+                last_attempt = attempt == self._retry.attempts
+                if failure.kind not in TRANSIENT_KINDS or last_attempt:
+                    log.warning(
+                        "pull failed",
+                        image=str(image),
+                        kind=failure.kind.value,
+                        error=failure.message,
+                        attempts=attempt,
+                    )
+                    if failure.kind in TRANSIENT_KINDS and attempt > 1:
+                        raise PullFailed(
+                            failure.kind, f"{failure.message} (gave up after {attempt} attempts)"
+                        ) from None
+                    raise
+                delay = self._retry.delay(attempt)
+                log.warning(
+                    "pull attempt failed; retrying",
+                    image=str(image),
+                    kind=failure.kind.value,
+                    error=failure.message,
+                    attempt=attempt,
+                    retry_in=delay,
+                )
+                if self._cancelling.wait(delay):
+                    raise PullFailed(
+                        ErrorKind.CANCELLED,
+                        f"{failure.message}; not retried because the worker is shutting down",
+                    ) from None
+            except Exception as error:
+                log.exception("pull failed unexpectedly", image=str(image))
+                raise _internal(error) from None
+            else:
+                log.info(
+                    "pulled",
+                    image=str(image),
+                    image_id=info.image_id,
+                    attempt=attempt,
+                    seconds=round(time.monotonic() - started, 3),
+                )
+                return info
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _finish(
         self,
@@ -240,6 +296,11 @@ class PullService:
             )
 
         channel.call_soon(send)
+
+    def cancel(self) -> None:
+        """Cancels running pulls and retries; each waiting request is answered ``cancelled``."""
+        self._cancelling.set()
+        self._store.cancel_pulls()
 
     def shutdown(self, wait: bool) -> None:
         self._inspectors.shutdown(wait=wait, cancel_futures=not wait)

@@ -27,6 +27,10 @@ class WorkerSettings:
     max_concurrent_pulls: int = 2
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0
+    pull_retries: int = 3
+    """Further attempts after a transient failure (registry unreachable or failing, stall)."""
+    retry_delay: float = 1.0
+    """Seconds before the first retry; doubles for each next one, up to 15."""
     heartbeat: int = 30
     presence_interval: float = PRESENCE_INTERVAL
     shutdown_grace: float = 30.0
@@ -59,6 +63,8 @@ class WorkerSettings:
             stall_timeout=_read(
                 env, "PULLER_STALL_TIMEOUT", float, defaults.stall_timeout, minimum=1
             ),
+            pull_retries=_read(env, "PULLER_PULL_RETRIES", int, defaults.pull_retries, minimum=0),
+            retry_delay=_read(env, "PULLER_RETRY_DELAY", float, defaults.retry_delay, minimum=0),
             heartbeat=_read(env, "PULLER_HEARTBEAT", int, defaults.heartbeat, minimum=1),
             presence_interval=_read(
                 env, "PULLER_PRESENCE_INTERVAL", float, defaults.presence_interval, minimum=0.1

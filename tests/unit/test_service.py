@@ -23,7 +23,7 @@ from contract import (
 )
 from worker.broker import Delivery
 from worker.engine import ImageInfo, PullProgress
-from worker.service import PullService
+from worker.service import PullService, RetryPolicy
 
 
 @dataclass
@@ -41,6 +41,9 @@ class FakeStore:
 
     def version(self) -> str:
         return "20.10.24"
+
+    def cancel_pulls(self) -> None:
+        self.gate.set()
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         if str(image) in self.present:
@@ -280,3 +283,79 @@ def test_progress_is_throttled_and_reaches_every_joined_request_before_the_resul
         assert dones[-1] == 1000
         assert len(dones) < 10
         assert dones == sorted(dones)
+
+
+class FlakyStore(FakeStore):
+    """Fails each pull of an image with the queued failures first, then succeeds."""
+
+    def __init__(self, failures: list[PullFailed]) -> None:
+        super().__init__()
+        self.queued = failures
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        self.pulls.append(str(image))
+        if self.queued:
+            raise self.queued.pop(0)
+        return ImageInfo("sha256:pulled", None)
+
+
+def serve_one(store: FakeStore, policy: RetryPolicy) -> tuple[NodeResult, PullService]:
+    connection = FakeConnection()
+    service = PullService("node-a", store, 1, policy)
+    try:
+        service.on_delivery(delivery_for("flaky:1"), connection)
+        connection.drain_until(lambda: bool(connection.acked))
+    finally:
+        service.shutdown(wait=True)
+    return connection.replies[0][2], service
+
+
+def test_transient_failures_are_retried_until_the_pull_succeeds() -> None:
+    store = FlakyStore(
+        [
+            PullFailed(ErrorKind.REGISTRY_UNREACHABLE, "refused"),
+            PullFailed(ErrorKind.STALLED, "silent"),
+        ]
+    )
+    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+    assert result.status is Status.PULLED
+    assert len(store.pulls) == 3
+
+
+def test_permanent_failures_are_not_retried() -> None:
+    store = FlakyStore([PullFailed(ErrorKind.NOT_FOUND, "no such tag")])
+    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.NOT_FOUND
+    assert len(store.pulls) == 1
+
+
+def test_retries_are_bounded_and_the_reply_says_so() -> None:
+    store = FlakyStore([PullFailed(ErrorKind.REGISTRY_ERROR, "503")] * 5)
+    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.REGISTRY_ERROR
+    assert "gave up after 3 attempts" in result.error.message
+    assert len(store.pulls) == 3
+
+
+def test_backoff_doubles_up_to_a_cap() -> None:
+    policy = RetryPolicy(attempts=10, first_delay=1.0, max_delay=5.0)
+    assert [policy.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_cancel_during_a_retry_wait_answers_cancelled() -> None:
+    store = FlakyStore([PullFailed(ErrorKind.STALLED, "silent")] * 5)
+    connection = FakeConnection()
+    service = PullService("node-a", store, 1, RetryPolicy(attempts=5, first_delay=30))
+    service.on_delivery(delivery_for("flaky:1"), connection)
+    time.sleep(0.2)  # in its first 30 s wait
+    service.cancel()
+    connection.drain_until(lambda: bool(connection.acked), timeout=5)
+    service.shutdown(wait=True)
+    result = connection.replies[0][2]
+    assert result.error is not None
+    assert result.error.kind is ErrorKind.CANCELLED
+    assert "shutting down" in result.error.message
