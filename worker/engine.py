@@ -22,6 +22,7 @@ import urllib3
 from docker import auth as docker_auth
 
 from contract import ErrorKind, ImageReference, PullFailed
+from worker.image_index import ImageIndex, KnownImage
 
 ENGINE_API_VERSION = "auto"
 
@@ -63,6 +64,7 @@ class DockerEngine:
         self._client: docker.APIClient | None = None
         self._lock = threading.Lock()
         self._open_streams: set[requests.Response] = set()
+        self._index = ImageIndex(docker_host)
         self._cancelling = threading.Event()
 
     def describe(self) -> str:
@@ -74,13 +76,28 @@ class DockerEngine:
         return str(answer.get("Version", "unknown"))
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
-        """The image's id and digest if the engine has it; ``None`` if it does not."""
+        """The image's id and digest if the engine has it; ``None`` if it does not.
+
+        Answered from memory when the image index knows it, else by the engine.
+        """
+        name = _engine_name(image)
+        known = self._index.get(name)
+        if known is not None:
+            return ImageInfo(known.image_id, known.digest)
+        generation = self._index.generation()
         try:
             with self._failures_as_pull_failed(image):
-                attrs = self._api().inspect_image(_engine_name(image))
+                attrs = self._api().inspect_image(name)
         except docker.errors.ImageNotFound:
             return None
-        return _image_info(attrs, image)
+        info = _image_info(attrs, image)
+        self._index.remember(name, KnownImage(info.image_id, info.digest), generation)
+        return info
+
+    def watch_images(self) -> None:
+        """Starts following the engine's image events, so that known images are answered
+        from memory."""
+        self._index.start()
 
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
@@ -240,6 +257,7 @@ class DockerEngine:
             _cut(response)
 
     def close(self) -> None:
+        self._index.stop()
         self._forget_client()
 
 

@@ -78,6 +78,7 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         stall_timeout=settings.stall_timeout,
         pull_timeout=settings.pull_timeout,
     )
+    engine.watch_images()
     presence = PresenceAnnouncer(settings.node_name, engine, settings.presence_interval)
     presence.start()
     if presence.engine_version is None:

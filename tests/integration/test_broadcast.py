@@ -204,3 +204,27 @@ def collect(channel: object, queue: str, expected: int, timeout: float) -> list[
             continue
         results.append(NodeResult.decode(body))
     return results
+
+
+def test_an_image_removed_behind_the_workers_back_is_pulled_again_not_present(
+    cluster: LocalCluster, publisher: Publisher, fresh_image: str
+) -> None:
+    assert publisher.pull(fresh_image, expect=NODES, timeout=60).ok
+    second = publisher.pull(fresh_image, expect=NODES, timeout=60)
+    assert {r.status for r in second.nodes} == {Status.PRESENT}  # answered from memory
+    removed_from = cluster.engines[0]
+    client = removed_from.client()
+    try:
+        client.images.remove(fresh_image, force=True)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while True:  # the engine's "delete" event reaches the worker a moment later
+        third = publisher.pull(fresh_image, expect=NODES, timeout=60)
+        statuses = {r.node: r.status for r in third.nodes}
+        if statuses[removed_from.name] is Status.PULLED or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert statuses.pop(removed_from.name) is Status.PULLED
+    assert set(statuses.values()) == {Status.PRESENT}
+    assert all(engine_has(cluster, fresh_image).values())
