@@ -38,6 +38,14 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 30.0) -> None:
+        self.launch()
+        self.wait_serving(timeout)
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        wait_until(self.serving, f"puller-worker {self.node}", timeout, self.process, self.log_path)
+
+    def launch(self) -> None:
+        """Starts the process without waiting for it to serve."""
         env = {
             **os.environ,
             "PULLER_AMQP_URL": self.amqp_url,
@@ -49,7 +57,6 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
         self.process = start_daemon(worker_command(), self.log_path, env)
-        wait_until(self.serving, f"puller-worker {self.node}", timeout, self.process, self.log_path)
 
     def serving(self) -> bool:
         """The worker logged that it consumes its queue (after its latest start)."""

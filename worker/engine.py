@@ -75,6 +75,11 @@ class DockerEngine:
             answer = self._api().version()
         return str(answer.get("Version", "unknown"))
 
+    def known_image(self, image: ImageReference) -> ImageInfo | None:
+        """The image if the index knows the engine holds it; never asks the engine."""
+        known = self._index.get(_engine_name(image))
+        return None if known is None else ImageInfo(known.image_id, known.digest)
+
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         """The image's id and digest if the engine has it; ``None`` if it does not.
 

@@ -59,6 +59,10 @@ class ImageStore(Protocol):
 
     def find_image(self, image: ImageReference) -> ImageInfo | None: ...
 
+    def known_image(self, image: ImageReference) -> ImageInfo | None:
+        """From memory only, never blocking: safe on the connection's thread."""
+        ...
+
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
     ) -> ImageInfo: ...
@@ -123,6 +127,22 @@ class PullService:
             return
         with self._lock:
             self._unfinished += 1
+        try:
+            known = self._store.known_image(request.image)
+        except Exception:
+            log.exception("the image index failed; asking the engine")
+            known = None
+        if known is not None:  # from memory: answered here, no thread hop, no engine call
+            self._finish(
+                request,
+                delivery,
+                channel,
+                time.monotonic(),
+                known,
+                Status.PRESENT,
+                on_connection_thread=True,
+            )
+            return
         self._inspectors.submit(self._serve, request, delivery, channel)
 
     def _refuse(self, delivery: Delivery, channel: ReplyChannel, reason: str) -> None:
@@ -248,6 +268,7 @@ class PullService:
         started: float,
         outcome: ImageInfo | BaseException,
         status: Status = Status.FAILED,
+        on_connection_thread: bool = False,
     ) -> None:
         """Any thread: build the result, then reply and ack on the connection's thread."""
         seconds = round(time.monotonic() - started, 6)
@@ -295,7 +316,10 @@ class PullService:
                 error_kind=result.error.kind.value if result.error else None,
             )
 
-        channel.call_soon(send)
+        if on_connection_thread:
+            send()
+        else:
+            channel.call_soon(send)
 
     def cancel(self) -> None:
         """Cancels running pulls and retries; each waiting request is answered ``cancelled``."""

@@ -45,6 +45,13 @@ class FakeStore:
     def cancel_pulls(self) -> None:
         self.gate.set()
 
+    remembered: set[str] = field(default_factory=set)
+
+    def known_image(self, image: ImageReference) -> ImageInfo | None:
+        if str(image) in self.remembered:
+            return ImageInfo("sha256:remembered", None)
+        return None
+
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         if str(image) in self.present:
             return ImageInfo("sha256:present", None)
@@ -359,3 +366,17 @@ def test_cancel_during_a_retry_wait_answers_cancelled() -> None:
     assert result.error is not None
     assert result.error.kind is ErrorKind.CANCELLED
     assert "shutting down" in result.error.message
+
+
+def test_an_image_known_from_memory_is_answered_on_the_connection_thread_at_once(
+    service: PullService, store: FakeStore, connection: FakeConnection
+) -> None:
+    store.remembered.add("docker.io/library/cached:1")
+    delivery = delivery_for("cached:1")
+    service.on_delivery(delivery, connection)  # no draining: answered before it returns
+    assert connection.acked == [delivery.delivery_tag]
+    [(_, _, result)] = connection.replies
+    assert result.status is Status.PRESENT
+    assert result.image_id == "sha256:remembered"
+    assert store.pulls == []
+    assert service.unfinished == 0

@@ -1,0 +1,143 @@
+"""What the benchmarks share: a broker vhost, engines and workers, and the tables they print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import structlog
+
+from localcluster.cluster import WorkerProcess
+from localcluster.engines import NodeEngine
+from localcluster.processes import stop
+from localcluster.rabbitmq import add_vhost, ensure_rabbitmq
+from localcluster.registry import Registry
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The library's own debug lines would drown the tables.
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of ``samples`` (fraction in 0..1)."""
+    ordered = sorted(samples)
+    index = max(0, min(len(ordered) - 1, round(fraction * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def summary_ms(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50": 1000 * statistics.median(samples),
+        "p90": 1000 * percentile(samples, 0.90),
+        "p99": 1000 * percentile(samples, 0.99),
+    }
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in header]] + [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for index, row in enumerate(cells):
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+    sys.stdout.flush()
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def save(name: str, figures: object) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    return path
+
+
+@dataclass
+class BenchEnvironment:
+    """A vhost of the machine's RabbitMQ, a registry, and Docker Engines, under ``root``."""
+
+    root: Path
+    amqp_url: str
+    registry: Registry
+    engines: list[NodeEngine] = field(default_factory=list)
+
+    def add_engines(self, count: int) -> list[NodeEngine]:
+        added = []
+        for _ in range(count):
+            engine = NodeEngine(
+                f"e{len(self.engines) + 1}", self.root / f"e{len(self.engines) + 1}"
+            )
+            engine.start()
+            self.engines.append(engine)
+            added.append(engine)
+        return added
+
+    def start_workers(self, count: int, prefix: str = "node") -> list[WorkerProcess]:
+        """``count`` puller workers, spread over the engines, all serving when it returns."""
+        workers = [
+            WorkerProcess(
+                node=f"{prefix}-{i + 1}",
+                docker_host=self.engines[i % len(self.engines)].docker_host,
+                amqp_url=self.amqp_url,
+                log_path=self.root / "workers" / f"{prefix}-{i + 1}.log",
+            )
+            for i in range(count)
+        ]
+        for worker in workers:  # start all, then wait: their startups overlap
+            worker.launch()
+        for worker in workers:
+            worker.wait_serving(timeout=300)
+        return workers
+
+
+def stop_all(processes: Sequence[subprocess.Popen[bytes] | None]) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.terminate()
+    for process in processes:
+        if process is not None:
+            stop(process, timeout=20)
+
+
+@contextmanager
+def bench_environment() -> Iterator[BenchEnvironment]:
+    """Starts the machine's RabbitMQ if needed; gives a fresh vhost, a registry, no engines."""
+    ensure_rabbitmq()
+    vhost = f"bench-{uuid.uuid4().hex[:8]}"
+    add_vhost(vhost)
+    root = Path(tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
+    registry = Registry(root / "registry")
+    registry.start()
+    environment = BenchEnvironment(
+        root=root,
+        amqp_url=f"amqp://guest:guest@127.0.0.1:5672/{quote(vhost, safe='')}",
+        registry=registry,
+    )
+    try:
+        yield environment
+    finally:
+        for engine in environment.engines:
+            engine.remove()
+        registry.remove()
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], check=False, capture_output=True)
