@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,10 @@ from localcluster.processes import stop
 from localcluster.rabbitmq import add_vhost, ensure_rabbitmq
 from localcluster.registry import Registry
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(
+    os.environ.get("PULLER_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
+"""Where figures (JSON) and the plot go; the test suite points it elsewhere."""
 
 # The library's own debug lines would drown the tables.
 structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

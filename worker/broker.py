@@ -163,7 +163,10 @@ class WorkerBroker:
 
     def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
         """Sends a reply through :data:`REPLY_EXCHANGE`. Connection thread only."""
-        self._open_channel().basic_publish(
+        # The blocking channel would flush this frame alone (a send and two poller changes);
+        # queued on the channel underneath, it goes out with the ack in one write when the
+        # connection's loop next runs, which is at once: we are inside that loop.
+        self._open_channel()._impl.basic_publish(  # noqa: SLF001 - see above
             REPLY_EXCHANGE,
             routing_key=reply_to,
             body=body,
@@ -188,7 +191,7 @@ class WorkerBroker:
 
     def ack(self, delivery: Delivery) -> None:
         if self._current(delivery):
-            self._open_channel().basic_ack(delivery.delivery_tag)
+            self._open_channel()._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
 
     def reject(self, delivery: Delivery) -> None:
         """Rejects without requeue: a message that cannot be served now never will be."""

@@ -38,7 +38,7 @@ bad_values: dict[str, st.SearchStrategy[Any]] = {
     "type": st.sampled_from(["", "PULL", "result", None, 1]),
     "request_id": st.sampled_from(["", None, 7, "x" * 300, "tab\there", "é"]),
     "image": st.one_of(
-        st.sampled_from(["", "UPPER/case", "a//b", "x:", "@sha256:00", " a", None, 3]),
+        st.sampled_from(["", "upper/Case", "a//b", "x:", "@sha256:00", " a", None, 3]),
         # white space is never valid: no broken-but-valid name can send a node to the network
         st.text(max_size=40).map(lambda t: f"{t} x"),
     ),
@@ -152,7 +152,10 @@ def test_random_and_near_valid_messages_never_stop_a_worker(
     assert answered_here > EXAMPLES // 4
     assert len(replies) == expected
     assert {r.status for r in replies} == {Status.FAILED}
-    assert {r.error.kind for r in replies if r.error} == {ErrorKind.INVALID_REQUEST}
+    unexpected = [
+        r for r in replies if r.error is None or r.error.kind != ErrorKind.INVALID_REQUEST
+    ]
+    assert not unexpected, unexpected[:3]
     assert all(worker.alive for worker in cluster.workers)
     assert [pulls_started(w) for w in cluster.workers] == pulls_before, "an invalid request pulled"
     report = publisher.pull(fresh_image, timeout=60)

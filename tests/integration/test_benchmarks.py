@@ -1,0 +1,49 @@
+"""Each benchmark runs once, in a tiny configuration, to prove it works. No timing is
+asserted: these machines are shared and noisy; the figures live in bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from localcluster.images import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "title", "figures"),
+    [
+        ("round_trip", ["--nodes", "2", "--rounds", "3"], "summary: p50 ms", "round_trip.json"),
+        (
+            "pull_onto_nodes",
+            ["--nodes", "2", "--size-mb", "2", "--repeats", "1"],
+            "onto K nodes",
+            "pull_onto_nodes.json",
+        ),
+        ("session_path", ["--requests", "50", "--workers", "2"], "request():", "session_path.json"),
+        ("footprint", ["--idle-seconds", "1", "--size-mb", "2"], "footprint", "footprint.json"),
+    ],
+)
+def test_benchmark_runs_and_prints_its_table(
+    script: str, args: list[str], title: str, figures: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{script}", *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PULLER_BENCH_RESULTS": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert title in done.stdout
+    assert json.loads((tmp_path / figures).read_text())
+    if script == "round_trip":
+        assert (tmp_path / "round_trip.png").stat().st_size > 10_000
