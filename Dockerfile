@@ -22,5 +22,11 @@ RUN set -e; \
 # The worker talks to the node's Docker Engine through a mounted socket
 # (-v /var/run/docker.sock:/var/run/docker.sock), which belongs to root.
 ENV PULLER_LOG_FORMAT=json \
+    PULLER_STATE_DIR=/var/lib/puller \
+    PULLER_HEALTH_PORT=8080 \
     PATH=/opt/puller/bin:$PATH
+# How far the node has caught up on the history: keep it on the node's disk.
+VOLUME /var/lib/puller
+# GET /alive and GET /ready
+EXPOSE 8080
 ENTRYPOINT ["puller-worker"]

@@ -52,6 +52,31 @@ PRESENCE_STREAM_ARGUMENTS: dict[str, object] = {
 }
 """Every side declares the stream with exactly these arguments (RabbitMQ insists)."""
 
+HISTORY_EXCHANGE = "puller.history"
+"""Fanout exchange bound to :data:`HISTORY_STREAM`; publishers put every request here too."""
+
+HISTORY_STREAM = "puller.history"
+"""A RabbitMQ stream holding every pull request inside the retention window: a node that
+was away, or is new, replays it to catch up. Declared by the workers, who own its retention."""
+
+DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0
+"""Seconds a request stays replayable: a week."""
+
+DEFAULT_HISTORY_MAX_BYTES = 100 * 1000 * 1000
+"""A size bound on the history stream, whatever the age of what it holds."""
+
+
+def history_stream_arguments(max_age: float, max_bytes: int) -> dict[str, object]:
+    """The history stream's declaration. Retention drops whole segments, so segments are
+    kept small (a request is a few hundred bytes) for the window to take effect promptly."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{max(1, round(max_age))}s",
+        "x-max-length-bytes": max_bytes,
+        "x-stream-max-segment-size-bytes": min(max_bytes, 4 * 1000 * 1000),
+    }
+
+
 PRESENCE_INTERVAL = 5.0
 """Seconds between a worker's presence announcements."""
 
@@ -255,6 +280,10 @@ class NodePresence:
     started_at: float
     sent_at: float
     state: NodeState = NodeState.UP
+    caught_up: bool | None = None
+    """Whether the worker has replayed the history it missed; ``None`` from older workers."""
+    replay_pending: int = 0
+    replay_failed: int = 0
 
     TYPE = "presence"
 
@@ -269,12 +298,18 @@ class NodePresence:
                 "started_at": self.started_at,
                 "sent_at": self.sent_at,
                 "state": self.state.value,
+                "caught_up": self.caught_up,
+                "replay_pending": self.replay_pending,
+                "replay_failed": self.replay_failed,
             }
         )
 
     @classmethod
     def decode(cls, body: bytes) -> NodePresence:
         fields = _load(body, cls.TYPE)
+        caught_up = fields.get("caught_up")
+        if caught_up is not None and not isinstance(caught_up, bool):
+            raise InvalidMessage("'caught_up' must be true, false or null")
         return cls(
             node=_text(fields, "node", MAX_NODE_NAME_LENGTH),
             version=_text(fields, "puller_version", 64),
@@ -282,6 +317,9 @@ class NodePresence:
             started_at=_number(fields, "started_at"),
             sent_at=_number(fields, "sent_at"),
             state=_enum(fields, "state", NodeState),
+            caught_up=caught_up,
+            replay_pending=_optional_count(fields, "replay_pending"),
+            replay_failed=_optional_count(fields, "replay_failed"),
         )
 
 
@@ -299,6 +337,42 @@ class RosterMarker:
     @classmethod
     def decode(cls, body: bytes) -> RosterMarker:
         return cls(marker_id=_identifier(_load(body, cls.TYPE), "marker_id"))
+
+
+@dataclass(frozen=True)
+class HistoryMarker:
+    """Put in the history stream by a starting worker: what comes before it is what the
+    worker has to catch up on; when it reads its own marker back, it has caught up."""
+
+    node: str
+    marker_id: str
+
+    TYPE = "history_marker"
+
+    def encode(self) -> bytes:
+        return _dump(
+            {
+                "version": PROTOCOL_VERSION,
+                "type": self.TYPE,
+                "node": self.node,
+                "marker_id": self.marker_id,
+            }
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> HistoryMarker:
+        fields = _load(body, cls.TYPE)
+        return cls(
+            node=_text(fields, "node", MAX_NODE_NAME_LENGTH),
+            marker_id=_identifier(fields, "marker_id"),
+        )
+
+
+def decode_history(body: bytes) -> PullRequest | HistoryMarker:
+    """One entry of the history stream; raises :class:`InvalidMessage` like the others."""
+    if _load(body, None).get("type") == HistoryMarker.TYPE:
+        return HistoryMarker.decode(body)
+    return PullRequest.decode(body)
 
 
 def decode_presence_stream(body: bytes) -> NodePresence | RosterMarker:
@@ -388,6 +462,14 @@ def _number(fields: dict[str, Any], name: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise InvalidMessage(f"{name!r} must be a finite, non-negative number")
     return number
+
+
+def _optional_count(fields: dict[str, Any], name: str) -> int:
+    """An optional count (absent from older workers: 0)."""
+    value = fields.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessage(f"{name!r} must be a count (a whole number, 0 or more)")
+    return value
 
 
 def _enum(fields: dict[str, Any], name: str, enum: type[_E]) -> _E:

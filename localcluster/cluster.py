@@ -6,8 +6,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,13 @@ from localcluster.processes import start_daemon, stop, stop_process_group, wait_
 from localcluster.registry import Registry
 
 STATE_FILE = "cluster.json"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def worker_command() -> list[str]:
@@ -36,6 +46,22 @@ class WorkerProcess:
     log_path: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    health_port: int = 0
+    """Picked at each launch: a free port on this machine."""
+
+    @property
+    def state_dir(self) -> Path:
+        """The node's ``PULLER_STATE_DIR``: kept across restarts of its worker."""
+        return self.log_path.parent / f"{self.node}-state"
+
+    def health(self, path: str) -> tuple[int, dict[str, object]]:
+        """``GET`` one of the worker's health endpoints: status code and JSON body."""
+        url = f"http://127.0.0.1:{self.health_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def start(self, timeout: float = 30.0) -> None:
         self.launch()
@@ -46,12 +72,15 @@ class WorkerProcess:
 
     def launch(self) -> None:
         """Starts the process without waiting for it to serve."""
+        self.health_port = free_port()
         env = {
             **os.environ,
             "PULLER_AMQP_URL": self.amqp_url,
             "PULLER_NODE_NAME": self.node,
             "DOCKER_HOST": self.docker_host,
             "PULLER_LOG_FORMAT": "json",
+            "PULLER_STATE_DIR": str(self.state_dir),
+            "PULLER_HEALTH_PORT": str(self.health_port),
             **self.extra_env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import pika.exceptions
 
 from contract import (
     CONTENT_TYPE,
+    HISTORY_EXCHANGE,
     PRESENCE_EXCHANGE,
     PRESENCE_STREAM,
     PRESENCE_STREAM_ARGUMENTS,
@@ -70,6 +71,7 @@ class PublisherBroker:
             channel = self._connection.channel()
             channel.confirm_delivery()
             channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
+            channel.exchange_declare(HISTORY_EXCHANGE, exchange_type="fanout", durable=True)
             channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
             channel.exchange_declare(PRESENCE_EXCHANGE, exchange_type="fanout", durable=True)
             channel.queue_declare(
@@ -97,26 +99,42 @@ class PublisherBroker:
             ) from None
 
     def publish_request(self, body: bytes, correlation_id: str) -> None:
-        """Publishes to the pull exchange and waits for the broker's confirm."""
+        """Publishes the request to the live workers, then records it in the history; waits
+        for the broker's confirm of each.
+
+        Two publishes rather than one exchange bound to both, so that ``mandatory`` still
+        tells "no worker is listening" (the history stream would always take the message).
+        Live first, so a worker meets the live copy before the history's and skips the
+        latter at no cost; a request that reached no worker is still recorded.
+        """
         channel = self._open_channel()
         try:
-            channel.basic_publish(
-                PULL_EXCHANGE,
-                routing_key="",
-                body=body,
-                properties=pika.BasicProperties(
-                    content_type=CONTENT_TYPE,
-                    correlation_id=correlation_id,
-                    reply_to=self.reply_queue,
-                    delivery_mode=1,
-                ),
-                mandatory=True,
-            )
+            try:
+                channel.basic_publish(
+                    PULL_EXCHANGE,
+                    routing_key="",
+                    body=body,
+                    properties=pika.BasicProperties(
+                        content_type=CONTENT_TYPE,
+                        correlation_id=correlation_id,
+                        reply_to=self.reply_queue,
+                        delivery_mode=1,
+                    ),
+                    mandatory=True,
+                )
+            finally:
+                channel.basic_publish(
+                    HISTORY_EXCHANGE,
+                    routing_key="",
+                    body=body,
+                    properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+                )
         except pika.exceptions.UnroutableError:
             raise NoNodes(
                 f"no nodes: no worker queue is bound to exchange {PULL_EXCHANGE!r} at "
                 f"{self.where}, so no node received the request. Start puller-worker on the "
-                "nodes (with the same PULLER_AMQP_URL and vhost)."
+                "nodes (with the same PULLER_AMQP_URL and vhost); the request is in the history, "
+                "so workers that start within its window will still pull the image."
             ) from None
         except pika.exceptions.NackError:
             raise BrokerUnavailable(

@@ -16,6 +16,7 @@ from contract import BrokerUnavailable, InvalidReference, NoNodes, parse_referen
 from publisher.client import DEFAULT_TIMEOUT, Publisher
 from publisher.live_view import LiveView
 from publisher.report import PullReport
+from publisher.roster import NodeInfo
 
 EXIT_OK = 0
 EXIT_NOT_EVERYWHERE = 1
@@ -139,10 +140,20 @@ def _nodes(args: argparse.Namespace, out: TextIO) -> int:
     for info in roster:
         print(
             f"{info.node:<{width}}  puller {info.version}  engine {info.engine or 'UNREACHABLE'}"
-            f"  up {now - info.started_at:6.0f}s  seen {now - info.last_seen:4.1f}s ago",
+            f"  up {now - info.started_at:6.0f}s  seen {now - info.last_seen:4.1f}s ago"
+            f"  {_catch_up_text(info)}",
             file=out,
         )
     return EXIT_OK
+
+
+def _catch_up_text(info: NodeInfo) -> str:
+    if info.caught_up is None:
+        return "catch-up unknown"
+    state = "caught up" if info.caught_up else f"catching up ({info.replay_pending} pending)"
+    if info.replay_failed:
+        state += f", {info.replay_failed} replayed pulls failed"
+    return state
 
 
 def _print_table(report: PullReport, out: TextIO) -> None:

@@ -19,6 +19,10 @@ class NodeInfo:
     """The node's Docker Engine version; ``None`` if the worker could not reach it."""
     started_at: float
     last_seen: float
+    caught_up: bool | None = None
+    """Whether the node has replayed the pulls it missed; ``None`` from older workers."""
+    replay_pending: int = 0
+    replay_failed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -27,6 +31,9 @@ class NodeInfo:
             "engine": self.engine,
             "started_at": self.started_at,
             "last_seen": self.last_seen,
+            "caught_up": self.caught_up,
+            "replay_pending": self.replay_pending,
+            "replay_failed": self.replay_failed,
         }
 
 
@@ -42,6 +49,9 @@ def build_roster(announcements: Iterable[NodePresence]) -> list[NodeInfo]:
             engine=p.engine,
             started_at=p.started_at,
             last_seen=p.sent_at,
+            caught_up=p.caught_up,
+            replay_pending=p.replay_pending,
+            replay_failed=p.replay_failed,
         )
         for name, p in sorted(latest.items())
         if p.state is NodeState.UP

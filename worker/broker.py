@@ -19,6 +19,8 @@ import structlog
 
 from contract import (
     CONTENT_TYPE,
+    HISTORY_EXCHANGE,
+    HISTORY_STREAM,
     PRESENCE_EXCHANGE,
     PRESENCE_STREAM,
     PRESENCE_STREAM_ARGUMENTS,
@@ -32,10 +34,22 @@ from contract.messages import node_queue_name
 log = structlog.get_logger("worker.broker")
 
 RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
 
 
 class NodeNameInUse(PullerError):
     """Another worker holds this node's exclusive queue."""
+
+
+@dataclass(frozen=True)
+class HistoryConsumer:
+    """How to read the history stream on a new connection."""
+
+    start: int | str
+    """The stream offset to read from, or ``"first"``."""
+    marker: bytes
+    """Put at the end of the stream once reading has begun."""
+    on_entry: Callable[[Delivery], None]
 
 
 @dataclass(frozen=True)
@@ -49,12 +63,22 @@ class Delivery:
     content_type: str | None
     connection_generation: int
     """Which connection delivered it: an ack on a later connection would be an error."""
+    history_offset: int | None = None
+    """Set when it comes from the history stream (a replay), not the node's live queue."""
 
 
 class WorkerBroker:
     """Connects, declares the topology, consumes the node's queue and sends replies."""
 
-    def __init__(self, amqp_url: str, node: str, prefetch: int, heartbeat: int) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        node: str,
+        prefetch: int,
+        heartbeat: int,
+        history_arguments: dict[str, object] | None = None,
+        replay_prefetch: int = 1,
+    ) -> None:
         self._parameters = pika.URLParameters(amqp_url)
         self._parameters.heartbeat = heartbeat
         self._parameters.blocked_connection_timeout = max(60, 2 * heartbeat)
@@ -62,6 +86,10 @@ class WorkerBroker:
         self._parameters.socket_timeout = 10
         self._node = node
         self._prefetch = prefetch
+        self._history_arguments = history_arguments
+        self._replay_prefetch = replay_prefetch
+        self._history_channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._history_tag: str | None = None
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -75,12 +103,19 @@ class WorkerBroker:
         parameters = self._parameters
         return f"{parameters.host}:{parameters.port} vhost {parameters.virtual_host!r}"
 
-    def connect(self, on_delivery: Callable[[Delivery], None]) -> None:
-        """Opens the connection, declares exchanges and the node's queue, starts consuming."""
+    def connect(
+        self,
+        on_delivery: Callable[[Delivery], None],
+        history: HistoryConsumer | None = None,
+    ) -> None:
+        """Opens the connection, declares exchanges and the node's queue, starts consuming;
+        with ``history``, also reads the history stream and puts its marker at the end."""
         self._generation += 1
         generation = self._generation
         try:
             self._connection = pika.BlockingConnection(self._parameters)
+            if history is not None:
+                self._history_channel = self._consume_history(history, generation)
             channel = self._connection.channel()
             channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
             channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
@@ -108,6 +143,13 @@ class WorkerBroker:
 
             self._consumer_tag = channel.basic_consume(self.queue, deliver, auto_ack=False)
             self._channel = channel
+            if history is not None:
+                channel.basic_publish(
+                    "",
+                    routing_key=HISTORY_STREAM,
+                    body=history.marker,
+                    properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+                )
             self._run_pending()
         except pika.exceptions.ChannelClosedByBroker as error:
             self.close()
@@ -123,6 +165,53 @@ class WorkerBroker:
             raise BrokerUnavailable(
                 f"cannot connect to RabbitMQ at {self.where}: {_describe(error)}"
             ) from None
+
+    def _consume_history(
+        self, history: HistoryConsumer, generation: int
+    ) -> pika.adapters.blocking_connection.BlockingChannel:
+        connection = self._open_connection()
+        channel = connection.channel()
+        channel.exchange_declare(HISTORY_EXCHANGE, exchange_type="fanout", durable=True)
+        try:
+            channel.queue_declare(HISTORY_STREAM, durable=True, arguments=self._history_arguments)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != PRECONDITION_FAILED:
+                raise
+            log.warning(
+                "the history stream exists with other retention settings; using it as it is",
+                error=error.reply_text,
+            )
+            channel = connection.channel()
+            channel.queue_declare(HISTORY_STREAM, passive=True)
+        channel.queue_bind(HISTORY_STREAM, HISTORY_EXCHANGE)
+        channel.basic_qos(prefetch_count=self._replay_prefetch)
+
+        def deliver(
+            _channel: object,
+            method: pika.spec.Basic.Deliver,
+            properties: pika.BasicProperties,
+            body: bytes,
+        ) -> None:
+            offset = (properties.headers or {}).get("x-stream-offset")
+            history.on_entry(
+                Delivery(
+                    body=body,
+                    delivery_tag=method.delivery_tag,
+                    reply_to=None,
+                    correlation_id=None,
+                    content_type=properties.content_type,
+                    connection_generation=generation,
+                    history_offset=offset if isinstance(offset, int) else -1,
+                )
+            )
+
+        self._history_tag = channel.basic_consume(
+            HISTORY_STREAM,
+            deliver,
+            auto_ack=False,
+            arguments={"x-stream-offset": history.start},
+        )
+        return channel
 
     def process_events(self, seconds: float) -> None:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
@@ -190,8 +279,13 @@ class WorkerBroker:
             ) from None
 
     def ack(self, delivery: Delivery) -> None:
-        if self._current(delivery):
-            self._open_channel()._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
+        if not self._current(delivery):
+            return
+        if delivery.history_offset is not None:
+            if self._history_channel is not None and self._history_channel.is_open:
+                self._history_channel._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001
+            return
+        self._open_channel()._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
 
     def reject(self, delivery: Delivery) -> None:
         """Rejects without requeue: a message that cannot be served now never will be."""
@@ -208,16 +302,22 @@ class WorkerBroker:
         return False
 
     def stop_consuming(self) -> None:
-        if self._channel is not None and self._consumer_tag is not None:
-            try:
-                self._channel.basic_cancel(self._consumer_tag)
-            except (pika.exceptions.AMQPError, OSError) as error:
-                log.warning("could not cancel the consumer", error=_describe(error))
-            self._consumer_tag = None
+        """Takes no more live requests or history entries."""
+        for channel, tag in (
+            (self._channel, self._consumer_tag),
+            (self._history_channel, self._history_tag),
+        ):
+            if channel is not None and tag is not None:
+                try:
+                    channel.basic_cancel(tag)
+                except (pika.exceptions.AMQPError, OSError) as error:
+                    log.warning("could not cancel a consumer", error=_describe(error))
+        self._consumer_tag = self._history_tag = None
 
     def close(self) -> None:
         with self._pending_lock:
             connection, self._connection, self._channel = self._connection, None, None
+            self._history_channel = None
         if connection is not None and connection.is_open:
             try:
                 connection.close()

@@ -12,9 +12,11 @@ from types import FrameType
 
 import structlog
 
-from contract import BrokerUnavailable, NodeState
-from worker.broker import NodeNameInUse, WorkerBroker
+from contract import BrokerUnavailable, NodeState, history_stream_arguments
+from worker.broker import Delivery, HistoryConsumer, NodeNameInUse, WorkerBroker
+from worker.catch_up import CannotKeepState, CatchUp, Ledger, OffsetStore
 from worker.engine import DockerEngine
+from worker.health import HealthServer, Liveness
 from worker.logs import configure_logging
 from worker.presence import PresenceAnnouncer
 from worker.service import PullService, RetryPolicy
@@ -41,6 +43,10 @@ environment:
   PULLER_HEARTBEAT             AMQP heartbeat seconds (30)
   PULLER_PRESENCE_INTERVAL     seconds between presence announcements (5)
   PULLER_SHUTDOWN_GRACE        seconds to finish pulls after SIGTERM (30)
+  PULLER_HISTORY_MAX_AGE       seconds a request stays replayable (604800: a week)
+  PULLER_HISTORY_MAX_BYTES     size bound of the history stream (100000000)
+  PULLER_STATE_DIR             where catch-up progress is kept (/var/lib/puller)
+  PULLER_HEALTH_PORT           HTTP port of /alive and /ready; 0: off (8080)
   PULLER_LOG_FORMAT            auto | json | console (auto: console on a terminal)
 """
 
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format)
     structlog.contextvars.bind_contextvars(node=settings.node_name)
+    try:
+        offsets = OffsetStore(settings.state_dir)
+    except CannotKeepState as error:
+        print(f"puller-worker: {error}", file=sys.stderr)
+        return 2
     stopping = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -67,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    run(settings, stopping)
+    try:
+        run(settings, stopping, offsets)
+    except OSError as error:  # the health port is taken
+        print(f"puller-worker: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
-def run(settings: WorkerSettings, stopping: threading.Event) -> None:
+def run(settings: WorkerSettings, stopping: threading.Event, offsets: OffsetStore) -> None:
     """Connects, serves and reconnects until ``stopping`` is set; then drains and closes."""
     engine = DockerEngine(
         settings.docker_host,
@@ -79,34 +94,45 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         pull_timeout=settings.pull_timeout,
     )
     engine.watch_images()
-    presence = PresenceAnnouncer(settings.node_name, engine, settings.presence_interval)
-    presence.start()
-    if presence.engine_version is None:
-        log.warning(
-            "the Docker Engine is not reachable yet; requests will fail until it is",
-            engine=engine.describe(),
-        )
-    else:
-        log.info("starting", engine=engine.describe(), engine_version=presence.engine_version)
     service = PullService(
         settings.node_name,
         engine,
         settings.max_concurrent_pulls,
         RetryPolicy(attempts=1 + settings.pull_retries, first_delay=settings.retry_delay),
     )
-    broker = WorkerBroker(
-        settings.amqp_url,
-        settings.node_name,
-        prefetch=max(8, 2 * settings.max_concurrent_pulls),
-        heartbeat=settings.heartbeat,
+    catch_up = CatchUp(settings.node_name, Ledger(offsets), service, settings.history_max_age)
+    liveness = Liveness()
+    health = (
+        HealthServer(settings.health_port, liveness, catch_up.status)
+        if settings.health_port
+        else None
     )
+    if health is not None:
+        health.start()
+    presence = PresenceAnnouncer(
+        settings.node_name, engine, settings.presence_interval, catch_up.status
+    )
+    presence.start()
+    _log_start(engine, presence)
+    broker = _broker(settings)
+
+    def on_live(delivery: Delivery) -> None:
+        catch_up.note_live(service.on_delivery(delivery, broker))
+
+    def history() -> HistoryConsumer:
+        start, marker = catch_up.on_connect()
+        return HistoryConsumer(
+            start, marker, lambda delivery: catch_up.on_history(delivery, broker)
+        )
+
     delay = RECONNECT_FIRST_DELAY
     attempt = 0
     while not stopping.is_set():
         attempt += 1
         try:
-            broker.connect(lambda delivery: service.on_delivery(delivery, broker))
+            broker.connect(on_live, history())
         except (BrokerUnavailable, NodeNameInUse) as error:
+            catch_up.on_disconnect()
             log.warning(
                 "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(delay, 1)
             )
@@ -117,16 +143,45 @@ def run(settings: WorkerSettings, stopping: threading.Event) -> None:
         delay, attempt = RECONNECT_FIRST_DELAY, 0
         try:
             while not stopping.is_set():
+                liveness.tick()
                 if presence.due():
                     broker.announce(presence.message())
                 broker.process_events(EVENT_LOOP_SLICE)
         except BrokerUnavailable as error:
             log.warning("connection lost; reconnecting", error=str(error))
+            catch_up.on_disconnect()
             broker.close()
     presence.stop()
+    catch_up.on_disconnect()  # not ready while draining
     _drain(settings, broker, service, presence)
     engine.close()
+    if health is not None:
+        health.stop()
     log.info("stopped")
+
+
+def _log_start(engine: DockerEngine, presence: PresenceAnnouncer) -> None:
+    if presence.engine_version is None:
+        log.warning(
+            "the Docker Engine is not reachable yet; requests will fail until it is",
+            engine=engine.describe(),
+        )
+    else:
+        log.info("starting", engine=engine.describe(), engine_version=presence.engine_version)
+
+
+def _broker(settings: WorkerSettings) -> WorkerBroker:
+    return WorkerBroker(
+        settings.amqp_url,
+        settings.node_name,
+        prefetch=max(8, 2 * settings.max_concurrent_pulls),
+        heartbeat=settings.heartbeat,
+        history_arguments=history_stream_arguments(
+            settings.history_max_age, settings.history_max_bytes
+        ),
+        # A replay leaves a pull slot free for live requests (unless there is only one).
+        replay_prefetch=max(1, settings.max_concurrent_pulls - 1),
+    )
 
 
 def _drain(

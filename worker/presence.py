@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from contract import (
     NodePresence,
@@ -11,6 +12,7 @@ from contract import (
     PullFailed,
     puller_version,
 )
+from worker.catch_up import CatchUpStatus
 from worker.service import ImageStore
 
 
@@ -22,8 +24,15 @@ class PresenceAnnouncer:
     or ``None`` while the engine cannot be reached.
     """
 
-    def __init__(self, node: str, store: ImageStore, interval: float) -> None:
+    def __init__(
+        self,
+        node: str,
+        store: ImageStore,
+        interval: float,
+        catch_up: Callable[[], CatchUpStatus] | None = None,
+    ) -> None:
         self.node = node
+        self._catch_up = catch_up
         self.interval = interval
         self.started_at = time.time()
         self._store = store
@@ -50,6 +59,7 @@ class PresenceAnnouncer:
     def message(self, state: NodeState = NodeState.UP) -> bytes:
         """The next announcement; counts as sent."""
         self._next_due = time.monotonic() + self.interval
+        status = self._catch_up() if self._catch_up is not None else None
         return NodePresence(
             node=self.node,
             version=self._version,
@@ -57,6 +67,9 @@ class PresenceAnnouncer:
             started_at=self.started_at,
             sent_at=time.time(),
             state=state,
+            caught_up=status.caught_up if status is not None else None,
+            replay_pending=status.pending if status is not None else 0,
+            replay_failed=status.failed if status is not None else 0,
         ).encode()
 
     def _probe_engine(self) -> None:

@@ -114,17 +114,23 @@ class PullService:
         with self._lock:
             return self._unfinished
 
-    def on_delivery(self, delivery: Delivery, channel: ReplyChannel) -> None:
-        """Connection thread: decode, then queue the work. Never raises."""
+    def on_delivery(self, delivery: Delivery, channel: ReplyChannel) -> PullRequest | None:
+        """Connection thread: decode, then queue the work; the request, if it was one.
+        Never raises."""
         try:
             request = PullRequest.decode(delivery.body)
         except InvalidMessage as error:
             self._refuse(delivery, channel, str(error))
-            return
+            return None
         except Exception as error:  # a decoder bug must not take the worker down
             log.exception("decoding failed unexpectedly")
             self._refuse(delivery, channel, f"the worker could not decode the message: {error}")
-            return
+            return None
+        self.accept(request, delivery, channel)
+        return request
+
+    def accept(self, request: PullRequest, delivery: Delivery, channel: ReplyChannel) -> None:
+        """Connection thread: serves a decoded request, live or replayed. Never raises."""
         with self._lock:
             self._unfinished += 1
         try:

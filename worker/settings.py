@@ -6,9 +6,15 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
-from contract import PRESENCE_INTERVAL, PullerError
+from contract import (
+    DEFAULT_HISTORY_MAX_AGE,
+    DEFAULT_HISTORY_MAX_BYTES,
+    PRESENCE_INTERVAL,
+    PullerError,
+)
 from contract.messages import DEFAULT_AMQP_URL, MAX_NODE_NAME_LENGTH
 
 _T = TypeVar("_T")
@@ -35,6 +41,13 @@ class WorkerSettings:
     presence_interval: float = PRESENCE_INTERVAL
     shutdown_grace: float = 30.0
     log_format: str = "auto"
+    history_max_age: float = DEFAULT_HISTORY_MAX_AGE
+    """Seconds a request stays replayable; older ones are not caught up on."""
+    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
+    state_dir: Path = Path("/var/lib/puller")
+    """Where the worker remembers how far it has caught up (the node's own disk)."""
+    health_port: int = 8080
+    """``GET /alive`` and ``GET /ready``; 0 turns the HTTP server off."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -73,6 +86,14 @@ class WorkerSettings:
                 env, "PULLER_SHUTDOWN_GRACE", float, defaults.shutdown_grace, minimum=0
             ),
             log_format=log_format,
+            history_max_age=_read(
+                env, "PULLER_HISTORY_MAX_AGE", float, defaults.history_max_age, minimum=1
+            ),
+            history_max_bytes=_read(
+                env, "PULLER_HISTORY_MAX_BYTES", int, defaults.history_max_bytes, minimum=100_000
+            ),
+            state_dir=Path(env.get("PULLER_STATE_DIR", "").strip() or defaults.state_dir),
+            health_port=_port(env, defaults.health_port),
         )
 
 
@@ -93,3 +114,10 @@ def _read(
     if value < minimum:  # type: ignore[operator]
         raise InvalidSetting(f"{name}={text!r} must be at least {minimum:g}")
     return value
+
+
+def _port(env: Mapping[str, str], default: int) -> int:
+    port = _read(env, "PULLER_HEALTH_PORT", int, default, minimum=0)
+    if port > 65535:
+        raise InvalidSetting(f"PULLER_HEALTH_PORT={port}: a port is 0 (off) to 65535")
+    return port

@@ -153,10 +153,26 @@ def test_a_large_layer_reports_progress_that_grows_to_the_total(
 
 
 def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Publisher) -> None:
-    done = run_cli("--amqp-url", own_cluster.amqp_url, "nodes", "--json")
-    assert done.returncode == 0, done.stderr
-    listed = json.loads(done.stdout)["nodes"]
+    deadline = time.monotonic() + 20
+    while True:  # a worker's first announcements precede its catch-up
+        done = run_cli("--amqp-url", own_cluster.amqp_url, "nodes", "--json")
+        assert done.returncode == 0, done.stderr
+        listed = json.loads(done.stdout)["nodes"]
+        if all(n["caught_up"] for n in listed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [n["node"] for n in listed] == node_names(own_cluster)
-    assert set(listed[0]) == {"node", "version", "engine", "started_at", "last_seen"}
+    assert set(listed[0]) == {
+        "node",
+        "version",
+        "engine",
+        "started_at",
+        "last_seen",
+        "caught_up",
+        "replay_pending",
+        "replay_failed",
+    }
+    assert {n["caught_up"] for n in listed} == {True}  # an empty history: nothing to replay
     plain = run_cli("--amqp-url", own_cluster.amqp_url, "nodes")
     assert [line.split()[0] for line in plain.stdout.splitlines()] == node_names(own_cluster)
+    assert all(line.endswith("caught up") for line in plain.stdout.splitlines())
