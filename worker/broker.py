@@ -43,7 +43,7 @@ class NodeNameInUse(PullerError):
 
 @dataclass(frozen=True)
 class HistoryConsumer:
-    """How to read the history stream on a new connection."""
+    """One reading of the history stream: from where, and the marker that ends it."""
 
     start: int | str
     """The stream offset to read from, or ``"first"``."""
@@ -65,6 +65,8 @@ class Delivery:
     """Which connection delivered it: an ack on a later connection would be an error."""
     history_offset: int | None = None
     """Set when it comes from the history stream (a replay), not the node's live queue."""
+    history_channel: int = 0
+    """Which history channel delivered it: acks go only to that one."""
 
 
 class WorkerBroker:
@@ -90,6 +92,8 @@ class WorkerBroker:
         self._replay_prefetch = replay_prefetch
         self._history_channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._history_tag: str | None = None
+        self._history_channels = 0
+        """History channels opened so far: the number of the current one."""
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
         self._consumer_tag: str | None = None
@@ -115,7 +119,8 @@ class WorkerBroker:
         try:
             self._connection = pika.BlockingConnection(self._parameters)
             if history is not None:
-                self._history_channel = self._consume_history(history, generation)
+                self._history_channel = self._declare_history()
+                self._history_channels += 1
             channel = self._connection.channel()
             channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
             channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
@@ -144,12 +149,7 @@ class WorkerBroker:
             self._consumer_tag = channel.basic_consume(self.queue, deliver, auto_ack=False)
             self._channel = channel
             if history is not None:
-                channel.basic_publish(
-                    "",
-                    routing_key=HISTORY_STREAM,
-                    body=history.marker,
-                    properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
-                )
+                self.consume_history(history)
             self._run_pending()
         except pika.exceptions.ChannelClosedByBroker as error:
             self.close()
@@ -166,9 +166,7 @@ class WorkerBroker:
                 f"cannot connect to RabbitMQ at {self.where}: {_describe(error)}"
             ) from None
 
-    def _consume_history(
-        self, history: HistoryConsumer, generation: int
-    ) -> pika.adapters.blocking_connection.BlockingChannel:
+    def _declare_history(self) -> pika.adapters.blocking_connection.BlockingChannel:
         connection = self._open_connection()
         channel = connection.channel()
         channel.exchange_declare(HISTORY_EXCHANGE, exchange_type="fanout", durable=True)
@@ -185,6 +183,24 @@ class WorkerBroker:
             channel.queue_declare(HISTORY_STREAM, passive=True)
         channel.queue_bind(HISTORY_STREAM, HISTORY_EXCHANGE)
         channel.basic_qos(prefetch_count=self._replay_prefetch)
+        return channel
+
+    def consume_history(self, history: HistoryConsumer) -> None:
+        """Reads the history stream from ``history.start`` and puts ``history.marker`` at its
+        end. Connection thread only; one reading at a time."""
+        generation = self._generation
+        try:
+            channel = self._history_channel
+            if channel is None or not channel.is_open:
+                channel = self._open_connection().channel()
+                channel.basic_qos(prefetch_count=self._replay_prefetch)
+                self._history_channel = channel
+                self._history_channels += 1
+        except (pika.exceptions.AMQPError, OSError) as error:
+            raise BrokerUnavailable(
+                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
+            ) from None
+        channel_number = self._history_channels
 
         def deliver(
             _channel: object,
@@ -202,16 +218,38 @@ class WorkerBroker:
                     content_type=properties.content_type,
                     connection_generation=generation,
                     history_offset=offset if isinstance(offset, int) else -1,
+                    history_channel=channel_number,
                 )
             )
 
-        self._history_tag = channel.basic_consume(
-            HISTORY_STREAM,
-            deliver,
-            auto_ack=False,
-            arguments={"x-stream-offset": history.start},
-        )
-        return channel
+        try:
+            self._history_tag = channel.basic_consume(
+                HISTORY_STREAM,
+                deliver,
+                auto_ack=False,
+                arguments={"x-stream-offset": history.start},
+            )
+            channel.basic_publish(
+                "",
+                routing_key=HISTORY_STREAM,
+                body=history.marker,
+                properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+            )
+        except (pika.exceptions.AMQPError, OSError) as error:
+            raise BrokerUnavailable(
+                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
+            ) from None
+
+    def stop_history(self) -> None:
+        """Stops reading the history stream (until the next :meth:`consume_history`).
+
+        By closing its channel, not cancelling the consumer: pika's cancel rejects the
+        deliveries not yet dispatched, and a stream answers a reject by closing the whole
+        connection. A closed channel's deliveries are simply dropped by the broker.
+        """
+        channel, self._history_channel, self._history_tag = self._history_channel, None, None
+        if channel is not None and channel.is_open:
+            channel._impl.close()  # noqa: SLF001 - the blocking close cancels, as above
 
     def process_events(self, seconds: float) -> None:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
@@ -282,8 +320,13 @@ class WorkerBroker:
         if not self._current(delivery):
             return
         if delivery.history_offset is not None:
-            if self._history_channel is not None and self._history_channel.is_open:
-                self._history_channel._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001
+            channel = self._history_channel
+            if (
+                channel is not None
+                and channel.is_open
+                and delivery.history_channel == self._history_channels
+            ):
+                channel._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
             return
         self._open_channel()._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
 
@@ -303,16 +346,13 @@ class WorkerBroker:
 
     def stop_consuming(self) -> None:
         """Takes no more live requests or history entries."""
-        for channel, tag in (
-            (self._channel, self._consumer_tag),
-            (self._history_channel, self._history_tag),
-        ):
-            if channel is not None and tag is not None:
-                try:
-                    channel.basic_cancel(tag)
-                except (pika.exceptions.AMQPError, OSError) as error:
-                    log.warning("could not cancel a consumer", error=_describe(error))
-        self._consumer_tag = self._history_tag = None
+        self.stop_history()
+        if self._channel is not None and self._consumer_tag is not None:
+            try:
+                self._channel.basic_cancel(self._consumer_tag)
+            except (pika.exceptions.AMQPError, OSError) as error:
+                log.warning("could not cancel the consumer", error=_describe(error))
+        self._consumer_tag = None
 
     def close(self) -> None:
         with self._pending_lock:

@@ -15,6 +15,7 @@ and ``/ready`` says so. Connection-thread only, except :meth:`CatchUp.status`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +39,7 @@ from contract import (
     decode_history,
     decode_reply,
 )
-from worker.broker import Delivery
+from worker.broker import Delivery, HistoryConsumer
 
 log = structlog.get_logger("worker.catch_up")
 
@@ -45,6 +47,9 @@ STATE_FILE = "history-offset.json"
 SEEN_LIVE_LIMIT = 10_000
 """Request ids served live that a replay skips; older ones are served again (cheaply:
 the image is there)."""
+
+CHECKPOINT_INTERVAL = 30.0
+"""Seconds between saves of how far a connected, caught-up node has got."""
 
 REPLAY_REPLY_TO = "puller.replay"
 """The ``reply_to`` of a replayed request: its result goes to the ledger, not the broker."""
@@ -125,8 +130,13 @@ class Ledger:
             advanced = self._in_order.popleft()
             self._done.discard(advanced)
         if advanced is not None:
-            self.committed = advanced
-            self._store.save(advanced)
+            self.jump(advanced)
+
+    def jump(self, offset: int) -> None:
+        """Everything up to ``offset`` is done (never moves back)."""
+        if self.committed is None or offset > self.committed:
+            self.committed = offset
+            self._store.save(offset)
 
     @property
     def in_hand(self) -> int:
@@ -140,7 +150,9 @@ class HistoryBroker(Protocol):
 
     def ack(self, delivery: Delivery) -> None: ...
 
-    def reject(self, delivery: Delivery) -> None: ...
+    def consume_history(self, history: HistoryConsumer) -> None: ...
+
+    def stop_history(self) -> None: ...
 
 
 class RequestServer(Protocol):
@@ -167,15 +179,43 @@ class CatchUpStatus:
         }
 
 
-class CatchUp:
-    """Feeds the history stream to the pull service, and knows when the node has caught up."""
+class _Reading(Enum):
+    NONE = "none"
+    CATCH_UP = "catch_up"
+    """From the saved offset to this connection's marker, replaying what was missed."""
+    CHECKPOINT = "checkpoint"
+    """Only the stream's last chunk, to move the saved offset up to a fresh marker."""
 
-    def __init__(self, node: str, ledger: Ledger, server: RequestServer, max_age: float) -> None:
+
+class CatchUp:
+    """Feeds the history stream to the pull service, and knows when the node has caught up.
+
+    The stream is read only while there is something to learn from it: on each new
+    connection, up to the marker put at its end (everything the node may have missed),
+    and then, now and then while connected, idle and fed live, its last chunk only up to
+    a fresh marker, to save how far the node got. Between them the live queue brings
+    every request, and no broker work is spent on the history per request.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        ledger: Ledger,
+        server: RequestServer,
+        broker: HistoryBroker,
+        max_age: float,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+    ) -> None:
         self.node = node
         self._ledger = ledger
         self._server = server
+        self._broker = broker
         self._max_age = max_age
+        self._checkpoint_interval = checkpoint_interval
         self._seen_live: OrderedDict[str, None] = OrderedDict()
+        self._live_since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._reading = _Reading.NONE
         self._marker_id = ""
         self._marker_offset: int | None = None
         self._connected = False
@@ -184,39 +224,67 @@ class CatchUp:
         self._failed = 0
         self._status = self._snapshot()
 
-    def on_connect(self) -> tuple[int | str, bytes]:
-        """A new connection: where its history consumer starts, and the marker to put at the
-        end of the stream."""
+    def on_connect(self) -> HistoryConsumer:
+        """A new connection: read the history from the saved offset up to a new marker."""
         self._ledger.restart()
         self._round += 1
-        self._marker_id = uuid.uuid4().hex
         self._marker_offset = None
         self._caught_up = False
         self._connected = True
         self._update()
         start = self._ledger.start_offset()
         log.info("catching up", history_from=start)
-        return start, HistoryMarker(self.node, self._marker_id).encode()
+        return self._reading_from(start, _Reading.CATCH_UP)
 
     def on_disconnect(self) -> None:
         self._connected = False
+        self._reading = _Reading.NONE
         self._update()
 
     def note_live(self, request: PullRequest | None) -> None:
         """A request served from the live queue: its history entry needs no replay."""
         if request is None:
             return
+        self._live_since_checkpoint += 1
         self._seen_live[request.request_id] = None
         if len(self._seen_live) > SEEN_LIVE_LIMIT:
             self._seen_live.popitem(last=False)
 
-    def on_history(self, delivery: Delivery, broker: HistoryBroker) -> None:
+    def checkpoint_if_due(self, unanswered: int) -> None:
+        """Connection thread, between events: when caught up, idle, and fed live since the
+        last time, reads the stream's last chunk up to a fresh marker and saves its offset.
+        Idle matters: every request before the marker has then been answered."""
+        if (
+            self._reading is _Reading.NONE
+            and self._connected
+            and self._caught_up
+            and self._live_since_checkpoint
+            and unanswered == 0
+            and time.monotonic() - self._last_checkpoint >= self._checkpoint_interval
+        ):
+            self._last_checkpoint = time.monotonic()
+            self._live_since_checkpoint = 0
+            self._broker.consume_history(self._reading_from("last", _Reading.CHECKPOINT))
+
+    def _reading_from(self, start: int | str, reading: _Reading) -> HistoryConsumer:
+        self._reading = reading
+        self._marker_id = uuid.uuid4().hex
+        marker = HistoryMarker(self.node, self._marker_id).encode()
+        return HistoryConsumer(start, marker, self.on_history)
+
+    def on_history(self, delivery: Delivery) -> None:
         """One history entry. Never raises."""
         offset = delivery.history_offset
-        if offset is None:
-            raise ValueError("on_history takes history deliveries only")
+        if offset is None or self._reading is _Reading.NONE:
+            return  # stragglers after a cancel: the broker takes them back
+        if self._reading is _Reading.CHECKPOINT:
+            self._checkpoint_entry(delivery, offset)
+        else:
+            self._catch_up_entry(delivery, offset)
+
+    def _catch_up_entry(self, delivery: Delivery, offset: int) -> None:
         self._ledger.delivered(offset)
-        channel = ReplayChannel(self, broker, self._round)
+        channel = ReplayChannel(self, self._broker, self._round)
         try:
             entry = decode_history(delivery.body)
         except InvalidMessage as error:
@@ -246,16 +314,23 @@ class CatchUp:
             channel.ack(delivery)
             return
         log.info("replaying", request_id=entry.request_id, image=str(entry.image), offset=offset)
-        replay = Delivery(
-            body=delivery.body,
-            delivery_tag=delivery.delivery_tag,
-            reply_to=REPLAY_REPLY_TO,
-            correlation_id=entry.request_id,
-            content_type=delivery.content_type,
-            connection_generation=delivery.connection_generation,
-            history_offset=offset,
+        replay = dataclasses.replace(
+            delivery, reply_to=REPLAY_REPLY_TO, correlation_id=entry.request_id
         )
         self._server.accept(entry, replay, channel)
+
+    def _checkpoint_entry(self, delivery: Delivery, offset: int) -> None:
+        self._broker.ack(delivery)
+        try:
+            entry = decode_history(delivery.body)
+        except Exception:  # anything not ours is passed over
+            return
+        if isinstance(entry, HistoryMarker) and entry.marker_id == self._marker_id:
+            self._reading = _Reading.NONE
+            self._ledger.jump(offset)
+            self._update()
+            log.debug("history checkpoint", history_offset=offset)
+            self._broker.stop_history()
 
     def finished(self, delivery: Delivery, round_: int) -> None:
         """An entry is done. One from an earlier connection is redelivered on this one, and
@@ -285,12 +360,17 @@ class CatchUp:
         committed, marker = self._ledger.committed, self._marker_offset
         if (
             not self._caught_up
+            and self._reading is _Reading.CATCH_UP
             and marker is not None
             and committed is not None
             and committed >= marker
         ):
             self._caught_up = True
+            self._reading = _Reading.NONE
+            self._last_checkpoint = time.monotonic()
             log.info("caught up", history_offset=committed, replay_failed=self._failed)
+            self._status = self._snapshot()
+            self._broker.stop_history()
         self._status = self._snapshot()
 
     def _snapshot(self) -> CatchUpStatus:

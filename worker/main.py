@@ -13,7 +13,7 @@ from types import FrameType
 import structlog
 
 from contract import BrokerUnavailable, NodeState, history_stream_arguments
-from worker.broker import Delivery, HistoryConsumer, NodeNameInUse, WorkerBroker
+from worker.broker import Delivery, NodeNameInUse, WorkerBroker
 from worker.catch_up import CannotKeepState, CatchUp, Ledger, OffsetStore
 from worker.engine import DockerEngine
 from worker.health import HealthServer, Liveness
@@ -100,7 +100,10 @@ def run(settings: WorkerSettings, stopping: threading.Event, offsets: OffsetStor
         settings.max_concurrent_pulls,
         RetryPolicy(attempts=1 + settings.pull_retries, first_delay=settings.retry_delay),
     )
-    catch_up = CatchUp(settings.node_name, Ledger(offsets), service, settings.history_max_age)
+    broker = _broker(settings)
+    catch_up = CatchUp(
+        settings.node_name, Ledger(offsets), service, broker, settings.history_max_age
+    )
     liveness = Liveness()
     health = (
         HealthServer(settings.health_port, liveness, catch_up.status)
@@ -114,23 +117,16 @@ def run(settings: WorkerSettings, stopping: threading.Event, offsets: OffsetStor
     )
     presence.start()
     _log_start(engine, presence)
-    broker = _broker(settings)
 
     def on_live(delivery: Delivery) -> None:
         catch_up.note_live(service.on_delivery(delivery, broker))
-
-    def history() -> HistoryConsumer:
-        start, marker = catch_up.on_connect()
-        return HistoryConsumer(
-            start, marker, lambda delivery: catch_up.on_history(delivery, broker)
-        )
 
     delay = RECONNECT_FIRST_DELAY
     attempt = 0
     while not stopping.is_set():
         attempt += 1
         try:
-            broker.connect(on_live, history())
+            broker.connect(on_live, catch_up.on_connect())
         except (BrokerUnavailable, NodeNameInUse) as error:
             catch_up.on_disconnect()
             log.warning(
@@ -147,6 +143,7 @@ def run(settings: WorkerSettings, stopping: threading.Event, offsets: OffsetStor
                 if presence.due():
                     broker.announce(presence.message())
                 broker.process_events(EVENT_LOOP_SLICE)
+                catch_up.checkpoint_if_due(service.unfinished)
         except BrokerUnavailable as error:
             log.warning("connection lost; reconnecting", error=str(error))
             catch_up.on_disconnect()

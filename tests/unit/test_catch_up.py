@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from worker.catch_up import STATE_FILE, CannotKeepState, CatchUpStatus, Ledger, OffsetStore
+from contract import PullRequest, parse_reference
+from worker.broker import Delivery, HistoryConsumer
+from worker.catch_up import (
+    STATE_FILE,
+    CannotKeepState,
+    CatchUp,
+    CatchUpStatus,
+    Ledger,
+    OffsetStore,
+    ReplayChannel,
+)
 from worker.health import HealthServer, Liveness
 
 
@@ -70,3 +81,61 @@ def test_alive_while_the_loop_turns_and_unknown_paths_say_so() -> None:
     assert server.answer("/alive")[0] == 200
     code, body = server.answer("/metrics")
     assert code == 404 and "/ready" in str(body["error"])
+
+
+class FakeBroker:
+    """Records what catch-up asks of the broker; no AMQP."""
+
+    def __init__(self) -> None:
+        self.readings: list[HistoryConsumer] = []
+        self.acked: list[int | None] = []
+        self.stops = 0
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        callback()
+
+    def ack(self, delivery: Delivery) -> None:
+        self.acked.append(delivery.history_offset)
+
+    def consume_history(self, history: HistoryConsumer) -> None:
+        self.readings.append(history)
+
+    def stop_history(self) -> None:
+        self.stops += 1
+
+
+class RefusingServer:
+    def accept(self, request: PullRequest, delivery: Delivery, channel: ReplayChannel) -> None:
+        raise AssertionError(f"nothing should be replayed here, got {request}")
+
+
+def entry(body: bytes, offset: int) -> Delivery:
+    return Delivery(body, offset + 1, None, None, None, 1, history_offset=offset)
+
+
+def test_caught_up_at_its_marker_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> None:
+    broker = FakeBroker()
+    catch_up = CatchUp(
+        "n", Ledger(OffsetStore(tmp_path)), RefusingServer(), broker, 3600, checkpoint_interval=0
+    )
+    reading = catch_up.on_connect()
+    assert reading.start == "first"
+    assert not catch_up.status().caught_up
+    reading.on_entry(entry(reading.marker, 0))
+    assert catch_up.status().caught_up
+    assert broker.stops == 1, "the history is not read once caught up"
+
+    catch_up.checkpoint_if_due(unanswered=0)
+    assert len(broker.readings) == 0, "nothing came live: no checkpoint needed"
+    request = PullRequest.new(parse_reference("a:1"))
+    catch_up.note_live(request)
+    catch_up.checkpoint_if_due(unanswered=1)
+    assert len(broker.readings) == 0, "a request is unanswered: not idle"
+    catch_up.checkpoint_if_due(unanswered=0)
+    (checkpoint,) = broker.readings
+    assert checkpoint.start == "last"
+    checkpoint.on_entry(entry(request.encode(), 6))  # served live: not replayed
+    checkpoint.on_entry(entry(checkpoint.marker, 7))
+    assert broker.stops == 2
+    assert broker.acked == [0, 6, 7]
+    assert Ledger(OffsetStore(tmp_path)).start_offset() == 8
