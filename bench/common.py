@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -98,7 +99,9 @@ class BenchEnvironment:
         return added
 
     def start_workers(self, count: int, prefix: str = "node") -> list[WorkerProcess]:
-        """``count`` puller workers, spread over the engines, all serving when it returns."""
+        """``count`` puller workers, spread over the engines, all ready when it returns:
+        serving and caught up on the history (earlier benchmarks' requests), so that
+        measurements see the steady state, not the catch-up."""
         workers = [
             WorkerProcess(
                 node=f"{prefix}-{i + 1}",
@@ -112,6 +115,12 @@ class BenchEnvironment:
             worker.launch()
         for worker in workers:
             worker.wait_serving(timeout=300)
+        deadline = time.monotonic() + 300
+        for worker in workers:
+            while worker.health("/ready")[0] != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{worker.node} did not catch up within 300 s")
+                time.sleep(0.2)
         return workers
 
 

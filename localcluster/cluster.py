@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,11 +22,25 @@ from localcluster.registry import Registry
 STATE_FILE = "cluster.json"
 
 
+HEALTH_PORTS = range(20000, 32000)
+"""Below Linux's ephemeral range (32768-60999), where the machine's outgoing connections
+take their local ports: a port picked there can be taken before the worker binds it."""
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    """A port no one listens on now, not handed out before by this process."""
+    for port in random.sample(HEALTH_PORTS, len(HEALTH_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {HEALTH_PORTS}")
 
 
 def worker_command() -> list[str]:
