@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import structlog
-
 from localcluster.cluster import WorkerProcess
 from localcluster.engines import NodeEngine
 from localcluster.processes import stop
@@ -29,9 +26,6 @@ RESULTS = Path(
     os.environ.get("PULLER_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
 )
 """Where figures (JSON) and the plot go; the test suite points it elsewhere."""
-
-# The library's own debug lines would drown the tables.
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
@@ -98,7 +92,9 @@ class BenchEnvironment:
             added.append(engine)
         return added
 
-    def start_workers(self, count: int, prefix: str = "node") -> list[WorkerProcess]:
+    def start_workers(
+        self, count: int, prefix: str = "node", **worker_env: str
+    ) -> list[WorkerProcess]:
         """``count`` puller workers, spread over the engines, all ready when it returns:
         serving and caught up on the history (earlier benchmarks' requests), so that
         measurements see the steady state, not the catch-up."""
@@ -108,6 +104,7 @@ class BenchEnvironment:
                 docker_host=self.engines[i % len(self.engines)].docker_host,
                 amqp_url=self.amqp_url,
                 log_path=self.root / "workers" / f"{prefix}-{i + 1}.log",
+                extra_env=dict(worker_env),
             )
             for i in range(count)
         ]

@@ -1,36 +1,32 @@
 """The wire contract between puller's publisher and its workers.
 
-Both sides import this package and nothing else of each other: message types
-with their encode/decode, the names of the exchanges and queues, the image
-reference grammar, the error kinds, and puller's error hierarchy.
+Both sides import this package and nothing else of each other:
+
+- ``messages``: the message types and their encode/decode, driven by field tables (``fields``)
+- ``reference``: the image reference grammar, as Docker parses it
+- ``topology``: the exchanges, queues and streams both sides declare
+- ``errors``: the error kinds on the wire and puller's error hierarchy
+- ``connection``: connection parameters and pika's errors in puller's terms (broker modules only)
 """
 
+from contract import topology
 from contract.errors import (
     BrokerUnavailable,
     ErrorKind,
     InvalidMessage,
     InvalidReference,
+    NodeError,
     NoNodes,
     PullerError,
     PullFailed,
 )
 from contract.messages import (
     CONTENT_TYPE,
-    DEFAULT_HISTORY_MAX_AGE,
-    DEFAULT_HISTORY_MAX_BYTES,
-    HISTORY_EXCHANGE,
-    HISTORY_STREAM,
+    DEFAULT_AMQP_URL,
     MAX_MESSAGE_BYTES,
-    PRESENCE_EXCHANGE,
     PRESENCE_INTERVAL,
-    PRESENCE_STREAM,
-    PRESENCE_STREAM_ARGUMENTS,
     PROTOCOL_VERSION,
-    PULL_EXCHANGE,
-    REPLY_EXCHANGE,
-    REPLY_QUEUE_PREFIX,
     HistoryMarker,
-    NodeError,
     NodePresence,
     NodeProgress,
     NodeResult,
@@ -41,14 +37,26 @@ from contract.messages import (
     decode_history,
     decode_presence_stream,
     decode_reply,
-    history_stream_arguments,
-    node_queue_name,
     puller_version,
 )
 from contract.reference import ImageReference, parse_reference
+from contract.topology import (
+    DEFAULT_HISTORY_MAX_AGE,
+    DEFAULT_HISTORY_MAX_BYTES,
+    REPLY_QUEUE_PREFIX,
+    node_queue_name,
+)
+
+PULL_EXCHANGE = topology.PULLS.name
+REPLY_EXCHANGE = topology.REPLIES.name
+PRESENCE_EXCHANGE = topology.PRESENCE.name
+PRESENCE_STREAM = topology.PRESENCE_STREAM.name
+HISTORY_EXCHANGE = topology.HISTORY.name
+HISTORY_STREAM = topology.HISTORY_STREAM_NAME
 
 __all__ = [
     "CONTENT_TYPE",
+    "DEFAULT_AMQP_URL",
     "DEFAULT_HISTORY_MAX_AGE",
     "DEFAULT_HISTORY_MAX_BYTES",
     "HISTORY_EXCHANGE",
@@ -57,7 +65,6 @@ __all__ = [
     "PRESENCE_EXCHANGE",
     "PRESENCE_INTERVAL",
     "PRESENCE_STREAM",
-    "PRESENCE_STREAM_ARGUMENTS",
     "PROTOCOL_VERSION",
     "PULL_EXCHANGE",
     "REPLY_EXCHANGE",
@@ -82,8 +89,8 @@ __all__ = [
     "decode_history",
     "decode_presence_stream",
     "decode_reply",
-    "history_stream_arguments",
     "node_queue_name",
     "parse_reference",
     "puller_version",
+    "topology",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -20,6 +21,17 @@ class ErrorKind(StrEnum):
     NO_SPACE = "no_space"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    UNKNOWN = "unknown"
+    """Never sent: what a kind this side does not know (from a newer peer) is read as; the
+    message then starts with the kind's own name in parentheses."""
+
+
+@dataclass(frozen=True)
+class NodeError:
+    """Why a node failed: a stable ``kind`` and a message a person can act on."""
+
+    kind: ErrorKind
+    message: str
 
 
 class PullerError(Exception):
@@ -49,3 +61,6 @@ class PullFailed(PullerError):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+    def as_node_error(self) -> NodeError:
+        return NodeError(self.kind, self.message)

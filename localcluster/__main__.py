@@ -18,8 +18,8 @@ from localcluster.images import (
     ensure_rabbitmq_image,
     host_client,
 )
+from localcluster.processes import free_port
 from localcluster.rabbitmq import ensure_rabbitmq, stop_rabbitmq
-from localcluster.registry import free_port
 
 DEFAULT_ROOT = Path("/tmp/puller-cluster")  # noqa: S108 - a fixed, documented place
 DEMO_REGISTRY_PORT = 5000
@@ -72,7 +72,10 @@ def _up(root: Path, nodes: int) -> LocalCluster:
     print(f"RabbitMQ   {DEMO_AMQP_URL}")
     print(f"registry   {cluster.registry.address}")
     for engine, worker in zip(cluster.engines, cluster.workers, strict=True):
-        print(f"{engine.name:<10} DOCKER_HOST={engine.docker_host}  worker log {worker.log_path}")
+        print(
+            f"{engine.name:<10} DOCKER_HOST={engine.docker_host}  "
+            f"health http://127.0.0.1:{worker.health_port}/ready  log {worker.log_path}"
+        )
     return cluster
 
 

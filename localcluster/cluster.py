@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -15,32 +13,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from localcluster.engines import NodeEngine
-from localcluster.processes import start_daemon, stop, stop_process_group, wait_until
+from localcluster.processes import free_port, start_daemon, stop, stop_process_group, wait_until
 from localcluster.registry import Registry
 
 STATE_FILE = "cluster.json"
-
-
-HEALTH_PORTS = range(20000, 32000)
-"""Below Linux's ephemeral range (32768-60999), where the machine's outgoing connections
-take their local ports: a port picked there can be taken before the worker binds it."""
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port no one listens on now, not handed out before by this process."""
-    for port in random.sample(HEALTH_PORTS, len(HEALTH_PORTS)):
-        if port in _handed_out:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port in {HEALTH_PORTS}")
 
 
 def worker_command() -> list[str]:
@@ -78,6 +57,19 @@ class WorkerProcess:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
 
+    def metric(self, name: str, **labels: str) -> float:
+        """A metric from the worker's ``/metrics``: the sum of the samples named ``name``
+        (e.g. ``puller_worker_pulls_total``) whose labels include ``labels``."""
+        url = f"http://127.0.0.1:{self.health_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
+
     def start(self, timeout: float = 30.0) -> None:
         self.launch()
         self.wait_serving(timeout)
@@ -103,12 +95,13 @@ class WorkerProcess:
         self.process = start_daemon(worker_command(), self.log_path, env)
 
     def serving(self) -> bool:
-        """The worker logged that it consumes its queue (after its latest start)."""
-        return any(
-            json.loads(line).get("event") == "serving"
-            for line in self.log_path.read_text().splitlines()
-            if line.startswith("{")
-        )
+        """The worker is connected to RabbitMQ and consumes its queue (its ``/ready`` says
+        so, caught up or not)."""
+        try:
+            _, body = self.health("/ready")
+        except OSError:
+            return False
+        return body.get("connected") is True
 
     @property
     def alive(self) -> bool:
@@ -184,7 +177,10 @@ class LocalCluster:
             "amqp_url": self.amqp_url,
             "registry": self.registry.address,
             "pids": pids,
-            "nodes": [{"node": e.name, "docker_host": e.docker_host} for e in self.engines],
+            "nodes": [
+                {"node": e.name, "docker_host": e.docker_host, "health_port": w.health_port}
+                for e, w in zip(self.engines, self.workers, strict=False)
+            ],
         }
         (self.root / STATE_FILE).write_text(json.dumps(state, indent=2))
 

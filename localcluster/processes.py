@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+PORTS = range(20000, 32000)
+"""Below Linux's ephemeral range (32768-60999), where the machine's outgoing connections
+take their local ports: a port picked there can be taken before its server binds it."""
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port no one listens on now, below the ephemeral range, not handed out before by
+    this process. The one way the local cluster and the tests pick ports."""
+    for port in random.sample(PORTS, len(PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 class ServiceFailed(RuntimeError):

@@ -6,10 +6,14 @@
         report = p.pull("cyberdojofoundation/gcc_assert:93eefc6", expect=3, timeout=60)
 
 - ``client``: :class:`Publisher`, the library
-- ``broker``: the AMQP connection (the only pika user on this side)
+- ``broker``: the AMQP connection, on a thread of its own (the only pika user on this side)
+- ``replies``: the answers received, for the callers waiting on them
 - ``report``: :class:`PullReport`
 - ``roster``: :class:`NodeInfo`, the live nodes, from the workers' presence stream
-- ``cli``: the ``puller`` command
+- ``cli`` and ``live_view``: the ``puller`` command
+
+A library: it logs through the standard ``logging`` module (logger ``puller.publisher``)
+and prints nothing unless the host application configures logging.
 """
 
 from contract import (

@@ -1,238 +1,564 @@
 """The publisher's AMQP connection: the only module of the publisher that imports pika.
 
-Publishes with publisher confirms and ``mandatory``: a request returns once
-RabbitMQ has taken it, and a request that no worker queue is bound to receive
-comes back as :class:`NoNodes` instead of vanishing. Replies arrive on an
-exclusive queue bound to the reply exchange under its own name.
+The connection lives on a thread of its own (the I/O thread, running pika's select loop),
+so that no caller ever holds it while waiting: a ``request()`` made while other threads
+wait for answers is published at once. Callers hand work to the loop with
+``add_callback_threadsafe`` and wait on a future of their own.
+
+Requests are published with publisher confirms and ``mandatory``: ``publish_request``
+returns once RabbitMQ has taken both copies (live and history, confirmed together, not
+one after the other), and a request that no worker queue is bound to receive comes back
+as :class:`NoNodes` instead of vanishing. Replies arrive on an exclusive queue bound to
+the reply exchange under its own name; the queue keeps its name across reconnections.
+
+A lost connection is opened again in the background (capped backoff), and at once when
+a caller needs it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pika
+import pika.channel
 import pika.exceptions
+import pika.spec
+from pika.adapters.select_connection import IOLoop
 
 from contract import (
     CONTENT_TYPE,
-    HISTORY_EXCHANGE,
-    PRESENCE_EXCHANGE,
-    PRESENCE_STREAM,
-    PRESENCE_STREAM_ARGUMENTS,
-    PULL_EXCHANGE,
-    REPLY_EXCHANGE,
     REPLY_QUEUE_PREFIX,
     BrokerUnavailable,
     NoNodes,
     RosterMarker,
 )
+from contract import topology as topo
+from contract.connection import connection_parameters, describe, where
+
+log = logging.getLogger("puller.publisher.broker")
 
 STREAM_PREFETCH = 1000
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 10.0
 
 ReplyHandler = Callable[[str | None, bytes], None]
+"""Receives ``(correlation_id, body)`` of each reply, on the I/O thread."""
+
+
+class _Lost(BrokerUnavailable):
+    """The connection went away while an operation was in flight."""
+
+
+@dataclass
+class _Ticket:
+    """One request's publishes, waiting for RabbitMQ's confirms."""
+
+    future: Future[None]
+    unconfirmed: int
+    returned: bool = False
+    refused: bool = False
+
+
+@dataclass
+class _Connection:
+    """One connection's state, on the I/O thread."""
+
+    connection: pika.SelectConnection
+    channel: pika.channel.Channel | None = None
+    published: int = 0
+    """Publishes on ``channel`` so far: its next delivery tag is this plus one."""
+    tickets: dict[int, _Ticket | None] = field(default_factory=dict)
+    by_request: dict[str, _Ticket] = field(default_factory=dict)
+    reads: list[Callable[[BaseException], None]] = field(default_factory=list)
+    """How to fail the presence reads in flight, if the connection goes."""
 
 
 class PublisherBroker:
-    """One connection, one channel in confirm mode, one reply queue. Not thread-safe."""
+    """One connection on its own thread; every public method is safe from any thread."""
 
-    def __init__(self, amqp_url: str, connect_timeout: float, heartbeat: int = 60) -> None:
-        self._parameters = pika.URLParameters(amqp_url)
-        self._parameters.connection_attempts = 1
-        self._parameters.socket_timeout = connect_timeout
-        self._parameters.stack_timeout = connect_timeout
-        self._parameters.blocked_connection_timeout = connect_timeout
-        self._parameters.heartbeat = heartbeat
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+    def __init__(
+        self,
+        amqp_url: str,
+        connect_timeout: float,
+        on_reply: ReplyHandler,
+        heartbeat: int = 60,
+    ) -> None:
+        self._parameters = connection_parameters(
+            amqp_url,
+            heartbeat=heartbeat,
+            connect_timeout=connect_timeout,
+            blocked_timeout=max(connect_timeout, 30.0),
+        )
+        self._connect_timeout = connect_timeout
+        self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._loop: IOLoop | None = None
+        self._current: _Connection | None = None
+        self._ready: _Connection | None = None
+        self._connecting = False
+        self._closed = False
+        self._reconnect_timer: object | None = None
+        self._delay = RECONNECT_FIRST_DELAY
+        self._failures = 0
+        self._last_error = "not connected yet"
+        self._epoch = 0
 
     @property
     def where(self) -> str:
-        parameters = self._parameters
-        return f"{parameters.host}:{parameters.port} vhost {parameters.virtual_host!r}"
+        return where(self._parameters)
 
     @property
     def connected(self) -> bool:
-        return (
-            self._connection is not None
-            and self._connection.is_open
-            and self._channel is not None
-            and self._channel.is_open
+        with self._lock:
+            return self._ready is not None
+
+    @property
+    def epoch(self) -> int:
+        """How many times the connection has become ready: a change means a reconnection,
+        and that replies sent in between may be lost."""
+        with self._lock:
+            return self._epoch
+
+    # -- what callers use (any thread) --------------------------------------------------------
+
+    def publish_request(self, body: bytes, request_id: str) -> None:
+        """Publishes the request to the live workers and to the history, and waits for the
+        broker's confirm of both (sent together). Raises :class:`NoNodes` when no worker
+        queue was bound, :class:`BrokerUnavailable` otherwise."""
+        future: Future[None] = Future()
+        self._run_connected(
+            lambda c: self._publish(c, body, request_id, future), future.set_exception
         )
-
-    def connect(self, on_reply: ReplyHandler) -> None:
-        self.close()
         try:
-            self._connection = pika.BlockingConnection(self._parameters)
-            channel = self._connection.channel()
-            channel.confirm_delivery()
-            channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.exchange_declare(HISTORY_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
-            channel.exchange_declare(PRESENCE_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(
-                PRESENCE_STREAM, durable=True, arguments=PRESENCE_STREAM_ARGUMENTS
-            )
-            channel.queue_bind(PRESENCE_STREAM, PRESENCE_EXCHANGE)
-            channel.queue_declare(self.reply_queue, exclusive=True, auto_delete=True)
-            channel.queue_bind(self.reply_queue, REPLY_EXCHANGE, routing_key=self.reply_queue)
-
-            def deliver(
-                _channel: object,
-                _method: object,
-                properties: pika.BasicProperties,
-                body: bytes,
-            ) -> None:
-                on_reply(properties.correlation_id, body)
-
-            channel.basic_consume(self.reply_queue, deliver, auto_ack=True)
-            self._channel = channel
-        except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
+            future.result(timeout=self._connect_timeout + 30)
+        except FutureTimeout:
             raise BrokerUnavailable(
-                f"cannot connect to RabbitMQ at {self.where}: {_describe(error)}. "
-                "Check PULLER_AMQP_URL and that RabbitMQ is running."
-            ) from None
-
-    def publish_request(self, body: bytes, correlation_id: str) -> None:
-        """Publishes the request to the live workers, then records it in the history; waits
-        for the broker's confirm of each.
-
-        Two publishes rather than one exchange bound to both, so that ``mandatory`` still
-        tells "no worker is listening" (the history stream would always take the message).
-        Live first, so a worker meets the live copy before the history's and skips the
-        latter at no cost; a request that reached no worker is still recorded.
-        """
-        channel = self._open_channel()
-        try:
-            try:
-                channel.basic_publish(
-                    PULL_EXCHANGE,
-                    routing_key="",
-                    body=body,
-                    properties=pika.BasicProperties(
-                        content_type=CONTENT_TYPE,
-                        correlation_id=correlation_id,
-                        reply_to=self.reply_queue,
-                        delivery_mode=1,
-                    ),
-                    mandatory=True,
-                )
-            finally:
-                channel.basic_publish(
-                    HISTORY_EXCHANGE,
-                    routing_key="",
-                    body=body,
-                    properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
-                )
-        except pika.exceptions.UnroutableError:
-            raise NoNodes(
-                f"no nodes: no worker queue is bound to exchange {PULL_EXCHANGE!r} at "
-                f"{self.where}, so no node received the request. Start puller-worker on the "
-                "nodes (with the same PULLER_AMQP_URL and vhost); the request is in the history, "
-                "so workers that start within its window will still pull the image."
-            ) from None
-        except pika.exceptions.NackError:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self.where} refused the request (nack); see the broker's log"
-            ) from None
-        except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
+                f"RabbitMQ at {self.where} did not confirm the request within "
+                f"{self._connect_timeout + 30:g}s; it may or may not have been published"
             ) from None
 
     def read_presence(self, since: float, timeout: float) -> list[bytes]:
         """Every presence announcement in the stream from ``since`` (a Unix time) until now.
 
-        "Now" is a marker this call puts into the stream itself: the stream is
-        read until the marker comes back, so nothing announced before the call is missed.
+        "Now" is a marker this call puts into the stream itself: the stream is read until
+        the marker comes back, so nothing announced before the call is missed.
         """
-        connection = self._connection
-        if connection is None or not connection.is_open:
-            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
+        future: Future[list[bytes]] = Future()
+        self._run_connected(
+            lambda c: self._read_presence(c, since, timeout, future), future.set_exception
+        )
+        try:
+            return future.result(timeout=timeout + 5)
+        except FutureTimeout:
+            raise BrokerUnavailable(
+                f"reading the presence stream at {self.where} took longer than {timeout:g}s"
+            ) from None
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Asks for a connection now, and waits up to ``timeout`` for it."""
+        try:
+            self._wait_ready(time.monotonic() + timeout, fail_on_error=False)
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.add_callback_threadsafe(self._shut_down)
+        thread.join(timeout=10)
+
+    # -- getting a connection -----------------------------------------------------------------
+
+    def _run_connected(
+        self,
+        operation: Callable[[_Connection], None],
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        """Runs ``operation`` on the I/O thread with a ready connection; waits at most the
+        connect timeout for one (failing at once if an attempt made now fails). If the
+        connection is gone by the time the loop runs it, ``on_lost`` gets the error."""
+        deadline = time.monotonic() + self._connect_timeout
+        self._wait_ready(deadline, fail_on_error=True)
+        loop = self._loop
+        if loop is None:
+            raise BrokerUnavailable(f"the publisher for {self.where} is closed")
+
+        def run() -> None:
+            current = self._ready
+            if current is None or current.channel is None or not current.channel.is_open:
+                on_lost(_Lost(f"lost the connection to RabbitMQ at {self.where}"))
+                return
+            operation(current)
+
+        loop.add_callback_threadsafe(run)
+
+    def _wait_ready(self, deadline: float, fail_on_error: bool) -> None:
+        with self._lock:
+            if self._closed:
+                raise BrokerUnavailable(f"the publisher for {self.where} is closed")
+            self._start_locked()
+            failures = self._failures
+            while self._ready is None:
+                if fail_on_error and self._failures > failures:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._lock.wait(min(remaining, 0.5))
+            if self._ready is not None:
+                return
+            error = self._last_error
+        raise BrokerUnavailable(
+            f"cannot connect to RabbitMQ at {self.where}: {error}. "
+            "Check PULLER_AMQP_URL and that RabbitMQ is running."
+        )
+
+    def _start_locked(self) -> None:
+        """Starts the I/O thread on first use, and asks for a connection now."""
+        if self._thread is None:
+            self._loop = IOLoop()
+            self._thread = threading.Thread(
+                target=self._run_loop, args=(self._loop,), name="puller-publisher-io", daemon=True
+            )
+            self._thread.start()
+        if self._ready is None and not self._connecting and self._loop is not None:
+            self._connecting = True
+            self._loop.add_callback_threadsafe(self._connect_now)
+
+    # -- the I/O thread -------------------------------------------------------------------------
+
+    @staticmethod
+    def _run_loop(loop: IOLoop) -> None:
+        try:
+            loop.start()
+        finally:
+            loop.close()  # its poller and its wake-up socket pair
+
+    def _connect_now(self) -> None:
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        if self._reconnect_timer is not None:
+            loop.remove_timeout(self._reconnect_timer)
+            self._reconnect_timer = None
+        if self._current is not None:
+            return  # an attempt is under way
+        connection = pika.SelectConnection(
+            self._parameters,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=loop,
+        )
+        self._current = _Connection(connection)
+
+    def _on_open(self, connection: Any) -> None:
+        current = self._current
+        if current is None or current.connection is not connection:
+            return
+        connection.channel(on_open_callback=lambda channel: self._on_channel(current, channel))
+
+    def _on_channel(self, current: _Connection, channel: pika.channel.Channel) -> None:
+        current.channel = channel
+        channel.add_on_close_callback(lambda _ch, reason: self._on_channel_closed(current, reason))
+        channel.add_on_return_callback(
+            lambda _ch, _method, properties, _body: self._on_return(current, properties)
+        )
+        channel.confirm_delivery(
+            lambda frame: self._on_confirm(current, frame),
+            callback=lambda _frame: self._declare(
+                current, list(topo.publisher_declarations(self.reply_queue))
+            ),
+        )
+
+    def _declare(self, current: _Connection, todo: list[topo.Declaration]) -> None:
+        """Declares the topology one item after another, then consumes the reply queue."""
+        channel = current.channel
+        if channel is None:
+            return
+        if not todo:
+            channel.basic_consume(
+                self.reply_queue,
+                lambda _ch, _method, properties, body: self._on_reply(
+                    properties.correlation_id, body
+                ),
+                auto_ack=True,
+                callback=lambda _frame: self._became_ready(current),
+            )
+            return
+        item, rest = todo[0], todo[1:]
+
+        def then(_frame: object) -> None:
+            self._declare(current, rest)
+
+        if isinstance(item, topo.Exchange):
+            channel.exchange_declare(
+                item.name, exchange_type=item.kind, durable=item.durable, callback=then
+            )
+        elif isinstance(item, topo.Queue):
+            channel.queue_declare(
+                item.name,
+                durable=item.durable,
+                exclusive=item.exclusive,
+                auto_delete=item.auto_delete,
+                arguments=dict(item.arguments) or None,
+                callback=then,
+            )
+        else:
+            channel.queue_bind(item.queue, item.exchange, item.routing_key, callback=then)
+
+    def _became_ready(self, current: _Connection) -> None:
+        with self._lock:
+            if self._current is not current:
+                return
+            self._ready = current
+            self._connecting = False
+            self._delay = RECONNECT_FIRST_DELAY
+            self._epoch += 1
+            epoch = self._epoch
+            self._lock.notify_all()
+        if epoch > 1:
+            log.info("reconnected to RabbitMQ at %s", self.where)
+
+    def _on_open_error(self, connection: Any, error: BaseException) -> None:
+        self._lost(connection, f"{describe(error)}")
+
+    def _on_closed(self, connection: Any, reason: BaseException) -> None:
+        self._lost(connection, describe(reason))
+
+    def _on_channel_closed(self, current: _Connection, reason: BaseException) -> None:
+        if current.connection.is_open:
+            current.connection.close()  # one channel is the connection: start afresh
+        self._lost(current.connection, describe(reason))
+
+    def _lost(self, connection: Any, error: str) -> None:
+        current = self._current
+        if current is None or current.connection is not connection:
+            return
+        self._current = None
+        lost = _Lost(f"lost the connection to RabbitMQ at {self.where}: {error}")
+        for ticket in {id(t): t for t in current.tickets.values() if t is not None}.values():
+            if not ticket.future.done():
+                ticket.future.set_exception(
+                    _Lost(
+                        f"lost the connection to RabbitMQ at {self.where} before it confirmed "
+                        f"the request ({error}); it may or may not have been published"
+                    )
+                )
+        for fail in current.reads:
+            fail(lost)
+        with self._lock:
+            was_ready = self._ready is current
+            self._ready = None
+            self._connecting = False  # a caller that needs it now may try at once
+            self._failures += 1
+            self._last_error = error
+            self._lock.notify_all()
+            closed = self._closed
+        if was_ready and not closed:
+            log.warning("lost the connection to RabbitMQ at %s: %s", self.where, error)
+        if closed:
+            return
+        loop = self._loop
+        if loop is not None:
+            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
+            self._reconnect_timer = loop.call_later(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        self._reconnect_timer = None
+        with self._lock:
+            self._connecting = True
+        self._connect_now()
+
+    def _publish(
+        self, current: _Connection, body: bytes, request_id: str, future: Future[None]
+    ) -> None:
+        """Live first (so a worker meets the live copy before the history's and skips the
+        latter at no cost); a request that reached no worker is still recorded."""
+        channel = current.channel
+        if channel is None or not channel.is_open:
+            future.set_exception(_Lost(f"lost the connection to RabbitMQ at {self.where}"))
+            return
+        ticket = _Ticket(future, unconfirmed=2)
+        current.by_request[request_id] = ticket
+        self._send(
+            current,
+            ticket,
+            topo.PULLS.name,
+            body,
+            pika.BasicProperties(
+                content_type=CONTENT_TYPE,
+                correlation_id=request_id,
+                reply_to=self.reply_queue,
+                delivery_mode=1,
+            ),
+            mandatory=True,
+        )
+        self._send(
+            current,
+            ticket,
+            topo.HISTORY.name,
+            body,
+            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+        )
+
+    def _send(
+        self,
+        current: _Connection,
+        ticket: _Ticket | None,
+        exchange: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        mandatory: bool = False,
+    ) -> None:
+        channel = current.channel
+        if channel is None:
+            return
+        current.published += 1
+        current.tickets[current.published] = ticket
+        channel.basic_publish(exchange, "", body, properties, mandatory=mandatory)
+
+    def _on_return(self, current: _Connection, properties: pika.BasicProperties) -> None:
+        ticket = current.by_request.get(properties.correlation_id or "")
+        if ticket is not None:
+            ticket.returned = True
+
+    def _on_confirm(self, current: _Connection, frame: pika.frame.Method) -> None:
+        method = frame.method
+        refused = isinstance(method, pika.spec.Basic.Nack)
+        tags = (
+            [t for t in current.tickets if t <= method.delivery_tag]
+            if method.multiple
+            else [method.delivery_tag]
+        )
+        for tag in tags:
+            ticket = current.tickets.pop(tag, None)
+            if ticket is None:
+                continue
+            ticket.refused |= refused
+            ticket.unconfirmed -= 1
+            if ticket.unconfirmed == 0:
+                self._settle(current, ticket)
+
+    def _settle(self, current: _Connection, ticket: _Ticket) -> None:
+        for request_id, candidate in list(current.by_request.items()):
+            if candidate is ticket:
+                del current.by_request[request_id]
+        if ticket.future.done():
+            return
+        if ticket.refused:
+            ticket.future.set_exception(
+                BrokerUnavailable(
+                    f"RabbitMQ at {self.where} refused the request (nack); see the broker's log"
+                )
+            )
+        elif ticket.returned:
+            ticket.future.set_exception(
+                NoNodes(
+                    f"no nodes: no worker queue is bound to exchange {topo.PULLS.name!r} at "
+                    f"{self.where}, so no node received the request. Start puller-worker on "
+                    "the nodes (with the same PULLER_AMQP_URL and vhost); the request is in "
+                    "the history, so workers that start within its window will still pull "
+                    "the image."
+                )
+            )
+        else:
+            ticket.future.set_result(None)
+
+    def _read_presence(
+        self, current: _Connection, since: float, timeout: float, future: Future[list[bytes]]
+    ) -> None:
         marker_id = uuid.uuid4().hex
         bodies: list[bytes] = []
-        marker_seen = False
+        state: dict[str, Any] = {"channel": None, "timer": None}
+        loop = self._loop
+
+        def finish(outcome: list[bytes] | BaseException) -> None:
+            if future.done():
+                return
+            if state["timer"] is not None and loop is not None:
+                loop.remove_timeout(state["timer"])
+            if fail in current.reads:
+                current.reads.remove(fail)
+            channel = state["channel"]
+            if channel is not None and channel.is_open:
+                channel.close()
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        def fail(error: BaseException) -> None:
+            finish(
+                BrokerUnavailable(f"reading the presence stream at {self.where} failed: {error}")
+            )
 
         def on_message(
-            channel: pika.adapters.blocking_connection.BlockingChannel,
+            channel: pika.channel.Channel,
             method: pika.spec.Basic.Deliver,
             properties: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            nonlocal marker_seen
+            if channel.is_open:
+                channel.basic_ack(method.delivery_tag)
             if properties.correlation_id == marker_id:
-                marker_seen = True
+                finish(bodies)
             else:
                 bodies.append(body)
-            channel.basic_ack(method.delivery_tag)
 
-        try:
-            stream = connection.channel()
-            try:
-                stream.basic_qos(prefetch_count=STREAM_PREFETCH)
-                stream.basic_consume(
-                    PRESENCE_STREAM,
-                    on_message,
-                    arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
-                )
-                self._open_channel().basic_publish(
-                    PRESENCE_EXCHANGE,
-                    routing_key="",
-                    body=RosterMarker(marker_id).encode(),
-                    properties=pika.BasicProperties(
-                        content_type=CONTENT_TYPE, correlation_id=marker_id
-                    ),
-                )
-                deadline = time.monotonic() + timeout
-                while not marker_seen:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise BrokerUnavailable(
-                            f"reading the presence stream at {self.where} took longer than "
-                            f"{timeout:g}s"
-                        )
-                    connection.process_data_events(time_limit=min(remaining, 0.1))
-            finally:
-                if stream.is_open:
-                    stream.close()
-        except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
-            raise BrokerUnavailable(
-                f"reading the presence stream at {self.where} failed: {_describe(error)}"
-            ) from None
-        return bodies
+        def consume(channel: pika.channel.Channel) -> None:
+            channel.basic_consume(
+                topo.PRESENCE_STREAM.name,
+                on_message,
+                arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
+                callback=lambda _frame: self._send(
+                    current,
+                    None,
+                    topo.PRESENCE.name,
+                    RosterMarker(marker_id).encode(),
+                    pika.BasicProperties(content_type=CONTENT_TYPE, correlation_id=marker_id),
+                ),
+            )
 
-    def process_events(self, seconds: float) -> None:
-        """Receives replies for up to ``seconds`` (returns early once some arrived)."""
-        connection = self._connection
-        if connection is None or not connection.is_open:
-            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
-        try:
-            connection.process_data_events(time_limit=seconds)
-        except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
+        def on_channel(channel: pika.channel.Channel) -> None:
+            state["channel"] = channel
+            channel.add_on_close_callback(
+                lambda _ch, reason: fail(reason) if not future.done() else None
+            )
+            channel.basic_qos(prefetch_count=STREAM_PREFETCH, callback=lambda _f: consume(channel))
 
-    def close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            # closing a connection that is already failing may fail too; nothing to do then
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                connection.close()
+        current.reads.append(fail)
+        if loop is not None:
+            state["timer"] = loop.call_later(
+                timeout,
+                lambda: finish(
+                    BrokerUnavailable(
+                        f"reading the presence stream at {self.where} took longer than {timeout:g}s"
+                    )
+                ),
+            )
+        current.connection.channel(on_open_callback=on_channel)
 
-    def _open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
-        if self._channel is None or not self._channel.is_open:
-            raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
-        return self._channel
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error) or repr(error)}"
+    def _shut_down(self) -> None:
+        loop = self._loop
+        current = self._current
+        if current is not None and current.connection.is_open:
+            current.connection.close()
+        if loop is not None:
+            # give the close a moment to go out, then stop the loop
+            loop.call_later(0.2, loop.stop)

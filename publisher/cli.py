@@ -10,8 +10,6 @@ import sys
 import time
 from typing import TextIO
 
-import structlog
-
 from contract import BrokerUnavailable, InvalidReference, NoNodes, parse_reference
 from publisher.client import DEFAULT_TIMEOUT, Publisher
 from publisher.live_view import LiveView
@@ -25,8 +23,9 @@ EXIT_BROKER = 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The library logs for services that embed it; a person at the CLI wants only warnings.
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    # The library logs through the logging module; a person at the CLI wants only warnings.
+    logging.basicConfig(level=logging.WARNING, format="puller: %(message)s", stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # its connection errors are ours too
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -172,6 +171,8 @@ def _print_table(report: PullReport, out: TextIO) -> None:
 
 
 def _print_verdict(report: PullReport, timeout: float, err: TextIO) -> None:
+    for note in report.notes:
+        print(f"puller: note: {note}", file=err)
     if report.failed:
         names = ", ".join(r.node for r in report.failed)
         print(f"puller: failed on {len(report.failed)} node(s): {names}", file=err)

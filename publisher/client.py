@@ -1,19 +1,17 @@
-"""The publisher library: what the session service and the ``puller`` CLI call."""
+"""The publisher library: what the session service, the HTTP gateway and the CLI call."""
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TypeVar
 
 import structlog
 
 from contract import (
+    DEFAULT_AMQP_URL,
     PRESENCE_INTERVAL,
     BrokerUnavailable,
     ImageReference,
@@ -21,37 +19,44 @@ from contract import (
     NodePresence,
     NodeProgress,
     NodeResult,
+    NoNodes,
     PullRequest,
     RosterMarker,
     Status,
     decode_presence_stream,
-    decode_reply,
     parse_reference,
 )
-from contract.messages import DEFAULT_AMQP_URL
 from publisher.broker import PublisherBroker
+from publisher.replies import Event, ReplyBook
 from publisher.report import PullReport
 from publisher.roster import NodeInfo, build_roster
 
-log = structlog.get_logger("publisher")
+# A library logs through the standard logging module: silent unless the host application
+# configures logging, and then at the host's levels, through the host's handlers.
+log = structlog.wrap_logger(
+    logging.getLogger("puller.publisher"),
+    wrapper_class=structlog.stdlib.BoundLogger,
+    processors=[structlog.contextvars.merge_contextvars, structlog.stdlib.render_to_log_kwargs],
+)
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_ROSTER_MAX_AGE = 3 * PRESENCE_INTERVAL
-REQUESTS_REMEMBERED = 1000
+WAKE_INTERVAL = 0.5
+"""Seconds between looks at the connection while waiting for answers."""
 
 ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
-_T = TypeVar("_T")
 
 
 class Publisher:
     """Publishes pull requests to every node and collects the nodes' answers.
 
-    ``amqp_url`` defaults to ``PULLER_AMQP_URL``, then to the local broker. The
-    connection opens on first use and is re-opened once if it was lost. One
-    instance may be shared by threads: calls take turns on its one connection.
-    ``roster_max_age``: a node that has not announced itself for this many
-    seconds is no longer in the roster.
+    ``amqp_url`` defaults to ``PULLER_AMQP_URL``, then to the local broker. The connection
+    opens on first use, on a thread of its own, and is opened again when lost. One
+    instance may be shared by threads: nothing waits while holding the connection, so a
+    :meth:`request` returns in milliseconds whatever other threads wait for.
+    ``roster_max_age``: a node that has not announced itself for this many seconds is no
+    longer in the roster.
     """
 
     def __init__(
@@ -64,11 +69,8 @@ class Publisher:
         self.amqp_url = amqp_url or os.environ.get("PULLER_AMQP_URL") or DEFAULT_AMQP_URL
         self.roster_max_age = roster_max_age
         self._connect_timeout = connect_timeout
-        self._broker = PublisherBroker(self.amqp_url, connect_timeout)
-        self._lock = threading.RLock()
-        self._results: OrderedDict[str, dict[str, NodeResult]] = OrderedDict()
-        self._progress_callbacks: dict[str, ProgressCallback] = {}
-        self._result_callbacks: dict[str, ResultCallback] = {}
+        self._replies = ReplyBook()
+        self._broker = PublisherBroker(self.amqp_url, connect_timeout, self._replies.receive)
 
     def __enter__(self) -> Publisher:
         return self
@@ -82,16 +84,20 @@ class Publisher:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._broker.close()
+        self._broker.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is open now."""
+        return self._broker.connected
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
-        since = time.time() - self.roster_max_age
-        with self._lock:
-            bodies = self._reconnecting_once(
-                lambda: self._broker.read_presence(since, timeout=self._connect_timeout)
-            )
+        return self._roster(since=time.time() - self.roster_max_age)
+
+    def _roster(self, since: float) -> list[NodeInfo]:
+        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving"."""
+        bodies = self._broker.read_presence(since, timeout=self._connect_timeout)
         announcements: list[NodePresence] = []
         for body in bodies:
             try:
@@ -111,13 +117,8 @@ class Publisher:
         was there to receive it) or :class:`BrokerUnavailable`. Collect the
         answers later, if at all, with :meth:`results`.
         """
-        reference = image if isinstance(image, ImageReference) else parse_reference(image)
-        request = PullRequest.new(reference)
-        body = request.encode()
-        with self._lock:
-            self._remember(request.request_id)
-            self._reconnecting_once(lambda: self._broker.publish_request(body, request.request_id))
-        log.debug("requested", request_id=request.request_id, image=str(reference))
+        request = PullRequest.new(_reference(image))
+        self._publish(request)
         return request.request_id
 
     def pull(
@@ -132,17 +133,20 @@ class Publisher:
     ) -> PullReport:
         """Requests ``image`` and waits, at most ``timeout`` seconds, for the nodes' answers.
 
-        Waits for ``expect`` nodes, or for the ``nodes`` named, or (neither given)
-        for every node in the roster. An expected node that does not answer in
-        time is in the report with status ``no_reply``. ``on_progress`` is called
-        with each :class:`NodeProgress` of a pull, and ``on_result`` with each
-        node's :class:`NodeResult` as it arrives, both on the calling thread.
+        Waits for ``expect`` nodes, or for the ``nodes`` named, or (neither given) for
+        every node in the roster. An expected node that does not answer in time is in the
+        report with status ``no_reply`` (with ``expect``, the roster's nodes that did not
+        answer are named). ``on_progress`` and ``on_result`` are called on this thread.
+
+        Once published, the request survives a lost connection: within ``timeout`` the
+        publisher reconnects and publishes the request again (same id), so that nodes
+        whose answers were lost answer again; the report's ``notes`` say so.
         """
         if expect is not None and nodes is not None:
             raise ValueError("give expect or nodes, not both")
         if expect is not None and expect < 1:
             raise ValueError("expect must be at least 1")
-        reference = image if isinstance(image, ImageReference) else parse_reference(image)
+        reference = _reference(image)
         wanted: set[str] | None = None
         if nodes is not None:
             wanted = set(nodes)
@@ -150,27 +154,39 @@ class Publisher:
                 raise ValueError("nodes names no node")
         elif expect is None:
             wanted = {info.node for info in self.nodes()}
+        began = time.time()
         started = time.monotonic()
-        request_id = self.request(reference)
-        if on_progress is not None:
-            self._progress_callbacks[request_id] = on_progress
-        if on_result is not None:
-            self._result_callbacks[request_id] = on_result
+        request = PullRequest.new(reference)
+        self._publish(request, watch=True)
         try:
-            answered = self._wait(request_id, expect, wanted, timeout)
+            answered, notes = self._collect(
+                request, expect, wanted, started + timeout, on_progress, on_result
+            )
         finally:
-            self._progress_callbacks.pop(request_id, None)
-            self._result_callbacks.pop(request_id, None)
+            self._replies.unwatch(request.request_id)
         waited = round(time.monotonic() - started, 6)
-        silent = sorted((wanted or set()) - {r.node for r in answered})
-        no_reply = tuple(
-            NodeResult(request_id, node, str(reference), Status.NO_REPLY, waited) for node in silent
-        )
+        missing = (expect - len(answered)) if expect is not None else 0
+        silent = set(wanted or ())
+        if expect is not None and missing > 0:
+            # Who was there when the pull began? Asked only now, and only when someone
+            # is missing: the roster costs a stream read the common case need not pay.
+            silent = self._roster_names(since=began - self.roster_max_age)
+            if not silent - answered.keys():
+                notes.append(
+                    f"only a count was known: {missing} of {expect} expected node(s) did not "
+                    "answer, and the roster named none that was silent"
+                )
+        no_reply = [
+            NodeResult(request.request_id, node, str(reference), Status.NO_REPLY, waited)
+            for node in sorted(silent - answered.keys())
+        ]
         return PullReport(
-            request_id=request_id,
+            request_id=request.request_id,
             image=str(reference),
-            nodes=tuple(sorted(answered + no_reply, key=lambda r: r.node)),
+            nodes=tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node)),
             expected=expect if expect is not None else (len(wanted) if wanted else None),
+            notes=tuple(notes),
+            wanted=frozenset(wanted) if wanted is not None else None,
         )
 
     def results(
@@ -180,72 +196,80 @@ class Publisher:
 
         Answers to the last 1,000 requests of this publisher are kept.
         """
-        return self._wait(request_id, expect, None, timeout)
 
-    def _wait(
-        self, request_id: str, expect: int | None, wanted: set[str] | None, timeout: float
-    ) -> tuple[NodeResult, ...]:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                answered = self._results.get(request_id, {})
-                if expect is not None and len(answered) >= expect:
-                    break
-                if wanted and wanted <= answered.keys():
-                    break
-                remaining = deadline - time.monotonic()
-                wait = max(0.0, min(remaining, 0.25))
-                self._reconnecting_once(functools.partial(self._broker.process_events, wait))
-                if remaining <= 0:
-                    break
-            answered = self._results.get(request_id, {})
-            return tuple(answered[node] for node in sorted(answered))
+        def enough(results: dict[str, NodeResult]) -> bool:
+            return expect is not None and len(results) >= expect
 
-    def _reconnecting_once(self, action: Callable[[], _T]) -> _T:
-        """Runs ``action`` on the connection; if the connection turns out lost, opens one
-        fresh connection and runs it once more. Never waits longer than the connect timeout
-        for a broker that is down: the caller must not hang here."""
-        if not self._broker.connected:
-            self._broker.connect(self._on_reply)
-            return action()
+        answered = self._replies.wait(request_id, enough, time.monotonic() + timeout)
+        return tuple(answered[node] for node in sorted(answered))
+
+    def _publish(self, request: PullRequest, watch: bool = False) -> None:
+        self._replies.track(request.request_id, watch=watch)
+        self._broker.publish_request(request.encode(), request.request_id)
+        log.debug("requested", request_id=request.request_id, image=str(request.image))
+
+    def _roster_names(self, since: float) -> set[str]:
         try:
-            return action()
-        except BrokerUnavailable as error:
-            log.info("connection lost; reconnecting once", error=str(error))
-            self._broker.connect(self._on_reply)
-            return action()
+            return {info.node for info in self._roster(since)}
+        except BrokerUnavailable:
+            return set()
 
-    def _remember(self, request_id: str) -> None:
-        self._results[request_id] = {}
-        while len(self._results) > REQUESTS_REMEMBERED:
-            self._results.popitem(last=False)
+    def _collect(
+        self,
+        request: PullRequest,
+        expect: int | None,
+        wanted: set[str] | None,
+        deadline: float,
+        on_progress: ProgressCallback | None,
+        on_result: ResultCallback | None,
+    ) -> tuple[dict[str, NodeResult], list[str]]:
+        """Waits for the answers, reconnecting and asking again if the connection is lost."""
 
-    def _on_reply(self, correlation_id: str | None, body: bytes) -> None:
-        try:
-            message = decode_reply(body)
-        except InvalidMessage as error:
-            log.warning(
-                "ignored a reply that breaks the contract",
-                error=str(error),
-                correlation_id=correlation_id,
+        def done(results: dict[str, NodeResult]) -> bool:
+            if expect is not None:
+                return len(results) >= expect
+            return bool(wanted) and wanted is not None and wanted <= results.keys()
+
+        def hand_over(event: Event) -> None:
+            if isinstance(event, NodeProgress):
+                if on_progress is not None:
+                    on_progress(event)
+            elif on_result is not None:
+                on_result(event)
+
+        epoch, asked_again, lost_at = self._broker.epoch, 0, None
+        while True:
+            results = self._replies.wait(
+                request.request_id, done, deadline, hand_over, wake_every=WAKE_INTERVAL
             )
-            return
-        if isinstance(message, NodeProgress):
-            callback = self._progress_callbacks.get(message.request_id)
-            if callback is not None:
-                callback(message)
-            return
-        answered = self._results.get(message.request_id)
-        if answered is None and correlation_id is not None:
-            answered = self._results.get(correlation_id)
-        if answered is None:
-            log.debug(
-                "ignored a reply to a request this publisher does not know",
-                request_id=message.request_id,
-                node=message.node,
+            if done(results) or time.monotonic() >= deadline:
+                break
+            if not self._broker.connected:
+                lost_at = lost_at or time.monotonic()
+                self._broker.wait_connected(min(WAKE_INTERVAL, deadline - time.monotonic()))
+            elif self._broker.epoch != epoch:
+                epoch, lost_at = self._broker.epoch, None
+                asked_again += 1
+                log.info("reconnected while waiting; asking again", request_id=request.request_id)
+                try:
+                    self._broker.publish_request(request.encode(), request.request_id)
+                except (NoNodes, BrokerUnavailable) as error:
+                    log.info("asking again failed", error=str(error))
+        notes = []
+        if asked_again:
+            notes.append(
+                f"the connection to RabbitMQ was lost during the wait and opened again "
+                f"({asked_again} time(s)); the request was published again (same id) so that "
+                "nodes whose answers were lost answered again: a node that already had the "
+                "image then answers 'present'"
             )
-            return
-        answered[message.node] = message
-        on_result = self._result_callbacks.get(message.request_id)
-        if on_result is not None:
-            on_result(message)
+        if lost_at is not None:
+            notes.append(
+                f"the connection to RabbitMQ was down for the last "
+                f"{time.monotonic() - lost_at:.1f}s of the wait: answers sent then are lost"
+            )
+        return results, notes
+
+
+def _reference(image: str | ImageReference) -> ImageReference:
+    return image if isinstance(image, ImageReference) else parse_reference(image)

@@ -38,6 +38,8 @@ class LiveView:
             self._draw(force=True)
 
     def progress(self, message: NodeProgress) -> None:
+        if message.total <= 0:
+            return  # nothing to show until the engine knows the size
         row = self._row(message.node)
         row.status, row.done, row.total = "pulling", message.done, message.total
         if self._live:
@@ -45,8 +47,7 @@ class LiveView:
         elif time.monotonic() - self._last_plain.get(message.node, 0.0) >= PLAIN_LINE_INTERVAL:
             self._last_plain[message.node] = time.monotonic()
             print(
-                f"progress {message.node} {_megabytes(message.done)}/"
-                f"{_megabytes(message.total)} MB",
+                f"progress {message.node} {_size(message.done, message.total)}",
                 file=self._out,
                 flush=True,
             )
@@ -86,9 +87,14 @@ class LiveView:
         filled = int(fraction * BAR_WIDTH)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
         seconds = row.seconds if row.seconds is not None else now - self._started
-        size = f"{_megabytes(row.done)}/{_megabytes(row.total)} MB" if row.total else ""
+        size = _size(row.done, row.total) if row.total else ""
         return f"  {row.node:<{width}}  [{bar}] {row.status:<8} {seconds:7.1f}s  {size}"
 
 
-def _megabytes(count: int) -> str:
-    return f"{count / 1_000_000:.1f}"
+def _size(done: int, total: int) -> str:
+    """``done/total`` in the unit that suits ``total``: ``3.1/12.0 MB``, ``12/40 kB``."""
+    if total >= 1_000_000:
+        return f"{done / 1_000_000:.1f}/{total / 1_000_000:.1f} MB"
+    if total >= 1_000:
+        return f"{done / 1_000:.0f}/{total / 1_000:.0f} kB"
+    return f"{done}/{total} B"

@@ -1,4 +1,4 @@
-"""What a pull came to: one :class:`NodeResult` per node that answered."""
+"""What a pull came to: one :class:`NodeResult` per node, and what the publisher noticed."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ class PullReport:
     request_id: str
     image: str
     nodes: tuple[NodeResult, ...]
-    """One result per node that answered, sorted by node name."""
+    """One result per node that answered, and a ``no_reply`` row per expected node (by
+    name, when the name is known) that did not, sorted by node name."""
     expected: int | None
     """How many nodes the caller waited for; ``None``: as many as answered in time."""
+    notes: tuple[str, ...] = ()
+    """What else the caller should know: a reconnection during the wait, or that only a
+    count of the silent nodes was known."""
+    wanted: frozenset[str] | None = None
+    """The nodes waited for by name (``nodes=``, or the roster); ``None`` when a count was
+    waited for (``expect=``)."""
 
     @property
     def failed(self) -> tuple[NodeResult, ...]:
@@ -23,7 +30,7 @@ class PullReport:
 
     @property
     def no_reply(self) -> tuple[NodeResult, ...]:
-        """Expected nodes, by name, that did not answer in time."""
+        """Nodes, by name, that were expected (or in the roster) and did not answer."""
         return tuple(r for r in self.nodes if r.status is Status.NO_REPLY)
 
     @property
@@ -32,9 +39,12 @@ class PullReport:
 
     @property
     def missing(self) -> int:
-        """How many expected nodes did not answer (named in :attr:`no_reply` when known)."""
-        by_count = 0 if self.expected is None else self.expected - len(self.answered)
-        return max(len(self.no_reply), by_count, 0)
+        """How many expected nodes did not answer."""
+        if self.wanted is not None:
+            return len(self.wanted - {r.node for r in self.answered})
+        if self.expected is None:
+            return len(self.no_reply)
+        return max(self.expected - len(self.answered), 0)
 
     @property
     def ok(self) -> bool:
@@ -48,17 +58,14 @@ class PullReport:
             "expected": self.expected,
             "ok": self.ok,
             "missing": self.missing,
-            "nodes": [
-                {
-                    "node": r.node,
-                    "status": r.status.value,
-                    "seconds": r.seconds,
-                    "image_id": r.image_id,
-                    "digest": r.digest,
-                    "error": None
-                    if r.error is None
-                    else {"kind": r.error.kind.value, "message": r.error.message},
-                }
-                for r in self.nodes
-            ],
+            "nodes": [_row(r) for r in self.nodes],
+            "notes": list(self.notes),
         }
+
+
+ROW_FIELDS = ("node", "status", "seconds", "queued_seconds", "image_id", "digest", "error")
+
+
+def _row(result: NodeResult) -> dict[str, Any]:
+    fields = result.to_json()
+    return {name: fields[name] for name in ROW_FIELDS}

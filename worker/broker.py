@@ -1,10 +1,14 @@
 """The worker's AMQP connection: the only module of the worker that imports pika.
 
-One thread owns the connection: the one that calls :meth:`WorkerBroker.serve`.
-Every other thread reaches it only through :meth:`WorkerBroker.call_soon`, which
-is pika's ``add_callback_threadsafe``: replies and acks for a finished pull are
-sent from the connection's own thread, while the connection keeps answering
-heartbeats through a pull that takes minutes.
+One thread owns the connection: the one that calls :meth:`WorkerBroker.connect` and then
+:meth:`WorkerBroker.process_events`; every method that touches pika checks it is that
+thread. Other threads use :meth:`answer`, :meth:`progress` and :meth:`call_soon`, which
+hop onto the connection's thread through pika's ``add_callback_threadsafe`` (the one pika
+call that is safe from another thread). So a pull that takes minutes runs elsewhere while
+the connection keeps answering heartbeats.
+
+While there is no connection, answers wait for the next one (every result; only the
+latest progress of each request), and so do callbacks.
 """
 
 from __future__ import annotations
@@ -12,29 +16,29 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pika
 import pika.exceptions
 import structlog
+from pika.adapters.blocking_connection import BlockingChannel as Channel
 
-from contract import (
-    CONTENT_TYPE,
-    HISTORY_EXCHANGE,
-    HISTORY_STREAM,
-    PRESENCE_EXCHANGE,
-    PRESENCE_STREAM,
-    PRESENCE_STREAM_ARGUMENTS,
-    PULL_EXCHANGE,
-    REPLY_EXCHANGE,
-    BrokerUnavailable,
-    PullerError,
+from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, PullerError
+from contract import topology as topo
+from contract.connection import (
+    CONNECTION_ERRORS,
+    PRECONDITION_FAILED,
+    RESOURCE_LOCKED,
+    broker_errors,
+    connection_parameters,
+    describe,
+    where,
 )
-from contract.messages import node_queue_name
+from worker.model import Delivery
 
 log = structlog.get_logger("worker.broker")
 
-RESOURCE_LOCKED = 405
-PRECONDITION_FAILED = 406
+LOST = "lost the connection to RabbitMQ"
 
 
 class NodeNameInUse(PullerError):
@@ -42,35 +46,17 @@ class NodeNameInUse(PullerError):
 
 
 @dataclass(frozen=True)
-class HistoryConsumer:
-    """One reading of the history stream: from where, and the marker that ends it."""
+class HistoryReading:
+    """One reading of the history stream: from where, and the marker put at its end."""
 
     start: int | str
-    """The stream offset to read from, or ``"first"``."""
+    """A stream offset, or ``"first"`` / ``"last"``."""
     marker: bytes
-    """Put at the end of the stream once reading has begun."""
     on_entry: Callable[[Delivery], None]
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """One message from the node's queue, in the project's own terms."""
-
-    body: bytes
-    delivery_tag: int
-    reply_to: str | None
-    correlation_id: str | None
-    content_type: str | None
-    connection_generation: int
-    """Which connection delivered it: an ack on a later connection would be an error."""
-    history_offset: int | None = None
-    """Set when it comes from the history stream (a replay), not the node's live queue."""
-    history_channel: int = 0
-    """Which history channel delivered it: acks go only to that one."""
-
-
 class WorkerBroker:
-    """Connects, declares the topology, consumes the node's queue and sends replies."""
+    """Connects, declares the worker's topology, consumes the node's queue, sends answers."""
 
     def __init__(
         self,
@@ -78,100 +64,83 @@ class WorkerBroker:
         node: str,
         prefetch: int,
         heartbeat: int,
-        history_arguments: dict[str, object] | None = None,
+        history_stream: topo.Queue | None = None,
         replay_prefetch: int = 1,
     ) -> None:
-        self._parameters = pika.URLParameters(amqp_url)
-        self._parameters.heartbeat = heartbeat
-        self._parameters.blocked_connection_timeout = max(60, 2 * heartbeat)
-        self._parameters.connection_attempts = 1
-        self._parameters.socket_timeout = 10
+        self._parameters = connection_parameters(
+            amqp_url,
+            heartbeat=heartbeat,
+            connect_timeout=10,
+            blocked_timeout=max(60, 2 * heartbeat),
+        )
         self._node = node
         self._prefetch = prefetch
-        self._history_arguments = history_arguments
+        self._history_stream = history_stream
         self._replay_prefetch = replay_prefetch
-        self._history_channel: pika.adapters.blocking_connection.BlockingChannel | None = None
-        self._history_tag: str | None = None
-        self._history_channels = 0
-        """History channels opened so far: the number of the current one."""
         self._connection: pika.BlockingConnection | None = None
-        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._channel: Channel | None = None
+        self._history_channel: Channel | None = None
         self._consumer_tag: str | None = None
-        self._generation = 0
-        self._pending: list[Callable[[], None]] = []
-        self._pending_lock = threading.Lock()
-        self.queue = node_queue_name(node)
+        self._owner: int | None = None
+        self._lock = threading.Lock()
+        self._waiting_answers: list[tuple[Delivery, NodeResult | None, bool]] = []
+        self._waiting_progress: dict[tuple[str, str], tuple[Delivery, NodeProgress]] = {}
+        self._waiting_calls: list[Callable[[], None]] = []
+        self.queue = topo.node_queue_name(node)
 
     @property
     def where(self) -> str:
-        parameters = self._parameters
-        return f"{parameters.host}:{parameters.port} vhost {parameters.virtual_host!r}"
+        return where(self._parameters)
 
-    def connect(
-        self,
-        on_delivery: Callable[[Delivery], None],
-        history: HistoryConsumer | None = None,
-    ) -> None:
-        """Opens the connection, declares exchanges and the node's queue, starts consuming;
-        with ``history``, also reads the history stream and puts its marker at the end."""
-        self._generation += 1
-        generation = self._generation
+    @property
+    def connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.is_open
+
+    # -- the connection's thread ------------------------------------------------------------
+
+    def connect(self, on_live: Callable[[Delivery], None]) -> None:
+        """Opens the connection, declares the topology, starts consuming the node's queue,
+        then sends what waited for a connection. This thread owns the connection from now."""
+        self.close()
+        self._owner = threading.get_ident()
         try:
-            self._connection = pika.BlockingConnection(self._parameters)
-            if history is not None:
-                self._history_channel = self._declare_history()
-                self._history_channels += 1
-            channel = self._connection.channel()
-            channel.exchange_declare(PULL_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.exchange_declare(REPLY_EXCHANGE, exchange_type="direct", durable=True)
-            declare_presence_stream(channel)
-            channel.queue_declare(self.queue, exclusive=True, auto_delete=True)
-            channel.queue_bind(self.queue, PULL_EXCHANGE)
-            channel.basic_qos(prefetch_count=self._prefetch)
-
-            def deliver(
-                _channel: object,
-                method: pika.spec.Basic.Deliver,
-                properties: pika.BasicProperties,
-                body: bytes,
-            ) -> None:
-                on_delivery(
-                    Delivery(
-                        body=body,
-                        delivery_tag=method.delivery_tag,
-                        reply_to=properties.reply_to,
-                        correlation_id=properties.correlation_id,
-                        content_type=properties.content_type,
-                        connection_generation=generation,
-                    )
-                )
-
-            self._consumer_tag = channel.basic_consume(self.queue, deliver, auto_ack=False)
-            self._channel = channel
-            if history is not None:
-                self.consume_history(history)
-            self._run_pending()
-        except pika.exceptions.ChannelClosedByBroker as error:
+            with broker_errors("cannot connect to RabbitMQ", self._parameters):
+                try:
+                    self._open_and_consume(on_live)
+                except pika.exceptions.ChannelClosedByBroker as error:
+                    if error.reply_code == RESOURCE_LOCKED:
+                        raise NodeNameInUse(
+                            f"queue {self.queue} is held by another connection: another worker "
+                            f"with PULLER_NODE_NAME={self._node!r} is running against "
+                            f"{self.where}. Give each node's worker its own name."
+                        ) from None
+                    raise BrokerUnavailable(
+                        f"RabbitMQ at {self.where} refused: {error.reply_text}"
+                    ) from None
+        except PullerError:
             self.close()
-            if error.reply_code == RESOURCE_LOCKED:
-                raise NodeNameInUse(
-                    f"queue {self.queue} is held by another connection: another worker with "
-                    f"PULLER_NODE_NAME={self._node!r} is running against {self.where}. "
-                    "Give each node's worker its own name."
-                ) from None
-            raise BrokerUnavailable(f"RabbitMQ at {self.where} refused: {error}") from None
-        except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
-            raise BrokerUnavailable(
-                f"cannot connect to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
+            raise
+        self._send_what_waited()
 
-    def _declare_history(self) -> pika.adapters.blocking_connection.BlockingChannel:
-        connection = self._open_connection()
-        channel = connection.channel()
-        channel.exchange_declare(HISTORY_EXCHANGE, exchange_type="fanout", durable=True)
+    def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
+        self._connection = pika.BlockingConnection(self._parameters)
+        channel = self._connection.channel()
+        _declare(channel, topo.worker_declarations(self._node))
+        if self._history_stream is not None:
+            channel = self._declare_history(channel, self._history_stream)
+        channel.basic_qos(prefetch_count=self._prefetch)
+        self._consumer_tag = channel.basic_consume(
+            self.queue, self._deliverer(channel, on_live), auto_ack=False
+        )
+        self._channel = channel
+
+    def _declare_history(self, channel: Channel, stream: topo.Queue) -> Channel:
+        """Declares the history stream with this worker's retention; one that exists with
+        other retention is used as it is (RabbitMQ refuses to change it), with a warning."""
+        declarations = topo.history(stream)
         try:
-            channel.queue_declare(HISTORY_STREAM, durable=True, arguments=self._history_arguments)
+            _declare(channel, declarations)
         except pika.exceptions.ChannelClosedByBroker as error:
             if error.reply_code != PRECONDITION_FAILED:
                 raise
@@ -179,170 +148,88 @@ class WorkerBroker:
                 "the history stream exists with other retention settings; using it as it is",
                 error=error.reply_text,
             )
-            channel = connection.channel()
-            channel.queue_declare(HISTORY_STREAM, passive=True)
-        channel.queue_bind(HISTORY_STREAM, HISTORY_EXCHANGE)
-        channel.basic_qos(prefetch_count=self._replay_prefetch)
+            channel = self._open_connection().channel()
+            channel.queue_declare(stream.name, passive=True)
+            _declare(channel, [d for d in declarations if not isinstance(d, topo.Queue)])
         return channel
 
-    def consume_history(self, history: HistoryConsumer) -> None:
-        """Reads the history stream from ``history.start`` and puts ``history.marker`` at its
-        end. Connection thread only; one reading at a time."""
-        generation = self._generation
-        try:
-            channel = self._history_channel
-            if channel is None or not channel.is_open:
-                channel = self._open_connection().channel()
-                channel.basic_qos(prefetch_count=self._replay_prefetch)
-                self._history_channel = channel
-                self._history_channels += 1
-        except (pika.exceptions.AMQPError, OSError) as error:
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
-        channel_number = self._history_channels
-
+    def _deliverer(
+        self, channel: Channel, on_delivery: Callable[[Delivery], None], history: bool = False
+    ) -> Callable[[Any, Any, Any, bytes], None]:
         def deliver(
             _channel: object,
             method: pika.spec.Basic.Deliver,
             properties: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            offset = (properties.headers or {}).get("x-stream-offset")
-            history.on_entry(
+            offset = (properties.headers or {}).get("x-stream-offset") if history else None
+            on_delivery(
                 Delivery(
                     body=body,
-                    delivery_tag=method.delivery_tag,
-                    reply_to=None,
-                    correlation_id=None,
-                    content_type=properties.content_type,
-                    connection_generation=generation,
-                    history_offset=offset if isinstance(offset, int) else -1,
-                    history_channel=channel_number,
+                    tag=method.delivery_tag,
+                    reply_to=None if history else properties.reply_to,
+                    correlation_id=None if history else properties.correlation_id,
+                    source=channel,
+                    history_offset=(offset if isinstance(offset, int) else -1) if history else None,
+                    user_id=properties.user_id,
                 )
             )
 
-        try:
-            self._history_tag = channel.basic_consume(
-                HISTORY_STREAM,
-                deliver,
+        return deliver
+
+    def read_history(self, reading: HistoryReading) -> None:
+        """Reads the history stream from ``reading.start`` on a channel of its own, and puts
+        ``reading.marker`` at the stream's end. One reading at a time: a new one ends the last."""
+        self._check_owner()
+        self.stop_history()
+        stream = self._history_stream or topo.history_stream()
+        with broker_errors(LOST, self._parameters):
+            channel = self._open_connection().channel()
+            channel.basic_qos(prefetch_count=self._replay_prefetch)
+            self._history_channel = channel
+            channel.basic_consume(
+                stream.name,
+                self._deliverer(channel, reading.on_entry, history=True),
                 auto_ack=False,
-                arguments={"x-stream-offset": history.start},
+                arguments={"x-stream-offset": reading.start},
             )
             channel.basic_publish(
                 "",
-                routing_key=HISTORY_STREAM,
-                body=history.marker,
+                routing_key=stream.name,
+                body=reading.marker,
                 properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
             )
-        except (pika.exceptions.AMQPError, OSError) as error:
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
 
     def stop_history(self) -> None:
-        """Stops reading the history stream (until the next :meth:`consume_history`).
-
-        By closing its channel, not cancelling the consumer: pika's cancel rejects the
-        deliveries not yet dispatched, and a stream answers a reject by closing the whole
-        connection. A closed channel's deliveries are simply dropped by the broker.
-        """
-        channel, self._history_channel, self._history_tag = self._history_channel, None, None
+        """Stops reading the history stream, by closing its channel, not by cancelling the
+        consumer: pika's cancel rejects the deliveries not yet dispatched, and a stream
+        answers a reject by closing the whole connection. A closed channel's deliveries are
+        simply dropped by the broker, and answers to them are not sent (:meth:`is_current`)."""
+        self._check_owner()
+        channel, self._history_channel = self._history_channel, None
         if channel is not None and channel.is_open:
             channel._impl.close()  # noqa: SLF001 - the blocking close cancels, as above
 
     def process_events(self, seconds: float) -> None:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
-        try:
+        self._check_owner()
+        with broker_errors(LOST, self._parameters):
             self._open_connection().process_data_events(time_limit=seconds)
-        except (pika.exceptions.AMQPError, OSError) as error:
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        """Runs ``callback`` on the connection's thread. The one method safe from any thread.
-
-        While there is no connection, callbacks wait and run on the next one, so a pull
-        that finishes while the worker reconnects still gets its reply sent.
-        """
-        with self._pending_lock:
-            connection = self._connection
-            if connection is None or not connection.is_open:
-                self._pending.append(callback)
-                return
-            try:
-                connection.add_callback_threadsafe(callback)
-            except (pika.exceptions.AMQPError, OSError) as error:
-                log.info("connection closing; keeping a callback for the next", error=str(error))
-                self._pending.append(callback)
-
-    def _run_pending(self) -> None:
-        with self._pending_lock:
-            waiting, self._pending = self._pending, []
-            connection = self._connection
-        if waiting:
-            log.info("sending what waited for the connection", callbacks=len(waiting))
-        for callback in waiting:
-            if connection is None:
-                break
-            connection.add_callback_threadsafe(callback)
-
-    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        """Sends a reply through :data:`REPLY_EXCHANGE`. Connection thread only."""
-        # The blocking channel would flush this frame alone (a send and two poller changes);
-        # queued on the channel underneath, it goes out with the ack in one write when the
-        # connection's loop next runs, which is at once: we are inside that loop.
-        self._open_channel()._impl.basic_publish(  # noqa: SLF001 - see above
-            REPLY_EXCHANGE,
-            routing_key=reply_to,
-            body=body,
-            properties=pika.BasicProperties(
-                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
-            ),
-        )
 
     def announce(self, body: bytes) -> None:
-        """Publishes a presence announcement into the presence stream. Connection thread only."""
-        try:
+        """Publishes a presence announcement into the presence stream."""
+        self._check_owner()
+        with broker_errors(LOST, self._parameters):
             self._open_channel().basic_publish(
-                PRESENCE_EXCHANGE,
+                topo.PRESENCE.name,
                 routing_key="",
                 body=body,
                 properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
             )
-        except (pika.exceptions.AMQPError, OSError) as error:
-            raise BrokerUnavailable(
-                f"lost the connection to RabbitMQ at {self.where}: {_describe(error)}"
-            ) from None
 
-    def ack(self, delivery: Delivery) -> None:
-        if not self._current(delivery):
-            return
-        if delivery.history_offset is not None:
-            channel = self._history_channel
-            if (
-                channel is not None
-                and channel.is_open
-                and delivery.history_channel == self._history_channels
-            ):
-                channel._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
-            return
-        self._open_channel()._impl.basic_ack(delivery.delivery_tag)  # noqa: SLF001 - as reply
-
-    def reject(self, delivery: Delivery) -> None:
-        """Rejects without requeue: a message that cannot be served now never will be."""
-        if self._current(delivery):
-            self._open_channel().basic_reject(delivery.delivery_tag, requeue=False)
-
-    def _current(self, delivery: Delivery) -> bool:
-        if delivery.connection_generation == self._generation:
-            return True
-        log.info(
-            "not acking a delivery from a connection that is gone",
-            delivery_tag=delivery.delivery_tag,
-        )
-        return False
+    def is_current(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` came on a channel that is still open: answers to it count."""
+        return self._channel_of(delivery) is not None
 
     def stop_consuming(self) -> None:
         """Takes no more live requests or history entries."""
@@ -350,38 +237,173 @@ class WorkerBroker:
         if self._channel is not None and self._consumer_tag is not None:
             try:
                 self._channel.basic_cancel(self._consumer_tag)
-            except (pika.exceptions.AMQPError, OSError) as error:
-                log.warning("could not cancel the consumer", error=_describe(error))
+            except CONNECTION_ERRORS as error:
+                log.warning("could not cancel the consumer", error=describe(error))
         self._consumer_tag = None
 
     def close(self) -> None:
-        with self._pending_lock:
-            connection, self._connection, self._channel = self._connection, None, None
-            self._history_channel = None
+        with self._lock:
+            connection, self._connection = self._connection, None
+            self._channel = self._history_channel = None
         if connection is not None and connection.is_open:
             try:
                 connection.close()
-            except (pika.exceptions.AMQPError, OSError) as error:
-                log.warning("error while closing the connection", error=_describe(error))
+            except CONNECTION_ERRORS as error:
+                log.warning("error while closing the connection", error=describe(error))
+
+    # -- any thread --------------------------------------------------------------------------
+
+    def answer(self, delivery: Delivery, result: NodeResult | None, refuse: bool = False) -> None:
+        """Replies ``result`` to the delivery's ``reply_to`` (if any) and acks the delivery;
+        with ``refuse``, rejects it without requeue instead (a message that can never be
+        served; a stream takes acks only). Any thread; kept for the next connection while
+        there is none."""
+        self._on_connection_thread(
+            lambda: self._send_answer(delivery, result, refuse),
+            waiting=lambda: self._waiting_answers.append((delivery, result, refuse)),
+        )
+
+    def progress(self, delivery: Delivery, message: NodeProgress) -> None:
+        """Sends a progress report to the delivery's ``reply_to``. Any thread; while there is
+        no connection only the latest of each request is kept."""
+        reply_to = delivery.reply_to
+        if not reply_to:
+            return
+        key = (reply_to, message.request_id)
+        self._on_connection_thread(
+            lambda: self._send_progress(delivery, message),
+            waiting=lambda: self._waiting_progress.__setitem__(key, (delivery, message)),
+        )
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Runs ``callback`` on the connection's thread, after what that thread is doing now."""
+        self._on_connection_thread(
+            callback, waiting=lambda: self._waiting_calls.append(callback), defer=True
+        )
+
+    def waiting(self) -> tuple[int, int, int]:
+        """What waits for the next connection: answers, progress reports, callbacks."""
+        with self._lock:
+            return (
+                len(self._waiting_answers),
+                len(self._waiting_progress),
+                len(self._waiting_calls),
+            )
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _on_connection_thread(
+        self, action: Callable[[], None], waiting: Callable[[], None], defer: bool = False
+    ) -> None:
+        if not defer and threading.get_ident() == self._owner and self.connected:
+            action()
+            return
+        with self._lock:
+            connection = self._connection
+            if connection is None or not connection.is_open:
+                waiting()
+                return
+            try:
+                connection.add_callback_threadsafe(action)
+            except CONNECTION_ERRORS as error:
+                log.info("connection closing; keeping an answer for the next", error=str(error))
+                waiting()
+
+    def _send_what_waited(self) -> None:
+        with self._lock:
+            answers, self._waiting_answers = self._waiting_answers, []
+            progress, self._waiting_progress = self._waiting_progress, {}
+            calls, self._waiting_calls = self._waiting_calls, []
+        if answers or progress or calls:
+            log.info(
+                "sending what waited for the connection",
+                answers=len(answers),
+                progress=len(progress),
+                callbacks=len(calls),
+            )
+        for delivery, message in progress.values():
+            self._send_progress(delivery, message)
+        for delivery, result, refuse in answers:
+            self._send_answer(delivery, result, refuse)
+        for callback in calls:
+            callback()
+
+    def _send_answer(self, delivery: Delivery, result: NodeResult | None, refuse: bool) -> None:
+        """Connection thread: the reply, then the ack, in one write. A reply to a delivery
+        from a closed channel still goes out (the requester may be waiting); its ack cannot
+        (the broker has already put the message back)."""
+        try:
+            if result is not None and delivery.reply_to:
+                self._reply(delivery.reply_to, delivery.correlation_id, result.encode())
+            channel = self._channel_of(delivery)
+            if channel is None:
+                return
+            # Queued on the channel underneath: it goes out with the reply in one write
+            # when the connection's loop next runs, which is at once (we are inside it).
+            if refuse and delivery.history_offset is None:
+                channel._impl.basic_reject(delivery.tag, requeue=False)  # noqa: SLF001
+            else:
+                channel._impl.basic_ack(delivery.tag)  # noqa: SLF001 - see above
+        except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
+            log.warning("could not answer; the connection was lost", error=describe(error))
+
+    def _send_progress(self, delivery: Delivery, message: NodeProgress) -> None:
+        if not delivery.reply_to:
+            return
+        try:
+            self._reply(delivery.reply_to, delivery.correlation_id, message.encode())
+        except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
+            log.info("progress not sent; the connection was lost", error=describe(error))
+
+    def _reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
+        # The blocking channel would flush this frame alone (a send and two poller changes);
+        # the channel underneath queues it for the loop's next write.
+        self._open_channel()._impl.basic_publish(  # noqa: SLF001 - see above
+            topo.REPLIES.name,
+            routing_key=reply_to,
+            body=body,
+            properties=pika.BasicProperties(
+                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+            ),
+        )
+
+    def _channel_of(self, delivery: Delivery) -> Channel | None:
+        source = delivery.source
+        for channel in (self._channel, self._history_channel):
+            if channel is not None and channel.is_open and channel is source:
+                return channel
+        return None
+
+    def _check_owner(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise RuntimeError(
+                "pika was called off the connection's thread; use answer(), progress() or "
+                "call_soon() from other threads"
+            )
 
     def _open_connection(self) -> pika.BlockingConnection:
         if self._connection is None or not self._connection.is_open:
             raise BrokerUnavailable(f"not connected to RabbitMQ at {self.where}")
         return self._connection
 
-    def _open_channel(self) -> pika.adapters.blocking_connection.BlockingChannel:
+    def _open_channel(self) -> Channel:
         if self._channel is None or not self._channel.is_open:
             raise BrokerUnavailable(f"no open channel to RabbitMQ at {self.where}")
         return self._channel
 
 
-def declare_presence_stream(channel: pika.adapters.blocking_connection.BlockingChannel) -> None:
-    """The presence exchange and the stream bound to it (idempotent; same arguments everywhere)."""
-    channel.exchange_declare(PRESENCE_EXCHANGE, exchange_type="fanout", durable=True)
-    channel.queue_declare(PRESENCE_STREAM, durable=True, arguments=PRESENCE_STREAM_ARGUMENTS)
-    channel.queue_bind(PRESENCE_STREAM, PRESENCE_EXCHANGE)
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error) or repr(error)
-    return f"{type(error).__name__}: {text}"
+def _declare(channel: Channel, declarations: Any) -> None:
+    """Declares the given topology (see :mod:`contract.topology`) on a blocking channel."""
+    for item in declarations:
+        if isinstance(item, topo.Exchange):
+            channel.exchange_declare(item.name, exchange_type=item.kind, durable=item.durable)
+        elif isinstance(item, topo.Queue):
+            channel.queue_declare(
+                item.name,
+                durable=item.durable,
+                exclusive=item.exclusive,
+                auto_delete=item.auto_delete,
+                arguments=dict(item.arguments) or None,
+            )
+        else:
+            channel.queue_bind(item.queue, item.exchange, routing_key=item.routing_key)

@@ -1,30 +1,37 @@
-"""Catching up: a node that was away, or is new, replays the requests it missed.
+"""Catching up: replaying the pulls a node missed while its worker was away.
 
-Every request is also kept in the history stream (see ``contract.HISTORY_STREAM``).
-Each worker reads that stream for as long as it runs: from where it last got to
-(remembered in ``PULLER_STATE_DIR``), or from the start of the window on a node
-that has never run. Requests it already served live are skipped; the others go
-through the same :class:`~worker.service.PullService` as live ones (validation,
-timeouts, retries, the pull cap, one pull per image), with no reply: their
-results go to this module's ledger instead.
+An exclusive queue exists only while its worker is connected, so requests published while
+a node's worker was down never reach it live; every request is also in the history stream.
+On each connection the worker reads that stream, through the same pull service as live
+requests, up to a marker it puts at the end; then it stops reading until the next
+connection, except for a short checkpoint now and then. Where it got to is kept by the
+ledger (:mod:`worker.history_ledger`).
 
-On each connection the worker puts a :class:`~contract.HistoryMarker` at the end
-of the stream. When every entry before its own marker is done, it has caught up,
-and ``/ready`` says so. Connection-thread only, except :meth:`CatchUp.status`.
+The phases, in order (all on the connection's thread)::
+
+    DISCONNECTED --connect--> FINDING_END --marker read--> REPLAYING --all done--> CAUGHT_UP
+                                                                   ^                  |
+                                      (checkpoint: last chunk to a marker) CHECKPOINTING
+
+- FINDING_END: reads only the stream's last chunk up to a fresh marker, to learn where the
+  stream ends now. A saved place beyond that end, or whose entry is not the one saved, is
+  from a stream deleted since: the worker says so and starts from the beginning.
+- REPLAYING: from the saved place to that end; each request goes to the pull service
+  (validation, retries, one pull per image) without a reply.
+- CHECKPOINTING: while caught up, idle and fed live requests, at most every 30 s: reads
+  the last chunk up to a fresh marker and saves the marker's offset, so that a restart
+  does not replay what was served live.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -37,13 +44,14 @@ from contract import (
     PullRequest,
     Status,
     decode_history,
-    decode_reply,
 )
-from worker.broker import Delivery, HistoryConsumer
+from worker.broker import HistoryReading
+from worker.history_ledger import Ledger, Place, entry_identity
+from worker.metrics import WorkerMetrics
+from worker.model import AnswerCallback, Delivery, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 
-STATE_FILE = "history-offset.json"
 SEEN_LIVE_LIMIT = 10_000
 """Request ids served live that a replay skips; older ones are served again (cheaply:
 the image is there)."""
@@ -51,151 +59,54 @@ the image is there)."""
 CHECKPOINT_INTERVAL = 30.0
 """Seconds between saves of how far a connected, caught-up node has got."""
 
-REPLAY_REPLY_TO = "puller.replay"
-"""The ``reply_to`` of a replayed request: its result goes to the ledger, not the broker."""
 
-
-class CannotKeepState(Exception):
-    """``PULLER_STATE_DIR`` cannot be created or written."""
-
-
-class OffsetStore:
-    """The offset of the last history entry this node is done with, on the node's disk."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self._path = state_dir / STATE_FILE
-        try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            probe = state_dir / f".probe-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as error:
-            raise CannotKeepState(
-                f"PULLER_STATE_DIR={str(state_dir)!r} cannot be written ({error.strerror}); "
-                "point it at a directory on the node's disk this worker can write"
-            ) from None
-
-    def load(self) -> int | None:
-        try:
-            offset = json.loads(self._path.read_text())["offset"]
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            log.warning(
-                "unreadable catch-up state; replaying the whole window",
-                path=str(self._path),
-                error=str(error),
-            )
-            return None
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            log.warning("invalid catch-up state; replaying the whole window", offset=offset)
-            return None
-        return offset
-
-    def save(self, offset: int) -> None:
-        temporary = self._path.with_suffix(".tmp")
-        try:
-            temporary.write_text(json.dumps({"offset": offset, "saved_at": time.time()}))
-            os.replace(temporary, self._path)
-        except OSError as error:  # a full disk must not stop the node serving live requests
-            log.warning("could not save the catch-up state", error=str(error))
-
-
-class Ledger:
-    """Which history entries are in hand and which are done; done ones advance the saved
-    offset only when every entry before them is done too, so a restart never skips one."""
-
-    def __init__(self, store: OffsetStore) -> None:
-        self._store = store
-        self.committed = store.load()
-        self._in_order: deque[int] = deque()
-        self._done: set[int] = set()
-
-    def start_offset(self) -> int | str:
-        """Where a new history consumer starts: after the saved offset, else the start."""
-        return "first" if self.committed is None else self.committed + 1
-
-    def restart(self) -> None:
-        """A new consumer redelivers everything not committed; forget what was in hand."""
-        self._in_order.clear()
-        self._done.clear()
-
-    def delivered(self, offset: int) -> None:
-        self._in_order.append(offset)
-
-    def done(self, offset: int) -> None:
-        self._done.add(offset)
-        advanced = None
-        while self._in_order and self._in_order[0] in self._done:
-            advanced = self._in_order.popleft()
-            self._done.discard(advanced)
-        if advanced is not None:
-            self.jump(advanced)
-
-    def jump(self, offset: int) -> None:
-        """Everything up to ``offset`` is done (never moves back)."""
-        if self.committed is None or offset > self.committed:
-            self.committed = offset
-            self._store.save(offset)
-
-    @property
-    def in_hand(self) -> int:
-        return len(self._in_order)
+class Phase(Enum):
+    DISCONNECTED = "disconnected"
+    FINDING_END = "finding the end of the history"
+    REPLAYING = "replaying missed pulls"
+    CAUGHT_UP = "caught up"
+    CHECKPOINTING = "caught up (saving its place)"
 
 
 class HistoryBroker(Protocol):
-    """The part of the worker's broker catch-up uses (connection thread only)."""
+    """The part of the worker's broker catch-up uses."""
 
-    def call_soon(self, callback: Callable[[], None]) -> None: ...
-
-    def ack(self, delivery: Delivery) -> None: ...
-
-    def consume_history(self, history: HistoryConsumer) -> None: ...
+    def read_history(self, reading: HistoryReading) -> None: ...
 
     def stop_history(self) -> None: ...
 
+    def answer(self, delivery: Delivery, result: NodeResult | None) -> None: ...
+
+    def call_soon(self, callback: Callable[[], None]) -> None: ...
+
+    def is_current(self, delivery: Delivery) -> bool: ...
+
 
 class RequestServer(Protocol):
-    def accept(self, request: PullRequest, delivery: Delivery, channel: ReplayChannel) -> None: ...
+    def submit(
+        self,
+        request: PullRequest,
+        answer: AnswerCallback,
+        progress: ProgressCallback | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
 class CatchUpStatus:
+    """What ``/ready`` and presence announcements say about catching up."""
+
     connected: bool
     caught_up: bool
-    pending: int
+    replay_pending: int
     """Replayed requests in hand, not yet done."""
-    failed: int
+    replay_failed: int
     """Replayed requests whose pull failed since the worker started."""
-    committed_offset: int | None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "connected": self.connected,
-            "caught_up": self.caught_up,
-            "replay_pending": self.pending,
-            "replay_failed": self.failed,
-            "history_offset": self.committed_offset,
-        }
-
-
-class _Reading(Enum):
-    NONE = "none"
-    CATCH_UP = "catch_up"
-    """From the saved offset to this connection's marker, replaying what was missed."""
-    CHECKPOINT = "checkpoint"
-    """Only the stream's last chunk, to move the saved offset up to a fresh marker."""
+    history_offset: int | None
+    phase: str
 
 
 class CatchUp:
-    """Feeds the history stream to the pull service, and knows when the node has caught up.
-
-    The stream is read only while there is something to learn from it: on each new
-    connection, up to the marker put at its end (everything the node may have missed),
-    and then, now and then while connected, idle and fed live, its last chunk only up to
-    a fresh marker, to save how far the node got. Between them the live queue brings
-    every request, and no broker work is spent on the history per request.
-    """
+    """Feeds the history stream to the pull service and knows when the node has caught up."""
 
     def __init__(
         self,
@@ -205,8 +116,10 @@ class CatchUp:
         broker: HistoryBroker,
         max_age: float,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.node = node
+        self._metrics = metrics or WorkerMetrics()
         self._ledger = ledger
         self._server = server
         self._broker = broker
@@ -215,90 +128,150 @@ class CatchUp:
         self._seen_live: OrderedDict[str, None] = OrderedDict()
         self._live_since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
-        self._reading = _Reading.NONE
+        self.phase = Phase.DISCONNECTED
         self._marker_id = ""
-        self._marker_offset: int | None = None
-        self._connected = False
-        self._caught_up = False
-        self._round = 0
+        self._end: int | None = None
+        """The offset of the marker that ends this connection's replay."""
+        self._verify: Place | None = None
+        """The saved place, to check against the first entries of the replay."""
         self._failed = 0
         self._status = self._snapshot()
 
-    def on_connect(self) -> HistoryConsumer:
-        """A new connection: read the history from the saved offset up to a new marker."""
+    # -- transitions (connection thread) -----------------------------------------------------
+
+    def on_connect(self) -> None:
+        """A new connection: find where the stream ends now, then replay up to there."""
         self._ledger.restart()
-        self._round += 1
-        self._marker_offset = None
-        self._caught_up = False
-        self._connected = True
-        self._update()
-        start = self._ledger.start_offset()
-        log.info("catching up", history_from=start)
-        return self._reading_from(start, _Reading.CATCH_UP)
+        self._end = None
+        self._read(Phase.FINDING_END, "last")
 
     def on_disconnect(self) -> None:
-        self._connected = False
-        self._reading = _Reading.NONE
+        self.phase = Phase.DISCONNECTED
         self._update()
 
-    def note_live(self, request: PullRequest | None) -> None:
+    def note_live(self, request: PullRequest) -> None:
         """A request served from the live queue: its history entry needs no replay."""
-        if request is None:
-            return
         self._live_since_checkpoint += 1
         self._seen_live[request.request_id] = None
         if len(self._seen_live) > SEEN_LIVE_LIMIT:
             self._seen_live.popitem(last=False)
 
     def checkpoint_if_due(self, unanswered: int) -> None:
-        """Connection thread, between events: when caught up, idle, and fed live since the
-        last time, reads the stream's last chunk up to a fresh marker and saves its offset.
-        Idle matters: every request before the marker has then been answered."""
+        """Between events: when caught up, idle, and fed live since the last time, reads the
+        stream's last chunk up to a fresh marker and saves its offset. Idle matters: every
+        request before the marker has then been answered."""
         if (
-            self._reading is _Reading.NONE
-            and self._connected
-            and self._caught_up
+            self.phase is Phase.CAUGHT_UP
             and self._live_since_checkpoint
             and unanswered == 0
             and time.monotonic() - self._last_checkpoint >= self._checkpoint_interval
         ):
             self._last_checkpoint = time.monotonic()
             self._live_since_checkpoint = 0
-            self._broker.consume_history(self._reading_from("last", _Reading.CHECKPOINT))
+            self._read(Phase.CHECKPOINTING, "last")
 
-    def _reading_from(self, start: int | str, reading: _Reading) -> HistoryConsumer:
-        self._reading = reading
+    def _read(self, phase: Phase, start: int | str) -> None:
+        self.phase = phase
         self._marker_id = uuid.uuid4().hex
         marker = HistoryMarker(self.node, self._marker_id).encode()
-        return HistoryConsumer(start, marker, self.on_history)
+        self._update()
+        self._broker.read_history(HistoryReading(start, marker, self._on_entry))
 
-    def on_history(self, delivery: Delivery) -> None:
+    def _found_end(self, end: int) -> None:
+        """FINDING_END -> REPLAYING (or straight to CAUGHT_UP)."""
+        self._end = end
+        saved = self._ledger.committed
+        self._verify = None
+        if saved is not None and saved.offset >= end:
+            log.warning(
+                "the saved history place is beyond the end of the stream: the stream was "
+                "deleted and declared again since; replaying it from the beginning",
+                saved_offset=saved.offset,
+                stream_end=end,
+            )
+            self._ledger.forget_place()
+            saved = None
+        if saved is None:
+            start: int | str = "first"
+        elif saved.identity is None:
+            start = saved.offset + 1  # an older state file: nothing to check it against
+        else:
+            start, self._verify = saved.offset, saved
+        log.info("catching up", history_from=start, history_end=end)
+        self._ledger.restart()
+        self._read(Phase.REPLAYING, start)
+
+    def _restart_from_the_beginning(self, offset: int, found: str) -> None:
+        log.warning(
+            "the saved history place holds another entry: the stream was deleted and "
+            "declared again since; replaying it from the beginning",
+            saved_offset=offset,
+            saved_identity=self._verify.identity if self._verify else None,
+            found_identity=found,
+        )
+        self._verify = None
+        self._ledger.forget_place()
+        self._read(Phase.REPLAYING, "first")
+
+    # -- entries (connection thread) ---------------------------------------------------------
+
+    def _on_entry(self, delivery: Delivery) -> None:
         """One history entry. Never raises."""
         offset = delivery.history_offset
-        if offset is None or self._reading is _Reading.NONE:
-            return  # stragglers after a cancel: the broker takes them back
-        if self._reading is _Reading.CHECKPOINT:
-            self._checkpoint_entry(delivery, offset)
-        else:
-            self._catch_up_entry(delivery, offset)
+        if offset is None or not self._broker.is_current(delivery):
+            return
+        identity = entry_identity(delivery.body)
+        if self.phase in (Phase.FINDING_END, Phase.CHECKPOINTING):
+            self._broker.answer(delivery, None)
+            if self._is_my_marker(delivery.body):
+                self._marker_read(offset, identity)
+            return
+        if self.phase is not Phase.REPLAYING:
+            return
+        if self._verify is not None:
+            verify, self._verify = self._verify, None
+            if offset == verify.offset:
+                if identity != verify.identity:
+                    self._restart_from_the_beginning(offset, identity)
+                    return
+                self._broker.answer(delivery, None)  # the saved entry itself: done
+                return
+        self._ledger.delivered(offset, identity)
+        self._replay(delivery, offset)
+        self._update()
 
-    def _catch_up_entry(self, delivery: Delivery, offset: int) -> None:
-        self._ledger.delivered(offset)
-        channel = ReplayChannel(self, self._broker, self._round)
+    def _is_my_marker(self, body: bytes) -> bool:
+        try:
+            entry = decode_history(body)
+        except InvalidMessage:
+            return False
+        return isinstance(entry, HistoryMarker) and entry.marker_id == self._marker_id
+
+    def _marker_read(self, offset: int, identity: str) -> None:
+        if self.phase is Phase.FINDING_END:
+            self._found_end(offset)
+            return
+        self.phase = Phase.CAUGHT_UP  # a checkpoint
+        self._ledger.jump(Place(offset, identity))
+        self._broker.stop_history()
+        log.debug("history checkpoint", history_offset=offset)
+        self._update()
+
+    def _replay(self, delivery: Delivery, offset: int) -> None:
         try:
             entry = decode_history(delivery.body)
         except InvalidMessage as error:
             log.warning("skipping a history entry that breaks the contract", error=str(error))
-            channel.ack(delivery)
+            self._metrics.replay_skipped.labels("invalid").inc()
+            self._entry_done(delivery, None)
             return
         except Exception:
             log.exception("decoding a history entry failed unexpectedly")
-            channel.ack(delivery)
+            self._metrics.replay_skipped.labels("invalid").inc()
+            self._entry_done(delivery, None)
             return
         if isinstance(entry, HistoryMarker):
-            if entry.marker_id == self._marker_id:
-                self._marker_offset = offset
-            channel.ack(delivery)
+            self._entry_done(delivery, None)
             return
         age = time.time() - entry.requested_at
         if age > self._max_age:
@@ -308,114 +281,69 @@ class CatchUp:
                 image=str(entry.image),
                 age=round(age),
             )
-            channel.ack(delivery)
+            self._metrics.replay_skipped.labels("too_old").inc()
+            self._entry_done(delivery, None)
             return
         if entry.request_id in self._seen_live:
-            channel.ack(delivery)
+            self._metrics.replay_skipped.labels("served_live").inc()
+            self._entry_done(delivery, None)
             return
         log.info("replaying", request_id=entry.request_id, image=str(entry.image), offset=offset)
-        replay = dataclasses.replace(
-            delivery, reply_to=REPLAY_REPLY_TO, correlation_id=entry.request_id
+        self._metrics.replayed.inc()
+        self._server.submit(
+            entry,
+            lambda result: self._broker.call_soon(partial(self._entry_done, delivery, result)),
         )
-        self._server.accept(entry, replay, channel)
 
-    def _checkpoint_entry(self, delivery: Delivery, offset: int) -> None:
-        self._broker.ack(delivery)
-        try:
-            entry = decode_history(delivery.body)
-        except Exception:  # anything not ours is passed over
+    def _entry_done(self, delivery: Delivery, result: NodeResult | None) -> None:
+        """Connection thread. An entry from an earlier reading is ignored: it is delivered
+        again on the current one, and counts when that copy is done."""
+        if not self._broker.is_current(delivery) or delivery.history_offset is None:
             return
-        if isinstance(entry, HistoryMarker) and entry.marker_id == self._marker_id:
-            self._reading = _Reading.NONE
-            self._ledger.jump(offset)
-            self._update()
-            log.debug("history checkpoint", history_offset=offset)
-            self._broker.stop_history()
-
-    def finished(self, delivery: Delivery, round_: int) -> None:
-        """An entry is done. One from an earlier connection is redelivered on this one, and
-        counts when that copy is done."""
-        if round_ == self._round and delivery.history_offset is not None:
-            self._ledger.done(delivery.history_offset)
-        self._update()
-
-    def record(self, result: NodeResult) -> None:
-        if result.error is not None and result.error.kind is ErrorKind.CANCELLED:
-            log.info("a replayed pull was cancelled; it is replayed on the next start")
-            return
-        if result.status is Status.FAILED:
+        self._broker.answer(delivery, None)
+        if result is not None and result.status is Status.FAILED and result.error is not None:
+            if result.error.kind is ErrorKind.CANCELLED:
+                # Cancelled by shutdown: not done, the saved place stays before it.
+                log.info("a replayed pull was cancelled; it is replayed on the next start")
+                return
             self._failed += 1
+            self._metrics.replay_failed.inc()
             log.warning(
                 "a replayed pull failed",
                 request_id=result.request_id,
                 image=result.image,
-                error=result.error.message if result.error else None,
+                error=result.error.message,
             )
+        self._ledger.done(delivery.history_offset)
+        self._update()
+
+    # -- state --------------------------------------------------------------------------------
 
     def status(self) -> CatchUpStatus:
         """Any thread: the state as of the last change."""
         return self._status
 
     def _update(self) -> None:
-        committed, marker = self._ledger.committed, self._marker_offset
+        committed, end = self._ledger.committed_offset, self._end
         if (
-            not self._caught_up
-            and self._reading is _Reading.CATCH_UP
-            and marker is not None
+            self.phase is Phase.REPLAYING
+            and end is not None
             and committed is not None
-            and committed >= marker
+            and committed >= end
         ):
-            self._caught_up = True
-            self._reading = _Reading.NONE
+            self.phase = Phase.CAUGHT_UP
             self._last_checkpoint = time.monotonic()
             log.info("caught up", history_offset=committed, replay_failed=self._failed)
-            self._status = self._snapshot()
             self._broker.stop_history()
         self._status = self._snapshot()
 
     def _snapshot(self) -> CatchUpStatus:
+        caught_up = self.phase in (Phase.CAUGHT_UP, Phase.CHECKPOINTING)
         return CatchUpStatus(
-            connected=self._connected,
-            caught_up=self._connected and self._caught_up,
-            pending=self._ledger.in_hand,
-            failed=self._failed,
-            committed_offset=self._ledger.committed,
+            connected=self.phase is not Phase.DISCONNECTED,
+            caught_up=caught_up,
+            replay_pending=self._ledger.in_hand,
+            replay_failed=self._failed,
+            history_offset=self._ledger.committed_offset,
+            phase=self.phase.value,
         )
-
-
-class ReplayChannel:
-    """What a replayed request answers through: results go to the ledger, acks to the
-    history stream's channel."""
-
-    def __init__(self, catch_up: CatchUp, broker: HistoryBroker, round_: int) -> None:
-        self._catch_up = catch_up
-        self._broker = broker
-        self._round = round_
-        self._cancelled = False
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self._broker.call_soon(callback)
-
-    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        try:
-            answer = decode_reply(body)
-        except InvalidMessage:
-            return
-        if isinstance(answer, NodeResult):
-            self._catch_up.record(answer)
-            if answer.error is not None and answer.error.kind is ErrorKind.CANCELLED:
-                self._cancelled = True
-
-    def ack(self, delivery: Delivery) -> None:
-        try:
-            self._broker.ack(delivery)
-        finally:
-            # A pull cancelled by shutdown is not done: the offset stays before it.
-            if not self._cancelled:
-                self._catch_up.finished(delivery, self._round)
-
-    def reject(self, delivery: Delivery) -> None:
-        try:
-            self._broker.ack(delivery)  # a stream takes acks only; the entry is done
-        finally:
-            self._catch_up.finished(delivery, self._round)

@@ -3,7 +3,7 @@
 It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
 person can act on. A containerd backend would be another class with the same
-two methods (:class:`ImageStore` in ``worker.service``).
+methods (:class:`worker.model.ImageStore`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -21,26 +20,11 @@ import requests
 import urllib3
 from docker import auth as docker_auth
 
-from contract import ErrorKind, ImageReference, PullFailed
+from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from worker.image_index import ImageIndex, KnownImage
+from worker.model import ImageInfo, PullProgress
 
 ENGINE_API_VERSION = "auto"
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What the engine knows of an image it holds."""
-
-    image_id: str
-    digest: str | None
-
-
-@dataclass(frozen=True)
-class PullProgress:
-    """Bytes downloaded so far over all layers the engine reported, and their total."""
-
-    done: int
-    total: int
 
 
 class DockerEngine:
@@ -99,7 +83,7 @@ class DockerEngine:
         self._index.remember(name, KnownImage(info.image_id, info.digest), generation)
         return info
 
-    def watch_images(self) -> None:
+    def start(self) -> None:
         """Starts following the engine's image events, so that known images are answered
         from memory."""
         self._index.start()
@@ -344,13 +328,28 @@ def _engine_name(image: ImageReference) -> str:
 
 
 def _image_info(attrs: dict[str, Any], image: ImageReference) -> ImageInfo:
-    digests = [d for d in attrs.get("RepoDigests") or [] if isinstance(d, str)]
-    mine = [d for d in digests if d.split("@", 1)[0] in (image.repository, image.familiar)]
-    chosen = (mine or digests)[:1]
+    """The image's id, and the digest of the repository that was asked for: an image held
+    under several names has one repo digest per repository, and another repository's digest
+    says nothing about this one."""
     return ImageInfo(
         image_id=str(attrs.get("Id", "")),
-        digest=chosen[0].split("@", 1)[1] if chosen else image.digest,
+        digest=repository_digest(attrs.get("RepoDigests"), image),
     )
+
+
+def repository_digest(repo_digests: object, image: ImageReference) -> str | None:
+    """The digest in ``repo_digests`` (the engine's ``NAME@DIGEST`` list, names in any
+    spelling) whose repository is ``image``'s; else the digest ``image`` names, if any."""
+    for entry in repo_digests if isinstance(repo_digests, list) else []:
+        if not isinstance(entry, str) or "@" not in entry:
+            continue
+        try:
+            named = parse_reference(entry)
+        except InvalidReference:
+            continue
+        if named.repository == image.repository and named.digest is not None:
+            return named.digest
+    return image.digest
 
 
 def _api_error_text(error: docker.errors.APIError) -> str:

@@ -1,8 +1,9 @@
 """``GET /alive`` and ``GET /ready`` for a Kubernetes probe, on ``PULLER_HEALTH_PORT``.
 
-Alive while the connection's loop keeps turning; ready once the worker is connected
-and has caught up on the history it missed. Both answer JSON saying why. The server
-runs on threads of its own and only reads state the loop publishes.
+Alive while the worker's main loop keeps turning, connected or not: a broker outage is
+not a reason to restart the worker (that would cut its pulls). Ready once it is
+connected, has caught up on the history it missed, and is not draining. Both answer JSON
+saying why. The server runs on threads of its own and only reads state the loop publishes.
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 
-from worker.catch_up import CatchUpStatus
-
 log = structlog.get_logger("worker.health")
 
 LOOP_SILENCE_LIMIT = 30.0
-"""Seconds without a turn of the connection's loop after which the worker is not alive."""
+"""Seconds without a turn of the main loop after which the worker is not alive."""
+
+Answer = tuple[int, str, bytes]
+"""Status, content type, body."""
 
 
 class Liveness:
-    """The connection's loop calls :meth:`tick` on every turn."""
+    """The main loop calls :meth:`tick` on every turn, connected or waiting to reconnect."""
 
     def __init__(self) -> None:
         self._last_tick = time.monotonic()
@@ -35,21 +37,30 @@ class Liveness:
     def silence(self) -> float:
         return time.monotonic() - self._last_tick
 
+    def answer(self) -> tuple[int, dict[str, object]]:
+        silence = round(self.silence(), 3)
+        alive = silence < LOOP_SILENCE_LIMIT
+        reason = "the worker's loop is running" if alive else "the worker's loop is stuck"
+        body = {"alive": alive, "loop_silent_seconds": silence, "reason": reason}
+        return (200 if alive else 503), body
+
+
+def json_answer(status: int, body: Mapping[str, object]) -> Answer:
+    return status, "application/json", json.dumps(body).encode()
+
 
 class HealthServer:
-    def __init__(
-        self, port: int, liveness: Liveness, catch_up: Callable[[], CatchUpStatus]
-    ) -> None:
-        self._liveness = liveness
-        self._catch_up = catch_up
+    """A small HTTP server answering ``GET`` on fixed paths from ``routes``."""
+
+    def __init__(self, port: int, routes: Mapping[str, Callable[[], Answer]]) -> None:
+        self._routes = dict(routes)
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                code, body = owner.answer(self.path)
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                status, content_type, data = owner.answer(self.path)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -66,34 +77,21 @@ class HealthServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("health endpoints", port=self.port, paths=["/alive", "/ready"])
+        log.info("health endpoints", port=self.port, paths=sorted(self._routes))
 
     def stop(self) -> None:
         if self._thread.is_alive():
             self._server.shutdown()  # waits for serve_forever, so only once it runs
         self._server.server_close()
 
-    def answer(self, path: str) -> tuple[int, dict[str, object]]:
-        silence = round(self._liveness.silence(), 3)
-        alive = silence < LOOP_SILENCE_LIMIT
+    def answer(self, path: str) -> Answer:
         route = path.split("?", 1)[0]
-        if route == "/alive":
-            reason = "the worker's loop is running" if alive else "the worker's loop is stuck"
-            return (200 if alive else 503), {
-                "alive": alive,
-                "loop_silent_seconds": silence,
-                "reason": reason,
-            }
-        if route == "/ready":
-            status = self._catch_up()
-            ready = alive and status.connected and status.caught_up
-            if not alive:
-                reason = "the worker's loop is stuck"
-            elif not status.connected:
-                reason = "not connected to RabbitMQ"
-            elif not status.caught_up:
-                reason = f"catching up on missed pulls ({status.pending} in hand)"
-            else:
-                reason = "connected and caught up"
-            return (200 if ready else 503), {"ready": ready, "reason": reason, **status.to_json()}
-        return 404, {"error": f"no such path {route!r}; try /alive or /ready"}
+        handler = self._routes.get(route)
+        if handler is None:
+            paths = ", ".join(sorted(self._routes))
+            return json_answer(404, {"error": f"no such path {route!r}; try {paths}"})
+        try:
+            return handler()
+        except Exception as error:
+            log.exception("a health endpoint failed", path=route)
+            return json_answer(500, {"error": f"{type(error).__name__}: {error}"})

@@ -6,22 +6,17 @@ import threading
 import time
 from collections.abc import Callable
 
-from contract import (
-    NodePresence,
-    NodeState,
-    PullFailed,
-    puller_version,
-)
+from contract import NodePresence, NodeState, PullFailed, puller_version
 from worker.catch_up import CatchUpStatus
-from worker.service import ImageStore
+from worker.model import ImageStore
 
 
 class PresenceAnnouncer:
     """Builds this node's presence messages and says when the next one is due.
 
-    The engine's version is asked on a thread of its own, so that a hung engine
-    never holds up the connection's thread; announcements carry the last answer,
-    or ``None`` while the engine cannot be reached.
+    The engine's version is asked on a thread of its own, so that a hung engine never holds
+    up the connection's thread; announcements carry the last answer, or ``None`` while the
+    engine cannot be reached.
     """
 
     def __init__(
@@ -29,12 +24,12 @@ class PresenceAnnouncer:
         node: str,
         store: ImageStore,
         interval: float,
-        catch_up: Callable[[], CatchUpStatus] | None = None,
+        catch_up: Callable[[], CatchUpStatus],
     ) -> None:
         self.node = node
-        self._catch_up = catch_up
         self.interval = interval
         self.started_at = time.time()
+        self._catch_up = catch_up
         self._store = store
         self._version = puller_version()
         self._engine_version: str | None = None
@@ -59,17 +54,17 @@ class PresenceAnnouncer:
     def message(self, state: NodeState = NodeState.UP) -> bytes:
         """The next announcement; counts as sent."""
         self._next_due = time.monotonic() + self.interval
-        status = self._catch_up() if self._catch_up is not None else None
+        status = self._catch_up()
         return NodePresence(
             node=self.node,
             version=self._version,
             engine=self._engine_version,
             started_at=self.started_at,
-            sent_at=time.time(),
+            last_seen=time.time(),
             state=state,
-            caught_up=status.caught_up if status is not None else None,
-            replay_pending=status.pending if status is not None else 0,
-            replay_failed=status.failed if status is not None else 0,
+            caught_up=status.caught_up,
+            replay_pending=status.replay_pending,
+            replay_failed=status.replay_failed,
         ).encode()
 
     def _probe_engine(self) -> None:

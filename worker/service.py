@@ -1,45 +1,66 @@
 """What a worker does with a pull request, free of pika and the docker SDK.
 
-The connection thread hands each delivery to :meth:`PullService.on_delivery`,
-which only decodes it and queues work. Checking the engine and pulling run on
-thread pools; the result goes back to the connection thread through
-``call_soon`` to be replied and acked there. Nothing a message contains can
-raise out of this module: a worker never dies on a message.
+:meth:`PullService.submit` takes a decoded request and a callback; it answers with one
+``NodeResult`` through that callback, whoever asked (a live request, a replay from the
+history, a test). What is done with the result is the caller's business.
+
+Where each step runs:
+
+- the caller's thread (the connection's): images known from memory are answered at once
+  (``present``, or ``not_found`` seen moments ago), with no engine call and no thread hop;
+- an inspect thread: asks the engine whether the image is there;
+- a pull thread: one of ``slots`` (see :mod:`worker.slots`), fair between registries; a
+  request for an image already being pulled joins that pull. A transient failure gives
+  its slot back while it waits to retry. A registry known to be down fails fast
+  (:mod:`worker.registry_health`).
+
+Nothing a request contains can raise out of this module: a worker never dies on a message.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import structlog
 
 from contract import (
     ErrorKind,
     ImageReference,
-    InvalidMessage,
-    NodeError,
     NodeProgress,
     NodeResult,
     PullFailed,
     PullRequest,
     Status,
 )
-from worker.broker import Delivery
-from worker.engine import ImageInfo, PullProgress
+from worker.metrics import WorkerMetrics
+from worker.model import (
+    AnswerCallback,
+    ImageInfo,
+    ImageStore,
+    ProgressCallback,
+    PullObserver,
+    PullProgress,
+)
+from worker.registry_health import NotFoundMemory, RegistryBreaker, says_registry_silent
+from worker.slots import PullSlots
 
 log = structlog.get_logger("worker.service")
 
 INSPECT_THREADS = 4
+PROGRESS_INTERVAL = 0.25
+"""Seconds between progress messages for one pull: at most four a second per node."""
 
 TRANSIENT_KINDS = frozenset(
     {ErrorKind.REGISTRY_UNREACHABLE, ErrorKind.REGISTRY_ERROR, ErrorKind.STALLED}
 )
 """Failures that may pass by themselves, and so are retried; the others are answered at once."""
+REGISTRY_ANSWERED_KINDS = frozenset(
+    {ErrorKind.NOT_FOUND, ErrorKind.UNAUTHORIZED, ErrorKind.REGISTRY_ERROR}
+)
+"""Failures that show the registry is up: it answered, if only to say no."""
 
 
 @dataclass(frozen=True)
@@ -54,282 +75,224 @@ class RetryPolicy:
         return float(min(self.first_delay * 2 ** (attempt - 1), self.max_delay))
 
 
-class ImageStore(Protocol):
-    """A node's image store: the Docker Engine today, containerd later."""
-
-    def find_image(self, image: ImageReference) -> ImageInfo | None: ...
-
-    def known_image(self, image: ImageReference) -> ImageInfo | None:
-        """From memory only, never blocking: safe on the connection's thread."""
-        ...
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo: ...
-
-    def version(self) -> str: ...
-
-    def cancel_pulls(self) -> None: ...
-
-
-class ReplyChannel(Protocol):
-    """The part of the broker the service uses. Only ``call_soon`` is safe off its thread."""
-
-    def call_soon(self, callback: Callable[[], None]) -> None: ...
-
-    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None: ...
-
-    def ack(self, delivery: Delivery) -> None: ...
-
-    def reject(self, delivery: Delivery) -> None: ...
-
-
 class PullService:
-    """Serves pull requests for one node.
-
-    At most ``max_concurrent_pulls`` pulls run at once; a request for an image
-    whose pull is already running joins that pull instead of starting another.
-    """
+    """Serves pull requests for one node."""
 
     def __init__(
         self,
         node: str,
         store: ImageStore,
-        max_concurrent_pulls: int,
+        slots: int,
         retry: RetryPolicy | None = None,
+        breaker: RegistryBreaker | None = None,
+        not_found: NotFoundMemory | None = None,
+        observer: PullObserver | None = None,
     ) -> None:
         self.node = node
+        self.observer: PullObserver = observer or WorkerMetrics()
         self._store = store
         self._retry = retry or RetryPolicy()
+        self._breaker = breaker or RegistryBreaker(cooldown=0)
+        self._not_found = not_found or NotFoundMemory(seconds=0)
         self._cancelling = threading.Event()
         self._inspectors = ThreadPoolExecutor(INSPECT_THREADS, thread_name_prefix="inspect")
-        self._pullers = ThreadPoolExecutor(max_concurrent_pulls, thread_name_prefix="pull")
+        # Threads start only when a slot is granted; the extra room is for registries that
+        # may start one pull while the others hold every slot (see worker.slots).
+        self._pullers = ThreadPoolExecutor(slots + 8, thread_name_prefix="pull")
+        self._slots: PullSlots[_Pull] = PullSlots(slots, self._start)
         self._lock = threading.Lock()
-        self._pulls_in_flight: dict[ImageReference, _InFlightPull] = {}
+        self._pulls: dict[ImageReference, _Pull] = {}
         self._unfinished = 0
 
     @property
     def unfinished(self) -> int:
-        """Requests accepted but not yet answered."""
+        """Requests taken but not yet answered."""
         with self._lock:
             return self._unfinished
 
-    def on_delivery(self, delivery: Delivery, channel: ReplyChannel) -> PullRequest | None:
-        """Connection thread: decode, then queue the work; the request, if it was one.
-        Never raises."""
-        try:
-            request = PullRequest.decode(delivery.body)
-        except InvalidMessage as error:
-            self._refuse(delivery, channel, str(error))
-            return None
-        except Exception as error:  # a decoder bug must not take the worker down
-            log.exception("decoding failed unexpectedly")
-            self._refuse(delivery, channel, f"the worker could not decode the message: {error}")
-            return None
-        self.accept(request, delivery, channel)
-        return request
-
-    def accept(self, request: PullRequest, delivery: Delivery, channel: ReplyChannel) -> None:
-        """Connection thread: serves a decoded request, live or replayed. Never raises."""
+    def submit(
+        self,
+        request: PullRequest,
+        answer: AnswerCallback,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        """Serves ``request``; ``answer`` gets its one result, on this thread when it is known
+        from memory, else on a worker thread. Never raises."""
         with self._lock:
             self._unfinished += 1
+        waiter = _Waiter(self, request, answer, progress)
         try:
             known = self._store.known_image(request.image)
         except Exception:
-            log.exception("the image index failed; asking the engine")
+            log.exception("the image index failed; asking the engine", **waiter.context)
             known = None
-        if known is not None:  # from memory: answered here, no thread hop, no engine call
-            self._finish(
-                request,
-                delivery,
-                channel,
-                time.monotonic(),
-                known,
-                Status.PRESENT,
-                on_connection_thread=True,
-            )
+        if known is not None:
+            waiter.finish(known, Status.PRESENT, from_memory=True)
             return
-        self._inspectors.submit(self._serve, request, delivery, channel)
-
-    def _refuse(self, delivery: Delivery, channel: ReplyChannel, reason: str) -> None:
-        log.warning(
-            "rejected a message that breaks the contract",
-            reason=reason,
-            correlation_id=delivery.correlation_id,
-            bytes=len(delivery.body),
-        )
+        remembered = self._not_found.recall(request.image)
+        if remembered is not None:
+            waiter.finish(_from_memory(remembered), from_memory=True)
+            return
         try:
-            if delivery.reply_to:
-                result = NodeResult(
-                    request_id=_printable(delivery.correlation_id) or "unknown",
-                    node=self.node,
-                    image="",
-                    status=Status.FAILED,
-                    seconds=0.0,
-                    error=NodeError(ErrorKind.INVALID_REQUEST, reason),
-                )
-                channel.reply(delivery.reply_to, delivery.correlation_id, result.encode())
-        finally:
-            channel.reject(delivery)
+            self._inspectors.submit(self._inspect, waiter)
+        except RuntimeError:  # shut down: the worker is stopping
+            waiter.finish(_cancelled_before_start(request.image))
 
-    def _serve(self, request: PullRequest, delivery: Delivery, channel: ReplyChannel) -> None:
-        """Inspect thread: answer ``present`` at once, or hand the image to the pull pool."""
-        started = time.monotonic()
-        bound = log.bind(request_id=request.request_id, image=str(request.image))
+    def _inspect(self, waiter: _Waiter) -> None:
+        """Inspect thread: answer ``present`` at once, or queue (or join) the image's pull."""
+        image = waiter.request.image
         try:
-            info = self._store.find_image(request.image)
+            info = self._store.find_image(image)
         except PullFailed as failure:
-            self._finish(request, delivery, channel, started, failure)
+            waiter.finish(failure)
             return
         except Exception as error:
-            bound.exception("checking the engine failed unexpectedly")
-            self._finish(request, delivery, channel, started, _internal(error))
+            log.exception("checking the engine failed unexpectedly", **waiter.context)
+            waiter.finish(_internal(error))
             return
         if info is not None:
-            self._finish(request, delivery, channel, started, info, Status.PRESENT)
+            waiter.finish(info, Status.PRESENT)
             return
-        listener = _ProgressListener(request, delivery, channel, self.node)
-        pull = self._join_or_start_pull(request.image, listener)
-        pull.add_done_callback(
-            lambda done: self._finish(
-                request, delivery, channel, started, _outcome(done), Status.PULLED
-            )
-        )
-
-    def _join_or_start_pull(
-        self, image: ImageReference, listener: _ProgressListener
-    ) -> Future[ImageInfo]:
+        refusal = self._breaker.refusal(image)
         with self._lock:
-            running = self._pulls_in_flight.get(image)
-            if running is not None:
-                log.info("joining a pull already in flight", image=str(image))
-                running.listeners.append(listener)
-                return running.future
-            in_flight = _InFlightPull([listener])
-            in_flight.future = self._pullers.submit(self._pull, image, in_flight)
-            self._pulls_in_flight[image] = in_flight
-        in_flight.future.add_done_callback(lambda _: self._forget_pull(image, in_flight))
-        return in_flight.future
+            pull = self._pulls.get(image)
+            if pull is not None:
+                pull.waiters.append(waiter)
+                joined = True
+            elif refusal is None and not self._cancelling.is_set():
+                pull = _Pull(image, [waiter])
+                self._pulls[image] = pull
+                joined = False
+        if pull is None:
+            waiter.finish(refusal or _cancelled_before_start(image))
+            return
+        if joined:
+            log.info("joined a pull already in flight", **waiter.context)
+            return
+        pull.queued()
+        self._slots.add(image.domain, pull)
 
-    def _forget_pull(self, image: ImageReference, in_flight: _InFlightPull) -> None:
-        with self._lock:
-            if self._pulls_in_flight.get(image) is in_flight:
-                del self._pulls_in_flight[image]
+    def _start(self, pull: _Pull) -> None:
+        """A slot is granted: run the next attempt on a pull thread."""
+        pull.dequeued()
+        try:
+            self._pullers.submit(self._attempt, pull)
+        except RuntimeError:  # shut down
+            self._slots.release(pull.image.domain)
+            self._complete(pull, _cancelled_before_start(pull.image))
 
-    def _pull(self, image: ImageReference, in_flight: _InFlightPull) -> ImageInfo:
-        """Pull thread: pulls, retrying transient failures with capped backoff."""
+    def _attempt(self, pull: _Pull) -> None:
+        """Pull thread: one attempt; on a transient failure, gives the slot back and retries
+        after a delay, else answers every waiting request."""
+        pull.attempt += 1
+        pull.bytes_received = 0
+        bound = log.bind(**pull.context)
+        bound.info("pulling", attempt=pull.attempt)
         started = time.monotonic()
-        for attempt in range(1, self._retry.attempts + 1):
-            log.info("pulling", image=str(image), attempt=attempt)
-            try:
-                info = self._store.pull(image, in_flight.report_progress)
-            except PullFailed as failure:
-                last_attempt = attempt == self._retry.attempts
-                if failure.kind not in TRANSIENT_KINDS or last_attempt:
-                    log.warning(
-                        "pull failed",
-                        image=str(image),
-                        kind=failure.kind.value,
-                        error=failure.message,
-                        attempts=attempt,
-                    )
-                    if failure.kind in TRANSIENT_KINDS and attempt > 1:
-                        raise PullFailed(
-                            failure.kind, f"{failure.message} (gave up after {attempt} attempts)"
-                        ) from None
-                    raise
-                delay = self._retry.delay(attempt)
-                log.warning(
-                    "pull attempt failed; retrying",
-                    image=str(image),
-                    kind=failure.kind.value,
-                    error=failure.message,
-                    attempt=attempt,
-                    retry_in=delay,
-                )
-                if self._cancelling.wait(delay):
-                    raise PullFailed(
-                        ErrorKind.CANCELLED,
-                        f"{failure.message}; not retried because the worker is shutting down",
-                    ) from None
-            except Exception as error:
-                log.exception("pull failed unexpectedly", image=str(image))
-                raise _internal(error) from None
-            else:
-                log.info(
-                    "pulled",
-                    image=str(image),
-                    image_id=info.image_id,
-                    attempt=attempt,
-                    seconds=round(time.monotonic() - started, 3),
-                )
-                return info
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def _finish(
-        self,
-        request: PullRequest,
-        delivery: Delivery,
-        channel: ReplyChannel,
-        started: float,
-        outcome: ImageInfo | BaseException,
-        status: Status = Status.FAILED,
-        on_connection_thread: bool = False,
-    ) -> None:
-        """Any thread: build the result, then reply and ack on the connection's thread."""
-        seconds = round(time.monotonic() - started, 6)
+        outcome: ImageInfo | PullFailed
+        self.observer.attempt_started(pull.image)
+        try:
+            if self._cancelling.is_set():
+                raise _cancelled_before_start(pull.image)
+            outcome = self._store.pull(pull.image, lambda p: self._progress(pull, p))
+        except PullFailed as failure:
+            outcome = failure
+        except Exception as error:
+            bound.exception("pull failed unexpectedly")
+            outcome = _internal(error)
+        seconds = round(time.monotonic() - started, 3)
+        failed = outcome if isinstance(outcome, PullFailed) else None
+        self.observer.attempt_ended(pull.image, seconds, pull.bytes_received, failed)
         if isinstance(outcome, ImageInfo):
-            result = NodeResult(
-                request_id=request.request_id,
-                node=self.node,
-                image=str(request.image),
-                status=status,
-                seconds=seconds,
-                image_id=outcome.image_id,
-                digest=outcome.digest,
-            )
-        else:
-            failure = outcome if isinstance(outcome, PullFailed) else _internal(outcome)
-            result = NodeResult(
-                request_id=request.request_id,
-                node=self.node,
-                image=str(request.image),
-                status=Status.FAILED,
-                seconds=seconds,
-                error=NodeError(failure.kind, failure.message),
-            )
+            self._breaker.answered(pull.image)
+            self._not_found.forget(pull.image)
+            bound.info("pulled", image_id=outcome.image_id, attempt=pull.attempt, seconds=seconds)
+            self._slots.release(pull.image.domain)
+            self._complete(pull, outcome)
+            return
+        self._attempt_failed(pull, outcome, seconds)
 
-        def send() -> None:
-            try:
-                if delivery.reply_to:
-                    channel.reply(delivery.reply_to, delivery.correlation_id, result.encode())
-                channel.ack(delivery)
-            except Exception as error:
-                log.warning(
-                    "could not reply or ack; the connection was lost",
-                    error=str(error),
-                    request_id=request.request_id,
-                )
-            finally:
-                with self._lock:
-                    self._unfinished -= 1
-            log.info(
-                "answered",
-                request_id=request.request_id,
-                image=str(request.image),
-                status=result.status.value,
-                seconds=result.seconds,
-                error_kind=result.error.kind.value if result.error else None,
+    def _attempt_failed(self, pull: _Pull, failure: PullFailed, seconds: float) -> None:
+        image = pull.image
+        transient = failure.kind in TRANSIENT_KINDS
+        last = pull.attempt >= self._retry.attempts or self._cancelling.is_set()
+        if says_registry_silent(failure, pull.bytes_received):
+            self._breaker.attempt_failed(image, failure, gave_up=last)
+        elif failure.kind in REGISTRY_ANSWERED_KINDS:
+            self._breaker.answered(image)
+        self._not_found.remember(image, failure)
+        self._slots.release(image.domain)
+        bound = log.bind(**pull.context, kind=failure.kind.value, error=failure.message)
+        if transient and not last:
+            delay = self._retry.delay(pull.attempt)
+            bound.warning("pull attempt failed; retrying", attempt=pull.attempt, retry_in=delay)
+            pull.retry = threading.Timer(delay, self._retry_now, args=(pull,))
+            pull.retry.daemon = True
+            pull.retry.start()
+            return
+        bound.warning("pull failed", attempts=pull.attempt, seconds=seconds)
+        if self._cancelling.is_set() and failure.kind is not ErrorKind.CANCELLED:
+            failure = PullFailed(
+                ErrorKind.CANCELLED,
+                f"{failure.message}; not retried because the worker is shutting down",
             )
+        elif transient and pull.attempt > 1:
+            failure = PullFailed(
+                failure.kind, f"{failure.message} (gave up after {pull.attempt} attempts)"
+            )
+        self._complete(pull, failure)
 
-        if on_connection_thread:
-            send()
-        else:
-            channel.call_soon(send)
+    def _retry_now(self, pull: _Pull) -> None:
+        pull.retry = None
+        if self._cancelling.is_set():
+            self._complete(pull, _cancelled_before_start(pull.image))
+            return
+        pull.queued()
+        self._slots.add(pull.image.domain, pull)
+
+    def _progress(self, pull: _Pull, progress: PullProgress) -> None:
+        """Pull thread: forwards the engine's progress, throttled, to every waiting request;
+        nothing until the size is known."""
+        pull.bytes_received = progress.done
+        if progress.total <= 0:
+            return
+        now = time.monotonic()
+        if now - pull.last_progress < PROGRESS_INTERVAL and progress.done < progress.total:
+            return
+        pull.last_progress = now
+        with self._lock:
+            waiters = list(pull.waiters)
+        for waiter in waiters:
+            waiter.send_progress(progress)
+
+    def _complete(self, pull: _Pull, outcome: ImageInfo | PullFailed) -> None:
+        """Answers every request waiting on ``pull``. Any thread; once per pull."""
+        with self._lock:
+            if pull.completed:
+                return
+            pull.completed = True
+            if self._pulls.get(pull.image) is pull:
+                del self._pulls[pull.image]
+            waiters = list(pull.waiters)
+        for waiter in waiters:
+            waiter.finish(outcome, Status.PULLED, queued=pull.queued_seconds(waiter.since))
+
+    def _answered(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
 
     def cancel(self) -> None:
-        """Cancels running pulls and retries; each waiting request is answered ``cancelled``."""
+        """Cancels running, queued and retrying pulls; each waiting request is answered
+        ``cancelled``."""
         self._cancelling.set()
+        with self._lock:
+            retrying = [p for p in self._pulls.values() if p.retry is not None]
+        for pull in retrying:
+            if pull.retry is not None:
+                pull.retry.cancel()
+            self._complete(pull, _cancelled_before_start(pull.image))
+        for pull in self._slots.remove_waiting():
+            self._complete(pull, _cancelled_before_start(pull.image))
         self._store.cancel_pulls()
 
     def shutdown(self, wait: bool) -> None:
@@ -337,60 +300,128 @@ class PullService:
         self._pullers.shutdown(wait=wait, cancel_futures=not wait)
 
 
-PROGRESS_INTERVAL = 0.25
-"""Seconds between progress messages for one pull: at most four a second per node."""
-
-
-class _ProgressListener:
-    """A request waiting on a pull; sends it progress through its connection's thread."""
+class _Waiter:
+    """One request waiting for its answer: answers exactly once."""
 
     def __init__(
-        self, request: PullRequest, delivery: Delivery, channel: ReplyChannel, node: str
+        self,
+        service: PullService,
+        request: PullRequest,
+        answer: AnswerCallback,
+        progress: ProgressCallback | None,
     ) -> None:
-        self._request = request
-        self._delivery = delivery
-        self._channel = channel
-        self._node = node
+        self.request = request
+        self.since = time.monotonic()
+        self.context = {"request_id": request.request_id, "image": str(request.image)}
+        self._service = service
+        self._answer = answer
+        self._progress = progress
+        self._answered = False
+        self._lock = threading.Lock()
 
-    def send(self, progress: PullProgress) -> None:
-        reply_to = self._delivery.reply_to
-        if not reply_to:
+    def send_progress(self, progress: PullProgress) -> None:
+        if self._progress is None:
             return
-        body = NodeProgress(
-            request_id=self._request.request_id,
-            node=self._node,
-            image=str(self._request.image),
+        message = NodeProgress(
+            request_id=self.request.request_id,
+            node=self._service.node,
+            image=str(self.request.image),
             done=progress.done,
             total=progress.total,
-        ).encode()
-        correlation_id = self._delivery.correlation_id
-        self._channel.call_soon(lambda: self._channel.reply(reply_to, correlation_id, body))
-
-
-class _InFlightPull:
-    """One running pull of an image, and every request that waits on it."""
-
-    def __init__(self, listeners: list[_ProgressListener]) -> None:
-        self.listeners = listeners
-        self.future: Future[ImageInfo] = Future()
-        self._last_sent = 0.0
-
-    def report_progress(self, progress: PullProgress) -> None:
-        """Pull thread: forwards the engine's progress, throttled, to every waiting request."""
-        now = time.monotonic()
-        if now - self._last_sent < PROGRESS_INTERVAL and progress.done < progress.total:
-            return
-        self._last_sent = now
-        for listener in list(self.listeners):
-            listener.send(progress)
-
-
-def _outcome(done: Future[ImageInfo]) -> ImageInfo | BaseException:
-    if done.cancelled():
-        return PullFailed(
-            ErrorKind.CANCELLED, "the worker was shutting down and did not start this pull"
         )
-    return done.exception() or done.result()
+        try:
+            self._progress(message)
+        except Exception:
+            log.exception("sending progress failed", **self.context)
+
+    def finish(
+        self,
+        outcome: ImageInfo | PullFailed,
+        status: Status = Status.FAILED,
+        queued: float = 0.0,
+        from_memory: bool = False,
+    ) -> None:
+        with self._lock:
+            if self._answered:
+                return
+            self._answered = True
+        found = outcome if isinstance(outcome, ImageInfo) else None
+        result = NodeResult(
+            request_id=self.request.request_id,
+            node=self._service.node,
+            image=str(self.request.image),
+            status=status if found is not None else Status.FAILED,
+            seconds=round(time.monotonic() - self.since, 6),
+            queued_seconds=round(queued, 6),
+            image_id=found.image_id if found is not None else None,
+            digest=found.digest if found is not None else None,
+            error=None if isinstance(outcome, ImageInfo) else outcome.as_node_error(),
+        )
+        self._service._answered()  # noqa: SLF001 - the waiter is the service's own part
+        try:
+            self._service.observer.answered(result, from_memory)
+        except Exception:
+            log.exception("an observer failed", **self.context)
+        log.info(
+            "answered",
+            **self.context,
+            status=result.status.value,
+            seconds=result.seconds,
+            queued_seconds=result.queued_seconds,
+            error_kind=result.error.kind.value if result.error else None,
+        )
+        try:
+            self._answer(result)
+        except Exception:
+            log.exception("handing over the result failed", **self.context)
+
+
+@dataclass
+class _Pull:
+    """One image being pulled (or queued, or waiting to retry) and the requests waiting."""
+
+    image: ImageReference
+    waiters: list[_Waiter]
+    attempt: int = 0
+    bytes_received: int = 0
+    last_progress: float = 0.0
+    completed: bool = False
+    retry: threading.Timer | None = None
+    _waits: list[list[float]] = field(default_factory=list)
+    """[queued at, got a slot at] for each time it waited for a slot."""
+
+    @property
+    def context(self) -> dict[str, object]:
+        first = self.waiters[0].request.request_id if self.waiters else None
+        return {"image": str(self.image), "request_id": first, "requests": len(self.waiters)}
+
+    def queued(self) -> None:
+        self._waits.append([time.monotonic(), 0.0])
+
+    def dequeued(self) -> None:
+        if self._waits:
+            self._waits[-1][1] = time.monotonic()
+
+    def queued_seconds(self, since: float) -> float:
+        """Seconds this pull waited for a slot after ``since`` (when a request joined)."""
+        total = 0.0
+        now = time.monotonic()
+        for queued_at, started_at in self._waits:
+            end = started_at or now
+            total += max(0.0, end - max(queued_at, since))
+        return total
+
+
+def _from_memory(failure: PullFailed) -> PullFailed:
+    return PullFailed(failure.kind, f"{failure.message} (answered from memory: seen moments ago)")
+
+
+def _cancelled_before_start(image: ImageReference) -> PullFailed:
+    return PullFailed(
+        ErrorKind.CANCELLED,
+        f"pulling {image} was cancelled because the worker is shutting down; "
+        "the node may pull it on the next request",
+    )
 
 
 def _internal(error: BaseException) -> PullFailed:
@@ -399,9 +430,3 @@ def _internal(error: BaseException) -> PullFailed:
         f"the worker failed unexpectedly ({type(error).__name__}: {error}); "
         "this is a bug in puller: please report it with the worker's log",
     )
-
-
-def _printable(text: str | None) -> str | None:
-    if text is None or not text.isprintable() or not text.isascii():
-        return None
-    return text[:128]

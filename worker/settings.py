@@ -1,23 +1,25 @@
-"""The worker's settings: one typed dataclass, built from the environment in one place."""
+"""The worker's settings: one typed dataclass, built from the environment in one place.
+
+Every variable is one row of :data:`SETTINGS` (name, attribute, type, default, lower
+bound, help); ``puller-worker --help``, the README's table and the deployment tests are
+all checked against that table.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-from contract import (
-    DEFAULT_HISTORY_MAX_AGE,
-    DEFAULT_HISTORY_MAX_BYTES,
-    PRESENCE_INTERVAL,
-    PullerError,
-)
-from contract.messages import DEFAULT_AMQP_URL, MAX_NODE_NAME_LENGTH
+from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL, PullerError
+from contract.fields import MAX_NODE_NAME_LENGTH
+from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 
-_T = TypeVar("_T")
+LOG_FORMATS = ("auto", "json", "console")
 
 
 class InvalidSetting(PullerError):
@@ -34,90 +36,211 @@ class WorkerSettings:
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0
     pull_retries: int = 3
-    """Further attempts after a transient failure (registry unreachable or failing, stall)."""
     retry_delay: float = 1.0
-    """Seconds before the first retry; doubles for each next one, up to 15."""
+    registry_cooldown: float = 30.0
+    not_found_memory: float = 10.0
     heartbeat: int = 30
     presence_interval: float = PRESENCE_INTERVAL
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = 20.0
     log_format: str = "auto"
     history_max_age: float = DEFAULT_HISTORY_MAX_AGE
-    """Seconds a request stays replayable; older ones are not caught up on."""
     history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
     state_dir: Path = Path("/var/lib/puller")
-    """Where the worker remembers how far it has caught up (the node's own disk)."""
     health_port: int = 8080
-    """``GET /alive`` and ``GET /ready``; 0 turns the HTTP server off."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
-        """Reads ``PULLER_*`` and ``DOCKER_HOST``; raises :class:`InvalidSetting` saying which."""
+        """Reads every variable of :data:`SETTINGS`; raises :class:`InvalidSetting` naming
+        the variable and saying what is wrong."""
         env = os.environ if env is None else env
-        defaults = cls()
-        node_name = env.get("PULLER_NODE_NAME", "").strip() or defaults.node_name
-        if len(node_name) > MAX_NODE_NAME_LENGTH or not node_name.isprintable():
-            raise InvalidSetting(
-                f"PULLER_NODE_NAME={node_name!r}: a node name is 1 to "
-                f"{MAX_NODE_NAME_LENGTH} printable characters"
-            )
-        log_format = env.get("PULLER_LOG_FORMAT", defaults.log_format)
-        if log_format not in ("auto", "json", "console"):
-            raise InvalidSetting(
-                f"PULLER_LOG_FORMAT={log_format!r}: expected auto, json or console"
-            )
-        return cls(
-            amqp_url=env.get("PULLER_AMQP_URL", defaults.amqp_url),
-            node_name=node_name,
-            docker_host=env.get("DOCKER_HOST") or None,
-            max_concurrent_pulls=_read(
-                env, "PULLER_MAX_CONCURRENT_PULLS", int, defaults.max_concurrent_pulls, minimum=1
-            ),
-            pull_timeout=_read(env, "PULLER_PULL_TIMEOUT", float, defaults.pull_timeout, minimum=1),
-            stall_timeout=_read(
-                env, "PULLER_STALL_TIMEOUT", float, defaults.stall_timeout, minimum=1
-            ),
-            pull_retries=_read(env, "PULLER_PULL_RETRIES", int, defaults.pull_retries, minimum=0),
-            retry_delay=_read(env, "PULLER_RETRY_DELAY", float, defaults.retry_delay, minimum=0),
-            heartbeat=_read(env, "PULLER_HEARTBEAT", int, defaults.heartbeat, minimum=1),
-            presence_interval=_read(
-                env, "PULLER_PRESENCE_INTERVAL", float, defaults.presence_interval, minimum=0.1
-            ),
-            shutdown_grace=_read(
-                env, "PULLER_SHUTDOWN_GRACE", float, defaults.shutdown_grace, minimum=0
-            ),
-            log_format=log_format,
-            history_max_age=_read(
-                env, "PULLER_HISTORY_MAX_AGE", float, defaults.history_max_age, minimum=1
-            ),
-            history_max_bytes=_read(
-                env, "PULLER_HISTORY_MAX_BYTES", int, defaults.history_max_bytes, minimum=100_000
-            ),
-            state_dir=Path(env.get("PULLER_STATE_DIR", "").strip() or defaults.state_dir),
-            health_port=_port(env, defaults.health_port),
-        )
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            text = env.get(setting.env, "").strip()
+            if text:
+                values[setting.attribute] = setting.read(text)
+        return cls(**values)
 
 
-def _read(
-    env: Mapping[str, str],
-    name: str,
-    convert: Callable[[str], _T],
-    default: _T,
-    minimum: float,
-) -> _T:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    attribute: str
+    help: str
+    parse: Callable[[str], Any] = str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def read(self, text: str) -> Any:
+        try:
+            value = self.parse(text)
+        except ValueError as error:
+            raise InvalidSetting(f"{self.env}={text!r}: {error}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise InvalidSetting(f"{self.env}={text!r} must be at least {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise InvalidSetting(f"{self.env}={text!r} must be at most {self.maximum:g}")
+        return value
+
+    @property
+    def default(self) -> object:
+        defaults = WorkerSettings(node_name="(the host name)")
+        return getattr(defaults, self.attribute)
+
+
+def node_name(text: str) -> str:
+    if len(text) > MAX_NODE_NAME_LENGTH or not text.isprintable():
+        raise ValueError(f"a node name is 1 to {MAX_NODE_NAME_LENGTH} printable characters")
+    return text
+
+
+def log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise ValueError(f"expected {', '.join(LOG_FORMATS[:-1])} or {LOG_FORMATS[-1]}")
+    return text
+
+
+def number(text: str) -> float:
     try:
-        value = convert(text)
+        value = float(text)
     except ValueError:
-        raise InvalidSetting(f"{name}={text!r} is not a {convert.__name__}") from None
-    if value < minimum:  # type: ignore[operator]
-        raise InvalidSetting(f"{name}={text!r} must be at least {minimum:g}")
+        raise ValueError("not a number") from None
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
     return value
 
 
-def _port(env: Mapping[str, str], default: int) -> int:
-    port = _read(env, "PULLER_HEALTH_PORT", int, default, minimum=0)
-    if port > 65535:
-        raise InvalidSetting(f"PULLER_HEALTH_PORT={port}: a port is 0 (off) to 65535")
-    return port
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("PULLER_AMQP_URL", "amqp_url", "RabbitMQ; the publisher and CLI read it too"),
+    Setting(
+        "PULLER_NODE_NAME",
+        "node_name",
+        "this node's name in replies and in its queue name",
+        node_name,
+    ),
+    Setting(
+        "DOCKER_HOST",
+        "docker_host",
+        "the node's Docker Engine (the docker SDK's own variable; unset: the local socket)",
+    ),
+    Setting(
+        "PULLER_MAX_CONCURRENT_PULLS",
+        "max_concurrent_pulls",
+        "pulls at once on this node; identical requests join a running pull",
+        whole_number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_PULL_TIMEOUT",
+        "pull_timeout",
+        "seconds one pull may take before it is cancelled (`timeout`)",
+        number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_STALL_TIMEOUT",
+        "stall_timeout",
+        "seconds with no word from the engine's pull stream before it is cancelled (`stalled`)",
+        number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_PULL_RETRIES",
+        "pull_retries",
+        "further attempts after a transient failure "
+        "(`registry_unreachable`, `registry_error`, `stalled`)",
+        whole_number,
+        minimum=0,
+    ),
+    Setting(
+        "PULLER_RETRY_DELAY",
+        "retry_delay",
+        "seconds before the first retry; doubles for each next one, up to 15",
+        number,
+        minimum=0,
+    ),
+    Setting(
+        "PULLER_REGISTRY_COOLDOWN",
+        "registry_cooldown",
+        "seconds a registry that does not answer is known down: its pulls fail at once; 0: off",
+        number,
+        minimum=0,
+    ),
+    Setting(
+        "PULLER_NOT_FOUND_MEMORY",
+        "not_found_memory",
+        "seconds a `not_found` answer is repeated from memory for the same image; 0: off",
+        number,
+        minimum=0,
+    ),
+    Setting("PULLER_HEARTBEAT", "heartbeat", "AMQP heartbeat, seconds", whole_number, minimum=1),
+    Setting(
+        "PULLER_PRESENCE_INTERVAL",
+        "presence_interval",
+        "seconds between presence announcements (publishers drop a node after three missed)",
+        number,
+        minimum=0.1,
+    ),
+    Setting(
+        "PULLER_SHUTDOWN_GRACE",
+        "shutdown_grace",
+        "seconds to finish pulls after SIGTERM, then 5 more to answer `cancelled`; keep the "
+        "sum below the pod's terminationGracePeriodSeconds (30 by default)",
+        number,
+        minimum=0,
+    ),
+    Setting(
+        "PULLER_LOG_FORMAT",
+        "log_format",
+        "`json`, `console`, or `auto` (console on a terminal, JSON lines otherwise)",
+        log_format,
+    ),
+    Setting(
+        "PULLER_HISTORY_MAX_AGE",
+        "history_max_age",
+        "seconds a request stays replayable; older ones are never caught up on",
+        number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_HISTORY_MAX_BYTES",
+        "history_max_bytes",
+        "size bound of the history stream, whatever the age of what it holds",
+        whole_number,
+        minimum=100_000,
+    ),
+    Setting(
+        "PULLER_STATE_DIR",
+        "state_dir",
+        "on the node's own disk: how far this node has caught up "
+        "(mount a host path in a container)",
+        Path,
+    ),
+    Setting(
+        "PULLER_HEALTH_PORT",
+        "health_port",
+        "HTTP port of `GET /alive`, `/ready` and `/metrics`; `0` turns it off",
+        whole_number,
+        minimum=0,
+        maximum=65535,
+    ),
+)
+
+if {s.attribute for s in SETTINGS} != {f.name for f in fields(WorkerSettings)}:
+    raise AssertionError("every WorkerSettings field needs exactly one row in SETTINGS")
+
+
+def environment_help() -> str:
+    """The variables, for ``puller-worker --help``."""
+    width = max(len(s.env) for s in SETTINGS)
+    lines = ["environment:"]
+    for setting in SETTINGS:
+        default = setting.default
+        lines.append(f"  {setting.env:<{width}}  {setting.help.replace('`', '')} ({default})")
+    return "\n".join(lines)

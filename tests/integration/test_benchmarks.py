@@ -28,6 +28,12 @@ pytestmark = pytest.mark.integration
         ),
         ("session_path", ["--requests", "50", "--workers", "2"], "request():", "session_path.json"),
         ("footprint", ["--idle-seconds", "1", "--size-mb", "2"], "footprint", "footprint.json"),
+        (
+            "head_of_line",
+            ["--nodes", "2", "--flood", "40", "--repeats", "1"],
+            "a healthy image onto 2 nodes",
+            "head_of_line.json",
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(

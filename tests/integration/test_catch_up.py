@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,7 +10,14 @@ import pika
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import HISTORY_EXCHANGE, PullRequest, Status, parse_reference
+from contract import (
+    HISTORY_EXCHANGE,
+    HISTORY_STREAM,
+    PullRequest,
+    Status,
+    parse_reference,
+    topology,
+)
 from localcluster.cluster import LocalCluster, WorkerProcess
 from publisher import Publisher
 from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, new_vhost, start_cluster
@@ -36,14 +42,17 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> N
         time.sleep(0.2)
 
 
-def events(worker: WorkerProcess, name: str) -> list[dict[str, object]]:
-    found = []
-    for line in worker.log_path.read_text().splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == name:
-                found.append(event)
-    return found
+def pulls(worker: WorkerProcess) -> float:
+    """Pull attempts the worker started (ended, or running now)."""
+    return worker.metric("puller_worker_pulls_total") + pulling(worker)
+
+
+def pulling(worker: WorkerProcess) -> float:
+    return worker.metric("puller_worker_pulls_in_flight")
+
+
+def replayed(worker: WorkerProcess) -> float:
+    return worker.metric("puller_worker_replayed_total")
 
 
 def ready(worker: WorkerProcess) -> bool:
@@ -75,7 +84,7 @@ def test_a_pull_published_while_a_worker_was_down_reaches_its_node_when_it_is_ba
     wait_for(lambda: ready(away), "node-3 ready")
     code, body = away.health("/ready")
     assert (code, body["caught_up"], body["replay_failed"]) == (200, True, 0)
-    assert len(events(away, "pulling")) == 1
+    assert pulls(away) == 1
 
 
 def test_a_new_node_gets_every_earlier_pull_and_a_restart_keeps_its_place(
@@ -92,7 +101,7 @@ def test_a_new_node_gets_every_earlier_pull_and_a_restart_keeps_its_place(
         "every earlier image on node-4",
     )
     wait_for(lambda: ready(late), "node-4 ready")
-    assert len(events(late, "replaying")) == len(images)
+    assert replayed(late) == len(images)
 
     with Publisher(own_cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
         wait_for(
@@ -103,7 +112,7 @@ def test_a_new_node_gets_every_earlier_pull_and_a_restart_keeps_its_place(
     late.stop()
     late.start()
     wait_for(lambda: ready(late), "node-4 ready after a restart")
-    assert events(late, "replaying") == [], "a restart replayed what was done"
+    assert replayed(late) == 0, "a restart replayed what was done"
 
 
 def test_requests_older_than_the_window_are_not_replayed(own_cluster: LocalCluster) -> None:
@@ -127,8 +136,8 @@ def test_requests_older_than_the_window_are_not_replayed(own_cluster: LocalClust
     wait_for(lambda: ready(late), "node-4 ready")
     assert engine_has(own_cluster, recent_image)["node-4"] is True
     assert engine_has(own_cluster, old_image)["node-4"] is False
-    skipped = events(late, "not replaying a request older than the window")
-    assert [e["image"] for e in skipped] == [str(parse_reference(old_image))]
+    assert late.metric("puller_worker_replay_skipped_total", reason="too_old") == 1
+    assert replayed(late) == 1
 
 
 def test_ready_waits_for_a_catch_up_pull_held_up_by_a_slow_registry(
@@ -144,7 +153,7 @@ def test_ready_waits_for_a_catch_up_pull_held_up_by_a_slow_registry(
             publisher.request(image)
         own_cluster.worker_env["PULLER_STALL_TIMEOUT"] = "300"
         late = own_cluster.add_node("node-4")
-        wait_for(lambda: bool(events(late, "pulling")), "node-4 pulling from the history")
+        wait_for(lambda: pulling(late) == 1, "node-4 pulling from the history")
         time.sleep(2)
         code, body = late.health("/ready")
         assert code == 503, body
@@ -177,20 +186,54 @@ def test_a_worker_restarted_in_the_middle_of_a_replay_neither_pulls_twice_nor_lo
         own_cluster.worker_env["PULLER_SHUTDOWN_GRACE"] = "1"
         late = own_cluster.add_node("node-4")
         wait_for(
-            lambda: any(e["image"] == slow for e in events(late, "pulling")),
-            "node-4 replaying the slow pull",
+            lambda: (
+                all(engine_has(own_cluster, image)["node-4"] for image in done_before)
+                and pulling(late) == 1
+            ),
+            "node-4 done with the first two and replaying the slow pull",
         )
-        assert all(engine_has(own_cluster, image)["node-4"] for image in done_before)
         late.stop()  # SIGTERM mid-pull: the slow pull is cancelled
         late.start()
-        wait_for(lambda: bool(events(late, "replaying")), "node-4 replaying again")
+        wait_for(lambda: pulling(late) == 1, "node-4 replaying again")
         time.sleep(2)
-        assert [e["image"] for e in events(late, "replaying")] == [slow]
+        assert replayed(late) == 1, "only the unfinished pull is replayed"
         assert late.health("/ready")[0] == 503
 
         proxy.resume()
         wait_for(lambda: ready(late), "node-4 ready once the slow pull ends", timeout=120)
         assert engine_has(own_cluster, slow)["node-4"] is True
-        assert [e["image"] for e in events(late, "pulling")] == [slow]
+        assert pulls(late) == 1
     finally:
         proxy.close()
+
+
+def test_a_recreated_history_stream_does_not_wedge_workers_that_restart(
+    own_cluster: LocalCluster,
+) -> None:
+    with Publisher(own_cluster.amqp_url) as publisher:
+        for _ in range(3):
+            assert publisher.pull(new_image(own_cluster), expect=3, timeout=60).ok
+    missed_nothing, away = own_cluster.workers[0], own_cluster.workers[2]
+    missed_nothing.stop()
+    away.stop()
+    # What changing the retention takes, or what a broker that lost its disk does:
+    # the stream is deleted and declared again, and its offsets start again from 0.
+    connection = pika.BlockingConnection(pika.URLParameters(own_cluster.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(HISTORY_STREAM)
+        stream = topology.history_stream()
+        channel.queue_declare(stream.name, durable=True, arguments=dict(stream.arguments))
+        channel.queue_bind(stream.name, HISTORY_EXCHANGE)
+    finally:
+        connection.close()
+    image = new_image(own_cluster)
+    with Publisher(own_cluster.amqp_url) as publisher:
+        assert publisher.pull(image, nodes=["node-2"], timeout=60).ok
+
+    missed_nothing.start()
+    away.start()
+    wait_for(lambda: ready(missed_nothing), "node-1 ready after the stream was recreated")
+    wait_for(lambda: ready(away), "node-3 ready after the stream was recreated")
+    wait_for(lambda: engine_has(own_cluster, image)["node-3"], "the missed image on node-3")
+    assert replayed(away) >= 1

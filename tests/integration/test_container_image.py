@@ -15,7 +15,7 @@ import pytest
 from contract import BrokerUnavailable, NoNodes, Status
 from localcluster.cluster import LocalCluster
 from localcluster.images import PROJECT_ROOT, build_worker_image, ensure_rabbitmq_image
-from localcluster.registry import free_port
+from localcluster.processes import free_port
 from publisher import Publisher
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import docker
@@ -22,7 +25,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 from contract import BrokerUnavailable, ErrorKind, Status
 from localcluster.cluster import LocalCluster, WorkerProcess
 from localcluster.images import ensure_rabbitmq_image
-from localcluster.registry import free_port
+from localcluster.processes import free_port
 from publisher import Publisher
 from tests.integration.conftest import NODES, ROSTER_MAX_AGE, engine_has, run_cli, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
@@ -88,12 +91,12 @@ def push_through(cluster: LocalCluster, proxy: TcpProxy, size: int) -> str:
     return f"{proxy.address}/{name}:1"
 
 
-def log_events(worker: WorkerProcess) -> list[dict[str, object]]:
-    return [
-        json.loads(line)
-        for line in worker.log_path.read_text().splitlines()
-        if line.startswith("{")
-    ]
+def stalls(worker: WorkerProcess) -> float:
+    return worker.metric("puller_worker_pulls_total", outcome="stalled")
+
+
+def connections(worker: WorkerProcess) -> float:
+    return worker.metric("puller_worker_broker_connections_total")
 
 
 def test_a_stopped_engine_is_reported_quickly_and_served_again_when_back(
@@ -146,18 +149,14 @@ def test_a_stalled_pull_is_retried_and_succeeds_once_the_registry_answers_again(
     image = push_through(fault_cluster, proxy, 30_000_000)
     proxy.go_silent_after(2_000_000)
 
+    stalls_before = {w.node: stalls(w) for w in fault_cluster.workers}
+
     def resume_after_first_stall() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            for worker in fault_cluster.workers:
-                if any(
-                    e.get("event") == "pull attempt failed; retrying"
-                    and e.get("kind") == "stalled"
-                    and image in str(e.get("error"))
-                    for e in log_events(worker)
-                ):
-                    proxy.resume()
-                    return
+            if any(stalls(w) > stalls_before[w.node] for w in fault_cluster.workers):
+                proxy.resume()
+                return
             time.sleep(0.1)
 
     resumer = threading.Thread(target=resume_after_first_stall)
@@ -166,13 +165,7 @@ def test_a_stalled_pull_is_retried_and_succeeds_once_the_registry_answers_again(
     resumer.join()
     assert report.ok, report
     assert all(engine_has(fault_cluster, image).values())
-    stalled_nodes = [
-        w.node
-        for w in fault_cluster.workers
-        if any(
-            e.get("kind") == "stalled" and str(image) in str(e.get("error")) for e in log_events(w)
-        )
-    ]
+    stalled_nodes = [w.node for w in fault_cluster.workers if stalls(w) > stalls_before[w.node]]
     assert stalled_nodes, "no node stalled: the proxy did not go silent"
 
 
@@ -185,9 +178,7 @@ def test_a_pull_longer_than_three_heartbeats_completes_on_the_same_connection(
     exit_code, output = own_broker.exec(["rabbitmqctl", "-q", "list_connections", "timeout"])
     assert exit_code == 0
     assert str(HEARTBEAT).encode() in output.split(), "the workers' heartbeat was not negotiated"
-    connections_before = [
-        sum(e.get("event") == "serving" for e in log_events(w)) for w in fault_cluster.workers
-    ]
+    connections_before = [connections(w) for w in fault_cluster.workers]
     image = push_through(fault_cluster, proxy, 12_000_000)
     proxy.throttle(4_000_000 / (4 * HEARTBEAT))  # three nodes share it: well over 3 heartbeats
     started = time.monotonic()
@@ -196,14 +187,8 @@ def test_a_pull_longer_than_three_heartbeats_completes_on_the_same_connection(
     assert report.ok, report
     assert took > 3 * HEARTBEAT
     assert min(r.seconds for r in report.nodes) > 3 * HEARTBEAT
-    connections_after = [
-        sum(e.get("event") == "serving" for e in log_events(w)) for w in fault_cluster.workers
-    ]
+    connections_after = [connections(w) for w in fault_cluster.workers]
     assert connections_after == connections_before, "a worker had to reconnect during the pull"
-    for worker in fault_cluster.workers:
-        assert not any(
-            e.get("event") == "connection lost; reconnecting" for e in log_events(worker)
-        )
 
 
 def test_sigterm_during_a_pull_answers_cancelled_and_exits_0(
@@ -214,21 +199,24 @@ def test_sigterm_during_a_pull_answers_cancelled_and_exits_0(
     stopping = fault_cluster.workers[0]
     request_id = fault_publisher.request(image)
     deadline = time.monotonic() + 30
-    while not any(
-        e.get("event") == "pulling" and image in str(e.get("image")) for e in log_events(stopping)
-    ):
-        assert time.monotonic() < deadline
+    while stopping.metric("puller_worker_pulls_in_flight") < 1:
+        assert time.monotonic() < deadline, "the pull did not start"
         time.sleep(0.05)
     stopping.signal(signal.SIGTERM)
+    reasons = set()
+    while stopping.alive:
+        try:
+            reasons.add(str(stopping.health("/ready")[1]["reason"]))
+        except OSError:
+            break  # the health port closed: the worker is exiting
+        time.sleep(0.05)
+    assert any(reason.startswith("draining") for reason in reasons), reasons
     assert stopping.process is not None
     assert stopping.process.wait(timeout=20) == 0
     results = fault_publisher.results(request_id, expect=NODES, timeout=10)
     mine = {r.node: r for r in results}[stopping.node]
     assert mine.error is not None
     assert mine.error.kind is ErrorKind.CANCELLED
-    events = [e.get("event") for e in log_events(stopping)]
-    assert "grace period over; cancelling" in events
-    assert events[-1] == "stopped"
 
 
 def test_workers_survive_a_broker_restart_and_serve_again(
@@ -265,6 +253,119 @@ def test_workers_survive_a_broker_restart_and_serve_again(
     assert report.ok, report
     assert all(worker.alive for worker in fault_cluster.workers)
     for worker in fault_cluster.workers:
-        events = [e.get("event") for e in log_events(worker)]
-        assert "connection lost; reconnecting" in events
-        assert events.count("serving") >= 2
+        assert connections(worker) >= 2, "the worker did not reconnect"
+
+
+def test_alive_stays_up_and_ready_says_why_while_the_broker_is_down(
+    fault_cluster: LocalCluster, fault_publisher: Publisher, own_broker: RabbitMqContainer
+) -> None:
+    container = own_broker.get_wrapped_container()
+    container.kill()
+    try:
+        worker = fault_cluster.workers[0]
+        reasons = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            code, body = worker.health("/alive")
+            # a liveness probe must not restart workers for an outage that is not theirs
+            assert code == 200, body
+            assert float(str(body["loop_silent_seconds"])) < 3, body
+            code, body = worker.health("/ready")
+            assert code == 503
+            reasons.add(str(body["reason"]))
+            time.sleep(0.25)
+        assert any(reason.startswith("not connected to RabbitMQ") for reason in reasons), reasons
+    finally:
+        container.start()
+    wait_for_roster(fault_publisher)
+
+
+def wait_for_roster(publisher: Publisher) -> None:
+    deadline = time.monotonic() + 120
+    while True:  # the broker boots, then each worker's backoff brings it back
+        try:
+            if len(publisher.nodes()) == NODES:
+                return
+        except BrokerUnavailable:
+            pass
+        assert time.monotonic() < deadline, "the workers did not come back"
+        time.sleep(1)
+
+
+def run_cli_in_background(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "puller"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_pulling(worker: WorkerProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while worker.metric("puller_worker_pulls_in_flight") < 1:
+        assert time.monotonic() < deadline, f"{worker.node} did not start pulling"
+        time.sleep(0.05)
+
+
+def test_a_pull_in_progress_survives_a_broker_restart(
+    fault_cluster: LocalCluster,
+    fault_publisher: Publisher,
+    own_broker: RabbitMqContainer,
+    proxy: TcpProxy,
+) -> None:
+    image = push_through(fault_cluster, proxy, 12_000_000)
+    proxy.throttle(1_500_000)  # several seconds per node
+    cli = run_cli_in_background(
+        "--amqp-url", fault_cluster.amqp_url, "pull", image, "--timeout", "150", "--json"
+    )
+    try:
+        wait_until_pulling(fault_cluster.workers[0])
+        container = own_broker.get_wrapped_container()
+        container.kill()
+        time.sleep(1)
+        container.start()
+        out, err = cli.communicate(timeout=180)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 0, err
+    report = json.loads(out)
+    assert report["ok"], report
+    assert any("published again" in note for note in report["notes"]), report["notes"]
+    assert all(engine_has(fault_cluster, image).values())
+    wait_for_roster(fault_publisher)
+
+
+def test_expect_names_the_roster_node_that_did_not_answer(
+    fault_cluster: LocalCluster, fault_publisher: Publisher, proxy: TcpProxy
+) -> None:
+    image = push_through(fault_cluster, proxy, 12_000_000)
+    proxy.throttle(1_000_000)
+    victim = fault_cluster.workers[2]
+    cli = run_cli_in_background(
+        "--amqp-url",
+        fault_cluster.amqp_url,
+        "pull",
+        image,
+        "--expect",
+        str(NODES),
+        "--timeout",
+        "25",
+        "--json",
+    )
+    try:
+        wait_until_pulling(victim)
+        assert victim.process is not None
+        victim.process.kill()  # SIGKILL mid-pull: it never answers
+        proxy.throttle(None)
+        out, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 1
+    report = json.loads(out)
+    assert report["missing"] == 1
+    silent = [row for row in report["nodes"] if row["status"] == "no_reply"]
+    assert [row["node"] for row in silent] == [victim.node]
+    assert victim.node in err

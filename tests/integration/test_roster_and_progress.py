@@ -168,6 +168,7 @@ def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Pu
         "engine",
         "started_at",
         "last_seen",
+        "state",
         "caught_up",
         "replay_pending",
         "replay_failed",

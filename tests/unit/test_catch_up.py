@@ -1,53 +1,70 @@
-"""The catch-up ledger and its state file, and the health answers, without services."""
+"""The catch-up ledger, its state file and its phases, without services."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from contract import PullRequest, parse_reference
-from worker.broker import Delivery, HistoryConsumer
-from worker.catch_up import (
+from contract import ErrorKind, NodeResult, PullRequest, Status, parse_reference
+from worker.broker import HistoryReading
+from worker.catch_up import CatchUp, Phase
+from worker.health import HealthServer, json_answer
+from worker.history_ledger import (
     STATE_FILE,
     CannotKeepState,
-    CatchUp,
-    CatchUpStatus,
     Ledger,
     OffsetStore,
-    ReplayChannel,
+    Place,
+    entry_identity,
 )
-from worker.health import HealthServer, Liveness
+from worker.model import AnswerCallback, Delivery, ProgressCallback
 
 
-def test_the_saved_offset_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:
+def test_the_saved_place_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:
     ledger = Ledger(OffsetStore(tmp_path))
-    assert ledger.start_offset() == "first"
+    assert ledger.committed is None
     for offset in (10, 11, 12):
-        ledger.delivered(offset)
+        ledger.delivered(offset, f"id{offset}")
     ledger.done(12)
     ledger.done(11)
     assert ledger.committed is None, "10 is not done: a restart must replay it"
     ledger.done(10)
-    assert ledger.committed == 12
+    assert ledger.committed == Place(12, "id12")
     assert ledger.in_hand == 0
-    assert Ledger(OffsetStore(tmp_path)).start_offset() == 13
+    assert Ledger(OffsetStore(tmp_path)).committed == Place(12, "id12")
 
 
 def test_a_restart_forgets_what_was_in_hand_but_not_what_was_saved(tmp_path: Path) -> None:
     ledger = Ledger(OffsetStore(tmp_path))
-    ledger.delivered(0)
+    ledger.delivered(0, "a")
     ledger.done(0)
-    ledger.delivered(1)
+    ledger.delivered(1, "b")
     ledger.restart()
-    assert (ledger.in_hand, ledger.start_offset()) == (0, 1)
+    assert (ledger.in_hand, ledger.committed_offset) == (0, 0)
 
 
-@pytest.mark.parametrize("content", ["not json", '{"offset": -1}', '{"offset": true}', "[]"])
+def test_forgetting_the_place_removes_the_state_file(tmp_path: Path) -> None:
+    ledger = Ledger(OffsetStore(tmp_path))
+    ledger.jump(Place(7, "x"))
+    ledger.forget_place()
+    assert ledger.committed is None
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "content", ["not json", '{"offset": -1}', '{"offset": true}', "[]", '{"identity": "x"}']
+)
 def test_a_damaged_state_file_means_replaying_the_window(tmp_path: Path, content: str) -> None:
     (tmp_path / STATE_FILE).write_text(content)
-    assert Ledger(OffsetStore(tmp_path)).start_offset() == "first"
+    assert Ledger(OffsetStore(tmp_path)).committed is None
+
+
+def test_an_older_state_file_without_identity_is_still_read(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_text(json.dumps({"offset": 41, "saved_at": 1.0}))
+    assert Ledger(OffsetStore(tmp_path)).committed == Place(41, None)
 
 
 def test_a_state_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
@@ -56,86 +73,193 @@ def test_a_state_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> Non
         OffsetStore(tmp_path / "a-file" / "state")
 
 
-def health(status: CatchUpStatus) -> HealthServer:
-    server = HealthServer(0, Liveness(), lambda: status)
+def test_the_health_server_answers_its_routes_and_names_them_for_unknown_paths() -> None:
+    server = HealthServer(0, {"/alive": lambda: json_answer(200, {"alive": True})})
     server.stop()  # answer() needs no running server
-    return server
-
-
-def status(connected: bool, caught_up: bool) -> CatchUpStatus:
-    return CatchUpStatus(connected, caught_up, pending=2, failed=0, committed_offset=5)
-
-
-def test_ready_only_when_connected_and_caught_up() -> None:
-    code, body = health(status(True, True)).answer("/ready")
-    assert (code, body["ready"], body["reason"]) == (200, True, "connected and caught up")
-    code, body = health(status(True, False)).answer("/ready")
-    assert (code, body["ready"]) == (503, False)
-    assert "catching up" in str(body["reason"]) and "2 in hand" in str(body["reason"])
-    code, body = health(status(False, False)).answer("/ready")
-    assert (code, body["reason"]) == (503, "not connected to RabbitMQ")
-
-
-def test_alive_while_the_loop_turns_and_unknown_paths_say_so() -> None:
-    server = health(status(False, False))
-    assert server.answer("/alive")[0] == 200
-    code, body = server.answer("/metrics")
-    assert code == 404 and "/ready" in str(body["error"])
+    assert server.answer("/alive?x=1")[0] == 200
+    code, _, body = server.answer("/nope")
+    assert code == 404 and b"/alive" in body
 
 
 class FakeBroker:
-    """Records what catch-up asks of the broker; no AMQP."""
+    """Records what catch-up asks of the broker; no AMQP. Each reading is its own source."""
 
     def __init__(self) -> None:
-        self.readings: list[HistoryConsumer] = []
+        self.readings: list[HistoryReading] = []
         self.acked: list[int | None] = []
         self.stops = 0
+        self.later: list[Callable[[], None]] = []
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        callback()
-
-    def ack(self, delivery: Delivery) -> None:
-        self.acked.append(delivery.history_offset)
-
-    def consume_history(self, history: HistoryConsumer) -> None:
-        self.readings.append(history)
+    def read_history(self, reading: HistoryReading) -> None:
+        self.readings.append(reading)
 
     def stop_history(self) -> None:
         self.stops += 1
 
+    def answer(self, delivery: Delivery, result: NodeResult | None) -> None:
+        self.acked.append(delivery.history_offset)
 
-class RefusingServer:
-    def accept(self, request: PullRequest, delivery: Delivery, channel: ReplayChannel) -> None:
-        raise AssertionError(f"nothing should be replayed here, got {request}")
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.later.append(callback)
+
+    def is_current(self, delivery: Delivery) -> bool:
+        return delivery.source is self.readings[-1]
+
+    def run_later(self) -> None:
+        while self.later:
+            self.later.pop(0)()
+
+    def deliver(self, body: bytes, offset: int) -> None:
+        reading = self.readings[-1]
+        reading.on_entry(Delivery(body, offset + 1, None, None, reading, history_offset=offset))
 
 
-def entry(body: bytes, offset: int) -> Delivery:
-    return Delivery(body, offset + 1, None, None, None, 1, history_offset=offset)
+class RecordingServer:
+    def __init__(self) -> None:
+        self.submitted: list[tuple[PullRequest, AnswerCallback]] = []
+
+    def submit(
+        self,
+        request: PullRequest,
+        answer: AnswerCallback,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.submitted.append((request, answer))
+
+    def answer_all(self, status: Status = Status.PULLED) -> None:
+        for request, answer in self.submitted:
+            answer(NodeResult(request.request_id, "n", str(request.image), status, 0.1))
+        self.submitted.clear()
 
 
-def test_caught_up_at_its_marker_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> None:
-    broker = FakeBroker()
+def new_catch_up(tmp_path: Path) -> tuple[CatchUp, FakeBroker, RecordingServer]:
+    broker, server = FakeBroker(), RecordingServer()
     catch_up = CatchUp(
-        "n", Ledger(OffsetStore(tmp_path)), RefusingServer(), broker, 3600, checkpoint_interval=0
+        "n", Ledger(OffsetStore(tmp_path)), server, broker, 3600, checkpoint_interval=0
     )
-    reading = catch_up.on_connect()
-    assert reading.start == "first"
-    assert not catch_up.status().caught_up
-    reading.on_entry(entry(reading.marker, 0))
-    assert catch_up.status().caught_up
-    assert broker.stops == 1, "the history is not read once caught up"
+    return catch_up, broker, server
+
+
+def find_end(catch_up: CatchUp, broker: FakeBroker, end: int) -> None:
+    """Plays the broker's part in FINDING_END: the last chunk, then the marker at ``end``."""
+    reading = broker.readings[-1]
+    assert (catch_up.phase, reading.start) == (Phase.FINDING_END, "last")
+    broker.deliver(reading.marker, end)
+
+
+def request_body(image: str = "a:1") -> bytes:
+    return PullRequest.new(parse_reference(image)).encode()
+
+
+def test_a_new_node_replays_from_the_first_entry_up_to_the_end(tmp_path: Path) -> None:
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=2)
+    assert (catch_up.phase, broker.readings[-1].start) == (Phase.REPLAYING, "first")
+    first, second = request_body("a:1"), request_body("b:1")
+    broker.deliver(first, 0)
+    broker.deliver(second, 1)
+    assert len(server.submitted) == 2
+    assert catch_up.status().replay_pending == 2
+    server.answer_all()
+    broker.run_later()
+    assert not catch_up.status().caught_up, "the end (offset 2) is not read yet"
+    broker.deliver(broker.readings[-1].marker, 2)  # an entry like any other in a replay
+    status = catch_up.status()
+    assert (status.caught_up, status.history_offset, status.replay_pending) == (True, 2, 0)
+    assert broker.stops >= 1, "the history is not read once caught up"
+
+
+def test_caught_up_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> None:
+    catch_up, broker, _ = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=0)
+    broker.deliver(broker.readings[-1].marker, 0)
+    assert catch_up.phase is Phase.CAUGHT_UP
+    readings = len(broker.readings)
 
     catch_up.checkpoint_if_due(unanswered=0)
-    assert len(broker.readings) == 0, "nothing came live: no checkpoint needed"
+    assert len(broker.readings) == readings, "nothing came live: no checkpoint needed"
     request = PullRequest.new(parse_reference("a:1"))
     catch_up.note_live(request)
     catch_up.checkpoint_if_due(unanswered=1)
-    assert len(broker.readings) == 0, "a request is unanswered: not idle"
+    assert len(broker.readings) == readings, "a request is unanswered: not idle"
     catch_up.checkpoint_if_due(unanswered=0)
-    (checkpoint,) = broker.readings
-    assert checkpoint.start == "last"
-    checkpoint.on_entry(entry(request.encode(), 6))  # served live: not replayed
-    checkpoint.on_entry(entry(checkpoint.marker, 7))
-    assert broker.stops == 2
-    assert broker.acked == [0, 6, 7]
-    assert Ledger(OffsetStore(tmp_path)).start_offset() == 8
+    checkpoint = broker.readings[-1]
+    assert (catch_up.phase, checkpoint.start) == (Phase.CHECKPOINTING, "last")
+    assert catch_up.status().caught_up
+    broker.deliver(request.encode(), 6)
+    broker.deliver(checkpoint.marker, 7)
+    assert catch_up.phase is Phase.CAUGHT_UP
+    assert Ledger(OffsetStore(tmp_path)).committed == Place(7, entry_identity(checkpoint.marker))
+
+
+def test_a_restart_resumes_at_its_place_and_checks_the_entry_there(tmp_path: Path) -> None:
+    body = request_body()
+    OffsetStore(tmp_path).save(Place(5, entry_identity(body)))
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=9)
+    assert broker.readings[-1].start == 5
+    broker.deliver(body, 5)  # the saved entry itself: done already
+    assert server.submitted == []
+    broker.deliver(request_body("new:1"), 6)
+    assert len(server.submitted) == 1
+
+
+@pytest.mark.parametrize("saved_offset", [9, 40])
+def test_a_place_beyond_the_end_of_a_recreated_stream_starts_again_from_the_first(
+    tmp_path: Path, saved_offset: int
+) -> None:
+    OffsetStore(tmp_path).save(Place(saved_offset, "old"))
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=3)
+    assert (catch_up.phase, broker.readings[-1].start) == (Phase.REPLAYING, "first")
+    assert not (tmp_path / STATE_FILE).exists()
+    for offset in range(3):
+        broker.deliver(request_body(f"x{offset}:1"), offset)
+    server.answer_all()
+    broker.run_later()
+    broker.deliver(broker.readings[-1].marker, 3)
+    assert catch_up.status().caught_up
+
+
+def test_a_place_holding_another_entry_means_a_recreated_stream(tmp_path: Path) -> None:
+    OffsetStore(tmp_path).save(Place(2, entry_identity(request_body("was-here:1"))))
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=8)
+    assert broker.readings[-1].start == 2
+    broker.deliver(request_body("someone-else:1"), 2)
+    restarted = broker.readings[-1]
+    assert (catch_up.phase, restarted.start) == (Phase.REPLAYING, "first")
+    assert server.submitted == [], "nothing from the abandoned reading was replayed"
+
+
+def test_answers_from_an_earlier_reading_do_not_count(tmp_path: Path) -> None:
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=5)
+    broker.deliver(request_body(), 0)
+    catch_up.on_disconnect()
+    catch_up.on_connect()  # a new connection: a new reading
+    server.answer_all()  # the old entry's pull finishes now
+    broker.run_later()
+    assert catch_up.status().history_offset is None
+
+
+def test_a_cancelled_replay_does_not_advance_the_place(tmp_path: Path) -> None:
+    catch_up, broker, server = new_catch_up(tmp_path)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=5)
+    broker.deliver(request_body(), 0)
+    request, answer = server.submitted.pop()
+    answer(
+        NodeResult.failure(
+            request.request_id, "n", str(request.image), ErrorKind.CANCELLED, "stopping", 0.1
+        )
+    )
+    broker.run_later()
+    assert catch_up.status().history_offset is None
+    assert catch_up.status().replay_failed == 0

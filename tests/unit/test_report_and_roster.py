@@ -25,8 +25,12 @@ def result(node: str, status: Status) -> NodeResult:
     return NodeResult("r", node, "img", status, 1.0, error=error)
 
 
-def report(expected: int | None, *results: NodeResult) -> PullReport:
-    return PullReport("r", "img", tuple(results), expected)
+def report(
+    expected: int | None, *results: NodeResult, wanted: set[str] | None = None
+) -> PullReport:
+    return PullReport(
+        "r", "img", tuple(results), expected, wanted=None if wanted is None else frozenset(wanted)
+    )
 
 
 def test_ok_only_when_every_expected_node_has_the_image() -> None:
@@ -41,17 +45,32 @@ def test_ok_only_when_every_expected_node_has_the_image() -> None:
 def test_missing_counts_named_and_unnamed_silence() -> None:
     assert report(3, result("a", Status.PULLED)).missing == 2
     named = report(
-        2, result("a", Status.PULLED), result("c", Status.PULLED), result("b", Status.NO_REPLY)
+        2,
+        result("a", Status.PULLED),
+        result("c", Status.PULLED),
+        result("b", Status.NO_REPLY),
+        wanted={"a", "b"},
     )
-    assert named.missing == 1
+    assert named.missing == 1, "c answered but was not waited for"
     assert [r.node for r in named.no_reply] == ["b"]
+    # waiting for a count: the roster's silent nodes are named, the count decides
+    counted = report(2, result("a", Status.PULLED), result("b", Status.NO_REPLY))
+    assert (counted.missing, [r.node for r in counted.no_reply]) == (1, ["b"])
 
 
 def test_json_shape() -> None:
     shape = report(2, result("a", Status.PULLED), result("b", Status.FAILED)).to_json()
-    assert set(shape) == {"request_id", "image", "expected", "ok", "missing", "nodes"}
+    assert set(shape) == {"request_id", "image", "expected", "ok", "missing", "nodes", "notes"}
     assert shape["nodes"][1]["error"] == {"kind": "not_found", "message": "gone"}
-    assert set(shape["nodes"][0]) == {"node", "status", "seconds", "image_id", "digest", "error"}
+    assert set(shape["nodes"][0]) == {
+        "node",
+        "status",
+        "seconds",
+        "queued_seconds",
+        "image_id",
+        "digest",
+        "error",
+    }
 
 
 def presence(node: str, sent_at: float, state: NodeState = NodeState.UP) -> NodePresence:
@@ -110,3 +129,27 @@ def test_the_plain_view_prints_progress_lines_only() -> None:
     view.result(result("node-1", Status.PULLED))
     view.close()
     assert out.getvalue() == "progress node-1 1.0/2.0 MB\n"
+
+
+def test_progress_before_the_size_is_known_is_not_shown_and_small_sizes_read_well() -> None:
+    out = io.StringIO()
+    view = LiveView(out, ["node-1"], live=False)
+    view.progress(NodeProgress("r", "node-1", "img", 0, 0))
+    assert out.getvalue() == ""
+    view.progress(NodeProgress("r", "node-1", "img", 180, 12_345))
+    assert out.getvalue() == "progress node-1 0/12 kB\n"
+
+
+def test_the_roster_json_is_the_presence_fields_by_name() -> None:
+    shape = presence("a", 5).to_json()
+    assert {
+        "node",
+        "version",
+        "engine",
+        "started_at",
+        "last_seen",
+        "caught_up",
+        "replay_pending",
+        "replay_failed",
+    } <= set(shape)
+    assert shape["last_seen"] == 5

@@ -1,8 +1,7 @@
-"""PullService with a fake image store and a fake connection: threading and answers."""
+"""PullService with a fake image store: threads, answers, slots, retries, memory."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,116 +17,112 @@ from contract import (
     PullFailed,
     PullRequest,
     Status,
-    decode_reply,
     parse_reference,
 )
-from worker.broker import Delivery
-from worker.engine import ImageInfo, PullProgress
+from worker.model import ImageInfo, PullProgress
+from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.service import PullService, RetryPolicy
 
 
 @dataclass
 class FakeStore:
     present: set[str] = field(default_factory=set)
-    failures: dict[str, Exception] = field(default_factory=dict)
-    gate: threading.Event = field(default_factory=threading.Event)
+    remembered: set[str] = field(default_factory=set)
+    failures: dict[str, list[Exception]] = field(default_factory=dict)
+    """Raised by successive pulls of an image, then it succeeds."""
+    gates: dict[str, threading.Event] = field(default_factory=dict)
+    """A pull of an image with a gate waits for it to be set."""
     pulls: list[str] = field(default_factory=list)
     pull_threads: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.gate.set()
-
     progress_steps: list[PullProgress] = field(default_factory=list)
+    running: int = 0
+    most_running: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def describe(self) -> str:
+        return "fake"
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
     def version(self) -> str:
         return "20.10.24"
 
     def cancel_pulls(self) -> None:
-        self.gate.set()
-
-    remembered: set[str] = field(default_factory=set)
+        self.cancelled.set()
+        for gate in self.gates.values():
+            gate.set()
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
-        if str(image) in self.remembered:
-            return ImageInfo("sha256:remembered", None)
-        return None
+        return ImageInfo("sha256:remembered", None) if str(image) in self.remembered else None
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
-        if str(image) in self.present:
-            return ImageInfo("sha256:present", None)
-        return None
+        return ImageInfo("sha256:present", None) if str(image) in self.present else None
 
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
     ) -> ImageInfo:
-        self.pulls.append(str(image))
-        self.pull_threads.add(threading.current_thread().name)
-        assert self.gate.wait(10)
-        for step in self.progress_steps:
-            if on_progress is not None:
-                on_progress(step)
-        if str(image) in self.failures:
-            raise self.failures[str(image)]
-        self.present.add(str(image))
-        return ImageInfo("sha256:pulled", "sha256:digest")
+        name = str(image)
+        with self.lock:
+            self.pulls.append(name)
+            self.pull_threads.add(threading.current_thread().name)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            gate = self.gates.get(name)
+            if gate is not None:
+                assert gate.wait(10)
+            if self.cancelled.is_set():
+                raise PullFailed(ErrorKind.CANCELLED, "cut")
+            for step in self.progress_steps:
+                if on_progress is not None:
+                    on_progress(step)
+            queued = self.failures.get(name)
+            if queued:
+                raise queued.pop(0)
+            self.present.add(name)
+            return ImageInfo("sha256:pulled", "sha256:digest")
+        finally:
+            with self.lock:
+                self.running -= 1
 
 
-class FakeConnection:
-    """Stands in for the broker. Replies and acks must happen on the thread that drains it."""
+class Answers:
+    """Collects results and progress from whatever thread the service calls back on."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[], None]] = []
-        self.owner = threading.current_thread()
-        self.replies: list[tuple[str, str | None, NodeResult]] = []
+        self.changed = threading.Condition()
+        self.results: list[NodeResult] = []
+        self.threads: list[str] = []
         self.progress: list[NodeProgress] = []
-        self.acked: list[int] = []
-        self.rejected: list[int] = []
 
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            self._callbacks.append(callback)
+    def answer(self, result: NodeResult) -> None:
+        with self.changed:
+            self.results.append(result)
+            self.threads.append(threading.current_thread().name)
+            self.changed.notify_all()
 
-    def reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        assert threading.current_thread() is self.owner, "replied off the connection thread"
-        message = decode_reply(body)
-        if isinstance(message, NodeProgress):
+    def on_progress(self, message: NodeProgress) -> None:
+        with self.changed:
             self.progress.append(message)
-        else:
-            self.replies.append((reply_to, correlation_id, message))
 
-    def ack(self, delivery: Delivery) -> None:
-        assert threading.current_thread() is self.owner, "acked off the connection thread"
-        self.acked.append(delivery.delivery_tag)
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[NodeResult]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.results) >= count, timeout), (
+                f"{len(self.results)} of {count} answers"
+            )
+            return list(self.results)
 
-    def reject(self, delivery: Delivery) -> None:
-        assert threading.current_thread() is self.owner
-        self.rejected.append(delivery.delivery_tag)
-
-    def drain_until(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert time.monotonic() < deadline, "timed out waiting for the service"
-            with self._lock:
-                callbacks, self._callbacks = self._callbacks, []
-            for callback in callbacks:
-                callback()
-            time.sleep(0.005)
+    def by_image(self) -> dict[str, NodeResult]:
+        return {r.image: r for r in self.results}
 
 
-_tags = iter(range(1, 1_000_000))
-
-
-def delivery_for(image: str, reply_to: str | None = "reply-q") -> Delivery:
-    request = PullRequest.new(parse_reference(image))
-    return Delivery(
-        body=request.encode(),
-        delivery_tag=next(_tags),
-        reply_to=reply_to,
-        correlation_id=request.request_id,
-        content_type="application/json",
-        connection_generation=1,
-    )
+def request_for(image: str) -> PullRequest:
+    return PullRequest.new(parse_reference(image))
 
 
 @pytest.fixture
@@ -136,212 +131,186 @@ def store() -> FakeStore:
 
 
 @pytest.fixture
-def connection() -> FakeConnection:
-    return FakeConnection()
+def answers() -> Answers:
+    return Answers()
+
+
+def make_service(store: FakeStore, slots: int = 2, **kwargs: object) -> PullService:
+    return PullService("node-a", store, slots, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def service(store: FakeStore) -> Iterator[PullService]:
-    service = PullService("node-a", store, max_concurrent_pulls=2)
+    service = make_service(store)
     yield service
     service.shutdown(wait=True)
 
 
+def submit(service: PullService, answers: Answers, image: str) -> PullRequest:
+    request = request_for(image)
+    service.submit(request, answers.answer, answers.on_progress)
+    return request
+
+
 def test_an_image_already_there_is_answered_present_without_pulling(
-    service: PullService, store: FakeStore, connection: FakeConnection
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
     store.present.add("docker.io/library/busybox:latest")
-    delivery = delivery_for("busybox")
-    service.on_delivery(delivery, connection)
-    connection.drain_until(lambda: bool(connection.acked))
-    [(reply_to, correlation_id, result)] = connection.replies
-    assert (reply_to, correlation_id) == ("reply-q", delivery.correlation_id)
-    assert result.status is Status.PRESENT
-    assert result.node == "node-a"
-    assert result.request_id == delivery.correlation_id
+    request = submit(service, answers, "busybox")
+    [result] = answers.wait_for(1)
+    assert (result.status, result.node, result.request_id) == (
+        Status.PRESENT,
+        "node-a",
+        request.request_id,
+    )
     assert store.pulls == []
-    assert connection.acked == [delivery.delivery_tag]
+    assert service.unfinished == 0
 
 
-def test_a_missing_image_is_pulled_off_the_connection_thread(
-    service: PullService, store: FakeStore, connection: FakeConnection
+def test_a_missing_image_is_pulled_off_the_calling_thread(
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    service.on_delivery(delivery_for("busybox:1"), connection)
-    connection.drain_until(lambda: bool(connection.acked))
-    [(_, _, result)] = connection.replies
+    submit(service, answers, "busybox:1")
+    [result] = answers.wait_for(1)
     assert result.status is Status.PULLED
-    assert result.image_id == "sha256:pulled"
+    assert (result.image_id, result.digest) == ("sha256:pulled", "sha256:digest")
     assert store.pulls == ["docker.io/library/busybox:1"]
     assert threading.current_thread().name not in store.pull_threads
     assert service.unfinished == 0
 
 
-def test_the_connection_thread_is_free_while_a_pull_runs(
-    service: PullService, store: FakeStore, connection: FakeConnection
+def test_an_image_known_from_memory_is_answered_on_the_calling_thread_at_once(
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.gate.clear()
+    store.remembered.add("docker.io/library/cached:1")
+    submit(service, answers, "cached:1")  # answered before submit returns
+    assert [r.status for r in answers.results] == [Status.PRESENT]
+    assert answers.threads == [threading.current_thread().name]
+    assert answers.results[0].image_id == "sha256:remembered"
+    assert store.pulls == []
+    assert service.unfinished == 0
+
+
+def test_the_caller_is_free_while_a_pull_runs(
+    service: PullService, store: FakeStore, answers: Answers
+) -> None:
+    store.gates["docker.io/library/slow:1"] = threading.Event()
     store.present.add("docker.io/library/there:latest")
-    service.on_delivery(delivery_for("slow:1"), connection)
-    service.on_delivery(delivery_for("there"), connection)  # returns at once: nothing blocks
-    connection.drain_until(lambda: len(connection.replies) == 1)
-    assert connection.replies[0][2].status is Status.PRESENT
-    store.gate.set()
-    connection.drain_until(lambda: len(connection.replies) == 2)
-    assert connection.replies[1][2].status is Status.PULLED
+    submit(service, answers, "slow:1")
+    submit(service, answers, "there")
+    assert answers.wait_for(1)[0].status is Status.PRESENT
+    store.gates["docker.io/library/slow:1"].set()
+    assert answers.wait_for(2)[1].status is Status.PULLED
 
 
-def test_identical_requests_join_one_pull_and_each_gets_a_reply(
-    service: PullService, store: FakeStore, connection: FakeConnection
+def test_identical_requests_join_one_pull_and_each_gets_an_answer(
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.gate.clear()
-    deliveries = [delivery_for("same:1") for _ in range(3)]
-    for delivery in deliveries:
-        service.on_delivery(delivery, connection)
+    store.gates["docker.io/library/same:1"] = threading.Event()
+    requests = [submit(service, answers, "same:1") for _ in range(3)]
     time.sleep(0.2)
-    store.gate.set()
-    connection.drain_until(lambda: len(connection.acked) == 3)
+    store.gates["docker.io/library/same:1"].set()
+    results = answers.wait_for(3)
     assert store.pulls == ["docker.io/library/same:1"]
-    assert sorted(r.request_id for _, _, r in connection.replies) == sorted(
-        d.correlation_id or "" for d in deliveries
-    )
-    assert {r.status for _, _, r in connection.replies} == {Status.PULLED}
+    assert sorted(r.request_id for r in results) == sorted(r.request_id for r in requests)
+    assert {r.status for r in results} == {Status.PULLED}
 
 
 def test_a_failed_pull_is_answered_with_its_kind_and_message(
-    service: PullService, store: FakeStore, connection: FakeConnection
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.failures["docker.io/library/gone:1"] = PullFailed(ErrorKind.NOT_FOUND, "no such tag")
-    service.on_delivery(delivery_for("gone:1"), connection)
-    connection.drain_until(lambda: bool(connection.acked))
-    [(_, _, result)] = connection.replies
+    store.failures["docker.io/library/gone:1"] = [PullFailed(ErrorKind.NOT_FOUND, "no such tag")]
+    submit(service, answers, "gone:1")
+    [result] = answers.wait_for(1)
     assert result.status is Status.FAILED
     assert result.error is not None
     assert (result.error.kind, result.error.message) == (ErrorKind.NOT_FOUND, "no such tag")
 
 
 def test_an_unexpected_exception_becomes_an_internal_failure_not_a_crash(
-    service: PullService, store: FakeStore, connection: FakeConnection
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.failures["docker.io/library/bug:1"] = RuntimeError("kaboom")
-    service.on_delivery(delivery_for("bug:1"), connection)
-    connection.drain_until(lambda: bool(connection.acked))
-    result = connection.replies[0][2]
+    store.failures["docker.io/library/bug:1"] = [RuntimeError("kaboom")]
+    submit(service, answers, "bug:1")
+    result = answers.wait_for(1)[0]
     assert result.error is not None
     assert result.error.kind is ErrorKind.INTERNAL
     assert "kaboom" in result.error.message
-    service.on_delivery(delivery_for("fine:1"), connection)  # still serving
-    connection.drain_until(lambda: len(connection.acked) == 2)
-    assert connection.replies[1][2].status is Status.PULLED
+    submit(service, answers, "fine:1")  # still serving
+    assert answers.wait_for(2)[1].status is Status.PULLED
 
 
-@pytest.mark.parametrize(
-    "body", [b"", b"garbage", b"{}", json.dumps({"version": 1, "type": "pull"}).encode()]
-)
-def test_a_broken_message_is_rejected_and_answered_with_the_reason(
-    service: PullService, store: FakeStore, connection: FakeConnection, body: bytes
+def test_a_callback_that_raises_does_not_stop_the_service(
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    delivery = Delivery(body, 99, "reply-q", "corr-1", None, 1)
-    service.on_delivery(delivery, connection)
-    assert connection.rejected == [99]
-    assert connection.acked == []
-    [(_, correlation_id, result)] = connection.replies
-    assert correlation_id == "corr-1"
-    assert result.request_id == "corr-1"
-    assert result.error is not None
-    assert result.error.kind is ErrorKind.INVALID_REQUEST
-    assert store.pulls == []
+    def broken(_result: NodeResult) -> None:
+        raise RuntimeError("the broker is gone")
+
+    service.submit(request_for("a:1"), broken)
+    submit(service, answers, "b:1")
+    assert answers.wait_for(1)[0].status is Status.PULLED
+    deadline = time.monotonic() + 5
+    while service.unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.unfinished == 0
 
 
-def test_a_broken_message_with_no_reply_to_is_only_rejected(
-    service: PullService, connection: FakeConnection
+def test_progress_is_throttled_starts_once_the_size_is_known_and_reaches_every_joined_request(
+    service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    service.on_delivery(Delivery(b"[]", 5, None, None, None, 1), connection)
-    assert connection.rejected == [5]
-    assert connection.replies == []
-
-
-def test_a_request_without_reply_to_is_still_served_and_acked(
-    service: PullService, store: FakeStore, connection: FakeConnection
-) -> None:
-    service.on_delivery(delivery_for("quiet:1", reply_to=None), connection)
-    connection.drain_until(lambda: bool(connection.acked))
-    assert store.pulls == ["docker.io/library/quiet:1"]
-    assert connection.replies == []
-
-
-def test_progress_is_throttled_and_reaches_every_joined_request_before_the_result(
-    service: PullService, store: FakeStore, connection: FakeConnection
-) -> None:
-    store.gate.clear()
-    store.progress_steps = [PullProgress(done, 1000) for done in range(0, 1001, 10)]
-    first, second = delivery_for("big:1"), delivery_for("big:1")
-    service.on_delivery(first, connection)
-    service.on_delivery(second, connection)
+    store.gates["docker.io/library/big:1"] = threading.Event()
+    store.progress_steps = [PullProgress(0, 0)] + [
+        PullProgress(done, 1000) for done in range(0, 1001, 10)
+    ]
+    first, second = submit(service, answers, "big:1"), submit(service, answers, "big:1")
     time.sleep(0.2)
-    store.gate.set()
-    connection.drain_until(lambda: len(connection.acked) == 2)
+    store.gates["docker.io/library/big:1"].set()
+    answers.wait_for(2)
     by_request: dict[str, list[int]] = {}
-    for message in connection.progress:
+    for message in answers.progress:
+        assert message.total == 1000, "progress with no known size was sent"
         by_request.setdefault(message.request_id, []).append(message.done)
-    assert set(by_request) == {first.correlation_id, second.correlation_id}
+    assert set(by_request) == {first.request_id, second.request_id}
     for dones in by_request.values():
         # 101 engine events in well under a second: throttled to the first and the last.
         assert dones[0] == 0
         assert dones[-1] == 1000
         assert len(dones) < 10
-        assert dones == sorted(dones)
 
 
-class FlakyStore(FakeStore):
-    """Fails each pull of an image with the queued failures first, then succeeds."""
-
-    def __init__(self, failures: list[PullFailed]) -> None:
-        super().__init__()
-        self.queued = failures
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        self.pulls.append(str(image))
-        if self.queued:
-            raise self.queued.pop(0)
-        return ImageInfo("sha256:pulled", None)
-
-
-def serve_one(store: FakeStore, policy: RetryPolicy) -> tuple[NodeResult, PullService]:
-    connection = FakeConnection()
-    service = PullService("node-a", store, 1, policy)
+def serve_one(
+    store: FakeStore, policy: RetryPolicy, image: str = "flaky:1", **kwargs: object
+) -> NodeResult:
+    answers = Answers()
+    service = make_service(store, 1, retry=policy, **kwargs)
     try:
-        service.on_delivery(delivery_for("flaky:1"), connection)
-        connection.drain_until(lambda: bool(connection.acked))
+        submit(service, answers, image)
+        return answers.wait_for(1)[0]
     finally:
         service.shutdown(wait=True)
-    return connection.replies[0][2], service
 
 
-def test_transient_failures_are_retried_until_the_pull_succeeds() -> None:
-    store = FlakyStore(
-        [
-            PullFailed(ErrorKind.REGISTRY_UNREACHABLE, "refused"),
-            PullFailed(ErrorKind.STALLED, "silent"),
-        ]
-    )
-    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+def test_transient_failures_are_retried_until_the_pull_succeeds(store: FakeStore) -> None:
+    store.failures["docker.io/library/flaky:1"] = [
+        PullFailed(ErrorKind.REGISTRY_UNREACHABLE, "refused"),
+        PullFailed(ErrorKind.STALLED, "silent"),
+    ]
+    result = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
     assert result.status is Status.PULLED
     assert len(store.pulls) == 3
 
 
-def test_permanent_failures_are_not_retried() -> None:
-    store = FlakyStore([PullFailed(ErrorKind.NOT_FOUND, "no such tag")])
-    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+def test_permanent_failures_are_not_retried(store: FakeStore) -> None:
+    store.failures["docker.io/library/flaky:1"] = [PullFailed(ErrorKind.NOT_FOUND, "no tag")]
+    result = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
     assert result.error is not None
     assert result.error.kind is ErrorKind.NOT_FOUND
     assert len(store.pulls) == 1
 
 
-def test_retries_are_bounded_and_the_reply_says_so() -> None:
-    store = FlakyStore([PullFailed(ErrorKind.REGISTRY_ERROR, "503")] * 5)
-    result, _ = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
+def test_retries_are_bounded_and_the_answer_says_so(store: FakeStore) -> None:
+    store.failures["docker.io/library/flaky:1"] = [PullFailed(ErrorKind.REGISTRY_ERROR, "503")] * 5
+    result = serve_one(store, RetryPolicy(attempts=3, first_delay=0.01))
     assert result.error is not None
     assert result.error.kind is ErrorKind.REGISTRY_ERROR
     assert "gave up after 3 attempts" in result.error.message
@@ -353,30 +322,156 @@ def test_backoff_doubles_up_to_a_cap() -> None:
     assert [policy.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
 
 
-def test_cancel_during_a_retry_wait_answers_cancelled() -> None:
-    store = FlakyStore([PullFailed(ErrorKind.STALLED, "silent")] * 5)
-    connection = FakeConnection()
-    service = PullService("node-a", store, 1, RetryPolicy(attempts=5, first_delay=30))
-    service.on_delivery(delivery_for("flaky:1"), connection)
-    time.sleep(0.2)  # in its first 30 s wait
-    service.cancel()
-    connection.drain_until(lambda: bool(connection.acked), timeout=5)
-    service.shutdown(wait=True)
-    result = connection.replies[0][2]
-    assert result.error is not None
-    assert result.error.kind is ErrorKind.CANCELLED
-    assert "shutting down" in result.error.message
-
-
-def test_an_image_known_from_memory_is_answered_on_the_connection_thread_at_once(
-    service: PullService, store: FakeStore, connection: FakeConnection
+def test_a_pull_waiting_to_retry_gives_its_slot_to_another_image(
+    store: FakeStore, answers: Answers
 ) -> None:
-    store.remembered.add("docker.io/library/cached:1")
-    delivery = delivery_for("cached:1")
-    service.on_delivery(delivery, connection)  # no draining: answered before it returns
-    assert connection.acked == [delivery.delivery_tag]
-    [(_, _, result)] = connection.replies
-    assert result.status is Status.PRESENT
-    assert result.image_id == "sha256:remembered"
-    assert store.pulls == []
-    assert service.unfinished == 0
+    store.failures["docker.io/library/flaky:1"] = [PullFailed(ErrorKind.REGISTRY_ERROR, "503")]
+    service = make_service(store, 1, retry=RetryPolicy(attempts=2, first_delay=1.0))
+    try:
+        submit(service, answers, "flaky:1")
+        time.sleep(0.2)  # its first attempt failed; it waits 1 s to retry
+        submit(service, answers, "other:1")
+        first = answers.wait_for(1, timeout=0.8)[0]
+        assert (first.image, first.status) == ("docker.io/library/other:1", Status.PULLED)
+        assert answers.wait_for(2)[1].status is Status.PULLED
+    finally:
+        service.shutdown(wait=True)
+
+
+def test_cancel_answers_running_queued_and_retrying_pulls_cancelled(
+    store: FakeStore, answers: Answers
+) -> None:
+    store.gates["docker.io/library/running:1"] = threading.Event()
+    store.failures["docker.io/library/retrying:1"] = [PullFailed(ErrorKind.STALLED, "silent")] * 5
+    service = make_service(store, 1, retry=RetryPolicy(attempts=5, first_delay=30))
+    try:
+        submit(service, answers, "retrying:1")
+        time.sleep(0.2)  # in its first 30 s wait
+        submit(service, answers, "running:1")
+        submit(service, answers, "queued:1")
+        time.sleep(0.2)
+        service.cancel()
+        results = answers.wait_for(3, timeout=5)
+    finally:
+        service.shutdown(wait=True)
+    for result in results:
+        assert result.error is not None, result
+        assert result.error.kind is ErrorKind.CANCELLED
+    assert "docker.io/library/queued:1" not in store.pulls
+
+
+def test_at_most_the_slots_run_at_once_within_one_registry(
+    store: FakeStore, answers: Answers
+) -> None:
+    gate = threading.Event()
+    images = [f"r.example/app/{n}:1" for n in range(6)]
+    for image in images:
+        store.gates[image] = gate
+    service = make_service(store, 2)
+    try:
+        for image in images:
+            submit(service, answers, image)
+        time.sleep(0.3)
+        assert store.running == 2
+        gate.set()
+        answers.wait_for(6)
+    finally:
+        service.shutdown(wait=True)
+    assert store.most_running == 2
+
+
+def test_a_registry_that_holds_every_slot_does_not_starve_another(
+    store: FakeStore, answers: Answers
+) -> None:
+    stuck = threading.Event()
+    for n in range(4):
+        store.gates[f"black.hole/app/{n}:1"] = stuck
+    service = make_service(store, 2)
+    try:
+        for n in range(4):
+            submit(service, answers, f"black.hole/app/{n}:1")
+        time.sleep(0.2)
+        submit(service, answers, "healthy.example/app:1")
+        [result] = answers.wait_for(1, timeout=2)
+        assert (result.image, result.status) == ("healthy.example/app:1", Status.PULLED)
+        stuck.set()
+        answers.wait_for(5)
+    finally:
+        service.shutdown(wait=True)
+
+
+def test_time_waiting_for_a_slot_is_reported_apart(store: FakeStore, answers: Answers) -> None:
+    gate = threading.Event()
+    store.gates["r.example/first:1"] = gate
+    service = make_service(store, 1)
+    try:
+        submit(service, answers, "r.example/first:1")
+        time.sleep(0.1)
+        submit(service, answers, "r.example/second:1")
+        time.sleep(0.5)
+        gate.set()
+        results = {r.image: r for r in answers.wait_for(2)}
+    finally:
+        service.shutdown(wait=True)
+    second = results["r.example/second:1"]
+    assert second.queued_seconds >= 0.4
+    assert second.seconds >= second.queued_seconds
+    assert results["r.example/first:1"].queued_seconds < 0.1
+
+
+def test_a_registry_known_down_fails_fast_and_is_tried_again_after_the_cooldown(
+    store: FakeStore, answers: Answers
+) -> None:
+    down = PullFailed(ErrorKind.REGISTRY_UNREACHABLE, "dial tcp: connection refused")
+    store.failures["down.example/a:1"] = [down, down]
+    now = [1000.0]
+    breaker = RegistryBreaker(cooldown=30, clock=lambda: now[0])
+    service = make_service(
+        store, 2, retry=RetryPolicy(attempts=2, first_delay=0.01), breaker=breaker
+    )
+    try:
+        submit(service, answers, "down.example/a:1")
+        first = answers.wait_for(1)[0]
+        assert first.error is not None and "gave up after 2 attempts" in first.error.message
+        submit(service, answers, "down.example/b:1")  # another image, same registry
+        second = answers.wait_for(2)[1]
+        assert second.error is not None
+        assert second.error.kind is ErrorKind.REGISTRY_UNREACHABLE
+        assert "known to be down" in second.error.message
+        assert "down.example/b:1" not in store.pulls, "a known-down registry was tried"
+        assert breaker.down() == ["down.example"]
+        now[0] += 31
+        submit(service, answers, "down.example/b:1")
+        assert answers.wait_for(3)[2].status is Status.PULLED
+        assert breaker.down() == []
+    finally:
+        service.shutdown(wait=True)
+
+
+def test_a_stall_after_some_bytes_does_not_mark_the_registry_down(store: FakeStore) -> None:
+    store.progress_steps = [PullProgress(500, 1000)]
+    store.failures["slow.example/a:1"] = [PullFailed(ErrorKind.STALLED, "silent mid-layer")]
+    breaker = RegistryBreaker(cooldown=30)
+    result = serve_one(store, RetryPolicy(attempts=1), image="slow.example/a:1", breaker=breaker)
+    assert result.error is not None and result.error.kind is ErrorKind.STALLED
+    assert breaker.down() == []
+
+
+def test_not_found_is_repeated_from_memory_for_a_while(store: FakeStore, answers: Answers) -> None:
+    store.failures["docker.io/library/typo:1"] = [PullFailed(ErrorKind.NOT_FOUND, "manifest")]
+    now = [0.0]
+    service = make_service(store, 2, not_found=NotFoundMemory(10, clock=lambda: now[0]))
+    try:
+        submit(service, answers, "typo:1")
+        answers.wait_for(1)
+        for _ in range(100):
+            submit(service, answers, "typo:1")  # answered on this thread, from memory
+        assert len(answers.results) == 101
+        assert {r.error.kind for r in answers.results if r.error} == {ErrorKind.NOT_FOUND}
+        assert "from memory" in str(answers.results[-1].error)
+        assert store.pulls == ["docker.io/library/typo:1"]
+        now[0] = 11.0
+        submit(service, answers, "typo:1")  # pushed since: pulled now
+        assert answers.wait_for(102)[-1].status is Status.PULLED
+    finally:
+        service.shutdown(wait=True)

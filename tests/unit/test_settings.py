@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from worker.settings import InvalidSetting, WorkerSettings
+from worker.daemon import CANCEL_GRACE
+from worker.settings import SETTINGS, InvalidSetting, WorkerSettings, environment_help
 
 
 def test_defaults_work_on_a_laptop() -> None:
@@ -15,6 +16,17 @@ def test_defaults_work_on_a_laptop() -> None:
     assert settings.node_name == socket.gethostname()
     assert settings.docker_host is None
     assert settings.max_concurrent_pulls >= 1
+
+
+def test_the_shutdown_grace_and_its_cancel_window_fit_in_the_default_pod_grace() -> None:
+    assert WorkerSettings().shutdown_grace + CANCEL_GRACE < 30
+
+
+def test_help_lists_every_variable_with_its_default() -> None:
+    text = environment_help()
+    for setting in SETTINGS:
+        assert setting.env in text
+    assert "PULLER_SHUTDOWN_GRACE" in text and "(20.0)" in text
 
 
 def test_every_variable_is_read() -> None:
@@ -47,9 +59,11 @@ def test_every_variable_is_read() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"PULLER_MAX_CONCURRENT_PULLS": "two"}, "PULLER_MAX_CONCURRENT_PULLS='two' is not a int"),
+        ({"PULLER_MAX_CONCURRENT_PULLS": "two"}, "PULLER_MAX_CONCURRENT_PULLS='two': not a whole"),
         ({"PULLER_MAX_CONCURRENT_PULLS": "0"}, "must be at least 1"),
-        ({"PULLER_STALL_TIMEOUT": "soon"}, "is not a float"),
+        ({"PULLER_STALL_TIMEOUT": "soon"}, "PULLER_STALL_TIMEOUT='soon': not a number"),
+        ({"PULLER_STALL_TIMEOUT": "inf"}, "not a finite number"),
+        ({"PULLER_HEALTH_PORT": "70000"}, "must be at most 65535"),
         ({"PULLER_HEARTBEAT": "-3"}, "must be at least 1"),
         ({"PULLER_LOG_FORMAT": "xml"}, "expected auto, json or console"),
         ({"PULLER_NODE_NAME": "a\tb"}, "printable"),

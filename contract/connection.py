@@ -1,0 +1,76 @@
+"""How both sides reach RabbitMQ: connection parameters, and pika's errors in puller's terms.
+
+Only the two broker modules (``worker.broker``, ``publisher.broker``) import this; the rest
+of the code never sees a pika type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pika
+import pika.exceptions
+
+from contract.errors import BrokerUnavailable
+
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
+RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+
+CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
+"""What a broken or refused connection raises in pika."""
+
+
+def connection_parameters(
+    url: str, *, heartbeat: int, connect_timeout: float, blocked_timeout: float
+) -> pika.URLParameters:
+    """One attempt per call (the callers own their retry loops), bounded in time."""
+    parameters = pika.URLParameters(url)
+    parameters.heartbeat = heartbeat
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = connect_timeout
+    parameters.stack_timeout = connect_timeout
+    parameters.blocked_connection_timeout = blocked_timeout
+    return parameters
+
+
+def where(parameters: pika.connection.Parameters) -> str:
+    """The broker as a person reads it; never the credentials."""
+    return f"{parameters.host}:{parameters.port} vhost {parameters.virtual_host!r}"
+
+
+def describe(error: BaseException) -> str:
+    """The error that matters, in one line: pika wraps a refused socket in two or three
+    layers of its own errors; this unwraps them to the cause."""
+    for _ in range(5):
+        inner = getattr(error, "exceptions", None)
+        if isinstance(inner, list | tuple) and inner and isinstance(inner[-1], BaseException):
+            error = inner[-1]
+            continue
+        inner = getattr(error, "exception", None)
+        if isinstance(inner, BaseException):
+            error = inner
+            continue
+        if (
+            isinstance(error, pika.exceptions.AMQPConnectionError)
+            and error.args
+            and isinstance(error.args[0], BaseException)
+        ):
+            error = error.args[0]
+            continue
+        break
+    text = str(error) or repr(error)
+    return f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def broker_errors(what: str, parameters: pika.connection.Parameters) -> Iterator[None]:
+    """Turns a broken connection inside the block into :class:`BrokerUnavailable`:
+    ``"{what} at HOST:PORT vhost V: ErrorType: detail"``, e.g. what = "lost the connection
+    to RabbitMQ"."""
+    try:
+        yield
+    except CONNECTION_ERRORS as error:
+        raise BrokerUnavailable(f"{what} at {where(parameters)}: {describe(error)}") from None

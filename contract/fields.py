@@ -1,0 +1,242 @@
+"""How one field of a message is written and checked.
+
+Each message type in :mod:`contract.messages` lists its fields once, as a table of
+:class:`Field` rows; encoding, decoding and the JSON a report prints are all driven by
+that table. A codec turns a Python value into JSON and back, and says in one line what
+is wrong with a value that breaks the contract (:class:`InvalidMessage`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar
+
+from contract.errors import ErrorKind, InvalidMessage, NodeError
+from contract.reference import ImageReference, parse_reference
+
+T = TypeVar("T")
+_E = TypeVar("_E", bound=StrEnum)
+
+MAX_ID_LENGTH = 128
+MAX_NODE_NAME_LENGTH = 253
+MAX_ERROR_MESSAGE_LENGTH = 2000
+MAX_TEXT_LENGTH = 1024
+
+_MISSING: Any = object()
+
+
+class Codec(Protocol[T]):
+    def dump(self, value: T) -> object:
+        """The value as JSON (a str, number, bool, None, dict or list)."""
+        ...
+
+    def load(self, fields: dict[str, Any], key: str) -> T:
+        """The value of ``fields[key]``; raises :class:`InvalidMessage` saying what is wrong."""
+        ...
+
+
+@dataclass(frozen=True)
+class Field(Generic[T]):
+    """One row of a message's field table."""
+
+    attribute: str
+    """The dataclass attribute (and the key in the JSON a report prints)."""
+    codec: Codec[T]
+    wire: str | None = None
+    """The key in the message body, when it differs from ``attribute``."""
+
+    @property
+    def key(self) -> str:
+        return self.wire or self.attribute
+
+
+def json_type(value: object) -> str:
+    """What a JSON value is, in words, for error messages."""
+    return {
+        list: "an array",
+        dict: "an object",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a number")
+
+
+@dataclass(frozen=True)
+class Text:
+    max_length: int = MAX_TEXT_LENGTH
+    allow_empty: bool = False
+
+    def dump(self, value: str) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> str:
+        value = _required(fields, key)
+        if not isinstance(value, str):
+            raise InvalidMessage(f"{key!r} must be a string, not {json_type(value)}")
+        if not value and not self.allow_empty:
+            raise InvalidMessage(f"{key!r} is empty")
+        if len(value) > self.max_length:
+            raise InvalidMessage(f"{key!r} is longer than {self.max_length} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class OptionalText:
+    """A string, or ``null``/absent for ``None``."""
+
+    max_length: int = MAX_TEXT_LENGTH
+
+    def dump(self, value: str | None) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> str | None:
+        if fields.get(key) is None:
+            return None
+        return Text(self.max_length).load(fields, key)
+
+
+@dataclass(frozen=True)
+class Identifier:
+    """A request, marker or correlation id: 1 to 128 printable ASCII characters."""
+
+    def dump(self, value: str) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> str:
+        value = Text(MAX_ID_LENGTH).load(fields, key)
+        if not value.isprintable() or not value.isascii():
+            raise InvalidMessage(f"{key!r} must be printable ASCII")
+        return value
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """A finite number, 0 or more (a Unix time or a duration); optional with a default."""
+
+    default: float | None = None
+
+    def dump(self, value: float) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> float:
+        if key not in fields and self.default is not None:
+            return self.default
+        value = _required(fields, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidMessage(f"{key!r} must be a number, not {json_type(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise InvalidMessage(f"{key!r} is too large a number") from None
+        if not math.isfinite(number) or number < 0:
+            raise InvalidMessage(f"{key!r} must be a finite, non-negative number")
+        return number
+
+
+@dataclass(frozen=True)
+class Count:
+    """A whole number, 0 or more; optional (absent from older peers) when it has a default."""
+
+    default: int | None = None
+    maximum: int = 2**63 - 1
+
+    def dump(self, value: int) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> int:
+        if key not in fields and self.default is not None:
+            return self.default
+        value = _required(fields, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidMessage(f"{key!r} must be a whole number, 0 or more")
+        if value > self.maximum:
+            raise InvalidMessage(f"{key!r} is larger than {self.maximum}")
+        return value
+
+
+@dataclass(frozen=True)
+class OptionalBool:
+    """``true``, ``false``, or ``null``/absent for "unknown"."""
+
+    def dump(self, value: bool | None) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> bool | None:
+        value = fields.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidMessage(f"{key!r} must be true, false or null")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Generic[_E]):
+    """One of an enum's values; ``allowed`` narrows which ones may be sent."""
+
+    enum: type[_E]
+    allowed: tuple[_E, ...] | None = None
+    default: _E | None = None
+    unknown: _E | None = None
+    """What a value this side does not know decodes to (sent by a newer peer); without it,
+    such a value is an error."""
+
+    def dump(self, value: _E) -> object:
+        return value.value
+
+    def load(self, fields: dict[str, Any], key: str) -> _E:
+        if key not in fields and self.default is not None:
+            return self.default
+        text = Text(64).load(fields, key)
+        allowed = self.allowed or tuple(self.enum)
+        for member in allowed:
+            if member.value == text:
+                return member
+        if self.unknown is not None:
+            return self.unknown
+        names = ", ".join(member.value for member in allowed)
+        raise InvalidMessage(f"{key!r} is {text!r}; expected one of: {names}")
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image reference, normalised (see :mod:`contract.reference`)."""
+
+    def dump(self, value: ImageReference) -> object:
+        return str(value)
+
+    def load(self, fields: dict[str, Any], key: str) -> ImageReference:
+        value = _required(fields, key)
+        try:
+            return parse_reference(value)
+        except ValueError as error:
+            raise InvalidMessage(f"invalid image reference: {error}") from None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a node failed: ``{"kind": ..., "message": ...}``, or ``null``."""
+
+    def dump(self, value: NodeError | None) -> object:
+        if value is None:
+            return None
+        return {"kind": value.kind.value, "message": value.message}
+
+    def load(self, fields: dict[str, Any], key: str) -> NodeError | None:
+        value = fields.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InvalidMessage(f"{key!r} must be an object with 'kind' and 'message'")
+        kind = Choice(ErrorKind, unknown=ErrorKind.UNKNOWN).load(value, "kind")
+        message = Text(MAX_ERROR_MESSAGE_LENGTH).load(value, "message")
+        if kind is ErrorKind.UNKNOWN and value["kind"] != ErrorKind.UNKNOWN.value:
+            message = f"({value['kind']}) {message}"  # a newer peer's kind: keep its name
+        return NodeError(kind=kind, message=message)
+
+
+def _required(fields: dict[str, Any], key: str) -> Any:
+    value = fields.get(key, _MISSING)
+    if value is _MISSING:
+        raise InvalidMessage(f"the message has no {key!r} field")
+    return value

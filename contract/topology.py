@@ -1,0 +1,132 @@
+"""What puller declares on RabbitMQ, written once for both sides.
+
+Exchanges, queues, streams and bindings are plain data here; each side's broker module
+declares the ones it needs (the worker's with a blocking channel, the publisher's from
+its I/O loop). RabbitMQ refuses a second declaration of the same name with other
+arguments, so sharing one table is also what keeps the two sides compatible.
+
+::
+
+    publisher --pull--> [puller.pulls fanout] --> puller.node.NAME (one per worker, exclusive)
+              --copy--> [puller.history fanout] --> puller.history (stream, replayed on connect)
+    worker --result/progress--> [puller.replies direct] --(routing key)--> puller.reply.ID
+    worker --presence--> [puller.presence fanout] --> puller.presence (stream: the roster)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    kind: str
+    """``fanout`` or ``direct``."""
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    durable: bool = False
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.arguments.get("x-queue-type") == "stream"
+
+
+@dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str = ""
+
+
+Declaration = Exchange | Queue | Binding
+
+PULLS = Exchange("puller.pulls", "fanout")
+"""Every worker's queue is bound to it, so one publish reaches every node."""
+REPLIES = Exchange("puller.replies", "direct")
+"""Results and progress; the routing key is the requester's reply queue."""
+PRESENCE = Exchange("puller.presence", "fanout")
+"""Workers' presence announcements, into :data:`PRESENCE_STREAM`."""
+HISTORY = Exchange("puller.history", "fanout")
+"""Publishers put every request here too, into the history stream."""
+
+PRESENCE_STREAM = Queue(
+    "puller.presence",
+    durable=True,
+    arguments={
+        "x-queue-type": "stream",
+        "x-max-age": "10m",
+        # Retention drops whole segments; small ones let x-max-age take effect promptly.
+        "x-stream-max-segment-size-bytes": 1_000_000,
+    },
+)
+"""Recent presence announcements: the roster is read from it."""
+
+HISTORY_STREAM_NAME = "puller.history"
+DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0
+"""Seconds a request stays replayable: a week."""
+DEFAULT_HISTORY_MAX_BYTES = 100 * 1000 * 1000
+"""A size bound on the history stream, whatever the age of what it holds."""
+
+NODE_QUEUE_PREFIX = "puller.node."
+REPLY_QUEUE_PREFIX = "puller.reply."
+
+
+def history_stream(
+    max_age: float = DEFAULT_HISTORY_MAX_AGE, max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
+) -> Queue:
+    """Every pull request inside the retention window: a node that was away, or is new,
+    replays it to catch up. Declared by the workers, who own its retention. Retention drops
+    whole segments, so segments are small (a request is a few hundred bytes) for the window
+    to take effect promptly."""
+    return Queue(
+        HISTORY_STREAM_NAME,
+        durable=True,
+        arguments={
+            "x-queue-type": "stream",
+            "x-max-age": f"{max(1, round(max_age))}s",
+            "x-max-length-bytes": max_bytes,
+            "x-stream-max-segment-size-bytes": min(max_bytes, 4 * 1000 * 1000),
+        },
+    )
+
+
+def node_queue_name(node: str) -> str:
+    """The exclusive queue a node's worker consumes pull requests from."""
+    return f"{NODE_QUEUE_PREFIX}{node}"
+
+
+def node_queue(node: str) -> tuple[Queue, Binding]:
+    """A worker's own queue: it lives and dies with the worker's connection."""
+    queue = Queue(node_queue_name(node), exclusive=True, auto_delete=True)
+    return queue, Binding(queue.name, PULLS.name)
+
+
+def reply_queue(name: str) -> tuple[Queue, Binding]:
+    """A publisher's reply queue, bound under its own name."""
+    return Queue(name, exclusive=True, auto_delete=True), Binding(name, REPLIES.name, name)
+
+
+def presence() -> tuple[Declaration, ...]:
+    return PRESENCE, PRESENCE_STREAM, Binding(PRESENCE_STREAM.name, PRESENCE.name)
+
+
+def history(stream: Queue) -> tuple[Declaration, ...]:
+    return HISTORY, stream, Binding(stream.name, HISTORY.name)
+
+
+def worker_declarations(node: str) -> tuple[Declaration, ...]:
+    """What a worker's connection declares (the history stream apart: see ``history``)."""
+    return (PULLS, REPLIES, *presence(), *node_queue(node))
+
+
+def publisher_declarations(reply_queue_name: str) -> tuple[Declaration, ...]:
+    return (PULLS, HISTORY, REPLIES, *presence(), *reply_queue(reply_queue_name))

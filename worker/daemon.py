@@ -1,0 +1,296 @@
+"""The node daemon as one object: :class:`Worker` starts its parts, serves until told to
+stop (reconnecting as needed), then drains.
+
+How a live request flows, and the thread each step runs on::
+
+    connection thread  WorkerBroker delivers a Delivery -> Worker._on_live decodes it
+                       (a broken message is refused and answered invalid_request at once)
+                       -> PullService.submit(request, answer, progress)
+                          known from memory? -> answer(...) right here, no hop
+    inspect thread     asks the engine: there -> answer(present)
+    pull thread        pulls (slots fair between registries; identical requests join)
+                       -> answer(result) and progress(...) from this thread
+    any thread         WorkerBroker.answer/progress hop onto the connection thread
+    connection thread  reply + ack in one write (or kept for the next connection)
+
+A replayed request (catch-up) flows the same way, except that its answer goes to the
+catch-up ledger instead of a reply queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from functools import partial
+
+import structlog
+
+from contract import (
+    BrokerUnavailable,
+    ErrorKind,
+    InvalidMessage,
+    NodeResult,
+    NodeState,
+    PullRequest,
+)
+from contract import topology as topo
+from worker.broker import NodeNameInUse, WorkerBroker
+from worker.catch_up import CatchUp
+from worker.engine import DockerEngine
+from worker.health import Answer, HealthServer, Liveness, json_answer
+from worker.history_ledger import Ledger, OffsetStore
+from worker.metrics import WorkerMetrics
+from worker.model import Delivery, ImageStore
+from worker.presence import PresenceAnnouncer
+from worker.registry_health import NotFoundMemory, RegistryBreaker
+from worker.service import PullService, RetryPolicy
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker")
+
+EVENT_LOOP_SLICE = 0.5
+RECONNECT_FIRST_DELAY = 0.5
+RECONNECT_MAX_DELAY = 30.0
+CANCEL_GRACE = 5.0
+"""Seconds, after cancelling, to send the ``cancelled`` replies."""
+
+
+class Worker:
+    """One node's worker: the broker, the pull service, catch-up, presence and health."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        offsets: OffsetStore,
+        store: ImageStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self._breaker = RegistryBreaker(settings.registry_cooldown)
+        self._store = store or DockerEngine(
+            settings.docker_host,
+            stall_timeout=settings.stall_timeout,
+            pull_timeout=settings.pull_timeout,
+        )
+        self._service = PullService(
+            settings.node_name,
+            self._store,
+            settings.max_concurrent_pulls,
+            RetryPolicy(attempts=1 + settings.pull_retries, first_delay=settings.retry_delay),
+            self._breaker,
+            NotFoundMemory(settings.not_found_memory),
+            observer=self.metrics,
+        )
+        self._broker = WorkerBroker(
+            settings.amqp_url,
+            settings.node_name,
+            prefetch=max(8, 2 * settings.max_concurrent_pulls),
+            heartbeat=settings.heartbeat,
+            history_stream=topo.history_stream(
+                settings.history_max_age, settings.history_max_bytes
+            ),
+            # A replay leaves a pull slot free for live requests (unless there is only one).
+            replay_prefetch=max(1, settings.max_concurrent_pulls - 1),
+        )
+        self._catch_up = CatchUp(
+            settings.node_name,
+            Ledger(offsets),
+            self._service,
+            self._broker,
+            settings.history_max_age,
+            metrics=self.metrics,
+        )
+        self._presence = PresenceAnnouncer(
+            settings.node_name, self._store, settings.presence_interval, self._catch_up.status
+        )
+        self._liveness = Liveness()
+        self._health = (
+            HealthServer(
+                settings.health_port,
+                {"/alive": self._alive, "/ready": self._ready, "/metrics": self._metrics},
+            )
+            if settings.health_port
+            else None
+        )
+        self._draining = False
+        self._not_connected_because = "not connected to RabbitMQ yet"
+
+    def run(self, stopping: threading.Event) -> None:
+        self.start()
+        self.serve(stopping)
+        self.drain()
+
+    def start(self) -> None:
+        self._store.start()
+        if self._health is not None:
+            self._health.start()
+        self._presence.start()
+        if self._presence.engine_version is None:
+            log.warning(
+                "the Docker Engine is not reachable yet; requests will fail until it is",
+                engine=self._store.describe(),
+            )
+        else:
+            log.info(
+                "starting",
+                engine=self._store.describe(),
+                engine_version=self._presence.engine_version,
+            )
+
+    def serve(self, stopping: threading.Event) -> None:
+        """Connects, serves and reconnects (capped backoff) until ``stopping`` is set."""
+        delay, attempt = RECONNECT_FIRST_DELAY, 0
+        while not stopping.is_set():
+            self._liveness.tick()
+            attempt += 1
+            try:
+                self._broker.connect(self._on_live)
+                self._catch_up.on_connect()
+            except (BrokerUnavailable, NodeNameInUse) as error:
+                self._disconnected(str(error))
+                log.warning(
+                    "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(delay, 1)
+                )
+                self._wait(stopping, delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            self.metrics.connections.inc()
+            log.info("serving", queue=self._broker.queue, broker=self._broker.where)
+            delay, attempt = RECONNECT_FIRST_DELAY, 0
+            try:
+                while not stopping.is_set():
+                    self._liveness.tick()
+                    if self._presence.due():
+                        self._broker.announce(self._presence.message())
+                    self._broker.process_events(EVENT_LOOP_SLICE)
+                    self._catch_up.checkpoint_if_due(self._service.unfinished)
+            except BrokerUnavailable as error:
+                log.warning("connection lost; reconnecting", error=str(error))
+                self._disconnected(str(error))
+
+    def drain(self) -> None:
+        """Says it is leaving, takes no more requests, answers those in flight for up to the
+        grace period, cancels the rest, and closes everything."""
+        self._draining = True
+        self._presence.stop()
+        if self._broker.connected:
+            with contextlib.suppress(BrokerUnavailable):
+                self._broker.announce(self._presence.message(NodeState.LEAVING))
+            self._broker.stop_consuming()
+        self._serve_while_unfinished(self.settings.shutdown_grace)
+        if self._service.unfinished:
+            log.warning("grace period over; cancelling", unanswered=self._service.unfinished)
+            self._service.cancel()
+            self._serve_while_unfinished(CANCEL_GRACE)
+        if self._service.unfinished:
+            log.warning("stopping with requests unanswered", unanswered=self._service.unfinished)
+        self._service.shutdown(wait=False)
+        self._broker.close()
+        self._store.close()
+        if self._health is not None:
+            self._health.stop()
+        log.info("stopped")
+
+    # -- the connection's thread ------------------------------------------------------------
+
+    def _on_live(self, delivery: Delivery) -> None:
+        """A live request: decode it, then hand it to the pull service. Never raises."""
+        try:
+            request = PullRequest.decode(delivery.body)
+        except InvalidMessage as error:
+            self._refuse(delivery, str(error))
+            return
+        except Exception as error:  # a decoder bug must not take the worker down
+            log.exception("decoding failed unexpectedly")
+            self._refuse(delivery, f"the worker could not decode the message: {error}")
+            return
+        self._catch_up.note_live(request)
+        self._service.submit(
+            request,
+            partial(self._broker.answer, delivery),
+            partial(self._broker.progress, delivery),
+        )
+
+    def _refuse(self, delivery: Delivery, reason: str) -> None:
+        log.warning(
+            "rejected a message that breaks the contract",
+            reason=reason,
+            correlation_id=delivery.correlation_id,
+            bytes=len(delivery.body),
+        )
+        result = None
+        if delivery.reply_to:
+            result = NodeResult.failure(
+                request_id=_printable(delivery.correlation_id) or "unknown",
+                node=self.settings.node_name,
+                image="",
+                kind=ErrorKind.INVALID_REQUEST,
+                message=reason,
+                seconds=0.0,
+            )
+        self._broker.answer(delivery, result, refuse=True)
+
+    def _disconnected(self, reason: str) -> None:
+        self._not_connected_because = f"not connected to RabbitMQ: {reason}"
+        self._catch_up.on_disconnect()
+        self._broker.close()
+
+    def _wait(self, stopping: threading.Event, seconds: float) -> None:
+        """Waits, still alive: the liveness probe must not fail while the broker is down."""
+        deadline = time.monotonic() + seconds
+        while not stopping.is_set() and time.monotonic() < deadline:
+            self._liveness.tick()
+            stopping.wait(min(EVENT_LOOP_SLICE, max(0.0, deadline - time.monotonic())))
+
+    def _serve_while_unfinished(self, seconds: float) -> None:
+        """Keeps the connection's thread serving (replies, acks) until nothing is unanswered."""
+        deadline = time.monotonic() + seconds
+        while self._service.unfinished and time.monotonic() < deadline:
+            self._liveness.tick()
+            if not self._broker.connected:
+                time.sleep(0.1)
+                continue
+            try:
+                self._broker.process_events(0.1)
+            except BrokerUnavailable:
+                self._broker.close()
+
+    # -- health (any thread) -----------------------------------------------------------------
+
+    def _metrics(self) -> Answer:
+        def refresh() -> None:
+            status = self._catch_up.status()
+            self.metrics.connected.set(1 if self._broker.connected else 0)
+            self.metrics.caught_up.set(1 if status.caught_up else 0)
+            self.metrics.replay_pending.set(status.replay_pending)
+            self.metrics.registries_down.set(len(self._breaker.down()))
+
+        return self.metrics.exposition(refresh)
+
+    def _alive(self) -> Answer:
+        return json_answer(*self._liveness.answer())
+
+    def _ready(self) -> Answer:
+        alive, _ = self._liveness.answer()
+        status = self._catch_up.status()
+        if self._draining:
+            reason = "draining: the worker is stopping and takes no new requests"
+        elif alive != 200:
+            reason = "the worker's loop is stuck"
+        elif not status.connected:
+            reason = self._not_connected_because
+        elif not status.caught_up:
+            reason = f"catching up: {status.phase} ({status.replay_pending} in hand)"
+        else:
+            reason = "connected and caught up"
+        ready = reason == "connected and caught up"
+        body = {"ready": ready, "reason": reason, **dataclasses.asdict(status)}
+        return json_answer(200 if ready else 503, body)
+
+
+def _printable(text: str | None) -> str | None:
+    if text is None or not text.isprintable() or not text.isascii():
+        return None
+    return text[:128]

@@ -1,0 +1,141 @@
+"""How far this node has got through the history stream, kept on the node's own disk.
+
+The ledger records, for the last history entry the node is done with, its offset and
+the entry's identity (a hash of its body). The identity tells the worker, on its next
+start, whether that offset still holds the same entry: a stream deleted and declared
+again (to change its retention, or by a broker that lost its disk) starts its offsets
+again from 0, and a saved place from the old stream means nothing in the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("worker.history_ledger")
+
+STATE_FILE = "history-offset.json"
+
+
+class CannotKeepState(Exception):
+    """``PULLER_STATE_DIR`` cannot be created or written."""
+
+
+def entry_identity(body: bytes) -> str:
+    """What identifies a history entry: a short hash of its body (every entry is unique:
+    requests carry a request id, markers a marker id)."""
+    return hashlib.blake2b(body, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class Place:
+    """The last entry done: its offset, and its identity when known (older state files
+    kept only the offset)."""
+
+    offset: int
+    identity: str | None = None
+
+
+class OffsetStore:
+    """The :class:`Place` of the last history entry this node is done with, in a file."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STATE_FILE
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            probe = state_dir / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise CannotKeepState(
+                f"PULLER_STATE_DIR={str(state_dir)!r} cannot be written ({error.strerror}); "
+                "point it at a directory on the node's disk this worker can write"
+            ) from None
+
+    def load(self) -> Place | None:
+        try:
+            state = json.loads(self.path.read_text())
+            offset, identity = state["offset"], state.get("identity")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning(
+                "unreadable catch-up state; replaying the whole window",
+                path=str(self.path),
+                error=str(error),
+            )
+            return None
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            log.warning("invalid catch-up state; replaying the whole window", offset=offset)
+            return None
+        return Place(offset, identity if isinstance(identity, str) else None)
+
+    def save(self, place: Place) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        state = {"offset": place.offset, "identity": place.identity, "saved_at": time.time()}
+        try:
+            temporary.write_text(json.dumps(state))
+            os.replace(temporary, self.path)
+        except OSError as error:  # a full disk must not stop the node serving live requests
+            log.warning("could not save the catch-up state", error=str(error))
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:
+            log.warning("could not clear the catch-up state", error=str(error))
+
+
+class Ledger:
+    """Which history entries are in hand and which are done. Done ones advance the saved
+    place only when every entry before them is done too, so a restart never skips one."""
+
+    def __init__(self, store: OffsetStore) -> None:
+        self._store = store
+        self.committed: Place | None = store.load()
+        self._in_order: deque[tuple[int, str]] = deque()
+        self._done: set[int] = set()
+
+    def restart(self) -> None:
+        """A new reading redelivers everything not committed: forget what was in hand."""
+        self._in_order.clear()
+        self._done.clear()
+
+    def forget_place(self) -> None:
+        """The saved place belongs to another stream: start again from the beginning."""
+        self.restart()
+        self.committed = None
+        self._store.clear()
+
+    def delivered(self, offset: int, identity: str) -> None:
+        self._in_order.append((offset, identity))
+
+    def done(self, offset: int) -> None:
+        self._done.add(offset)
+        advanced: tuple[int, str] | None = None
+        while self._in_order and self._in_order[0][0] in self._done:
+            advanced = self._in_order.popleft()
+            self._done.discard(advanced[0])
+        if advanced is not None:
+            self.jump(Place(*advanced))
+
+    def jump(self, place: Place) -> None:
+        """Everything up to ``place`` is done (never moves back)."""
+        if self.committed is None or place.offset > self.committed.offset:
+            self.committed = place
+            self._store.save(place)
+
+    @property
+    def in_hand(self) -> int:
+        return len(self._in_order)
+
+    @property
+    def committed_offset(self) -> int | None:
+        return None if self.committed is None else self.committed.offset

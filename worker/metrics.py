@@ -1,0 +1,101 @@
+"""The worker's Prometheus metrics, served at ``GET /metrics`` on the health port.
+
+One more consumer of the same outcomes: the pull service reports each answer and each
+pull attempt to its observer (this), catch-up reports replays, the daemon reports
+connections. Every metric lives in the worker's own registry, so a test can run several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from contract import ImageReference, NodeResult, PullFailed
+
+PULL_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.answers = self._counter(
+            "answers",
+            "Requests answered, by status and error kind ('' when none)",
+            "status",
+            "error_kind",
+        )
+        self.from_memory = self._counter(
+            "answered_from_memory",
+            "Requests answered with no engine call (image known, or not_found seen just now)",
+        )
+        self.pulls = self._counter(
+            "pulls", "Pull attempts that ended, by outcome ('pulled' or the error kind)", "outcome"
+        )
+        self.pull_seconds = Histogram(
+            "puller_worker_pull_duration_seconds",
+            "Seconds one pull attempt took",
+            buckets=PULL_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.pulled_bytes = self._counter(
+            "pulled_bytes", "Bytes the engine reported downloading, over all pull attempts"
+        )
+        self.in_flight = self._gauge("pulls_in_flight", "Pull attempts running now")
+        self.replayed = self._counter(
+            "replayed", "History entries replayed (handed to the pull service) while catching up"
+        )
+        self.replay_skipped = self._counter(
+            "replay_skipped",
+            "History entries not replayed, by reason (served_live, too_old, invalid)",
+            "reason",
+        )
+        self.replay_failed = self._counter("replay_failed", "Replayed requests whose pull failed")
+        self.replay_pending = self._gauge(
+            "replay_pending", "Replayed requests in hand, not yet done"
+        )
+        self.connections = self._counter(
+            "broker_connections", "Connections to RabbitMQ opened (reconnects are this minus one)"
+        )
+        self.connected = self._gauge("broker_connected", "1 while connected to RabbitMQ")
+        self.registries_down = self._gauge(
+            "registries_down", "Registries known to be down now (their pulls fail at once)"
+        )
+        self.caught_up = self._gauge("caught_up", "1 once the node has replayed what it missed")
+
+    def _counter(self, name: str, help_text: str, *labels: str) -> Counter:
+        return Counter(f"puller_worker_{name}", help_text, labels, registry=self.registry)
+
+    def _gauge(self, name: str, help_text: str) -> Gauge:
+        return Gauge(f"puller_worker_{name}", help_text, registry=self.registry)
+
+    # -- the pull service's observer ---------------------------------------------------------
+
+    def answered(self, result: NodeResult, from_memory: bool) -> None:
+        kind = result.error.kind.value if result.error is not None else ""
+        self.answers.labels(result.status.value, kind).inc()
+        if from_memory:
+            self.from_memory.inc()
+
+    def attempt_started(self, image: ImageReference) -> None:
+        self.in_flight.inc()
+
+    def attempt_ended(
+        self,
+        image: ImageReference,
+        seconds: float,
+        bytes_received: int,
+        failure: PullFailed | None,
+    ) -> None:
+        self.in_flight.dec()
+        self.pulls.labels("pulled" if failure is None else failure.kind.value).inc()
+        self.pull_seconds.observe(seconds)
+        self.pulled_bytes.inc(bytes_received)
+
+    # -- the health port ---------------------------------------------------------------------
+
+    def exposition(self, refresh: Callable[[], None] | None = None) -> tuple[int, str, bytes]:
+        if refresh is not None:
+            refresh()
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)

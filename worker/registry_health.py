@@ -1,0 +1,131 @@
+"""What the worker remembers about registries and images, so that a bad one costs little.
+
+- :class:`RegistryBreaker`: a registry that does not answer (refused, unreachable, or
+  silent with not a byte sent) is marked down for a while; new pulls from it fail at once
+  instead of each holding a pull slot for the stall timeout.
+- :class:`NotFoundMemory`: an image the registry just said does not exist is answered
+  ``not_found`` from memory for a few seconds, so a flood of requests for it costs nothing.
+
+Both are thread-safe and take the clock as an argument for tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from contract import ErrorKind, ImageReference, PullFailed
+
+Clock = Callable[[], float]
+
+FAILURES_TO_OPEN = 3
+"""Failed attempts in a row, across pulls, after which a registry is marked down (a pull
+that gives up marks it down at once)."""
+
+
+@dataclass
+class _RegistryState:
+    failures_in_row: int = 0
+    down_until: float = 0.0
+    last_error: str = ""
+
+
+class RegistryBreaker:
+    """Per registry (an image's domain): closed while it answers; open (failing fast) for
+    ``cooldown`` seconds once it is known down; then one pull may try it again."""
+
+    def __init__(self, cooldown: float, clock: Clock = time.monotonic) -> None:
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._registries: dict[str, _RegistryState] = {}
+
+    def refusal(self, image: ImageReference) -> PullFailed | None:
+        """A failure to answer at once if the image's registry is known down, else ``None``."""
+        if self.cooldown <= 0:
+            return None
+        with self._lock:
+            state = self._registries.get(image.domain)
+            if state is None:
+                return None
+            remaining = state.down_until - self._clock()
+            if remaining <= 0:
+                return None
+            last_error = state.last_error
+        return PullFailed(
+            ErrorKind.REGISTRY_UNREACHABLE,
+            f"pulling {image}: the registry {image.domain} is known to be down (latest: "
+            f"{last_error}); this node tries it again in {remaining:.0f}s "
+            "(PULLER_REGISTRY_COOLDOWN). Check that the node can reach the registry.",
+        )
+
+    def attempt_failed(self, image: ImageReference, failure: PullFailed, gave_up: bool) -> None:
+        """Counts a failed pull attempt that says the registry did not answer."""
+        with self._lock:
+            state = self._registries.setdefault(image.domain, _RegistryState())
+            state.failures_in_row += 1
+            state.last_error = _first_line(failure.message)
+            if gave_up or state.failures_in_row >= FAILURES_TO_OPEN:
+                state.down_until = self._clock() + self.cooldown
+
+    def answered(self, image: ImageReference) -> None:
+        """The registry answered (with the image, or a definite "no"): it is up."""
+        with self._lock:
+            self._registries.pop(image.domain, None)
+
+    def down(self) -> list[str]:
+        """Registries marked down now."""
+        now = self._clock()
+        with self._lock:
+            return sorted(name for name, s in self._registries.items() if s.down_until > now)
+
+
+def says_registry_silent(failure: PullFailed, bytes_received: int) -> bool:
+    """Whether a failed attempt means the registry did not answer at all."""
+    if failure.kind is ErrorKind.REGISTRY_UNREACHABLE:
+        return True
+    return failure.kind is ErrorKind.STALLED and bytes_received == 0
+
+
+class NotFoundMemory:
+    """Images the registry said do not exist, for ``seconds`` after it said so."""
+
+    LIMIT = 10_000
+
+    def __init__(self, seconds: float, clock: Clock = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: OrderedDict[ImageReference, tuple[float, PullFailed]] = OrderedDict()
+
+    def remember(self, image: ImageReference, failure: PullFailed) -> None:
+        if self.seconds <= 0 or failure.kind is not ErrorKind.NOT_FOUND:
+            return
+        with self._lock:
+            self._failures[image] = (self._clock() + self.seconds, failure)
+            self._failures.move_to_end(image)
+            while len(self._failures) > self.LIMIT:
+                self._failures.popitem(last=False)
+
+    def recall(self, image: ImageReference) -> PullFailed | None:
+        with self._lock:
+            entry = self._failures.get(image)
+            if entry is None:
+                return None
+            expires, failure = entry
+            if expires <= self._clock():
+                del self._failures[image]
+                return None
+        return failure
+
+    def forget(self, image: ImageReference) -> None:
+        with self._lock:
+            self._failures.pop(image, None)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line if len(line) <= limit else f"{line[: limit - 3]}..."
