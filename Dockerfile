@@ -9,6 +9,7 @@ COPY pyproject.toml README.md /src/
 COPY contract /src/contract
 COPY worker /src/worker
 COPY publisher /src/publisher
+COPY serving /src/serving
 COPY localcluster /src/localcluster
 # build-ca/*.crt, if any, is what pip trusts (for networks that intercept TLS).
 COPY build-ca /tmp/build-ca
@@ -19,6 +20,10 @@ RUN set -e; \
     /opt/puller/bin/pip install --no-cache-dir --disable-pip-version-check /src; \
     rm -rf /src /tmp/build-ca
 
+# The commit the image was built from: puller-http answers it at /sha.
+ARG SHA
+ENV SHA=${SHA}
+
 # The worker talks to the node's Docker Engine through a mounted socket
 # (-v /var/run/docker.sock:/var/run/docker.sock), which belongs to root.
 ENV PULLER_LOG_FORMAT=json \
@@ -27,6 +32,6 @@ ENV PULLER_LOG_FORMAT=json \
     PATH=/opt/puller/bin:$PATH
 # How far the node has caught up on the history: keep it on the node's disk.
 VOLUME /var/lib/puller
-# GET /alive and GET /ready
-EXPOSE 8080
+# GET /alive, /ready and /metrics; puller-http (--entrypoint puller-http) listens on 5017
+EXPOSE 8080 5017
 ENTRYPOINT ["puller-worker"]

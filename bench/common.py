@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -93,7 +94,11 @@ class BenchEnvironment:
         return added
 
     def start_workers(
-        self, count: int, prefix: str = "node", **worker_env: str
+        self,
+        count: int,
+        prefix: str = "node",
+        command: list[str] | None = None,
+        **worker_env: str,
     ) -> list[WorkerProcess]:
         """``count`` puller workers, spread over the engines, all ready when it returns:
         serving and caught up on the history (earlier benchmarks' requests), so that
@@ -105,6 +110,7 @@ class BenchEnvironment:
                 amqp_url=self.amqp_url,
                 log_path=self.root / "workers" / f"{prefix}-{i + 1}.log",
                 extra_env=dict(worker_env),
+                command=command,
             )
             for i in range(count)
         ]
@@ -151,3 +157,22 @@ def bench_environment() -> Iterator[BenchEnvironment]:
             engine.remove()
         registry.remove()
         subprocess.run(["rabbitmqctl", "delete_vhost", vhost], check=False, capture_output=True)
+
+
+def runtime_worker_command() -> list[str]:
+    """``puller-worker`` from a virtualenv holding only the runtime dependencies, as the
+    worker image has them (the development venv also holds test tools, some of which the
+    worker's libraries pick up when present: structlog loads rich, for one). Made once per
+    version of ``pyproject.toml`` under /tmp."""
+    project = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256((project / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    venv = Path(tempfile.gettempdir()) / f"puller-runtime-{digest}"
+    script = venv / "bin" / "puller-worker"
+    if not script.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "--quiet", str(project)],
+            check=True,
+            capture_output=True,
+        )
+    return [str(script)]

@@ -15,7 +15,13 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import bench_environment, print_table, save, stop_all
+from bench.common import (
+    bench_environment,
+    print_table,
+    runtime_worker_command,
+    save,
+    stop_all,
+)
 from publisher import Publisher
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             stdout=subprocess.PIPE,
             start_new_session=True,
         )
-        [worker] = environment.start_workers(1, prefix="f")
+        # The worker as it runs in its image: runtime dependencies only.
+        [worker] = environment.start_workers(1, prefix="f", command=runtime_worker_command())
         try:
             if floor.stdout is None or worker.process is None:
                 raise RuntimeError("the processes to measure did not start")

@@ -51,7 +51,12 @@ class BrokerUnavailable(PullerError):
 
 
 class NoNodes(PullerError):
-    """A pull request was published, but no worker queue was bound to receive it."""
+    """A pull request was published, but no worker queue was bound to receive it. It is in
+    the history all the same: ``request_id`` says which request it was."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
 
 
 class PullFailed(PullerError):

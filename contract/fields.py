@@ -112,6 +112,19 @@ class Identifier:
 
 
 @dataclass(frozen=True)
+class OptionalIdentifier:
+    """An identifier, or ``null``/absent for ``None``."""
+
+    def dump(self, value: str | None) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> str | None:
+        if fields.get(key) is None:
+            return None
+        return Identifier().load(fields, key)
+
+
+@dataclass(frozen=True)
 class Seconds:
     """A finite number, 0 or more (a Unix time or a duration); optional with a default."""
 

@@ -28,6 +28,7 @@ from contract.fields import (
     Identifier,
     Image,
     OptionalBool,
+    OptionalIdentifier,
     OptionalText,
     Seconds,
     Text,
@@ -101,17 +102,26 @@ class PullRequest(Message):
     image: ImageReference
     request_id: str
     requested_at: float
+    session_id: str | None = None
+    """Whose session asked (the HTTP API's ``id``), so the workers' logs can be traced by
+    session; absent from older publishers."""
 
     TYPE: ClassVar[str] = "pull"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
         Field("request_id", Identifier()),
         Field("image", Image()),
         Field("requested_at", Seconds()),
+        Field("session_id", OptionalIdentifier()),
     )
 
     @classmethod
-    def new(cls, image: ImageReference) -> PullRequest:
-        return cls(image=image, request_id=new_request_id(), requested_at=time.time())
+    def new(cls, image: ImageReference, session_id: str | None = None) -> PullRequest:
+        return cls(
+            image=image,
+            request_id=new_request_id(),
+            requested_at=time.time(),
+            session_id=session_id,
+        )
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import docker
@@ -23,6 +26,7 @@ from localcluster.rabbitmq import ensure_rabbitmq, stop_rabbitmq
 
 DEFAULT_ROOT = Path("/tmp/puller-cluster")  # noqa: S108 - a fixed, documented place
 DEMO_REGISTRY_PORT = 5000
+DEMO_HTTP_PORT = 5017
 DEMO_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BROKER_MARKER = "started-rabbitmq"
 
@@ -69,8 +73,12 @@ def _up(root: Path, nodes: int) -> LocalCluster:
     port = DEMO_REGISTRY_PORT if _port_free(DEMO_REGISTRY_PORT) else free_port()
     cluster = LocalCluster(root=root, amqp_url=DEMO_AMQP_URL, nodes=nodes, registry_port=port)
     cluster.start()
+    gateway = cluster.start_gateway(
+        port=DEMO_HTTP_PORT if _port_free(DEMO_HTTP_PORT) else free_port()
+    )
     print(f"RabbitMQ   {DEMO_AMQP_URL}")
     print(f"registry   {cluster.registry.address}")
+    print(f"HTTP API   {gateway.url}  (puller-http, log {gateway.log_path})")
     for engine, worker in zip(cluster.engines, cluster.workers, strict=True):
         print(
             f"{engine.name:<10} DOCKER_HOST={engine.docker_host}  "
@@ -105,6 +113,13 @@ def _demo(cluster: LocalCluster) -> int:
         ],
         check=False,
     ).returncode
+    everywhere = _check_engines(cluster, image)
+    http_ok = _drop_in_call(cluster, image)
+    print("\nthe cluster stays up; stop it with: .venv/bin/python -m localcluster down")
+    return 0 if status == 0 and everywhere and http_ok else 1
+
+
+def _check_engines(cluster: LocalCluster, image: str) -> bool:
     print("\nchecked through each node's own Docker Engine API:")
     everywhere = True
     for engine in cluster.engines:
@@ -116,8 +131,39 @@ def _demo(cluster: LocalCluster) -> int:
         finally:
             client.close()
         print(f"  {engine.name}: {found}")
-    print("\nthe cluster stays up; stop it with: .venv/bin/python -m localcluster down")
-    return 0 if status == 0 and everywhere else 1
+    return everywhere
+
+
+def _drop_in_call(cluster: LocalCluster, image: str) -> bool:
+    """The call cyber-dojo's services make to the original puller, to puller-http."""
+    if cluster.gateway is None:
+        return True
+    body = json.dumps({"id": "demo01", "image_name": image})
+    command = [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--header",
+        "Content-Type: application/json",
+        "--data",
+        body,
+        f"{cluster.gateway.url}/pull_images",
+    ]
+    print("\nthe same through the HTTP API (a drop-in for cyber-dojo's puller):")
+    print(f"$ {shlex.join(command)}")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=30)
+    print(done.stdout.strip() or done.stderr.strip())
+    if done.returncode != 0:
+        return False
+    request_id = json.loads(done.stdout)["pull_images"]["request_id"]
+    time.sleep(1)  # the nodes answer "present" in milliseconds
+    url = f"{cluster.gateway.url}/pulls/{request_id}"
+    print(f"$ curl --silent {url}")
+    answers = subprocess.run(
+        ["curl", "--silent", url], capture_output=True, text=True, check=False, timeout=30
+    )
+    print(answers.stdout.strip())
+    return answers.returncode == 0
 
 
 def _port_free(port: int) -> bool:

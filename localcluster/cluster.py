@@ -24,10 +24,7 @@ STATE_FILE = "cluster.json"
 
 def worker_command() -> list[str]:
     """The installed ``puller-worker`` beside this interpreter, else ``python -m worker.main``."""
-    script = Path(sys.executable).parent / "puller-worker"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "worker.main"]
+    return installed_command("puller-worker", "worker.main")
 
 
 @dataclass
@@ -42,6 +39,8 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     health_port: int = 0
     """Picked at each launch: a free port on this machine."""
+    command: list[str] | None = None
+    """What to run; the ``puller-worker`` beside this interpreter by default."""
 
     @property
     def state_dir(self) -> Path:
@@ -92,7 +91,7 @@ class WorkerProcess:
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
-        self.process = start_daemon(worker_command(), self.log_path, env)
+        self.process = start_daemon(self.command or worker_command(), self.log_path, env)
 
     def serving(self) -> bool:
         """The worker is connected to RabbitMQ and consumes its queue (its ``/ready`` says
@@ -116,6 +115,57 @@ class WorkerProcess:
             self.process.send_signal(signum)
 
 
+def installed_command(name: str, module: str) -> list[str]:
+    """The installed console script beside this interpreter, else ``python -m module``."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+@dataclass
+class GatewayProcess:
+    """``puller-http`` on a free port (or ``port``), against ``amqp_url``."""
+
+    amqp_url: str
+    log_path: Path
+    port: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0, wait_ready: bool = True) -> None:
+        self.port = self.port or free_port()
+        env = {
+            **os.environ,
+            "PULLER_AMQP_URL": self.amqp_url,
+            "PULLER_HTTP_PORT": str(self.port),
+            "PULLER_LOG_FORMAT": "json",
+            **self.extra_env,
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_bytes(b"")
+        self.process = start_daemon(
+            installed_command("puller-http", "gateway.main"), self.log_path, env
+        )
+        check = self._ready if wait_ready else self._answers
+        wait_until(check, "puller-http", timeout, self.process, self.log_path)
+
+    def _answers(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/alive", timeout=2) as response:
+            return bool(response.status == 200)
+
+    def _ready(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=5) as response:
+            return bool(response.status == 200)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+
 @dataclass
 class LocalCluster:
     """``nodes`` Docker Engines with a worker each, and a registry, under ``root``."""
@@ -128,6 +178,16 @@ class LocalCluster:
     registry: Registry = field(init=False)
     engines: list[NodeEngine] = field(default_factory=list, init=False)
     workers: list[WorkerProcess] = field(default_factory=list, init=False)
+    gateway: GatewayProcess | None = field(default=None, init=False)
+
+    def start_gateway(self, port: int = 0, **env: str) -> GatewayProcess:
+        """``puller-http`` for this cluster, ready (connected to RabbitMQ) when it returns."""
+        self.gateway = GatewayProcess(
+            self.amqp_url, self.root / "gateway.log", port=port, extra_env=env
+        )
+        self.gateway.start()
+        self._write_state()
+        return self.gateway
 
     def __post_init__(self) -> None:
         self.registry = Registry(self.root / "registry", port=self.registry_port)
@@ -160,6 +220,8 @@ class LocalCluster:
         return worker
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
         for worker in self.workers:
             worker.stop()
         for engine in self.engines:
@@ -187,6 +249,8 @@ class LocalCluster:
     def _processes(self) -> list[subprocess.Popen[bytes]]:
         found = [w.process for w in self.workers] + [e.process for e in self.engines]
         found.append(self.registry.process)
+        if self.gateway is not None:
+            found.append(self.gateway.process)
         return [p for p in found if p is not None]
 
 

@@ -85,6 +85,7 @@ WORKER_CONTEXT = (
     "contract",
     "worker",
     "publisher",
+    "serving",
     "localcluster",
     "build-ca",
 )

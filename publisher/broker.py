@@ -124,6 +124,11 @@ class PublisherBroker:
             return self._ready is not None
 
     @property
+    def last_error(self) -> str:
+        with self._lock:
+            return self._last_error
+
+    @property
     def epoch(self) -> int:
         """How many times the connection has become ready: a change means a reconnection,
         and that replies sent in between may be lost."""

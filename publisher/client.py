@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 
 import structlog
@@ -46,6 +47,14 @@ WAKE_INTERVAL = 0.5
 
 ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
+
+
+@dataclass(frozen=True)
+class KnownRequest:
+    request_id: str
+    image: str | None
+    results: tuple[NodeResult, ...]
+    """One per node that answered so far, sorted by node."""
 
 
 class Publisher:
@@ -91,6 +100,26 @@ class Publisher:
         """Whether the connection to RabbitMQ is open now."""
         return self._broker.connected
 
+    @property
+    def connection_problem(self) -> str:
+        """Why the last attempt to connect failed, or the connection was lost."""
+        return self._broker.last_error
+
+    def connect(self, timeout: float) -> bool:
+        """Opens the connection now (it opens on first use otherwise); whether it is open
+        within ``timeout`` seconds."""
+        return self._broker.wait_connected(timeout)
+
+    def known_request(self, request_id: str) -> KnownRequest | None:
+        """An earlier request of this publisher (the last 1,000 are kept): its image and
+        the answers so far; ``None`` if it is not one of them."""
+        found = self._replies.lookup(request_id)
+        if found is None:
+            return None
+        image, results = found
+        ordered = tuple(results[node] for node in sorted(results))
+        return KnownRequest(request_id, image, ordered)
+
     def nodes(self) -> list[NodeInfo]:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
         return self._roster(since=time.time() - self.roster_max_age)
@@ -109,15 +138,16 @@ class Publisher:
                 announcements.append(message)
         return build_roster(announcements)
 
-    def request(self, image: str | ImageReference) -> str:
+    def request(self, image: str | ImageReference, *, session_id: str | None = None) -> str:
         """Asks every node to have ``image``; returns the request id at once.
 
         Returns as soon as RabbitMQ has confirmed the message. Raises
         :class:`InvalidReference` (nothing published), :class:`NoNodes` (no worker
         was there to receive it) or :class:`BrokerUnavailable`. Collect the
-        answers later, if at all, with :meth:`results`.
+        answers later, if at all, with :meth:`results`. ``session_id`` travels with
+        the request into the workers' logs.
         """
-        request = PullRequest.new(_reference(image))
+        request = PullRequest.new(_reference(image), session_id)
         self._publish(request)
         return request.request_id
 
@@ -204,8 +234,13 @@ class Publisher:
         return tuple(answered[node] for node in sorted(answered))
 
     def _publish(self, request: PullRequest, watch: bool = False) -> None:
-        self._replies.track(request.request_id, watch=watch)
-        self._broker.publish_request(request.encode(), request.request_id)
+        self._replies.track(request.request_id, str(request.image), watch=watch)
+        try:
+            self._broker.publish_request(request.encode(), request.request_id)
+        except NoNodes as error:
+            if watch:
+                self._replies.unwatch(request.request_id)
+            raise NoNodes(str(error), request.request_id) from None
         log.debug("requested", request_id=request.request_id, image=str(request.image))
 
     def _roster_names(self, since: float) -> set[str]:

@@ -2,7 +2,8 @@
 
 Replies arrive on the broker's I/O thread (:meth:`ReplyBook.receive`); callers wait on
 their own threads (:meth:`ReplyBook.wait`), each for its own request, without holding
-anything the I/O thread or other callers need.
+anything the I/O thread or other callers need. A waiter is woken only when it has
+something to do: its condition is met, or it asked for every event and one came.
 """
 
 from __future__ import annotations
@@ -21,15 +22,25 @@ log = logging.getLogger("puller.publisher.replies")
 REQUESTS_REMEMBERED = 1000
 
 Event = NodeProgress | NodeResult
+Condition = Callable[[dict[str, NodeResult]], bool]
+
+
+@dataclass
+class _Waiter:
+    done: Condition
+    wants_events: bool
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
 class _Request:
+    image: str | None = None
     results: dict[str, NodeResult] = field(default_factory=dict)
     """The first result from each node (a node asked again answers again; the first counts)."""
     events: deque[Event] = field(default_factory=deque)
     """Progress and results not yet handed to a waiting caller (only while one watches)."""
     watchers: int = 0
+    waiters: list[_Waiter] = field(default_factory=list)
 
 
 class ReplyBook:
@@ -37,14 +48,14 @@ class ReplyBook:
 
     def __init__(self, remembered: int = REQUESTS_REMEMBERED) -> None:
         self._remembered = remembered
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._requests: OrderedDict[str, _Request] = OrderedDict()
 
-    def track(self, request_id: str, watch: bool = False) -> None:
+    def track(self, request_id: str, image: str | None = None, watch: bool = False) -> None:
         """Keeps the answers to ``request_id``; with ``watch``, also every progress report
         and result in order, for :meth:`wait`'s ``on_event`` (until :meth:`unwatch`)."""
-        with self._changed:
-            request = self._requests.setdefault(request_id, _Request())
+        with self._lock:
+            request = self._requests.setdefault(request_id, _Request(image))
             self._requests.move_to_end(request_id)
             if watch:
                 request.watchers += 1
@@ -52,7 +63,7 @@ class ReplyBook:
                 self._requests.popitem(last=False)
 
     def unwatch(self, request_id: str) -> None:
-        with self._changed:
+        with self._lock:
             request = self._requests.get(request_id)
             if request is not None and request.watchers:
                 request.watchers -= 1
@@ -70,7 +81,7 @@ class ReplyBook:
                 extra={"correlation_id": correlation_id},
             )
             return
-        with self._changed:
+        with self._lock:
             request = self._requests.get(message.request_id)
             if request is None and correlation_id is not None:
                 request = self._requests.get(correlation_id)
@@ -86,17 +97,23 @@ class ReplyBook:
                 request.results[message.node] = message
             if request.watchers:
                 request.events.append(message)
-            self._changed.notify_all()
+            for waiter in request.waiters:
+                if waiter.wants_events or (
+                    isinstance(message, NodeResult) and waiter.done(request.results)
+                ):
+                    waiter.wake.set()
 
-    def results(self, request_id: str) -> dict[str, NodeResult]:
-        with self._changed:
+    def lookup(self, request_id: str) -> tuple[str | None, dict[str, NodeResult]] | None:
+        """The image and the answers so far of a request this publisher made and still
+        remembers; ``None`` for any other."""
+        with self._lock:
             request = self._requests.get(request_id)
-            return dict(request.results) if request is not None else {}
+            return None if request is None else (request.image, dict(request.results))
 
     def wait(
         self,
         request_id: str,
-        done: Callable[[dict[str, NodeResult]], bool],
+        done: Condition,
         deadline: float,
         on_event: Callable[[Event], None] | None = None,
         wake_every: float | None = None,
@@ -105,24 +122,29 @@ class ReplyBook:
         progress report and result to ``on_event`` on this thread as it arrives. With
         ``wake_every``, returns at least that often (so the caller can look around)."""
         until = deadline if wake_every is None else min(deadline, time.monotonic() + wake_every)
-        with self._changed:
+        waiter = _Waiter(done, wants_events=on_event is not None)
+        with self._lock:
             request = self._requests.setdefault(request_id, _Request())
-        while True:
-            with self._changed:
-                events: list[Event] = []
+            request.waiters.append(waiter)
+        try:
+            while True:
+                with self._lock:
+                    waiter.wake.clear()
+                    events: list[Event] = []
+                    if on_event is not None:
+                        events = list(request.events)
+                        request.events.clear()
+                    results = dict(request.results)
+                finished = done(results)
                 if on_event is not None:
-                    events = list(request.events)
-                    request.events.clear()
-                finished = done(dict(request.results))
-                if not events and not finished:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0:
-                        return dict(request.results)
-                    self._changed.wait(remaining)
-                    continue
-                results = dict(request.results)
-            if on_event is not None:
-                for event in events:
-                    on_event(event)
-            if finished:
-                return results
+                    for event in events:
+                        on_event(event)
+                if finished:
+                    return results
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    return results
+                waiter.wake.wait(remaining)
+        finally:
+            with self._lock:
+                request.waiters.remove(waiter)

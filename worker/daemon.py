@@ -36,10 +36,11 @@ from contract import (
     PullRequest,
 )
 from contract import topology as topo
+from serving.http import Response, json_response
 from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up import CatchUp
 from worker.engine import DockerEngine
-from worker.health import Answer, HealthServer, Liveness, json_answer
+from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
 from worker.metrics import WorkerMetrics
 from worker.model import Delivery, ImageStore
@@ -259,7 +260,7 @@ class Worker:
 
     # -- health (any thread) -----------------------------------------------------------------
 
-    def _metrics(self) -> Answer:
+    def _metrics(self) -> Response:
         def refresh() -> None:
             status = self._catch_up.status()
             self.metrics.connected.set(1 if self._broker.connected else 0)
@@ -269,15 +270,14 @@ class Worker:
 
         return self.metrics.exposition(refresh)
 
-    def _alive(self) -> Answer:
-        return json_answer(*self._liveness.answer())
+    def _alive(self) -> Response:
+        return self._liveness.answer()
 
-    def _ready(self) -> Answer:
-        alive, _ = self._liveness.answer()
+    def _ready(self) -> Response:
         status = self._catch_up.status()
         if self._draining:
             reason = "draining: the worker is stopping and takes no new requests"
-        elif alive != 200:
+        elif self._liveness.silence() >= LOOP_SILENCE_LIMIT:
             reason = "the worker's loop is stuck"
         elif not status.connected:
             reason = self._not_connected_because
@@ -287,7 +287,7 @@ class Worker:
             reason = "connected and caught up"
         ready = reason == "connected and caught up"
         body = {"ready": ready, "reason": reason, **dataclasses.asdict(status)}
-        return json_answer(200 if ready else 503, body)
+        return json_response(200 if ready else 503, body)
 
 
 def _printable(text: str | None) -> str | None:

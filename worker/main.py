@@ -9,9 +9,9 @@ import threading
 from types import FrameType
 
 from contract import puller_version
+from serving.logs import configure_logging
 from worker.daemon import Worker
 from worker.history_ledger import CannotKeepState, OffsetStore
-from worker.logs import configure_logging
 from worker.settings import InvalidSetting, WorkerSettings, environment_help
 
 

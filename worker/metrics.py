@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from contract import ImageReference, NodeResult, PullFailed
+from serving.http import Response
 
 PULL_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -95,7 +96,7 @@ class WorkerMetrics:
 
     # -- the health port ---------------------------------------------------------------------
 
-    def exposition(self, refresh: Callable[[], None] | None = None) -> tuple[int, str, bytes]:
+    def exposition(self, refresh: Callable[[], None] | None = None) -> Response:
         if refresh is not None:
             refresh()
-        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)

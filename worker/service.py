@@ -312,7 +312,12 @@ class _Waiter:
     ) -> None:
         self.request = request
         self.since = time.monotonic()
-        self.context = {"request_id": request.request_id, "image": str(request.image)}
+        self.context: dict[str, object] = {
+            "request_id": request.request_id,
+            "image": str(request.image),
+        }
+        if request.session_id is not None:
+            self.context["session_id"] = request.session_id
         self._service = service
         self._answer = answer
         self._progress = progress
@@ -392,8 +397,9 @@ class _Pull:
 
     @property
     def context(self) -> dict[str, object]:
-        first = self.waiters[0].request.request_id if self.waiters else None
-        return {"image": str(self.image), "request_id": first, "requests": len(self.waiters)}
+        """Log fields of the pull: those of the request that started it, and how many wait."""
+        first = dict(self.waiters[0].context) if self.waiters else {"image": str(self.image)}
+        return {**first, "requests": len(self.waiters)}
 
     def queued(self) -> None:
         self._waits.append([time.monotonic(), 0.0])

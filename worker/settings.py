@@ -1,29 +1,32 @@
 """The worker's settings: one typed dataclass, built from the environment in one place.
 
-Every variable is one row of :data:`SETTINGS` (name, attribute, type, default, lower
-bound, help); ``puller-worker --help``, the README's table and the deployment tests are
-all checked against that table.
+Every variable is one row of :data:`SETTINGS` (see :mod:`serving.settings`);
+``puller-worker --help``, the README's table and the deployment tests all follow it.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL, PullerError
+import serving.settings
+from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
+from serving.settings import (
+    InvalidSetting,
+    Setting,
+    check_table,
+    log_format,
+    number,
+    read,
+    whole_number,
+)
 
-LOG_FORMATS = ("auto", "json", "console")
-
-
-class InvalidSetting(PullerError):
-    """An environment variable holds a value the worker cannot use."""
+__all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 
 
 @dataclass(frozen=True)
@@ -52,68 +55,13 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Reads every variable of :data:`SETTINGS`; raises :class:`InvalidSetting` naming
         the variable and saying what is wrong."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            text = env.get(setting.env, "").strip()
-            if text:
-                values[setting.attribute] = setting.read(text)
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class Setting:
-    env: str
-    attribute: str
-    help: str
-    parse: Callable[[str], Any] = str
-    minimum: float | None = None
-    maximum: float | None = None
-
-    def read(self, text: str) -> Any:
-        try:
-            value = self.parse(text)
-        except ValueError as error:
-            raise InvalidSetting(f"{self.env}={text!r}: {error}") from None
-        if self.minimum is not None and value < self.minimum:
-            raise InvalidSetting(f"{self.env}={text!r} must be at least {self.minimum:g}")
-        if self.maximum is not None and value > self.maximum:
-            raise InvalidSetting(f"{self.env}={text!r} must be at most {self.maximum:g}")
-        return value
-
-    @property
-    def default(self) -> object:
-        defaults = WorkerSettings(node_name="(the host name)")
-        return getattr(defaults, self.attribute)
+        return read(cls, SETTINGS, os.environ if env is None else env)
 
 
 def node_name(text: str) -> str:
     if len(text) > MAX_NODE_NAME_LENGTH or not text.isprintable():
         raise ValueError(f"a node name is 1 to {MAX_NODE_NAME_LENGTH} printable characters")
     return text
-
-
-def log_format(text: str) -> str:
-    if text not in LOG_FORMATS:
-        raise ValueError(f"expected {', '.join(LOG_FORMATS[:-1])} or {LOG_FORMATS[-1]}")
-    return text
-
-
-def number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not math.isfinite(value):
-        raise ValueError("not a finite number")
-    return value
-
-
-def whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError("not a whole number") from None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -232,15 +180,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
-if {s.attribute for s in SETTINGS} != {f.name for f in fields(WorkerSettings)}:
-    raise AssertionError("every WorkerSettings field needs exactly one row in SETTINGS")
+check_table(WorkerSettings, SETTINGS)
 
 
 def environment_help() -> str:
     """The variables, for ``puller-worker --help``."""
-    width = max(len(s.env) for s in SETTINGS)
-    lines = ["environment:"]
-    for setting in SETTINGS:
-        default = setting.default
-        lines.append(f"  {setting.env:<{width}}  {setting.help.replace('`', '')} ({default})")
-    return "\n".join(lines)
+    return serving.settings.environment_help(SETTINGS, WorkerSettings(node_name="(host name)"))

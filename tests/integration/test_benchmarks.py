@@ -29,6 +29,12 @@ pytestmark = pytest.mark.integration
         ("session_path", ["--requests", "50", "--workers", "2"], "request():", "session_path.json"),
         ("footprint", ["--idle-seconds", "1", "--size-mb", "2"], "footprint", "footprint.json"),
         (
+            "http_gateway",
+            ["--clients", "1,2", "--requests", "20", "--workers", "1"],
+            "/pull_images against Publisher.request()",
+            "http_gateway.json",
+        ),
+        (
             "head_of_line",
             ["--nodes", "2", "--flood", "40", "--repeats", "1"],
             "a healthy image onto 2 nodes",

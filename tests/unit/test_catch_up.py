@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from contract import ErrorKind, NodeResult, PullRequest, Status, parse_reference
+from serving.http import Request, json_response
 from worker.broker import HistoryReading
 from worker.catch_up import CatchUp, Phase
-from worker.health import HealthServer, json_answer
+from worker.health import HealthServer
 from worker.history_ledger import (
     STATE_FILE,
     CannotKeepState,
@@ -73,12 +74,17 @@ def test_a_state_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> Non
         OffsetStore(tmp_path / "a-file" / "state")
 
 
+def get(path: str) -> Request:
+    return Request("GET", path, "", {}, b"")
+
+
 def test_the_health_server_answers_its_routes_and_names_them_for_unknown_paths() -> None:
-    server = HealthServer(0, {"/alive": lambda: json_answer(200, {"alive": True})})
+    server = HealthServer(0, {"/alive": lambda: json_response(200, {"alive": True})})
     server.stop()  # answer() needs no running server
-    assert server.answer("/alive?x=1")[0] == 200
-    code, _, body = server.answer("/nope")
-    assert code == 404 and b"/alive" in body
+    assert server.answer(get("/alive")).status == 200
+    missing = server.answer(get("/nope"))
+    assert missing.status == 404 and b"GET /alive" in missing.body
+    assert server.answer(Request("POST", "/alive", "", {}, b"")).status == 404
 
 
 class FakeBroker:

@@ -1,0 +1,70 @@
+"""``puller-http``: the HTTP gateway. Settings come from the environment only."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from types import FrameType
+
+import structlog
+
+from contract import puller_version
+from gateway.api import Gateway
+from gateway.metrics import GatewayMetrics
+from gateway.settings import GatewaySettings, InvalidSetting, environment_help
+from publisher import Publisher
+from serving.http import HttpServer
+from serving.logs import configure_logging
+
+log = structlog.get_logger("gateway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="puller-http",
+        description="puller over HTTP and JSON: a drop-in for cyber-dojo's puller service.",
+        epilog=environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"puller-http {puller_version()}")
+        return 0
+    try:
+        settings = GatewaySettings.from_env()
+    except InvalidSetting as error:
+        print(f"puller-http: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format)
+    stopping = threading.Event()
+
+    def request_stop(_signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    with Publisher(settings.amqp_url, connect_timeout=settings.connect_timeout) as publisher:
+        gateway = Gateway(publisher, settings, GatewayMetrics())
+        try:
+            server = HttpServer(settings.http_port, gateway.handle, name="gateway")
+        except OSError as error:
+            print(f"puller-http: cannot listen on PULLER_HTTP_PORT: {error}", file=sys.stderr)
+            return 2
+        server.start()
+        log.info("listening", port=server.port, broker=settings.amqp_url.rpartition("@")[2])
+        if not publisher.connect(settings.connect_timeout):
+            log.warning(
+                "RabbitMQ is not reachable yet; /ready answers 503 until it is",
+                error=publisher.connection_problem,
+            )
+        stopping.wait()
+        log.info("stopping")
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

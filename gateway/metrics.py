@@ -1,0 +1,72 @@
+"""The gateway's Prometheus metrics, at ``GET /metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from serving.http import Response
+
+ROUTES = (
+    "/sha",
+    "/alive",
+    "/ready",
+    "/pull_images",
+    "/pull_image",
+    "/pulls",
+    "/nodes",
+    "/openapi.json",
+    "/metrics",
+)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "puller_http_requests",
+            "HTTP requests answered, by route and status ('other' for unknown paths)",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.pull_images_seconds = Histogram(
+            "puller_http_pull_images_seconds",
+            "Seconds to answer /pull_images (and /pull_image): RabbitMQ's confirm included",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.publish_failures = Counter(
+            "puller_http_publish_failures",
+            "Pull requests not published to a live node, by reason "
+            "(broker_unavailable, no_nodes, invalid_image)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.live_nodes = Gauge(
+            "puller_http_live_nodes",
+            "Nodes in the roster, read at scrape time (NaN when RabbitMQ is unreachable)",
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "puller_http_waiting_pulls",
+            "Callers waiting in POST /pulls now",
+            registry=self.registry,
+        )
+        self.connected = Gauge(
+            "puller_http_broker_connected", "1 while connected to RabbitMQ", registry=self.registry
+        )
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        route = (
+            path if path in ROUTES else ("/pulls/{id}" if path.startswith("/pulls/") else "other")
+        )
+        self.requests.labels(route, str(status)).inc()
+        if route in ("/pull_images", "/pull_image") and status == 200:
+            self.pull_images_seconds.observe(seconds)
+
+    def exposition(self, refresh: Callable[[], None]) -> Response:
+        refresh()
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)

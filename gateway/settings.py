@@ -1,0 +1,75 @@
+"""The gateway's settings, read from the environment through one table."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import serving.settings
+from contract import DEFAULT_AMQP_URL
+from serving.settings import InvalidSetting, Setting, check_table, log_format, number, read
+from serving.settings import whole_number as whole
+
+__all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    amqp_url: str = DEFAULT_AMQP_URL
+    http_port: int = 5017
+    sha: str | None = None
+    log_format: str = "auto"
+    max_waiting: int = 64
+    max_timeout: float = 600.0
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        return read(cls, SETTINGS, os.environ if env is None else env)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("PULLER_AMQP_URL", "amqp_url", "RabbitMQ"),
+    Setting(
+        "PULLER_HTTP_PORT",
+        "http_port",
+        "the HTTP port (the original puller's: 5017)",
+        whole,
+        minimum=1,
+        maximum=65535,
+    ),
+    Setting("SHA", "sha", "the commit the image was built from, answered by /sha"),
+    Setting(
+        "PULLER_LOG_FORMAT",
+        "log_format",
+        "`json`, `console`, or `auto` (console on a terminal, JSON lines otherwise)",
+        log_format,
+    ),
+    Setting(
+        "PULLER_HTTP_MAX_WAITING",
+        "max_waiting",
+        "callers that may wait in `POST /pulls` at once; more get 503",
+        whole,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_HTTP_MAX_TIMEOUT",
+        "max_timeout",
+        "the longest `timeout` a `POST /pulls` may ask for, seconds",
+        number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_CONNECT_TIMEOUT",
+        "connect_timeout",
+        "seconds to wait for RabbitMQ before answering 503",
+        number,
+        minimum=0.1,
+    ),
+)
+check_table(GatewaySettings, SETTINGS)
+
+
+def environment_help() -> str:
+    return serving.settings.environment_help(SETTINGS, GatewaySettings())
