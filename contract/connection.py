@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pika
 import pika.exceptions
 
+from contract import topology as topo
 from contract.errors import BrokerUnavailable
 
 ACCESS_REFUSED = 403
@@ -74,3 +76,21 @@ def broker_errors(what: str, parameters: pika.connection.Parameters) -> Iterator
         yield
     except CONNECTION_ERRORS as error:
         raise BrokerUnavailable(f"{what} at {where(parameters)}: {describe(error)}") from None
+
+
+def declare(channel: Any, item: topo.Declaration, **extra: Any) -> None:
+    """Makes one declaration of :mod:`contract.topology` on a pika channel, blocking or not
+    (``extra``: what the channel kind takes besides, such as the asynchronous callback)."""
+    if isinstance(item, topo.Exchange):
+        channel.exchange_declare(item.name, exchange_type=item.kind, durable=item.durable, **extra)
+    elif isinstance(item, topo.Queue):
+        channel.queue_declare(
+            item.name,
+            durable=item.durable,
+            exclusive=item.exclusive,
+            auto_delete=item.auto_delete,
+            arguments=dict(item.arguments) or None,
+            **extra,
+        )
+    else:
+        channel.queue_bind(item.queue, item.exchange, routing_key=item.routing_key, **extra)

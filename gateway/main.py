@@ -2,36 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
-import threading
-from types import FrameType
 
 import structlog
 
-from contract import puller_version
 from gateway.api import Gateway
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings, InvalidSetting, environment_help
 from publisher import Publisher
 from serving.http import HttpServer
 from serving.logs import configure_logging
+from serving.program import parse_arguments, stop_on_signals
 
 log = structlog.get_logger("gateway")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="puller-http",
-        description="puller over HTTP and JSON: a drop-in for cyber-dojo's puller service.",
-        epilog=environment_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    args = parser.parse_args(argv)
-    if args.version:
-        print(f"puller-http {puller_version()}")
+    description = "puller over HTTP and JSON: a drop-in for cyber-dojo's puller service."
+    if parse_arguments("puller-http", description, environment_help(), argv):
         return 0
     try:
         settings = GatewaySettings.from_env()
@@ -39,13 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"puller-http: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
-    stopping = threading.Event()
-
-    def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_on_signals()
     with Publisher(settings.amqp_url, connect_timeout=settings.connect_timeout) as publisher:
         gateway = Gateway(publisher, settings, GatewayMetrics())
         try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import serving.settings
 from contract import DEFAULT_AMQP_URL
-from serving.settings import InvalidSetting, Setting, check_table, log_format, number, read
+from serving.settings import LOG_FORMAT, InvalidSetting, Setting, check_table, number, read
 from serving.settings import whole_number as whole
 
 __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
@@ -40,12 +40,7 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=65535,
     ),
     Setting("SHA", "sha", "the commit the image was built from, answered by /sha"),
-    Setting(
-        "PULLER_LOG_FORMAT",
-        "log_format",
-        "`json`, `console`, or `auto` (console on a terminal, JSON lines otherwise)",
-        log_format,
-    ),
+    LOG_FORMAT,
     Setting(
         "PULLER_HTTP_MAX_WAITING",
         "max_waiting",

@@ -42,7 +42,7 @@ from contract import (
     RosterMarker,
 )
 from contract import topology as topo
-from contract.connection import connection_parameters, describe, where
+from contract.connection import connection_parameters, declare, describe, where
 
 log = logging.getLogger("puller.publisher.broker")
 
@@ -311,21 +311,7 @@ class PublisherBroker:
         def then(_frame: object) -> None:
             self._declare(current, rest)
 
-        if isinstance(item, topo.Exchange):
-            channel.exchange_declare(
-                item.name, exchange_type=item.kind, durable=item.durable, callback=then
-            )
-        elif isinstance(item, topo.Queue):
-            channel.queue_declare(
-                item.name,
-                durable=item.durable,
-                exclusive=item.exclusive,
-                auto_delete=item.auto_delete,
-                arguments=dict(item.arguments) or None,
-                callback=then,
-            )
-        else:
-            channel.queue_bind(item.queue, item.exchange, item.routing_key, callback=then)
+        declare(channel, item, callback=then)
 
     def _became_ready(self, current: _Connection) -> None:
         with self._lock:

@@ -100,3 +100,11 @@ def choice(*allowed: str) -> Callable[[str], str]:
 
 LOG_FORMATS = ("auto", "json", "console")
 log_format = choice(*LOG_FORMATS)
+
+LOG_FORMAT = Setting(
+    "PULLER_LOG_FORMAT",
+    "log_format",
+    "`json`, `console`, or `auto` (console on a terminal, JSON lines otherwise)",
+    log_format,
+)
+"""The same row in every program's table."""

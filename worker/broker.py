@@ -14,7 +14,7 @@ latest progress of each request), and so do callbacks.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from contract.connection import (
     RESOURCE_LOCKED,
     broker_errors,
     connection_parameters,
+    declare,
     describe,
     where,
 )
@@ -392,18 +393,7 @@ class WorkerBroker:
         return self._channel
 
 
-def _declare(channel: Channel, declarations: Any) -> None:
+def _declare(channel: Channel, declarations: Iterable[topo.Declaration]) -> None:
     """Declares the given topology (see :mod:`contract.topology`) on a blocking channel."""
     for item in declarations:
-        if isinstance(item, topo.Exchange):
-            channel.exchange_declare(item.name, exchange_type=item.kind, durable=item.durable)
-        elif isinstance(item, topo.Queue):
-            channel.queue_declare(
-                item.name,
-                durable=item.durable,
-                exclusive=item.exclusive,
-                auto_delete=item.auto_delete,
-                arguments=dict(item.arguments) or None,
-            )
-        else:
-            channel.queue_bind(item.queue, item.exchange, routing_key=item.routing_key)
+        declare(channel, item)

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
-import threading
-from types import FrameType
 
-from contract import puller_version
 from serving.logs import configure_logging
+from serving.program import parse_arguments, stop_on_signals
 from worker.daemon import Worker
 from worker.history_ledger import CannotKeepState, OffsetStore
 from worker.settings import InvalidSetting, WorkerSettings, environment_help
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="puller-worker",
-        description="Pull images onto this node when puller publishes a request.",
-        epilog=environment_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    args = parser.parse_args(argv)
-    if args.version:
-        print(f"puller-worker {puller_version()}")
+    description = "Pull images onto this node when puller publishes a request."
+    if parse_arguments("puller-worker", description, environment_help(), argv):
         return 0
     try:
         settings = WorkerSettings.from_env()
@@ -34,13 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"puller-worker: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, always={"node": settings.node_name})
-    stopping = threading.Event()
-
-    def request_stop(_signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_on_signals()
     try:
         worker = Worker(settings, offsets)
     except OSError as error:  # the health port is taken

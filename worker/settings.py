@@ -17,10 +17,10 @@ from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 from serving.settings import (
+    LOG_FORMAT,
     InvalidSetting,
     Setting,
     check_table,
-    log_format,
     number,
     read,
     whole_number,
@@ -143,12 +143,7 @@ SETTINGS: tuple[Setting, ...] = (
         number,
         minimum=0,
     ),
-    Setting(
-        "PULLER_LOG_FORMAT",
-        "log_format",
-        "`json`, `console`, or `auto` (console on a terminal, JSON lines otherwise)",
-        log_format,
-    ),
+    LOG_FORMAT,
     Setting(
         "PULLER_HISTORY_MAX_AGE",
         "history_max_age",
