@@ -377,3 +377,36 @@ def test_the_gateway_matches_its_openapi_document_under_fuzzing(
         check=False,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+
+
+def test_a_burst_of_callers_connecting_at_once_is_served_not_reset(
+    gateway: GatewayProcess, fresh_image: str
+) -> None:
+    # The standard library's listen backlog of 5 had connections reset when 32 callers
+    # connected while the gateway was busy (found by bench/http_gateway.py).
+    callers, calls = 32, 30
+    start = threading.Barrier(callers)
+    failures: list[BaseException] = []
+    body = json.dumps({"id": "burst", "image_name": fresh_image}).encode()
+
+    def caller() -> None:
+        start.wait()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+            try:
+                for _ in range(calls):
+                    connection.request("POST", "/pull_images", body)
+                    response = connection.getresponse()
+                    response.read()
+                    assert response.status == 200
+            finally:
+                connection.close()
+        except BaseException as error:  # noqa: BLE001 - collected for the assertion
+            failures.append(error)
+
+    threads = [threading.Thread(target=caller) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
