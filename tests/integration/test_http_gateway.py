@@ -401,7 +401,7 @@ def test_a_burst_of_callers_connecting_at_once_is_served_not_reset(
                     assert response.status == 200
             finally:
                 connection.close()
-        except BaseException as error:  # noqa: BLE001 - collected for the assertion
+        except BaseException as error:
             failures.append(error)
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
