@@ -13,39 +13,16 @@ requests in every case but idle.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
-import threading
 import time
 import uuid
 
 from bench.common import BenchEnvironment, bench_environment, print_table, save, stop_all
+from localcluster.faults import BlackHole
 from publisher import Publisher
 
 STALL_TIMEOUT = 60
-
-
-class BlackHole:
-    """Accepts connections and holds them, saying nothing."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self._held.append(self._listener.accept()[0])
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._held:
-            sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
 from publisher import Publisher
+from publisher.report import report_row
 from serving.http import Request, Response
 
 log = structlog.get_logger("gateway")
@@ -225,7 +226,7 @@ class Gateway:
                 "request_id": known.request_id,
                 "image": known.image,
                 "answered": len(known.results),
-                "nodes": [_row(r.to_json()) for r in known.results],
+                "nodes": [report_row(r) for r in known.results],
             },
         )
 
@@ -248,13 +249,6 @@ class _NotReady(ApiError):
     def __init__(self, reason: str) -> None:
         super().__init__(503, f"not connected to RabbitMQ: {reason}")
         self.reason = reason
-
-
-ROW_FIELDS = ("node", "status", "seconds", "queued_seconds", "image_id", "digest", "error")
-
-
-def _row(fields: Mapping[str, object]) -> dict[str, object]:
-    return {name: fields[name] for name in ROW_FIELDS}
 
 
 def _arguments(body: bytes) -> dict[str, Any]:

@@ -22,6 +22,17 @@ from localcluster.registry import Registry
 STATE_FILE = "cluster.json"
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples named ``name`` (e.g. ``puller_worker_pulls_total``) whose
+    labels include ``labels``, in a Prometheus text exposition."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
 def worker_command() -> list[str]:
     """The installed ``puller-worker`` beside this interpreter, else ``python -m worker.main``."""
     return installed_command("puller-worker", "worker.main")
@@ -57,17 +68,10 @@ class WorkerProcess:
             return error.code, json.loads(error.read())
 
     def metric(self, name: str, **labels: str) -> float:
-        """A metric from the worker's ``/metrics``: the sum of the samples named ``name``
-        (e.g. ``puller_worker_pulls_total``) whose labels include ``labels``."""
+        """A metric from the worker's ``/metrics`` (see :func:`metric_value`)."""
         url = f"http://127.0.0.1:{self.health_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and labels.items() <= sample.labels.items():
-                    total += sample.value
-        return total
+            return metric_value(response.read().decode(), name, **labels)
 
     def start(self, timeout: float = 30.0) -> None:
         self.launch()

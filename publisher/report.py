@@ -58,7 +58,7 @@ class PullReport:
             "expected": self.expected,
             "ok": self.ok,
             "missing": self.missing,
-            "nodes": [_row(r) for r in self.nodes],
+            "nodes": [report_row(r) for r in self.nodes],
             "notes": list(self.notes),
         }
 
@@ -66,6 +66,7 @@ class PullReport:
 ROW_FIELDS = ("node", "status", "seconds", "queued_seconds", "image_id", "digest", "error")
 
 
-def _row(result: NodeResult) -> dict[str, Any]:
+def report_row(result: NodeResult) -> dict[str, Any]:
+    """One node's row, as ``puller pull --json`` and the HTTP API print it."""
     fields = result.to_json()
     return {name: fields[name] for name in ROW_FIELDS}

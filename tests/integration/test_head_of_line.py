@@ -13,9 +13,9 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import ErrorKind, Status
 from localcluster.cluster import LocalCluster
+from localcluster.faults import BlackHole
 from publisher import Publisher
 from tests.integration.conftest import new_vhost, start_cluster
-from tests.integration.tcp_proxy import BlackHole
 
 pytestmark = pytest.mark.integration
 

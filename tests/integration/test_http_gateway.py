@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from localcluster.cluster import GatewayProcess, LocalCluster, WorkerProcess
+from localcluster.cluster import GatewayProcess, LocalCluster, WorkerProcess, metric_value
 from tests.integration.conftest import NODES, engine_has, new_vhost
 
 pytestmark = pytest.mark.integration
@@ -195,15 +194,6 @@ def test_a_caller_waiting_in_post_pulls_never_delays_pull_images(
     assert took[-1] < 1.0, f"slowest /pull_images took {took[-1]:.3f}s"
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
-
-
 def worker_metric(workers: list[WorkerProcess], name: str, **labels: str) -> float:
     return sum(w.metric(name, **labels) for w in workers)
 
@@ -227,21 +217,21 @@ def test_metrics_move_by_exactly_what_happened(
     _, after = call(gateway, "/metrics", method="GET")
     count = "puller_http_requests_total"
     assert (
-        metric(after, count, path="/pull_images", status="200")
-        - metric(before, count, path="/pull_images", status="200")
+        metric_value(after, count, path="/pull_images", status="200")
+        - metric_value(before, count, path="/pull_images", status="200")
         == 3
     )
     assert (
-        metric(after, count, path="/pull_images", status="400")
-        - metric(before, count, path="/pull_images", status="400")
+        metric_value(after, count, path="/pull_images", status="400")
+        - metric_value(before, count, path="/pull_images", status="400")
         == 1
     )
     assert (
-        metric(after, "puller_http_pull_images_seconds_count")
-        - metric(before, "puller_http_pull_images_seconds_count")
+        metric_value(after, "puller_http_pull_images_seconds_count")
+        - metric_value(before, "puller_http_pull_images_seconds_count")
         == 3
     )
-    assert metric(after, "puller_http_live_nodes") == NODES
+    assert metric_value(after, "puller_http_live_nodes") == NODES
     # one pull per node, then two answers per node that it is there
     assert worker_metric(workers, "puller_worker_answers_total", status="pulled") == (
         pulled_before + NODES
