@@ -156,12 +156,17 @@ def _drop_in_call(cluster: LocalCluster, image: str) -> bool:
     if done.returncode != 0:
         return False
     request_id = json.loads(done.stdout)["pull_images"]["request_id"]
-    time.sleep(1)  # the nodes answer "present" in milliseconds
     url = f"{cluster.gateway.url}/pulls/{request_id}"
     print(f"$ curl --silent {url}")
-    answers = subprocess.run(
-        ["curl", "--silent", url], capture_output=True, text=True, check=False, timeout=30
-    )
+    deadline = time.monotonic() + 30
+    while True:  # the nodes answer "present" in milliseconds
+        answers = subprocess.run(
+            ["curl", "--silent", url], capture_output=True, text=True, check=False, timeout=30
+        )
+        answered = answers.returncode == 0 and json.loads(answers.stdout)["answered"]
+        if answered == cluster.nodes or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     print(answers.stdout.strip())
     return answers.returncode == 0
 

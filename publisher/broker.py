@@ -299,7 +299,7 @@ class PublisherBroker:
         if not todo:
             channel.basic_consume(
                 self.reply_queue,
-                lambda _ch, _method, properties, body: self._on_reply(
+                lambda _ch, _method, properties, body: self._hand_over_reply(
                     properties.correlation_id, body
                 ),
                 auto_ack=True,
@@ -312,6 +312,14 @@ class PublisherBroker:
             self._declare(current, rest)
 
         declare(channel, item, callback=then)
+
+    def _hand_over_reply(self, correlation_id: str | None, body: bytes) -> None:
+        """A failure in whoever takes the reply must not reach pika: it would drop the
+        connection, and every publish waiting for a confirm with it."""
+        try:
+            self._on_reply(correlation_id, body)
+        except Exception:
+            log.exception("handling a reply failed; the reply is dropped")
 
     def _became_ready(self, current: _Connection) -> None:
         with self._lock:

@@ -58,7 +58,17 @@ class _Server(ThreadingHTTPServer):
 class HttpServer:
     """Serves ``handler`` on ``host:port`` (port 0: any free one), a thread per connection."""
 
-    def __init__(self, port: int, handler: Handler, host: str = "", name: str = "http") -> None:
+    def __init__(
+        self,
+        port: int,
+        handler: Handler,
+        host: str = "",
+        name: str = "http",
+        idle_timeout: float = 60.0,
+    ) -> None:
+        """``idle_timeout``: seconds a connection may stay silent (mid-request, or between
+        keep-alive requests) before it is closed, so a client that stops sending does not
+        hold a thread for ever."""
         self._handler = handler
         self._name = name
         owner = self
@@ -68,6 +78,7 @@ class HttpServer:
             # Headers and body go out in two writes; with Nagle's algorithm on, the second
             # waits for the client's delayed ACK of the first: 40 ms on every call.
             disable_nagle_algorithm = True
+            timeout = idle_timeout
             server_version = "puller"
             sys_version = ""
 

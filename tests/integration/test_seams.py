@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from contract import Status
+from contract import PullRequest, Status, parse_reference
 from localcluster.cluster import LocalCluster
 from publisher import Publisher
+from publisher.broker import PublisherBroker
 from tests.integration.conftest import NODES
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,7 @@ def test_an_unconfigured_publisher_prints_nothing(
     script = textwrap.dedent(
         f"""
         from publisher import Publisher
+from publisher.broker import PublisherBroker
         with Publisher({cluster.amqp_url!r}) as p:
             request_id = p.request({fresh_image!r})
             p.results(request_id, expect={NODES}, timeout=30)
@@ -134,3 +136,28 @@ def test_the_digest_reported_is_the_asked_repositorys_own(
     assert {r.status for r in report.nodes} == {Status.PULLED}
     assert {r.digest for r in report.nodes} == {second_digest}
     assert len({r.image_id for r in report.nodes}) == 1
+
+
+def test_a_reply_handler_that_fails_does_not_stop_the_publishers_connection(
+    cluster: LocalCluster, fresh_image: str
+) -> None:
+    failures = []
+
+    def broken(_correlation_id: str | None, _body: bytes) -> None:
+        failures.append(1)
+        raise RuntimeError("a bug in whatever handles replies")
+
+    broker = PublisherBroker(cluster.amqp_url, connect_timeout=5, on_reply=broken)
+    try:
+        body = PullRequest.new(parse_reference(fresh_image)).encode()
+        broker.publish_request(body, "first")
+        deadline = time.monotonic() + 30
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures, "no reply reached the handler"
+        started = time.monotonic()
+        broker.publish_request(body, "second")  # the connection's thread is still there
+        assert time.monotonic() - started < 5
+        assert broker.epoch == 1, "the connection was dropped and opened again"
+    finally:
+        broker.close()

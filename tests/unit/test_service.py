@@ -121,6 +121,13 @@ class Answers:
         return {r.image: r for r in self.results}
 
 
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.005)
+
+
 def request_for(image: str) -> PullRequest:
     return PullRequest.new(parse_reference(image))
 
@@ -208,7 +215,8 @@ def test_identical_requests_join_one_pull_and_each_gets_an_answer(
 ) -> None:
     store.gates["docker.io/library/same:1"] = threading.Event()
     requests = [submit(service, answers, "same:1") for _ in range(3)]
-    time.sleep(0.2)
+    eventually(lambda: store.running == 1)
+    time.sleep(0.2)  # the other two join it (nothing to watch for: they just wait)
     store.gates["docker.io/library/same:1"].set()
     results = answers.wait_for(3)
     assert store.pulls == ["docker.io/library/same:1"]
@@ -263,7 +271,8 @@ def test_progress_is_throttled_starts_once_the_size_is_known_and_reaches_every_j
         PullProgress(done, 1000) for done in range(0, 1001, 10)
     ]
     first, second = submit(service, answers, "big:1"), submit(service, answers, "big:1")
-    time.sleep(0.2)
+    eventually(lambda: store.running == 1)
+    time.sleep(0.2)  # the second joins the first's pull
     store.gates["docker.io/library/big:1"].set()
     answers.wait_for(2)
     by_request: dict[str, list[int]] = {}
@@ -329,7 +338,8 @@ def test_a_pull_waiting_to_retry_gives_its_slot_to_another_image(
     service = make_service(store, 1, retry=RetryPolicy(attempts=2, first_delay=1.0))
     try:
         submit(service, answers, "flaky:1")
-        time.sleep(0.2)  # its first attempt failed; it waits 1 s to retry
+        eventually(lambda: store.pulls == ["docker.io/library/flaky:1"] and store.running == 0)
+        # its first attempt failed; it waits 1 s to retry
         submit(service, answers, "other:1")
         first = answers.wait_for(1, timeout=0.8)[0]
         assert (first.image, first.status) == ("docker.io/library/other:1", Status.PULLED)
@@ -346,10 +356,11 @@ def test_cancel_answers_running_queued_and_retrying_pulls_cancelled(
     service = make_service(store, 1, retry=RetryPolicy(attempts=5, first_delay=30))
     try:
         submit(service, answers, "retrying:1")
-        time.sleep(0.2)  # in its first 30 s wait
+        eventually(lambda: store.pulls == ["docker.io/library/retrying:1"] and not store.running)
+        # in its first 30 s wait
         submit(service, answers, "running:1")
         submit(service, answers, "queued:1")
-        time.sleep(0.2)
+        eventually(lambda: store.running == 1 and service.unfinished == 3)
         service.cancel()
         results = answers.wait_for(3, timeout=5)
     finally:
@@ -371,7 +382,8 @@ def test_at_most_the_slots_run_at_once_within_one_registry(
     try:
         for image in images:
             submit(service, answers, image)
-        time.sleep(0.3)
+        eventually(lambda: store.running == 2)
+        time.sleep(0.2)  # room for a third to start, were the slots not respected
         assert store.running == 2
         gate.set()
         answers.wait_for(6)
@@ -390,7 +402,7 @@ def test_a_registry_that_holds_every_slot_does_not_starve_another(
     try:
         for n in range(4):
             submit(service, answers, f"black.hole/app/{n}:1")
-        time.sleep(0.2)
+        eventually(lambda: store.running == 2)
         submit(service, answers, "healthy.example/app:1")
         [result] = answers.wait_for(1, timeout=2)
         assert (result.image, result.status) == ("healthy.example/app:1", Status.PULLED)
@@ -406,9 +418,9 @@ def test_time_waiting_for_a_slot_is_reported_apart(store: FakeStore, answers: An
     service = make_service(store, 1)
     try:
         submit(service, answers, "r.example/first:1")
-        time.sleep(0.1)
+        eventually(lambda: store.running == 1)
         submit(service, answers, "r.example/second:1")
-        time.sleep(0.5)
+        time.sleep(0.5)  # the time the second waits for a slot: what is measured
         gate.set()
         results = {r.image: r for r in answers.wait_for(2)}
     finally:
