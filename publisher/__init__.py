@@ -16,6 +16,8 @@ A library: it logs through the standard ``logging`` module (logger ``puller.publ
 and prints nothing unless the host application configures logging.
 """
 
+import logging
+
 from contract import (
     BrokerUnavailable,
     ErrorKind,
@@ -30,6 +32,10 @@ from contract import (
 from publisher.client import Publisher
 from publisher.report import PullReport
 from publisher.roster import NodeInfo
+
+# A library's loggers get a handler that drops everything, so that with no logging set up
+# by the host Python's last-resort handler does not print their warnings (pika does the same).
+logging.getLogger("puller").addHandler(logging.NullHandler())
 
 __all__ = [
     "BrokerUnavailable",

@@ -79,10 +79,15 @@ def test_an_unconfigured_publisher_prints_nothing(
 ) -> None:
     script = textwrap.dedent(
         f"""
+        import pika
         from publisher import Publisher
-from publisher.broker import PublisherBroker
         with Publisher({cluster.amqp_url!r}) as p:
-            request_id = p.request({fresh_image!r})
+            p.request({fresh_image!r})
+            # a reply that breaks the contract: the library warns, through logging only
+            hostile = pika.BlockingConnection(pika.URLParameters({cluster.amqp_url!r}))
+            hostile.channel().basic_publish("puller.replies", p._broker.reply_queue, b"junk")
+            hostile.close()
+            request_id = p.request({fresh_image!r})  # its answers come after the junk
             p.results(request_id, expect={NODES}, timeout=30)
             p.nodes()
             try:
