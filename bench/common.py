@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def bench_environment() -> Iterator[BenchEnvironment]:
             engine.remove()
         registry.remove()
         subprocess.run(["rabbitmqctl", "delete_vhost", vhost], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)  # worker logs and state, engine roots
 
 
 def runtime_worker_command() -> list[str]:
