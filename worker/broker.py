@@ -87,6 +87,8 @@ class WorkerBroker:
         self._waiting_answers: list[tuple[Delivery, NodeResult | None, bool]] = []
         self._waiting_progress: dict[tuple[str, str], tuple[Delivery, NodeProgress]] = {}
         self._waiting_calls: list[Callable[[], None]] = []
+        self._hops = 0
+        """Actions handed to the connection's thread and not yet run there."""
         self.queue = topo.node_queue_name(node)
 
     @property
@@ -245,6 +247,7 @@ class WorkerBroker:
     def close(self) -> None:
         with self._lock:
             connection, self._connection = self._connection, None
+            self._hops = 0  # a closed connection runs none of them
             self._channel = self._history_channel = None
         if connection is not None and connection.is_open:
             try:
@@ -282,6 +285,13 @@ class WorkerBroker:
             callback, waiting=lambda: self._waiting_calls.append(callback), defer=True
         )
 
+    @property
+    def handing_over(self) -> int:
+        """Answers and callbacks handed to the connection's thread, not yet run there: a
+        worker that stops must serve the connection until this is 0, or lose them."""
+        with self._lock:
+            return self._hops
+
     def waiting(self) -> tuple[int, int, int]:
         """What waits for the next connection: answers, progress reports, callbacks."""
         with self._lock:
@@ -304,9 +314,19 @@ class WorkerBroker:
             if connection is None or not connection.is_open:
                 waiting()
                 return
+            self._hops += 1
+
+            def hop() -> None:
+                try:
+                    action()
+                finally:
+                    with self._lock:
+                        self._hops -= 1
+
             try:
-                connection.add_callback_threadsafe(action)
+                connection.add_callback_threadsafe(hop)
             except CONNECTION_ERRORS as error:
+                self._hops -= 1
                 log.info("connection closing; keeping an answer for the next", error=str(error))
                 waiting()
 

@@ -246,13 +246,18 @@ class Worker:
             stopping.wait(min(EVENT_LOOP_SLICE, max(0.0, deadline - time.monotonic())))
 
     def _serve_while_unfinished(self, seconds: float) -> None:
-        """Keeps the connection's thread serving (replies, acks) until nothing is unanswered."""
+        """Keeps the connection's thread serving (replies, acks) until nothing is unanswered
+        and every answer handed to the connection's thread has gone out."""
         deadline = time.monotonic() + seconds
-        while self._service.unfinished and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             self._liveness.tick()
             if not self._broker.connected:
+                if not self._service.unfinished:
+                    return
                 time.sleep(0.1)
                 continue
+            if not self._service.unfinished and not self._broker.handing_over:
+                return
             try:
                 self._broker.process_events(0.1)
             except BrokerUnavailable:

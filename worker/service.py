@@ -362,7 +362,6 @@ class _Waiter:
             digest=found.digest if found is not None else None,
             error=None if isinstance(outcome, ImageInfo) else outcome.as_node_error(),
         )
-        self._service._answered()  # noqa: SLF001 - the waiter is the service's own part
         try:
             self._service.observer.answered(result, from_memory)
         except Exception:
@@ -379,6 +378,11 @@ class _Waiter:
             self._answer(result)
         except Exception:
             log.exception("handing over the result failed", **self.context)
+        finally:
+            # Counted as answered only once handed over: whoever drains (the worker
+            # stopping) then sees either this request unfinished or its answer in the
+            # broker's hands, never neither.
+            self._service._answered()  # noqa: SLF001 - the waiter is the service's own part
 
 
 @dataclass

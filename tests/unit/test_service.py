@@ -487,3 +487,21 @@ def test_not_found_is_repeated_from_memory_for_a_while(store: FakeStore, answers
         assert answers.wait_for(102)[-1].status is Status.PULLED
     finally:
         service.shutdown(wait=True)
+
+
+def test_a_request_counts_as_unfinished_until_its_answer_is_handed_over(
+    service: PullService, store: FakeStore
+) -> None:
+    # A worker that stops drains until nothing is unfinished and the broker has sent what
+    # it was handed: the request must not look finished before its answer is handed over.
+    seen: list[int] = []
+    done = threading.Event()
+
+    def answer(_result: NodeResult) -> None:
+        seen.append(service.unfinished)
+        done.set()
+
+    service.submit(request_for("counted:1"), answer)
+    assert done.wait(10)
+    assert seen == [1]
+    eventually(lambda: service.unfinished == 0)
