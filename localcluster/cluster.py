@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -59,13 +60,20 @@ class WorkerProcess:
         return self.log_path.parent / f"{self.node}-state"
 
     def health(self, path: str) -> tuple[int, dict[str, object]]:
-        """``GET`` one of the worker's health endpoints: status code and JSON body."""
+        """``GET`` one of the worker's health endpoints: status code and JSON body.
+
+        Raises ``OSError`` when the worker does not answer, also when it exits mid-answer."""
         url = f"http://127.0.0.1:{self.health_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+            try:
+                return error.code, json.loads(error.read())
+            except http.client.HTTPException as cut:
+                raise ConnectionError(f"{url}: the answer was cut off ({cut!r})") from cut
+        except http.client.HTTPException as cut:
+            raise ConnectionError(f"{url}: the answer was cut off ({cut!r})") from cut
 
     def metric(self, name: str, **labels: str) -> float:
         """A metric from the worker's ``/metrics`` (see :func:`metric_value`)."""
