@@ -7,8 +7,12 @@ of the code never sees a pika type.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
@@ -25,11 +29,67 @@ CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 """What a broken or refused connection raises in pika."""
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """Files for TLS to RabbitMQ (``amqps://`` URLs): the CA that signed the broker's
+    certificate (unset: the system's CAs), and a client certificate and key when the broker
+    asks for one. The broker's certificate is always verified, host name included."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+    def problem(self, url: str) -> str | None:
+        """What is wrong with using these files for ``url``, or ``None``."""
+        scheme = urlsplit(url).scheme
+        if scheme not in ("amqp", "amqps"):
+            return f"the RabbitMQ URL must start with amqp:// or amqps://, not {scheme}://"
+        if self.configured and scheme != "amqps":
+            return (
+                "TLS files are given but the RabbitMQ URL is amqp://, which is never encrypted: "
+                "use amqps:// (port 5671 by default)"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            return "a client certificate needs both its certificate and its key file"
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None and not path.is_file():
+                return f"TLS file {str(path)!r} does not exist or is not a file"
+        return None
+
+    def context(self) -> ssl.SSLContext:
+        """A client context that verifies the broker; raises ``ValueError`` on a bad file."""
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+            if self.cert_file is not None:
+                context.load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None
+                )
+        except (ssl.SSLError, OSError) as error:
+            raise ValueError(f"the TLS files cannot be used: {describe(error)}") from None
+        return context
+
+
 def connection_parameters(
-    url: str, *, heartbeat: int, connect_timeout: float, blocked_timeout: float
+    url: str,
+    *,
+    heartbeat: int,
+    connect_timeout: float,
+    blocked_timeout: float,
+    tls: BrokerTls | None = None,
 ) -> pika.URLParameters:
-    """One attempt per call (the callers own their retry loops), bounded in time."""
+    """One attempt per call (the callers own their retry loops), bounded in time. An
+    ``amqps://`` URL is always TLS with the broker's certificate and host name verified
+    (against ``tls.ca_file`` when given), never a fallback to plain AMQP."""
     parameters = pika.URLParameters(url)
+    if urlsplit(url).scheme == "amqps":
+        context = (tls or BrokerTls()).context()
+        parameters.ssl_options = pika.SSLOptions(context, server_hostname=parameters.host)
     parameters.heartbeat = heartbeat
     parameters.connection_attempts = 1
     parameters.socket_timeout = connect_timeout

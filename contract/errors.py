@@ -20,6 +20,10 @@ class ErrorKind(StrEnum):
     TIMEOUT = "timeout"
     NO_SPACE = "no_space"
     CANCELLED = "cancelled"
+    FORBIDDEN = "forbidden"
+    """Refused by a rule (allow-list, digest rule, allowed publishers); nothing was pulled."""
+    RATE_LIMITED = "rate_limited"
+    """The node's cap on requests a minute was reached; nothing was pulled."""
     INTERNAL = "internal"
     UNKNOWN = "unknown"
     """Never sent: what a kind this side does not know (from a newer peer) is read as; the
@@ -44,6 +48,14 @@ class InvalidReference(PullerError, ValueError):
 
 class InvalidMessage(PullerError, ValueError):
     """A message body that breaks the wire contract."""
+
+
+class Misconfigured(PullerError, ValueError):
+    """Settings that cannot work together, such as TLS files for a plain ``amqp://`` URL."""
+
+
+class Forbidden(PullerError):
+    """A request refused by the image policy before anything was published."""
 
 
 class BrokerUnavailable(PullerError):

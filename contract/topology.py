@@ -8,9 +8,13 @@ arguments, so sharing one table is also what keeps the two sides compatible.
 ::
 
     publisher --pull--> [puller.pulls fanout] --> puller.node.NAME (one per worker, exclusive)
-              --copy--> [puller.history fanout] --> puller.history (stream, replayed on connect)
+              --copy--> [puller.history fanout] --> puller.history.stream (replayed on connect)
     worker --result/progress--> [puller.replies direct] --(routing key)--> puller.reply.ID
-    worker --presence--> [puller.presence fanout] --> puller.presence (stream: the roster)
+    worker --presence--> [puller.presence fanout] --> puller.presence.stream (the roster)
+
+Streams and exchanges have different names because RabbitMQ's permissions match a name
+whatever its kind: a user who may publish to an exchange must not thereby get write on the
+stream behind it (write on a queue lets a user unbind it; see ``puller broker-setup``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ HISTORY = Exchange("puller.history", "fanout")
 """Publishers put every request here too, into the history stream."""
 
 PRESENCE_STREAM = Queue(
-    "puller.presence",
+    "puller.presence.stream",
     durable=True,
     arguments={
         "x-queue-type": "stream",
@@ -70,7 +74,7 @@ PRESENCE_STREAM = Queue(
 )
 """Recent presence announcements: the roster is read from it."""
 
-HISTORY_STREAM_NAME = "puller.history"
+HISTORY_STREAM_NAME = "puller.history.stream"
 DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0
 """Seconds a request stays replayable: a week."""
 DEFAULT_HISTORY_MAX_BYTES = 100 * 1000 * 1000
@@ -123,10 +127,27 @@ def history(stream: Queue) -> tuple[Declaration, ...]:
     return HISTORY, stream, Binding(stream.name, HISTORY.name)
 
 
+def shared_declarations(stream: Queue | None = None) -> tuple[Declaration, ...]:
+    """Everything both sides rely on: the exchanges, the streams and their bindings.
+
+    An administrator declares it once (``puller broker-setup``); a worker or publisher whose
+    user may configure declares it too (idempotent), and one whose user may not checks
+    that the exchanges and streams exist. ``stream``: the history stream with the
+    retention to declare (see :func:`history_stream`)."""
+    return (PULLS, REPLIES, *presence(), *history(stream or history_stream()))
+
+
+def publisher_shared() -> tuple[Declaration, ...]:
+    """The shared part a publisher declares when it may: not the history stream, whose
+    retention is the workers' (and the administrator's) to set."""
+    return (PULLS, HISTORY, REPLIES, *presence())
+
+
 def worker_declarations(node: str) -> tuple[Declaration, ...]:
-    """What a worker's connection declares (the history stream apart: see ``history``)."""
-    return (PULLS, REPLIES, *presence(), *node_queue(node))
+    """A worker's own: its queue and the queue's binding."""
+    return node_queue(node)
 
 
 def publisher_declarations(reply_queue_name: str) -> tuple[Declaration, ...]:
-    return (PULLS, HISTORY, REPLIES, *presence(), *reply_queue(reply_queue_name))
+    """A publisher's own: its reply queue and the queue's binding."""
+    return reply_queue(reply_queue_name)

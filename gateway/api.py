@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from contract import BrokerUnavailable, InvalidReference, NoNodes, parse_reference
+from contract import BrokerUnavailable, Forbidden, InvalidReference, NoNodes
 from contract.fields import MAX_ID_LENGTH
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import openapi_document
@@ -123,10 +123,13 @@ class Gateway:
         if len(session_id) > MAX_ID_LENGTH:
             raise ApiError(400, "invalid argument: :id must be 1 to 128 printable ASCII")
         try:
-            image = parse_reference(_string(arguments, "image_name"))
+            image = self._publisher.check(_string(arguments, "image_name"))
         except InvalidReference as error:
             self._metrics.publish_failures.labels("invalid_image").inc()
             raise ApiError(400, f"invalid argument: :image_name: {error}") from None
+        except Forbidden as error:
+            self._metrics.publish_failures.labels("forbidden").inc()
+            raise ApiError(403, f"forbidden: {error}") from None
         answer: dict[str, object] = {"id": session_id, "image": str(image)}
         try:
             answer["request_id"] = self._publisher.request(image, session_id=session_id)
@@ -150,9 +153,12 @@ class Gateway:
         arguments = _arguments(request.body)
         _check(Arguments(("image",), ("expect", "nodes", "timeout")), arguments)
         try:
-            image = parse_reference(_string(arguments, "image"))
+            image = self._publisher.check(_string(arguments, "image"))
         except InvalidReference as error:
             raise ApiError(400, f"invalid argument: :image: {error}") from None
+        except Forbidden as error:
+            self._metrics.publish_failures.labels("forbidden").inc()
+            raise ApiError(403, f"forbidden: {error}") from None
         expect, nodes, timeout = self._pull_options(arguments)
         if not self._waiting.acquire(blocking=False):
             raise ApiError(

@@ -13,6 +13,7 @@ from publisher import Publisher
 from serving.http import HttpServer
 from serving.logs import configure_logging
 from serving.program import parse_arguments, stop_on_signals
+from serving.settings import broker_tls, image_policy
 
 log = structlog.get_logger("gateway")
 
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format)
     stopping = stop_on_signals()
-    with Publisher(settings.amqp_url, connect_timeout=settings.connect_timeout) as publisher:
+    with Publisher(
+        settings.amqp_url,
+        connect_timeout=settings.connect_timeout,
+        tls=broker_tls(settings),
+        policy=image_policy(settings),
+    ) as publisher:
         gateway = Gateway(publisher, settings, GatewayMetrics())
         try:
             server = HttpServer(settings.http_port, gateway.handle, name="gateway")

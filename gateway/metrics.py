@@ -41,7 +41,7 @@ class GatewayMetrics:
         self.publish_failures = Counter(
             "puller_http_publish_failures",
             "Pull requests not published to a live node, by reason "
-            "(broker_unavailable, no_nodes, invalid_image)",
+            "(broker_unavailable, no_nodes, invalid_image, forbidden)",
             ["reason"],
             registry=self.registry,
         )

@@ -118,6 +118,11 @@ BAD_REQUEST = _answer(
     EXCEPTION,
 )
 UNAVAILABLE = _answer("RabbitMQ cannot be reached: nothing was published", EXCEPTION)
+FORBIDDEN = _answer(
+    "The image policy (PULLER_ALLOWED_IMAGES, PULLER_REQUIRE_DIGEST) refuses the image: "
+    "nothing was published",
+    EXCEPTION,
+)
 NO_ARGUMENTS = {
     "required": False,
     "content": {JSON: {"schema": _object({})}},
@@ -169,6 +174,7 @@ def _pull_images(name: str) -> dict[str, Any]:
                     _object({name: PULL_IMAGES_ANSWER}, [name]),
                 ),
                 "400": BAD_REQUEST,
+                "403": FORBIDDEN,
                 "503": UNAVAILABLE,
             },
         }
@@ -230,6 +236,7 @@ def openapi_document() -> dict[str, Any]:
                             REPORT,
                         ),
                         "400": BAD_REQUEST,
+                        "403": FORBIDDEN,
                         "503": _answer(
                             "RabbitMQ cannot be reached, or too many callers wait already",
                             EXCEPTION,

@@ -5,10 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import serving.settings
 from contract import DEFAULT_AMQP_URL
-from serving.settings import LOG_FORMAT, InvalidSetting, Setting, check_table, number, read
+from serving.settings import (
+    BROKER_ROWS,
+    LOG_FORMAT,
+    POLICY_ROWS,
+    InvalidSetting,
+    Setting,
+    broker_tls,
+    check_table,
+    number,
+    read,
+)
 from serving.settings import whole_number as whole
 
 __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
@@ -17,6 +28,11 @@ __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
 @dataclass(frozen=True)
 class GatewaySettings:
     amqp_url: str = DEFAULT_AMQP_URL
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allowed_images: tuple[str, ...] = ()
+    require_digest: bool = False
     http_port: int = 5017
     sha: str | None = None
     log_format: str = "auto"
@@ -26,11 +42,14 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
-        return read(cls, SETTINGS, os.environ if env is None else env)
+        settings = read(cls, SETTINGS, os.environ if env is None else env)
+        broker_tls(settings)  # fails here, at start, on TLS files that do not fit the URL
+        return settings
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PULLER_AMQP_URL", "amqp_url", "RabbitMQ"),
+    *BROKER_ROWS,
+    *POLICY_ROWS,
     Setting(
         "PULLER_HTTP_PORT",
         "http_port",

@@ -101,6 +101,7 @@ class WorkerProcess:
             "PULLER_HEALTH_PORT": str(self.health_port),
             **self.extra_env,
         }
+        _url_from_file_wins(env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
         self.process = start_daemon(self.command or worker_command(), self.log_path, env)
@@ -156,6 +157,7 @@ class GatewayProcess:
             "PULLER_LOG_FORMAT": "json",
             **self.extra_env,
         }
+        _url_from_file_wins(env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
         self.process = start_daemon(
@@ -176,6 +178,13 @@ class GatewayProcess:
         if self.process is not None:
             stop(self.process)
             self.process = None
+
+
+def _url_from_file_wins(env: dict[str, str]) -> None:
+    """A process told to read its URL from a file (``PULLER_AMQP_URL_FILE``) gets no
+    ``PULLER_AMQP_URL`` besides: the programs refuse both at once."""
+    if env.get("PULLER_AMQP_URL_FILE"):
+        env.pop("PULLER_AMQP_URL", None)
 
 
 @dataclass

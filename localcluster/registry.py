@@ -2,10 +2,16 @@
 
 Images are written straight through the registry's HTTP API, so no Docker
 Engine and no base image are needed to make one, and a layer can be any size.
+
+A registry may require a login (HTTP basic auth against an htpasswd file of bcrypt
+hashes, made by Debian's ``htpasswd`` from ``apache2-utils``); :func:`docker_config`
+writes the docker ``config.json`` a client (a worker, through ``DOCKER_CONFIG``) logs
+in with.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -28,17 +34,34 @@ CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 LAYER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 
 
+@dataclass(frozen=True)
+class Login:
+    """A user name and password for a registry; the password is left out of ``repr``."""
+
+    user: str
+    password: str = field(repr=False)
+
+    @property
+    def basic(self) -> tuple[str, str]:
+        """As ``requests`` takes basic auth."""
+        return (self.user, self.password)
+
+
 @dataclass
 class Registry:
     """``docker-registry serve`` on 127.0.0.1, storing blobs under ``root``.
 
     Docker Engines treat 127.0.0.0/8 registries as insecure by default, so
     plain HTTP pulls work with no daemon flag.
+
+    ``login``: the registry then requires it (basic auth, bcrypt htpasswd) for every
+    request, pulls included; this class's own pushes send it.
     """
 
     root: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    login: Login | None = None
 
     @property
     def address(self) -> str:
@@ -53,19 +76,20 @@ class Registry:
             self.port = free_port()
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "config.yml"
-        config.write_text(
-            json.dumps(  # JSON is YAML, and needs no YAML library here
-                {
-                    "version": 0.1,
-                    "log": {"level": "warn"},
-                    "storage": {
-                        "filesystem": {"rootdirectory": str(self.root / "data")},
-                        "delete": {"enabled": True},
-                    },
-                    "http": {"addr": self.address},
-                }
-            )
-        )
+        settings: dict[str, object] = {
+            "version": 0.1,
+            "log": {"level": "warn"},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.root / "data")},
+                "delete": {"enabled": True},
+            },
+            "http": {"addr": self.address},
+        }
+        if self.login is not None:
+            htpasswd = self.root / "htpasswd"
+            write_htpasswd(htpasswd, self.login)
+            settings["auth"] = {"htpasswd": {"realm": "puller-localcluster", "path": str(htpasswd)}}
+        config.write_text(json.dumps(settings))  # JSON is YAML, and needs no YAML library here
         log_path = self.root / "registry.log"
         self.process = start_daemon(["docker-registry", "serve", str(config)], log_path)
         wait_until(self._answers, "docker-registry", timeout, self.process, log_path)
@@ -80,7 +104,11 @@ class Registry:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _answers(self) -> bool:
-        return requests.get(f"{self.url}/v2/", timeout=2).status_code == 200
+        return requests.get(f"{self.url}/v2/", auth=self._auth, timeout=2).status_code == 200
+
+    @property
+    def _auth(self) -> tuple[str, str] | None:
+        return None if self.login is None else self.login.basic
 
     def push_files(
         self, repository: str, tag: str, files: dict[str, bytes], manifest_indent: int | None = None
@@ -88,7 +116,7 @@ class Registry:
         """Pushes a one-layer image holding ``files``; returns ``ADDRESS/REPOSITORY:TAG``.
         ``manifest_indent`` spells the manifest differently: the same image (same id) then
         has another manifest digest."""
-        push_image(self.url, repository, tag, [make_layer(files)], manifest_indent)
+        push_image(self.url, repository, tag, [make_layer(files)], manifest_indent, self.login)
         return f"{self.address}/{repository}:{tag}"
 
     def manifest_digest(self, repository: str, tag: str) -> str:
@@ -96,6 +124,7 @@ class Registry:
         response = requests.head(
             f"{self.url}/v2/{repository}/manifests/{tag}",
             headers={"Accept": MANIFEST_V2},
+            auth=self._auth,
             timeout=30,
         )
         response.raise_for_status()
@@ -106,7 +135,7 @@ class Registry:
         layers = [
             make_layer({f"blob{i}.bin": os.urandom(size)}) for i, size in enumerate(layer_sizes)
         ]
-        push_image(self.url, repository, tag, layers)
+        push_image(self.url, repository, tag, layers, login=self.login)
         return f"{self.address}/{repository}:{tag}"
 
 
@@ -141,8 +170,10 @@ def push_image(
     tag: str,
     layers: list[Layer],
     manifest_indent: int | None = None,
+    login: Login | None = None,
 ) -> str:
-    """Uploads layers, config and a schema-2 manifest; returns the manifest digest."""
+    """Uploads layers, config and a schema-2 manifest; returns the manifest digest.
+    ``login``: sent with every request, for a registry that requires one."""
     config = json.dumps(
         {
             "architecture": _docker_architecture(),
@@ -153,6 +184,8 @@ def push_image(
         }
     ).encode()
     with requests.Session() as session:
+        if login is not None:
+            session.auth = login.basic
         for layer in layers:
             _upload_blob(session, registry_url, repository, layer.compressed)
         _upload_blob(session, registry_url, repository, config)
@@ -202,6 +235,42 @@ def _upload_blob(
         timeout=300,
     )
     finished.raise_for_status()
+
+
+def write_htpasswd(path: Path, login: Login) -> None:
+    """Writes an htpasswd file with ``login``'s bcrypt hash (the one hash the registry
+    takes), made by ``htpasswd`` from Debian's ``apache2-utils``. The password goes in on
+    stdin, never on a command line."""
+    made = subprocess.run(
+        ["htpasswd", "-B", "-i", "-n", login.user],
+        input=login.password.encode(),
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    if made.returncode != 0:
+        raise RuntimeError(
+            f"htpasswd failed (exit {made.returncode}): {made.stderr.decode(errors='replace')}"
+        )
+    path.write_bytes(b"")
+    path.chmod(0o600)
+    path.write_bytes(made.stdout)
+
+
+def docker_config(directory: Path, registry_address: str, user: str, password: str) -> Path:
+    """Writes ``directory/config.json``, a docker client configuration holding a login for
+    ``registry_address`` (``HOST:PORT``, as image names spell it), readable by its owner
+    only; returns ``directory``, the value for ``DOCKER_CONFIG``. Writes the file whole
+    (a new file renamed into place), so a reader never sees half of it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    content = json.dumps({"auths": {registry_address: {"auth": token}}}, indent=2)
+    partial = directory / ".config.json.new"
+    partial.write_bytes(b"")
+    partial.chmod(0o600)
+    partial.write_text(content)
+    partial.replace(directory / "config.json")
+    return directory
 
 
 def _sha256(data: bytes) -> str:

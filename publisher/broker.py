@@ -42,7 +42,15 @@ from contract import (
     RosterMarker,
 )
 from contract import topology as topo
-from contract.connection import connection_parameters, declare, describe, where
+from contract.connection import (
+    ACCESS_REFUSED,
+    NOT_FOUND,
+    BrokerTls,
+    connection_parameters,
+    declare,
+    describe,
+    where,
+)
 
 log = logging.getLogger("puller.publisher.broker")
 
@@ -80,6 +88,8 @@ class _Connection:
     by_request: dict[str, _Ticket] = field(default_factory=dict)
     reads: list[Callable[[BaseException], None]] = field(default_factory=list)
     """How to fail the presence reads in flight, if the connection goes."""
+    declaring: topo.Declaration | None = None
+    """What is being declared, until RabbitMQ says it is done."""
 
 
 class PublisherBroker:
@@ -91,13 +101,19 @@ class PublisherBroker:
         connect_timeout: float,
         on_reply: ReplyHandler,
         heartbeat: int = 60,
+        tls: BrokerTls | None = None,
     ) -> None:
         self._parameters = connection_parameters(
             amqp_url,
+            tls=tls,
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,
             blocked_timeout=max(connect_timeout, 30.0),
         )
+        self.user: str = getattr(self._parameters.credentials, "username", "")
+        """Who this connection publishes as: the AMQP ``user_id`` on every request, which
+        RabbitMQ checks against the connection's user, so workers can trust it."""
+        self._may_not_configure = False
         self._connect_timeout = connect_timeout
         self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
@@ -286,12 +302,23 @@ class PublisherBroker:
         )
         channel.confirm_delivery(
             lambda frame: self._on_confirm(current, frame),
-            callback=lambda _frame: self._declare(
-                current, list(topo.publisher_declarations(self.reply_queue))
-            ),
+            callback=lambda _frame: self._declare(current, self._declarations()),
         )
 
-    def _declare(self, current: _Connection, todo: list[topo.Declaration]) -> None:
+    def _declarations(self) -> list[tuple[topo.Declaration, bool]]:
+        """What to declare, each with whether only to check that it exists: a user without
+        configure rights on the shared topology (see ``puller broker-setup``) checks the
+        exchanges and streams (bindings have no passive form: the administrator's)."""
+        checking = self._may_not_configure
+        shared = [
+            (item, checking)
+            for item in topo.publisher_shared()
+            if not (checking and isinstance(item, topo.Binding))
+        ]
+        own = [(item, False) for item in topo.publisher_declarations(self.reply_queue)]
+        return shared + own
+
+    def _declare(self, current: _Connection, todo: list[tuple[topo.Declaration, bool]]) -> None:
         """Declares the topology one item after another, then consumes the reply queue."""
         channel = current.channel
         if channel is None:
@@ -306,12 +333,17 @@ class PublisherBroker:
                 callback=lambda _frame: self._became_ready(current),
             )
             return
-        item, rest = todo[0], todo[1:]
+        (item, passive), rest = todo[0], todo[1:]
+        current.declaring = item
 
         def then(_frame: object) -> None:
+            current.declaring = None
             self._declare(current, rest)
 
-        declare(channel, item, callback=then)
+        if passive:
+            declare(channel, item, callback=then, passive=True)
+        else:
+            declare(channel, item, callback=then)
 
     def _hand_over_reply(self, correlation_id: str | None, body: bytes) -> None:
         """A failure in whoever takes the reply must not reach pika: it would drop the
@@ -343,9 +375,24 @@ class PublisherBroker:
     def _on_channel_closed(self, current: _Connection, reason: BaseException) -> None:
         if current.connection.is_open:
             current.connection.close()  # one channel is the connection: start afresh
-        self._lost(current.connection, describe(reason))
+        error = describe(reason)
+        code = getattr(reason, "reply_code", None)
+        item = current.declaring
+        if item is not None and code == ACCESS_REFUSED and not self._may_not_configure:
+            # Learnt once: from the next attempt (at once) on, shared things are checked;
+            # not a failure for whoever waits for the connection.
+            self._may_not_configure = True
+            self._delay = 0.0
+            self._lost(current.connection, error, learning=True)
+            return
+        if item is not None and code == NOT_FOUND:
+            error = (
+                f"{_what(item)} does not exist, and user {self.user!r} may not declare it: "
+                "declare puller's topology as an administrator (`puller broker-setup`)"
+            )
+        self._lost(current.connection, error)
 
-    def _lost(self, connection: Any, error: str) -> None:
+    def _lost(self, connection: Any, error: str, learning: bool = False) -> None:
         current = self._current
         if current is None or current.connection is not connection:
             return
@@ -364,9 +411,10 @@ class PublisherBroker:
         with self._lock:
             was_ready = self._ready is current
             self._ready = None
-            self._connecting = False  # a caller that needs it now may try at once
-            self._failures += 1
-            self._last_error = error
+            if not learning:
+                self._connecting = False  # a caller that needs it now may try at once
+                self._failures += 1
+                self._last_error = error
             self._lock.notify_all()
             closed = self._closed
         if was_ready and not closed:
@@ -375,7 +423,8 @@ class PublisherBroker:
             return
         loop = self._loop
         if loop is not None:
-            delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_DELAY)
+            delay = self._delay
+            self._delay = min(max(delay * 2, RECONNECT_FIRST_DELAY), RECONNECT_MAX_DELAY)
             self._reconnect_timer = loop.call_later(delay, self._reconnect)
 
     def _reconnect(self) -> None:
@@ -405,6 +454,7 @@ class PublisherBroker:
                 correlation_id=request_id,
                 reply_to=self.reply_queue,
                 delivery_mode=1,
+                user_id=self.user,
             ),
             mandatory=True,
         )
@@ -413,7 +463,7 @@ class PublisherBroker:
             ticket,
             topo.HISTORY.name,
             body,
-            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user),
         )
 
     def _send(
@@ -561,3 +611,9 @@ class PublisherBroker:
         if loop is not None:
             # give the close a moment to go out, then stop the loop
             loop.call_later(0.2, loop.stop)
+
+
+def _what(item: topo.Declaration) -> str:
+    if isinstance(item, topo.Binding):
+        return f"what {item.queue} is bound to ({item.exchange})"
+    return item.name

@@ -1,25 +1,44 @@
 """``puller``: the ops command. ``puller pull IMAGE`` puts an image on every node;
-``puller nodes`` lists the nodes."""
+``puller nodes`` lists the nodes; ``puller broker-setup`` makes RabbitMQ users with exactly
+the permissions of their role."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from contract import BrokerUnavailable, InvalidReference, NoNodes, parse_reference
+from contract import (
+    BrokerUnavailable,
+    Forbidden,
+    InvalidReference,
+    Misconfigured,
+    NoNodes,
+    parse_reference,
+)
+from contract import topology as topo
+from contract.connection import BrokerTls
+from publisher import broker_setup
 from publisher.client import DEFAULT_TIMEOUT, Publisher
 from publisher.live_view import LiveView
 from publisher.report import PullReport
 from publisher.roster import NodeInfo
+from publisher.settings import PublisherSettings
 
 EXIT_OK = 0
 EXIT_NOT_EVERYWHERE = 1
 EXIT_USAGE = 2
 EXIT_BROKER = 3
+
+_UrlMaker = Callable[[str, str], str]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pika").setLevel(logging.CRITICAL)  # its connection errors are ours too
     parser = _parser()
     args = parser.parse_args(argv)
+    commands = {
+        "pull": lambda: _pull(args, sys.stdout, sys.stderr),
+        "nodes": lambda: _nodes(args, sys.stdout),
+        "broker-setup": lambda: _broker_setup(args, sys.stdout, sys.stderr),
+    }
+    command = commands.get(args.command)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
     try:
-        if args.command == "pull":
-            return _pull(args, sys.stdout, sys.stderr)
-        if args.command == "nodes":
-            return _nodes(args, sys.stdout)
+        return command()
     except BrokerUnavailable as error:
         print(f"puller: {error}", file=sys.stderr)
         return EXIT_BROKER
-    parser.print_help(sys.stderr)
-    return EXIT_USAGE
+    except (Forbidden, Misconfigured) as error:
+        forbidden = "forbidden: " if isinstance(error, Forbidden) else ""
+        print(f"puller: {forbidden}{error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="puller",
         description="Put docker images on every node of the cluster.",
         epilog="exit status: 0 every expected node has the image; 1 some failed, did not "
-        "answer, or no node was there; 2 bad usage or image reference; 3 RabbitMQ unreachable.",
+        "answer, or no node was there; 2 bad usage, settings or image reference, or an image "
+        "the policy forbids (PULLER_ALLOWED_IMAGES); 3 RabbitMQ unreachable.",
     )
     parser.add_argument(
         "--amqp-url",
@@ -77,7 +105,103 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--json", action="store_true", help="print one JSON object at the end")
     nodes = commands.add_parser("nodes", help="list the live nodes")
     nodes.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_broker_setup(commands)
     return parser
+
+
+def _add_broker_setup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    setup = commands.add_parser(
+        "broker-setup",
+        help="create RabbitMQ users with exactly the permissions of their role",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Creates the vhost and the users (admin, publisher, worker) with exactly their
+role's permissions, through RabbitMQ's management API; then, with
+--declare-topology, declares the shared topology as the admin user.
+
+Each user's password is the file PASSWORDS_DIR/NAME: read if it is there, else
+generated and written there (mode 0600). Passwords are never printed. Running
+it again changes nothing. RabbitMQ's users are the whole broker's, not a
+vhost's: a name set up on two vhosts has one password.""",
+        epilog="""\
+example:
+  puller broker-setup --management-url http://rabbitmq:15672 \\
+      --management-user ops --management-password-file /run/secrets/ops \\
+      --vhost puller --passwords-dir /run/secrets/puller \\
+      --admin puller-admin --publisher sessions --worker workers \\
+      --declare-topology amqp://rabbitmq:5672
+
+exit status: 0 done; 2 bad usage or unreadable file; 3 RabbitMQ refused or
+unreachable.""",
+    )
+    setup.add_argument("--vhost", required=True, help="the vhost (created if missing)")
+    setup.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a user that declares the shared topology (all of puller.*)",
+    )
+    setup.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a user that requests pulls (the session service, puller-http, this CLI)",
+    )
+    setup.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="NAME[:NODE]",
+        type=_worker_spec,
+        help="a worker's user; with :NODE it may use that node's queue only, else any node's",
+    )
+    setup.add_argument(
+        "--print-definitions",
+        action="store_true",
+        help="print the vhost and permissions as RabbitMQ definitions JSON and stop (no users, "
+        "no passwords; nothing is changed)",
+    )
+    setup.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="RabbitMQ's management API, e.g. http://rabbitmq:15672 (no credentials in it)",
+    )
+    setup.add_argument(
+        "--management-user", metavar="NAME", help="a user with the administrator tag"
+    )
+    setup.add_argument(
+        "--management-password-file", type=Path, metavar="FILE", help="that user's password"
+    )
+    setup.add_argument(
+        "--passwords-dir",
+        type=Path,
+        metavar="DIR",
+        help="where each user's password file NAME is read from or written to (mode 0600)",
+    )
+    setup.add_argument(
+        "--declare-topology",
+        metavar="AMQP_URL",
+        help="then declare the shared topology as the admin user at this broker, e.g. "
+        "amqp://rabbitmq:5672 (no credentials or vhost in it: they are the admin's and --vhost)",
+    )
+    setup.add_argument(
+        "--history-max-age",
+        type=_positive_float,
+        default=topo.DEFAULT_HISTORY_MAX_AGE,
+        metavar="SECONDS",
+        help="the history stream's retention, for --declare-topology "
+        f"(default {topo.DEFAULT_HISTORY_MAX_AGE:g})",
+    )
+    setup.add_argument(
+        "--history-max-bytes",
+        type=_positive_int,
+        default=topo.DEFAULT_HISTORY_MAX_BYTES,
+        metavar="BYTES",
+        help="the history stream's size bound, for --declare-topology "
+        f"(default {topo.DEFAULT_HISTORY_MAX_BYTES})",
+    )
 
 
 def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -144,6 +268,139 @@ def _nodes(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
         )
     return EXIT_OK
+
+
+def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    roles = [
+        *((broker_setup.Role.ADMIN, name, None) for name in args.admin),
+        *((broker_setup.Role.PUBLISHER, name, None) for name in args.publisher),
+        *((broker_setup.Role.WORKER, name, node) for name, node in args.worker),
+    ]
+    try:
+        if not roles:
+            raise ValueError("name at least one user: --admin, --publisher or --worker")
+        if args.print_definitions:
+            users = [broker_setup.BrokerUser(role, name, "", node) for role, name, node in roles]
+            json.dump(broker_setup.definitions(args.vhost, users), out, indent=2)
+            out.write("\n")
+            return EXIT_OK
+        missing = [
+            flag
+            for flag, value in (
+                ("--management-url", args.management_url),
+                ("--management-user", args.management_user),
+                ("--management-password-file", args.management_password_file),
+                ("--passwords-dir", args.passwords_dir),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ValueError(f"broker-setup needs {', '.join(missing)}")
+        admins = [name for role, name, _ in roles if role is broker_setup.Role.ADMIN]
+        if args.declare_topology is not None and len(admins) != 1:
+            raise ValueError("--declare-topology needs exactly one --admin to declare as")
+        declare_url = (
+            None if args.declare_topology is None else _admin_url(args.declare_topology, args.vhost)
+        )
+        # every mistake in the users before any password file is made
+        broker_setup.check_users((role, name, "", node) for role, name, node in roles)
+        management_password = _read_password(args.management_password_file)
+        users, kept = [], set()
+        for role, name, node in roles:
+            password, existed = _password_file(args.passwords_dir, name, err)
+            users.append(broker_setup.BrokerUser(role, name, password, node))
+            if existed:
+                kept.add(name)
+        broker_setup.setup(
+            args.management_url,
+            args.vhost,
+            users,
+            credentials=(args.management_user, management_password),
+        )
+    except ValueError as error:
+        print(f"puller: {error}", file=err)
+        return EXIT_USAGE
+    except broker_setup.BrokerSetupError as error:
+        print(f"puller: {error}", file=err)
+        return EXIT_BROKER
+    print(f"vhost {args.vhost!r}: {len(users)} user(s) with their role's permissions", file=out)
+    for user in users:
+        state = "kept" if user.name in kept else "new"
+        node = f" node {user.node}" if user.node else ""
+        path = args.passwords_dir / user.name
+        print(f"  {user.role.value:<9} {user.name}{node}  password: {path} ({state})", file=out)
+    if declare_url is not None:
+        admin = next(user for user in users if user.role is broker_setup.Role.ADMIN)
+        try:
+            env = PublisherSettings.from_env()  # the TLS files, for an amqps:// URL
+            broker_setup.declare_topology(
+                declare_url(admin.name, admin.password),
+                history_max_age=args.history_max_age,
+                history_max_bytes=args.history_max_bytes,
+                tls=BrokerTls(env.tls_ca_file, env.tls_cert_file, env.tls_key_file),
+            )
+        except broker_setup.BrokerSetupError as error:
+            print(f"puller: {error}", file=err)
+            return EXIT_BROKER
+        print(f"topology declared as {admin.name!r}", file=out)
+    return EXIT_OK
+
+
+def _admin_url(url: str, vhost: str) -> _UrlMaker:
+    """``url`` (no credentials, no vhost) as a maker of the admin's URL on ``vhost``."""
+    parts = urlsplit(url)
+    if parts.scheme not in {"amqp", "amqps"} or not parts.hostname:
+        raise ValueError(f"--declare-topology takes amqp(s)://HOST[:PORT], not {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("--declare-topology takes no credentials: it uses the admin user's")
+    if parts.path not in {"", "/"}:
+        raise ValueError("--declare-topology takes no vhost: it uses --vhost")
+    host = parts.netloc
+
+    def make(user: str, password: str) -> str:
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        path = f"/{quote(vhost, safe='')}"
+        return urlunsplit((parts.scheme, f"{credentials}@{host}", path, parts.query, ""))
+
+    return make
+
+
+def _read_password(path: Path) -> str:
+    try:
+        password = path.read_text().rstrip("\r\n")
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    if not password:
+        raise ValueError(f"{path} is empty: it should hold a password")
+    return password
+
+
+def _password_file(directory: Path, name: str, err: TextIO) -> tuple[str, bool]:
+    """The password in ``directory/name`` and whether the file was there; a new one is made,
+    random, and written only for its owner to read."""
+    if not name or name in {".", ".."} or "/" in name or "\0" in name:
+        raise ValueError(f"user name {name!r} cannot name a password file")
+    path = directory / name
+    if path.exists():
+        if path.stat().st_mode & 0o077:
+            print(f"puller: warning: {path} can be read by others than its owner", file=err)
+        return _read_password(path), True
+    password = secrets.token_urlsafe(32)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(password + "\n")
+    except OSError as error:
+        raise ValueError(f"cannot write {path}: {error.strerror}") from None
+    return password, False
+
+
+def _worker_spec(text: str) -> tuple[str, str | None]:
+    name, colon, node = text.partition(":")
+    if not name or (colon and not node):
+        raise argparse.ArgumentTypeError("NAME or NAME:NODE, both non-empty")
+    return name, node if colon else None
 
 
 def _catch_up_text(info: NodeInfo) -> str:

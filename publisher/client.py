@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -15,8 +14,10 @@ from contract import (
     DEFAULT_AMQP_URL,
     PRESENCE_INTERVAL,
     BrokerUnavailable,
+    Forbidden,
     ImageReference,
     InvalidMessage,
+    Misconfigured,
     NodePresence,
     NodeProgress,
     NodeResult,
@@ -27,10 +28,14 @@ from contract import (
     decode_presence_stream,
     parse_reference,
 )
+from contract.connection import BrokerTls
+from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
 from publisher.replies import Event, ReplyBook
 from publisher.report import PullReport
 from publisher.roster import NodeInfo, build_roster
+from publisher.settings import PublisherSettings
+from serving.settings import image_policy
 
 # A library logs through the standard logging module: silent unless the host application
 # configures logging, and then at the host's levels, through the host's handlers.
@@ -60,7 +65,10 @@ class KnownRequest:
 class Publisher:
     """Publishes pull requests to every node and collects the nodes' answers.
 
-    ``amqp_url`` defaults to ``PULLER_AMQP_URL``, then to the local broker. The connection
+    ``amqp_url`` defaults to ``PULLER_AMQP_URL`` (or the file named by
+    ``PULLER_AMQP_URL_FILE``), then to the local broker; ``tls`` (for ``amqps://``) to the
+    ``PULLER_TLS_*`` files; ``policy`` to ``PULLER_ALLOWED_IMAGES`` and
+    ``PULLER_REQUIRE_DIGEST`` (see :mod:`contract.policy`). The connection
     opens on first use, on a thread of its own, and is opened again when lost. One
     instance may be shared by threads: nothing waits while holding the connection, so a
     :meth:`request` returns in milliseconds whatever other threads wait for.
@@ -74,12 +82,24 @@ class Publisher:
         *,
         connect_timeout: float = 5.0,
         roster_max_age: float = DEFAULT_ROSTER_MAX_AGE,
+        tls: BrokerTls | None = None,
+        policy: ImagePolicy | None = None,
     ) -> None:
-        self.amqp_url = amqp_url or os.environ.get("PULLER_AMQP_URL") or DEFAULT_AMQP_URL
+        env = PublisherSettings.from_env() if None in (amqp_url, tls, policy) else None
+        self.amqp_url = amqp_url or (env.amqp_url if env else DEFAULT_AMQP_URL)
+        if tls is None and env is not None:
+            tls = BrokerTls(env.tls_ca_file, env.tls_cert_file, env.tls_key_file)
+        problem = (tls or BrokerTls()).problem(self.amqp_url)
+        if problem is not None:
+            raise Misconfigured(problem)
+        self.policy: ImagePolicy = policy or (image_policy(env) if env else ImagePolicy())
+        """Checked before anything is published: a refused image raises :class:`Forbidden`."""
         self.roster_max_age = roster_max_age
         self._connect_timeout = connect_timeout
         self._replies = ReplyBook()
-        self._broker = PublisherBroker(self.amqp_url, connect_timeout, self._replies.receive)
+        self._broker = PublisherBroker(
+            self.amqp_url, connect_timeout, self._replies.receive, tls=tls
+        )
 
     def __enter__(self) -> Publisher:
         return self
@@ -138,16 +158,26 @@ class Publisher:
                 announcements.append(message)
         return build_roster(announcements)
 
+    def check(self, image: str | ImageReference) -> ImageReference:
+        """``image`` parsed and normalised, if :attr:`policy` allows it; raises
+        :class:`InvalidReference` or :class:`Forbidden` (naming the rule) if not."""
+        reference = _reference(image)
+        refusal = self.policy.refusal(reference)
+        if refusal is not None:
+            raise Forbidden(refusal)
+        return reference
+
     def request(self, image: str | ImageReference, *, session_id: str | None = None) -> str:
         """Asks every node to have ``image``; returns the request id at once.
 
         Returns as soon as RabbitMQ has confirmed the message. Raises
-        :class:`InvalidReference` (nothing published), :class:`NoNodes` (no worker
+        :class:`InvalidReference` or :class:`Forbidden` (nothing published; the latter when
+        :attr:`policy` refuses the image), :class:`NoNodes` (no worker
         was there to receive it) or :class:`BrokerUnavailable`. Collect the
         answers later, if at all, with :meth:`results`. ``session_id`` travels with
         the request into the workers' logs.
         """
-        request = PullRequest.new(_reference(image), session_id)
+        request = PullRequest.new(self.check(image), session_id)
         self._publish(request)
         return request.request_id
 
@@ -176,7 +206,7 @@ class Publisher:
             raise ValueError("give expect or nodes, not both")
         if expect is not None and expect < 1:
             raise ValueError("expect must be at least 1")
-        reference = _reference(image)
+        reference = self.check(image)
         wanted: set[str] | None = None
         if nodes is not None:
             wanted = set(nodes)

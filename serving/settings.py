@@ -11,14 +11,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-from contract import PullerError
+from contract import Misconfigured
+from contract.connection import BrokerTls
+from contract.policy import ALLOWED_IMAGES as ALLOWED_IMAGES_ENV
+from contract.policy import REQUIRE_DIGEST as REQUIRE_DIGEST_ENV
+from contract.policy import ImagePolicy, allowed_prefixes
 
 T = TypeVar("T")
 
 
-class InvalidSetting(PullerError):
+class InvalidSetting(Misconfigured):
     """An environment variable holds a value the program cannot use."""
 
 
@@ -30,17 +35,42 @@ class Setting:
     parse: Callable[[str], Any] = str
     minimum: float | None = None
     maximum: float | None = None
+    secret: bool = False
+    """A secret may also come from a file named by ``{env}_FILE`` (a mounted Kubernetes
+    Secret), and its value is never repeated in an error."""
+
+    @property
+    def file_env(self) -> str:
+        return f"{self.env}_FILE"
 
     def read(self, text: str) -> Any:
+        shown = "(hidden)" if self.secret else repr(text)
         try:
             value = self.parse(text)
         except ValueError as error:
-            raise InvalidSetting(f"{self.env}={text!r}: {error}") from None
+            raise InvalidSetting(f"{self.env}={shown}: {error}") from None
         if self.minimum is not None and value < self.minimum:
-            raise InvalidSetting(f"{self.env}={text!r} must be at least {self.minimum:g}")
+            raise InvalidSetting(f"{self.env}={shown} must be at least {self.minimum:g}")
         if self.maximum is not None and value > self.maximum:
-            raise InvalidSetting(f"{self.env}={text!r} must be at most {self.maximum:g}")
+            raise InvalidSetting(f"{self.env}={shown} must be at most {self.maximum:g}")
         return value
+
+    def text(self, env: Mapping[str, str]) -> str:
+        """The variable's text, or for a secret the content of its ``_FILE``; ``""`` when
+        unset. Raises :class:`InvalidSetting` when both are set or the file cannot be read."""
+        text = env.get(self.env, "").strip()
+        if not self.secret:
+            return text
+        path = env.get(self.file_env, "").strip()
+        if not path:
+            return text
+        if text:
+            raise InvalidSetting(f"set {self.env} or {self.file_env}, not both")
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise InvalidSetting(f"{self.file_env}={path!r} cannot be read: {reason}") from None
 
 
 def read(cls: type[T], table: Sequence[Setting], env: Mapping[str, str]) -> T:
@@ -48,7 +78,7 @@ def read(cls: type[T], table: Sequence[Setting], env: Mapping[str, str]) -> T:
     Raises :class:`InvalidSetting` naming the variable and saying what is wrong."""
     values: dict[str, Any] = {}
     for setting in table:
-        text = env.get(setting.env, "").strip()
+        text = setting.text(env)
         if text:
             values[setting.attribute] = setting.read(text)
     return cls(**values)
@@ -88,6 +118,15 @@ def whole_number(text: str) -> int:
         raise ValueError("not a whole number") from None
 
 
+def boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in allowed:
@@ -108,3 +147,79 @@ LOG_FORMAT = Setting(
     log_format,
 )
 """The same row in every program's table."""
+
+
+# -- rows every program that talks to RabbitMQ shares ------------------------------------------
+
+AMQP_URL = Setting(
+    "PULLER_AMQP_URL",
+    "amqp_url",
+    "RabbitMQ, `amqp://` or `amqps://` (TLS); or a file with it in `PULLER_AMQP_URL_FILE`",
+    secret=True,
+)
+TLS_CA_FILE = Setting(
+    "PULLER_TLS_CA_FILE",
+    "tls_ca_file",
+    "for `amqps://`: the CA that signed RabbitMQ's certificate (unset: the system's CAs)",
+    Path,
+)
+TLS_CERT_FILE = Setting(
+    "PULLER_TLS_CERT_FILE",
+    "tls_cert_file",
+    "for `amqps://`: a client certificate, when RabbitMQ asks for one",
+    Path,
+)
+TLS_KEY_FILE = Setting(
+    "PULLER_TLS_KEY_FILE", "tls_key_file", "for `amqps://`: the client certificate's key", Path
+)
+BROKER_ROWS = (AMQP_URL, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE)
+"""Fields ``amqp_url: str`` and ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``:
+``Path | None``."""
+
+ALLOWED_IMAGES = Setting(
+    ALLOWED_IMAGES_ENV,
+    "allowed_images",
+    "comma-separated normalised prefixes of the images that may be pulled, e.g. "
+    "`docker.io/cyberdojofoundation/`; unset: every image",
+    allowed_prefixes,
+)
+REQUIRE_DIGEST = Setting(
+    REQUIRE_DIGEST_ENV,
+    "require_digest",
+    "`true`: only `NAME@sha256:...` references may be pulled",
+    boolean,
+)
+POLICY_ROWS = (ALLOWED_IMAGES, REQUIRE_DIGEST)
+"""Fields ``allowed_images: tuple[str, ...]`` and ``require_digest: bool``."""
+
+
+class BrokerFields(Protocol):
+    @property
+    def amqp_url(self) -> str: ...
+    @property
+    def tls_ca_file(self) -> Path | None: ...
+    @property
+    def tls_cert_file(self) -> Path | None: ...
+    @property
+    def tls_key_file(self) -> Path | None: ...
+
+
+class PolicyFields(Protocol):
+    @property
+    def allowed_images(self) -> tuple[str, ...]: ...
+    @property
+    def require_digest(self) -> bool: ...
+
+
+def broker_tls(settings: BrokerFields) -> BrokerTls:
+    """The TLS files of ``settings``; raises :class:`InvalidSetting` when they do not fit the
+    URL (TLS files with ``amqp://``, a missing file, a certificate without its key)."""
+    tls = BrokerTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+    problem = tls.problem(settings.amqp_url)
+    if problem is not None:
+        raise InvalidSetting(f"{AMQP_URL.env} / PULLER_TLS_*: {problem}")
+    return tls
+
+
+def image_policy(settings: PolicyFields) -> ImagePolicy:
+    return ImagePolicy(settings.allowed_images, settings.require_digest)

@@ -26,9 +26,12 @@ from pika.adapters.blocking_connection import BlockingChannel as Channel
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, PullerError
 from contract import topology as topo
 from contract.connection import (
+    ACCESS_REFUSED,
     CONNECTION_ERRORS,
+    NOT_FOUND,
     PRECONDITION_FAILED,
     RESOURCE_LOCKED,
+    BrokerTls,
     broker_errors,
     connection_parameters,
     declare,
@@ -67,9 +70,11 @@ class WorkerBroker:
         heartbeat: int,
         history_stream: topo.Queue | None = None,
         replay_prefetch: int = 1,
+        tls: BrokerTls | None = None,
     ) -> None:
         self._parameters = connection_parameters(
             amqp_url,
+            tls=tls,
             heartbeat=heartbeat,
             connect_timeout=10,
             blocked_timeout=max(60, 2 * heartbeat),
@@ -90,6 +95,9 @@ class WorkerBroker:
         self._hops = 0
         """Actions handed to the connection's thread and not yet run there."""
         self.queue = topo.node_queue_name(node)
+        self.user: str = getattr(self._parameters.credentials, "username", "")
+        self._may_not_configure = False
+        """Learnt from RabbitMQ's refusal, once: from then on shared things are checked."""
 
     @property
     def where(self) -> str:
@@ -128,32 +136,68 @@ class WorkerBroker:
 
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
         self._connection = pika.BlockingConnection(self._parameters)
-        channel = self._connection.channel()
+        channel = self._declare_shared(self._connection.channel())
         _declare(channel, topo.worker_declarations(self._node))
-        if self._history_stream is not None:
-            channel = self._declare_history(channel, self._history_stream)
         channel.basic_qos(prefetch_count=self._prefetch)
         self._consumer_tag = channel.basic_consume(
             self.queue, self._deliverer(channel, on_live), auto_ack=False
         )
         self._channel = channel
 
-    def _declare_history(self, channel: Channel, stream: topo.Queue) -> Channel:
-        """Declares the history stream with this worker's retention; one that exists with
-        other retention is used as it is (RabbitMQ refuses to change it), with a warning."""
-        declarations = topo.history(stream)
-        try:
-            _declare(channel, declarations)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code != PRECONDITION_FAILED:
-                raise
-            log.warning(
-                "the history stream exists with other retention settings; using it as it is",
-                error=error.reply_text,
+    def _declare_shared(self, channel: Channel) -> Channel:
+        """Declares the shared topology (the history stream with this worker's retention);
+        returns the channel to go on with. A user without configure rights (see ``puller
+        broker-setup``) checks instead that the exchanges and streams exist. A history
+        stream that exists with other retention is used as it is (RabbitMQ refuses to
+        change it), with a warning."""
+        stream = self._history_stream or topo.history_stream()
+        shared = topo.shared_declarations(stream)
+        if not self._may_not_configure:
+            try:
+                _declare(channel, shared)
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code == PRECONDITION_FAILED:
+                    log.warning(
+                        "the history stream exists with other retention settings; "
+                        "using it as it is",
+                        error=error.reply_text,
+                    )
+                elif error.reply_code == ACCESS_REFUSED:
+                    self._may_not_configure = True
+                    log.info(
+                        "this user may not declare puller's exchanges and streams; "
+                        "checking that they exist",
+                        user=self.user,
+                    )
+                else:
+                    raise
+                channel = self._open_connection().channel()
+                if not self._may_not_configure:  # retention: the rest as usual
+                    channel.queue_declare(stream.name, passive=True)
+                    _declare(channel, [d for d in shared if d != stream])
+                    return channel
+            else:
+                return channel
+        return self._check_shared(channel, shared)
+
+    def _check_shared(self, channel: Channel, shared: Iterable[topo.Declaration]) -> Channel:
+        missing = []
+        for item in shared:
+            if isinstance(item, topo.Binding):
+                continue  # bindings have no passive form; whoever declared them bound them
+            try:
+                declare(channel, item, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as error:
+                if error.reply_code != NOT_FOUND:
+                    raise
+                missing.append(item.name)
+                channel = self._open_connection().channel()
+        if missing:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self.where}: {', '.join(missing)} do not exist, and user "
+                f"{self.user!r} may not declare them: declare puller's topology as an "
+                "administrator (`puller broker-setup`) or once with a user that may"
             )
-            channel = self._open_connection().channel()
-            channel.queue_declare(stream.name, passive=True)
-            _declare(channel, [d for d in declarations if not isinstance(d, topo.Queue)])
         return channel
 
     def _deliverer(
@@ -196,9 +240,9 @@ class WorkerBroker:
                 auto_ack=False,
                 arguments={"x-stream-offset": reading.start},
             )
-            channel.basic_publish(
-                "",
-                routing_key=stream.name,
+            channel.basic_publish(  # through the exchange: a worker may not write to queues
+                topo.HISTORY.name,
+                routing_key="",
                 body=reading.marker,
                 properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
             )

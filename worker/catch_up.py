@@ -42,7 +42,6 @@ from contract import (
     InvalidMessage,
     NodeResult,
     PullRequest,
-    Status,
     decode_history,
 )
 from worker.broker import HistoryReading
@@ -88,6 +87,9 @@ class RequestServer(Protocol):
         request: PullRequest,
         answer: AnswerCallback,
         progress: ProgressCallback | None = None,
+        *,
+        asked_by: str | None = None,
+        live: bool = True,
     ) -> None: ...
 
 
@@ -293,6 +295,8 @@ class CatchUp:
         self._server.submit(
             entry,
             lambda result: self._broker.call_soon(partial(self._entry_done, delivery, result)),
+            asked_by=delivery.user_id,
+            live=False,
         )
 
     def _entry_done(self, delivery: Delivery, result: NodeResult | None) -> None:
@@ -301,18 +305,22 @@ class CatchUp:
         if not self._broker.is_current(delivery) or delivery.history_offset is None:
             return
         self._broker.answer(delivery, None)
-        if result is not None and result.status is Status.FAILED and result.error is not None:
-            if result.error.kind is ErrorKind.CANCELLED:
-                # Cancelled by shutdown: not done, the saved place stays before it.
-                log.info("a replayed pull was cancelled; it is replayed on the next start")
-                return
+        error = result.error if result is not None else None
+        if error is not None and error.kind is ErrorKind.CANCELLED:
+            # Cancelled by shutdown: not done, the saved place stays before it.
+            log.info("a replayed pull was cancelled; it is replayed on the next start")
+            return
+        if error is not None and error.kind is ErrorKind.FORBIDDEN:
+            # Refused by this node's rules: not the node's failure; nothing to catch up on.
+            self._metrics.replay_skipped.labels("forbidden").inc()
+        elif error is not None:
             self._failed += 1
             self._metrics.replay_failed.inc()
             log.warning(
                 "a replayed pull failed",
-                request_id=result.request_id,
-                image=result.image,
-                error=result.error.message,
+                request_id=result.request_id if result else None,
+                image=result.image if result else None,
+                error=error.message,
             )
         self._ledger.done(delivery.history_offset)
         self._update()

@@ -37,9 +37,11 @@ from contract import (
 )
 from contract import topology as topo
 from serving.http import Response, json_response
+from serving.settings import broker_tls, image_policy
+from worker.admission import Admission, RequestLimiter
 from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up import CatchUp
-from worker.engine import DockerEngine
+from worker.engine import DockerConfig, DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
 from worker.metrics import WorkerMetrics
@@ -69,11 +71,13 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
+        self.admission = Admission(image_policy(settings), settings.allowed_publishers)
         self._breaker = RegistryBreaker(settings.registry_cooldown)
         self._store = store or DockerEngine(
             settings.docker_host,
             stall_timeout=settings.stall_timeout,
             pull_timeout=settings.pull_timeout,
+            docker_config=DockerConfig(settings.docker_config),
         )
         self._service = PullService(
             settings.node_name,
@@ -83,6 +87,12 @@ class Worker:
             self._breaker,
             NotFoundMemory(settings.not_found_memory),
             observer=self.metrics,
+            admission=self.admission,
+            limiter=(
+                RequestLimiter(settings.max_requests_per_minute)
+                if settings.max_requests_per_minute
+                else None
+            ),
         )
         self._broker = WorkerBroker(
             settings.amqp_url,
@@ -94,6 +104,7 @@ class Worker:
             ),
             # A replay leaves a pull slot free for live requests (unless there is only one).
             replay_prefetch=max(1, settings.max_concurrent_pulls - 1),
+            tls=broker_tls(settings),
         )
         self._catch_up = CatchUp(
             settings.node_name,
@@ -138,6 +149,15 @@ class Worker:
                 "starting",
                 engine=self._store.describe(),
                 engine_version=self._presence.engine_version,
+            )
+        rules = self.admission.describe()
+        if self.admission.policy.restricts or self.admission.publishers is not None:
+            log.info("requests are checked", rules=rules)
+        else:
+            log.warning(
+                "every image may be pulled, for anyone who may publish: set "
+                "PULLER_ALLOWED_IMAGES (and PULLER_ALLOWED_PUBLISHERS) to restrict it",
+                rules=rules,
             )
 
     def serve(self, stopping: threading.Event) -> None:
@@ -212,6 +232,7 @@ class Worker:
             request,
             partial(self._broker.answer, delivery),
             partial(self._broker.progress, delivery),
+            asked_by=delivery.user_id,
         )
 
     def _refuse(self, delivery: Delivery, reason: str) -> None:

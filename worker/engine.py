@@ -4,15 +4,24 @@ It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
 person can act on. A containerd backend would be another class with the same
 methods (:class:`worker.model.ImageStore`).
+
+Registry logins come from a docker client ``config.json`` (:class:`DockerConfig`), read
+again whenever it changes, and go to the engine with each pull; they never go into a
+message or a log line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -40,8 +49,12 @@ class DockerEngine:
         stall_timeout: float,
         pull_timeout: float,
         inspect_timeout: float = 30.0,
+        docker_config: DockerConfig | None = None,
     ) -> None:
+        """``docker_config``: where registry logins come from; by default ``DOCKER_CONFIG``'s
+        ``config.json``, else ``~/.docker/config.json``, as the docker CLI looks."""
         self._docker_host = docker_host
+        self._docker_config = docker_config or DockerConfig.from_environment()
         self._stall_timeout = stall_timeout
         self._pull_timeout = pull_timeout
         self._inspect_timeout = inspect_timeout
@@ -96,14 +109,15 @@ class DockerEngine:
         if self._cancelling.is_set():
             raise _cancelled(image)
         started = time.monotonic()
+        login = self._docker_config.login(image.domain)
         response: requests.Response | None = None
         try:
-            response = self._start_pull(api, image)
-            self._follow(api, response, image, started, on_progress)
+            response = self._start_pull(api, image, login)
+            self._follow(api, response, image, started, on_progress, login)
         except PullFailed:
             raise
         except Exception as error:
-            raise self._failure(error, image, stream_open=response is not None) from None
+            raise self._failure(error, image, login, stream_open=response is not None) from None
         finally:
             if response is not None:
                 with self._lock:
@@ -118,11 +132,12 @@ class DockerEngine:
             )
         return info
 
-    def _start_pull(self, api: docker.APIClient, image: ImageReference) -> requests.Response:
+    def _start_pull(
+        self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
+    ) -> requests.Response:
         headers: dict[str, str] = {}
-        auth_header = docker_auth.get_config_header(api, image.domain)
-        if auth_header:
-            headers["X-Registry-Auth"] = auth_header
+        if login.header is not None:
+            headers["X-Registry-Auth"] = login.header
         # The SDK's own pull() reads the stream with no timeout at all; a stalled
         # registry would hang it forever. This is the same request with a read timeout.
         response: requests.Response = api._post(  # noqa: SLF001 - see above
@@ -150,13 +165,14 @@ class DockerEngine:
         image: ImageReference,
         started: float,
         on_progress: Callable[[PullProgress], None] | None,
+        login: RegistryLogin,
     ) -> None:
         """Reads the pull's event stream to its end, raising what it reports."""
         tracker = _ProgressTracker()
         for event in _events(api, response):
             if "error" in event or "errorDetail" in event:
                 message = event.get("error") or event.get("errorDetail", {}).get("message", "")
-                raise _classified(str(message), image)
+                raise _classified(str(message), image, login)
             if on_progress is not None and tracker.update(event):
                 on_progress(tracker.progress)
             if time.monotonic() - started > self._pull_timeout:
@@ -169,12 +185,14 @@ class DockerEngine:
         if self._cancelling.is_set():
             raise _cancelled(image)  # the stream ended because it was cut
 
-    def _failure(self, error: Exception, image: ImageReference, stream_open: bool) -> PullFailed:
+    def _failure(
+        self, error: Exception, image: ImageReference, login: RegistryLogin, stream_open: bool
+    ) -> PullFailed:
         """What an exception during a pull means for the requester; re-raises a bug."""
         if self._cancelling.is_set():
             return _cancelled(image)
         if isinstance(error, docker.errors.APIError):
-            return _classified(_api_error_text(error), image)
+            return _classified(_api_error_text(error), image, login)
         if not isinstance(error, _TRANSPORT_ERRORS):
             raise error
         # Silence from an engine that took the request: while it waits on the registry it
@@ -248,6 +266,100 @@ class DockerEngine:
     def close(self) -> None:
         self._index.stop()
         self._forget_client()
+
+
+@dataclass(frozen=True)
+class RegistryLogin:
+    """What the worker has to log in to one registry with, as one pull uses it. Its ``repr``
+    and every text made from it leave the credentials out."""
+
+    registry: str
+    header: str | None = field(repr=False)
+    """The engine's ``X-Registry-Auth`` value; ``None``: pull without a login."""
+    source: str
+    """Where it was looked for, for messages: ``PATH (DOCKER_CONFIG=DIR)`` or
+    ``PATH (DOCKER_CONFIG unset)``."""
+    problem: str | None = None
+    """Why there is none (``header`` is ``None``): no file, no entry, an unreadable file."""
+
+
+class DockerConfig:
+    """A docker client ``config.json`` (``auths``, or ``credsStore``/``credHelpers`` as the
+    docker SDK supports them) that the worker logs in to registries with.
+
+    ``directory``: the ``DOCKER_CONFIG`` directory; ``None``: ``~/.docker``, as the docker
+    CLI and SDK look when it is unset. The file is read at every pull (a few kilobytes at
+    most, nothing beside a pull), so credentials mounted or rotated after the worker
+    started (a Kubernetes Secret) are used from the next pull on, with no restart. A file
+    that cannot be read counts as no login, and messages say why.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self._directory = directory
+        # As the docker SDK looks; Path.home() would raise for a user with no home at all.
+        home = Path(os.path.expanduser("~"))
+        self.path = (directory or home / ".docker") / "config.json"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> DockerConfig:
+        """From ``DOCKER_CONFIG`` (unset or empty: ``~/.docker``)."""
+        directory = (os.environ if environ is None else environ).get("DOCKER_CONFIG")
+        return cls(Path(directory) if directory else None)
+
+    def describe(self) -> str:
+        """The file and how it was chosen, for messages."""
+        if self._directory is None:
+            return f"{self.path} (DOCKER_CONFIG unset)"
+        return f"{self.path} (DOCKER_CONFIG={self._directory})"
+
+    def login(self, registry: str) -> RegistryLogin:
+        """The login for ``registry`` (``HOST[:PORT]``, as image names spell it); never
+        raises."""
+        try:
+            auths = _read_docker_config(self.path)
+            helper = auths.get_credential_store(registry)
+            if helper and shutil.which(f"docker-credential-{helper}") is None:
+                raise _UnusableConfig(
+                    f"its credential helper docker-credential-{helper} is not on PATH"
+                )
+            found = auths.resolve_authconfig(registry)
+        except _UnusableConfig as unusable:
+            return RegistryLogin(registry, None, self.describe(), str(unusable))
+        except Exception as error:  # a credential helper failed
+            problem = f"its credential helper failed ({type(error).__name__})"
+            return RegistryLogin(registry, None, self.describe(), problem)
+        if not found:
+            return RegistryLogin(registry, None, self.describe(), f"no login for {registry}")
+        header = docker_auth.encode_header(found).decode("ascii")
+        return RegistryLogin(registry, header, self.describe())
+
+
+class _UnusableConfig(Exception):
+    """Why a docker config.json gives no logins. Never quotes the file: it holds secrets."""
+
+
+def _read_docker_config(path: Path) -> docker_auth.AuthConfig:
+    """The logins in ``path``; raises :class:`_UnusableConfig`. The reasons name an
+    exception's type only: its text could quote the file, credentials and all."""
+    try:
+        content = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise _UnusableConfig("no such file") from None
+    except OSError as error:
+        raise _UnusableConfig(f"it cannot be read ({type(error).__name__})") from None
+    except ValueError:
+        raise _UnusableConfig("it is not JSON") from None
+    if not isinstance(content, dict):
+        raise _UnusableConfig("it is not a JSON object")
+    if not content:  # the SDK would go and look for another file
+        return docker_auth.AuthConfig({})
+    try:
+        return docker_auth.load_config(config_dict=content)
+    except (docker.errors.DockerException, ValueError, TypeError, AttributeError) as error:
+        raise _UnusableConfig(
+            f"its auths are not docker logins ({type(error).__name__}; each needs "
+            '"auth": base64 of USER:PASSWORD)'
+        ) from None
 
 
 class _ProgressTracker:
@@ -379,7 +491,7 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
     (
         ErrorKind.UNAUTHORIZED,
         ("unauthorized", "authentication required", "denied", "no basic auth credentials"),
-        "give the node's engine credentials for this registry (docker login on the node)",
+        "",  # see _login_advice
     ),
     (
         ErrorKind.REGISTRY_UNREACHABLE,
@@ -413,12 +525,40 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
 ]
 
 
-def _classified(engine_message: str, image: ImageReference) -> PullFailed:
+def _classified(
+    engine_message: str, image: ImageReference, login: RegistryLogin | None = None
+) -> PullFailed:
+    """The failure the engine's ``engine_message`` means; ``login``: what the pull sent the
+    registry, which tells a missing login from a refused one."""
     lowered = engine_message.lower()
     for kind, needles, advice in _RULES:
         if any(needle in lowered for needle in needles):
-            return PullFailed(kind, f"pulling {image} failed: {engine_message.strip()}; {advice}")
+            what_to_do = (
+                _login_advice(image.domain or "docker.io", login)
+                if kind is ErrorKind.UNAUTHORIZED
+                else advice
+            )
+            return PullFailed(
+                kind, f"pulling {image} failed: {engine_message.strip()}; {what_to_do}"
+            )
     return PullFailed(
         ErrorKind.ENGINE_ERROR,
         f"pulling {image} failed: {engine_message.strip()}; see the node's dockerd log",
     )
+
+
+def _login_advice(registry: str, login: RegistryLogin | None) -> str:
+    """What to do about a registry that wants a login, from what the worker sent it."""
+    if login is not None and login.header is not None:
+        return (
+            f"registry {registry} refused the worker's login from {login.source}, or that "
+            f"login may not pull this repository: correct the credentials for {registry} "
+            "there (read again at each pull)"
+        )
+    advice = (
+        f"registry {registry} needs a login: give the worker a docker config.json with "
+        f"credentials for it (DOCKER_CONFIG=dir; read again at each pull)"
+    )
+    if login is None:
+        return advice
+    return f"{advice}; the worker looked in {login.source}: {login.problem}"

@@ -49,7 +49,7 @@ class WorkerMetrics:
         )
         self.replay_skipped = self._counter(
             "replay_skipped",
-            "History entries not replayed, by reason (served_live, too_old, invalid)",
+            "History entries not replayed, by reason (served_live, too_old, invalid, forbidden)",
             "reason",
         )
         self.replay_failed = self._counter("replay_failed", "Replayed requests whose pull failed")

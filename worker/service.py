@@ -35,6 +35,7 @@ from contract import (
     PullRequest,
     Status,
 )
+from worker.admission import Admission, RequestLimiter
 from worker.metrics import WorkerMetrics
 from worker.model import (
     AnswerCallback,
@@ -87,8 +88,14 @@ class PullService:
         breaker: RegistryBreaker | None = None,
         not_found: NotFoundMemory | None = None,
         observer: PullObserver | None = None,
+        admission: Admission | None = None,
+        limiter: RequestLimiter | None = None,
     ) -> None:
+        """``admission``: who may ask for what (every request); ``limiter``: a cap on live
+        requests that would start a pull."""
         self.node = node
+        self._admission = admission or Admission()
+        self._limiter = limiter
         self.observer: PullObserver = observer or WorkerMetrics()
         self._store = store
         self._retry = retry or RetryPolicy()
@@ -115,12 +122,24 @@ class PullService:
         request: PullRequest,
         answer: AnswerCallback,
         progress: ProgressCallback | None = None,
+        *,
+        asked_by: str | None = None,
+        live: bool = True,
     ) -> None:
         """Serves ``request``; ``answer`` gets its one result, on this thread when it is known
-        from memory, else on a worker thread. Never raises."""
+        from memory or refused, else on a worker thread. Never raises.
+
+        ``asked_by``: the AMQP user that published it (its ``user_id``); ``live``: from the
+        node's queue, not replayed from the history (only a live request that would start a
+        pull counts against the cap)."""
         with self._lock:
             self._unfinished += 1
-        waiter = _Waiter(self, request, answer, progress)
+        waiter = _Waiter(self, request, answer, progress, asked_by, live)
+        refusal = self._admission.refusal(request.image, asked_by)
+        if refusal is not None:
+            log.warning("refused a request", reason=refusal.message, **waiter.context)
+            waiter.finish(refusal)
+            return
         try:
             known = self._store.known_image(request.image)
         except Exception:
@@ -160,10 +179,16 @@ class PullService:
                 pull.waiters.append(waiter)
                 joined = True
             elif refusal is None and not self._cancelling.is_set():
-                pull = _Pull(image, [waiter])
-                self._pulls[image] = pull
-                joined = False
+                # Only a request that would start a pull counts against the cap.
+                if waiter.live and self._limiter is not None:
+                    refusal = self._limiter.refusal(image)
+                if refusal is None:
+                    pull = _Pull(image, [waiter])
+                    self._pulls[image] = pull
+                    joined = False
         if pull is None:
+            if refusal is not None and refusal.kind is ErrorKind.RATE_LIMITED:
+                log.warning("refused a request", reason=refusal.message, **waiter.context)
             waiter.finish(refusal or _cancelled_before_start(image))
             return
         if joined:
@@ -309,8 +334,11 @@ class _Waiter:
         request: PullRequest,
         answer: AnswerCallback,
         progress: ProgressCallback | None,
+        asked_by: str | None = None,
+        live: bool = True,
     ) -> None:
         self.request = request
+        self.live = live
         self.since = time.monotonic()
         self.context: dict[str, object] = {
             "request_id": request.request_id,
@@ -318,6 +346,8 @@ class _Waiter:
         }
         if request.session_id is not None:
             self.context["session_id"] = request.session_id
+        if asked_by is not None:
+            self.context["asked_by"] = asked_by
         self._service = service
         self._answer = answer
         self._progress = progress

@@ -17,13 +17,21 @@ from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 from serving.settings import (
+    BROKER_ROWS,
     LOG_FORMAT,
+    POLICY_ROWS,
     InvalidSetting,
     Setting,
+    broker_tls,
     check_table,
     number,
     read,
     whole_number,
+)
+from worker.admission import (
+    ALLOWED_PUBLISHERS,
+    MAX_REQUESTS_PER_MINUTE,
+    publisher_names,
 )
 
 __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
@@ -32,9 +40,21 @@ __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 @dataclass(frozen=True)
 class WorkerSettings:
     amqp_url: str = DEFAULT_AMQP_URL
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allowed_images: tuple[str, ...] = ()
+    """Normalised repository prefixes; empty: every image (see :mod:`contract.policy`)."""
+    require_digest: bool = False
+    allowed_publishers: frozenset[str] | None = None
+    """AMQP users whose requests are taken; ``None``: anyone who may publish."""
+    max_requests_per_minute: int = 0
+    """Pulls a minute started for live requests; 0: no cap."""
     node_name: str = field(default_factory=socket.gethostname)
     docker_host: str | None = None
     """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
+    docker_config: Path | None = None
+    """``None``: ``~/.docker``, as the docker SDK looks (see ``worker.engine.DockerConfig``)."""
     max_concurrent_pulls: int = 2
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0
@@ -55,7 +75,9 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Reads every variable of :data:`SETTINGS`; raises :class:`InvalidSetting` naming
         the variable and saying what is wrong."""
-        return read(cls, SETTINGS, os.environ if env is None else env)
+        settings = read(cls, SETTINGS, os.environ if env is None else env)
+        broker_tls(settings)  # fails here, at start, on TLS files that do not fit the URL
+        return settings
 
 
 def node_name(text: str) -> str:
@@ -65,7 +87,23 @@ def node_name(text: str) -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("PULLER_AMQP_URL", "amqp_url", "RabbitMQ; the publisher and CLI read it too"),
+    *BROKER_ROWS,
+    *POLICY_ROWS,
+    Setting(
+        ALLOWED_PUBLISHERS,
+        "allowed_publishers",
+        "comma-separated AMQP users whose requests this node takes (the broker vouches for a "
+        "request's `user_id`); unset: anyone who may publish",
+        publisher_names,
+    ),
+    Setting(
+        MAX_REQUESTS_PER_MINUTE,
+        "max_requests_per_minute",
+        "pulls a minute this node starts for live requests (images it has, and requests that "
+        "join a running pull, do not count); more answer `rate_limited`; 0: no cap",
+        whole_number,
+        minimum=0,
+    ),
     Setting(
         "PULLER_NODE_NAME",
         "node_name",
@@ -76,6 +114,14 @@ SETTINGS: tuple[Setting, ...] = (
         "DOCKER_HOST",
         "docker_host",
         "the node's Docker Engine (the docker SDK's own variable; unset: the local socket)",
+    ),
+    Setting(
+        "DOCKER_CONFIG",
+        "docker_config",
+        "the directory of a docker `config.json` that logs the worker in to private "
+        "registries (the docker SDK's own variable; unset: `~/.docker`); read again at every "
+        "pull, so a rotated Secret counts from the next pull",
+        Path,
     ),
     Setting(
         "PULLER_MAX_CONCURRENT_PULLS",

@@ -7,11 +7,14 @@ Nothing here skips: a missing service is started, and if it cannot be, the tests
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,6 +25,8 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 from localcluster.cluster import LocalCluster
 from localcluster.engines import ensure_host_engine
 from localcluster.images import ensure_rabbitmq_image, host_client
+from localcluster.processes import wait_until
+from localcluster.tls import Certificates, make_certificates
 from publisher import Publisher
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # the reaper image cannot be pulled
@@ -65,12 +70,15 @@ def amqp_url(rabbitmq: RabbitMqContainer) -> str:
     return new_vhost(rabbitmq)
 
 
-def start_cluster(amqp_url: str, nodes: int = NODES, **worker_env: str) -> LocalCluster:
+def start_cluster(
+    amqp_url: str, nodes: int = NODES, registry_port: int = 0, **worker_env: str
+) -> LocalCluster:
     root = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
     cluster = LocalCluster(
         root=root,
         amqp_url=amqp_url,
         nodes=nodes,
+        registry_port=registry_port,
         worker_env={"PULLER_PRESENCE_INTERVAL": str(PRESENCE_INTERVAL), **worker_env},
     )
     cluster.start()
@@ -114,12 +122,108 @@ def engine_has(cluster: LocalCluster, image: str) -> dict[str, bool]:
     return found
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Runs the installed ``puller`` command (the one beside this interpreter)."""
+def run_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs the installed ``puller`` command (the one beside this interpreter); ``env``: more
+    variables."""
     return subprocess.run(
         [str(Path(sys.executable).parent / "puller"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **(env or {})},
     )
+
+
+RABBITMQ_TLS_PORT = 5671
+TLS_DIRECTORY_IN_CONTAINER = "/etc/rabbitmq/tls"
+
+
+@dataclass(frozen=True)
+class TlsRabbitMq:
+    """A broker with TLS (``url``, amqps) and plain AMQP (``plain_url``) on 127.0.0.1, default
+    vhost. Its certificate, from ``certificates.ca_file``, names localhost and 127.0.0.1."""
+
+    url: str
+    plain_url: str
+    certificates: Certificates
+    container: RabbitMqContainer
+
+
+def rabbitmq_tls_config(directory: str) -> str:
+    """rabbitmq.conf for both listeners; a client certificate is checked if sent, not required."""
+    return f"""\
+loopback_users = none
+listeners.tcp.default = 5672
+listeners.ssl.default = {RABBITMQ_TLS_PORT}
+ssl_options.cacertfile = {directory}/ca.pem
+ssl_options.certfile = {directory}/server.pem
+ssl_options.keyfile = {directory}/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+"""
+
+
+def tls_context(cafile: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cafile))
+
+
+@pytest.fixture(scope="session")
+def tls_rabbitmq(
+    host_docker: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TlsRabbitMq]:
+    """RabbitMQ from the same image as ``rabbitmq``, with a TLS listener beside the plain one,
+    on throwaway certificates (see :mod:`localcluster.tls`)."""
+    directory = tmp_path_factory.mktemp("tls-rabbitmq")
+    certificates = make_certificates(directory / "certs")
+    config = directory / "rabbitmq.conf"
+    config.write_text(rabbitmq_tls_config(TLS_DIRECTORY_IN_CONTAINER))
+    config.chmod(0o644)  # the broker runs as its own user
+    container = (
+        RabbitMqContainer(ensure_rabbitmq_image(host_docker))
+        .with_exposed_ports(RABBITMQ_TLS_PORT)
+        .with_volume_mapping(directory / "certs", TLS_DIRECTORY_IN_CONTAINER)
+        .with_volume_mapping(config, "/etc/rabbitmq/rabbitmq.conf")
+    )
+    try:
+        try:
+            container.start()  # returns once plain AMQP answers
+            port = container.get_exposed_port(RABBITMQ_TLS_PORT)
+            wait_until(
+                lambda: _tls_handshake(port, certificates.ca_file), "RabbitMQ's TLS listener", 30
+            )
+        except Exception as error:
+            error.add_note(_container_logs(container))
+            raise
+        plain_port = container.get_exposed_port(5672)
+        yield TlsRabbitMq(
+            # The certificate names 127.0.0.1; the host engine publishes ports on it.
+            url=f"amqps://guest:guest@127.0.0.1:{port}/",
+            plain_url=f"amqp://guest:guest@127.0.0.1:{plain_port}/",
+            certificates=certificates,
+            container=container,
+        )
+    finally:
+        container.stop()
+
+
+def _tls_handshake(port: int, cafile: Path) -> bool:
+    """Docker's proxy accepts connections before the broker listens; a handshake proves it does."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=2) as connection,
+        tls_context(cafile).wrap_socket(connection, server_hostname="127.0.0.1"),
+    ):
+        return True
+
+
+def _container_logs(container: RabbitMqContainer) -> str:
+    wrapped = container.get_wrapped_container()
+    if wrapped is None:
+        return "(no container was made)"
+    try:
+        tail: bytes = wrapped.logs(tail=60)
+    except docker.errors.DockerException as error:
+        return f"(no container log: {error})"
+    return "container log (tail):\n" + tail.decode(errors="replace")

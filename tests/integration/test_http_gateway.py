@@ -400,3 +400,32 @@ def test_a_burst_of_callers_connecting_at_once_is_served_not_reset(
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_a_gateway_with_the_policy_refuses_with_403_before_publishing(
+    cluster: LocalCluster, fresh_image: str
+) -> None:
+    """The Ruby caller sees the refusal as the original's exception; nothing is published."""
+    allowed = fresh_image.rsplit("/", 1)[0] + "/"
+    process = GatewayProcess(
+        cluster.amqp_url,
+        cluster.root / "guarded-gateway.log",
+        extra_env={"PULLER_ALLOWED_IMAGES": allowed, "PULLER_REQUIRE_DIGEST": "false"},
+    )
+    process.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"forbidden.*PULLER_ALLOWED_IMAGES"):
+            ruby(process, "POST", "pull_images", {"id": "s1", "image_name": "busybox"})
+        status, body = post(process, "/pull_images", {"id": "s1", "image_name": "busybox"})
+        assert status == 403
+        assert body["exception"]["class"] == "Puller"
+        assert "PULLER_ALLOWED_IMAGES" in body["exception"]["message"]
+        status, body = post(process, "/pulls", {"image": "busybox", "expect": 1})
+        assert status == 403
+        status, body = post(process, "/pull_images", {"id": "s2", "image_name": fresh_image})
+        assert status == 200 and body["pull_images"]["reached_nodes"] is True
+        _, metrics = call(process, "/metrics", method="GET")
+        refused = metric_value(metrics, "puller_http_publish_failures_total", reason="forbidden")
+        assert refused == 3  # the Ruby call, /pull_images and /pulls
+    finally:
+        process.stop()

@@ -129,7 +129,11 @@ class RecordingServer:
         request: PullRequest,
         answer: AnswerCallback,
         progress: ProgressCallback | None = None,
+        *,
+        asked_by: str | None = None,
+        live: bool = True,
     ) -> None:
+        assert not live, "replayed requests are not live"
         self.submitted.append((request, answer))
 
     def answer_all(self, status: Status = Status.PULLED) -> None:

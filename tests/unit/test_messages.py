@@ -149,11 +149,11 @@ def test_results_round_trip() -> None:
 
 def test_an_error_kind_from_a_newer_worker_is_read_as_unknown_and_keeps_its_name() -> None:
     body = json.loads(NodeResult("r", "n", "i", Status.PRESENT, 0.0).encode())
-    body.update(status="failed", error={"kind": "forbidden", "message": "not on the list"})
+    body.update(status="failed", error={"kind": "quarantined", "message": "held for a scan"})
     result = NodeResult.decode(json.dumps(body).encode())
     assert result.error is not None
     assert result.error.kind is ErrorKind.UNKNOWN
-    assert result.error.message == "(forbidden) not on the list"
+    assert result.error.message == "(quarantined) held for a scan"
 
 
 def test_a_result_from_an_older_worker_has_no_queued_time() -> None:

@@ -19,6 +19,8 @@ from contract import (
     Status,
     parse_reference,
 )
+from contract.policy import ImagePolicy, allowed_prefixes
+from worker.admission import Admission, RequestLimiter
 from worker.model import ImageInfo, PullProgress
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.service import PullService, RetryPolicy
@@ -505,3 +507,49 @@ def test_a_request_counts_as_unfinished_until_its_answer_is_handed_over(
     assert done.wait(10)
     assert seen == [1]
     eventually(lambda: service.unfinished == 0)
+
+
+def test_a_refused_request_answers_forbidden_and_never_reaches_the_engine(
+    store: FakeStore, answers: Answers
+) -> None:
+    store.remembered.add("docker.io/library/busybox:latest")  # refused even if present
+    service = make_service(
+        store,
+        admission=Admission(ImagePolicy(allowed_prefixes("docker.io/cyberdojofoundation"))),
+    )
+    try:
+        service.submit(request_for("busybox"), answers.answer, asked_by="sessions")
+        service.submit(request_for("cyberdojofoundation/gcc_assert"), answers.answer)
+        results = answers.wait_for(2)
+    finally:
+        service.shutdown(wait=True)
+    allowed, refused = sorted(results, key=lambda r: r.image)
+    assert refused.error is not None and refused.error.kind is ErrorKind.FORBIDDEN
+    assert allowed.status is Status.PULLED
+    assert store.pulls == ["docker.io/cyberdojofoundation/gcc_assert:latest"]
+    assert service.unfinished == 0
+
+
+def test_the_cap_counts_only_live_requests_that_start_a_pull(
+    store: FakeStore, answers: Answers
+) -> None:
+    store.remembered.add("docker.io/library/known:latest")
+    store.present.add("docker.io/library/there:latest")
+    service = make_service(store, limiter=RequestLimiter(1))
+    try:
+        service.submit(request_for("known"), answers.answer)  # from memory: not counted
+        service.submit(request_for("there"), answers.answer)  # the engine has it: neither
+        service.submit(request_for("first"), answers.answer)
+        answers.wait_for(3)
+        service.submit(request_for("second"), answers.answer)  # over the cap
+        service.submit(request_for("third"), answers.answer, live=False)  # a replay
+        results = {r.image.split("/")[-1]: r for r in answers.wait_for(5)}
+    finally:
+        service.shutdown(wait=True)
+    assert results["known:latest"].status is Status.PRESENT
+    assert results["there:latest"].status is Status.PRESENT
+    assert results["first:latest"].status is Status.PULLED
+    assert results["third:latest"].status is Status.PULLED
+    limited = results["second:latest"].error
+    assert limited is not None and limited.kind is ErrorKind.RATE_LIMITED
+    assert "second" not in " ".join(store.pulls)
