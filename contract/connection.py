@@ -18,7 +18,7 @@ import pika
 import pika.exceptions
 
 from contract import topology as topo
-from contract.errors import BrokerUnavailable
+from contract.errors import BrokerUnavailable, Misconfigured
 
 ACCESS_REFUSED = 403
 NOT_FOUND = 404
@@ -27,6 +27,23 @@ PRECONDITION_FAILED = 406
 
 CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 """What a broken or refused connection raises in pika."""
+
+
+_ENCODE = "(characters such as # / ? @ % in a user name or password must be percent-encoded)"
+
+
+def check_url(url: str) -> None:
+    """Raises :class:`Misconfigured` when ``url`` is not an ``amqp(s)://`` URL with a host and
+    a numeric port; never repeats the URL, which holds a password."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("amqp", "amqps"):
+        raise Misconfigured("the RabbitMQ URL must start with amqp:// or amqps://")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise Misconfigured(f"the RabbitMQ URL's port is not a number {_ENCODE}") from None
+    if not parts.hostname:
+        raise Misconfigured(f"the RabbitMQ URL names no host {_ENCODE}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +103,11 @@ def connection_parameters(
     """One attempt per call (the callers own their retry loops), bounded in time. An
     ``amqps://`` URL is always TLS with the broker's certificate and host name verified
     (against ``tls.ca_file`` when given), never a fallback to plain AMQP."""
-    parameters = pika.URLParameters(url)
+    check_url(url)
+    try:
+        parameters = pika.URLParameters(url)
+    except ValueError:  # pika's message quotes the URL, password and all
+        raise Misconfigured(f"the RabbitMQ URL cannot be read {_ENCODE}") from None
     if urlsplit(url).scheme == "amqps":
         context = (tls or BrokerTls()).context()
         parameters.ssl_options = pika.SSLOptions(context, server_hostname=parameters.host)

@@ -78,6 +78,9 @@ def _normalised_prefix(entry: str) -> str:
     domain, slash, _ = bare.partition("/")
     if not _is_domain(domain):
         raise ValueError(hint)
+    if domain != domain.lower():
+        # Docker does not fold a host's case, so this would match only names spelled so.
+        raise ValueError(f"{hint}: write the registry host in lowercase")
     if not slash:
         return domain  # a whole registry
     try:

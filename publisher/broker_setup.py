@@ -232,7 +232,20 @@ def setup(
     it again is harmless: it puts the same state again (and the passwords it is given).
     Raises :class:`BrokerSetupError` (a user mistake: :class:`ValueError`)."""
     checked = check_users(users)
+    if any(user.name == credentials[0] for user in checked):
+        raise ValueError(
+            f"{credentials[0]!r} is the management user: broker-setup would take its tags "
+            "and change its password; give the puller users names of their own"
+        )
     api = _ManagementApi(management_url, credentials, [user.password for user in checked], timeout)
+    for user in checked:  # before changing anything
+        existing = api.get(f"users/{_segment(user.name)}", f"look up user {user.name!r}")
+        tags = existing.get("tags") if isinstance(existing, dict) else None
+        if tags:
+            raise BrokerSetupError(
+                f"user {user.name!r} exists with tags {tags!r}: broker-setup does not change "
+                "a user with tags (it would lose them and its password); pick another name"
+            )
     api.put(f"vhosts/{_segment(vhost)}", {}, f"create vhost {vhost!r}")
     for user in checked:
         api.put(
@@ -268,17 +281,26 @@ class _ManagementApi:
         self._timeout = timeout
 
     def put(self, path: str, body: dict[str, str], what: str) -> None:
+        self._call("PUT", path, body, what)
+
+    def get(self, path: str, what: str) -> object:
+        """The resource as JSON; ``None`` when it does not exist."""
+        return self._call("GET", path, None, what)
+
+    def _call(self, method: str, path: str, body: dict[str, str] | None, what: str) -> object:
         request = urllib.request.Request(  # noqa: S310 - http(s) only, checked in __init__
             f"{self._base}/api/{path}",
-            data=json.dumps(body).encode(),
-            method="PUT",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
             headers={"Authorization": self._authorization, "Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
-                response.read()
+                data = response.read()
         except urllib.error.HTTPError as error:
             with error:  # its connection
+                if method == "GET" and error.code == 404:
+                    return None
                 raise BrokerSetupError(self._refusal(error, what)) from None
         except OSError as error:  # URLError (refused, unknown host), a timeout
             reason = error.reason if isinstance(error, urllib.error.URLError) else error
@@ -286,6 +308,10 @@ class _ManagementApi:
             raise BrokerSetupError(
                 _one_line(f"cannot reach RabbitMQ's management API at {self._base}: {detail}")
             ) from None
+        try:
+            return json.loads(data) if data else None
+        except ValueError:
+            return None
 
     def _refusal(self, error: urllib.error.HTTPError, what: str) -> str:
         at = f"RabbitMQ's management API at {self._base}"
@@ -333,9 +359,15 @@ def declare_topology(
     Declaring again what is there already is harmless. Raises
     :class:`~contract.BrokerUnavailable` when the broker cannot be reached and
     :class:`BrokerSetupError` when it refuses a declaration."""
-    parameters = connection_parameters(
-        amqp_url, heartbeat=60, connect_timeout=connect_timeout, blocked_timeout=60, tls=tls
-    )
+    problem = (tls or BrokerTls()).problem(amqp_url)
+    if problem is not None:
+        raise BrokerSetupError(problem)
+    try:
+        parameters = connection_parameters(
+            amqp_url, heartbeat=60, connect_timeout=connect_timeout, blocked_timeout=60, tls=tls
+        )
+    except ValueError as error:
+        raise BrokerSetupError(str(error)) from None
     with broker_errors("cannot connect to RabbitMQ", parameters):
         connection = pika.BlockingConnection(parameters)
         try:

@@ -129,7 +129,7 @@ example:
       --management-user ops --management-password-file /run/secrets/ops \\
       --vhost puller --passwords-dir /run/secrets/puller \\
       --admin puller-admin --publisher sessions --worker workers \\
-      --declare-topology amqp://rabbitmq:5672
+      --declare-topology amqps://rabbitmq:5671
 
 exit status: 0 done; 2 bad usage or unreadable file; 3 RabbitMQ refused or
 unreachable.""",
@@ -212,6 +212,7 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     try:
         with Publisher(args.amqp_url) as publisher:
+            image = publisher.check(image)  # the policy, before anything touches RabbitMQ
             names = args.nodes
             if names is None and args.expect is None:
                 names = [info.node for info in publisher.nodes()]
@@ -284,24 +285,8 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             json.dump(broker_setup.definitions(args.vhost, users), out, indent=2)
             out.write("\n")
             return EXIT_OK
-        missing = [
-            flag
-            for flag, value in (
-                ("--management-url", args.management_url),
-                ("--management-user", args.management_user),
-                ("--management-password-file", args.management_password_file),
-                ("--passwords-dir", args.passwords_dir),
-            )
-            if value is None
-        ]
-        if missing:
-            raise ValueError(f"broker-setup needs {', '.join(missing)}")
-        admins = [name for role, name, _ in roles if role is broker_setup.Role.ADMIN]
-        if args.declare_topology is not None and len(admins) != 1:
-            raise ValueError("--declare-topology needs exactly one --admin to declare as")
-        declare_url = (
-            None if args.declare_topology is None else _admin_url(args.declare_topology, args.vhost)
-        )
+        declare_url, tls = _check_setup_arguments(args, roles)
+        _warn_if_clear_text(args.management_url, err)
         # every mistake in the users before any password file is made
         broker_setup.check_users((role, name, "", node) for role, name, node in roles)
         management_password = _read_password(args.management_password_file)
@@ -332,18 +317,58 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if declare_url is not None:
         admin = next(user for user in users if user.role is broker_setup.Role.ADMIN)
         try:
-            env = PublisherSettings.from_env()  # the TLS files, for an amqps:// URL
             broker_setup.declare_topology(
                 declare_url(admin.name, admin.password),
                 history_max_age=args.history_max_age,
                 history_max_bytes=args.history_max_bytes,
-                tls=BrokerTls(env.tls_ca_file, env.tls_cert_file, env.tls_key_file),
+                tls=tls,
             )
         except broker_setup.BrokerSetupError as error:
             print(f"puller: {error}", file=err)
             return EXIT_BROKER
         print(f"topology declared as {admin.name!r}", file=out)
     return EXIT_OK
+
+
+def _check_setup_arguments(
+    args: argparse.Namespace, roles: list[tuple[broker_setup.Role, str, str | None]]
+) -> tuple[_UrlMaker | None, BrokerTls]:
+    """How to reach the broker to declare the topology, if asked; raises ``ValueError``."""
+    missing = [
+        flag
+        for flag, value in (
+            ("--management-url", args.management_url),
+            ("--management-user", args.management_user),
+            ("--management-password-file", args.management_password_file),
+            ("--passwords-dir", args.passwords_dir),
+        )
+        if value is None
+    ]
+    if missing:
+        raise ValueError(f"broker-setup needs {', '.join(missing)}")
+    env = PublisherSettings.from_env()  # the TLS files, for an amqps:// URL
+    tls = BrokerTls(env.tls_ca_file, env.tls_cert_file, env.tls_key_file)
+    if args.declare_topology is None:
+        return None, tls
+    admins = [name for role, name, _ in roles if role is broker_setup.Role.ADMIN]
+    if len(admins) != 1:
+        raise ValueError("--declare-topology needs exactly one --admin to declare as")
+    problem = tls.problem(args.declare_topology)
+    if problem is not None:
+        raise ValueError(f"--declare-topology: {problem}")
+    return _admin_url(args.declare_topology, args.vhost), tls
+
+
+def _warn_if_clear_text(management_url: str, err: TextIO) -> None:
+    """Passwords cross the network in clear over ``http://`` to another host: said, since
+    inside a cluster's own network it may be what the operator chose."""
+    parts = urlsplit(management_url)
+    if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        print(
+            f"puller: warning: {parts.hostname} is reached over plain HTTP: the passwords set "
+            "up cross the network in clear; use https:// where the network is not trusted",
+            file=err,
+        )
 
 
 def _admin_url(url: str, vhost: str) -> _UrlMaker:

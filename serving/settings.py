@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from contract import Misconfigured
-from contract.connection import BrokerTls
+from contract.connection import BrokerTls, check_url
 from contract.policy import ALLOWED_IMAGES as ALLOWED_IMAGES_ENV
 from contract.policy import REQUIRE_DIGEST as REQUIRE_DIGEST_ENV
 from contract.policy import ImagePolicy, allowed_prefixes
@@ -67,10 +67,13 @@ class Setting:
         if text:
             raise InvalidSetting(f"set {self.env} or {self.file_env}, not both")
         try:
-            return Path(path).read_text(encoding="utf-8").strip()
+            value = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
             raise InvalidSetting(f"{self.file_env}={path!r} cannot be read: {reason}") from None
+        if not value:  # never the default instead: it would be another broker, as guest
+            raise InvalidSetting(f"{self.file_env}={path!r} is empty")
+        return value
 
 
 def read(cls: type[T], table: Sequence[Setting], env: Mapping[str, str]) -> T:
@@ -151,10 +154,18 @@ LOG_FORMAT = Setting(
 
 # -- rows every program that talks to RabbitMQ shares ------------------------------------------
 
+
+def amqp_url(text: str) -> str:
+    """A URL pika can use, checked without ever repeating it (it holds a password)."""
+    check_url(text)
+    return text
+
+
 AMQP_URL = Setting(
     "PULLER_AMQP_URL",
     "amqp_url",
     "RabbitMQ, `amqp://` or `amqps://` (TLS); or a file with it in `PULLER_AMQP_URL_FILE`",
+    amqp_url,
     secret=True,
 )
 TLS_CA_FILE = Setting(
@@ -216,6 +227,11 @@ def broker_tls(settings: BrokerFields) -> BrokerTls:
     URL (TLS files with ``amqp://``, a missing file, a certificate without its key)."""
     tls = BrokerTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
     problem = tls.problem(settings.amqp_url)
+    if problem is None and tls.configured:
+        try:
+            tls.context()  # unreadable or mismatched files: said at start, not at connect
+        except ValueError as error:
+            problem = str(error)
     if problem is not None:
         raise InvalidSetting(f"{AMQP_URL.env} / PULLER_TLS_*: {problem}")
     return tls

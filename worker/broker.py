@@ -158,8 +158,8 @@ class WorkerBroker:
             except pika.exceptions.ChannelClosedByBroker as error:
                 if error.reply_code == PRECONDITION_FAILED:
                     log.warning(
-                        "the history stream exists with other retention settings; "
-                        "using it as it is",
+                        "a stream exists with other settings (the history's retention, or "
+                        "another version's presence stream); using it as it is",
                         error=error.reply_text,
                     )
                 elif error.reply_code == ACCESS_REFUSED:

@@ -146,8 +146,9 @@ def test_a_replayed_request_is_held_to_the_same_rules(
     worker = guarded.workers[0]
     worker.stop()
     try:
+        refused = push(guarded, "allowed")
         with Publisher(guarded.amqp_url, roster_max_age=ROSTER_MAX_AGE) as guest:
-            guest.request(push(guarded, "allowed"))  # answered forbidden by the other node
+            guest.request(refused)  # answered forbidden by the other node
         wanted = push(guarded, "allowed")
         sessions.request(wanted)
     finally:
@@ -159,6 +160,7 @@ def test_a_replayed_request_is_held_to_the_same_rules(
     assert worker.metric("puller_worker_replay_skipped_total", reason="forbidden") >= 1
     assert worker.metric("puller_worker_replay_failed_total") == 0
     assert engine_has(guarded, wanted)[guarded.engines[0].name]
+    assert not any(engine_has(guarded, refused).values())
 
 
 def test_a_publisher_with_the_policy_refuses_before_publishing(guarded: LocalCluster) -> None:
@@ -174,6 +176,7 @@ def test_a_publisher_with_the_policy_refuses_before_publishing(guarded: LocalClu
 
 
 def test_the_cli_with_the_policy_refuses_before_publishing(guarded: LocalCluster) -> None:
+    before = [forbidden_answers(w) for w in guarded.workers]
     result = run_cli(
         "--amqp-url",
         guarded.amqp_url,
@@ -184,6 +187,8 @@ def test_the_cli_with_the_policy_refuses_before_publishing(guarded: LocalCluster
     assert result.returncode == 2, result
     assert "forbidden" in result.stderr
     assert "PULLER_ALLOWED_IMAGES" in result.stderr
+    time.sleep(1)  # had anything been published, the nodes would have answered by now
+    assert [forbidden_answers(w) for w in guarded.workers] == before
 
 
 def test_a_node_over_its_cap_answers_rate_limited(rabbitmq: RabbitMqContainer) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
@@ -237,7 +238,9 @@ class FakeManagement:
     status: int = 201
     reason: str = ""
     requests: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
-    """Method, raw path, JSON body, Authorization header."""
+    """Method, raw path, JSON body, Authorization header (the PUTs)."""
+    users: dict[str, dict[str, str]] = field(default_factory=dict)
+    """What a GET of ``/api/users/NAME`` finds (404 for the others)."""
 
 
 @pytest.fixture
@@ -256,6 +259,17 @@ def management() -> Iterator[FakeManagement]:
             self.end_headers()
             if fake.status >= 400:
                 self.wfile.write(answer)
+
+        def do_GET(self) -> None:
+            name = unquote(self.path.removeprefix("/api/users/"))
+            found = fake.users.get(name)
+            status = fake.status if fake.status >= 400 else (200 if found else 404)
+            answer = json.dumps(found or {"error": "x", "reason": fake.reason}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
         def log_message(self, *_args: object) -> None:
             pass
@@ -448,3 +462,21 @@ def test_a_bad_worker_spec_is_a_usage_error(spec: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["broker-setup", "--vhost=v", f"--worker={spec}"])
     assert exit_info.value.code == 2
+
+
+def test_a_user_with_tags_is_never_changed(management: FakeManagement) -> None:
+    management.users["ops-too"] = {"name": "ops-too", "tags": "administrator"}
+    with pytest.raises(BrokerSetupError, match="exists with tags 'administrator'"):
+        setup(
+            management.url,
+            "v",
+            [("publisher", "sessions", "pw", None), ("admin", "ops-too", "pw2", None)],
+            credentials=("ops", "ops-pw"),
+        )
+    assert management.requests == []  # nothing was changed, not even the first user
+
+
+def test_the_management_user_is_never_made_a_puller_user(management: FakeManagement) -> None:
+    with pytest.raises(ValueError, match="management user"):
+        setup(management.url, "v", [("admin", "ops", "pw", None)], credentials=("ops", "x"))
+    assert management.requests == []

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from contract import ErrorKind, parse_reference
+from contract import ErrorKind, Misconfigured, parse_reference
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy, allowed_prefixes
+from publisher import Publisher
 from serving.settings import InvalidSetting
 from worker.admission import Admission, RequestLimiter, publisher_names
 from worker.settings import WorkerSettings
@@ -54,7 +55,14 @@ def test_a_whole_registry_or_one_repository_can_be_allowed() -> None:
 
 @pytest.mark.parametrize(
     "entry",
-    ["cyberdojofoundation/", "busybox", "index.docker.io/library/", "docker.io/Upper/", "a b/"],
+    [
+        "cyberdojofoundation/",
+        "busybox",
+        "index.docker.io/library/",
+        "docker.io/Upper/",
+        "a b/",
+        "Docker.io/cyberdojofoundation/",
+    ],
 )
 def test_a_prefix_not_in_normalised_form_is_refused_at_start_saying_how_to_write_it(
     entry: str,
@@ -116,6 +124,36 @@ def test_the_amqp_url_can_come_from_a_file_and_is_never_echoed(tmp_path: Path) -
     with pytest.raises(InvalidSetting) as bad:
         WorkerSettings.from_env({"PULLER_AMQP_URL": "http://worker:s3cret-pw@rabbit/"})
     assert "amqps://" in str(bad.value) and "s3cret" not in str(bad.value)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(InvalidSetting, match="is empty"):  # never the default, as guest
+        WorkerSettings.from_env({"PULLER_AMQP_URL_FILE": str(empty)})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://puller:s3cr#tpass@rabbit:5672/%2F",  # '#' starts a fragment: port 's3cr'
+        "amqp:/puller:s3cretpass@rabbit/",  # one slash: no host, the password in the path
+        "amqp://puller:s3cr/tpass@rabbit/",
+    ],
+)
+def test_a_url_with_an_unencoded_password_is_refused_without_repeating_it(url: str) -> None:
+    with pytest.raises(InvalidSetting, match="percent-encoded") as bad:
+        WorkerSettings.from_env({"PULLER_AMQP_URL": url})
+    assert "s3cr" not in str(bad.value)
+    with pytest.raises(Misconfigured) as raised:
+        Publisher(url, tls=BrokerTls(), policy=ImagePolicy())
+    assert "s3cr" not in str(raised.value)
+
+
+def test_unusable_tls_files_are_refused_at_start(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    with pytest.raises(InvalidSetting, match="TLS files cannot be used"):
+        WorkerSettings.from_env(
+            {"PULLER_AMQP_URL": "amqps://rabbit/", "PULLER_TLS_CA_FILE": str(ca)}
+        )
 
 
 def test_tls_files_with_a_plain_url_are_refused_never_used_in_clear(tmp_path: Path) -> None:
