@@ -1,0 +1,1078 @@
+"""The Kubernetes manifests in ``deploy/kubernetes/``, read as kustomize and Kubernetes would.
+
+Every core manifest (and each generated ConfigMap) is validated offline against Kubernetes'
+own schemas for :data:`KUBERNETES_VERSION` (kubernetes-validate, strict: an unknown field is
+an error). Schemas say nothing of what matters to puller, so each check below reads the
+manifests for one thing and returns the problems it finds, naming them; the programs' own
+settings tables (``worker/settings.py``, ``gateway/settings.py``) and servers are the
+reference, so a setting renamed in the code and not in the manifests fails here.
+``test_each_check_fails_on_a_broken_copy`` breaks a copy of the manifests in each way listed
+in :data:`BREAKAGES` and sees the check meant to catch it complain.
+
+The RabbitmqCluster in ``optional/`` is the RabbitMQ Cluster Operator's custom resource: no
+core schema knows it, so only its shape is checked here.
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import json
+import re
+import socket
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path, PurePosixPath
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from contract import BrokerUnavailable, Misconfigured
+from contract.connection import check_url
+from contract.reference import ImageReference
+from gateway.api import Gateway
+from gateway.metrics import GatewayMetrics
+from gateway.settings import SETTINGS as GATEWAY_SETTINGS
+from gateway.settings import GatewaySettings
+from publisher import Publisher
+from serving.http import Request
+from serving.settings import InvalidSetting, Setting, read
+from worker.daemon import CANCEL_GRACE, Worker
+from worker.history_ledger import OffsetStore
+from worker.model import ImageInfo, PullProgress
+from worker.settings import SETTINGS as WORKER_SETTINGS
+from worker.settings import WorkerSettings
+
+KUBERNETES_VERSION = "1.30"
+"""The Kubernetes version the manifests are validated against (deploy/kubernetes/README.md
+says the same)."""
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+NAMESPACE = "puller"
+WORKER_IMAGE = "cyberdojo/puller-worker"
+HTTP_IMAGE = "cyberdojo/puller-http"
+SERVICE_NAME = "puller"
+"""cyber-dojo's Ruby services call ``http://puller:5017``."""
+CLIENT_LABEL = {"puller-client": "true"}
+WORKLOAD_KINDS = ("DaemonSet", "Deployment", "StatefulSet", "Job")
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
+"""Where the docker SDK looks when ``DOCKER_HOST`` is unset."""
+READINESS_PATH = "/ready"
+LIVENESS_PATH = "/alive"
+METRICS_PATH = "/metrics"
+
+Document = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Program:
+    """One of puller's long-running programs, as its image runs it."""
+
+    image: str
+    settings_class: type[Any]
+    table: tuple[Setting, ...]
+    port_attribute: str
+    port_name: str
+    secret: str
+    """The Secret holding this program's own RabbitMQ URL (one broker user per program)."""
+
+    @property
+    def variables(self) -> set[str]:
+        return {s.env for s in self.table} | {s.file_env for s in self.table if s.secret}
+
+
+WORKER = Program(
+    WORKER_IMAGE, WorkerSettings, WORKER_SETTINGS, "health_port", "health", "puller-worker-amqp"
+)
+HTTP = Program(
+    HTTP_IMAGE, GatewaySettings, GATEWAY_SETTINGS, "http_port", "http", "puller-http-amqp"
+)
+PROGRAMS = {program.image: program for program in (WORKER, HTTP)}
+
+
+# -- reading the manifests as kustomize does ---------------------------------------------------
+
+
+@dataclass
+class Manifests:
+    kustomization: Document
+    resources: list[Document]
+    """Every document of every file the kustomization lists, in order."""
+    config_maps: dict[str, dict[str, str]]
+    """The kustomization's generated ConfigMaps: name (before kustomize's hash) to data."""
+    optional: list[Document]
+    """``optional/*.yaml``: not part of the kustomization."""
+    files: list[str] = field(default_factory=list)
+    """The YAML files beside kustomization.yaml."""
+
+    def of_kind(self, kind: str) -> list[Document]:
+        return [doc for doc in self.resources if doc.get("kind") == kind]
+
+    def find(self, kind: str, name: str) -> Document | None:
+        return next((d for d in self.of_kind(kind) if d["metadata"]["name"] == name), None)
+
+    def config_map(self, name: str) -> dict[str, str] | None:
+        if name in self.config_maps:
+            return self.config_maps[name]
+        found = self.find("ConfigMap", name)
+        return None if found is None else dict(found.get("data") or {})
+
+
+def documents(path: Path) -> list[Document]:
+    with path.open(encoding="utf-8") as file:
+        return [doc for doc in yaml.safe_load_all(file) if doc is not None]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """A kustomize env file: ``KEY=VALUE`` lines, the value as written (no quote removal);
+    blank lines and lines starting with ``#`` skipped; a key alone has the value ``""``."""
+    pairs: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, _, value = stripped.partition("=")
+        pairs[key] = value
+    return pairs
+
+
+def load(directory: Path = DEPLOY) -> Manifests:
+    (kustomization,) = documents(directory / "kustomization.yaml")
+    resources = [doc for name in kustomization["resources"] for doc in documents(directory / name)]
+    config_maps: dict[str, dict[str, str]] = {}
+    for generator in kustomization.get("configMapGenerator", []):
+        data: dict[str, str] = {}
+        for name in generator.get("envs", []):
+            data.update(env_file(directory / name))
+        for literal in generator.get("literals", []):
+            key, _, value = literal.partition("=")
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+            data[key] = value[1:-1] if quoted else value  # kustomize drops one pair of quotes
+        config_maps[generator["name"]] = data
+    optional = [
+        doc for path in sorted(directory.glob("optional/*.yaml")) for doc in documents(path)
+    ]
+    files = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
+    return Manifests(kustomization, resources, config_maps, optional, files)
+
+
+# -- reading pods ------------------------------------------------------------------------------
+
+
+def image_name(reference: str) -> str:
+    """The repository of an image reference, without tag or digest."""
+    name = reference.partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    return f"{head}{slash}{last.partition(':')[0]}"
+
+
+def pod_spec(workload: Document) -> Document:
+    return cast(Document, workload["spec"]["template"]["spec"])
+
+
+def pod_labels(workload: Document) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"].get("labels") or {})
+
+
+def all_containers(pod: Document) -> list[Document]:
+    return [*pod.get("initContainers", []), *pod.get("containers", [])]
+
+
+def label(doc: Document) -> str:
+    return f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+
+
+@dataclass
+class Run:
+    """One container of a workload that runs one of puller's programs."""
+
+    workload: Document
+    container: Document
+    program: Program
+
+    @property
+    def pod(self) -> Document:
+        return pod_spec(self.workload)
+
+    @property
+    def where(self) -> str:
+        return f"{label(self.workload)}, container {self.container['name']}"
+
+
+def runs(m: Manifests) -> Iterator[Run]:
+    for kind in WORKLOAD_KINDS:
+        for workload in m.of_kind(kind):
+            for container in all_containers(pod_spec(workload)):
+                program = PROGRAMS.get(image_name(container.get("image", "")))
+                if program is not None:
+                    yield Run(workload, container, program)
+
+
+def the_run(m: Manifests, program: Program) -> Run:
+    found = [run for run in runs(m) if run.program is program]
+    assert len(found) == 1, f"expected one container running {program.image}, found {len(found)}"
+    return found[0]
+
+
+@dataclass
+class Environment:
+    """A container's environment as the kubelet builds it: ConfigMaps and Secrets from
+    ``envFrom`` first, then ``env`` (which wins)."""
+
+    values: dict[str, str]
+    """Variables with a value written in the manifests."""
+    derived: dict[str, Document]
+    """Variables set from ``valueFrom`` (the downward API, a key of a ConfigMap or Secret)."""
+    problems: list[str]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.values) | set(self.derived)
+
+
+def environment(m: Manifests, container: Document) -> Environment:
+    values: dict[str, str] = {}
+    derived: dict[str, Document] = {}
+    problems: list[str] = []
+    for source in container.get("envFrom", []):
+        prefix = source.get("prefix", "")
+        if "configMapRef" in source:
+            name = source["configMapRef"]["name"]
+            data = m.config_map(name)
+        else:
+            name = source["secretRef"]["name"]
+            secret = m.find("Secret", name)
+            data = None if secret is None else secret_data(secret)
+        if data is None:
+            problems.append(f"envFrom names {name!r}, which the manifests do not make")
+            continue
+        values.update({prefix + key: value for key, value in data.items()})
+    for variable in container.get("env", []):
+        values.pop(variable["name"], None)
+        derived.pop(variable["name"], None)
+        if "valueFrom" in variable:
+            derived[variable["name"]] = variable["valueFrom"]
+        else:
+            values[variable["name"]] = str(variable.get("value", ""))
+    return Environment(values, derived, problems)
+
+
+def secret_data(secret: Document) -> dict[str, str]:
+    return {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+
+
+def settings_of(m: Manifests, run: Run) -> Any:
+    """The program's settings as it will read them from the values written in the
+    manifests (the ``_FILE`` variables of secrets, which it would open, left out). Raises
+    :class:`InvalidSetting` as the program would at start."""
+    env = environment(m, run.container)
+    file_variables = {s.file_env for s in run.program.table if s.secret}
+    given = {k: v for k, v in env.values.items() if k not in file_variables}
+    return read(run.program.settings_class, run.program.table, given)
+
+
+def port_number(container: Document, port: int | str) -> int | None:
+    """A probe's or Service's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, int):
+        return port
+    if port.isdigit():
+        return int(port)
+    named = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    return named[0] if named else None
+
+
+def volume_for(pod: Document, mount: Document) -> Document | None:
+    return next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), None)
+
+
+def mount_at(pod: Document, container: Document, path: str) -> tuple[Document, Document] | None:
+    """The mount holding ``path`` (the deepest one) and its volume."""
+    target = PurePosixPath(path)
+    holding = [
+        mount
+        for mount in container.get("volumeMounts", [])
+        if target == PurePosixPath(mount["mountPath"])
+        or PurePosixPath(mount["mountPath"]) in target.parents
+    ]
+    if not holding:
+        return None
+    mount = max(holding, key=lambda mount: len(PurePosixPath(mount["mountPath"]).parts))
+    volume = volume_for(pod, mount)
+    return None if volume is None else (mount, volume)
+
+
+UNITS: dict[str, Decimal] = {
+    "": Decimal(1),
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+}
+
+
+def quantity(text: str | int | float) -> Decimal:
+    """A Kubernetes resource quantity (``10m``, ``64Mi``, ``1``) as a number."""
+    match = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(text))
+    if match is None or match.group(2) not in UNITS:
+        raise ValueError(f"not a quantity: {text!r}")
+    try:
+        return Decimal(match.group(1)) * UNITS[match.group(2)]
+    except InvalidOperation:
+        raise ValueError(f"not a quantity: {text!r}") from None
+
+
+# -- the checks: each yields the problems it finds ---------------------------------------------
+
+
+def check_schemas(m: Manifests) -> Iterator[str]:
+    """Every core resource, and each generated ConfigMap, is valid for KUBERNETES_VERSION."""
+    generated = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+        for name, data in m.config_maps.items()
+    ]
+    for doc in [*m.resources, *generated]:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = ".".join(str(part) for part in error.path)
+            yield f"{label(doc)}: {where}: {error.message}"
+        except kubernetes_validate.SchemaNotFoundError as error:
+            yield f"{label(doc)}: not a core resource ({error.message}); put it in optional/"
+
+
+def check_kustomization(m: Manifests) -> Iterator[str]:
+    """The namespace, every file listed, and the two images by their names."""
+    k = m.kustomization
+    if k.get("namespace") != NAMESPACE:
+        yield f"kustomization.yaml: namespace is {k.get('namespace')!r}, not {NAMESPACE!r}"
+    unlisted = sorted(set(m.files) - set(k.get("resources", [])))
+    if unlisted:
+        yield f"kustomization.yaml does not list {', '.join(unlisted)}"
+    images = {entry["name"]: entry for entry in k.get("images", [])}
+    if set(images) != set(PROGRAMS):
+        yield f"kustomization.yaml images are {sorted(images)}, not {sorted(PROGRAMS)}"
+    for name, entry in images.items():
+        if not (entry.get("newTag") or entry.get("digest")):
+            yield f"kustomization.yaml: image {name} has neither newTag nor digest"
+    for kind in WORKLOAD_KINDS:
+        for workload in m.of_kind(kind):
+            for container in all_containers(pod_spec(workload)):
+                if image_name(container.get("image", "")) not in PROGRAMS:
+                    yield (
+                        f"{label(workload)}: image {container.get('image')!r} is neither "
+                        f"{WORKER_IMAGE} nor {HTTP_IMAGE}"
+                    )
+    used = {run.program.image for run in runs(m)}
+    for missing in sorted(set(PROGRAMS) - used):
+        yield f"no workload runs {missing}"
+    if m.of_kind("Namespace") and not m.find("Namespace", NAMESPACE):
+        yield f"the Namespace made is not {NAMESPACE!r}"
+
+
+def check_containers(m: Manifests) -> Iterator[str]:
+    """Every container: readiness and liveness probes, requests and limits, a locked-down
+    securityContext."""
+    for kind in WORKLOAD_KINDS:
+        for workload in m.of_kind(kind):
+            for container in all_containers(pod_spec(workload)):
+                where = f"{label(workload)}, container {container['name']}"
+                for probe in ("readinessProbe", "livenessProbe"):
+                    if "httpGet" not in container.get(probe, {}):
+                        yield f"{where}: no {probe} (an HTTP GET)"
+                yield from _resources(where, container.get("resources", {}))
+                yield from _locked_down(where, container.get("securityContext", {}))
+
+
+def _resources(where: str, resources: Document) -> Iterator[str]:
+    for resource in ("cpu", "memory"):
+        request = resources.get("requests", {}).get(resource)
+        limit = resources.get("limits", {}).get(resource)
+        if request is None or limit is None:
+            yield f"{where}: {resource} needs a request and a limit"
+        elif quantity(request) > quantity(limit):
+            yield f"{where}: {resource} request {request} is above its limit {limit}"
+
+
+def _locked_down(where: str, context: Document) -> Iterator[str]:
+    if context.get("allowPrivilegeEscalation") is not False:
+        yield f"{where}: securityContext.allowPrivilegeEscalation must be false"
+    if context.get("readOnlyRootFilesystem") is not True:
+        yield f"{where}: securityContext.readOnlyRootFilesystem must be true"
+    if context.get("privileged"):
+        yield f"{where}: privileged"
+    capabilities = context.get("capabilities", {})
+    if "ALL" not in capabilities.get("drop", []):
+        yield f"{where}: securityContext.capabilities.drop must include ALL"
+    if capabilities.get("add"):
+        yield f"{where}: adds capabilities {capabilities['add']}"
+
+
+def check_environment(m: Manifests) -> Iterator[str]:
+    """Every variable a program's container gets (``env`` and the keys of the ConfigMaps it
+    reads with ``envFrom``) is one of that program's settings, with a value it accepts."""
+    read_by: dict[str, set[str]] = {}
+    for run in runs(m):
+        env = environment(m, run.container)
+        yield from (f"{run.where}: {problem}" for problem in env.problems)
+        for source in run.container.get("envFrom", []):
+            if "configMapRef" in source:
+                read_by.setdefault(source["configMapRef"]["name"], set()).add(run.program.image)
+        unknown = sorted(env.names - run.program.variables)
+        if unknown:
+            yield (
+                f"{run.where}: {', '.join(unknown)} not in the settings of "
+                f"{run.program.image} ({run.program.settings_class.__name__})"
+            )
+        for row in run.program.table:
+            if row.secret and {row.env, row.file_env} <= env.names:
+                yield f"{run.where}: sets both {row.env} and {row.file_env}"
+        try:
+            settings_of(m, run)
+        except InvalidSetting as error:
+            yield f"{run.where}: the program would refuse to start: {error}"
+        if run.pod.get("enableServiceLinks") is not False:
+            yield (
+                f"{run.where}: enableServiceLinks must be false: the Service {SERVICE_NAME!r} "
+                f"would add PULLER_SERVICE_HOST, PULLER_PORT... to the environment"
+            )
+    for name in sorted(set(m.config_maps) - set(read_by)):
+        yield f"the ConfigMap {name} is read by no container"
+    for name, images in sorted(read_by.items()):
+        if len(images) > 1:
+            yield f"the ConfigMap {name} is read by {sorted(images)}: give each its own"
+
+
+def check_secret_mounts(m: Manifests) -> Iterator[str]:
+    """Each program reads its RabbitMQ URL from a file of its own mounted Secret."""
+    for run in runs(m):
+        env = environment(m, run.container)
+        for row in run.program.table:
+            if not row.secret:
+                continue
+            if row.env in env.names:
+                yield (
+                    f"{run.where}: {row.env} in the environment; mount a Secret and set "
+                    f"{row.file_env}"
+                )
+            path = env.values.get(row.file_env)
+            if path is None:
+                yield f"{run.where}: {row.file_env} is not set"
+                continue
+            found = mount_at(run.pod, run.container, path)
+            if found is None:
+                yield f"{run.where}: {row.file_env}={path} is inside no mounted volume"
+                continue
+            mount, volume = found
+            if "secret" not in volume:
+                yield f"{run.where}: {row.file_env}={path} is not in a mounted Secret"
+                continue
+            name = volume["secret"].get("secretName")
+            if name != run.program.secret:
+                yield f"{run.where}: mounts the Secret {name}, not {run.program.secret}"
+            secret = m.find("Secret", name)
+            if secret is None:
+                yield f"{run.where}: the Secret {name} is not in the manifests"
+                continue
+            relative = str(PurePosixPath(path).relative_to(mount["mountPath"]))
+            items = volume["secret"].get("items")
+            key = (
+                next((i["key"] for i in items if i["path"] == relative), None)
+                if items
+                else relative
+            )
+            if key not in secret_data(secret):
+                yield f"{run.where}: {row.file_env}={path} is no key of the Secret {name}"
+
+
+def check_ports_and_probes(m: Manifests) -> Iterator[str]:
+    """The container port is the one the program listens on (the code's default unless the
+    manifests set it); the probes and the scrape annotations use it."""
+    for run in runs(m):
+        try:
+            settings = settings_of(m, run)
+        except InvalidSetting:
+            continue  # check_environment says why
+        port = getattr(settings, run.program.port_attribute)
+        declared = {p.get("name"): p["containerPort"] for p in run.container.get("ports", [])}
+        if declared.get(run.program.port_name) != port:
+            yield (
+                f"{run.where}: needs the port {run.program.port_name!r} = {port} "
+                f"(the program's {run.program.port_attribute}); has {declared}"
+            )
+        for probe, path in (("readinessProbe", READINESS_PATH), ("livenessProbe", LIVENESS_PATH)):
+            get = run.container.get(probe, {}).get("httpGet", {})
+            if get.get("path") != path:
+                yield f"{run.where}: {probe} asks {get.get('path')!r}, not {path}"
+            asked = port_number(run.container, get.get("port", ""))
+            if asked != port:
+                yield f"{run.where}: {probe} asks port {get.get('port')!r} ({asked}), not {port}"
+        annotations = run.workload["spec"]["template"]["metadata"].get("annotations", {})
+        wanted = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": METRICS_PATH,
+        }
+        for key, value in wanted.items():
+            if annotations.get(key) != value:
+                yield f"{run.where}: annotation {key} is {annotations.get(key)!r}, not {value!r}"
+
+
+def check_paths_are_answered(m: Manifests) -> Iterator[str]:
+    """The programs themselves answer the probes' paths (GET, JSON, 200 or 503) and the
+    scrape path (200): asked of a real worker's health server and of the gateway."""
+    for run in runs(m):
+        annotations = run.workload["spec"]["template"]["metadata"].get("annotations", {})
+        probes = {
+            run.container.get(probe, {}).get("httpGet", {}).get("path", "")
+            for probe in ("readinessProbe", "livenessProbe")
+        }
+        scrape = annotations.get("prometheus.io/path", METRICS_PATH)
+        answers = answers_of(run.program.image, frozenset({*probes, scrape}))
+        for path in sorted(probes):
+            status, content_type = answers[path]
+            if status not in (200, 503) or content_type != "application/json":
+                yield f"{run.where}: {run.program.image} answers GET {path} with {status}"
+        if answers[scrape][0] != 200:
+            yield f"{run.where}: {run.program.image} answers GET {scrape} with {answers[scrape][0]}"
+
+
+def check_worker(m: Manifests) -> Iterator[str]:
+    """One worker on every node: tolerations, node name, socket, state, rollout, priority,
+    shutdown grace."""
+    run = the_run(m, WORKER)
+    if run.workload["kind"] != "DaemonSet":
+        yield f"the worker runs in a {run.workload['kind']}, not a DaemonSet"
+    pod, where = run.pod, run.where
+    if not any(
+        t.get("operator") == "Exists" and not t.get("key") and not t.get("effect")
+        for t in pod.get("tolerations", [])
+    ):
+        yield f"{where}: does not tolerate every taint (a toleration `operator: Exists` alone)"
+    env = environment(m, run.container)
+    node = env.derived.get("PULLER_NODE_NAME", {}).get("fieldRef", {}).get("fieldPath")
+    if node != "spec.nodeName":
+        yield f"{where}: PULLER_NODE_NAME must come from the pod's spec.nodeName"
+    try:
+        settings = settings_of(m, run)
+    except InvalidSetting:
+        return  # check_environment says why
+    socket_path = (settings.docker_host or f"unix://{DEFAULT_DOCKER_SOCKET}").removeprefix(
+        "unix://"
+    )
+    yield from _host_path(run, socket_path, "Socket", "the Docker socket")
+    yield from _host_path(run, str(settings.state_dir), "DirectoryOrCreate", "PULLER_STATE_DIR")
+    strategy = run.workload["spec"].get("updateStrategy", {})
+    rolling = strategy.get("rollingUpdate", {})
+    unavailable = rolling.get("maxUnavailable")
+    if strategy.get("type") != "RollingUpdate" or unavailable is None:
+        yield f"{where}: needs a RollingUpdate with maxUnavailable"
+    elif isinstance(unavailable, str) and not 0 < int(unavailable.rstrip("%")) <= 25:
+        yield f"{where}: maxUnavailable {unavailable} is not a few nodes at a time"
+    if rolling.get("maxSurge", 0) not in (0, "0%"):
+        yield f"{where}: maxSurge must be 0 (two workers on a node would share its name)"
+    priority = m.find("PriorityClass", pod.get("priorityClassName", ""))
+    if priority is None:
+        yield f"{where}: needs a priorityClassName of a PriorityClass shipped with it"
+    elif not 0 < priority["value"] < 1_000_000_000 or priority.get("globalDefault"):
+        yield f"{label(priority)}: value must be above 0 (the default), below the system's"
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    needed = settings.shutdown_grace + CANCEL_GRACE
+    if not grace > needed:
+        yield (
+            f"{where}: terminationGracePeriodSeconds {grace} must exceed PULLER_SHUTDOWN_GRACE "
+            f"{settings.shutdown_grace:g} + {CANCEL_GRACE:g}"
+        )
+
+
+def _host_path(run: Run, path: str, kind: str, what: str) -> Iterator[str]:
+    found = mount_at(run.pod, run.container, path)
+    if found is None or found[0]["mountPath"] != path:
+        yield f"{run.where}: {what} ({path}) is not mounted"
+        return
+    host = found[1].get("hostPath")
+    if host is None or host.get("type") != kind:
+        yield f"{run.where}: {what} must be a hostPath of type {kind}"
+
+
+def check_http(m: Manifests) -> Iterator[str]:
+    """puller-http: two replicas, non-root, /tmp in memory, the Service `puller` on 5017,
+    reachable only by labelled clients."""
+    run = the_run(m, HTTP)
+    pod, where = run.pod, run.where
+    if run.workload["kind"] != "Deployment" or run.workload["spec"].get("replicas", 1) < 2:
+        yield f"{where}: needs a Deployment of at least 2 replicas"
+    context = {**pod.get("securityContext", {}), **run.container.get("securityContext", {})}
+    for key, value in (("runAsNonRoot", True), ("runAsUser", 65534), ("runAsGroup", 65534)):
+        if context.get(key) != value:
+            yield f"{where}: securityContext.{key} must be {value}"
+    found = mount_at(pod, run.container, "/tmp")  # noqa: S108 - the path checked, not used
+    tmp = {} if found is None else found[1].get("emptyDir")
+    if not tmp or tmp.get("medium") != "Memory" or not tmp.get("sizeLimit"):
+        yield f"{where}: /tmp must be an emptyDir in memory with a sizeLimit"
+    try:
+        port = settings_of(m, run).http_port
+    except InvalidSetting:
+        return  # check_environment says why
+    service = m.find("Service", SERVICE_NAME)
+    labels = pod_labels(run.workload)
+    if service is None:
+        yield f"no Service {SERVICE_NAME!r} (cyber-dojo calls http://{SERVICE_NAME}:5017)"
+    else:
+        selector = service["spec"].get("selector", {})
+        if not selector or selector.items() - labels.items():
+            yield f"{label(service)}: selects {selector}, not puller-http's pods {labels}"
+        worker_labels = pod_labels(the_run(m, WORKER).workload)
+        if selector and not selector.items() - worker_labels.items():
+            yield f"{label(service)}: selects the workers too"
+        ports = service["spec"].get("ports", [])
+        callers_port = GatewaySettings().http_port
+        if not any(
+            p["port"] == callers_port
+            and port_number(run.container, p.get("targetPort", p["port"])) == port
+            for p in ports
+        ):
+            yield f"{label(service)}: needs port {callers_port} to puller-http's port {port}"
+    yield from _network_policy(m, labels, port)
+
+
+def _network_policy(m: Manifests, labels: Mapping[str, str], port: int) -> Iterator[str]:
+    policies = [
+        p
+        for p in m.of_kind("NetworkPolicy")
+        if not p["spec"]["podSelector"].get("matchLabels", {}).items() - labels.items()
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+    ]
+    if not policies:
+        yield "no NetworkPolicy limits who reaches puller-http"
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            if not peers:
+                yield f"{label(policy)}: a rule admits every source"
+            for peer in peers or []:
+                if peer.get("podSelector", {}).get("matchLabels") != CLIENT_LABEL or (
+                    "ipBlock" in peer
+                ):
+                    yield f"{label(policy)}: admits {peer}, not only pods labelled {CLIENT_LABEL}"
+            numbers = [p.get("port") for p in rule.get("ports", [])]
+            if numbers != [port]:
+                yield f"{label(policy)}: admits ports {numbers}, not only {port}"
+
+
+def check_broker(m: Manifests) -> Iterator[str]:
+    """The Secrets hold placeholders for URLs of the example RabbitmqCluster, whose shape is
+    checked by hand (it is the operator's custom resource, outside the core schemas)."""
+    clusters = [d for d in m.optional if d.get("kind") == "RabbitmqCluster"]
+    if len(clusters) != 1:
+        yield "optional/ needs one RabbitmqCluster example"
+        return
+    cluster = clusters[0]
+    if cluster.get("apiVersion") != "rabbitmq.com/v1beta1":
+        yield f"{label(cluster)}: apiVersion must be rabbitmq.com/v1beta1"
+    if cluster["metadata"].get("namespace") != NAMESPACE:
+        yield f"{label(cluster)}: must be in the namespace {NAMESPACE!r}"
+    spec = cluster.get("spec", {})
+    if "rabbitmq_management" not in spec.get("rabbitmq", {}).get("additionalPlugins", []):
+        yield f"{label(cluster)}: needs rabbitmq_management (puller broker-setup uses it)"
+    replicas = spec.get("replicas", 1)
+    if replicas % 2 == 0:
+        yield f"{label(cluster)}: an odd number of replicas keeps a majority"
+    if "image" in spec:
+        version = re.search(r":(\d+)\.(\d+)", spec["image"])
+        if version is None or (int(version.group(1)), int(version.group(2))) < (3, 9):
+            yield f"{label(cluster)}: image {spec['image']} is older than 3.9 (no streams)"
+    for program in PROGRAMS.values():
+        secret = m.find("Secret", program.secret)
+        url = None if secret is None else secret_data(secret).get("url")
+        if url is None:
+            yield f"no Secret {program.secret} with the key url"
+            continue
+        try:
+            check_url(url)
+        except Misconfigured as error:
+            yield f"Secret {program.secret}: {error}"
+            continue
+        if "FILL-IN" not in url:
+            yield f"Secret {program.secret}: ships no placeholder (FILL-IN) but a password?"
+        host = urlsplit(url).hostname or ""
+        if host.split(".")[0] != cluster["metadata"]["name"]:
+            yield f"Secret {program.secret}: names the host {host}, not the RabbitmqCluster's"
+
+
+CHECKS: tuple[Callable[[Manifests], Iterator[str]], ...] = (
+    check_schemas,
+    check_kustomization,
+    check_containers,
+    check_environment,
+    check_secret_mounts,
+    check_ports_and_probes,
+    check_paths_are_answered,
+    check_worker,
+    check_http,
+    check_broker,
+)
+
+
+# -- asking the programs -----------------------------------------------------------------------
+
+
+class NoImages:
+    """A node's image store with nothing in it: the worker only has to start."""
+
+    def describe(self) -> str:
+        return "no images"
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def version(self) -> str:
+        return "test"
+
+    def cancel_pulls(self) -> None:
+        pass
+
+    def known_image(self, image: ImageReference) -> ImageInfo | None:
+        return None
+
+    def find_image(self, image: ImageReference) -> ImageInfo | None:
+        return None
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        raise AssertionError("nothing is pulled here")
+
+
+class Disconnected:
+    """What the gateway asks of its publisher for ``/ready`` and ``/metrics``, never
+    connected."""
+
+    connected = False
+    connection_problem = "not connected (a test)"
+
+    def connect(self, timeout: float) -> bool:
+        return False
+
+    def nodes(self) -> list[object]:
+        raise BrokerUnavailable(self.connection_problem)
+
+
+NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"
+_answers: dict[tuple[str, frozenset[str]], dict[str, tuple[int, str]]] = {}
+
+
+def answers_of(image: str, paths: frozenset[str]) -> dict[str, tuple[int, str]]:
+    """Status and content type of GET ``path`` for each path, from the program ``image`` runs."""
+    key = (image, paths)
+    if key not in _answers:
+        _answers[key] = _ask_worker(paths) if image == WORKER_IMAGE else _ask_gateway(paths)
+    return _answers[key]
+
+
+def _ask_worker(paths: frozenset[str]) -> dict[str, tuple[int, str]]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = WorkerSettings(
+        amqp_url=NO_BROKER, node_name="manifest-test", health_port=port, shutdown_grace=0
+    )
+    answers: dict[str, tuple[int, str]] = {}
+    with tempfile.TemporaryDirectory() as state:
+        worker = Worker(settings, OffsetStore(Path(state)), store=NoImages())
+        worker.start()
+        try:
+            for path in paths:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                try:
+                    connection.request("GET", path)
+                    response = connection.getresponse()
+                    response.read()
+                    answers[path] = (response.status, response.getheader("Content-Type", ""))
+                finally:
+                    connection.close()
+        finally:
+            worker.drain()
+    return answers
+
+
+def _ask_gateway(paths: frozenset[str]) -> dict[str, tuple[int, str]]:
+    gateway = Gateway(cast(Publisher, Disconnected()), GatewaySettings(), GatewayMetrics())
+    answers: dict[str, tuple[int, str]] = {}
+    for path in paths:
+        response = gateway.handle(Request("GET", path, "", {}, b""))
+        if response.content_type == "application/json":
+            json.loads(response.body)
+        answers[path] = (response.status, response.content_type.partition(";")[0])
+    return answers
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> Manifests:
+    return load()
+
+
+def test_the_kubernetes_version_is_one_kubernetes_validate_has_schemas_for() -> None:
+    versions = {version.rpartition(".")[0] for version in kubernetes_validate.utils.all_versions()}
+    assert KUBERNETES_VERSION in versions
+    assert f"Kubernetes {KUBERNETES_VERSION}" in (DEPLOY / "README.md").read_text()
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=[check.__name__ for check in CHECKS])
+def test_the_manifests_pass(manifests: Manifests, check: Callable[[Manifests], Any]) -> None:
+    assert list(check(manifests)) == []
+
+
+def test_the_core_manifests_are_what_the_kustomization_lists(manifests: Manifests) -> None:
+    kinds = sorted(label(doc) for doc in manifests.resources)
+    assert kinds == sorted(
+        [
+            "Namespace puller",
+            "PriorityClass puller-worker",
+            "ServiceAccount puller-worker",
+            "ServiceAccount puller-http",
+            "Secret puller-worker-amqp",
+            "Secret puller-http-amqp",
+            "DaemonSet puller-worker",
+            "Deployment puller-http",
+            "Service puller",
+            "PodDisruptionBudget puller-http",
+            "NetworkPolicy puller-http",
+        ]
+    )
+    assert set(manifests.config_maps) == {"puller-worker-config", "puller-http-config"}
+
+
+def test_an_env_file_is_read_as_kustomize_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.env"
+    path.write_text("# a comment\n\n  A=1\nB=x=y\nC\nD='q'\n", encoding="utf-8")
+    assert env_file(path) == {"A": "1", "B": "x=y", "C": "", "D": "'q'"}
+
+
+def test_quantities() -> None:
+    assert quantity("10m") == Decimal("0.01")
+    assert quantity("64Mi") == 64 * 2**20
+    assert quantity(1) == 1
+    with pytest.raises(ValueError, match="not a quantity"):
+        quantity("12 parsecs")
+
+
+# Each way of breaking a copy of the manifests, and the check that must catch it.
+
+
+def _worker(m: Manifests) -> Run:
+    return the_run(m, WORKER)
+
+
+def _http(m: Manifests) -> Run:
+    return the_run(m, HTTP)
+
+
+def _set_env(run: Run, name: str, value: str) -> None:
+    run.container.setdefault("env", []).append({"name": name, "value": value})
+
+
+def _break_field(m: Manifests) -> None:
+    _worker(m).container["imagePullPolicyy"] = "Always"
+
+
+def _break_type(m: Manifests) -> None:
+    _http(m).workload["spec"]["replicas"] = "two"
+
+
+def _break_unlisted(m: Manifests) -> None:
+    m.kustomization["resources"].remove("http-network-policy.yaml")
+
+
+def _break_image(m: Manifests) -> None:
+    _worker(m).container["image"] = "cyberdojo/puller:1"
+
+
+def _break_readiness(m: Manifests) -> None:
+    del _http(m).container["readinessProbe"]
+
+
+def _break_limits(m: Manifests) -> None:
+    del _worker(m).container["resources"]["limits"]
+
+
+def _break_escalation(m: Manifests) -> None:
+    _http(m).container["securityContext"]["allowPrivilegeEscalation"] = True
+
+
+def _break_renamed_setting(m: Manifests) -> None:
+    _set_env(_worker(m), "PULLER_HEALTHPORT", "8080")
+
+
+def _break_config_map_key(m: Manifests) -> None:
+    m.config_maps["puller-http-config"]["PULLER_SHUTDOWN_GRACE"] = "20"  # a worker setting
+
+
+def _break_value(m: Manifests) -> None:
+    m.config_maps["puller-worker-config"]["PULLER_MAX_CONCURRENT_PULLS"] = "lots"
+
+
+def _break_service_links(m: Manifests) -> None:
+    del _http(m).pod["enableServiceLinks"]
+
+
+def _break_secret_path(m: Manifests) -> None:
+    for variable in _worker(m).container["env"]:
+        if variable["name"] == "PULLER_AMQP_URL_FILE":
+            variable["value"] = "/etc/puller/amqp-url"
+
+
+def _break_secret_in_env(m: Manifests) -> None:
+    _set_env(_http(m), "PULLER_AMQP_URL", "amqp://u:p@rabbitmq:5672/puller")
+
+
+def _break_port(m: Manifests) -> None:
+    _worker(m).container["ports"][0]["containerPort"] = 9090
+
+
+def _break_annotation(m: Manifests) -> None:
+    _http(m).workload["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "80"
+
+
+def _break_probe_path(m: Manifests) -> None:
+    _worker(m).container["readinessProbe"]["httpGet"]["path"] = "/healthz"
+
+
+def _break_scrape_path(m: Manifests) -> None:
+    annotations = _http(m).workload["spec"]["template"]["metadata"]["annotations"]
+    annotations["prometheus.io/path"] = "/prometheus"
+
+
+def _break_tolerations(m: Manifests) -> None:
+    _worker(m).pod["tolerations"] = [{"key": "node-role.kubernetes.io/control-plane"}]
+
+
+def _break_node_name(m: Manifests) -> None:
+    for variable in _worker(m).container["env"]:
+        if variable["name"] == "PULLER_NODE_NAME":
+            variable["valueFrom"] = {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def _break_grace(m: Manifests) -> None:
+    m.config_maps["puller-worker-config"]["PULLER_SHUTDOWN_GRACE"] = "60"
+
+
+def _break_socket(m: Manifests) -> None:
+    for volume in _worker(m).pod["volumes"]:
+        if volume.get("hostPath", {}).get("type") == "Socket":
+            volume["hostPath"]["type"] = "File"
+
+
+def _break_state(m: Manifests) -> None:
+    _set_env(_worker(m), "PULLER_STATE_DIR", "/state")
+
+
+def _break_rollout(m: Manifests) -> None:
+    _worker(m).workload["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] = "100%"
+
+
+def _break_priority(m: Manifests) -> None:
+    m.resources.remove(cast(Document, m.find("PriorityClass", "puller-worker")))
+
+
+def _break_root(m: Manifests) -> None:
+    _http(m).container["securityContext"]["runAsUser"] = 0
+
+
+def _break_tmp(m: Manifests) -> None:
+    for volume in _http(m).pod["volumes"]:
+        if "emptyDir" in volume:
+            del volume["emptyDir"]["medium"]
+
+
+def _break_replicas(m: Manifests) -> None:
+    _http(m).workload["spec"]["replicas"] = 1
+
+
+def _break_service(m: Manifests) -> None:
+    cast(Document, m.find("Service", SERVICE_NAME))["spec"]["ports"][0]["port"] = 80
+
+
+def _break_network_policy(m: Manifests) -> None:
+    policy = cast(Document, m.find("NetworkPolicy", "puller-http"))
+    policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
+
+def _break_plugins(m: Manifests) -> None:
+    m.optional[0]["spec"]["rabbitmq"]["additionalPlugins"] = []
+
+
+def _break_placeholder(m: Manifests) -> None:
+    secret = cast(Document, m.find("Secret", "puller-http-amqp"))
+    secret["stringData"]["url"] = "amqp://puller-http:hunter2@rabbitmq:5672/puller"
+
+
+BREAKAGES = [
+    (check_schemas, _break_field),
+    (check_schemas, _break_type),
+    (check_kustomization, _break_unlisted),
+    (check_kustomization, _break_image),
+    (check_containers, _break_readiness),
+    (check_containers, _break_limits),
+    (check_containers, _break_escalation),
+    (check_environment, _break_renamed_setting),
+    (check_environment, _break_config_map_key),
+    (check_environment, _break_value),
+    (check_environment, _break_service_links),
+    (check_secret_mounts, _break_secret_path),
+    (check_secret_mounts, _break_secret_in_env),
+    (check_ports_and_probes, _break_port),
+    (check_ports_and_probes, _break_annotation),
+    (check_paths_are_answered, _break_probe_path),
+    (check_paths_are_answered, _break_scrape_path),
+    (check_worker, _break_tolerations),
+    (check_worker, _break_node_name),
+    (check_worker, _break_grace),
+    (check_worker, _break_socket),
+    (check_worker, _break_state),
+    (check_worker, _break_rollout),
+    (check_worker, _break_priority),
+    (check_http, _break_root),
+    (check_http, _break_tmp),
+    (check_http, _break_replicas),
+    (check_http, _break_service),
+    (check_http, _break_network_policy),
+    (check_broker, _break_plugins),
+    (check_broker, _break_placeholder),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "breakage"),
+    BREAKAGES,
+    ids=[breakage.__name__.removeprefix("_break_") for _, breakage in BREAKAGES],
+)
+def test_each_check_fails_on_a_broken_copy(
+    manifests: Manifests,
+    check: Callable[[Manifests], Iterator[str]],
+    breakage: Callable[[Manifests], None],
+) -> None:
+    broken = copy.deepcopy(manifests)
+    breakage(broken)
+    assert list(check(broken)), f"{check.__name__} did not see {breakage.__name__}"
+
+
+def test_every_check_is_shown_failing_at_least_once() -> None:
+    assert {check for check, _ in BREAKAGES} == set(CHECKS)
