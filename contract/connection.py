@@ -32,9 +32,22 @@ CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 _ENCODE = "(characters such as # / ? @ % in a user name or password must be percent-encoded)"
 
 
+def split_urls(text: str) -> list[str]:
+    """The brokers ``text`` names: one URL, or several nodes of one RabbitMQ cluster
+    separated by commas (a comma in a password is written ``%2C``). Connections go to the
+    first that answers, and fail over to the next when one is lost."""
+    return [url.strip() for url in text.split(",") if url.strip()] or [text]
+
+
 def check_url(url: str) -> None:
-    """Raises :class:`Misconfigured` when ``url`` is not an ``amqp(s)://`` URL with a host and
-    a numeric port; never repeats the URL, which holds a password."""
+    """Raises :class:`Misconfigured` when ``url`` (or any of a comma-separated list) is not
+    an ``amqp(s)://`` URL with a host and a numeric port; never repeats the URL, which
+    holds a password."""
+    for one in split_urls(url):
+        _check_one_url(one)
+
+
+def _check_one_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("amqp", "amqps"):
         raise Misconfigured("the RabbitMQ URL must start with amqp:// or amqps://")
@@ -62,14 +75,15 @@ class BrokerTls:
 
     def problem(self, url: str) -> str | None:
         """What is wrong with using these files for ``url``, or ``None``."""
-        scheme = urlsplit(url).scheme
-        if scheme not in ("amqp", "amqps"):
-            return f"the RabbitMQ URL must start with amqp:// or amqps://, not {scheme}://"
-        if self.configured and scheme != "amqps":
-            return (
-                "TLS files are given but the RabbitMQ URL is amqp://, which is never encrypted: "
-                "use amqps:// (port 5671 by default)"
-            )
+        for one in split_urls(url):
+            scheme = urlsplit(one).scheme
+            if scheme not in ("amqp", "amqps"):
+                return f"the RabbitMQ URL must start with amqp:// or amqps://, not {scheme}://"
+            if self.configured and scheme != "amqps":
+                return (
+                    "TLS files are given but the RabbitMQ URL is amqp://, which is never "
+                    "encrypted: use amqps:// (port 5671 by default)"
+                )
         if (self.cert_file is None) != (self.key_file is None):
             return "a client certificate needs both its certificate and its key file"
         for path in (self.ca_file, self.cert_file, self.key_file):
@@ -92,6 +106,27 @@ class BrokerTls:
         return context
 
 
+def broker_candidates(
+    url: str,
+    *,
+    heartbeat: int,
+    connect_timeout: float,
+    blocked_timeout: float,
+    tls: BrokerTls | None = None,
+) -> list[pika.URLParameters]:
+    """Parameters for each broker ``url`` names (see :func:`split_urls`), in its order."""
+    return [
+        connection_parameters(
+            one,
+            heartbeat=heartbeat,
+            connect_timeout=connect_timeout,
+            blocked_timeout=blocked_timeout,
+            tls=tls,
+        )
+        for one in split_urls(url)
+    ]
+
+
 def connection_parameters(
     url: str,
     *,
@@ -102,7 +137,10 @@ def connection_parameters(
 ) -> pika.URLParameters:
     """One attempt per call (the callers own their retry loops), bounded in time. An
     ``amqps://`` URL is always TLS with the broker's certificate and host name verified
-    (against ``tls.ca_file`` when given), never a fallback to plain AMQP."""
+    (against ``tls.ca_file`` when given), never a fallback to plain AMQP. One broker: for
+    a list, see :func:`broker_candidates`."""
+    if len(split_urls(url)) > 1:
+        raise Misconfigured("one RabbitMQ URL here, not a list")
     check_url(url)
     try:
         parameters = pika.URLParameters(url)

@@ -46,7 +46,7 @@ from contract.connection import (
     ACCESS_REFUSED,
     NOT_FOUND,
     BrokerTls,
-    connection_parameters,
+    broker_candidates,
     declare,
     describe,
     where,
@@ -103,13 +103,17 @@ class PublisherBroker:
         heartbeat: int = 60,
         tls: BrokerTls | None = None,
     ) -> None:
-        self._parameters = connection_parameters(
+        self._candidates = broker_candidates(
             amqp_url,
             tls=tls,
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,
             blocked_timeout=max(connect_timeout, 30.0),
         )
+        self._at = 0
+        """The broker in use or being tried: an index into ``_candidates``."""
+        self._round_errors: list[str] = []
+        """Why each broker tried since the last connection refused it."""
         self.user: str = getattr(self._parameters.credentials, "username", "")
         """Who this connection publishes as: the AMQP ``user_id`` on every request, which
         RabbitMQ checks against the connection's user, so workers can trust it."""
@@ -131,7 +135,12 @@ class PublisherBroker:
         self._epoch = 0
 
     @property
+    def _parameters(self) -> pika.URLParameters:
+        return self._candidates[self._at]
+
+    @property
     def where(self) -> str:
+        """The broker in use, or being tried."""
         return where(self._parameters)
 
     @property
@@ -244,8 +253,9 @@ class PublisherBroker:
             if self._ready is not None:
                 return
             error = self._last_error
+        at = f" at {self.where}" if len(self._candidates) == 1 else ""
         raise BrokerUnavailable(
-            f"cannot connect to RabbitMQ at {self.where}: {error}. "
+            f"cannot connect to RabbitMQ{at}: {error}. "
             "Check PULLER_AMQP_URL and that RabbitMQ is running."
         )
 
@@ -360,6 +370,7 @@ class PublisherBroker:
             self._ready = current
             self._connecting = False
             self._delay = RECONNECT_FIRST_DELAY
+            self._round_errors = []
             self._epoch += 1
             epoch = self._epoch
             self._lock.notify_all()
@@ -367,9 +378,35 @@ class PublisherBroker:
             log.info("reconnected to RabbitMQ at %s", self.where)
 
     def _on_open_error(self, connection: Any, error: BaseException) -> None:
-        self._lost(connection, f"{describe(error)}")
+        reason = describe(error)
+        count = len(self._candidates)
+        self._round_errors.append(f"{self.where}: {reason}")
+        self._at = (self._at + 1) % count
+        if len(self._round_errors) < count:
+            # Another node of the cluster is still to be tried: at once, and not a
+            # failure for whoever waits for the connection.
+            self._delay = 0.0
+            self._lost(connection, reason, learning=True)
+            return
+        summary = (
+            reason
+            if count == 1
+            else (f"none of the {count} brokers answered: " + "; ".join(self._round_errors))
+        )
+        self._round_errors = []
+        self._lost(connection, summary)
 
     def _on_closed(self, connection: Any, reason: BaseException) -> None:
+        current = self._current
+        if (
+            len(self._candidates) > 1
+            and current is not None
+            and current.connection is connection
+            and self._ready is current
+        ):
+            # A connection that worked is gone: fail over to the next node at once.
+            self._at = (self._at + 1) % len(self._candidates)
+            self._delay = 0.0
         self._lost(connection, describe(reason))
 
     def _on_channel_closed(self, current: _Connection, reason: BaseException) -> None:

@@ -164,7 +164,8 @@ def amqp_url(text: str) -> str:
 AMQP_URL = Setting(
     "PULLER_AMQP_URL",
     "amqp_url",
-    "RabbitMQ, `amqp://` or `amqps://` (TLS); or a file with it in `PULLER_AMQP_URL_FILE`",
+    "RabbitMQ, `amqp://` or `amqps://` (TLS), or several nodes of one cluster, "
+    "comma-separated; or a file with it in `PULLER_AMQP_URL_FILE`",
     amqp_url,
     secret=True,
 )

@@ -32,8 +32,8 @@ from contract.connection import (
     PRECONDITION_FAILED,
     RESOURCE_LOCKED,
     BrokerTls,
+    broker_candidates,
     broker_errors,
-    connection_parameters,
     declare,
     describe,
     where,
@@ -72,13 +72,16 @@ class WorkerBroker:
         replay_prefetch: int = 1,
         tls: BrokerTls | None = None,
     ) -> None:
-        self._parameters = connection_parameters(
+        self._candidates = broker_candidates(
             amqp_url,
             tls=tls,
             heartbeat=heartbeat,
             connect_timeout=10,
             blocked_timeout=max(60, 2 * heartbeat),
         )
+        self._at = 0
+        """The broker in use, or last tried: an index into ``_candidates``."""
+        self._connected_once = False
         self._node = node
         self._prefetch = prefetch
         self._history_stream = history_stream
@@ -134,8 +137,39 @@ class WorkerBroker:
             raise
         self._send_what_waited()
 
+    @property
+    def _parameters(self) -> pika.URLParameters:
+        return self._candidates[self._at]
+
+    def _open_any(self) -> pika.BlockingConnection:
+        """A connection to the first broker that answers, starting after the one used last
+        (a lost connection fails over to the next node of the cluster at once)."""
+        count = len(self._candidates)
+        first = (self._at + 1) % count if self._connected_once else self._at
+        failures = []
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                connection = pika.BlockingConnection(self._candidates[index])
+            except CONNECTION_ERRORS as error:
+                failures.append((where(self._candidates[index]), describe(error)))
+                continue
+            if count > 1 and failures:
+                log.info("connected to another broker", broker=where(self._candidates[index]))
+            self._at = index
+            self._connected_once = True
+            return connection
+        self._at = first
+        if count == 1:
+            at, why = failures[0]
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ at {at}: {why}")
+        raise BrokerUnavailable(
+            f"cannot connect to any of {count} RabbitMQ brokers: "
+            + "; ".join(f"{at}: {why}" for at, why in failures)
+        )
+
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
-        self._connection = pika.BlockingConnection(self._parameters)
+        self._connection = self._open_any()
         channel = self._declare_shared(self._connection.channel())
         _declare(channel, topo.worker_declarations(self._node))
         channel.basic_qos(prefetch_count=self._prefetch)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from contract import ErrorKind, Misconfigured, parse_reference
-from contract.connection import BrokerTls
+from contract.connection import BrokerTls, check_url, split_urls
 from contract.policy import ImagePolicy, allowed_prefixes
 from publisher import Publisher
 from serving.settings import InvalidSetting
@@ -187,3 +187,15 @@ def test_worker_policy_settings_are_read_and_checked() -> None:
         WorkerSettings.from_env({"PULLER_REQUIRE_DIGEST": "maybe"})
     with pytest.raises(InvalidSetting, match="PULLER_ALLOWED_IMAGES"):
         WorkerSettings.from_env({"PULLER_ALLOWED_IMAGES": "cyberdojofoundation/"})
+
+
+def test_several_brokers_are_each_checked() -> None:
+    assert split_urls(" amqp://a/ , amqps://b:5671/v ,") == ["amqp://a/", "amqps://b:5671/v"]
+    check_url("amqp://a/,amqps://b:5671/v")
+    with pytest.raises(Misconfigured, match="amqp:// or amqps://"):
+        check_url("amqp://a/,http://b/")
+    with pytest.raises(Misconfigured, match="port is not a number"):
+        check_url("amqp://a/,amqp://u:p#w@b/")
+    assert BrokerTls(cert_file=None).problem("amqps://a/,amqp://b/") is None
+    ca = BrokerTls(ca_file=Path(__file__))
+    assert "amqps://" in (ca.problem("amqps://a/,amqp://b/") or "")
