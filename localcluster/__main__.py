@@ -16,9 +16,11 @@ import docker
 from localcluster.cluster import LocalCluster, read_state, stop_recorded, worker_command
 from localcluster.engines import ensure_host_engine
 from localcluster.images import (
-    build_worker_image,
+    build_engine_image,
+    build_puller_images,
     ensure_base_image,
     ensure_rabbitmq_image,
+    ensure_registry_image,
     host_client,
 )
 from localcluster.processes import free_port
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="up, then pull a demo image onto every node")
     demo.add_argument("--nodes", type=int, default=3)
     commands.add_parser("down", help="stop what up started (and RabbitMQ, if up started it)")
-    commands.add_parser("test-images", help="start the machine's dockerd, build test images")
+    commands.add_parser(
+        "test-images",
+        help="start the machine's dockerd, build the images the tests and docker-compose.yml use",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "down":
@@ -55,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         client = host_client()
         print("base image:", ensure_base_image(client))
         print("rabbitmq image:", ensure_rabbitmq_image(client))
-        print("worker image:", build_worker_image(client))
+        print("registry image:", ensure_registry_image(client))
+        print("engine image:", build_engine_image(client))
+        images = build_puller_images(client)
+        print("worker image:", images.worker)
+        print("http image:", images.http)
         return 0
     cluster = _up(args.root, args.nodes)
     if args.command == "demo":

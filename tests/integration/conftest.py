@@ -22,6 +22,7 @@ import docker
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
+from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster
 from localcluster.engines import ensure_host_engine
 from localcluster.images import ensure_rabbitmq_image, host_client
@@ -227,3 +228,17 @@ def _container_logs(container: RabbitMqContainer) -> str:
     except docker.errors.DockerException as error:
         return f"(no container log: {error})"
     return "container log (tail):\n" + tail.decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def broker_cluster() -> Iterator[BrokerCluster]:
+    """Three fresh RabbitMQ nodes clustered on this machine (never the machine's own broker),
+    guest/guest on 127.0.0.1; see :mod:`localcluster.broker_cluster`. Tests that stop a node
+    start it again."""
+    # Not under pytest's tmp_path: /tmp/pytest-of-root is closed to the rabbitmq user.
+    cluster = BrokerCluster(Path(tempfile.mkdtemp(prefix="pt-brokers-", dir="/tmp")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
