@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import docker
 
+from localcluster.broker_cluster import BrokerCluster, kill_leftovers
 from localcluster.cluster import LocalCluster, read_state, stop_recorded, worker_command
 from localcluster.engines import ensure_host_engine
 from localcluster.images import (
@@ -31,6 +33,7 @@ DEMO_REGISTRY_PORT = 5000
 DEMO_HTTP_PORT = 5017
 DEMO_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 BROKER_MARKER = "started-rabbitmq"
+BROKER_CLUSTER_MARKER = "started-broker-cluster"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--nodes", type=int, default=3)
     demo = commands.add_parser("demo", help="up, then pull a demo image onto every node")
     demo.add_argument("--nodes", type=int, default=3)
+    for command in (up, demo):
+        command.add_argument(
+            "--brokers",
+            type=int,
+            default=1,
+            help="1: this machine's RabbitMQ; more: a RabbitMQ cluster of fresh nodes",
+        )
     commands.add_parser("down", help="stop what up started (and RabbitMQ, if up started it)")
     commands.add_parser(
         "test-images",
@@ -50,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "down":
         stopped = stop_recorded(args.root)
+        marker = args.root / BROKER_CLUSTER_MARKER
+        if marker.exists():
+            kill_leftovers(marker.read_text())
+            shutil.rmtree(args.root / "brokers", ignore_errors=True)
+            marker.unlink()
         if (args.root / BROKER_MARKER).exists():
             stop_rabbitmq()
             (args.root / BROKER_MARKER).unlink()
@@ -66,26 +81,34 @@ def main(argv: list[str] | None = None) -> int:
         print("worker image:", images.worker)
         print("http image:", images.http)
         return 0
-    cluster = _up(args.root, args.nodes)
+    cluster = _up(args.root, args.nodes, args.brokers)
     if args.command == "demo":
         return _demo(cluster)
     return 0
 
 
-def _up(root: Path, nodes: int) -> LocalCluster:
+def _up(root: Path, nodes: int, brokers: int = 1) -> LocalCluster:
     if read_state(root) is not None:
         print(f"stopping the cluster left running under {root}")
         stop_recorded(root)
     root.mkdir(parents=True, exist_ok=True)
-    if ensure_rabbitmq():
+    amqp_url = DEMO_AMQP_URL
+    if brokers > 1:
+        broker_cluster = BrokerCluster(root / "brokers", size=brokers)
+        broker_cluster.start()
+        # what `down` needs to find the nodes from another process
+        (root / BROKER_CLUSTER_MARKER).write_text(broker_cluster.marker)
+        amqp_url = ",".join(broker_cluster.urls())
+    elif ensure_rabbitmq():
         (root / BROKER_MARKER).touch()
     port = DEMO_REGISTRY_PORT if _port_free(DEMO_REGISTRY_PORT) else free_port()
-    cluster = LocalCluster(root=root, amqp_url=DEMO_AMQP_URL, nodes=nodes, registry_port=port)
+    cluster = LocalCluster(root=root, amqp_url=amqp_url, nodes=nodes, registry_port=port)
     cluster.start()
     gateway = cluster.start_gateway(
         port=DEMO_HTTP_PORT if _port_free(DEMO_HTTP_PORT) else free_port()
     )
-    print(f"RabbitMQ   {DEMO_AMQP_URL}")
+    for url in amqp_url.split(","):
+        print(f"RabbitMQ   {url}")
     print(f"registry   {cluster.registry.address}")
     print(f"HTTP API   {gateway.url}  (puller-http, log {gateway.log_path})")
     for engine, worker in zip(cluster.engines, cluster.workers, strict=True):

@@ -347,7 +347,7 @@ class BrokerCluster:
         with ThreadPoolExecutor(max_workers=max(1, len(self.nodes))) as pool:
             # Their files go next, so no need for a clean shutdown: SIGTERM to all at once.
             list(pool.map(_terminate, self.nodes))
-        kill_leftovers(self._marker)
+        kill_leftovers(self.marker)
         for node in self.nodes:
             shutil.rmtree(node.directory, ignore_errors=True)
         with contextlib.suppress(OSError):
@@ -358,7 +358,9 @@ class BrokerCluster:
             self._epmd_was_running = True
 
     @property
-    def _marker(self) -> str:
+    def marker(self) -> str:
+        """In the environment of every process of this cluster's nodes (see
+        :func:`kill_leftovers`, which stops them from another process)."""
         return f"RABBITMQ_NODENAME=puller-{self.token}-"
 
     def processes(self) -> dict[int, str]:
@@ -366,7 +368,7 @@ class BrokerCluster:
         command line."""
         return {
             pid: command
-            for pid, command in processes_with(self._marker).items()
+            for pid, command in processes_with(self.marker).items()
             if not _is_epmd(command)
         }
 

@@ -17,6 +17,7 @@ a caller needs it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -55,6 +56,11 @@ from contract.connection import (
 log = logging.getLogger("puller.publisher.broker")
 
 STREAM_PREFETCH = 1000
+CLOSE_WAIT = 1.0
+"""Seconds :meth:`PublisherBroker.close` waits for the broker to answer before dropping the
+socket."""
+CONFIRM_GRACE = 5.0
+"""Seconds, beyond the connect timeout, that a request waits for RabbitMQ's confirms."""
 RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 10.0
 
@@ -170,12 +176,16 @@ class PublisherBroker:
         self._run_connected(
             lambda c: self._publish(c, body, request_id, future), future.set_exception
         )
+        # A confirm takes milliseconds; one that does not come (a clustered stream that lost
+        # its majority never confirms; RabbitMQ gives up after 30 s) must not hold the caller.
+        wait = self._connect_timeout + CONFIRM_GRACE
         try:
-            future.result(timeout=self._connect_timeout + 30)
+            future.result(timeout=wait)
         except FutureTimeout:
             raise BrokerUnavailable(
-                f"RabbitMQ at {self.where} did not confirm the request within "
-                f"{self._connect_timeout + 30:g}s; it may or may not have been published"
+                f"RabbitMQ at {self.where} did not confirm the request within {wait:g}s (a "
+                "RabbitMQ cluster that lost most of its nodes cannot store it); it may or may "
+                "not have been published"
             ) from None
 
     def read_presence(self, since: float, timeout: float) -> list[bytes]:
@@ -641,13 +651,30 @@ class PublisherBroker:
         current.connection.channel(on_open_callback=on_channel)
 
     def _shut_down(self) -> None:
+        """Closes the connection, then stops the loop once it is closed. A broker that does
+        not answer the close (one whose cluster lost its majority), or a connection still
+        opening, gets its socket dropped after a moment: nothing is left open."""
         loop = self._loop
+        if loop is None:
+            return
         current = self._current
-        if current is not None and current.connection.is_open:
-            current.connection.close()
-        if loop is not None:
-            # give the close a moment to go out, then stop the loop
-            loop.call_later(0.2, loop.stop)
+        connection = current.connection if current is not None else None
+        if connection is not None and connection.is_open:
+            connection.close()
+        started = time.monotonic()
+
+        def stop_when_closed(dropped: bool) -> None:
+            waited = time.monotonic() - started
+            if connection is None or connection.is_closed or waited > 2 * CLOSE_WAIT:
+                loop.stop()
+                return
+            if waited > CLOSE_WAIT and not dropped:
+                with contextlib.suppress(Exception):  # whatever state pika is in
+                    connection._adapter_disconnect_stream()  # noqa: SLF001
+                dropped = True
+            loop.call_later(0.02, lambda: stop_when_closed(dropped))
+
+        stop_when_closed(False)
 
 
 def _what(item: topo.Declaration) -> str:
