@@ -124,6 +124,8 @@ class PublisherBroker:
         """Who this connection publishes as: the AMQP ``user_id`` on every request, which
         RabbitMQ checks against the connection's user, so workers can trust it."""
         self._may_not_configure = False
+        self._retired: list[Any] = []
+        """Connections given up on that may still be closing (the I/O thread's)."""
         self._connect_timeout = connect_timeout
         self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
@@ -444,6 +446,10 @@ class PublisherBroker:
         if current is None or current.connection is not connection:
             return
         self._current = None
+        # A connection given up on may still be closing: closing the publisher waits for it.
+        self._retired = [c for c in self._retired if not c.is_closed]
+        if not connection.is_closed:
+            self._retired.append(connection)
         lost = _Lost(f"lost the connection to RabbitMQ at {self.where}: {error}")
         for ticket in {id(t): t for t in current.tickets.values() if t is not None}.values():
             if not ticket.future.done():
@@ -658,19 +664,23 @@ class PublisherBroker:
         if loop is None:
             return
         current = self._current
-        connection = current.connection if current is not None else None
-        if connection is not None and connection.is_open:
-            connection.close()
+        connections = list(self._retired)
+        if current is not None:
+            connections.append(current.connection)
+            if current.connection.is_open:
+                current.connection.close()
         started = time.monotonic()
 
         def stop_when_closed(dropped: bool) -> None:
             waited = time.monotonic() - started
-            if connection is None or connection.is_closed or waited > 2 * CLOSE_WAIT:
+            open_ones = [c for c in connections if not c.is_closed]
+            if not open_ones or waited > 2 * CLOSE_WAIT:
                 loop.stop()
                 return
             if waited > CLOSE_WAIT and not dropped:
-                with contextlib.suppress(Exception):  # whatever state pika is in
-                    connection._adapter_disconnect_stream()  # noqa: SLF001
+                for connection in open_ones:
+                    with contextlib.suppress(Exception):  # whatever state pika is in
+                        connection._adapter_disconnect_stream()  # noqa: SLF001
                 dropped = True
             loop.call_later(0.02, lambda: stop_when_closed(dropped))
 
