@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import serving.settings
-from contract import DEFAULT_AMQP_URL
 from serving.settings import (
     BROKER_ROWS,
     LOG_FORMAT,
     POLICY_ROWS,
+    BrokerAndPolicy,
     InvalidSetting,
     Setting,
     broker_tls,
@@ -26,13 +25,7 @@ __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
 
 
 @dataclass(frozen=True)
-class GatewaySettings:
-    amqp_url: str = DEFAULT_AMQP_URL
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    allowed_images: tuple[str, ...] = ()
-    require_digest: bool = False
+class GatewaySettings(BrokerAndPolicy):
     http_port: int = 5017
     sha: str | None = None
     log_format: str = "auto"

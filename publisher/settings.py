@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from contract import DEFAULT_AMQP_URL
-from serving.settings import BROKER_ROWS, POLICY_ROWS, Setting, check_table, read
+from serving.settings import BROKER_ROWS, POLICY_ROWS, BrokerAndPolicy, Setting, check_table, read
 
 __all__ = ["SETTINGS", "PublisherSettings"]
 
 
 @dataclass(frozen=True)
-class PublisherSettings:
-    amqp_url: str = DEFAULT_AMQP_URL
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    allowed_images: tuple[str, ...] = ()
-    require_digest: bool = False
-
+class PublisherSettings(BrokerAndPolicy):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PublisherSettings:
         """Raises :class:`serving.settings.InvalidSetting` naming the variable at fault.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from contract import Misconfigured
+from contract import DEFAULT_AMQP_URL, Misconfigured
 from contract.connection import BrokerTls, check_url
 from contract.policy import ALLOWED_IMAGES as ALLOWED_IMAGES_ENV
 from contract.policy import REQUIRE_DIGEST as REQUIRE_DIGEST_ENV
@@ -185,8 +185,7 @@ TLS_KEY_FILE = Setting(
     "PULLER_TLS_KEY_FILE", "tls_key_file", "for `amqps://`: the client certificate's key", Path
 )
 BROKER_ROWS = (AMQP_URL, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE)
-"""Fields ``amqp_url: str`` and ``tls_ca_file``, ``tls_cert_file``, ``tls_key_file``:
-``Path | None``."""
+"""Rows of :class:`BrokerAndPolicy`'s broker fields."""
 
 ALLOWED_IMAGES = Setting(
     ALLOWED_IMAGES_ENV,
@@ -202,28 +201,24 @@ REQUIRE_DIGEST = Setting(
     boolean,
 )
 POLICY_ROWS = (ALLOWED_IMAGES, REQUIRE_DIGEST)
-"""Fields ``allowed_images: tuple[str, ...]`` and ``require_digest: bool``."""
+"""Rows of :class:`BrokerAndPolicy`'s policy fields."""
 
 
-class BrokerFields(Protocol):
-    @property
-    def amqp_url(self) -> str: ...
-    @property
-    def tls_ca_file(self) -> Path | None: ...
-    @property
-    def tls_cert_file(self) -> Path | None: ...
-    @property
-    def tls_key_file(self) -> Path | None: ...
+@dataclass(frozen=True)
+class BrokerAndPolicy:
+    """The fields of :data:`BROKER_ROWS` and :data:`POLICY_ROWS`: every program that talks to
+    RabbitMQ builds its settings on these."""
+
+    amqp_url: str = field(default=DEFAULT_AMQP_URL, repr=False)  # it holds a password
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allowed_images: tuple[str, ...] = ()
+    """Normalised repository prefixes; empty: every image (see :mod:`contract.policy`)."""
+    require_digest: bool = False
 
 
-class PolicyFields(Protocol):
-    @property
-    def allowed_images(self) -> tuple[str, ...]: ...
-    @property
-    def require_digest(self) -> bool: ...
-
-
-def broker_tls(settings: BrokerFields) -> BrokerTls:
+def broker_tls(settings: BrokerAndPolicy) -> BrokerTls:
     """The TLS files of ``settings``; raises :class:`InvalidSetting` when they do not fit the
     URL (TLS files with ``amqp://``, a missing file, a certificate without its key)."""
     tls = BrokerTls(settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
@@ -238,5 +233,5 @@ def broker_tls(settings: BrokerFields) -> BrokerTls:
     return tls
 
 
-def image_policy(settings: PolicyFields) -> ImagePolicy:
+def image_policy(settings: BrokerAndPolicy) -> ImagePolicy:
     return ImagePolicy(settings.allowed_images, settings.require_digest)

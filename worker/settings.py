@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import serving.settings
-from contract import DEFAULT_AMQP_URL, PRESENCE_INTERVAL
+from contract import PRESENCE_INTERVAL
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 from serving.settings import (
     BROKER_ROWS,
     LOG_FORMAT,
     POLICY_ROWS,
+    BrokerAndPolicy,
     InvalidSetting,
     Setting,
     broker_tls,
@@ -38,14 +39,7 @@ __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
-    amqp_url: str = DEFAULT_AMQP_URL
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    allowed_images: tuple[str, ...] = ()
-    """Normalised repository prefixes; empty: every image (see :mod:`contract.policy`)."""
-    require_digest: bool = False
+class WorkerSettings(BrokerAndPolicy):
     allowed_publishers: frozenset[str] | None = None
     """AMQP users whose requests are taken; ``None``: anyone who may publish."""
     max_requests_per_minute: int = 0
