@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from contract import topology as topo
 from contract.errors import BrokerUnavailable, Misconfigured
@@ -25,8 +26,10 @@ NOT_FOUND = 404
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 
-CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
-"""What a broken or refused connection raises in pika."""
+CONNECTION_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
+"""What a broken or refused connection raises in pika. A broker that accepts the TCP
+connection and then says nothing raises ``AMQPConnectorStackTimeout``, which is none of
+pika's ``AMQPError``: without it here, a silent broker node stopped the worker."""
 
 
 _ENCODE = "(characters such as # / ? @ % in a user name or password must be percent-encoded)"

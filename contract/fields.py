@@ -184,6 +184,99 @@ class OptionalBool:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """``true`` or ``false``; absent (from older peers) is ``false``."""
+
+    def dump(self, value: bool) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> bool:
+        value = fields.get(key, False)
+        if not isinstance(value, bool):
+            raise InvalidMessage(f"{key!r} must be true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class OptionalSeconds:
+    """A finite number, 0 or more, or ``null``/absent for ``None``."""
+
+    def dump(self, value: float | None) -> object:
+        return value
+
+    def load(self, fields: dict[str, Any], key: str) -> float | None:
+        if fields.get(key) is None:
+            return None
+        return Seconds().load(fields, key)
+
+
+@dataclass(frozen=True)
+class Images:
+    """A list of image references (normalised), at most ``max_items``; absent is empty."""
+
+    max_items: int
+
+    def dump(self, value: tuple[ImageReference, ...]) -> object:
+        return [str(image) for image in value]
+
+    def load(self, fields: dict[str, Any], key: str) -> tuple[ImageReference, ...]:
+        value = fields.get(key, [])
+        if not isinstance(value, list):
+            raise InvalidMessage(f"{key!r} must be an array, not {json_type(value)}")
+        if len(value) > self.max_items:
+            raise InvalidMessage(f"{key!r} holds {len(value)} items; at most {self.max_items}")
+        return tuple(Image().load({"item": item}, "item") for item in value)
+
+
+@dataclass(frozen=True)
+class Texts:
+    """A list of strings, at most ``max_items``; absent is empty."""
+
+    max_items: int
+    max_length: int = MAX_TEXT_LENGTH
+
+    def dump(self, value: tuple[str, ...]) -> object:
+        return list(value)
+
+    def load(self, fields: dict[str, Any], key: str) -> tuple[str, ...]:
+        value = fields.get(key, [])
+        if not isinstance(value, list):
+            raise InvalidMessage(f"{key!r} must be an array, not {json_type(value)}")
+        if len(value) > self.max_items:
+            raise InvalidMessage(f"{key!r} holds {len(value)} items; at most {self.max_items}")
+        return tuple(Text(self.max_length).load({key: item}, key) for item in value)
+
+
+@dataclass(frozen=True)
+class Records(Generic[T]):
+    """A list of objects, each decoded by ``item`` (a message-like type with ``FIELDS``)."""
+
+    item: Any
+    max_items: int
+
+    def dump(self, value: tuple[T, ...]) -> object:
+        return [
+            {f.key: f.codec.dump(getattr(record, f.attribute)) for f in self.item.FIELDS}
+            for record in value
+        ]
+
+    def load(self, fields: dict[str, Any], key: str) -> tuple[T, ...]:
+        value = fields.get(key, [])
+        if not isinstance(value, list):
+            raise InvalidMessage(f"{key!r} must be an array, not {json_type(value)}")
+        if len(value) > self.max_items:
+            raise InvalidMessage(f"{key!r} holds {len(value)} items; at most {self.max_items}")
+        records = []
+        for item in value:
+            if not isinstance(item, dict):
+                raise InvalidMessage(f"each item of {key!r} must be an object")
+            records.append(
+                self.item(**{f.attribute: f.codec.load(item, f.key) for f in self.item.FIELDS})
+            )
+        return tuple(records)
+
+
+@dataclass(frozen=True)
 class Choice(Generic[_E]):
     """One of an enum's values; ``allowed`` narrows which ones may be sent."""
 

@@ -25,13 +25,18 @@ from contract.fields import (
     Count,
     Failure,
     Field,
+    Flag,
     Identifier,
     Image,
+    Images,
     OptionalBool,
     OptionalIdentifier,
+    OptionalSeconds,
     OptionalText,
+    Records,
     Seconds,
     Text,
+    Texts,
     json_type,
 )
 from contract.reference import ImageReference
@@ -83,12 +88,22 @@ class Status(StrEnum):
 
     PULLED = "pulled"
     PRESENT = "present"
+    ABSENT = "absent"
+    """Only in answer to a :class:`CheckRequest`: the node does not have the image."""
     FAILED = "failed"
     NO_REPLY = "no_reply"
     """Never sent by a node: a publisher's word for an expected node that did not answer."""
 
 
-WIRE_STATUSES = (Status.PULLED, Status.PRESENT, Status.FAILED)
+WIRE_STATUSES = (Status.PULLED, Status.PRESENT, Status.ABSENT, Status.FAILED)
+
+
+class Lane(StrEnum):
+    """How urgent a pull is. A worker starts a ``session`` pull before any queued ``warm``
+    one; a value this side does not know (from a newer publisher) is read as ``session``."""
+
+    SESSION = "session"
+    WARM = "warm"
 
 
 def new_request_id() -> str:
@@ -105,6 +120,11 @@ class PullRequest(Message):
     session_id: str | None = None
     """Whose session asked (the HTTP API's ``id``), so the workers' logs can be traced by
     session; absent from older publishers."""
+    lane: Lane = Lane.SESSION
+    """``warm`` for bulk warm-ups, which wait behind every session pull (absent: session)."""
+    refresh: bool = False
+    """Pull even when the node has an image of that name, so that a tag that moved in the
+    registry is followed (an older worker ignores it and answers ``present``)."""
 
     TYPE: ClassVar[str] = "pull"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
@@ -112,16 +132,140 @@ class PullRequest(Message):
         Field("image", Image()),
         Field("requested_at", Seconds()),
         Field("session_id", OptionalIdentifier()),
+        Field("lane", Choice(Lane, default=Lane.SESSION, unknown=Lane.SESSION)),
+        Field("refresh", Flag()),
     )
 
     @classmethod
-    def new(cls, image: ImageReference, session_id: str | None = None) -> PullRequest:
+    def new(
+        cls,
+        image: ImageReference,
+        session_id: str | None = None,
+        *,
+        lane: Lane = Lane.SESSION,
+        refresh: bool = False,
+    ) -> PullRequest:
         return cls(
             image=image,
             request_id=new_request_id(),
             requested_at=time.time(),
             session_id=session_id,
+            lane=lane,
+            refresh=refresh,
         )
+
+
+@dataclass(frozen=True)
+class CheckRequest(Message):
+    """Asks every node whether it has ``image``, pulling nothing. Each answers with a
+    :class:`NodeResult`: ``present`` (with image id and digest) or ``absent``. Not kept in
+    the history: a node that was away has nothing to answer later."""
+
+    image: ImageReference
+    request_id: str
+    requested_at: float
+
+    TYPE: ClassVar[str] = "check"
+    FIELDS: ClassVar[tuple[Field[Any], ...]] = (
+        Field("request_id", Identifier()),
+        Field("image", Image()),
+        Field("requested_at", Seconds()),
+    )
+
+    @classmethod
+    def new(cls, image: ImageReference) -> CheckRequest:
+        return cls(image=image, request_id=new_request_id(), requested_at=time.time())
+
+
+MAX_KEEP_IMAGES = 200
+"""At most this many images on a prune's keep list (the message must stay under 16 kB)."""
+MAX_REMOVALS_LISTED = 40
+"""A prune answer lists at most this many removed images (``removed_count`` counts all)."""
+
+
+@dataclass(frozen=True)
+class PruneRequest(Message):
+    """Asks every node to remove images unused for ``unused_for`` seconds, except those a
+    container uses and those on ``keep``. Each answers with a :class:`PruneResult`. Not kept
+    in the history: a node that was away does not prune later by surprise."""
+
+    request_id: str
+    requested_at: float
+    unused_for: float
+    keep: tuple[ImageReference, ...] = ()
+    dry_run: bool = False
+
+    TYPE: ClassVar[str] = "prune"
+    FIELDS: ClassVar[tuple[Field[Any], ...]] = (
+        Field("request_id", Identifier()),
+        Field("requested_at", Seconds()),
+        Field("unused_for", Seconds()),
+        Field("keep", Images(MAX_KEEP_IMAGES)),
+        Field("dry_run", Flag()),
+    )
+
+    @classmethod
+    def new(
+        cls, unused_for: float, keep: tuple[ImageReference, ...] = (), dry_run: bool = False
+    ) -> PruneRequest:
+        return cls(
+            request_id=new_request_id(),
+            requested_at=time.time(),
+            unused_for=unused_for,
+            keep=keep,
+            dry_run=dry_run,
+        )
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One image a prune removed (or, in a dry run, would remove)."""
+
+    image_id: str
+    names: tuple[str, ...]
+    size: int
+    last_used: float | None
+
+    FIELDS: ClassVar[tuple[Field[Any], ...]] = (
+        Field("image_id", Text(200)),
+        Field("names", Texts(20, 512)),
+        Field("size", Count()),
+        Field("last_used", OptionalSeconds()),
+    )
+
+
+@dataclass(frozen=True)
+class PruneResult(Message):
+    """One node's answer to a :class:`PruneRequest`."""
+
+    request_id: str
+    node: str
+    seconds: float
+    dry_run: bool
+    removed: tuple[Removed, ...] = ()
+    """The first :data:`MAX_REMOVALS_LISTED` removed, oldest-unused first."""
+    removed_count: int = 0
+    bytes_freed: int = 0
+    """Bytes the removed images took (in a dry run: would free). Layers another image
+    still shares are counted too: the engine's own sizes do not say which are shared."""
+    kept_in_use: int = 0
+    kept_listed: int = 0
+    error: NodeError | None = None
+    """Set when the node could not prune at all (its engine did not answer)."""
+
+    TYPE: ClassVar[str] = "prune_result"
+    FIELDS: ClassVar[tuple[Field[Any], ...]] = (
+        Field("request_id", Identifier()),
+        Field("node", Text(MAX_NODE_NAME_LENGTH)),
+        Field("seconds", Seconds()),
+        Field("dry_run", Flag()),
+        Field("removed", Records[Removed](Removed, MAX_REMOVALS_LISTED)),
+        Field("removed_count", Count(default=0)),
+        Field("bytes_freed", Count(default=0)),
+        Field("kept_in_use", Count(default=0)),
+        Field("kept_listed", Count(default=0)),
+        Field("error", Failure()),
+    )
 
 
 @dataclass(frozen=True)
@@ -259,12 +403,35 @@ class HistoryMarker(Message):
     )
 
 
-def decode_reply(body: bytes) -> NodeResult | NodeProgress:
-    """A message on a reply queue: a node's final result or a progress report."""
+Request = PullRequest | CheckRequest | PruneRequest
+"""What a node's live queue carries."""
+
+
+def decode_request(body: bytes) -> Request:
+    """A message on a node's queue. A type this side does not know is an error, which the
+    worker answers with a ``failed`` result of kind ``invalid_request`` naming the type:
+    that is how an older worker answers a newer request type."""
+    fields = load_body(body, None)
+    kinds: tuple[type[Request], ...] = (PullRequest, CheckRequest, PruneRequest)
+    for kind in kinds:
+        if fields.get("type") == kind.TYPE:
+            return kind.from_fields(fields)
+    _of_type(fields, *kinds)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+Reply = NodeResult | NodeProgress | PruneResult
+
+
+def decode_reply(body: bytes) -> Reply:
+    """A message on a reply queue: a node's final result, a progress report, or a node's
+    answer to a prune."""
     fields = load_body(body, None)
     if fields.get("type") == NodeProgress.TYPE:
         return NodeProgress.from_fields(fields)
-    return NodeResult.from_fields(_of_type(fields, NodeResult, NodeProgress))
+    if fields.get("type") == PruneResult.TYPE:
+        return PruneResult.from_fields(fields)
+    return NodeResult.from_fields(_of_type(fields, NodeResult, NodeProgress, PruneResult))
 
 
 def decode_history(body: bytes) -> PullRequest | HistoryMarker:

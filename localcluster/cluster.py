@@ -224,14 +224,17 @@ class LocalCluster:
             raise
         self._write_state()
 
-    def add_node(self, name: str) -> WorkerProcess:
+    def add_node(self, name: str, amqp_url: str | None = None) -> WorkerProcess:
+        """A node's engine and worker, both serving when it returns; ``amqp_url``: the
+        worker's own ``PULLER_AMQP_URL`` (the cluster's by default), say to put another
+        broker node of a cluster first."""
         engine = NodeEngine(name, self.root / name)
         self.engines.append(engine)
         engine.start()
         worker = WorkerProcess(
             node=name,
             docker_host=engine.docker_host,
-            amqp_url=self.amqp_url,
+            amqp_url=amqp_url or self.amqp_url,
             log_path=self.root / name / "worker.log",
             extra_env=dict(self.worker_env),
         )

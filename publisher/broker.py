@@ -81,6 +81,15 @@ class _Ticket:
     returned: bool = False
     refused: bool = False
 
+    @property
+    def in_history(self) -> bool:
+        return self.unconfirmed_at_start == 2
+
+    unconfirmed_at_start: int = 0
+
+    def __post_init__(self) -> None:
+        self.unconfirmed_at_start = self.unconfirmed
+
 
 @dataclass
 class _Connection:
@@ -170,13 +179,14 @@ class PublisherBroker:
 
     # -- what callers use (any thread) --------------------------------------------------------
 
-    def publish_request(self, body: bytes, request_id: str) -> None:
-        """Publishes the request to the live workers and to the history, and waits for the
-        broker's confirm of both (sent together). Raises :class:`NoNodes` when no worker
-        queue was bound, :class:`BrokerUnavailable` otherwise."""
+    def publish_request(self, body: bytes, request_id: str, history: bool = True) -> None:
+        """Publishes the request to the live workers and (unless ``history`` is false: a
+        check or a prune) to the history, and waits for the broker's confirm of both (sent
+        together). Raises :class:`NoNodes` when no worker queue was bound,
+        :class:`BrokerUnavailable` otherwise."""
         future: Future[None] = Future()
         self._run_connected(
-            lambda c: self._publish(c, body, request_id, future), future.set_exception
+            lambda c: self._publish(c, body, request_id, future, history), future.set_exception
         )
         # A confirm takes milliseconds; one that does not come (a clustered stream that lost
         # its majority never confirms; RabbitMQ gives up after 30 s) must not hold the caller.
@@ -232,9 +242,11 @@ class PublisherBroker:
         on_lost: Callable[[BaseException], None],
     ) -> None:
         """Runs ``operation`` on the I/O thread with a ready connection; waits at most the
-        connect timeout for one (failing at once if an attempt made now fails). If the
-        connection is gone by the time the loop runs it, ``on_lost`` gets the error."""
-        deadline = time.monotonic() + self._connect_timeout
+        connect timeout per broker for one (failing at once when every broker was tried
+        and failed; a broker that accepts the connection and says nothing takes the whole
+        timeout before the next is tried). If the connection is gone by the time the loop
+        runs it, ``on_lost`` gets the error."""
+        deadline = time.monotonic() + self._connect_timeout * len(self._candidates)
         self._wait_ready(deadline, fail_on_error=True)
         loop = self._loop
         if loop is None:
@@ -250,6 +262,7 @@ class PublisherBroker:
         loop.add_callback_threadsafe(run)
 
     def _wait_ready(self, deadline: float, fail_on_error: bool) -> None:
+        started = time.monotonic()
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable(f"the publisher for {self.where} is closed")
@@ -265,6 +278,8 @@ class PublisherBroker:
             if self._ready is not None:
                 return
             error = self._last_error
+            if self._failures == failures:  # an attempt is still running
+                error = f"no broker answered within {deadline - started:.0f}s"
         at = f" at {self.where}" if len(self._candidates) == 1 else ""
         raise BrokerUnavailable(
             f"cannot connect to RabbitMQ{at}: {error}. "
@@ -487,7 +502,12 @@ class PublisherBroker:
         self._connect_now()
 
     def _publish(
-        self, current: _Connection, body: bytes, request_id: str, future: Future[None]
+        self,
+        current: _Connection,
+        body: bytes,
+        request_id: str,
+        future: Future[None],
+        history: bool = True,
     ) -> None:
         """Live first (so a worker meets the live copy before the history's and skips the
         latter at no cost); a request that reached no worker is still recorded."""
@@ -495,7 +515,7 @@ class PublisherBroker:
         if channel is None or not channel.is_open:
             future.set_exception(_Lost(f"lost the connection to RabbitMQ at {self.where}"))
             return
-        ticket = _Ticket(future, unconfirmed=2)
+        ticket = _Ticket(future, unconfirmed=2 if history else 1)
         current.by_request[request_id] = ticket
         self._send(
             current,
@@ -511,6 +531,8 @@ class PublisherBroker:
             ),
             mandatory=True,
         )
+        if not history:
+            return
         self._send(
             current,
             ticket,
@@ -574,9 +596,13 @@ class PublisherBroker:
                 NoNodes(
                     f"no nodes: no worker queue is bound to exchange {topo.PULLS.name!r} at "
                     f"{self.where}, so no node received the request. Start puller-worker on "
-                    "the nodes (with the same PULLER_AMQP_URL and vhost); the request is in "
-                    "the history, so workers that start within its window will still pull "
-                    "the image."
+                    "the nodes (with the same PULLER_AMQP_URL and vhost)."
+                    + (
+                        " The request is in the history, so workers that start within its "
+                        "window will still pull the image."
+                        if ticket.in_history
+                        else ""
+                    )
                 )
             )
         else:

@@ -26,7 +26,7 @@ from contract import (
 )
 from contract import topology as topo
 from contract.connection import BrokerTls
-from publisher import broker_setup
+from publisher import broker_setup, fleet_commands
 from publisher.client import DEFAULT_TIMEOUT, Publisher
 from publisher.live_view import LiveView
 from publisher.report import PullReport
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "pull": lambda: _pull(args, sys.stdout, sys.stderr),
         "nodes": lambda: _nodes(args, sys.stdout),
         "broker-setup": lambda: _broker_setup(args, sys.stdout, sys.stderr),
+        "warm": lambda: _with_publisher(args, fleet_commands.run_warm),
+        "status": lambda: _with_publisher(args, fleet_commands.run_status),
+        "prune": lambda: _with_publisher(args, fleet_commands.run_prune),
     }
     command = commands.get(args.command)
     if command is None:
@@ -82,7 +85,30 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     pull = commands.add_parser("pull", help="pull IMAGE onto every node and report per node")
     pull.add_argument("image", metavar="IMAGE", help="e.g. cyberdojofoundation/gcc_assert:93eefc6")
-    which = pull.add_mutually_exclusive_group()
+    _which_nodes(pull)
+    pull.add_argument(
+        "--refresh",
+        action="store_true",
+        help="pull again where the node has the image, to follow a tag that moved in the "
+        "registry (nodes whose image did not change answer 'present')",
+    )
+    pull.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"wait at most this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    pull.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    fleet_commands.add_parsers(commands, _which_nodes, _positive_float)
+    nodes = commands.add_parser("nodes", help="list the live nodes")
+    nodes.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_broker_setup(commands)
+    return parser
+
+
+def _which_nodes(command: argparse.ArgumentParser) -> None:
+    which = command.add_mutually_exclusive_group()
     which.add_argument(
         "--expect",
         type=_positive_int,
@@ -95,18 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="A,B",
         help="wait for these nodes (default: every node in the roster)",
     )
-    pull.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"wait at most this long (default {DEFAULT_TIMEOUT:g})",
-    )
-    pull.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    nodes = commands.add_parser("nodes", help="list the live nodes")
-    nodes.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_broker_setup(commands)
-    return parser
+
+
+def _with_publisher(
+    args: argparse.Namespace,
+    command: Callable[[argparse.Namespace, Publisher, TextIO, TextIO], int],
+) -> int:
+    with Publisher(args.amqp_url) as publisher:
+        return command(args, publisher, sys.stdout, sys.stderr)
 
 
 def _add_broker_setup(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -226,6 +248,7 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 timeout=args.timeout,
                 on_progress=view.progress if view else None,
                 on_result=view.result if view else None,
+                refresh=args.refresh,
             )
             if view is not None:
                 view.close()

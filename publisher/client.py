@@ -12,16 +12,20 @@ import structlog
 
 from contract import (
     DEFAULT_AMQP_URL,
+    MAX_KEEP_IMAGES,
     PRESENCE_INTERVAL,
     BrokerUnavailable,
+    CheckRequest,
     Forbidden,
     ImageReference,
     InvalidMessage,
+    Lane,
     Misconfigured,
     NodePresence,
     NodeProgress,
     NodeResult,
     NoNodes,
+    PruneRequest,
     PullRequest,
     RosterMarker,
     Status,
@@ -31,8 +35,8 @@ from contract import (
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
-from publisher.replies import Event, ReplyBook
-from publisher.report import PullReport
+from publisher.replies import REQUESTS_REMEMBERED, Answer, Event, ReplyBook
+from publisher.report import PruneReport, PullReport, StatusReport, WarmReport
 from publisher.roster import NodeInfo, build_roster
 from publisher.settings import PublisherSettings
 from serving.settings import image_policy
@@ -52,6 +56,8 @@ WAKE_INTERVAL = 0.5
 
 ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
+MAX_WARM_IMAGES = REQUESTS_REMEMBERED
+"""At most this many images in one :meth:`Publisher.warm` (their answers are all kept)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,8 @@ class Publisher:
         if found is None:
             return None
         image, results = found
-        ordered = tuple(results[node] for node in sorted(results))
+        pulled = _pull_results(results)
+        ordered = tuple(pulled[node] for node in sorted(pulled))
         return KnownRequest(request_id, image, ordered)
 
     def nodes(self) -> list[NodeInfo]:
@@ -190,8 +197,13 @@ class Publisher:
         timeout: float = DEFAULT_TIMEOUT,
         on_progress: ProgressCallback | None = None,
         on_result: ResultCallback | None = None,
+        refresh: bool = False,
     ) -> PullReport:
         """Requests ``image`` and waits, at most ``timeout`` seconds, for the nodes' answers.
+
+        With ``refresh``, nodes that have an image of that name pull it again, so that a
+        tag moved in the registry is followed: a node whose image did not change answers
+        ``present``, one that got the new image ``pulled``.
 
         Waits for ``expect`` nodes, or for the ``nodes`` named, or (neither given) for
         every node in the roster. An expected node that does not answer in time is in the
@@ -202,43 +214,23 @@ class Publisher:
         publisher reconnects and publishes the request again (same id), so that nodes
         whose answers were lost answer again; the report's ``notes`` say so.
         """
-        if expect is not None and nodes is not None:
-            raise ValueError("give expect or nodes, not both")
-        if expect is not None and expect < 1:
-            raise ValueError("expect must be at least 1")
         reference = self.check(image)
-        wanted: set[str] | None = None
-        if nodes is not None:
-            wanted = set(nodes)
-            if not wanted:
-                raise ValueError("nodes names no node")
-        elif expect is None:
-            wanted = {info.node for info in self.nodes()}
+        wanted = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
-        request = PullRequest.new(reference)
+        request = PullRequest.new(reference, refresh=refresh)
         self._publish(request, watch=True)
         try:
-            answered, notes = self._collect(
+            collected, notes = self._collect(
                 request, expect, wanted, started + timeout, on_progress, on_result
             )
         finally:
             self._replies.unwatch(request.request_id)
-        waited = round(time.monotonic() - started, 6)
-        missing = (expect - len(answered)) if expect is not None else 0
-        silent = set(wanted or ())
-        if expect is not None and missing > 0:
-            # Who was there when the pull began? Asked only now, and only when someone
-            # is missing: the roster costs a stream read the common case need not pay.
-            silent = self._roster_names(since=began - self.roster_max_age)
-            if not silent - answered.keys():
-                notes.append(
-                    f"only a count was known: {missing} of {expect} expected node(s) did not "
-                    "answer, and the roster named none that was silent"
-                )
+        answered = _pull_results(collected)
+        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
         no_reply = [
             NodeResult(request.request_id, node, str(reference), Status.NO_REPLY, waited)
-            for node in sorted(silent - answered.keys())
+            for node in sorted(silent)
         ]
         return PullReport(
             request_id=request.request_id,
@@ -249,6 +241,170 @@ class Publisher:
             wanted=frozenset(wanted) if wanted is not None else None,
         )
 
+    def status(
+        self,
+        image: str | ImageReference,
+        *,
+        expect: int | None = None,
+        nodes: Iterable[str] | None = None,
+        timeout: float = 10.0,
+    ) -> StatusReport:
+        """Asks every node whether it has ``image``, pulling nothing: per node ``present``
+        (image id, digest), ``absent``, ``failed`` or ``no_reply``. Nodes whose digests
+        differ for the same name are the report's :attr:`~StatusReport.drift`. Which nodes
+        are waited for: as :meth:`pull`."""
+        reference = self.check(image)
+        wanted = self._wanted(expect, nodes)
+        began = time.time()
+        started = time.monotonic()
+        request = CheckRequest.new(reference)
+        self._publish(request, history=False)
+        collected, notes = self._collect(request, expect, wanted, started + timeout)
+        answered = _pull_results(collected)
+        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
+        no_reply = [
+            NodeResult(request.request_id, node, str(reference), Status.NO_REPLY, waited)
+            for node in sorted(silent)
+        ]
+        return StatusReport(
+            request_id=request.request_id,
+            image=str(reference),
+            nodes=tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node)),
+            notes=tuple(notes),
+        )
+
+    def warm(
+        self,
+        images: Iterable[str | ImageReference],
+        *,
+        expect: int | None = None,
+        nodes: Iterable[str] | None = None,
+        timeout: float = 3600.0,
+        on_update: Callable[[WarmReport], None] | None = None,
+    ) -> WarmReport:
+        """Puts every image of ``images`` on every node, behind any session's pull: each
+        node works through them at its ``PULLER_MAX_CONCURRENT_PULLS``, and starts a
+        session's pull (:meth:`request`, :meth:`pull`) before any warm-up still queued.
+
+        Every image is checked before anything is published (an invalid or forbidden one
+        raises, nothing is sent). Waits at most ``timeout`` seconds for every node to
+        answer for every image; ``on_update`` gets the report so far about twice a second
+        (progress per node: images answered, bytes). Which nodes are waited for: as
+        :meth:`pull`.
+        """
+        references = list(dict.fromkeys(self.check(image) for image in images))
+        if not references:
+            raise ValueError("no image to warm up")
+        if len(references) > MAX_WARM_IMAGES:
+            raise ValueError(
+                f"{len(references)} images; at most {MAX_WARM_IMAGES} in one warm-up "
+                "(split the list)"
+            )
+        wanted = self._wanted(expect, nodes)
+        began = time.time()
+        started = time.monotonic()
+        deadline = started + timeout
+        requests = [PullRequest.new(reference, lane=Lane.WARM) for reference in references]
+        report = WarmReport.start(tuple(str(r) for r in references), expect, wanted)
+        try:
+            for request in requests:
+                self._publish(request, watch=True)
+            pending = [request.request_id for request in requests]
+            while pending:
+                self._replies.wait(pending[0], lambda _: False, deadline, wake_every=WAKE_INTERVAL)
+                for request_id in pending:
+                    # Hands over what came (progress and answers) without waiting.
+                    self._replies.wait(request_id, lambda _: True, 0.0, report.take)
+                pending = [request_id for request_id in pending if not report.finished(request_id)]
+                if on_update is not None:
+                    on_update(report)
+                if time.monotonic() >= deadline:
+                    break
+        finally:
+            for request in requests:
+                self._replies.unwatch(request.request_id)
+        notes: list[str] = []
+        silent, _ = self._silent(expect, wanted, report.nodes_answered(), began, started, notes)
+        return report.finish(
+            requests=tuple(request.request_id for request in requests),
+            silent=frozenset(silent),
+            notes=tuple(notes),
+        )
+
+    def prune(
+        self,
+        unused_for: float,
+        *,
+        keep: Iterable[str | ImageReference] = (),
+        dry_run: bool = False,
+        expect: int | None = None,
+        nodes: Iterable[str] | None = None,
+        timeout: float = 120.0,
+    ) -> PruneReport:
+        """Asks every node to remove the images it has not used for ``unused_for`` seconds,
+        oldest-unused first, never one a container (running or stopped) uses, never one in
+        ``keep``; with ``dry_run``, each node only says what it would remove. Which nodes
+        are waited for: as :meth:`pull`."""
+        if unused_for < 0:
+            raise ValueError("unused_for must be 0 or more seconds")
+        kept = tuple(dict.fromkeys(_reference(image) for image in keep))
+        if len(kept) > MAX_KEEP_IMAGES:
+            raise ValueError(f"{len(kept)} images to keep; at most {MAX_KEEP_IMAGES}")
+        wanted = self._wanted(expect, nodes)
+        began = time.time()
+        started = time.monotonic()
+        request = PruneRequest.new(unused_for, kept, dry_run)
+        self._publish(request, history=False)
+        collected, notes = self._collect(request, expect, wanted, started + timeout)
+        silent, _ = self._silent(expect, wanted, collected.keys(), began, started, notes)
+        return PruneReport(
+            request_id=request.request_id,
+            dry_run=dry_run,
+            answers=tuple(collected[node] for node in sorted(collected)),
+            no_reply=tuple(sorted(silent)),
+            notes=tuple(notes),
+        )
+
+    def _wanted(self, expect: int | None, nodes: Iterable[str] | None) -> set[str] | None:
+        if expect is not None and nodes is not None:
+            raise ValueError("give expect or nodes, not both")
+        if expect is not None and expect < 1:
+            raise ValueError("expect must be at least 1")
+        if nodes is not None:
+            wanted = set(nodes)
+            if not wanted:
+                raise ValueError("nodes names no node")
+            return wanted
+        if expect is None:
+            return {info.node for info in self.nodes()}
+        return None
+
+    def _silent(
+        self,
+        expect: int | None,
+        wanted: set[str] | None,
+        answered: Iterable[str],
+        began: float,
+        started: float,
+        notes: list[str],
+    ) -> tuple[set[str], float]:
+        """The expected nodes that did not answer (by name, where known), and the seconds
+        waited; a note when only a count was known."""
+        answered = set(answered)
+        waited = round(time.monotonic() - started, 6)
+        missing = (expect - len(answered)) if expect is not None else 0
+        silent = set(wanted or ())
+        if expect is not None and missing > 0:
+            # Who was there when the request began? Asked only now, and only when someone
+            # is missing: the roster costs a stream read the common case need not pay.
+            silent = self._roster_names(since=began - self.roster_max_age)
+            if not silent - answered:
+                notes.append(
+                    f"only a count was known: {missing} of {expect} expected node(s) did not "
+                    "answer, and the roster named none that was silent"
+                )
+        return silent - answered, waited
+
     def results(
         self, request_id: str, *, expect: int | None = None, timeout: float = 0.0
     ) -> tuple[NodeResult, ...]:
@@ -257,21 +413,27 @@ class Publisher:
         Answers to the last 1,000 requests of this publisher are kept.
         """
 
-        def enough(results: dict[str, NodeResult]) -> bool:
+        def enough(results: dict[str, Answer]) -> bool:
             return expect is not None and len(results) >= expect
 
-        answered = self._replies.wait(request_id, enough, time.monotonic() + timeout)
+        answered = _pull_results(self._replies.wait(request_id, enough, time.monotonic() + timeout))
         return tuple(answered[node] for node in sorted(answered))
 
-    def _publish(self, request: PullRequest, watch: bool = False) -> None:
-        self._replies.track(request.request_id, str(request.image), watch=watch)
+    def _publish(
+        self,
+        request: PullRequest | CheckRequest | PruneRequest,
+        watch: bool = False,
+        history: bool = True,
+    ) -> None:
+        image = None if isinstance(request, PruneRequest) else str(request.image)
+        self._replies.track(request.request_id, image, watch=watch)
         try:
-            self._broker.publish_request(request.encode(), request.request_id)
+            self._broker.publish_request(request.encode(), request.request_id, history=history)
         except NoNodes as error:
             if watch:
                 self._replies.unwatch(request.request_id)
             raise NoNodes(str(error), request.request_id) from None
-        log.debug("requested", request_id=request.request_id, image=str(request.image))
+        log.debug("requested", request_id=request.request_id, type=request.TYPE, image=image)
 
     def _roster_names(self, since: float) -> set[str]:
         try:
@@ -281,16 +443,17 @@ class Publisher:
 
     def _collect(
         self,
-        request: PullRequest,
+        request: PullRequest | CheckRequest | PruneRequest,
         expect: int | None,
         wanted: set[str] | None,
         deadline: float,
-        on_progress: ProgressCallback | None,
-        on_result: ResultCallback | None,
-    ) -> tuple[dict[str, NodeResult], list[str]]:
+        on_progress: ProgressCallback | None = None,
+        on_result: ResultCallback | None = None,
+    ) -> tuple[dict[str, Answer], list[str]]:
         """Waits for the answers, reconnecting and asking again if the connection is lost."""
+        history = isinstance(request, PullRequest)
 
-        def done(results: dict[str, NodeResult]) -> bool:
+        def done(results: dict[str, Answer]) -> bool:
             if expect is not None:
                 return len(results) >= expect
             return bool(wanted) and wanted is not None and wanted <= results.keys()
@@ -299,7 +462,7 @@ class Publisher:
             if isinstance(event, NodeProgress):
                 if on_progress is not None:
                     on_progress(event)
-            elif on_result is not None:
+            elif on_result is not None and isinstance(event, NodeResult):
                 on_result(event)
 
         epoch, asked_again, lost_at = self._broker.epoch, 0, None
@@ -317,7 +480,9 @@ class Publisher:
                 asked_again += 1
                 log.info("reconnected while waiting; asking again", request_id=request.request_id)
                 try:
-                    self._broker.publish_request(request.encode(), request.request_id)
+                    self._broker.publish_request(
+                        request.encode(), request.request_id, history=history
+                    )
                 except (NoNodes, BrokerUnavailable) as error:
                     log.info("asking again failed", error=str(error))
         notes = []
@@ -334,6 +499,12 @@ class Publisher:
                 f"{time.monotonic() - lost_at:.1f}s of the wait: answers sent then are lost"
             )
         return results, notes
+
+
+def _pull_results(answers: dict[str, Answer]) -> dict[str, NodeResult]:
+    """The answers that are results of a pull or check (a node that answers a pull with a
+    prune's answer breaks the contract: it is left out)."""
+    return {node: answer for node, answer in answers.items() if isinstance(answer, NodeResult)}
 
 
 def _reference(image: str | ImageReference) -> ImageReference:

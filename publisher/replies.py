@@ -15,14 +15,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from contract import InvalidMessage, NodeProgress, NodeResult, decode_reply
+from contract import InvalidMessage, NodeProgress, NodeResult, PruneResult, decode_reply
 
 log = logging.getLogger("puller.publisher.replies")
 
 REQUESTS_REMEMBERED = 1000
 
-Event = NodeProgress | NodeResult
-Condition = Callable[[dict[str, NodeResult]], bool]
+Answer = NodeResult | PruneResult
+"""A node's final answer to a request (a prune has its own)."""
+Event = NodeProgress | Answer
+Condition = Callable[[dict[str, Answer]], bool]
 
 
 @dataclass
@@ -35,7 +37,7 @@ class _Waiter:
 @dataclass
 class _Request:
     image: str | None = None
-    results: dict[str, NodeResult] = field(default_factory=dict)
+    results: dict[str, Answer] = field(default_factory=dict)
     """The first result from each node (a node asked again answers again; the first counts)."""
     events: deque[Event] = field(default_factory=deque)
     """Progress and results not yet handed to a waiting caller (only while one watches)."""
@@ -91,7 +93,7 @@ class ReplyBook:
                     extra={"request_id": message.request_id, "node": message.node},
                 )
                 return
-            if isinstance(message, NodeResult):
+            if not isinstance(message, NodeProgress):
                 if message.node in request.results:
                     return
                 request.results[message.node] = message
@@ -99,11 +101,11 @@ class ReplyBook:
                 request.events.append(message)
             for waiter in request.waiters:
                 if waiter.wants_events or (
-                    isinstance(message, NodeResult) and waiter.done(request.results)
+                    not isinstance(message, NodeProgress) and waiter.done(request.results)
                 ):
                     waiter.wake.set()
 
-    def lookup(self, request_id: str) -> tuple[str | None, dict[str, NodeResult]] | None:
+    def lookup(self, request_id: str) -> tuple[str | None, dict[str, Answer]] | None:
         """The image and the answers so far of a request this publisher made and still
         remembers; ``None`` for any other."""
         with self._lock:
@@ -117,7 +119,7 @@ class ReplyBook:
         deadline: float,
         on_event: Callable[[Event], None] | None = None,
         wake_every: float | None = None,
-    ) -> dict[str, NodeResult]:
+    ) -> dict[str, Answer]:
         """Waits until ``done(results)`` or the deadline (``time.monotonic()``), handing each
         progress report and result to ``on_event`` on this thread as it arrives. With
         ``wake_every``, returns at least that often (so the caller can look around)."""

@@ -28,15 +28,23 @@ class Admission:
     policy: ImagePolicy = field(default_factory=ImagePolicy)
     publishers: frozenset[str] | None = None
 
-    def refusal(self, image: ImageReference, asked_by: str | None) -> PullFailed | None:
-        """Why this request is refused (``forbidden``), or ``None``."""
+    def publisher_refusal(self, asked_by: str | None, outcome: str) -> PullFailed | None:
+        """``forbidden`` when ``asked_by`` is not an allowed publisher; ``outcome`` says
+        what was therefore not done."""
         if self.publishers is not None and asked_by not in self.publishers:
             who = f"publisher {asked_by!r}" if asked_by else "a request with no user_id"
             return PullFailed(
                 ErrorKind.FORBIDDEN,
                 f"{who} is not in {ALLOWED_PUBLISHERS} ({', '.join(sorted(self.publishers))}); "
-                f"{image} was not pulled",
+                f"{outcome}",
             )
+        return None
+
+    def refusal(self, image: ImageReference, asked_by: str | None) -> PullFailed | None:
+        """Why this request is refused (``forbidden``), or ``None``."""
+        refused = self.publisher_refusal(asked_by, f"{image} was not pulled")
+        if refused is not None:
+            return refused
         reason = self.policy.refusal(image)
         if reason is not None:
             return PullFailed(ErrorKind.FORBIDDEN, f"{reason}; it was not pulled")

@@ -13,6 +13,7 @@ latest progress of each request), and so do callbacks.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pika.exceptions
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel as Channel
 
-from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, PullerError
+from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, PullerError
 from contract import topology as topo
 from contract.connection import (
     ACCESS_REFUSED,
@@ -38,6 +39,7 @@ from contract.connection import (
     describe,
     where,
 )
+from contract.messages import Message
 from worker.model import Delivery
 
 log = structlog.get_logger("worker.broker")
@@ -92,7 +94,7 @@ class WorkerBroker:
         self._consumer_tag: str | None = None
         self._owner: int | None = None
         self._lock = threading.Lock()
-        self._waiting_answers: list[tuple[Delivery, NodeResult | None, bool]] = []
+        self._waiting_answers: list[tuple[Delivery, Message | None, bool]] = []
         self._waiting_progress: dict[tuple[str, str], tuple[Delivery, NodeProgress]] = {}
         self._waiting_calls: list[Callable[[], None]] = []
         self._hops = 0
@@ -335,7 +337,19 @@ class WorkerBroker:
 
     # -- any thread --------------------------------------------------------------------------
 
-    def answer(self, delivery: Delivery, result: NodeResult | None, refuse: bool = False) -> None:
+    def acknowledge(self, delivery: Delivery) -> Delivery:
+        """Acks ``delivery`` now, before it is served, and returns it marked so that its
+        answer is sent without a second ack. For warm-ups: unacked they would fill the
+        prefetch window and hold a session's request back in the broker. Nothing is lost
+        by it: the request is in the history, and the worker saves its place there only
+        when it has nothing unanswered. Any thread."""
+        self._on_connection_thread(
+            lambda: self._send_ack(delivery),
+            waiting=lambda: None,  # the channel is gone: the broker has put it back
+        )
+        return dataclasses.replace(delivery, acked=True)
+
+    def answer(self, delivery: Delivery, result: Message | None, refuse: bool = False) -> None:
         """Replies ``result`` to the delivery's ``reply_to`` (if any) and acks the delivery;
         with ``refuse``, rejects it without requeue instead (a message that can never be
         served; a stream takes acks only). Any thread; kept for the next connection while
@@ -427,7 +441,16 @@ class WorkerBroker:
         for callback in calls:
             callback()
 
-    def _send_answer(self, delivery: Delivery, result: NodeResult | None, refuse: bool) -> None:
+    def _send_ack(self, delivery: Delivery) -> None:
+        channel = self._channel_of(delivery)
+        if channel is None:
+            return
+        try:
+            channel._impl.basic_ack(delivery.tag)  # noqa: SLF001 - see _send_answer
+        except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
+            log.warning("could not acknowledge; the connection was lost", error=describe(error))
+
+    def _send_answer(self, delivery: Delivery, result: Message | None, refuse: bool) -> None:
         """Connection thread: the reply, then the ack, in one write. A reply to a delivery
         from a closed channel still goes out (the requester may be waiting); its ack cannot
         (the broker has already put the message back)."""
@@ -435,7 +458,7 @@ class WorkerBroker:
             if result is not None and delivery.reply_to:
                 self._reply(delivery.reply_to, delivery.correlation_id, result.encode())
             channel = self._channel_of(delivery)
-            if channel is None:
+            if channel is None or delivery.acked:
                 return
             # Queued on the channel underneath: it goes out with the reply in one write
             # when the connection's loop next runs, which is at once (we are inside it).

@@ -29,11 +29,14 @@ import structlog
 
 from contract import (
     BrokerUnavailable,
+    CheckRequest,
     ErrorKind,
     InvalidMessage,
+    Lane,
     NodeResult,
     NodeState,
-    PullRequest,
+    PruneRequest,
+    decode_request,
 )
 from contract import topology as topo
 from serving.http import Response, json_response
@@ -45,11 +48,15 @@ from worker.engine import DockerConfig, DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
 from worker.metrics import WorkerMetrics
-from worker.model import Delivery, ImageStore
+from worker.model import Delivery, ImageStore, PrunableStore
 from worker.presence import PresenceAnnouncer
+from worker.prune_requests import PruneRequests
+from worker.pruning import DiskWatch, Housekeeping, Pruner, engine_disk
+from worker.pull_through import PullThrough
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
+from worker.usage import USAGE_FILE, Observers, UsageLog
 
 log = structlog.get_logger("worker")
 
@@ -58,6 +65,9 @@ RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 30.0
 CANCEL_GRACE = 5.0
 """Seconds, after cancelling, to send the ``cancelled`` replies."""
+WARM_IN_HAND_LIMIT = 10_000
+"""Warm-ups a worker acknowledges on receipt and keeps in memory (a few hundred bytes
+each); beyond this, they stay unacknowledged in the broker like session requests."""
 
 
 class Worker:
@@ -71,6 +81,7 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.metrics = WorkerMetrics()
+        self.usage = UsageLog(settings.state_dir / USAGE_FILE)
         self.admission = Admission(image_policy(settings), settings.allowed_publishers)
         self._breaker = RegistryBreaker(settings.registry_cooldown)
         self._store = store or DockerEngine(
@@ -78,6 +89,11 @@ class Worker:
             stall_timeout=settings.stall_timeout,
             pull_timeout=settings.pull_timeout,
             docker_config=DockerConfig(settings.docker_config),
+            pull_through=(
+                PullThrough(settings.pull_through_caches, self.metrics.cache_outcome)
+                if settings.pull_through_caches
+                else None
+            ),
         )
         self._service = PullService(
             settings.node_name,
@@ -86,7 +102,7 @@ class Worker:
             RetryPolicy(attempts=1 + settings.pull_retries, first_delay=settings.retry_delay),
             self._breaker,
             NotFoundMemory(settings.not_found_memory),
-            observer=self.metrics,
+            observer=Observers(self.metrics, self.usage),
             admission=self.admission,
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)
@@ -114,6 +130,8 @@ class Worker:
             settings.history_max_age,
             metrics=self.metrics,
         )
+        self.image_pruner, self._housekeeping = self._pruning(settings)
+        self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
         self._presence = PresenceAnnouncer(
             settings.node_name, self._store, settings.presence_interval, self._catch_up.status
         )
@@ -129,6 +147,29 @@ class Worker:
         self._draining = False
         self._not_connected_because = "not connected to RabbitMQ yet"
 
+    def _pruning(self, settings: WorkerSettings) -> tuple[Pruner | None, Housekeeping]:
+        """The pruner (for ``prune`` requests; ``None`` when the store cannot prune) and the
+        housekeeping thread (the usage log, and the disk high-water mode when set)."""
+        store = self._store
+        if not isinstance(store, PrunableStore):
+            if settings.disk_high_water is not None:
+                log.warning("this image store cannot prune; PULLER_DISK_HIGH_WATER is ignored")
+            return None, Housekeeping(self.usage, None, None, settings.disk_check_interval)
+        pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned)
+        watch = None
+        if settings.disk_high_water is not None:
+            data_root = settings.docker_data_root
+            watch = DiskWatch(
+                pruner,
+                lambda: engine_disk(store, data_root),
+                settings.disk_high_water,
+                settings.disk_low_water,
+                settings.prune_keep_file,
+                settings.prune_min_idle,
+                on_disk=self.metrics.disk_checked,
+            )
+        return pruner, Housekeeping(self.usage, pruner, watch, settings.disk_check_interval)
+
     def run(self, stopping: threading.Event) -> None:
         self.start()
         self.serve(stopping)
@@ -136,6 +177,7 @@ class Worker:
 
     def start(self) -> None:
         self._store.start()
+        self._housekeeping.start()
         if self._health is not None:
             self._health.start()
         self._presence.start()
@@ -208,7 +250,9 @@ class Worker:
         if self._service.unfinished:
             log.warning("stopping with requests unanswered", unanswered=self._service.unfinished)
         self._service.shutdown(wait=False)
+        self._pruner.shutdown()
         self._broker.close()
+        self._housekeeping.stop()
         self._store.close()
         if self._health is not None:
             self._health.stop()
@@ -217,9 +261,10 @@ class Worker:
     # -- the connection's thread ------------------------------------------------------------
 
     def _on_live(self, delivery: Delivery) -> None:
-        """A live request: decode it, then hand it to the pull service. Never raises."""
+        """A live request: decode it, then hand it to the pull service (a check too; a
+        prune to the pruner). Never raises."""
         try:
-            request = PullRequest.decode(delivery.body)
+            request = decode_request(delivery.body)
         except InvalidMessage as error:
             self._refuse(delivery, str(error))
             return
@@ -227,7 +272,17 @@ class Worker:
             log.exception("decoding failed unexpectedly")
             self._refuse(delivery, f"the worker could not decode the message: {error}")
             return
+        if isinstance(request, CheckRequest):
+            self._service.check(
+                request, partial(self._broker.answer, delivery), asked_by=delivery.user_id
+            )
+            return
+        if isinstance(request, PruneRequest):
+            self._pruner.serve(request, partial(self._broker.answer, delivery), delivery.user_id)
+            return
         self._catch_up.note_live(request)
+        if request.lane is Lane.WARM and self._service.warm_in_hand < WARM_IN_HAND_LIMIT:
+            delivery = self._broker.acknowledge(delivery)
         self._service.submit(
             request,
             partial(self._broker.answer, delivery),

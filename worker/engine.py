@@ -21,17 +21,22 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import docker
 import requests
+import structlog
 import urllib3
 from docker import auth as docker_auth
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from worker.image_index import ImageIndex, KnownImage
-from worker.model import ImageInfo, PullProgress
+from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
+from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
+
+log = structlog.get_logger("worker.engine")
 
 ENGINE_API_VERSION = "auto"
 
@@ -50,10 +55,14 @@ class DockerEngine:
         pull_timeout: float,
         inspect_timeout: float = 30.0,
         docker_config: DockerConfig | None = None,
+        pull_through: PullThrough | None = None,
     ) -> None:
         """``docker_config``: where registry logins come from; by default ``DOCKER_CONFIG``'s
-        ``config.json``, else ``~/.docker/config.json``, as the docker CLI looks."""
+        ``config.json``, else ``~/.docker/config.json``, as the docker CLI looks.
+        ``pull_through``: registries whose layers come through a cache in the cluster (see
+        :mod:`worker.pull_through`)."""
         self._docker_host = docker_host
+        self._pull_through = pull_through
         self._docker_config = docker_config or DockerConfig.from_environment()
         self._stall_timeout = stall_timeout
         self._pull_timeout = pull_timeout
@@ -104,12 +113,20 @@ class DockerEngine:
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
     ) -> ImageInfo:
-        """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`."""
+        """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`.
+
+        When ``image``'s registry has a pull-through cache, its layers are fetched through
+        the cache first (never a failure: see :mod:`worker.pull_through`); the pull of
+        ``image`` itself then finds them here and fetches only the upstream's manifest."""
         api = self._api_or_unavailable()
         if self._cancelling.is_set():
             raise _cancelled(image)
         started = time.monotonic()
         login = self._docker_config.login(image.domain)
+        cache = self._pull_through.cache_for(image.domain) if self._pull_through else None
+        cache_name: str | None = None
+        if cache is not None:
+            cache_name = self._through_cache(api, cache, image, login, started, on_progress)
         response: requests.Response | None = None
         try:
             response = self._start_pull(api, image, login)
@@ -123,6 +140,8 @@ class DockerEngine:
                 with self._lock:
                     self._open_streams.discard(response)
                 response.close()  # an abandoned stream makes the engine cancel the pull
+        if cache_name is not None:
+            self._forget_cache_name(api, cache_name)
         info = self.find_image(image)
         if info is None:
             raise PullFailed(
@@ -131,6 +150,107 @@ class DockerEngine:
                 "it may have been removed at once by another client",
             )
         return info
+
+    def _through_cache(
+        self,
+        api: docker.APIClient,
+        cache: str,
+        image: ImageReference,
+        login: RegistryLogin,
+        started: float,
+        on_progress: Callable[[PullProgress], None] | None,
+    ) -> str | None:
+        """Pulls ``image``'s layers as ``CACHE/PATH@DIGEST``, the upstream's digest; returns
+        that name, or ``None`` when the cache could not be used (logged; the pull then goes
+        direct). Raises :class:`PullFailed` only when the worker is cancelling."""
+        pull_through = self._pull_through
+        assert pull_through is not None  # noqa: S101 - the caller checked
+        try:
+            pull_through.check(cache)
+            digest = image.digest or self._upstream_digest(api, image, login)
+            through = ImageReference(cache, image.path, None, digest)
+            cache_login = self._docker_config.login(cache)
+            if cache_login.header is None:
+                # A cache that forwards logins (worker.blob_cache) needs the upstream's; one
+                # with its own login (docker-registry's proxy.username) ignores it.
+                cache_login = login
+            self._stream_pull(api, through, cache_login, started, on_progress)
+        except (CacheUnusable, PullFailed) as why:
+            if self._cancelling.is_set():
+                raise _cancelled(image) from None
+            if isinstance(why, PullFailed) and why.kind in _CACHE_DOWN_KINDS:
+                pull_through.mark_down(cache)
+            log.warning(
+                "pull-through cache not used; pulling directly",
+                image=str(image),
+                cache=cache,
+                reason=str(why),
+            )
+            pull_through.outcome(CacheOutcome.FALLBACK)
+            return None
+        pull_through.outcome(CacheOutcome.CACHE)
+        return str(through)
+
+    def _stream_pull(
+        self,
+        api: docker.APIClient,
+        image: ImageReference,
+        login: RegistryLogin,
+        started: float,
+        on_progress: Callable[[PullProgress], None] | None,
+    ) -> None:
+        """One pull through the engine's stream, to its end; raises :class:`PullFailed`."""
+        response: requests.Response | None = None
+        try:
+            response = self._start_pull(api, image, login)
+            self._follow(api, response, image, started, on_progress, login)
+        except PullFailed:
+            raise
+        except Exception as error:
+            raise self._failure(error, image, login, stream_open=response is not None) from None
+        finally:
+            if response is not None:
+                with self._lock:
+                    self._open_streams.discard(response)
+                response.close()
+
+    def _upstream_digest(
+        self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
+    ) -> str:
+        """The digest the upstream registry gives ``image`` now, asked through the engine
+        (its registry client, with the login a direct pull sends); raises
+        :class:`CacheUnusable`."""
+        headers = {} if login.header is None else {"X-Registry-Auth": login.header}
+        try:
+            response = api._get(  # noqa: SLF001 - inspect_distribution, with our login
+                api._url("/distribution/{0}/json", _engine_name(image)),  # noqa: SLF001
+                headers=headers,
+                timeout=self._inspect_timeout,
+            )
+            answer = api._result(response, json=True)  # noqa: SLF001
+        except docker.errors.APIError as error:
+            raise CacheUnusable(
+                f"the upstream's digest for {image} is unknown: {_api_error_text(error)}"
+            ) from None
+        except _TRANSPORT_ERRORS as error:
+            raise CacheUnusable(
+                f"the upstream's digest for {image} is unknown ({type(error).__name__})"
+            ) from None
+        descriptor = answer.get("Descriptor") if isinstance(answer, dict) else None
+        digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
+        if not isinstance(digest, str) or ":" not in digest:
+            raise CacheUnusable(f"the engine gave no digest for {image}")
+        return digest
+
+    def _forget_cache_name(self, api: docker.APIClient, name: str) -> None:
+        """Removes the cache's name of an image that now has the asked one too (the image
+        stays); a failure only leaves an extra name, so it is logged, not raised."""
+        try:
+            api.remove_image(name, noprune=True)
+        except docker.errors.ImageNotFound:
+            pass
+        except (docker.errors.APIError, *_TRANSPORT_ERRORS) as error:
+            log.warning("could not remove the cache's name", name=name, error=str(error))
 
     def _start_pull(
         self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
@@ -262,6 +382,66 @@ class DockerEngine:
             streams = list(self._open_streams)
         for response in streams:
             _cut(response)
+
+    # -- pruning (worker.model.PrunableStore, used by worker.pruning) ------------------------
+
+    def images(self) -> list[StoredImage]:
+        """Every image the engine lists (``docker images``, dangling ones included), with
+        each one's ``LastTagTime``, which only an inspect tells."""
+        with self._failures_as_pull_failed(None):
+            api = self._api()
+            listed = api.images()
+        found: list[StoredImage] = []
+        for entry in listed if isinstance(listed, list) else []:
+            image_id = entry.get("Id") if isinstance(entry, dict) else None
+            if not isinstance(image_id, str) or not image_id:
+                continue
+            try:
+                with self._failures_as_pull_failed(None):
+                    attrs = api.inspect_image(image_id)
+            except docker.errors.ImageNotFound:
+                continue  # removed since it was listed
+            found.append(_stored_image(image_id, entry, attrs))
+        return found
+
+    def images_in_use(self) -> set[str]:
+        """The image ids of every container, stopped and created ones included."""
+        with self._failures_as_pull_failed(None):
+            containers = self._api().containers(all=True)
+        return {
+            str(container["ImageID"])
+            for container in containers
+            if isinstance(container, dict) and container.get("ImageID")
+        }
+
+    def remove_image(self, image_id: str) -> bool:
+        """Removes the image and all its names, never by force; ``False``: it was gone.
+
+        The engine removes an image by id, names and all, only when its names are of one
+        repository with at most one tag; otherwise it asks for force. So the other names are
+        taken off first, one at a time and by name (the engine still refuses to take off an
+        image's last name while a container uses it), then the image goes by id. A refusal
+        because something uses it raises :class:`ImageInUse`; the names already taken off
+        stay off (pruning checks containers just before, so that takes a container made in
+        between).
+        """
+        try:
+            with self._failures_as_pull_failed(None):
+                api = self._api()
+                references = _references(api.inspect_image(image_id))
+                while not _removable_by_id(references):
+                    _delete_image(api, references[0])
+                    references = _references(api.inspect_image(image_id))
+                _delete_image(api, image_id)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def data_root(self) -> str:
+        """The engine's ``DockerRootDir``, as the engine sees that path."""
+        with self._failures_as_pull_failed(None):
+            answer = self._api().info()
+        return str(answer.get("DockerRootDir") or "")
 
     def close(self) -> None:
         self._index.stop()
@@ -464,6 +644,79 @@ def repository_digest(repo_digests: object, image: ImageReference) -> str | None
     return image.digest
 
 
+def _stored_image(image_id: str, entry: dict[str, Any], attrs: dict[str, Any]) -> StoredImage:
+    """An image from its entry in the engine's list and its inspect."""
+    size = entry.get("Size", attrs.get("Size"))
+    metadata = attrs.get("Metadata")
+    return StoredImage(
+        image_id=image_id,
+        names=tuple(_names(attrs.get("RepoTags"), "<none>:<none>")),
+        repo_digests=tuple(_names(attrs.get("RepoDigests"), "<none>@<none>")),
+        size_bytes=size if isinstance(size, int) and size >= 0 else 0,
+        created=_timestamp(attrs.get("Created")),
+        last_tagged=_timestamp(metadata.get("LastTagTime") if isinstance(metadata, dict) else None),
+    )
+
+
+def _names(value: object, none: str) -> list[str]:
+    """The strings of an engine's name list, without its placeholder for no name."""
+    listed = value if isinstance(value, list) else []
+    return [name for name in listed if isinstance(name, str) and name and name != none]
+
+
+def _timestamp(value: object) -> float | None:
+    """Seconds since the epoch from the engine's RFC 3339 time; ``None`` for Go's zero time
+    (``0001-01-01T00:00:00Z``: never) and anything unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.year <= 1:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _references(attrs: dict[str, Any]) -> list[str]:
+    """The image's names, tags first, then digest references."""
+    return _names(attrs.get("RepoTags"), "<none>:<none>") + _names(
+        attrs.get("RepoDigests"), "<none>@<none>"
+    )
+
+
+def _removable_by_id(references: list[str]) -> bool:
+    """Whether the engine removes an image with these names by id without force: all of one
+    repository, with at most one tag."""
+    repositories: set[str] = set()
+    tags = 0
+    for name in references:
+        try:
+            parsed = parse_reference(name)
+        except InvalidReference:
+            repositories.add(name)
+            continue
+        repositories.add(parsed.repository)
+        if "@" not in name:
+            tags += 1
+    return len(repositories) <= 1 and tags <= 1
+
+
+def _delete_image(api: docker.APIClient, name: str) -> None:
+    """``DELETE /images/NAME`` without force (and pruning untagged parents, as ``docker rmi``
+    does); a conflict (HTTP 409) raises :class:`ImageInUse`."""
+    try:
+        api.remove_image(name, force=False, noprune=False)
+    except docker.errors.ImageNotFound:
+        raise
+    except docker.errors.APIError as error:
+        if error.status_code == 409:
+            raise ImageInUse(_api_error_text(error)) from None
+        raise
+
+
 def _api_error_text(error: docker.errors.APIError) -> str:
     explanation = getattr(error, "explanation", None)
     return str(explanation or error)
@@ -478,6 +731,13 @@ def _engine_unavailable(where: str, error: BaseException) -> PullFailed:
 
 
 _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
+    (
+        # An engine stopping mid-pull (a dockerd restart) kills the child unpacking the layer;
+        # found by the churn soak. Unavailable, so retried (see worker.service.TRANSIENT_KINDS).
+        ErrorKind.ENGINE_UNAVAILABLE,
+        ("(signal: terminated)",),
+        "the node's Docker Engine was stopping; the pull is retried (PULLER_PULL_RETRIES)",
+    ),
     (
         ErrorKind.NO_SPACE,
         ("no space left on device",),
@@ -562,3 +822,9 @@ def _login_advice(registry: str, login: RegistryLogin | None) -> str:
     if login is None:
         return advice
     return f"{advice}; the worker looked in {login.source}: {login.problem}"
+
+
+_CACHE_DOWN_KINDS = frozenset(
+    {ErrorKind.STALLED, ErrorKind.REGISTRY_UNREACHABLE, ErrorKind.ENGINE_UNAVAILABLE}
+)
+"""Failures of a pull through a cache that say the cache is away: skip it for a while."""

@@ -14,6 +14,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from contract import ImageReference, NodeResult, PullFailed
 from serving.http import Response
+from worker.model import DiskUsage
+from worker.pruning import PruneOutcome
 
 PULL_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -44,6 +46,12 @@ class WorkerMetrics:
             "pulled_bytes", "Bytes the engine reported downloading, over all pull attempts"
         )
         self.in_flight = self._gauge("pulls_in_flight", "Pull attempts running now")
+        self.pull_through = self._counter(
+            "pull_through",
+            "Pulls from a registry with a pull-through cache, by how the layers came "
+            "('cache', or 'fallback': the cache could not be used and the pull went direct)",
+            "via",
+        )
         self.replayed = self._counter(
             "replayed", "History entries replayed (handed to the pull service) while catching up"
         )
@@ -64,6 +72,15 @@ class WorkerMetrics:
             "registries_down", "Registries known to be down now (their pulls fail at once)"
         )
         self.caught_up = self._gauge("caught_up", "1 once the node has replayed what it missed")
+        self.pruned_images = self._counter(
+            "pruned_images", "Images removed by pruning (on request, or over the disk's high mark)"
+        )
+        self.pruned_bytes = self._counter(
+            "pruned_bytes", "Bytes freed by pruning (the removed images' sizes, as the engine says)"
+        )
+        self.disk_used_percent = self._gauge(
+            "disk_used_percent", "Percent used of the engine's data disk, at the last check"
+        )
 
     def _counter(self, name: str, help_text: str, *labels: str) -> Counter:
         return Counter(f"puller_worker_{name}", help_text, labels, registry=self.registry)
@@ -93,6 +110,21 @@ class WorkerMetrics:
         self.pulls.labels("pulled" if failure is None else failure.kind.value).inc()
         self.pull_seconds.observe(seconds)
         self.pulled_bytes.inc(bytes_received)
+
+    def cache_outcome(self, via: str) -> None:
+        """From the engine: one pull from a registry with a pull-through cache."""
+        self.pull_through.labels(via).inc()
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    def pruned(self, outcome: PruneOutcome) -> None:
+        """A prune pass's outcome; a dry run removed nothing."""
+        if not outcome.dry_run:
+            self.pruned_images.inc(len(outcome.removed))
+            self.pruned_bytes.inc(outcome.bytes_freed)
+
+    def disk_checked(self, disk: DiskUsage) -> None:
+        self.disk_used_percent.set(disk.used_percent)
 
     # -- the health port ---------------------------------------------------------------------
 

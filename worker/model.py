@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from contract import ImageReference, NodeProgress, NodeResult, PullFailed
 
@@ -29,6 +29,9 @@ class Delivery:
     """Set when it comes from the history stream (a replay), not the node's live queue."""
     user_id: str | None = None
     """The AMQP ``user_id`` property: who published it, as the broker checked it."""
+    acked: bool = False
+    """Acknowledged on receipt (a warm-up: see ``WorkerBroker.acknowledge``); its answer is
+    sent without an ack."""
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,75 @@ class PullObserver(Protocol):
         bytes_received: int,
         failure: PullFailed | None,
     ) -> None: ...
+
+
+# -- what pruning needs of a store (see worker.pruning) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """One image the store holds, as pruning sees it."""
+
+    image_id: str
+    names: tuple[str, ...]
+    """``REPOSITORY:TAG`` names, as the engine spells them; empty for a dangling image."""
+    repo_digests: tuple[str, ...]
+    """``REPOSITORY@DIGEST`` references."""
+    size_bytes: int
+    """The engine's figure (``docker images`` SIZE): every layer, shared ones included."""
+    created: float | None
+    """When the image was built (seconds since the epoch); ``None`` when unknown. Not when
+    it came to this node."""
+    last_tagged: float | None
+    """When it was last tagged on this node (``Metadata.LastTagTime``: ``docker tag``,
+    build, import; a pull does not set it); ``None`` when never."""
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """The file system holding the store's data, as ``df`` shows it."""
+
+    path: str
+    total: int
+    used: int
+    free: int
+    """Bytes an unprivileged writer may still use."""
+
+    @property
+    def used_percent(self) -> float:
+        """``df``'s Use%: used over used plus free (blocks reserved for root left out)."""
+        usable = self.used + self.free
+        return 100.0 * self.used / usable if usable else 0.0
+
+
+class ImageInUse(Exception):
+    """The store refused to remove an image because something needs it now: a container
+    (running or stopped) uses it, or another image is built on it. Not a failure: the
+    image is kept."""
+
+
+@runtime_checkable
+class PrunableStore(Protocol):
+    """What pruning asks of an image store, beside :class:`ImageStore` (a separate protocol
+    so that stores which never prune, such as the test fakes, need not have it). Engine
+    failures are raised as ``PullFailed`` (kinds ``engine_unavailable``, ``engine_error``)."""
+
+    def images(self) -> list[StoredImage]:
+        """Every image the store holds, dangling ones included (intermediate build layers
+        that other images are built on are not listed)."""
+        ...
+
+    def images_in_use(self) -> set[str]:
+        """The ids of the images of every container, stopped ones included."""
+        ...
+
+    def remove_image(self, image_id: str) -> bool:
+        """Removes the image and every name it has, never by force; ``True`` when removed,
+        ``False`` when it was gone already. Raises :class:`ImageInUse` when the store
+        refuses because something uses it."""
+        ...
+
+    def data_root(self) -> str:
+        """Where the store keeps its data, as the store itself sees that path (the Docker
+        Engine's ``DockerRootDir``)."""
+        ...

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from contract import (
+    CheckRequest,
     ErrorKind,
     ImageReference,
+    Lane,
     NodeProgress,
     NodeResult,
     PullFailed,
@@ -55,9 +57,16 @@ PROGRESS_INTERVAL = 0.25
 """Seconds between progress messages for one pull: at most four a second per node."""
 
 TRANSIENT_KINDS = frozenset(
-    {ErrorKind.REGISTRY_UNREACHABLE, ErrorKind.REGISTRY_ERROR, ErrorKind.STALLED}
+    {
+        ErrorKind.REGISTRY_UNREACHABLE,
+        ErrorKind.REGISTRY_ERROR,
+        ErrorKind.STALLED,
+        ErrorKind.ENGINE_UNAVAILABLE,
+    }
 )
-"""Failures that may pass by themselves, and so are retried; the others are answered at once."""
+"""Failures that may pass by themselves, and so are retried; the others are answered at once.
+An engine that cannot be reached is one being restarted, as often as not: answered at once,
+the request was lost for this node (nothing asks again), found by the churn soak."""
 REGISTRY_ANSWERED_KINDS = frozenset(
     {ErrorKind.NOT_FOUND, ErrorKind.UNAUTHORIZED, ErrorKind.REGISTRY_ERROR}
 )
@@ -110,12 +119,19 @@ class PullService:
         self._lock = threading.Lock()
         self._pulls: dict[ImageReference, _Pull] = {}
         self._unfinished = 0
+        self._warm_unfinished = 0
 
     @property
     def unfinished(self) -> int:
         """Requests taken but not yet answered."""
         with self._lock:
             return self._unfinished
+
+    @property
+    def warm_in_hand(self) -> int:
+        """Warm-ups taken but not yet answered."""
+        with self._lock:
+            return self._warm_unfinished
 
     def submit(
         self,
@@ -134,6 +150,8 @@ class PullService:
         pull counts against the cap)."""
         with self._lock:
             self._unfinished += 1
+            if request.lane is Lane.WARM:
+                self._warm_unfinished += 1
         waiter = _Waiter(self, request, answer, progress, asked_by, live)
         refusal = self._admission.refusal(request.image, asked_by)
         if refusal is not None:
@@ -141,7 +159,7 @@ class PullService:
             waiter.finish(refusal)
             return
         try:
-            known = self._store.known_image(request.image)
+            known = None if request.refresh else self._store.known_image(request.image)
         except Exception:
             log.exception("the image index failed; asking the engine", **waiter.context)
             known = None
@@ -157,11 +175,21 @@ class PullService:
         except RuntimeError:  # shut down: the worker is stopping
             waiter.finish(_cancelled_before_start(request.image))
 
+    def _find(self, image: ImageReference) -> ImageInfo | None:
+        """The engine's answer; ``None`` also when it cannot be reached: the pull's attempts,
+        retried, find out whether it comes back (see :data:`TRANSIENT_KINDS`)."""
+        try:
+            return self._store.find_image(image)
+        except PullFailed as failure:
+            if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
+                return None
+            raise
+
     def _inspect(self, waiter: _Waiter) -> None:
         """Inspect thread: answer ``present`` at once, or queue (or join) the image's pull."""
         image = waiter.request.image
         try:
-            info = self._store.find_image(image)
+            info = self._find(image)
         except PullFailed as failure:
             waiter.finish(failure)
             return
@@ -169,21 +197,26 @@ class PullService:
             log.exception("checking the engine failed unexpectedly", **waiter.context)
             waiter.finish(_internal(error))
             return
-        if info is not None:
+        if info is not None and not waiter.request.refresh:
             waiter.finish(info, Status.PRESENT)
             return
+        waiter.had = info
+        warm = waiter.request.lane is Lane.WARM
         refusal = self._breaker.refusal(image)
+        hurry = False
         with self._lock:
             pull = self._pulls.get(image)
             if pull is not None:
                 pull.waiters.append(waiter)
                 joined = True
+                if pull.warm and not warm:
+                    pull.warm, hurry = False, True
             elif refusal is None and not self._cancelling.is_set():
                 # Only a request that would start a pull counts against the cap.
                 if waiter.live and self._limiter is not None:
                     refusal = self._limiter.refusal(image)
                 if refusal is None:
-                    pull = _Pull(image, [waiter])
+                    pull = _Pull(image, [waiter], warm=warm)
                     self._pulls[image] = pull
                     joined = False
         if pull is None:
@@ -193,9 +226,11 @@ class PullService:
             return
         if joined:
             log.info("joined a pull already in flight", **waiter.context)
+            if hurry:
+                self._slots.hurry(image.domain, pull)
             return
         pull.queued()
-        self._slots.add(image.domain, pull)
+        self._slots.add(image.domain, pull, warm=pull.warm)
 
     def _start(self, pull: _Pull) -> None:
         """A slot is granted: run the next attempt on a pull thread."""
@@ -203,7 +238,7 @@ class PullService:
         try:
             self._pullers.submit(self._attempt, pull)
         except RuntimeError:  # shut down
-            self._slots.release(pull.image.domain)
+            self._slots.release(pull.image.domain, pull)
             self._complete(pull, _cancelled_before_start(pull.image))
 
     def _attempt(self, pull: _Pull) -> None:
@@ -232,7 +267,7 @@ class PullService:
             self._breaker.answered(pull.image)
             self._not_found.forget(pull.image)
             bound.info("pulled", image_id=outcome.image_id, attempt=pull.attempt, seconds=seconds)
-            self._slots.release(pull.image.domain)
+            self._slots.release(pull.image.domain, pull)
             self._complete(pull, outcome)
             return
         self._attempt_failed(pull, outcome, seconds)
@@ -246,7 +281,7 @@ class PullService:
         elif failure.kind in REGISTRY_ANSWERED_KINDS:
             self._breaker.answered(image)
         self._not_found.remember(image, failure)
-        self._slots.release(image.domain)
+        self._slots.release(image.domain, pull)
         bound = log.bind(**pull.context, kind=failure.kind.value, error=failure.message)
         if transient and not last:
             delay = self._retry.delay(pull.attempt)
@@ -273,7 +308,7 @@ class PullService:
             self._complete(pull, _cancelled_before_start(pull.image))
             return
         pull.queued()
-        self._slots.add(pull.image.domain, pull)
+        self._slots.add(pull.image.domain, pull, warm=pull.warm)
 
     def _progress(self, pull: _Pull, progress: PullProgress) -> None:
         """Pull thread: forwards the engine's progress, throttled, to every waiting request;
@@ -300,11 +335,58 @@ class PullService:
                 del self._pulls[pull.image]
             waiters = list(pull.waiters)
         for waiter in waiters:
-            waiter.finish(outcome, Status.PULLED, queued=pull.queued_seconds(waiter.since))
+            status = Status.PULLED
+            had = waiter.had
+            if (
+                isinstance(outcome, ImageInfo)
+                and had is not None
+                and had.image_id == outcome.image_id
+            ):
+                status = (
+                    Status.PRESENT
+                )  # a refresh found the image unchanged: the tag had not moved
+            waiter.finish(outcome, status, queued=pull.queued_seconds(waiter.since))
 
-    def _answered(self) -> None:
+    def check(
+        self, request: CheckRequest, answer: AnswerCallback, *, asked_by: str | None = None
+    ) -> None:
+        """Answers whether the node has ``request.image`` (``present`` or ``absent``), from
+        memory when the image index knows it, else from one inspect; pulls nothing. Never
+        raises."""
+        with self._lock:
+            self._unfinished += 1
+        as_pull = PullRequest(request.image, request.request_id, request.requested_at)
+        waiter = _Waiter(self, as_pull, answer, None, asked_by, live=True)
+        refusal = self._admission.refusal(request.image, asked_by)
+        if refusal is not None:
+            log.warning("refused a check", reason=refusal.message, **waiter.context)
+            waiter.finish(refusal)
+            return
+        try:
+            self._inspectors.submit(self._check, waiter)
+        except RuntimeError:  # shut down: the worker is stopping
+            waiter.finish(_cancelled_before_start(request.image))
+
+    def _check(self, waiter: _Waiter) -> None:
+        try:
+            info = self._store.find_image(waiter.request.image)
+        except PullFailed as failure:
+            waiter.finish(failure)
+            return
+        except Exception as error:
+            log.exception("checking the engine failed unexpectedly", **waiter.context)
+            waiter.finish(_internal(error))
+            return
+        if info is None:
+            waiter.finish_absent()
+        else:
+            waiter.finish(info, Status.PRESENT)
+
+    def _answered(self, warm: bool) -> None:
         with self._lock:
             self._unfinished -= 1
+            if warm:
+                self._warm_unfinished -= 1
 
     def cancel(self) -> None:
         """Cancels running, queued and retrying pulls; each waiting request is answered
@@ -353,6 +435,8 @@ class _Waiter:
         self._progress = progress
         self._answered = False
         self._lock = threading.Lock()
+        self.had: ImageInfo | None = None
+        """For a refresh: the image the node had under that name before pulling."""
 
     def send_progress(self, progress: PullProgress) -> None:
         if self._progress is None:
@@ -369,6 +453,19 @@ class _Waiter:
         except Exception:
             log.exception("sending progress failed", **self.context)
 
+    def finish_absent(self) -> None:
+        """The answer to a check: the node does not have the image."""
+        self._hand_over(
+            NodeResult(
+                request_id=self.request.request_id,
+                node=self._service.node,
+                image=str(self.request.image),
+                status=Status.ABSENT,
+                seconds=round(time.monotonic() - self.since, 6),
+            ),
+            from_memory=False,
+        )
+
     def finish(
         self,
         outcome: ImageInfo | PullFailed,
@@ -376,10 +473,6 @@ class _Waiter:
         queued: float = 0.0,
         from_memory: bool = False,
     ) -> None:
-        with self._lock:
-            if self._answered:
-                return
-            self._answered = True
         found = outcome if isinstance(outcome, ImageInfo) else None
         result = NodeResult(
             request_id=self.request.request_id,
@@ -392,6 +485,13 @@ class _Waiter:
             digest=found.digest if found is not None else None,
             error=None if isinstance(outcome, ImageInfo) else outcome.as_node_error(),
         )
+        self._hand_over(result, from_memory)
+
+    def _hand_over(self, result: NodeResult, from_memory: bool) -> None:
+        with self._lock:
+            if self._answered:
+                return
+            self._answered = True
         try:
             self._service.observer.answered(result, from_memory)
         except Exception:
@@ -412,7 +512,7 @@ class _Waiter:
             # Counted as answered only once handed over: whoever drains (the worker
             # stopping) then sees either this request unfinished or its answer in the
             # broker's hands, never neither.
-            self._service._answered()  # noqa: SLF001 - the waiter is the service's own part
+            self._service._answered(self.request.lane is Lane.WARM)  # noqa: SLF001 - the waiter is the service's own part
 
 
 @dataclass
@@ -421,6 +521,8 @@ class _Pull:
 
     image: ImageReference
     waiters: list[_Waiter]
+    warm: bool = False
+    """In the warm lane: every waiting request is a warm-up (see :mod:`worker.slots`)."""
     attempt: int = 0
     bytes_received: int = 0
     last_progress: float = 0.0

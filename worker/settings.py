@@ -34,6 +34,8 @@ from worker.admission import (
     MAX_REQUESTS_PER_MINUTE,
     publisher_names,
 )
+from worker.pruning import DEFAULT_MIN_IDLE, KeepListError, read_keep_file
+from worker.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_routes
 
 __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 
@@ -49,6 +51,8 @@ class WorkerSettings(BrokerAndPolicy):
     """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
     docker_config: Path | None = None
     """``None``: ``~/.docker``, as the docker SDK looks (see ``worker.engine.DockerConfig``)."""
+    pull_through_caches: CacheRoutes = ()
+    """``(upstream, cache)`` pairs (see :mod:`worker.pull_through`); empty: none."""
     max_concurrent_pulls: int = 2
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0
@@ -64,6 +68,16 @@ class WorkerSettings(BrokerAndPolicy):
     history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
     state_dir: Path = Path("/var/lib/puller")
     health_port: int = 8080
+    disk_high_water: float | None = None
+    """Percent of the engine's data disk used at which unused images are removed; ``None``:
+    never automatically (see ``worker.pruning``)."""
+    disk_low_water: float | None = None
+    """Percent to prune down to; ``None``: 10 points under ``disk_high_water``."""
+    disk_check_interval: float = 60.0
+    prune_keep_file: Path | None = None
+    prune_min_idle: float = DEFAULT_MIN_IDLE
+    docker_data_root: Path | None = None
+    """The engine's data root as this worker sees it; ``None``: the engine's DockerRootDir."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -71,7 +85,24 @@ class WorkerSettings(BrokerAndPolicy):
         the variable and saying what is wrong."""
         settings = read(cls, SETTINGS, os.environ if env is None else env)
         broker_tls(settings)  # fails here, at start, on TLS files that do not fit the URL
+        _check_pruning(settings)
         return settings
+
+
+def _check_pruning(settings: WorkerSettings) -> None:
+    """The disk marks fit together, and a keep file is readable at start."""
+    high, low = settings.disk_high_water, settings.disk_low_water
+    if low is not None and high is None:
+        raise InvalidSetting("PULLER_DISK_LOW_WATER needs PULLER_DISK_HIGH_WATER")
+    if low is not None and high is not None and low >= high:
+        raise InvalidSetting(
+            f"PULLER_DISK_LOW_WATER={low:g} must be under PULLER_DISK_HIGH_WATER={high:g}"
+        )
+    if settings.prune_keep_file is not None:
+        try:
+            read_keep_file(settings.prune_keep_file)
+        except KeepListError as error:
+            raise InvalidSetting(f"PULLER_PRUNE_KEEP_FILE: {error}") from None
 
 
 def node_name(text: str) -> str:
@@ -116,6 +147,15 @@ SETTINGS: tuple[Setting, ...] = (
         "registries (the docker SDK's own variable; unset: `~/.docker`); read again at every "
         "pull, so a rotated Secret counts from the next pull",
         Path,
+    ),
+    Setting(
+        PULL_THROUGH_CACHES,
+        "pull_through_caches",
+        "comma-separated `UPSTREAM=CACHE` registry pairs (`HOST[:PORT]`, e.g. "
+        "`docker.io=cache.local:5002`): layers of images from UPSTREAM come through the "
+        "cluster's CACHE, so a slow uplink carries each image about once; a cache that is "
+        "down or fails means a direct pull and a warning, never a failure; unset: none",
+        cache_routes,
     ),
     Setting(
         "PULLER_MAX_CONCURRENT_PULLS",
@@ -212,6 +252,51 @@ SETTINGS: tuple[Setting, ...] = (
         whole_number,
         minimum=0,
         maximum=65535,
+    ),
+    Setting(
+        "PULLER_DISK_HIGH_WATER",
+        "disk_high_water",
+        "percent used of the engine's data disk at which the worker removes unused images, "
+        "oldest-unused first (never one a container uses or the keep list names); unset: never",
+        number,
+        minimum=1,
+        maximum=99,
+    ),
+    Setting(
+        "PULLER_DISK_LOW_WATER",
+        "disk_low_water",
+        "percent used to prune down to once over the high-water mark; unset: 10 under it",
+        number,
+        minimum=0,
+        maximum=98,
+    ),
+    Setting(
+        "PULLER_DISK_CHECK_INTERVAL",
+        "disk_check_interval",
+        "seconds between checks of the disk against `PULLER_DISK_HIGH_WATER`",
+        number,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_PRUNE_KEEP_FILE",
+        "prune_keep_file",
+        "a file of images never to remove automatically, one reference a line, `#` comments; "
+        "read again at each pass",
+        Path,
+    ),
+    Setting(
+        "PULLER_PRUNE_MIN_IDLE",
+        "prune_min_idle",
+        "seconds an image must have gone unused before the high-water mode may remove it",
+        number,
+        minimum=0,
+    ),
+    Setting(
+        "PULLER_DOCKER_DATA_ROOT",
+        "docker_data_root",
+        "the engine's data root as this worker sees it, for its disk figure (unset: the "
+        "engine's DockerRootDir, right only when the worker sees that path)",
+        Path,
     ),
 )
 

@@ -4,6 +4,7 @@ and say which; when none does, the error names each one and why."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -11,6 +12,7 @@ import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import BrokerUnavailable
+from localcluster.faults import BlackHole
 from localcluster.processes import free_port
 from publisher import Publisher
 from tests.integration.conftest import ROSTER_MAX_AGE, new_vhost, run_cli, start_cluster
@@ -56,3 +58,35 @@ def test_when_no_broker_answers_the_error_names_each(rabbitmq: RabbitMqContainer
     for dead in (first, second):
         assert str(urlsplit(dead).port) in str(raised.value)
     assert "guest:guest" not in str(raised.value)
+
+
+def black_hole_twin(url: str, hole: BlackHole) -> str:
+    """The same URL at a broker node that accepts connections and never says a word (a
+    node frozen, or a network that drops every packet after the handshake)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[0] + f"@{hole.address}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def test_a_silent_broker_node_first_costs_one_connect_timeout(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    url = new_vhost(rabbitmq)
+    hole = BlackHole()
+    brokers = f"{black_hole_twin(url, hole)},{url}"
+    cluster = start_cluster(brokers, nodes=1)  # the worker gives a node 10 s
+    try:
+        image = cluster.registry.push_files(
+            f"failover/{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+        )
+        started = time.monotonic()
+        with Publisher(brokers, connect_timeout=3, roster_max_age=ROSTER_MAX_AGE) as publisher:
+            report = publisher.pull(image, expect=1, timeout=60)
+        assert report.ok, report.to_json()
+        # The silent node is given up after the connect timeout, not TCP's minutes.
+        assert time.monotonic() - started < 3 + 30
+        assert hole.connections >= 2  # both the worker and the publisher tried it
+        assert "connected to another broker" in cluster.workers[0].log_path.read_text()
+    finally:
+        cluster.remove()
+        hole.close()

@@ -4,6 +4,7 @@ the history's leader went away meanwhile."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from contract import topology as topo
 from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster, WorkerProcess
 from publisher import Publisher
+from publisher.report import PullReport
 from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
 
@@ -101,6 +103,42 @@ def test_losing_the_workers_broker_node_during_a_pull_loses_nothing(
     assert all(engine_has(nodes, f"{proxy.address}/{name}:1").values())
     for worker in nodes.workers:
         assert worker.metric("puller_worker_broker_connections_total") >= 2
+
+
+def test_losing_the_publishers_broker_node_during_a_pull_still_gets_every_answer(
+    nodes: LocalCluster, broker_cluster: BrokerCluster, publisher: Publisher
+) -> None:
+    # The publisher is on broker node 2, the workers on node 1. Its reply queue dies with
+    # node 2: it must reconnect to another node and ask again, within pull()'s timeout.
+    proxy = TcpProxy(("127.0.0.1", nodes.registry.port))
+    outcome: dict[str, object] = {}
+    try:
+        proxy.throttle(THROTTLE)
+        name = f"failover/{uuid.uuid4().hex[:8]}"
+        nodes.registry.push_sized(name, "1", [LAYER])
+        image = f"{proxy.address}/{name}:1"
+        waiting = threading.Thread(
+            target=lambda: outcome.__setitem__("report", publisher.pull(image, timeout=90))
+        )
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while not all(w.metric("puller_worker_pulls_in_flight") >= 1 for w in nodes.workers):
+            assert time.monotonic() < deadline, "the pulls did not start"
+            time.sleep(0.05)
+        broker_cluster.stop_node(2, kill=True)
+        try:
+            waiting.join(timeout=120)
+        finally:
+            broker_cluster.start_node(2)
+    finally:
+        proxy.close()
+    report = outcome["report"]
+    assert isinstance(report, PullReport)
+    assert report.ok, report
+    assert sorted(r.node for r in report.nodes) == [w.node for w in nodes.workers]
+    assert all(r.status in (Status.PULLED, Status.PRESENT) for r in report.nodes)
+    assert any("published again" in note for note in report.notes), report.notes
+    assert all(engine_has(nodes, image).values())
 
 
 def test_a_node_that_was_away_catches_up_after_the_historys_leader_went_away(

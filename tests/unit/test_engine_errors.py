@@ -44,6 +44,10 @@ IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
         ("received unexpected HTTP status: 503 Service Unavailable", ErrorKind.REGISTRY_ERROR),
         ("write /var/lib/docker/tmp/x: no space left on device", ErrorKind.NO_SPACE),
         ("something nobody has seen before", ErrorKind.ENGINE_ERROR),
+        (
+            "failed to register layer: Error processing tar file(signal: terminated):",
+            ErrorKind.ENGINE_UNAVAILABLE,
+        ),
     ],
 )
 def test_engine_messages_are_classified(engine_message: str, kind: ErrorKind) -> None:

@@ -176,7 +176,7 @@ def test_a_result_carries_an_error_exactly_when_it_failed() -> None:
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"status": "done"}, "expected one of: pulled, present, failed"),
+        ({"status": "done"}, "expected one of: pulled, present, absent, failed"),
         ({"status": "failed", "error": "x"}, "'error' must be an object"),
         ({"seconds": "1"}, "'seconds' must be a number"),
         ({"node": ""}, "'node' is empty"),

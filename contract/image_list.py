@@ -1,0 +1,38 @@
+"""Files of image references, one a line: ``puller warm FILE``, ``puller prune --keep FILE``
+and the worker's ``PULLER_PRUNE_KEEP_FILE``.
+
+``#`` starts a comment (a reference never holds one); blank lines are skipped. A line that
+is not an image reference is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract.errors import InvalidReference
+from contract.reference import ImageReference, parse_reference
+
+
+def parse_image_list(text: str, source: str) -> tuple[ImageReference, ...]:
+    """The references in ``text``, normalised, in order, without repeats."""
+    images: dict[ImageReference, None] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.partition("#")[0].strip()
+        if not entry:
+            continue
+        try:
+            images[parse_reference(entry)] = None
+        except InvalidReference as error:
+            raise InvalidReference(f"{source}, line {number}: {error}") from None
+    return tuple(images)
+
+
+def read_image_list(path: Path) -> tuple[ImageReference, ...]:
+    """The references in the file ``path``; :class:`InvalidReference` for a bad line or a
+    file that cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise InvalidReference(f"{path} cannot be read: {reason}") from None
+    return parse_image_list(text, str(path))

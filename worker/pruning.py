@@ -1,0 +1,593 @@
+"""Eviction: which images a node removes, and removing them. No docker import: the store is
+a :class:`worker.model.PrunableStore`.
+
+The rules, in order, for every image the engine lists (dangling ones included):
+
+1. An image any container uses, running, stopped or only created, is never removed
+   (``kept_in_use``). Containers are listed once for the choice and again just before each
+   removal, and the engine itself refuses (a conflict, also counted here) to remove an image
+   a container uses, or one other images are built on; removal is never forced.
+2. An image on the keep list is never removed (``kept_listed``). It matches when one of its
+   names or repository digests is a keep reference, both normalised as ``docker pull`` does
+   (:func:`contract.parse_reference`): ``redis`` is ``docker.io/library/redis:latest``, so a
+   bare repository keeps its ``latest`` tag only, as Docker reads it; ``NAME:TAG`` keeps that
+   tag; ``NAME@DIGEST`` keeps the image with that repository digest; ``NAME:TAG@DIGEST``
+   keeps by the digest (the tag is ignored, as a pull ignores it).
+3. Of the rest, an image is a candidate when it has been unused at least
+   ``rule.unused_for`` seconds (if set) and ``rule.min_idle`` seconds. "Last used" is the
+   latest of: when this worker last answered ``pulled`` or ``present`` for it, when it was
+   last tagged on the node (``LastTagTime``), and when this worker first saw it on the
+   engine (see :mod:`worker.usage`). Its build time (``Created``) is no use date (a pull
+   keeps the build time, however old), so it only breaks ties. The newest container made
+   from an image would be a use date too, but an image with any container is never a
+   candidate, so it never counts.
+4. Candidates go oldest-unused first (then oldest built, then largest), until the rule's
+   byte budget (``rule.bytes_to_free``) or the caller's stop condition is met.
+
+Bytes freed are the removed images' sizes as the engine reports them (``docker images``
+SIZE): an upper bound when a removed image shares layers with one that stays. The
+automatic mode therefore stops by reading the disk again after each removal, not by sizes.
+
+The automatic mode (:class:`DiskWatch`): when the engine's data disk is at least
+``PULLER_DISK_HIGH_WATER`` percent used, candidates with no age rule but
+``PULLER_PRUNE_MIN_IDLE`` (an hour: an image just pulled for a session that is about to
+start is not taken) are removed until the disk is below ``PULLER_DISK_LOW_WATER`` (by default
+10 points under the high mark).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
+from worker.model import DiskUsage, ImageInUse, PrunableStore, StoredImage
+
+__all__ = [
+    "DiskUnreadable",
+    "DiskUsage",
+    "DiskWatch",
+    "Housekeeping",
+    "ImageInUse",
+    "KeepListError",
+    "PruneOutcome",
+    "PruneRule",
+    "Pruner",
+    "Removal",
+    "StoredImage",
+    "choose",
+    "disk_usage",
+    "engine_disk",
+    "is_kept",
+    "last_used",
+    "parse_keep_list",
+    "prune",
+    "read_keep_file",
+]
+
+log = structlog.get_logger("worker.pruning")
+
+DEFAULT_LOW_WATER_MARGIN = 10.0
+"""Percentage points under the high-water mark the automatic mode prunes down to."""
+DEFAULT_MIN_IDLE = 3600.0
+
+
+class KeepListError(ValueError):
+    """A keep list with a line that is no image reference; the message names the file (or
+    source) and the line number."""
+
+
+@dataclass(frozen=True)
+class PruneRule:
+    """What one pass may remove."""
+
+    unused_for: float | None = None
+    """Seconds an image must have been unused; ``None``: no age rule."""
+    keep: tuple[str, ...] = ()
+    """Image references never to remove, as the user wrote them (checked here: a bad one
+    raises :class:`KeepListError`)."""
+    dry_run: bool = False
+    """Remove nothing; report what would be removed."""
+    bytes_to_free: int | None = None
+    """Stop once the removed images' sizes add up to this; ``None``: no budget."""
+    min_idle: float = 0.0
+    """Never an image used less than this many seconds ago (the automatic mode's hour)."""
+
+    def __post_init__(self) -> None:
+        if self.unused_for is not None and self.unused_for < 0:
+            raise ValueError("unused_for is a number of seconds, at least 0")
+        if self.min_idle < 0:
+            raise ValueError("min_idle is a number of seconds, at least 0")
+        if self.bytes_to_free is not None and self.bytes_to_free < 0:
+            raise ValueError("bytes_to_free is at least 0")
+        keep_references(self.keep)
+
+    @property
+    def parsed_keep(self) -> tuple[ImageReference, ...]:
+        """The keep list, normalised."""
+        return keep_references(self.keep)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One image removed (or, in a dry run, that would be)."""
+
+    image_id: str
+    names: tuple[str, ...]
+    size_bytes: int
+    last_used: float
+    """Seconds since the epoch (see the module's docstring)."""
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """What one node did in one pass."""
+
+    removed: tuple[Removal, ...]
+    bytes_freed: int
+    """The sum of the removed images' sizes (an upper bound; see the module's docstring)."""
+    kept_in_use: int
+    """Images old enough to go, kept because a container uses them (or the engine refused)."""
+    kept_listed: int
+    """Images old enough to go, kept because the keep list names them."""
+    dry_run: bool
+    errors: tuple[str, ...] = ()
+    """Removals that failed, one message each; the pass goes on with the next image (and
+    stops when the engine cannot be reached)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    image: StoredImage
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The candidates, oldest-unused first, and what the rules kept."""
+
+    candidates: tuple[Candidate, ...]
+    kept_in_use: int
+    kept_listed: int
+
+
+class Usage(Protocol):
+    """When images were used and first seen (:class:`worker.usage.UsageLog`)."""
+
+    def last_used(self, image_id: str) -> float | None: ...
+
+    def first_seen(self, image_id: str) -> float | None: ...
+
+    def saw(self, image_ids: Iterable[str], now: float) -> None: ...
+
+    def forget(self, image_id: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+# -- the policy --------------------------------------------------------------------------------
+
+
+def keep_references(keep: Iterable[str]) -> tuple[ImageReference, ...]:
+    """The keep list, normalised; raises :class:`KeepListError` naming a bad entry."""
+    parsed = []
+    for text in keep:
+        try:
+            parsed.append(parse_reference(text))
+        except InvalidReference as error:
+            raise KeepListError(f"keep list: {error}") from None
+    return tuple(parsed)
+
+
+def is_kept(image: StoredImage, keep: Sequence[ImageReference]) -> bool:
+    """Whether a name or repository digest of ``image`` is one of ``keep`` (normalised)."""
+    if not keep:
+        return False
+    tags: set[tuple[str, str | None]] = set()
+    digests: set[tuple[str, str | None]] = set()
+    for name in (*image.names, *image.repo_digests):
+        try:
+            held = parse_reference(name)
+        except InvalidReference:
+            continue
+        if held.digest is not None:
+            digests.add((held.repository, held.digest))
+        else:
+            tags.add((held.repository, held.tag))
+    for reference in keep:
+        if reference.digest is not None:
+            if (reference.repository, reference.digest) in digests:
+                return True
+        elif (reference.repository, reference.tag) in tags:
+            return True
+    return False
+
+
+def last_used(image: StoredImage, usage: Usage, now: float) -> float:
+    """The latest of when puller answered for it, when it was tagged here and when the worker
+    first saw it; ``now`` when none is known (an image of unknown age is never old)."""
+    known = [
+        moment
+        for moment in (
+            usage.last_used(image.image_id),
+            image.last_tagged,
+            usage.first_seen(image.image_id),
+        )
+        if moment is not None
+    ]
+    return max(known) if known else now
+
+
+def choose(
+    images: Iterable[StoredImage],
+    in_use: set[str],
+    rule: PruneRule,
+    usage: Usage,
+    now: float,
+) -> Selection:
+    """The images ``rule`` lets go, oldest-unused first; never one in ``in_use`` (image ids
+    of every container) or on the keep list."""
+    keep = rule.parsed_keep
+    candidates: list[Candidate] = []
+    kept_in_use = kept_listed = 0
+    for image in images:
+        used = last_used(image, usage, now)
+        idle = now - used
+        if idle < rule.min_idle or (rule.unused_for is not None and idle < rule.unused_for):
+            continue
+        if image.image_id in in_use:
+            kept_in_use += 1
+        elif is_kept(image, keep):
+            kept_listed += 1
+        else:
+            candidates.append(Candidate(image, used))
+    candidates.sort(
+        key=lambda c: (
+            c.last_used,
+            c.image.created if c.image.created is not None else float("-inf"),
+            -c.image.size_bytes,
+            c.image.image_id,
+        )
+    )
+    return Selection(tuple(candidates), kept_in_use, kept_listed)
+
+
+def prune(
+    store: PrunableStore,
+    rule: PruneRule,
+    usage: Usage,
+    now: float,
+    enough: Callable[[int], bool] | None = None,
+) -> PruneOutcome:
+    """One pass: lists the store's images and containers, chooses (:func:`choose`) and
+    removes oldest-unused first. ``enough(bytes_freed_so_far)`` is asked before each removal
+    and ends the pass when true (the automatic mode reads the disk there).
+
+    Raises ``PullFailed`` when the store cannot list its images or containers (nothing is
+    removed then); a failed removal is one of the outcome's ``errors``.
+    """
+    images = store.images()
+    in_use = store.images_in_use()
+    usage.saw((image.image_id for image in images), now)
+    selection = choose(images, in_use, rule, usage, now)
+    removed: list[Removal] = []
+    errors: list[str] = []
+    freed = 0
+    kept_in_use = selection.kept_in_use
+    for candidate in selection.candidates:
+        if rule.bytes_to_free is not None and freed >= rule.bytes_to_free:
+            break
+        if enough is not None and enough(freed):
+            break
+        image = candidate.image
+        removal = Removal(image.image_id, image.names, image.size_bytes, candidate.last_used)
+        if rule.dry_run:
+            removed.append(removal)
+            freed += image.size_bytes
+            continue
+        try:
+            if image.image_id in store.images_in_use():  # a container made since the listing
+                kept_in_use += 1
+                continue
+            if not store.remove_image(image.image_id):
+                continue  # gone already: someone else freed it
+        except ImageInUse as refused:
+            kept_in_use += 1
+            log.info("image kept: in use", image_id=image.image_id, reason=str(refused))
+            continue
+        except PullFailed as failure:
+            errors.append(f"{_label(image)}: {failure.message}")
+            log.warning("could not remove an image", image_id=image.image_id, error=str(failure))
+            if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
+                break
+            continue
+        usage.forget(image.image_id)
+        removed.append(removal)
+        freed += image.size_bytes
+        log.info(
+            "removed an image",
+            image_id=image.image_id,
+            names=list(image.names),
+            bytes=image.size_bytes,
+            unused_seconds=round(now - candidate.last_used),
+        )
+    usage.flush()
+    return PruneOutcome(
+        removed=tuple(removed),
+        bytes_freed=freed,
+        kept_in_use=kept_in_use,
+        kept_listed=selection.kept_listed,
+        dry_run=rule.dry_run,
+        errors=tuple(errors),
+    )
+
+
+def _label(image: StoredImage) -> str:
+    return image.names[0] if image.names else image.image_id
+
+
+# -- keep lists --------------------------------------------------------------------------------
+
+
+def parse_keep_list(text: str, source: str = "keep list") -> tuple[str, ...]:
+    """One image reference a line; ``#`` starts a comment (a reference never holds one);
+    blank lines are skipped. Raises :class:`KeepListError` naming ``source`` and the line."""
+    references: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.partition("#")[0].strip()
+        if not entry:
+            continue
+        try:
+            parse_reference(entry)
+        except InvalidReference as error:
+            raise KeepListError(f"{source}, line {number}: {error}") from None
+        references.append(entry)
+    return tuple(references)
+
+
+def read_keep_file(path: Path) -> tuple[str, ...]:
+    """The keep list in ``path``; raises :class:`KeepListError` when it cannot be read or a
+    line is no image reference."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise KeepListError(f"keep list {path} cannot be read: {reason}") from None
+    return parse_keep_list(text, str(path))
+
+
+# -- the disk ----------------------------------------------------------------------------------
+
+
+class DiskUnreadable(Exception):
+    """The engine's data disk cannot be read from here; the message says what to set."""
+
+
+def disk_usage(path: str | Path) -> DiskUsage:
+    """The file system holding ``path``; raises :class:`DiskUnreadable`."""
+    try:
+        total, used, free = shutil.disk_usage(path)
+    except OSError as error:
+        raise DiskUnreadable(f"cannot read the disk of {path}: {error.strerror}") from None
+    return DiskUsage(str(path), total, used, free)
+
+
+def engine_disk(store: PrunableStore, data_root: Path | None) -> DiskUsage:
+    """The disk of the engine's data: ``data_root`` (``PULLER_DOCKER_DATA_ROOT``, the path as
+    this worker sees it) or else the engine's own ``DockerRootDir``, which is only right when
+    the worker sees the same file system there (no container, or that path mounted)."""
+    if data_root is not None:
+        try:
+            return disk_usage(data_root)
+        except DiskUnreadable as error:
+            raise DiskUnreadable(f"PULLER_DOCKER_DATA_ROOT: {error}") from None
+    try:
+        path = store.data_root()
+    except PullFailed as failure:
+        raise DiskUnreadable(f"cannot ask the engine for its data root: {failure}") from None
+    if not path:
+        raise DiskUnreadable("the engine does not say where its data root is")
+    try:
+        return disk_usage(path)
+    except DiskUnreadable as error:
+        raise DiskUnreadable(
+            f"{error} (the engine's DockerRootDir, not visible to this worker): mount it "
+            "into the worker, or set PULLER_DOCKER_DATA_ROOT to where this worker sees it"
+        ) from None
+
+
+# -- running passes: on request, and when the disk fills -----------------------------------------
+
+
+class Pruner:
+    """Runs prune passes one at a time, for a ``prune`` request and the automatic mode
+    alike. ``on_outcome`` sees every pass's outcome (the metrics)."""
+
+    def __init__(
+        self,
+        store: PrunableStore,
+        usage: Usage,
+        clock: Callable[[], float] = time.time,
+        on_outcome: Callable[[PruneOutcome], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._usage = usage
+        self._clock = clock
+        self._on_outcome = on_outcome
+        self._lock = threading.Lock()
+
+    def prune(self, rule: PruneRule, enough: Callable[[int], bool] | None = None) -> PruneOutcome:
+        """One pass (see :func:`prune`; raises ``PullFailed`` when the store cannot list)."""
+        with self._lock:
+            outcome = prune(self._store, rule, self._usage, self._clock(), enough)
+        log.info(
+            "pruned" if not rule.dry_run else "pruned (dry run: nothing removed)",
+            removed=len(outcome.removed),
+            bytes_freed=outcome.bytes_freed,
+            kept_in_use=outcome.kept_in_use,
+            kept_listed=outcome.kept_listed,
+            errors=len(outcome.errors),
+            unused_for=rule.unused_for,
+        )
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
+        return outcome
+
+    def note_images(self) -> None:
+        """Records the images the engine holds now as seen (their age counts from here)."""
+        with self._lock:
+            images = self._store.images()
+            self._usage.saw((image.image_id for image in images), self._clock())
+            self._usage.flush()
+
+
+class DiskWatch:
+    """The automatic mode: :meth:`check` prunes when the disk is at or over ``high_water``
+    percent, oldest-unused first, until it is under ``low_water``."""
+
+    def __init__(
+        self,
+        pruner: Pruner,
+        read_disk: Callable[[], DiskUsage],
+        high_water: float,
+        low_water: float | None = None,
+        keep_file: Path | None = None,
+        min_idle: float = DEFAULT_MIN_IDLE,
+        on_disk: Callable[[DiskUsage], None] | None = None,
+    ) -> None:
+        self._pruner = pruner
+        self._read_disk = read_disk
+        self.high_water = high_water
+        self.low_water = (
+            max(0.0, high_water - DEFAULT_LOW_WATER_MARGIN) if low_water is None else low_water
+        )
+        self._keep_file = keep_file
+        self._min_idle = min_idle
+        self._on_disk = on_disk
+        self._problem: str | None = None
+
+    def check(self) -> PruneOutcome | None:
+        """Reads the disk; prunes when it is over the mark. ``None``: nothing to do, or the
+        disk or keep list cannot be read (logged, once while the reason stays the same)."""
+        try:
+            disk = self._read_disk()
+        except DiskUnreadable as error:
+            self._report(f"the disk high-water mark is not checked: {error}")
+            return None
+        self._report(None)
+        if self._on_disk is not None:
+            self._on_disk(disk)
+        if disk.used_percent < self.high_water:
+            return None
+        try:
+            keep = read_keep_file(self._keep_file) if self._keep_file is not None else ()
+        except KeepListError as error:  # never prune without the keep list it was given
+            self._report(f"not pruning: PULLER_PRUNE_KEEP_FILE: {error}")
+            return None
+        log.warning(
+            "the engine's disk is over the high-water mark; removing unused images",
+            used_percent=round(disk.used_percent, 1),
+            high_water=self.high_water,
+            low_water=self.low_water,
+            path=disk.path,
+        )
+        rule = PruneRule(keep=keep, min_idle=self._min_idle)
+        try:
+            outcome = self._pruner.prune(rule, enough=self._under_low_water)
+        except PullFailed as failure:
+            log.warning("cannot prune: the engine cannot list its images", error=str(failure))
+            return None
+        with contextlib.suppress(DiskUnreadable):
+            after = self._read_disk()
+            if self._on_disk is not None:
+                self._on_disk(after)
+            log.info(
+                "disk after pruning",
+                used_percent=round(after.used_percent, 1),
+                under_low_water=after.used_percent < self.low_water,
+            )
+        return outcome
+
+    def _under_low_water(self, _freed: int) -> bool:
+        try:
+            return self._read_disk().used_percent < self.low_water
+        except DiskUnreadable:
+            return True  # cannot tell: stop rather than remove blindly
+
+    def _report(self, problem: str | None) -> None:
+        if problem is not None and problem != self._problem:
+            log.warning(problem)
+        self._problem = problem
+
+
+class Housekeeping:
+    """The worker's thread for pruning's bookkeeping: at start it notes the images the engine
+    holds (their age counts from then), then writes the usage log when due and, with a
+    :class:`DiskWatch`, checks the disk every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        usage: Usage,
+        pruner: Pruner | None,
+        watch: DiskWatch | None,
+        interval: float,
+        flush_interval: float = 30.0,
+    ) -> None:
+        self._usage = usage
+        self._pruner = pruner
+        self._watch = watch
+        self._interval = interval
+        self._tick = min(interval, flush_interval)
+        self._flush_interval = flush_interval
+        self._problem: str | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the thread (a pass under way ends first, up to ``timeout``) and writes the
+        usage log."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._usage.flush()
+
+    def _run(self) -> None:
+        noted = self._pruner is None
+        last_check = last_flush = float("-inf")
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if not noted and self._pruner is not None:
+                noted = self._step(self._pruner.note_images)
+            if self._watch is not None and now - last_check >= self._interval:
+                last_check = now
+                self._step(self._watch.check)
+            if now - last_flush >= self._flush_interval:
+                last_flush = now
+                self._step(self._usage.flush)
+            self._stopping.wait(self._tick)
+
+    def _step(self, work: Callable[[], object]) -> bool:
+        """Runs ``work``; ``False`` when it failed (logged once while the reason stays)."""
+        try:
+            work()
+        except PullFailed as failure:
+            if str(failure) != self._problem:
+                log.info("housekeeping: the engine is not reachable", error=str(failure))
+            self._problem = str(failure)
+            return False
+        except Exception:  # a bug must not end the thread, nor the worker
+            log.exception("housekeeping failed; trying again later")
+            return False
+        self._problem = None
+        return True

@@ -1,0 +1,200 @@
+"""When this node last used each image, as far as puller knows: what pruning calls
+"last used".
+
+Docker records no such thing, so the worker keeps it, per image id, in a small JSON file in
+``PULLER_STATE_DIR`` (``image-usage.json``):
+
+* ``used``: when the worker last answered ``pulled`` or ``present`` for the image (a
+  request for it, live or replayed), fed by :meth:`UsageLog.answered` as a pull observer;
+* ``seen``: when the worker first saw the image on its engine (recorded at every listing
+  pruning makes, and once when the worker starts): the age of an image puller never
+  answered for counts from then, never from its build time (a pulled image's only other
+  date), which says nothing of when it came to the node.
+
+Keyed by image id, not name: a tag moved to a new image leaves the old image unused. The
+file is written whole (a new file renamed into place), when it changed, every 30 seconds by
+the worker's housekeeping (:class:`worker.pruning.Housekeeping`), after each prune and at
+shutdown; a missing file starts empty, an unreadable one too, with a warning. Entries of
+images the engine no longer holds are dropped at each listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import structlog
+
+from contract import ImageReference, NodeResult, PullFailed
+from worker.model import PullObserver
+
+log = structlog.get_logger("worker.usage")
+
+USAGE_FILE = "image-usage.json"
+FORMAT_VERSION = 1
+MAX_ENTRIES = 100_000
+"""More than any engine holds; a bound on the file whatever happens."""
+
+
+class UsageLog:
+    """Per image id: last answered ``pulled``/``present`` (``used``) and first seen on the
+    engine (``seen``), both seconds since the epoch. Thread-safe; a pull observer
+    (``answered``) that never blocks on the disk."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._used: dict[str, float] = {}
+        self._seen: dict[str, float] = {}
+        self._dirty = False
+        self._load()
+
+    # -- the pull service's observer ---------------------------------------------------------
+
+    def answered(self, result: NodeResult, from_memory: bool) -> None:
+        if result.has_image and result.image_id:
+            self.record(result.image_id, self._clock())
+
+    def attempt_started(self, image: ImageReference) -> None:
+        pass
+
+    def attempt_ended(
+        self,
+        image: ImageReference,
+        seconds: float,
+        bytes_received: int,
+        failure: PullFailed | None,
+    ) -> None:
+        pass
+
+    # -- what pruning reads and writes -------------------------------------------------------
+
+    def record(self, image_id: str, when: float) -> None:
+        """The image was used (answered for) at ``when``."""
+        with self._lock:
+            if when > self._used.get(image_id, float("-inf")):
+                self._used[image_id] = when
+                self._seen.setdefault(image_id, when)
+                self._dirty = True
+
+    def last_used(self, image_id: str) -> float | None:
+        with self._lock:
+            return self._used.get(image_id)
+
+    def first_seen(self, image_id: str) -> float | None:
+        with self._lock:
+            return self._seen.get(image_id)
+
+    def saw(self, image_ids: Iterable[str], now: float) -> None:
+        """The engine holds exactly ``image_ids`` now: new ones are first seen at ``now``,
+        entries of the others are dropped."""
+        present = set(image_ids)
+        with self._lock:
+            before = (len(self._used), len(self._seen))
+            self._used = {i: t for i, t in self._used.items() if i in present}
+            self._seen = {i: t for i, t in self._seen.items() if i in present}
+            for image_id in present:
+                if image_id not in self._seen:
+                    self._seen[image_id] = now
+                    self._dirty = True
+            if (len(self._used), len(self._seen)) != before:
+                self._dirty = True
+
+    def forget(self, image_id: str) -> None:
+        """The image was removed."""
+        with self._lock:
+            if image_id in self._used or image_id in self._seen:
+                self._used.pop(image_id, None)
+                self._seen.pop(image_id, None)
+                self._dirty = True
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Writes the file whole if anything changed; a failure is logged, never raised (the
+        log is kept in memory and written at the next flush)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            images = {
+                image_id: {"used": self._used.get(image_id), "seen": seen}
+                for image_id, seen in self._newest(self._seen)
+            }
+            self._dirty = False
+        content = json.dumps({"version": FORMAT_VERSION, "images": images}, sort_keys=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with partial.open("w", encoding="utf-8") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+            partial.replace(self.path)
+        except OSError as error:
+            with self._lock:
+                self._dirty = True
+            log.warning("cannot write the image usage log", path=str(self.path), error=str(error))
+
+    def _newest(self, seen: dict[str, float]) -> list[tuple[str, float]]:
+        """At most :data:`MAX_ENTRIES`, the most recently used or seen first."""
+        entries = sorted(
+            seen.items(), key=lambda item: max(item[1], self._used.get(item[0], item[1]))
+        )
+        return entries[-MAX_ENTRIES:]
+
+    def _load(self) -> None:
+        try:
+            content = json.loads(self.path.read_text(encoding="utf-8"))
+            images = content["images"]
+            if not isinstance(images, dict):
+                raise TypeError("'images' is not an object")
+            for image_id, entry in images.items():
+                seen, used = entry.get("seen"), entry.get("used")
+                if _is_time(seen) and isinstance(image_id, str):
+                    self._seen[image_id] = float(seen)
+                    if _is_time(used):
+                        self._used[image_id] = float(used)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            self._used.clear()
+            self._seen.clear()
+            log.warning(
+                "unreadable image usage log; starting empty (images count as first seen now)",
+                path=str(self.path),
+                error=str(error),
+            )
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+class Observers:
+    """Several pull observers as one (the metrics and the usage log)."""
+
+    def __init__(self, *observers: PullObserver) -> None:
+        self._observers = observers
+
+    def answered(self, result: NodeResult, from_memory: bool) -> None:
+        for observer in self._observers:
+            observer.answered(result, from_memory)
+
+    def attempt_started(self, image: ImageReference) -> None:
+        for observer in self._observers:
+            observer.attempt_started(image)
+
+    def attempt_ended(
+        self,
+        image: ImageReference,
+        seconds: float,
+        bytes_received: int,
+        failure: PullFailed | None,
+    ) -> None:
+        for observer in self._observers:
+            observer.attempt_ended(image, seconds, bytes_received, failure)
