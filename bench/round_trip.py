@@ -4,7 +4,10 @@ puller (``Publisher.pull(image, expect=N)`` against N real ``puller-worker`` pro
 sharing a few Docker Engines) against the floor (bare pika: N consumers on exclusive
 queues bound to a fanout exchange, each replying at once) and the peer (Celery's
 ``app.control.ping(limit=N)`` against N solo Celery workers). Each system's rounds
-run back to back in one run; ratios are puller's p50 over each baseline's p50.
+run back to back in one run; ratios are puller's p50 over each baseline's p50. Beside the
+times: the CPU each node's process spent per round (user and system, from
+``/proc/PID/stat``; the median over the N processes), which is what N processes on a few
+cores pay for each broadcast.
 
     .venv/bin/python -m bench.round_trip [--nodes 10,50,100] [--rounds 200] [--engines 2]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,11 +79,25 @@ def main(argv: list[str] | None = None) -> int:
                 by_system["celery"]["p50"],
                 p / by_system["floor"]["p50"],
                 p / by_system["celery"]["p50"],
+                by_system["floor"]["node_cpu_us"],
+                by_system["puller"]["node_cpu_us"],
+                by_system["celery"]["node_cpu_us"],
             ]
         )
     print_table(
-        "summary: p50 ms, and puller's ratio (goal: <= 1.5x floor, <= 0.5x celery)",
-        ["N", "floor", "puller", "celery", "puller/floor", "puller/celery"],
+        "summary: p50 ms, and puller's ratio (goal: <= 1.5x floor, <= 0.5x celery); "
+        "CPU of one node's process per round, us",
+        [
+            "N",
+            "floor",
+            "puller",
+            "celery",
+            "puller/floor",
+            "puller/celery",
+            "floor CPU",
+            "puller CPU",
+            "celery CPU",
+        ],
         rows,
     )
     saved = save("round_trip", {"rounds": args.rounds, "engines": args.engines, "p_ms": figures})
@@ -90,19 +108,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(n: int, by_system: dict[str, dict[str, float]]) -> None:
-    rows = [[system, s["p50"], s["p90"], s["p99"]] for system, s in by_system.items()]
-    print_table(f"N = {n}: round trip, ms", ["system", "p50", "p90", "p99"], rows)
+    rows = [
+        [system, s["p50"], s["p90"], s["p99"], s["node_cpu_us"]] for system, s in by_system.items()
+    ]
+    print_table(
+        f"N = {n}: round trip, ms; CPU of one node's process per round, us",
+        ["system", "p50", "p90", "p99", "node CPU us"],
+        rows,
+    )
 
 
-def timed_rounds(rounds: int, one_round: Callable[[], object]) -> list[float]:
+def timed_rounds(rounds: int, one_round: Callable[[], object], pids: list[int]) -> dict[str, float]:
+    """The rounds' times (ms) and ``node_cpu_us``: the median, over the processes ``pids``
+    (one per node), of the CPU each spent per round."""
     for _ in range(min(10, rounds)):  # warm up: connections, caches, JIT-less Python paths
         one_round()
     samples = []
+    cpu_before = [cpu_seconds(pid) for pid in pids]
     for _ in range(rounds):
         started = time.perf_counter()
         one_round()
         samples.append(time.perf_counter() - started)
-    return samples
+    spent = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+    return {
+        **summary_ms(samples),
+        "node_cpu_us": 1e6 * statistics.median(spent) / rounds if spent else 0.0,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of process ``pid`` so far, all its threads (``/proc/PID/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_puller(
@@ -117,7 +155,7 @@ def measure_puller(
                 if not report.ok:
                     raise RuntimeError(f"a puller round failed: {report}")
 
-            return summary_ms(timed_rounds(rounds, one_round))
+            return timed_rounds(rounds, one_round, [w.process.pid for w in workers if w.process])
     finally:
         stop_all([w.process for w in workers])
 
@@ -162,7 +200,7 @@ def measure_floor(environment: BenchEnvironment, n: int, rounds: int) -> dict[st
             if time.monotonic() > deadline:
                 raise RuntimeError("the floor's consumers did not all come up")
         try:
-            return summary_ms(timed_rounds(rounds, one_round))
+            return timed_rounds(rounds, one_round, [c.pid for c in consumers])
         finally:
             connection.close()
     finally:
@@ -204,7 +242,7 @@ def measure_celery(environment: BenchEnvironment, n: int, rounds: int) -> dict[s
             if len(replies) < n:
                 raise RuntimeError(f"only {len(replies)} of {n} Celery workers answered")
 
-        return summary_ms(timed_rounds(rounds, one_round))
+        return timed_rounds(rounds, one_round, [w.pid for w in workers])
     finally:
         stop_all(workers)
         app.close()

@@ -32,6 +32,7 @@ from typing import Any
 import pika
 import pika.channel
 import pika.exceptions
+import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
 
@@ -510,15 +511,18 @@ class PublisherBroker:
         history: bool = True,
     ) -> None:
         """Live first (so a worker meets the live copy before the history's and skips the
-        latter at no cost); a request that reached no worker is still recorded."""
+        latter at no cost); a request that reached no worker is still recorded. Both copies
+        go out in one write: through the channel, pika writes every frame with a send of
+        its own (six for the two copies), and each send wakes the broker."""
         channel = current.channel
         if channel is None or not channel.is_open:
             future.set_exception(_Lost(f"lost the connection to RabbitMQ at {self.where}"))
             return
         ticket = _Ticket(future, unconfirmed=2 if history else 1)
         current.by_request[request_id] = ticket
-        self._send(
+        frames = self._frames(
             current,
+            channel.channel_number,
             ticket,
             topo.PULLS.name,
             body,
@@ -531,15 +535,42 @@ class PublisherBroker:
             ),
             mandatory=True,
         )
-        if not history:
-            return
-        self._send(
-            current,
-            ticket,
-            topo.HISTORY.name,
-            body,
-            pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user),
-        )
+        if history:
+            frames += self._frames(
+                current,
+                channel.channel_number,
+                ticket,
+                topo.HISTORY.name,
+                body,
+                pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user),
+            )
+        connection = current.connection
+        connection._output_marshaled_frames([b"".join(frames)])  # noqa: SLF001 - see above
+
+    def _frames(
+        self,
+        current: _Connection,
+        number: int,
+        ticket: _Ticket,
+        exchange: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        mandatory: bool = False,
+    ) -> list[bytes]:
+        """One publish on channel ``number`` (``current``'s, open), marshalled, not yet
+        written; counted for its confirm as :meth:`_send` counts it."""
+        limit = current.connection._body_max_length  # noqa: SLF001 - frame_max, as tuned
+        current.published += 1
+        current.tickets[current.published] = ticket
+        method = pika.spec.Basic.Publish(exchange=exchange, routing_key="", mandatory=mandatory)
+        return [
+            pika.frame.Method(number, method).marshal(),
+            pika.frame.Header(number, len(body), properties).marshal(),
+            *(
+                pika.frame.Body(number, body[start : start + limit]).marshal()
+                for start in range(0, len(body), limit)
+            ),
+        ]
 
     def _send(
         self,

@@ -3,6 +3,13 @@
 Applications (``puller-worker``, ``puller-http``) call :func:`configure_logging` once;
 the libraries (``publisher``) only log through the standard ``logging`` module, so the
 host application decides what is shown.
+
+structlog's own lines (the programs' ``structlog.get_logger``) are rendered by structlog
+and written straight to the handler's stream, under the handler's lock; only lines from
+standard-library loggers (pika, docker, the publisher) make a ``LogRecord`` and go through
+the handler's formatter. A worker writes a line for every request it answers, and the
+standard library's way (a record, the caller's frame looked up, the record copied by the
+formatter) cost about three times as much as rendering it.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -40,12 +48,6 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer()
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -58,6 +60,12 @@ def configure_logging(
     root.setLevel(level)
     # pika logs every connection step at INFO; its warnings and errors are what matter.
     logging.getLogger("pika").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[*shared, renderer],
+        logger_factory=_LineWriters(handler),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
 
 
 class _Always:
@@ -68,3 +76,36 @@ class _Always:
         for key, value in self._fields.items():
             event.setdefault(key, value)
         return event
+
+
+class _LineWriter:
+    """Where structlog's rendered lines go: the handler's stream, one write and a flush a
+    line, under the handler's lock (as the handler writes its own lines, so the two never
+    interleave). ``name`` is the logger's (``add_logger_name`` reads it)."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], name: str) -> None:
+        self.name = name
+        self._handler = handler
+
+    def msg(self, line: str) -> None:
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(line + "\n")
+            handler.stream.flush()
+        except Exception:  # as the handler does: a log line never breaks the program
+            handler.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            handler.release()
+
+    debug = info = warning = warn = error = critical = fatal = exception = msg
+
+
+class _LineWriters:
+    """structlog's logger factory: ``structlog.get_logger(name)`` writes through ``handler``."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self._handler = handler
+
+    def __call__(self, *args: Any) -> _LineWriter:
+        return _LineWriter(self._handler, str(args[0]) if args else "")

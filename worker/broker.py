@@ -21,6 +21,7 @@ from typing import Any
 
 import pika
 import pika.exceptions
+import pika.frame
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel as Channel
 
@@ -455,17 +456,20 @@ class WorkerBroker:
         from a closed channel still goes out (the requester may be waiting); its ack cannot
         (the broker has already put the message back)."""
         try:
+            frames: list[pika.frame.Frame] = []
             if result is not None and delivery.reply_to:
-                self._reply(delivery.reply_to, delivery.correlation_id, result.encode())
+                frames += self._reply_frames(
+                    delivery.reply_to, delivery.correlation_id, result.encode()
+                )
             channel = self._channel_of(delivery)
-            if channel is None or delivery.acked:
-                return
-            # Queued on the channel underneath: it goes out with the reply in one write
-            # when the connection's loop next runs, which is at once (we are inside it).
-            if refuse and delivery.history_offset is None:
-                channel._impl.basic_reject(delivery.tag, requeue=False)  # noqa: SLF001
-            else:
-                channel._impl.basic_ack(delivery.tag)  # noqa: SLF001 - see above
+            if channel is not None and not delivery.acked:
+                settle: pika.spec.Basic.Ack | pika.spec.Basic.Reject
+                if refuse and delivery.history_offset is None:
+                    settle = pika.spec.Basic.Reject(delivery.tag, requeue=False)
+                else:
+                    settle = pika.spec.Basic.Ack(delivery.tag)
+                frames.append(pika.frame.Method(channel.channel_number, settle))
+            self._write(frames)
         except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
             log.warning("could not answer; the connection was lost", error=describe(error))
 
@@ -473,21 +477,46 @@ class WorkerBroker:
         if not delivery.reply_to:
             return
         try:
-            self._reply(delivery.reply_to, delivery.correlation_id, message.encode())
+            self._write(
+                self._reply_frames(delivery.reply_to, delivery.correlation_id, message.encode())
+            )
         except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
             log.info("progress not sent; the connection was lost", error=describe(error))
 
-    def _reply(self, reply_to: str, correlation_id: str | None, body: bytes) -> None:
-        # The blocking channel would flush this frame alone (a send and two poller changes);
-        # the channel underneath queues it for the loop's next write.
-        self._open_channel()._impl.basic_publish(  # noqa: SLF001 - see above
-            topo.REPLIES.name,
-            routing_key=reply_to,
-            body=body,
-            properties=pika.BasicProperties(
-                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+    def _reply_frames(
+        self, reply_to: str, correlation_id: str | None, body: bytes
+    ) -> list[pika.frame.Frame]:
+        """A reply's frames (method, header, body) on the live channel, not yet written."""
+        number = self._open_channel().channel_number
+        limit = self._open_connection()._impl._body_max_length  # noqa: SLF001 - frame_max, as tuned
+        return [
+            pika.frame.Method(
+                number, pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key=reply_to)
             ),
-        )
+            pika.frame.Header(
+                number,
+                len(body),
+                pika.BasicProperties(
+                    content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+                ),
+            ),
+            *(
+                pika.frame.Body(number, body[start : start + limit])
+                for start in range(0, len(body), limit)
+            ),
+        ]
+
+    def _write(self, frames: list[pika.frame.Frame]) -> None:
+        """Connection thread: ``frames`` in one write when the loop next runs, which is at
+        once (we are inside it). Going through the channels, pika writes every frame with
+        a send of its own (a reply and its ack were four), and the blocking channel would
+        flush each publish alone (a send and two poller changes); each send also wakes the
+        broker. The channels' own checks are the callers': the connection and the
+        channels are open."""
+        if not frames:
+            return
+        connection = self._open_connection()._impl  # noqa: SLF001 - see above
+        connection._output_marshaled_frames([b"".join(f.marshal() for f in frames)])  # noqa: SLF001
 
     def _channel_of(self, delivery: Delivery) -> Channel | None:
         source = delivery.source

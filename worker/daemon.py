@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 import threading
 import time
 from functools import partial
@@ -62,7 +63,9 @@ log = structlog.get_logger("worker")
 
 EVENT_LOOP_SLICE = 0.5
 RECONNECT_FIRST_DELAY = 0.5
-RECONNECT_MAX_DELAY = 30.0
+RECONNECT_MAX_DELAY = 15.0
+"""The longest wait between connection attempts (each wait is drawn between half of the
+current delay and all of it)."""
 CANCEL_GRACE = 5.0
 """Seconds, after cancelling, to send the ``cancelled`` replies."""
 WARM_IN_HAND_LIMIT = 10_000
@@ -213,10 +216,13 @@ class Worker:
                 self._catch_up.on_connect()
             except (BrokerUnavailable, NodeNameInUse) as error:
                 self._disconnected(str(error))
+                # Jittered: workers that lost the same broker must not all come back in
+                # the same instant (bench/reconnect_storm.py saw 100 in lockstep).
+                wait = random.uniform(delay / 2, delay)  # noqa: S311 - timing, not secrets
                 log.warning(
-                    "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(delay, 1)
+                    "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(wait, 1)
                 )
-                self._wait(stopping, delay)
+                self._wait(stopping, wait)
                 delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             self.metrics.connections.inc()

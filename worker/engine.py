@@ -70,6 +70,9 @@ class DockerEngine:
         self._client: docker.APIClient | None = None
         self._lock = threading.Lock()
         self._open_streams: set[requests.Response] = set()
+        self._stream_owner: dict[requests.Response, ImageReference] = {}
+        """The image whose pull opened each stream (a cache's name pulls for the asked one)."""
+        self._interrupted: set[ImageReference] = set()
         self._index = ImageIndex(docker_host)
         self._cancelling = threading.Event()
 
@@ -113,6 +116,40 @@ class DockerEngine:
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
     ) -> ImageInfo:
+        """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed` (of kind
+        ``cancelled`` when :meth:`interrupt` cut it)."""
+        try:
+            return self._pull(image, on_progress)
+        except PullFailed:
+            if self._take_interrupted(image):
+                raise PullFailed(
+                    ErrorKind.CANCELLED,
+                    f"pulling {image} was interrupted to make room for a session's pull",
+                ) from None
+            raise
+        finally:
+            self._take_interrupted(image)
+
+    def interrupt(self, image: ImageReference) -> None:
+        """Cuts the running pull of ``image`` (its streams: the engine then cancels it and
+        keeps the layers it had finished); nothing if none runs."""
+        with self._lock:
+            streams = [r for r, owner in self._stream_owner.items() if owner == image]
+            if streams:
+                self._interrupted.add(image)
+        for response in streams:
+            _cut(response)
+
+    def _take_interrupted(self, image: ImageReference) -> bool:
+        with self._lock:
+            if image in self._interrupted:
+                self._interrupted.discard(image)
+                return True
+            return False
+
+    def _pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None
+    ) -> ImageInfo:
         """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`.
 
         When ``image``'s registry has a pull-through cache, its layers are fetched through
@@ -129,7 +166,7 @@ class DockerEngine:
             cache_name = self._through_cache(api, cache, image, login, started, on_progress)
         response: requests.Response | None = None
         try:
-            response = self._start_pull(api, image, login)
+            response = self._start_pull(api, image, login, owner=image)
             self._follow(api, response, image, started, on_progress, login)
         except PullFailed:
             raise
@@ -139,7 +176,10 @@ class DockerEngine:
             if response is not None:
                 with self._lock:
                     self._open_streams.discard(response)
+                    self._stream_owner.pop(response, None)
                 response.close()  # an abandoned stream makes the engine cancel the pull
+        if image in self._interrupted:
+            raise _cancelled(image)  # the stream ended because it was cut
         if cache_name is not None:
             self._forget_cache_name(api, cache_name)
         info = self.find_image(image)
@@ -174,9 +214,9 @@ class DockerEngine:
                 # A cache that forwards logins (worker.blob_cache) needs the upstream's; one
                 # with its own login (docker-registry's proxy.username) ignores it.
                 cache_login = login
-            self._stream_pull(api, through, cache_login, started, on_progress)
+            self._stream_pull(api, through, cache_login, started, on_progress, owner=image)
         except (CacheUnusable, PullFailed) as why:
-            if self._cancelling.is_set():
+            if self._cancelling.is_set() or image in self._interrupted:
                 raise _cancelled(image) from None
             if isinstance(why, PullFailed) and why.kind in _CACHE_DOWN_KINDS:
                 pull_through.mark_down(cache)
@@ -198,11 +238,12 @@ class DockerEngine:
         login: RegistryLogin,
         started: float,
         on_progress: Callable[[PullProgress], None] | None,
+        owner: ImageReference,
     ) -> None:
         """One pull through the engine's stream, to its end; raises :class:`PullFailed`."""
         response: requests.Response | None = None
         try:
-            response = self._start_pull(api, image, login)
+            response = self._start_pull(api, image, login, owner)
             self._follow(api, response, image, started, on_progress, login)
         except PullFailed:
             raise
@@ -212,7 +253,10 @@ class DockerEngine:
             if response is not None:
                 with self._lock:
                     self._open_streams.discard(response)
+                    self._stream_owner.pop(response, None)
                 response.close()
+        if owner in self._interrupted:
+            raise _cancelled(owner)  # the stream ended because it was cut
 
     def _upstream_digest(
         self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
@@ -253,7 +297,11 @@ class DockerEngine:
             log.warning("could not remove the cache's name", name=name, error=str(error))
 
     def _start_pull(
-        self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
+        self,
+        api: docker.APIClient,
+        image: ImageReference,
+        login: RegistryLogin,
+        owner: ImageReference,
     ) -> requests.Response:
         headers: dict[str, str] = {}
         if login.header is not None:
@@ -269,12 +317,14 @@ class DockerEngine:
         )
         with self._lock:
             self._open_streams.add(response)
+            self._stream_owner[response] = owner
         try:
             api._raise_for_status(response)  # noqa: SLF001
         except docker.errors.APIError:
             response.close()
             with self._lock:
                 self._open_streams.discard(response)
+                self._stream_owner.pop(response, None)
             raise
         return response
 
@@ -735,7 +785,8 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
         # An engine stopping mid-pull (a dockerd restart) kills the child unpacking the layer;
         # found by the churn soak. Unavailable, so retried (see worker.service.TRANSIENT_KINDS).
         ErrorKind.ENGINE_UNAVAILABLE,
-        ("(signal: terminated)",),
+        # Also containerd's side of the same restart (found by the churn soak too).
+        ("(signal: terminated)", "the client connection is closing"),
         "the node's Docker Engine was stopping; the pull is retried (PULLER_PULL_RETRIES)",
     ),
     (

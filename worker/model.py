@@ -150,6 +150,16 @@ class ImageInUse(Exception):
 
 
 @runtime_checkable
+class InterruptibleStore(Protocol):
+    """A store that can cut one running pull (to make room for a session's pull)."""
+
+    def interrupt(self, image: ImageReference) -> None:
+        """Cuts the running pull of ``image``: it raises ``PullFailed`` of kind
+        ``cancelled``; the engine keeps the layers it had finished."""
+        ...
+
+
+@runtime_checkable
 class PrunableStore(Protocol):
     """What pruning asks of an image store, beside :class:`ImageStore` (a separate protocol
     so that stores which never prune, such as the test fakes, need not have it). Engine

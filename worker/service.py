@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 
@@ -43,6 +44,7 @@ from worker.model import (
     AnswerCallback,
     ImageInfo,
     ImageStore,
+    InterruptibleStore,
     ProgressCallback,
     PullObserver,
     PullProgress,
@@ -53,6 +55,10 @@ from worker.slots import PullSlots
 log = structlog.get_logger("worker.service")
 
 INSPECT_THREADS = 4
+ENGINE_WATCH_INTERVAL = 5.0
+"""Seconds between looks at an engine that was away, while images wait for it."""
+DEFERRED_LIMIT = 1000
+"""Images that failed because the engine was away, kept to pull when it is back."""
 PROGRESS_INTERVAL = 0.25
 """Seconds between progress messages for one pull: at most four a second per node."""
 
@@ -120,6 +126,8 @@ class PullService:
         self._pulls: dict[ImageReference, _Pull] = {}
         self._unfinished = 0
         self._warm_unfinished = 0
+        self._deferred: dict[ImageReference, Lane] = {}
+        self._deferred_timer: threading.Timer | None = None
 
     @property
     def unfinished(self) -> int:
@@ -220,17 +228,47 @@ class PullService:
                     self._pulls[image] = pull
                     joined = False
         if pull is None:
-            if refusal is not None and refusal.kind is ErrorKind.RATE_LIMITED:
-                log.warning("refused a request", reason=refusal.message, **waiter.context)
-            waiter.finish(refusal or _cancelled_before_start(image))
+            self._refuse(waiter, refusal)
             return
         if joined:
             log.info("joined a pull already in flight", **waiter.context)
             if hurry:
                 self._slots.hurry(image.domain, pull)
+                self._interrupt_warm_pulls()
             return
+        self._queue(pull)
+
+    def _queue(self, pull: _Pull) -> None:
         pull.queued()
-        self._slots.add(image.domain, pull, warm=pull.warm)
+        self._slots.add(pull.image.domain, pull, warm=pull.warm)
+        if not pull.warm:
+            self._interrupt_warm_pulls()
+
+    def _refuse(self, waiter: _Waiter, refusal: PullFailed | None) -> None:
+        if refusal is not None and refusal.kind is ErrorKind.RATE_LIMITED:
+            log.warning("refused a request", reason=refusal.message, **waiter.context)
+        waiter.finish(refusal or _cancelled_before_start(waiter.request.image))
+
+    def _interrupt_warm_pulls(self) -> None:
+        """A session pull is waiting or running: warm pulls running now are cut, so that
+        the session's pull does not share the engine's downloads, the disk and the link
+        with them; they go back to the front of the warm lane, and the engine keeps the
+        layers they had finished. (No warm pull starts while a session pull waits or runs,
+        so cutting one again costs only the layers it had half done since.)"""
+        store = self._store
+        if not isinstance(store, InterruptibleStore):
+            return
+        with self._lock:
+            victims = [
+                pull
+                for pull in self._pulls.values()
+                if pull.warm and pull.running and not pull.interrupting
+            ]
+            for pull in victims:
+                pull.interrupting = True
+        for pull in victims:
+            log.info("interrupting a warm pull for a session's pull", **pull.context)
+            store.interrupt(pull.image)
 
     def _start(self, pull: _Pull) -> None:
         """A slot is granted: run the next attempt on a pull thread."""
@@ -250,6 +288,7 @@ class PullService:
         bound.info("pulling", attempt=pull.attempt)
         started = time.monotonic()
         outcome: ImageInfo | PullFailed
+        pull.running = True
         self.observer.attempt_started(pull.image)
         try:
             if self._cancelling.is_set():
@@ -261,6 +300,7 @@ class PullService:
             bound.exception("pull failed unexpectedly")
             outcome = _internal(error)
         seconds = round(time.monotonic() - started, 3)
+        pull.running = False
         failed = outcome if isinstance(outcome, PullFailed) else None
         self.observer.attempt_ended(pull.image, seconds, pull.bytes_received, failed)
         if isinstance(outcome, ImageInfo):
@@ -270,7 +310,20 @@ class PullService:
             self._slots.release(pull.image.domain, pull)
             self._complete(pull, outcome)
             return
+        if pull.interrupting and not self._cancelling.is_set():
+            self._resume_later(pull)
+            return
         self._attempt_failed(pull, outcome, seconds)
+
+    def _resume_later(self, pull: _Pull) -> None:
+        """An interrupted warm pull (not a failure: the attempt does not count) goes back
+        to the front of its lane; it starts again once no session pull waits or runs."""
+        pull.interrupting = False
+        pull.interruptions += 1
+        pull.attempt -= 1
+        log.info("warm pull waits for the session's pull", **pull.context)
+        pull.queued()
+        self._slots.requeue(pull.image.domain, pull, warm=pull.warm)
 
     def _attempt_failed(self, pull: _Pull, failure: PullFailed, seconds: float) -> None:
         image = pull.image
@@ -300,7 +353,56 @@ class PullService:
             failure = PullFailed(
                 failure.kind, f"{failure.message} (gave up after {pull.attempt} attempts)"
             )
+        if failure.kind is ErrorKind.ENGINE_UNAVAILABLE and self._defer(pull):
+            failure = PullFailed(
+                failure.kind,
+                f"{failure.message}; the node pulls it by itself once its engine answers again",
+            )
         self._complete(pull, failure)
+
+    def _defer(self, pull: _Pull) -> bool:
+        """Keeps an image whose pull failed only because the node's own engine was away, to
+        pull it again (with no one to answer) once the engine answers: an engine restart
+        must not leave the node without an image it was asked for. ``False`` when too many
+        wait already."""
+        with self._lock:
+            if len(self._deferred) >= DEFERRED_LIMIT and pull.image not in self._deferred:
+                return False
+            lane = Lane.WARM if pull.warm else Lane.SESSION
+            self._deferred[pull.image] = lane
+            start = self._deferred_timer is None and not self._cancelling.is_set()
+            if start:
+                self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
+                self._deferred_timer.daemon = True
+        if start and self._deferred_timer is not None:
+            self._deferred_timer.start()
+        return True
+
+    def _engine_back(self) -> None:
+        """Timer thread: if the engine answers now, pulls what waited for it; else looks
+        again later."""
+        try:
+            self._store.version()
+            back = True
+        except Exception:
+            back = False
+        with self._lock:
+            self._deferred_timer = None
+            if not back:
+                if self._deferred and not self._cancelling.is_set():
+                    self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
+                    self._deferred_timer.daemon = True
+                    self._deferred_timer.start()
+                return
+            deferred, self._deferred = self._deferred, {}
+        if deferred:
+            log.info(
+                "the engine answers again; pulling what failed while it was away",
+                images=len(deferred),
+            )
+        for image, lane in deferred.items():
+            request = PullRequest.new(image, lane=lane)
+            self.submit(request, partial(_log_deferred, image), live=False)
 
     def _retry_now(self, pull: _Pull) -> None:
         pull.retry = None
@@ -402,7 +504,17 @@ class PullService:
             self._complete(pull, _cancelled_before_start(pull.image))
         self._store.cancel_pulls()
 
+    @property
+    def deferred(self) -> int:
+        """Images waiting for the engine to answer again, to be pulled then."""
+        with self._lock:
+            return len(self._deferred)
+
     def shutdown(self, wait: bool) -> None:
+        with self._lock:
+            timer, self._deferred_timer = self._deferred_timer, None
+        if timer is not None:
+            timer.cancel()
         self._inspectors.shutdown(wait=wait, cancel_futures=not wait)
         self._pullers.shutdown(wait=wait, cancel_futures=not wait)
 
@@ -523,6 +635,10 @@ class _Pull:
     waiters: list[_Waiter]
     warm: bool = False
     """In the warm lane: every waiting request is a warm-up (see :mod:`worker.slots`)."""
+    running: bool = False
+    interrupting: bool = False
+    """Being cut to make room for a session's pull (see ``_interrupt_warm_pulls``)."""
+    interruptions: int = 0
     attempt: int = 0
     bytes_received: int = 0
     last_progress: float = 0.0
@@ -552,6 +668,17 @@ class _Pull:
             end = started_at or now
             total += max(0.0, end - max(queued_at, since))
         return total
+
+
+def _log_deferred(image: ImageReference, result: NodeResult) -> None:
+    log.info(
+        "pulled what failed while the engine was away"
+        if result.has_image
+        else "what failed while the engine was away failed again",
+        image=str(image),
+        status=result.status.value,
+        error=result.error.message if result.error else None,
+    )
 
 
 def _from_memory(failure: PullFailed) -> PullFailed:

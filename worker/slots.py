@@ -82,9 +82,8 @@ class PullSlots(Generic[J]):
 
     def add(self, registry: str, job: J, warm: bool = False) -> None:
         with self._lock:
-            (self._warm if warm else self._session).waiting.setdefault(registry, deque()).append(
-                job
-            )
+            lane = self._warm if warm else self._session
+            lane.waiting.setdefault(registry, deque()).append(job)
             ready = self._take_ready()
         for job_ready in ready:
             self._start(job_ready)
@@ -105,6 +104,18 @@ class PullSlots(Generic[J]):
         with self._lock:
             warm = self._started_warm.pop(id(job), False)
             (self._warm if warm else self._session).release(registry)
+            ready = self._take_ready()
+        for job_ready in ready:
+            self._start(job_ready)
+
+    def requeue(self, registry: str, job: J, warm: bool) -> None:
+        """``job`` stopped running and goes back to the front of its lane's queue (an
+        interrupted pull: it goes on before the others that waited)."""
+        with self._lock:
+            was_warm = self._started_warm.pop(id(job), False)
+            (self._warm if was_warm else self._session).release(registry)
+            lane = self._warm if warm else self._session
+            lane.waiting.setdefault(registry, deque()).appendleft(job)
             ready = self._take_ready()
         for job_ready in ready:
             self._start(job_ready)
@@ -131,6 +142,12 @@ class PullSlots(Generic[J]):
     def waiting(self) -> int:
         with self._lock:
             return self._session.waiting_total + self._warm.waiting_total
+
+    @property
+    def session_busy(self) -> bool:
+        """A session pull waits or runs."""
+        with self._lock:
+            return bool(self._session.waiting or self._session.running)
 
     @property
     def warm_waiting(self) -> int:

@@ -40,6 +40,12 @@ pytestmark = pytest.mark.integration
             "a healthy image onto 2 nodes",
             "head_of_line.json",
         ),
+        (
+            "priority",
+            ["--nodes", "2", "--images", "4", "--size-mb", "1", "--repeats", "1"],
+            "behind a warm-up of 4 such images",
+            "priority.json",
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(

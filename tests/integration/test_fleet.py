@@ -140,6 +140,39 @@ def test_a_session_pull_overtakes_a_queued_warm_up(
     assert all(node.answered == len(warm) for node in finished["report"].by_node.values())
 
 
+def test_warm_ups_a_killed_worker_had_in_hand_are_pulled_when_it_comes_back(
+    fleet: LocalCluster, fleet_publisher: Publisher, proxy: TcpProxy
+) -> None:
+    # Warm-ups are acknowledged on receipt: the broker forgets them. A worker killed with
+    # them in hand must still pull them, from the history, when it comes back.
+    warm = [f"{proxy.address}/{push(fleet, 300_000).split('/', 1)[1]}" for _ in range(6)]
+    victim = fleet.workers[1]
+    proxy.throttle(600_000)
+    thread = threading.Thread(target=lambda: fleet_publisher.warm(warm, timeout=5))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while victim.metric("puller_worker_pulls_in_flight") < 1:
+            assert time.monotonic() < deadline, "the warm-up did not start"
+            time.sleep(0.05)
+        assert victim.process is not None
+        victim.process.kill()  # SIGKILL: nothing in hand is answered or saved
+        victim.process.wait(timeout=10)
+        thread.join(timeout=30)
+        proxy.throttle(None)
+        victim.start()
+        deadline = time.monotonic() + 90
+        while not all(engine_has(fleet, image)[fleet.engines[1].name] for image in warm):
+            assert time.monotonic() < deadline, "the killed worker's warm-ups were lost"
+            time.sleep(0.5)
+    finally:
+        proxy.throttle(None)
+        if not victim.alive:
+            victim.start()
+    assert victim.metric("puller_worker_caught_up") == 1
+    assert victim.metric("puller_worker_replayed_total") >= 1  # from the history, not live
+
+
 def test_status_finds_an_image_and_flags_drift_that_a_refresh_ends(
     fleet: LocalCluster, fleet_publisher: Publisher
 ) -> None:

@@ -14,7 +14,15 @@ import pika.exceptions
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import CONTENT_TYPE, ErrorKind, Forbidden, PullRequest, Status, parse_reference
+from contract import (
+    CONTENT_TYPE,
+    ErrorKind,
+    Forbidden,
+    PruneResult,
+    PullRequest,
+    Status,
+    parse_reference,
+)
 from contract import topology as topo
 from contract.policy import ImagePolicy, allowed_prefixes
 from localcluster.cluster import LocalCluster
@@ -114,6 +122,21 @@ def test_a_publisher_not_allowed_is_refused_by_every_node(guarded: LocalCluster)
         assert "'guest'" in result.error.message
         assert "PULLER_ALLOWED_PUBLISHERS" in result.error.message
     assert not any(engine_has(guarded, image).values())
+
+
+def test_only_an_allowed_publisher_may_prune(guarded: LocalCluster, sessions: Publisher) -> None:
+    image = push(guarded, "allowed")
+    assert sessions.pull(image, expect=NODES, timeout=60).ok
+    with Publisher(guarded.amqp_url, roster_max_age=ROSTER_MAX_AGE) as guest:
+        refused = guest.prune(0.0, expect=NODES)
+    assert len(refused.answers) == NODES and not refused.ok
+    for answer in refused.answers:
+        assert isinstance(answer, PruneResult) and answer.error is not None
+        assert answer.error.kind is ErrorKind.FORBIDDEN
+        assert "nothing was pruned" in answer.error.message
+    assert all(engine_has(guarded, image).values())
+    allowed = sessions.prune(0.0, expect=NODES, dry_run=True)
+    assert allowed.ok, allowed.to_json()
 
 
 def test_rabbitmq_refuses_a_request_whose_user_id_is_not_its_publishers(

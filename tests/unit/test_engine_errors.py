@@ -48,6 +48,10 @@ IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
             "failed to register layer: Error processing tar file(signal: terminated):",
             ErrorKind.ENGINE_UNAVAILABLE,
         ),
+        (
+            "error creating lease: grpc: the client connection is closing: context canceled",
+            ErrorKind.ENGINE_UNAVAILABLE,
+        ),
     ],
 )
 def test_engine_messages_are_classified(engine_message: str, kind: ErrorKind) -> None:

@@ -12,6 +12,7 @@ import pytest
 from contract import (
     ErrorKind,
     ImageReference,
+    Lane,
     NodeProgress,
     NodeResult,
     PullFailed,
@@ -553,3 +554,78 @@ def test_the_cap_counts_only_live_requests_that_start_a_pull(
     limited = results["second:latest"].error
     assert limited is not None and limited.kind is ErrorKind.RATE_LIMITED
     assert "second" not in " ".join(store.pulls)
+
+
+def test_an_image_that_failed_while_the_engine_was_away_is_pulled_once_it_answers(
+    store: FakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
+    store.failures["docker.io/library/flaky:1"] = [away, away]
+    answers = Answers()
+    service = make_service(store, 1, retry=RetryPolicy(attempts=2, first_delay=0.01))
+    try:
+        submit(service, answers, "flaky:1")
+        result = answers.wait_for(1)[0]
+        assert result.error is not None and result.error.kind is ErrorKind.ENGINE_UNAVAILABLE
+        assert "pulls it by itself once its engine answers again" in result.error.message
+        eventually(lambda: "docker.io/library/flaky:1" in store.present)
+        assert len(store.pulls) == 3  # two attempts answered, then one when the engine was back
+        eventually(lambda: service.deferred == 0 and service.unfinished == 0)
+        assert len(answers.results) == 1  # the later pull answers no one
+    finally:
+        service.shutdown(wait=True)
+
+
+@dataclass
+class InterruptibleStore(FakeStore):
+    cut: set[str] = field(default_factory=set)
+    interrupted: list[str] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+
+    def interrupt(self, image: ImageReference) -> None:
+        name = str(image)
+        self.interrupted.append(name)
+        self.cut.add(name)
+        gate = self.gates.get(name)
+        if gate is not None:
+            gate.set()
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        name = str(image)
+        self.started.append(name)
+        gate = self.gates.get(name)
+        if gate is not None:
+            assert gate.wait(10)
+        if name in self.cut:
+            self.cut.discard(name)
+            with self.lock:
+                self.pulls.append(f"cut {name}")
+            raise PullFailed(ErrorKind.CANCELLED, "interrupted")
+        return super().pull(image, on_progress)
+
+
+def test_a_session_pull_interrupts_running_warm_pulls_which_go_on_afterwards() -> None:
+    store = InterruptibleStore()
+    warm, later, session = (f"docker.io/library/{n}:1" for n in ("warm", "later", "session"))
+    store.gates[warm] = threading.Event()
+    answers = Answers()
+    service = make_service(store, 1)
+    try:
+        for image in (warm, later):
+            service.submit(PullRequest.new(parse_reference(image), lane=Lane.WARM), answers.answer)
+        eventually(lambda: store.started == [warm])  # the first warm pull runs, the other waits
+        service.submit(request_for(session), answers.answer)
+        results = answers.wait_for(3)
+        assert store.interrupted == [warm]
+        # The session's pull starts at once, beside the cut; the cut pull goes on first.
+        assert set(store.pulls[:2]) == {f"cut {warm}", session}
+        assert store.pulls[2:] == [warm, later]
+        assert {r.image: r.status for r in results} == dict.fromkeys(
+            (warm, later, session), Status.PULLED
+        )
+        assert len(results) == 3  # the interrupted pull answered once, when it was done
+    finally:
+        service.shutdown(wait=True)
