@@ -786,7 +786,12 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
         # found by the churn soak. Unavailable, so retried (see worker.service.TRANSIENT_KINDS).
         ErrorKind.ENGINE_UNAVAILABLE,
         # Also containerd's side of the same restart (found by the churn soak too).
-        ("(signal: terminated)", "the client connection is closing"),
+        (
+            "(signal: terminated)",
+            "the client connection is closing",
+            "transport is closing",
+            "error creating lease",
+        ),
         "the node's Docker Engine was stopping; the pull is retried (PULLER_PULL_RETRIES)",
     ),
     (

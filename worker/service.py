@@ -127,6 +127,8 @@ class PullService:
         self._unfinished = 0
         self._warm_unfinished = 0
         self._deferred: dict[ImageReference, Lane] = {}
+        self._tried_again: set[ImageReference] = set()
+        """Images given one more try after an engine error (see ``_defer``)."""
         self._deferred_timer: threading.Timer | None = None
 
     @property
@@ -358,16 +360,29 @@ class PullService:
                 failure.kind,
                 f"{failure.message}; the node pulls it by itself once its engine answers again",
             )
+        elif failure.kind is ErrorKind.ENGINE_ERROR and self._defer(pull, once=True):
+            # An engine error puller has no rule for may be a restart seen from inside
+            # (containerd's words for it vary): one more try, a few seconds later.
+            failure = PullFailed(
+                failure.kind, f"{failure.message}; the node tries once more in a few seconds"
+            )
         self._complete(pull, failure)
 
-    def _defer(self, pull: _Pull) -> bool:
+    def _defer(self, pull: _Pull, once: bool = False) -> bool:
         """Keeps an image whose pull failed only because the node's own engine was away, to
         pull it again (with no one to answer) once the engine answers: an engine restart
         must not leave the node without an image it was asked for. ``False`` when too many
-        wait already."""
+        wait already; with ``once``, also when this image was given its one more try."""
         with self._lock:
             if len(self._deferred) >= DEFERRED_LIMIT and pull.image not in self._deferred:
                 return False
+            if once:
+                if pull.image in self._tried_again:
+                    self._tried_again.discard(pull.image)
+                    return False
+                if len(self._tried_again) >= DEFERRED_LIMIT:
+                    return False
+                self._tried_again.add(pull.image)
             lane = Lane.WARM if pull.warm else Lane.SESSION
             self._deferred[pull.image] = lane
             start = self._deferred_timer is None and not self._cancelling.is_set()
@@ -433,6 +448,8 @@ class PullService:
             if pull.completed:
                 return
             pull.completed = True
+            if isinstance(outcome, ImageInfo):
+                self._tried_again.discard(pull.image)
             if self._pulls.get(pull.image) is pull:
                 del self._pulls[pull.image]
             waiters = list(pull.waiters)

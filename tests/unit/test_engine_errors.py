@@ -52,6 +52,10 @@ IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
             "error creating lease: grpc: the client connection is closing: context canceled",
             ErrorKind.ENGINE_UNAVAILABLE,
         ),
+        (
+            "error creating lease: transport is closing: unavailable",
+            ErrorKind.ENGINE_UNAVAILABLE,
+        ),
     ],
 )
 def test_engine_messages_are_classified(engine_message: str, kind: ErrorKind) -> None:

@@ -629,3 +629,23 @@ def test_a_session_pull_interrupts_running_warm_pulls_which_go_on_afterwards() -
         assert len(results) == 3  # the interrupted pull answered once, when it was done
     finally:
         service.shutdown(wait=True)
+
+
+def test_an_engine_error_gets_one_more_try_a_few_seconds_later_and_no_more(
+    store: FakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    odd = PullFailed(ErrorKind.ENGINE_ERROR, "error creating something: words never seen")
+    store.failures["docker.io/library/flaky:1"] = [odd, odd, odd]
+    answers = Answers()
+    service = make_service(store, 1, retry=RetryPolicy(attempts=1, first_delay=0.01))
+    try:
+        submit(service, answers, "flaky:1")
+        result = answers.wait_for(1)[0]
+        assert result.error is not None and "tries once more" in result.error.message
+        eventually(lambda: len(store.pulls) == 2 and service.unfinished == 0)
+        time.sleep(0.3)  # absence of a third try: nothing to wait for
+        assert len(store.pulls) == 2
+        assert service.deferred == 0
+    finally:
+        service.shutdown(wait=True)
