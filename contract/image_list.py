@@ -7,19 +7,25 @@ is not an image reference is an error naming the file and the line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from contract.errors import InvalidReference
 from contract.reference import ImageReference, parse_reference
 
 
+def entries(text: str) -> Iterator[tuple[int, str]]:
+    """Each line's entry, with its line number (from 1): comments and blank lines left out."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.partition("#")[0].strip()
+        if entry:
+            yield number, entry
+
+
 def parse_image_list(text: str, source: str) -> tuple[ImageReference, ...]:
     """The references in ``text``, normalised, in order, without repeats."""
     images: dict[ImageReference, None] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.partition("#")[0].strip()
-        if not entry:
-            continue
+    for number, entry in entries(text):
         try:
             images[parse_reference(entry)] = None
         except InvalidReference as error:
@@ -27,12 +33,17 @@ def parse_image_list(text: str, source: str) -> tuple[ImageReference, ...]:
     return tuple(images)
 
 
-def read_image_list(path: Path) -> tuple[ImageReference, ...]:
-    """The references in the file ``path``; :class:`InvalidReference` for a bad line or a
-    file that cannot be read."""
+def file_text(path: Path) -> str:
+    """The text of the list file ``path``; :class:`InvalidReference` saying why it cannot be
+    read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise InvalidReference(f"{path} cannot be read: {reason}") from None
-    return parse_image_list(text, str(path))
+
+
+def read_image_list(path: Path) -> tuple[ImageReference, ...]:
+    """The references in the file ``path``; :class:`InvalidReference` for a bad line or a
+    file that cannot be read."""
+    return parse_image_list(file_text(path), str(path))

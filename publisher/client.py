@@ -226,16 +226,11 @@ class Publisher:
             )
         finally:
             self._replies.unwatch(request.request_id)
-        answered = _pull_results(collected)
-        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
-        no_reply = [
-            NodeResult(request.request_id, node, str(reference), Status.NO_REPLY, waited)
-            for node in sorted(silent)
-        ]
+        rows = self._rows(request, collected, expect, wanted, began, started, notes)
         return PullReport(
             request_id=request.request_id,
             image=str(reference),
-            nodes=tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node)),
+            nodes=rows,
             expected=expect if expect is not None else (len(wanted) if wanted else None),
             notes=tuple(notes),
             wanted=frozenset(wanted) if wanted is not None else None,
@@ -260,16 +255,11 @@ class Publisher:
         request = CheckRequest.new(reference)
         self._publish(request, history=False)
         collected, notes = self._collect(request, expect, wanted, started + timeout)
-        answered = _pull_results(collected)
-        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
-        no_reply = [
-            NodeResult(request.request_id, node, str(reference), Status.NO_REPLY, waited)
-            for node in sorted(silent)
-        ]
+        rows = self._rows(request, collected, expect, wanted, began, started, notes)
         return StatusReport(
             request_id=request.request_id,
             image=str(reference),
-            nodes=tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node)),
+            nodes=rows,
             notes=tuple(notes),
         )
 
@@ -364,6 +354,27 @@ class Publisher:
             no_reply=tuple(sorted(silent)),
             notes=tuple(notes),
         )
+
+    def _rows(
+        self,
+        request: PullRequest | CheckRequest,
+        collected: dict[str, Answer],
+        expect: int | None,
+        wanted: set[str] | None,
+        began: float,
+        started: float,
+        notes: list[str],
+    ) -> tuple[NodeResult, ...]:
+        """One row per node that answered, and a ``no_reply`` row per expected node that
+        did not, sorted by node."""
+        answered = _pull_results(collected)
+        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
+        image = str(request.image)
+        no_reply = [
+            NodeResult(request.request_id, node, image, Status.NO_REPLY, waited)
+            for node in sorted(silent)
+        ]
+        return tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node))
 
     def _wanted(self, expect: int | None, nodes: Iterable[str] | None) -> set[str] | None:
         if expect is not None and nodes is not None:

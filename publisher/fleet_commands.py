@@ -36,14 +36,7 @@ def add_parsers(
     )
     warm.add_argument("file", metavar="FILE", type=Path)
     which_nodes(warm)
-    warm.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=3600.0,
-        metavar="SECONDS",
-        help="wait at most this long for every node to answer for every image (default 3600)",
-    )
-    warm.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _wait_options(warm, positive_float, 3600.0, "for every node to answer for every image")
 
     status = commands.add_parser(
         "status",
@@ -54,14 +47,7 @@ def add_parsers(
     )
     status.add_argument("image", metavar="IMAGE")
     which_nodes(status)
-    status.add_argument(
-        "--timeout",
-        type=positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="wait at most this long (default 10)",
-    )
-    status.add_argument("--json", action="store_true", help="print one JSON object")
+    _wait_options(status, positive_float, 10.0)
 
     prune = commands.add_parser(
         "prune",
@@ -82,14 +68,20 @@ def add_parsers(
     )
     prune.add_argument("--dry-run", action="store_true", help="only say what would go")
     which_nodes(prune)
-    prune.add_argument(
+    _wait_options(prune, positive_float, 120.0)
+
+
+def _wait_options(
+    command: argparse.ArgumentParser, positive_float: Any, default: float, what: str = ""
+) -> None:
+    command.add_argument(
         "--timeout",
         type=positive_float,
-        default=120.0,
+        default=default,
         metavar="SECONDS",
-        help="wait at most this long (default 120)",
+        help=f"wait at most this long{' ' + what if what else ''} (default {default:g})",
     )
-    prune.add_argument("--json", action="store_true", help="print one JSON object")
+    command.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
 def duration(text: str) -> float:

@@ -164,22 +164,7 @@ class DockerEngine:
         cache_name: str | None = None
         if cache is not None:
             cache_name = self._through_cache(api, cache, image, login, started, on_progress)
-        response: requests.Response | None = None
-        try:
-            response = self._start_pull(api, image, login, owner=image)
-            self._follow(api, response, image, started, on_progress, login)
-        except PullFailed:
-            raise
-        except Exception as error:
-            raise self._failure(error, image, login, stream_open=response is not None) from None
-        finally:
-            if response is not None:
-                with self._lock:
-                    self._open_streams.discard(response)
-                    self._stream_owner.pop(response, None)
-                response.close()  # an abandoned stream makes the engine cancel the pull
-        if image in self._interrupted:
-            raise _cancelled(image)  # the stream ended because it was cut
+        self._stream_pull(api, image, login, started, on_progress, owner=image)
         if cache_name is not None:
             self._forget_cache_name(api, cache_name)
         info = self.find_image(image)
@@ -254,7 +239,7 @@ class DockerEngine:
                 with self._lock:
                     self._open_streams.discard(response)
                     self._stream_owner.pop(response, None)
-                response.close()
+                response.close()  # an abandoned stream makes the engine cancel the pull
         if owner in self._interrupted:
             raise _cancelled(owner)  # the stream ended because it was cut
 

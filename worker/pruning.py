@@ -49,6 +49,7 @@ from typing import Protocol
 import structlog
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
+from contract.image_list import entries, file_text
 from worker.model import DiskUsage, ImageInUse, PrunableStore, StoredImage
 
 __all__ = [
@@ -338,13 +339,10 @@ def _label(image: StoredImage) -> str:
 
 
 def parse_keep_list(text: str, source: str = "keep list") -> tuple[str, ...]:
-    """One image reference a line; ``#`` starts a comment (a reference never holds one);
-    blank lines are skipped. Raises :class:`KeepListError` naming ``source`` and the line."""
+    """One image reference a line, as :mod:`contract.image_list` reads them (kept as the
+    user wrote them). Raises :class:`KeepListError` naming ``source`` and the line."""
     references: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        entry = line.partition("#")[0].strip()
-        if not entry:
-            continue
+    for number, entry in entries(text):
         try:
             parse_reference(entry)
         except InvalidReference as error:
@@ -357,10 +355,9 @@ def read_keep_file(path: Path) -> tuple[str, ...]:
     """The keep list in ``path``; raises :class:`KeepListError` when it cannot be read or a
     line is no image reference."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise KeepListError(f"keep list {path} cannot be read: {reason}") from None
+        text = file_text(path)
+    except InvalidReference as error:
+        raise KeepListError(f"keep list {error}") from None
     return parse_keep_list(text, str(path))
 
 
