@@ -4,7 +4,12 @@ Latency of one fire-and-forget request (published and confirmed by the broker, w
 workers bound), p50/p99, and sustained requests per second on one connection; against
 the floor, a bare pika publish with confirms and ``mandatory`` to the same exchange.
 
-    .venv/bin/python -m bench.session_path [--requests 5000] [--workers 3]
+Two ways: back to back (each request as soon as the last returned: the workers' answers
+to the earlier ones compete for the same cores and for the publisher's I/O thread), and
+paced at ``--rate`` requests a second (a session service publishes one per session
+created: far fewer than the back-to-back rate).
+
+    .venv/bin/python -m bench.session_path [--requests 5000] [--workers 3] [--rate 100]
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=100.0)
     args = parser.parse_args(argv)
+    paced = max(200, args.requests // 5)
     with bench_environment() as environment:
         environment.add_engines(1)
         image = environment.registry.push_files("bench/session", "1", {"f": b"s"})
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             with Publisher(environment.amqp_url) as publisher:
                 publisher.pull(image, expect=args.workers, timeout=60)  # warm: present everywhere
                 puller = timed(args.requests, lambda: publisher.request(image))
+                puller_paced = timed(paced, lambda: publisher.request(image), args.rate)
             # The floor: the same confirmed, mandatory publish of a request-sized body, by bare
             # pika, to a fanout exchange with as many queues bound (and nobody consuming).
             connection = pika.BlockingConnection(pika.URLParameters(environment.amqp_url))
@@ -50,31 +58,47 @@ def main(argv: list[str] | None = None) -> int:
                 args.requests,
                 lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
             )
+            floor_paced = timed(
+                paced,
+                lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
+                args.rate,
+            )
             connection.close()
         finally:
             stop_all([w.process for w in workers])
-    rows: list[list[object]] = []
-    for name, (samples, rate) in (("floor", floor), ("puller", puller)):
-        s = summary_ms(samples)
-        rows.append([name, s["p50"], s["p90"], s["p99"], rate])
-    ratios = [float(p) / float(f) for p, f in zip(rows[1][1:], rows[0][1:], strict=True)]  # type: ignore[arg-type]
-    rows.append(["puller/floor", *ratios])
-    print_table(
-        f"request(): {args.requests} requests, {args.workers} workers bound "
-        "(goal: p99 < 2 ms on loopback)",
-        ["", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
-        rows,
-    )
-    print(f"\nfigures saved to {save('session_path', {'rows': rows})}")
+    tables = {}
+    for title, floor_run, puller_run in (
+        (f"back to back, {args.requests} requests", floor, puller),
+        (f"paced, {args.rate:g} a second, {paced} requests", floor_paced, puller_paced),
+    ):
+        rows: list[list[object]] = []
+        for name, (samples, rate) in (("floor", floor_run), ("puller", puller_run)):
+            s = summary_ms(samples)
+            rows.append([name, s["p50"], s["p90"], s["p99"], rate])
+        ratios = [float(p) / float(f) for p, f in zip(rows[1][1:], rows[0][1:], strict=True)]  # type: ignore[arg-type]
+        rows.append(["puller/floor", *ratios])
+        print_table(
+            f"request(): {title}; {args.workers} workers bound (goal: p99 < 2 ms on loopback)",
+            ["", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
+            rows,
+        )
+        tables[title] = rows
+    print(f"\nfigures saved to {save('session_path', tables)}")
     return 0
 
 
-def timed(count: int, request: Callable[[], object]) -> tuple[list[float], float]:
+def timed(
+    count: int, request: Callable[[], object], rate: float | None = None
+) -> tuple[list[float], float]:
+    """Latencies of ``count`` requests, and requests a second; with ``rate``, each request
+    starts on a schedule of ``rate`` a second (none starts before the last returned)."""
     for _ in range(min(100, count)):
         request()
     samples = []
     started = time.perf_counter()
-    for _ in range(count):
+    for index in range(count):
+        if rate:
+            time.sleep(max(0.0, started + index / rate - time.perf_counter()))
         begun = time.perf_counter()
         request()
         samples.append(time.perf_counter() - begun)

@@ -9,9 +9,11 @@ is wrong with a value that breaks the contract (:class:`InvalidMessage`).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Generic, Protocol, TypeVar
+from functools import cached_property
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from contract.errors import ErrorKind, InvalidMessage, NodeError
 from contract.reference import ImageReference, parse_reference
@@ -25,6 +27,7 @@ MAX_ERROR_MESSAGE_LENGTH = 2000
 MAX_TEXT_LENGTH = 1024
 
 _MISSING: Any = object()
+_LARGEST = sys.float_info.max
 
 
 class Codec(Protocol[T]):
@@ -68,10 +71,15 @@ class Text:
     max_length: int = MAX_TEXT_LENGTH
     allow_empty: bool = False
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: str) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> str:
+        value = fields.get(key)
+        if type(value) is str and (value or self.allow_empty) and len(value) <= self.max_length:
+            return value  # the common case, checked at once; anything else below
         value = _required(fields, key)
         if not isinstance(value, str):
             raise InvalidMessage(f"{key!r} must be a string, not {json_type(value)}")
@@ -88,25 +96,32 @@ class OptionalText:
 
     max_length: int = MAX_TEXT_LENGTH
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: str | None) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> str | None:
-        if fields.get(key) is None:
+        value = fields.get(key)
+        if value is None:
             return None
-        return Text(self.max_length).load(fields, key)
+        if type(value) is str and 0 < len(value) <= self.max_length:
+            return value
+        return _text(self.max_length).load(fields, key)
 
 
 @dataclass(frozen=True)
 class Identifier:
     """A request, marker or correlation id: 1 to 128 printable ASCII characters."""
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: str) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> str:
-        value = Text(MAX_ID_LENGTH).load(fields, key)
-        if not value.isprintable() or not value.isascii():
+        value = _ID_TEXT.load(fields, key)
+        if not value.isascii() or not value.isprintable():
             raise InvalidMessage(f"{key!r} must be printable ASCII")
         return value
 
@@ -115,13 +130,15 @@ class Identifier:
 class OptionalIdentifier:
     """An identifier, or ``null``/absent for ``None``."""
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: str | None) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> str | None:
         if fields.get(key) is None:
             return None
-        return Identifier().load(fields, key)
+        return _IDENTIFIER.load(fields, key)
 
 
 @dataclass(frozen=True)
@@ -130,10 +147,15 @@ class Seconds:
 
     default: float | None = None
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: float) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> float:
+        value = fields.get(key)
+        if type(value) is float and 0.0 <= value <= _LARGEST:  # NaN and infinity fail
+            return value
         if key not in fields and self.default is not None:
             return self.default
         value = _required(fields, key)
@@ -155,6 +177,8 @@ class Count:
     default: int | None = None
     maximum: int = 2**63 - 1
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: int) -> object:
         return value
 
@@ -173,6 +197,8 @@ class Count:
 class OptionalBool:
     """``true``, ``false``, or ``null``/absent for "unknown"."""
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: bool | None) -> object:
         return value
 
@@ -186,6 +212,8 @@ class OptionalBool:
 @dataclass(frozen=True)
 class Flag:
     """``true`` or ``false``; absent (from older peers) is ``false``."""
+
+    dumps_as_is: ClassVar[bool] = True
 
     def dump(self, value: bool) -> object:
         return value
@@ -201,13 +229,15 @@ class Flag:
 class OptionalSeconds:
     """A finite number, 0 or more, or ``null``/absent for ``None``."""
 
+    dumps_as_is: ClassVar[bool] = True
+
     def dump(self, value: float | None) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> float | None:
         if fields.get(key) is None:
             return None
-        return Seconds().load(fields, key)
+        return _SECONDS.load(fields, key)
 
 
 @dataclass(frozen=True)
@@ -225,7 +255,7 @@ class Images:
             raise InvalidMessage(f"{key!r} must be an array, not {json_type(value)}")
         if len(value) > self.max_items:
             raise InvalidMessage(f"{key!r} holds {len(value)} items; at most {self.max_items}")
-        return tuple(Image().load({"item": item}, "item") for item in value)
+        return tuple(_IMAGE.load({"item": item}, "item") for item in value)
 
 
 @dataclass(frozen=True)
@@ -244,7 +274,8 @@ class Texts:
             raise InvalidMessage(f"{key!r} must be an array, not {json_type(value)}")
         if len(value) > self.max_items:
             raise InvalidMessage(f"{key!r} holds {len(value)} items; at most {self.max_items}")
-        return tuple(Text(self.max_length).load({key: item}, key) for item in value)
+        text = _text(self.max_length)
+        return tuple(text.load({key: item}, key) for item in value)
 
 
 @dataclass(frozen=True)
@@ -290,17 +321,20 @@ class Choice(Generic[_E]):
     def dump(self, value: _E) -> object:
         return value.value
 
+    @cached_property
+    def _members(self) -> dict[str, _E]:
+        return {member.value: member for member in self.allowed or tuple(self.enum)}
+
     def load(self, fields: dict[str, Any], key: str) -> _E:
         if key not in fields and self.default is not None:
             return self.default
-        text = Text(64).load(fields, key)
-        allowed = self.allowed or tuple(self.enum)
-        for member in allowed:
-            if member.value == text:
-                return member
+        text = _CHOICE_TEXT.load(fields, key)
+        member = self._members.get(text)
+        if member is not None:
+            return member
         if self.unknown is not None:
             return self.unknown
-        names = ", ".join(member.value for member in allowed)
+        names = ", ".join(self._members)
         raise InvalidMessage(f"{key!r} is {text!r}; expected one of: {names}")
 
 
@@ -334,11 +368,29 @@ class Failure:
             return None
         if not isinstance(value, dict):
             raise InvalidMessage(f"{key!r} must be an object with 'kind' and 'message'")
-        kind = Choice(ErrorKind, unknown=ErrorKind.UNKNOWN).load(value, "kind")
-        message = Text(MAX_ERROR_MESSAGE_LENGTH).load(value, "message")
+        kind = _ERROR_KIND.load(value, "kind")
+        message = _ERROR_MESSAGE.load(value, "message")
         if kind is ErrorKind.UNKNOWN and value["kind"] != ErrorKind.UNKNOWN.value:
             message = f"({value['kind']}) {message}"  # a newer peer's kind: keep its name
         return NodeError(kind=kind, message=message)
+
+
+# Codecs other codecs use, made once (a codec is immutable).
+_ID_TEXT = Text(MAX_ID_LENGTH)
+_IDENTIFIER = Identifier()
+_SECONDS = Seconds()
+_IMAGE = Image()
+_CHOICE_TEXT = Text(64)
+_ERROR_KIND = Choice(ErrorKind, unknown=ErrorKind.UNKNOWN)
+_ERROR_MESSAGE = Text(MAX_ERROR_MESSAGE_LENGTH)
+_TEXTS = {MAX_TEXT_LENGTH: Text()}
+
+
+def _text(max_length: int) -> Text:
+    text = _TEXTS.get(max_length)
+    if text is None:
+        text = _TEXTS[max_length] = Text(max_length)
+    return text
 
 
 def _required(fields: dict[str, Any], key: str) -> Any:

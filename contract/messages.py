@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -59,6 +60,22 @@ class Message:
 
     TYPE: ClassVar[str]
     FIELDS: ClassVar[tuple[Field[Any], ...]]
+    _LOADERS: ClassVar[tuple[tuple[str, str, Callable[[dict[str, Any], str], Any]], ...]]
+    _DUMPERS: ClassVar[tuple[tuple[str, str, Callable[[Any], object] | None], ...]]
+
+    def __init_subclass__(cls) -> None:
+        """The field table as (attribute, key, codec method) rows, looked up once: every
+        request and reply goes through them."""
+        super().__init_subclass__()
+        cls._LOADERS = tuple((f.attribute, f.key, f.codec.load) for f in cls.FIELDS)
+        cls._DUMPERS = tuple(
+            (
+                f.attribute,
+                f.key,
+                None if getattr(f.codec, "dumps_as_is", False) else f.codec.dump,
+            )
+            for f in cls.FIELDS
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The fields by attribute name, as JSON values (what reports print)."""
@@ -66,9 +83,10 @@ class Message:
 
     def encode(self) -> bytes:
         body: dict[str, Any] = {"version": PROTOCOL_VERSION, "type": self.TYPE}
-        for f in self.FIELDS:
-            body[f.key] = f.codec.dump(getattr(self, f.attribute))
-        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+        for attribute, key, dump in self._DUMPERS:  # ``None``: the value as it is
+            value = getattr(self, attribute)
+            body[key] = value if dump is None else dump(value)
+        return _ENCODER.encode(body).encode()
 
     @classmethod
     def decode(cls, body: bytes) -> Self:
@@ -76,7 +94,7 @@ class Message:
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Self:
-        values = {f.attribute: f.codec.load(fields, f.key) for f in cls.FIELDS}
+        values = {attribute: load(fields, key) for attribute, key, load in cls._LOADERS}
         try:
             return cls(**values)
         except ValueError as error:  # a rule across fields, checked in __post_init__
@@ -206,7 +224,10 @@ class PruneRequest(Message):
 
     @classmethod
     def new(
-        cls, unused_for: float, keep: tuple[ImageReference, ...] = (), dry_run: bool = False
+        cls,
+        unused_for: float,
+        keep: tuple[ImageReference, ...] = (),
+        dry_run: bool = False,
     ) -> PruneRequest:
         return cls(
             request_id=new_request_id(),
@@ -307,7 +328,13 @@ class NodeResult(Message):
 
     @classmethod
     def failure(
-        cls, request_id: str, node: str, image: str, kind: ErrorKind, message: str, seconds: float
+        cls,
+        request_id: str,
+        node: str,
+        image: str,
+        kind: ErrorKind,
+        message: str,
+        seconds: float,
     ) -> NodeResult:
         return cls(
             request_id=request_id,
@@ -472,13 +499,13 @@ def load_body(body: bytes, expected_type: str | None) -> dict[str, Any]:
             f"the message is {len(body)} bytes; at most {MAX_MESSAGE_BYTES} are allowed"
         )
     try:
-        text = bytes(body).decode("utf-8")
+        text = (body if type(body) is bytes else bytes(body)).decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidMessage("the message body is not UTF-8 text") from None
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nesting(text) > MAX_JSON_DEPTH:
         raise InvalidMessage(f"the message body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        fields = json.loads(text, parse_constant=_refuse_constant)
+        fields = _DECODER.decode(text)
     except _NotStrictJson as error:
         raise InvalidMessage(f"the message body is not JSON: {error} is not a JSON value") from None
     except json.JSONDecodeError:
@@ -506,6 +533,11 @@ class _NotStrictJson(ValueError):
 
 def _refuse_constant(name: str) -> object:
     raise _NotStrictJson(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+"""Strict JSON, made once (``json.loads`` with an argument builds a decoder per call)."""
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 
 def _nesting(text: str) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from contract.errors import InvalidReference
 
@@ -95,6 +96,11 @@ class ImageReference:
         return f"{self.domain}/{self.path}" if self.domain else self.path
 
     def __str__(self) -> str:
+        return self.text
+
+    @cached_property
+    def text(self) -> str:
+        """The normalised reference, as ``str()`` gives it (worked out once)."""
         return self.repository + self._suffix()
 
     @property
@@ -121,9 +127,27 @@ class ImageReference:
         return text
 
 
+PARSED_REMEMBERED = 4096
+"""Valid references remembered by :func:`parse_reference`: a cluster asks for the same few
+images again and again, and parsing one costs more than the rest of decoding a request."""
+_parsed: dict[str, ImageReference] = {}
+
+
 def parse_reference(text: object) -> ImageReference:
     """Validates and normalises ``text`` as ``docker pull`` does; raises
     :class:`InvalidReference` saying why not."""
+    if type(text) is str:
+        known = _parsed.get(text)
+        if known is not None:
+            return known
+    reference = _parse_reference(text)
+    if len(_parsed) >= PARSED_REMEMBERED:
+        _parsed.clear()
+    _parsed[str(text)] = reference
+    return reference
+
+
+def _parse_reference(text: object) -> ImageReference:
     text = _checked_text(text)
     if IDENTIFIER_PATTERN.fullmatch(text) is not None:
         raise InvalidReference(

@@ -476,10 +476,13 @@ class Publisher:
             elif on_result is not None and isinstance(event, NodeResult):
                 on_result(event)
 
+        # Woken for every event only when there is someone to hand them to; else once, when
+        # the answers are complete (a wake-up for each node's reply cost a thread switch each).
+        on_event = hand_over if on_progress is not None or on_result is not None else None
         epoch, asked_again, lost_at = self._broker.epoch, 0, None
         while True:
             results = self._replies.wait(
-                request.request_id, done, deadline, hand_over, wake_every=WAKE_INTERVAL
+                request.request_id, done, deadline, on_event, wake_every=WAKE_INTERVAL
             )
             if done(results) or time.monotonic() >= deadline:
                 break

@@ -14,9 +14,12 @@ formatter) cost about three times as much as rendering it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -35,23 +38,30 @@ def configure_logging(
     through the same renderer.
     """
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
-    shared: list[Processor] = [
+    fields = dict(always or {})
+    # Lines from standard-library loggers: structlog's own processors, one at a time.
+    foreign: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        _Always(dict(always or {})),
+        _Always(fields),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
     ]
+    # structlog's own lines (the worker writes one per request): the same fields in one
+    # step. No contextvars: puller binds none.
+    own: list[Processor] = [_Stamp(fields)]
     renderer: Processor
     if as_json:
-        shared.append(structlog.processors.dict_tracebacks)
-        renderer = structlog.processors.JSONRenderer()
+        foreign.append(structlog.processors.dict_tracebacks)
+        own.append(structlog.processors.dict_tracebacks)
+        renderer = structlog.processors.JSONRenderer(_LineEncoder().dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+            foreign_pre_chain=foreign,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
@@ -61,11 +71,55 @@ def configure_logging(
     # pika logs every connection step at INFO; its warnings and errors are what matter.
     logging.getLogger("pika").setLevel(logging.WARNING)
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*own, renderer],
         logger_factory=_LineWriters(handler),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
+
+
+class _LineEncoder:
+    """``json.dumps`` for the JSON renderer, with one encoder made up front: called with
+    arguments, ``json.dumps`` builds an encoder for every line. What it cannot encode is
+    written as structlog's own fallback writes it (``__structlog__()``, else ``repr()``)."""
+
+    def __init__(self) -> None:
+        self._encoder = json.JSONEncoder(default=_fallback)
+
+    def dumps(self, event: object, **_arguments: object) -> str:
+        return self._encoder.encode(event)
+
+
+def _fallback(value: object) -> object:
+    custom = getattr(value, "__structlog__", None)
+    return custom() if callable(custom) else repr(value)
+
+
+_LEVEL_NAMES = {"warn": "warning", "exception": "error"}
+
+
+class _Stamp:
+    """What ``_Always``, ``add_log_level``, ``add_logger_name`` and ``TimeStamper(fmt="iso",
+    utc=True)`` add to a line, in that order and in their words, as one processor. The
+    time's date and seconds are formatted once a second."""
+
+    def __init__(self, always: dict[str, object]) -> None:
+        self._always = tuple(always.items())
+        self._second: tuple[int, str] = (-1, "")
+
+    def __call__(self, logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+        for key, value in self._always:
+            event.setdefault(key, value)
+        event["level"] = _LEVEL_NAMES.get(name, name)
+        event["logger"] = getattr(logger, "name", None)
+        now = time.time()
+        second, prefix = self._second
+        if int(now) != second:
+            second = int(now)
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = (second, prefix)
+        event["timestamp"] = f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return event
 
 
 class _Always:

@@ -14,6 +14,8 @@ latest progress of each request), and so do callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -93,6 +95,9 @@ class WorkerBroker:
         self._channel: Channel | None = None
         self._history_channel: Channel | None = None
         self._consumer_tag: str | None = None
+        self._held: list[tuple[Callable[[Delivery], None], Delivery]] = []
+        """Live deliveries that came while connecting, for the first process_events()."""
+        self._serving = False
         self._owner: int | None = None
         self._lock = threading.Lock()
         self._waiting_answers: list[tuple[Delivery, Message | None, bool]] = []
@@ -121,6 +126,7 @@ class WorkerBroker:
         then sends what waited for a connection. This thread owns the connection from now."""
         self.close()
         self._owner = threading.get_ident()
+        self._serving = False
         try:
             with broker_errors("cannot connect to RabbitMQ", self._parameters):
                 try:
@@ -176,10 +182,29 @@ class WorkerBroker:
         channel = self._declare_shared(self._connection.channel())
         _declare(channel, topo.worker_declarations(self._node))
         channel.basic_qos(prefetch_count=self._prefetch)
-        self._consumer_tag = channel.basic_consume(
-            self.queue, self._deliverer(channel, on_live), auto_ack=False
+        # Live requests are consumed on the channel's non-blocking side: each delivery is
+        # handed to ``on_live`` straight from the frame that carried it, inside the I/O
+        # loop. Through the blocking channel it would be queued, dispatched after the loop
+        # returned, and the loop (a timer, the daemon's checks) set up again for every
+        # request: the part of a worker's CPU per request that the floor consumer did not
+        # have (bench/README.md, "Broadcast round trip"). Deliveries that come before
+        # connect() returns wait for the first process_events(), as they did.
+        self._consumer_tag = channel._impl.basic_consume(  # noqa: SLF001 - see above
+            self.queue, self._deliverer(channel, self._hold_until_served(on_live)), auto_ack=False
         )
         self._channel = channel
+        # Methods on a channel are answered in order: once this passive declare is
+        # answered, so is the consume (or the channel is closed, and this raises why).
+        channel.queue_declare(self.queue, passive=True)
+
+    def _hold_until_served(self, on_live: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        def take(delivery: Delivery) -> None:
+            if self._serving:
+                on_live(delivery)
+            else:
+                self._held.append((on_live, delivery))
+
+        return take
 
     def _declare_shared(self, channel: Channel) -> Channel:
         """Declares the shared topology (the history stream with this worker's retention);
@@ -298,6 +323,11 @@ class WorkerBroker:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
         self._check_owner()
         with broker_errors(LOST, self._parameters):
+            if not self._serving:
+                self._serving = True
+                held, self._held = self._held, []
+                for on_live, delivery in held:
+                    on_live(delivery)
             self._open_connection().process_data_events(time_limit=seconds)
 
     def announce(self, body: bytes) -> None:
@@ -318,9 +348,12 @@ class WorkerBroker:
     def stop_consuming(self) -> None:
         """Takes no more live requests or history entries."""
         self.stop_history()
-        if self._channel is not None and self._consumer_tag is not None:
+        channel = self._channel
+        if channel is not None and self._consumer_tag is not None:
             try:
-                self._channel.basic_cancel(self._consumer_tag)
+                # Sent, not waited for: the queue is auto-delete (gone once cancelled), and
+                # pika turns away what still comes for a cancelled consumer.
+                channel._impl.basic_cancel(self._consumer_tag)  # noqa: SLF001 - consumed there
             except CONNECTION_ERRORS as error:
                 log.warning("could not cancel the consumer", error=describe(error))
         self._consumer_tag = None
@@ -330,6 +363,7 @@ class WorkerBroker:
             connection, self._connection = self._connection, None
             self._hops = 0  # a closed connection runs none of them
             self._channel = self._history_channel = None
+            self._held = []  # unacknowledged: the broker gives them to the next connection
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -456,19 +490,18 @@ class WorkerBroker:
         from a closed channel still goes out (the requester may be waiting); its ack cannot
         (the broker has already put the message back)."""
         try:
-            frames: list[pika.frame.Frame] = []
+            frames: list[bytes] = []
             if result is not None and delivery.reply_to:
                 frames += self._reply_frames(
                     delivery.reply_to, delivery.correlation_id, result.encode()
                 )
             channel = self._channel_of(delivery)
             if channel is not None and not delivery.acked:
-                settle: pika.spec.Basic.Ack | pika.spec.Basic.Reject
                 if refuse and delivery.history_offset is None:
-                    settle = pika.spec.Basic.Reject(delivery.tag, requeue=False)
+                    reject = pika.spec.Basic.Reject(delivery.tag, requeue=False)
+                    frames.append(pika.frame.Method(channel.channel_number, reject).marshal())
                 else:
-                    settle = pika.spec.Basic.Ack(delivery.tag)
-                frames.append(pika.frame.Method(channel.channel_number, settle))
+                    frames.append(ack_frame(channel.channel_number, delivery.tag))
             self._write(frames)
         except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
             log.warning("could not answer; the connection was lost", error=describe(error))
@@ -483,30 +516,13 @@ class WorkerBroker:
         except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
             log.info("progress not sent; the connection was lost", error=describe(error))
 
-    def _reply_frames(
-        self, reply_to: str, correlation_id: str | None, body: bytes
-    ) -> list[pika.frame.Frame]:
-        """A reply's frames (method, header, body) on the live channel, not yet written."""
+    def _reply_frames(self, reply_to: str, correlation_id: str | None, body: bytes) -> list[bytes]:
+        """A reply's frames on the live channel, marshalled, not yet written."""
         number = self._open_channel().channel_number
         limit = self._open_connection()._impl._body_max_length  # noqa: SLF001 - frame_max, as tuned
-        return [
-            pika.frame.Method(
-                number, pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key=reply_to)
-            ),
-            pika.frame.Header(
-                number,
-                len(body),
-                pika.BasicProperties(
-                    content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
-                ),
-            ),
-            *(
-                pika.frame.Body(number, body[start : start + limit])
-                for start in range(0, len(body), limit)
-            ),
-        ]
+        return reply_frames(number, reply_to, correlation_id, body, limit)
 
-    def _write(self, frames: list[pika.frame.Frame]) -> None:
+    def _write(self, frames: list[bytes]) -> None:
         """Connection thread: ``frames`` in one write when the loop next runs, which is at
         once (we are inside it). Going through the channels, pika writes every frame with
         a send of its own (a reply and its ack were four), and the blocking channel would
@@ -516,7 +532,7 @@ class WorkerBroker:
         if not frames:
             return
         connection = self._open_connection()._impl  # noqa: SLF001 - see above
-        connection._output_marshaled_frames([b"".join(f.marshal() for f in frames)])  # noqa: SLF001
+        connection._output_marshaled_frames([b"".join(frames)])  # noqa: SLF001
 
     def _channel_of(self, delivery: Delivery) -> Channel | None:
         source = delivery.source
@@ -541,6 +557,61 @@ class WorkerBroker:
         if self._channel is None or not self._channel.is_open:
             raise BrokerUnavailable(f"no open channel to RabbitMQ at {self.where}")
         return self._channel
+
+
+# -- frames --------------------------------------------------------------------------------
+# A worker sends a reply and an ack for every request. pika's frame objects spell out every
+# property and argument in Python each time; these give the same bytes (checked against
+# pika's in tests/unit/test_worker_broker.py) for the few shapes a worker sends.
+
+_FRAME_END = bytes([pika.spec.FRAME_END])
+_PROPERTIES = pika.spec.BasicProperties
+_REPLY_FLAGS = _PROPERTIES.FLAG_CONTENT_TYPE | _PROPERTIES.FLAG_DELIVERY_MODE
+_CONTENT_TYPE = bytes([len(CONTENT_TYPE)]) + CONTENT_TYPE.encode()
+
+
+def reply_frames(
+    number: int, reply_to: str, correlation_id: str | None, body: bytes, limit: int
+) -> list[bytes]:
+    """A reply's frames on channel ``number``: ``Basic.Publish`` to the reply exchange with
+    routing key ``reply_to``, a content header (content type, delivery mode 1, correlation
+    id) and the body in frames of at most ``limit`` bytes."""
+    properties = _CONTENT_TYPE + b"\x01"
+    flags = _REPLY_FLAGS
+    if correlation_id is not None:
+        encoded = correlation_id.encode()
+        if len(encoded) > 255:
+            raise ValueError("a correlation id is at most 255 bytes")
+        properties += bytes([len(encoded)]) + encoded
+        flags |= _PROPERTIES.FLAG_CORRELATION_ID
+    header = struct.pack(">HxxQH", _PROPERTIES.INDEX, len(body), flags) + properties
+    return [
+        _publish_frame(number, reply_to),
+        _frame(pika.spec.FRAME_HEADER, number, header),
+        *(
+            _frame(pika.spec.FRAME_BODY, number, body[start : start + limit])
+            for start in range(0, len(body), limit)
+        ),
+    ]
+
+
+def ack_frame(number: int, tag: int) -> bytes:
+    """``Basic.Ack`` of delivery ``tag`` alone (not ``multiple``) on channel ``number``."""
+    return _frame(
+        pika.spec.FRAME_METHOD, number, struct.pack(">IQB", pika.spec.Basic.Ack.INDEX, tag, 0)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _publish_frame(number: int, reply_to: str) -> bytes:
+    """The same for every reply to one publisher (its reply queue) on one channel."""
+    method = pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key=reply_to)
+    marshalled: bytes = pika.frame.Method(number, method).marshal()
+    return marshalled
+
+
+def _frame(kind: int, number: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", kind, number, len(payload)) + payload + _FRAME_END
 
 
 def _declare(channel: Channel, declarations: Iterable[topo.Declaration]) -> None:

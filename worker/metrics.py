@@ -82,6 +82,8 @@ class WorkerMetrics:
             "disk_used_percent", "Percent used of the engine's data disk, at the last check"
         )
 
+        self._answers_by: dict[tuple[str, str], Counter] = {}
+
     def _counter(self, name: str, help_text: str, *labels: str) -> Counter:
         return Counter(f"puller_worker_{name}", help_text, labels, registry=self.registry)
 
@@ -92,7 +94,11 @@ class WorkerMetrics:
 
     def answered(self, result: NodeResult, from_memory: bool) -> None:
         kind = result.error.kind.value if result.error is not None else ""
-        self.answers.labels(result.status.value, kind).inc()
+        labels = (result.status.value, kind)
+        counter = self._answers_by.get(labels)
+        if counter is None:  # labels() checks and locks: once per label pair, not per answer
+            counter = self._answers_by[labels] = self.answers.labels(*labels)
+        counter.inc()
         if from_memory:
             self.from_memory.inc()
 

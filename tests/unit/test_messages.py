@@ -179,7 +179,15 @@ def test_a_result_carries_an_error_exactly_when_it_failed() -> None:
         ({"status": "done"}, "expected one of: pulled, present, absent, failed"),
         ({"status": "failed", "error": "x"}, "'error' must be an object"),
         ({"seconds": "1"}, "'seconds' must be a number"),
+        ({"seconds": -0.5}, "'seconds' must be a finite, non-negative number"),
+        ({"seconds": True}, "'seconds' must be a number"),
         ({"node": ""}, "'node' is empty"),
+        ({"node": "n" * 254}, "'node' is longer than 253"),
+        ({"node": 7}, "'node' must be a string, not a number"),
+        ({"image_id": ""}, "'image_id' is empty"),
+        ({"image_id": "i" * 1025}, "'image_id' is longer than 1024"),
+        ({"request_id": "r\u00e9"}, "'request_id' must be printable ASCII"),
+        ({"request_id": "r\n"}, "'request_id' must be printable ASCII"),
     ],
 )
 def test_broken_results_are_refused_with_a_reason(change: dict[str, Any], reason: str) -> None:
@@ -187,3 +195,23 @@ def test_broken_results_are_refused_with_a_reason(change: dict[str, Any], reason
     body.update(change)
     with pytest.raises(InvalidMessage, match=reason):
         NodeResult.decode(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    ("change", "attribute", "value"),
+    [
+        ({"seconds": 0}, "seconds", 0.0),
+        ({"seconds": -0.0}, "seconds", 0.0),
+        ({"seconds": 1e308}, "seconds", 1e308),
+        ({"image": ""}, "image", ""),
+        ({"node": "n" * 253}, "node", "n" * 253),
+        ({"image_id": None}, "image_id", None),
+        ({"request_id": "r" * 128}, "request_id", "r" * 128),
+    ],
+)
+def test_results_at_the_edges_of_the_contract_are_taken(
+    change: dict[str, Any], attribute: str, value: object
+) -> None:
+    body = json.loads(NodeResult("r", "n", "i", Status.PRESENT, 0.5, image_id="x").encode())
+    body.update(change)
+    assert getattr(NodeResult.decode(json.dumps(body).encode()), attribute) == value

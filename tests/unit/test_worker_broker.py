@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 
+import pika
+import pika.frame
+import pika.spec
 import pytest
 
-from contract import BrokerUnavailable, NodeProgress, NodeResult, Status
-from worker.broker import WorkerBroker
+from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, Status
+from contract import topology as topo
+from worker.broker import WorkerBroker, ack_frame, reply_frames
 from worker.model import Delivery
 
 
@@ -60,3 +64,38 @@ def test_pika_is_refused_off_the_connection_thread() -> None:
     thread.join()
     assert [type(f) for f in failures] == [RuntimeError]
     assert "off the connection's thread" in str(failures[0])
+
+
+@pytest.mark.parametrize("correlation_id", [None, "", "r1", "x" * 255, "é-ü"])
+@pytest.mark.parametrize(
+    ("size", "limit"), [(0, 100), (1, 100), (250, 100), (300, 100), (5, 131064)]
+)
+def test_reply_frames_are_the_bytes_pika_would_send(
+    correlation_id: str | None, size: int, limit: int
+) -> None:
+    body = bytes(range(256))[:size] if size <= 256 else b"b" * size
+    expected = [
+        pika.frame.Method(
+            7, pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key="amq.gen-q")
+        ),
+        pika.frame.Header(
+            7,
+            len(body),
+            pika.BasicProperties(
+                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+            ),
+        ),
+        *(pika.frame.Body(7, body[i : i + limit]) for i in range(0, len(body), limit)),
+    ]
+    frames = reply_frames(7, "amq.gen-q", correlation_id, body, limit)
+    assert frames == [frame.marshal() for frame in expected]
+
+
+def test_a_correlation_id_too_long_for_amqp_is_refused_as_pika_refuses_it() -> None:
+    with pytest.raises(ValueError, match="255"):
+        reply_frames(1, "q", "x" * 256, b"{}", 100)
+
+
+@pytest.mark.parametrize("tag", [1, 2**16 + 3, 2**63 - 1])
+def test_the_ack_frame_is_the_bytes_pika_would_send(tag: int) -> None:
+    assert ack_frame(3, tag) == pika.frame.Method(3, pika.spec.Basic.Ack(tag)).marshal()
