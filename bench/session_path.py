@@ -1,13 +1,21 @@
 """The session path: what ``Publisher.request()`` costs the session service.
 
-Latency of one fire-and-forget request (published and confirmed by the broker, with 3
-workers bound), p50/p99, and sustained requests per second on one connection; against
-the floor, a bare pika publish with confirms and ``mandatory`` to the same exchange.
+Latency of one fire-and-forget request (published and confirmed by the broker), p50/p99,
+and sustained requests per second on one connection, with 3 queues bound to the pulls
+exchange and nobody consuming them (a real cluster's workers run on other machines);
+against the floor, a bare pika publish with confirms and ``mandatory`` to a fanout
+exchange with as many queues bound. A last row has 3 real workers on this machine
+instead, answering every request: on 2 cores their answers compete with the publisher
+and the broker for the CPU.
 
 Two ways: back to back (each request as soon as the last returned: the workers' answers
 to the earlier ones compete for the same cores and for the publisher's I/O thread), and
 paced at ``--rate`` requests a second (a session service publishes one per session
 created: far fewer than the back-to-back rate).
+
+A third row, "stream alone": a bare pika confirmed publish of the same body into a stream
+of its own. ``request()`` returns once its copy is in the history stream too (so that a
+node that was away still gets it), and this is what that confirm alone costs.
 
     .venv/bin/python -m bench.session_path [--requests 5000] [--workers 3] [--rate 100]
 """
@@ -23,9 +31,12 @@ import pika
 
 from bench.common import bench_environment, print_table, save, stop_all, summary_ms
 from contract import PullRequest, parse_reference
+from contract import topology as topo
 from publisher import Publisher
 
 FLOOR_EXCHANGE = "bench.session.floor"
+STREAM_EXCHANGE = "bench.session.stream"
+STREAM = "bench.session.stream"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,43 +53,75 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Publisher(environment.amqp_url) as publisher:
                 publisher.pull(image, expect=args.workers, timeout=60)  # warm: present everywhere
-                puller = timed(args.requests, lambda: publisher.request(image))
-                puller_paced = timed(paced, lambda: publisher.request(image), args.rate)
-            # The floor: the same confirmed, mandatory publish of a request-sized body, by bare
-            # pika, to a fanout exchange with as many queues bound (and nobody consuming).
-            connection = pika.BlockingConnection(pika.URLParameters(environment.amqp_url))
-            channel = connection.channel()
-            channel.exchange_declare(FLOOR_EXCHANGE, exchange_type="fanout", auto_delete=True)
-            for _ in range(args.workers):
-                queue = channel.queue_declare("", exclusive=True).method.queue
-                channel.queue_bind(queue, FLOOR_EXCHANGE)
-            channel.confirm_delivery()
-            body = PullRequest.new(parse_reference(image)).encode()
-            floor = timed(
-                args.requests,
-                lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
-            )
-            floor_paced = timed(
-                paced,
-                lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
-                args.rate,
-            )
-            connection.close()
+                local = timed(args.requests, lambda: publisher.request(image))
+                local_paced = timed(paced, lambda: publisher.request(image), args.rate)
         finally:
             stop_all([w.process for w in workers])
+        # From here on, as for the floor: as many queues bound as there were workers, and
+        # nobody consuming (the workers of a real cluster run on other machines).
+        connection = pika.BlockingConnection(pika.URLParameters(environment.amqp_url))
+        channel = connection.channel()
+        for _ in range(args.workers):
+            queue = channel.queue_declare("", exclusive=True).method.queue
+            channel.queue_bind(queue, topo.PULLS.name)
+        with Publisher(environment.amqp_url) as publisher:
+            puller = timed(args.requests, lambda: publisher.request(image))
+            puller_paced = timed(paced, lambda: publisher.request(image), args.rate)
+        # The floor: the same confirmed, mandatory publish of a request-sized body, by bare
+        # pika, to a fanout exchange with as many queues bound (and nobody consuming).
+        channel.exchange_declare(FLOOR_EXCHANGE, exchange_type="fanout", auto_delete=True)
+        for _ in range(args.workers):
+            queue = channel.queue_declare("", exclusive=True).method.queue
+            channel.queue_bind(queue, FLOOR_EXCHANGE)
+        channel.confirm_delivery()
+        body = PullRequest.new(parse_reference(image)).encode()
+        floor = timed(
+            args.requests,
+            lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
+        )
+        floor_paced = timed(
+            paced,
+            lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
+            args.rate,
+        )
+        channel.exchange_declare(STREAM_EXCHANGE, exchange_type="fanout", auto_delete=True)
+        channel.queue_declare(STREAM, durable=True, arguments={"x-queue-type": "stream"})
+        channel.queue_bind(STREAM, STREAM_EXCHANGE)
+        persistent = pika.BasicProperties(delivery_mode=2)
+        stream = timed(
+            args.requests, lambda: channel.basic_publish(STREAM_EXCHANGE, "", body, persistent)
+        )
+        stream_paced = timed(
+            paced,
+            lambda: channel.basic_publish(STREAM_EXCHANGE, "", body, persistent),
+            args.rate,
+        )
+        channel.queue_delete(STREAM)
+        connection.close()
     tables = {}
-    for title, floor_run, puller_run in (
-        (f"back to back, {args.requests} requests", floor, puller),
-        (f"paced, {args.rate:g} a second, {paced} requests", floor_paced, puller_paced),
+    for title, floor_run, puller_run, stream_run, local_run in (
+        (f"back to back, {args.requests} requests", floor, puller, stream, local),
+        (
+            f"paced, {args.rate:g} a second, {paced} requests",
+            floor_paced,
+            puller_paced,
+            stream_paced,
+            local_paced,
+        ),
     ):
         rows: list[list[object]] = []
-        for name, (samples, rate) in (("floor", floor_run), ("puller", puller_run)):
+        for name, (samples, rate) in (
+            ("floor", floor_run),
+            ("puller", puller_run),
+            ("stream alone", stream_run),
+            (f"puller, {args.workers} workers here", local_run),
+        ):
             s = summary_ms(samples)
             rows.append([name, s["p50"], s["p90"], s["p99"], rate])
         ratios = [float(p) / float(f) for p, f in zip(rows[1][1:], rows[0][1:], strict=True)]  # type: ignore[arg-type]
         rows.append(["puller/floor", *ratios])
         print_table(
-            f"request(): {title}; {args.workers} workers bound (goal: p99 < 2 ms on loopback)",
+            f"request(): {title}; {args.workers} queues bound (goal: p99 < 2 ms on loopback)",
             ["", "p50 ms", "p90 ms", "p99 ms", "requests/s"],
             rows,
         )
