@@ -200,11 +200,21 @@ class WorkerBroker:
     def _hold_until_served(self, on_live: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         def take(delivery: Delivery) -> None:
             if self._serving:
-                on_live(delivery)
+                self._serve(on_live, delivery)
             else:
                 self._held.append((on_live, delivery))
 
         return take
+
+    def _serve(self, on_live: Callable[[Delivery], None], delivery: Delivery) -> None:
+        """Hands a live delivery over. ``on_live`` never raises; if it did, the error would
+        surface inside pika's frame handling and take the connection (and the worker)
+        down with it: logged and the delivery refused instead."""
+        try:
+            on_live(delivery)
+        except Exception:
+            log.exception("serving a live request failed; refusing it")
+            self.answer(delivery, None, refuse=True)
 
     def _declare_shared(self, channel: Channel) -> Channel:
         """Declares the shared topology (the history stream with this worker's retention);
@@ -327,7 +337,7 @@ class WorkerBroker:
                 self._serving = True
                 held, self._held = self._held, []
                 for on_live, delivery in held:
-                    on_live(delivery)
+                    self._serve(on_live, delivery)
             self._open_connection().process_data_events(time_limit=seconds)
 
     def announce(self, body: bytes) -> None:

@@ -99,3 +99,17 @@ def test_a_correlation_id_too_long_for_amqp_is_refused_as_pika_refuses_it() -> N
 @pytest.mark.parametrize("tag", [1, 2**16 + 3, 2**63 - 1])
 def test_the_ack_frame_is_the_bytes_pika_would_send(tag: int) -> None:
     assert ack_frame(3, tag) == pika.frame.Method(3, pika.spec.Basic.Ack(tag)).marshal()
+
+
+def test_a_live_request_whose_handling_raises_is_refused_not_raised_into_pika() -> None:
+    broker = WorkerBroker("amqp://guest:guest@127.0.0.1:9/%2F", "n", prefetch=8, heartbeat=30)
+
+    def broken(_delivery: Delivery) -> None:
+        raise RuntimeError("a bug")
+
+    take = broker._hold_until_served(broken)  # noqa: SLF001 - the hand-over pika calls
+    take(delivery("held"))  # while connecting: kept for the first process_events()
+    assert broker.waiting() == (0, 0, 0)
+    broker._serving = True  # noqa: SLF001 - as after the first process_events()
+    take(delivery("r1"))
+    assert broker.waiting() == (1, 0, 0)  # the refusal, kept for a connection
