@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +97,10 @@ class WorkerBroker:
         self._history_channel: Channel | None = None
         self._consumer_tag: str | None = None
         self._held: list[tuple[Callable[[Delivery], None], Delivery]] = []
-        """Live deliveries that came while connecting, for the first process_events()."""
-        self._serving = False
+        """Live deliveries held for the next process_events(): those that came while
+        connecting, and those that came after the current slice's end (see ``take``)."""
+        self._serve_until = 0.0
+        """Live deliveries are served as they come until then (``time.monotonic()``)."""
         self._owner: int | None = None
         self._lock = threading.Lock()
         self._waiting_answers: list[tuple[Delivery, Message | None, bool]] = []
@@ -126,7 +129,7 @@ class WorkerBroker:
         then sends what waited for a connection. This thread owns the connection from now."""
         self.close()
         self._owner = threading.get_ident()
-        self._serving = False
+        self._serve_until = 0.0
         try:
             with broker_errors("cannot connect to RabbitMQ", self._parameters):
                 try:
@@ -198,8 +201,14 @@ class WorkerBroker:
         channel.queue_declare(self.queue, passive=True)
 
     def _hold_until_served(self, on_live: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        """Served at once within a ``process_events()`` slice, held otherwise. Held, a
+        delivery stays unacknowledged, so a flood stops at the prefetch window: pika's loop
+        returns only once its output is written, and requests answered at once (each with
+        a reply to write) kept it going past its time limit for as long as they came, with
+        the daemon's loop (liveness, presence, answers from other threads) waiting."""
+
         def take(delivery: Delivery) -> None:
-            if self._serving:
+            if time.monotonic() < self._serve_until:
                 self._serve(on_live, delivery)
             else:
                 self._held.append((on_live, delivery))
@@ -333,11 +342,10 @@ class WorkerBroker:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""
         self._check_owner()
         with broker_errors(LOST, self._parameters):
-            if not self._serving:
-                self._serving = True
-                held, self._held = self._held, []
-                for on_live, delivery in held:
-                    self._serve(on_live, delivery)
+            self._serve_until = time.monotonic() + seconds
+            held, self._held = self._held, []
+            for on_live, delivery in held:
+                self._serve(on_live, delivery)
             self._open_connection().process_data_events(time_limit=seconds)
 
     def announce(self, body: bytes) -> None:
@@ -358,6 +366,8 @@ class WorkerBroker:
     def stop_consuming(self) -> None:
         """Takes no more live requests or history entries."""
         self.stop_history()
+        self._held = []  # unacknowledged: they go with the queue (and are in the history)
+        self._serve_until = 0.0
         channel = self._channel
         if channel is not None and self._consumer_tag is not None:
             try:
@@ -456,6 +466,8 @@ class WorkerBroker:
             def hop() -> None:
                 try:
                     action()
+                except Exception:  # raised here, it would stop pika's loop and the worker
+                    log.exception("an action on the connection's thread failed")
                 finally:
                     with self._lock:
                         self._hops -= 1
@@ -502,9 +514,18 @@ class WorkerBroker:
         try:
             frames: list[bytes] = []
             if result is not None and delivery.reply_to:
-                frames += self._reply_frames(
-                    delivery.reply_to, delivery.correlation_id, result.encode()
-                )
+                try:
+                    frames += self._reply_frames(
+                        delivery.reply_to, delivery.correlation_id, result.encode()
+                    )
+                except (BrokerUnavailable, *CONNECTION_ERRORS):
+                    raise
+                except Exception:
+                    log.exception(
+                        "could not make the reply; acknowledging the request without it",
+                        reply_to=_shown(delivery.reply_to),
+                        correlation_id=_shown(delivery.correlation_id),
+                    )
             channel = self._channel_of(delivery)
             if channel is not None and not delivery.acked:
                 if refuse and delivery.history_offset is None:
@@ -525,6 +546,8 @@ class WorkerBroker:
             )
         except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
             log.info("progress not sent; the connection was lost", error=describe(error))
+        except Exception:
+            log.exception("could not make a progress report", reply_to=_shown(delivery.reply_to))
 
     def _reply_frames(self, reply_to: str, correlation_id: str | None, body: bytes) -> list[bytes]:
         """A reply's frames on the live channel, marshalled, not yet written."""
@@ -581,15 +604,16 @@ _CONTENT_TYPE = bytes([len(CONTENT_TYPE)]) + CONTENT_TYPE.encode()
 
 
 def reply_frames(
-    number: int, reply_to: str, correlation_id: str | None, body: bytes, limit: int
+    number: int, reply_to: str, correlation_id: str | bytes | None, body: bytes, limit: int
 ) -> list[bytes]:
     """A reply's frames on channel ``number``: ``Basic.Publish`` to the reply exchange with
     routing key ``reply_to``, a content header (content type, delivery mode 1, correlation
-    id) and the body in frames of at most ``limit`` bytes."""
+    id) and the body in frames of at most ``limit`` bytes. The correlation id goes back as
+    it came: pika gives one that is not UTF-8 as ``bytes``."""
     properties = _CONTENT_TYPE + b"\x01"
     flags = _REPLY_FLAGS
     if correlation_id is not None:
-        encoded = correlation_id.encode()
+        encoded = correlation_id if isinstance(correlation_id, bytes) else correlation_id.encode()
         if len(encoded) > 255:
             raise ValueError("a correlation id is at most 255 bytes")
         properties += bytes([len(encoded)]) + encoded
@@ -618,6 +642,11 @@ def _publish_frame(number: int, reply_to: str) -> bytes:
     method = pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key=reply_to)
     marshalled: bytes = pika.frame.Method(number, method).marshal()
     return marshalled
+
+
+def _shown(value: object) -> str:
+    """A peer's text for a log line, whatever it is."""
+    return repr(value)[:200]
 
 
 def _frame(kind: int, number: int, payload: bytes) -> bytes:

@@ -377,7 +377,9 @@ class Worker:
         return json_response(200 if ready else 503, body)
 
 
-def _printable(text: str | None) -> str | None:
-    if text is None or not text.isprintable() or not text.isascii():
+def _printable(text: str | bytes | None) -> str | None:
+    """A correlation id to use as a request id, if it is printable ASCII text (pika gives
+    one that is not UTF-8 as ``bytes``)."""
+    if not isinstance(text, str) or not text.isprintable() or not text.isascii():
         return None
     return text[:128]

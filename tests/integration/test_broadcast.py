@@ -9,7 +9,15 @@ import uuid
 import pika
 import pytest
 
-from contract import PULL_EXCHANGE, REPLY_EXCHANGE, ErrorKind, NodeResult, Status
+from contract import (
+    PULL_EXCHANGE,
+    REPLY_EXCHANGE,
+    ErrorKind,
+    NodeResult,
+    PullRequest,
+    Status,
+    parse_reference,
+)
 from localcluster.cluster import LocalCluster
 from publisher import NoNodes, Publisher
 from tests.integration.conftest import NODES, engine_has, new_vhost, run_cli
@@ -136,6 +144,53 @@ def test_malformed_messages_leave_every_worker_alive_and_serving(
     assert all(worker.alive for worker in cluster.workers)
     report = publisher.pull(fresh_image, expect=NODES, timeout=60)
     assert report.ok, report
+
+
+def test_a_correlation_id_that_is_not_utf8_gets_its_answers_back_and_stops_no_worker(
+    cluster: LocalCluster, publisher: Publisher, fresh_image: str
+) -> None:
+    """pika hands such an id over as bytes. Answered from memory (on the connection's
+    thread) and from a pull (another thread), and refused as broken: each answer carries
+    the id back as it came, and the workers go on serving (a crash on the second kind
+    was found by review before it landed)."""
+    assert publisher.pull(fresh_image, expect=NODES, timeout=60).ok  # now known: from memory
+    missing = f"{cluster.registry.address}/test/does-not-exist:{uuid.uuid4().hex[:8]}"
+    bodies = {
+        b"\xff\xfe-known": PullRequest.new(parse_reference(fresh_image)).encode(),
+        b"\xff\xfe-pulled": PullRequest.new(parse_reference(missing)).encode(),
+        b"\xff\xfe-broken": b"not json",
+    }
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    try:
+        channel = connection.channel()
+        reply_queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(reply_queue, REPLY_EXCHANGE, routing_key=reply_queue)
+        for correlation_id, body in bodies.items():
+            channel.basic_publish(
+                PULL_EXCHANGE,
+                "",
+                body,
+                pika.BasicProperties(reply_to=reply_queue, correlation_id=correlation_id),
+            )
+        answers: dict[bytes, list[NodeResult]] = {key: [] for key in bodies}
+        deadline = time.monotonic() + 60
+        while sum(map(len, answers.values())) < len(bodies) * NODES:
+            assert time.monotonic() < deadline, {k: len(v) for k, v in answers.items()}
+            method, properties, body = channel.basic_get(reply_queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            answers[properties.correlation_id].append(NodeResult.decode(body))
+    finally:
+        connection.close()
+    assert {r.status for r in answers[b"\xff\xfe-known"]} == {Status.PRESENT}
+    assert {r.error.kind for r in answers[b"\xff\xfe-pulled"] if r.error} == {ErrorKind.NOT_FOUND}
+    broken = answers[b"\xff\xfe-broken"]
+    assert {(r.request_id, r.error.kind if r.error else None) for r in broken} == {
+        ("unknown", ErrorKind.INVALID_REQUEST)
+    }
+    assert all(worker.alive for worker in cluster.workers)
+    assert publisher.pull(fresh_image, expect=NODES, timeout=60).ok
 
 
 def test_cli_pulls_onto_every_node_and_prints_json(cluster: LocalCluster, fresh_image: str) -> None:

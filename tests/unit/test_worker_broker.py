@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pika
 import pika.frame
@@ -110,6 +111,30 @@ def test_a_live_request_whose_handling_raises_is_refused_not_raised_into_pika() 
     take = broker._hold_until_served(broken)  # noqa: SLF001 - the hand-over pika calls
     take(delivery("held"))  # while connecting: kept for the first process_events()
     assert broker.waiting() == (0, 0, 0)
-    broker._serving = True  # noqa: SLF001 - as after the first process_events()
+    broker._serve_until = time.monotonic() + 60  # noqa: SLF001 - as in process_events()
     take(delivery("r1"))
     assert broker.waiting() == (1, 0, 0)  # the refusal, kept for a connection
+
+
+def test_live_requests_after_the_slice_are_held_for_the_next_not_served_on() -> None:
+    broker = WorkerBroker("amqp://guest:guest@127.0.0.1:9/%2F", "n", prefetch=8, heartbeat=30)
+    served: list[str | None] = []
+    take = broker._hold_until_served(lambda d: served.append(d.correlation_id))  # noqa: SLF001
+    broker._serve_until = time.monotonic() + 60  # noqa: SLF001 - within a slice
+    take(delivery("in"))
+    broker._serve_until = time.monotonic() - 1  # noqa: SLF001 - the slice is over
+    take(delivery("after"))
+    assert served == ["in"]
+    assert [d.correlation_id for _, d in broker._held] == ["after"]  # noqa: SLF001
+    broker._owner = threading.get_ident()  # noqa: SLF001 - as if this thread had connected
+    broker.stop_consuming()  # not connected: only forgets what it held
+    assert broker._held == []  # noqa: SLF001
+
+
+@pytest.mark.parametrize("correlation_id", [b"\xff\xfe-1", b"plain"])
+def test_a_correlation_id_that_is_not_utf8_goes_back_as_it_came(correlation_id: bytes) -> None:
+    frames = reply_frames(2, "q", correlation_id, b"{}", 100)
+    properties = pika.BasicProperties(
+        content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
+    )
+    assert frames[1] == pika.frame.Header(2, 2, properties).marshal()
