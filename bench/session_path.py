@@ -8,9 +8,9 @@ exchange with as many queues bound. A last row has 3 real workers on this machin
 instead, answering every request: on 2 cores their answers compete with the publisher
 and the broker for the CPU.
 
-Two ways: back to back (each request as soon as the last returned: the workers' answers
-to the earlier ones compete for the same cores and for the publisher's I/O thread), and
-paced at ``--rate`` requests a second (a session service publishes one per session
+Two ways: back to back (each request as soon as the last returned; in the last row the
+workers' answers to the earlier ones compete for the same cores and for the publisher's
+I/O thread), and paced at ``--rate`` requests a second (a session service publishes one per session
 created: far fewer than the back-to-back rate).
 
 A third row, "stream alone": a bare pika confirmed publish of the same body into a stream
@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     args = parser.parse_args(argv)
     paced = max(200, args.requests // 5)
+
+    def both(request: Callable[[], object]) -> tuple[Timing, Timing]:
+        """``request`` back to back, then paced at ``--rate``."""
+        return timed(args.requests, request), timed(paced, request, args.rate)
+
     with bench_environment() as environment:
         environment.add_engines(1)
         image = environment.registry.push_files("bench/session", "1", {"f": b"s"})
@@ -53,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with Publisher(environment.amqp_url) as publisher:
                 publisher.pull(image, expect=args.workers, timeout=60)  # warm: present everywhere
-                local = timed(args.requests, lambda: publisher.request(image))
-                local_paced = timed(paced, lambda: publisher.request(image), args.rate)
+                local, local_paced = both(lambda: publisher.request(image))
         finally:
             stop_all([w.process for w in workers])
         # From here on, as for the floor: as many queues bound as there were workers, and
@@ -65,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             queue = channel.queue_declare("", exclusive=True).method.queue
             channel.queue_bind(queue, topo.PULLS.name)
         with Publisher(environment.amqp_url) as publisher:
-            puller = timed(args.requests, lambda: publisher.request(image))
-            puller_paced = timed(paced, lambda: publisher.request(image), args.rate)
+            puller, puller_paced = both(lambda: publisher.request(image))
         # The floor: the same confirmed, mandatory publish of a request-sized body, by bare
         # pika, to a fanout exchange with as many queues bound (and nobody consuming).
         channel.exchange_declare(FLOOR_EXCHANGE, exchange_type="fanout", auto_delete=True)
@@ -75,26 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             channel.queue_bind(queue, FLOOR_EXCHANGE)
         channel.confirm_delivery()
         body = PullRequest.new(parse_reference(image)).encode()
-        floor = timed(
-            args.requests,
-            lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
-        )
-        floor_paced = timed(
-            paced,
-            lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True),
-            args.rate,
+        floor, floor_paced = both(
+            lambda: channel.basic_publish(FLOOR_EXCHANGE, "", body, mandatory=True)
         )
         channel.exchange_declare(STREAM_EXCHANGE, exchange_type="fanout", auto_delete=True)
         channel.queue_declare(STREAM, durable=True, arguments={"x-queue-type": "stream"})
         channel.queue_bind(STREAM, STREAM_EXCHANGE)
         persistent = pika.BasicProperties(delivery_mode=2)
-        stream = timed(
-            args.requests, lambda: channel.basic_publish(STREAM_EXCHANGE, "", body, persistent)
-        )
-        stream_paced = timed(
-            paced,
-            lambda: channel.basic_publish(STREAM_EXCHANGE, "", body, persistent),
-            args.rate,
+        stream, stream_paced = both(
+            lambda: channel.basic_publish(STREAM_EXCHANGE, "", body, persistent)
         )
         channel.queue_delete(STREAM)
         connection.close()
@@ -130,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def timed(
-    count: int, request: Callable[[], object], rate: float | None = None
-) -> tuple[list[float], float]:
+Timing = tuple[list[float], float]
+"""Latencies in seconds, and requests a second."""
+
+
+def timed(count: int, request: Callable[[], object], rate: float | None = None) -> Timing:
     """Latencies of ``count`` requests, and requests a second; with ``rate``, each request
     starts on a schedule of ``rate`` a second (none starts before the last returned)."""
     for _ in range(min(100, count)):

@@ -18,7 +18,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -79,20 +79,20 @@ def configure_logging(
 
 
 class _LineEncoder:
-    """``json.dumps`` for the JSON renderer, with one encoder made up front: called with
-    arguments, ``json.dumps`` builds an encoder for every line. What it cannot encode is
-    written as structlog's own fallback writes it (``__structlog__()``, else ``repr()``)."""
+    """``json.dumps`` for the JSON renderer, with its encoder kept: called with arguments,
+    ``json.dumps`` builds an encoder for every line. The renderer passes structlog's own
+    fallback as ``default`` each time; the encoder is made again only if that changes."""
 
     def __init__(self) -> None:
-        self._encoder = json.JSONEncoder(default=_fallback)
+        self._default: Callable[[Any], Any] | None = None
+        self._encoder = json.JSONEncoder()
 
-    def dumps(self, event: object, **_arguments: object) -> str:
+    def dumps(
+        self, event: object, default: Callable[[Any], Any] | None = None, **_rest: object
+    ) -> str:
+        if default is not self._default:
+            self._default, self._encoder = default, json.JSONEncoder(default=default)
         return self._encoder.encode(event)
-
-
-def _fallback(value: object) -> object:
-    custom = getattr(value, "__structlog__", None)
-    return custom() if callable(custom) else repr(value)
 
 
 _LEVEL_NAMES = {"warn": "warning", "exception": "error"}
