@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,7 @@ class NodeEngine:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _pings(self) -> bool:
-        # The SDK leaks its socket when a connect fails; dockerd makes the socket as it listens.
-        if not self.socket.exists():
+        if not _listening(self.socket):
             return False
         client = self.client(timeout=2)
         try:
@@ -80,7 +80,22 @@ class NodeEngine:
             client.close()
 
 
+def _listening(socket_path: Path) -> bool:
+    """Whether something accepts connections on ``socket_path``: asked before the SDK is,
+    because the SDK leaks its socket when a connect fails (a ResourceWarning, which fails a
+    test run), and a socket file outlives a dockerd that was killed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(3)
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            return False
+    return True
+
+
 def host_engine_running() -> bool:
+    if not _listening(Path(HOST_DOCKER_SOCKET)):
+        return False
     try:
         client = docker.DockerClient(base_url=f"unix://{HOST_DOCKER_SOCKET}", timeout=3)
         try:
@@ -91,6 +106,9 @@ def host_engine_running() -> bool:
         return False
 
 
+_outliving: list[subprocess.Popen[bytes]] = []
+
+
 def ensure_host_engine(log_path: Path = Path("/var/log/puller-host-dockerd.log")) -> None:
     """Starts the machine's own dockerd (default socket, bridge networking) unless it runs.
 
@@ -99,4 +117,7 @@ def ensure_host_engine(log_path: Path = Path("/var/log/puller-host-dockerd.log")
     if host_engine_running():
         return
     process = start_daemon(["dockerd"], log_path)
+    # It outlives this process (the next run uses it), so its handle is kept, not collected:
+    # a handle collected while the daemon runs is a ResourceWarning, which fails a test run.
+    _outliving.append(process)
     wait_until(host_engine_running, "the machine's dockerd", 60.0, process, log_path)
