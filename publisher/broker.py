@@ -1,9 +1,12 @@
-"""The publisher's AMQP connection: the only module of the publisher that imports pika.
+"""The publisher's AMQP connection, the one that collects answers.
 
 The connection lives on a thread of its own (the I/O thread, running pika's select loop),
 so that no caller ever holds it while waiting: a ``request()`` made while other threads
 wait for answers is published at once. Callers hand work to the loop with
-``add_callback_threadsafe`` and wait on a future of their own.
+``add_callback_threadsafe`` and wait on a future of their own. A request is published
+from the caller's own thread instead when the shortcut beside this connection is free
+(:mod:`publisher.caller_connection`, connected with the same broker URL): no thread is
+crossed.
 
 Requests are published with publisher confirms and ``mandatory``: ``publish_request``
 returns once RabbitMQ has taken both copies (live and history, confirmed together, not
@@ -53,6 +56,7 @@ from contract.connection import (
     describe,
     where,
 )
+from publisher.caller_connection import CallerConnection, Unconfirmed, request_frames
 
 log = logging.getLogger("puller.publisher.broker")
 
@@ -139,6 +143,8 @@ class PublisherBroker:
         self._connect_timeout = connect_timeout
         self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+        self._caller = CallerConnection(self.reply_queue, self.user, connect_timeout)
+        """The shortcut for publishing requests from the caller's thread."""
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: IOLoop | None = None
@@ -167,6 +173,12 @@ class PublisherBroker:
             return self._ready is not None
 
     @property
+    def shortcut_open(self) -> bool:
+        """Whether a request would now be published from the caller's own thread (see
+        :mod:`publisher.caller_connection`) rather than through the I/O thread."""
+        return self._ready is not None and self._caller.open
+
+    @property
     def last_error(self) -> str:
         with self._lock:
             return self._last_error
@@ -180,26 +192,49 @@ class PublisherBroker:
 
     # -- what callers use (any thread) --------------------------------------------------------
 
-    def publish_request(self, body: bytes, request_id: str, history: bool = True) -> None:
+    def publish_request(self, body: bytes, request_id: str, history: bool = True) -> int:
         """Publishes the request to the live workers and (unless ``history`` is false: a
         check or a prune) to the history, and waits for the broker's confirm of both (sent
-        together). Raises :class:`NoNodes` when no worker queue was bound,
-        :class:`BrokerUnavailable` otherwise."""
-        future: Future[None] = Future()
-        self._run_connected(
-            lambda c: self._publish(c, body, request_id, future, history), future.set_exception
-        )
+        together). Returns the :attr:`epoch` the reply queue had when it was published.
+        Raises :class:`NoNodes` when no worker queue was bound, :class:`BrokerUnavailable`
+        otherwise."""
         # A confirm takes milliseconds; one that does not come (a clustered stream that lost
         # its majority never confirms; RabbitMQ gives up after 30 s) must not hold the caller.
         wait = self._connect_timeout + CONFIRM_GRACE
+        started = time.monotonic()
+        epoch = self._epoch
+        if self._ready is not None:
+            # The shortcut: published from this thread, no thread crossed.
+            try:
+                confirmed = self._caller.publish(body, request_id, history, wait)
+            except Unconfirmed:
+                raise self._unconfirmed(wait) from None
+            if confirmed is not None:
+                error = self._refusal(confirmed.returned, confirmed.refused, history)
+                if error is not None:
+                    raise error
+                return epoch
+        spent = time.monotonic() - started  # on a shortcut whose connection closed
+        future: Future[None] = Future()
+        published_in: list[int] = []
+
+        def publish(current: _Connection) -> None:
+            published_in.append(self._epoch)  # on the I/O thread, which alone changes it
+            self._publish(current, body, request_id, future, history)
+
+        self._run_connected(publish, future.set_exception)
         try:
-            future.result(timeout=wait)
+            future.result(timeout=max(1.0, wait - spent))
         except FutureTimeout:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self.where} did not confirm the request within {wait:g}s (a "
-                "RabbitMQ cluster that lost most of its nodes cannot store it); it may or may "
-                "not have been published"
-            ) from None
+            raise self._unconfirmed(wait) from None
+        return published_in[0] if published_in else self.epoch
+
+    def _unconfirmed(self, wait: float) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"RabbitMQ at {self.where} did not confirm the request within {wait:g}s (a "
+            "RabbitMQ cluster that lost most of its nodes cannot store it); it may or may "
+            "not have been published"
+        )
 
     def read_presence(self, since: float, timeout: float) -> list[bytes]:
         """Every presence announcement in the stream from ``since`` (a Unix time) until now.
@@ -227,6 +262,7 @@ class PublisherBroker:
         return True
 
     def close(self) -> None:
+        self._caller.close()
         with self._lock:
             self._closed = True
             loop, thread = self._loop, self._thread
@@ -402,6 +438,7 @@ class PublisherBroker:
             self._epoch += 1
             epoch = self._epoch
             self._lock.notify_all()
+        self._caller.aim_at(self._parameters)
         if epoch > 1:
             log.info("reconnected to RabbitMQ at %s", self.where)
 
@@ -462,6 +499,7 @@ class PublisherBroker:
         if current is None or current.connection is not connection:
             return
         self._current = None
+        self._caller.aim_at(None)  # the reply queue goes with this connection
         # A connection given up on may still be closing: closing the publisher waits for it.
         self._retired = [c for c in self._retired if not c.is_closed]
         if not connection.is_closed:
@@ -511,66 +549,27 @@ class PublisherBroker:
         history: bool = True,
     ) -> None:
         """Live first (so a worker meets the live copy before the history's and skips the
-        latter at no cost); a request that reached no worker is still recorded. Both copies
-        go out in one write: through the channel, pika writes every frame with a send of
-        its own (six for the two copies), and each send wakes the broker."""
+        latter at no cost); a request that reached no worker is still recorded."""
         channel = current.channel
         if channel is None or not channel.is_open:
             future.set_exception(_Lost(f"lost the connection to RabbitMQ at {self.where}"))
             return
-        ticket = _Ticket(future, unconfirmed=2 if history else 1)
-        current.by_request[request_id] = ticket
-        frames = self._frames(
-            current,
-            channel.channel_number,
-            ticket,
-            topo.PULLS.name,
-            body,
-            pika.BasicProperties(
-                content_type=CONTENT_TYPE,
-                correlation_id=request_id,
-                reply_to=self.reply_queue,
-                delivery_mode=1,
-                user_id=self.user,
-            ),
-            mandatory=True,
-        )
-        if history:
-            frames += self._frames(
-                current,
-                channel.channel_number,
-                ticket,
-                topo.HISTORY.name,
-                body,
-                pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user),
-            )
         connection = current.connection
-        connection._output_marshaled_frames([b"".join(frames)])  # noqa: SLF001 - see above
-
-    def _frames(
-        self,
-        current: _Connection,
-        number: int,
-        ticket: _Ticket,
-        exchange: str,
-        body: bytes,
-        properties: pika.BasicProperties,
-        mandatory: bool = False,
-    ) -> list[bytes]:
-        """One publish on channel ``number`` (``current``'s, open), marshalled, not yet
-        written; counted for its confirm as :meth:`_send` counts it."""
-        limit = current.connection._body_max_length  # noqa: SLF001 - frame_max, as tuned
-        current.published += 1
-        current.tickets[current.published] = ticket
-        method = pika.spec.Basic.Publish(exchange=exchange, routing_key="", mandatory=mandatory)
-        return [
-            pika.frame.Method(number, method).marshal(),
-            pika.frame.Header(number, len(body), properties).marshal(),
-            *(
-                pika.frame.Body(number, body[start : start + limit]).marshal()
-                for start in range(0, len(body), limit)
-            ),
-        ]
+        frames, count = request_frames(
+            channel.channel_number,
+            connection._body_max_length,  # noqa: SLF001 - frame_max, as tuned
+            body,
+            request_id,
+            self.reply_queue,
+            self.user,
+            history,
+        )
+        ticket = _Ticket(future, unconfirmed=count)
+        current.by_request[request_id] = ticket
+        for _ in range(count):
+            current.published += 1
+            current.tickets[current.published] = ticket
+        connection._output_marshaled_frames([frames])  # noqa: SLF001 - written as one
 
     def _send(
         self,
@@ -616,28 +615,31 @@ class PublisherBroker:
                 del current.by_request[request_id]
         if ticket.future.done():
             return
-        if ticket.refused:
-            ticket.future.set_exception(
-                BrokerUnavailable(
-                    f"RabbitMQ at {self.where} refused the request (nack); see the broker's log"
-                )
-            )
-        elif ticket.returned:
-            ticket.future.set_exception(
-                NoNodes(
-                    f"no nodes: no worker queue is bound to exchange {topo.PULLS.name!r} at "
-                    f"{self.where}, so no node received the request. Start puller-worker on "
-                    "the nodes (with the same PULLER_AMQP_URL and vhost)."
-                    + (
-                        " The request is in the history, so workers that start within its "
-                        "window will still pull the image."
-                        if ticket.in_history
-                        else ""
-                    )
-                )
-            )
+        error = self._refusal(ticket.returned, ticket.refused, ticket.in_history)
+        if error is not None:
+            ticket.future.set_exception(error)
         else:
             ticket.future.set_result(None)
+
+    def _refusal(self, returned: bool, refused: bool, in_history: bool) -> Exception | None:
+        """What RabbitMQ's confirms of a request mean for the caller, if not success."""
+        if refused:
+            return BrokerUnavailable(
+                f"RabbitMQ at {self.where} refused the request (nack); see the broker's log"
+            )
+        if returned:
+            return NoNodes(
+                f"no nodes: no worker queue is bound to exchange {topo.PULLS.name!r} at "
+                f"{self.where}, so no node received the request. Start puller-worker on "
+                "the nodes (with the same PULLER_AMQP_URL and vhost)."
+                + (
+                    " The request is in the history, so workers that start within its "
+                    "window will still pull the image."
+                    if in_history
+                    else ""
+                )
+            )
+        return None
 
     def _read_presence(
         self, current: _Connection, since: float, timeout: float, future: Future[list[bytes]]

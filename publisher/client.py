@@ -219,10 +219,10 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         request = PullRequest.new(reference, refresh=refresh)
-        self._publish(request, watch=True)
+        epoch = self._publish(request, watch=True)
         try:
             collected, notes = self._collect(
-                request, expect, wanted, started + timeout, on_progress, on_result
+                request, epoch, expect, wanted, started + timeout, on_progress, on_result
             )
         finally:
             self._replies.unwatch(request.request_id)
@@ -253,8 +253,8 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         request = CheckRequest.new(reference)
-        self._publish(request, history=False)
-        collected, notes = self._collect(request, expect, wanted, started + timeout)
+        epoch = self._publish(request, history=False)
+        collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
         rows = self._rows(request, collected, expect, wanted, began, started, notes)
         return StatusReport(
             request_id=request.request_id,
@@ -344,8 +344,8 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         request = PruneRequest.new(unused_for, kept, dry_run)
-        self._publish(request, history=False)
-        collected, notes = self._collect(request, expect, wanted, started + timeout)
+        epoch = self._publish(request, history=False)
+        collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
         silent, _ = self._silent(expect, wanted, collected.keys(), began, started, notes)
         return PruneReport(
             request_id=request.request_id,
@@ -435,16 +435,21 @@ class Publisher:
         request: PullRequest | CheckRequest | PruneRequest,
         watch: bool = False,
         history: bool = True,
-    ) -> None:
+    ) -> int:
+        """Publishes ``request``; returns the connection's epoch it was published in: a
+        reconnection after that may have lost its answers."""
         image = None if isinstance(request, PruneRequest) else str(request.image)
         self._replies.track(request.request_id, image, watch=watch)
         try:
-            self._broker.publish_request(request.encode(), request.request_id, history=history)
+            epoch = self._broker.publish_request(
+                request.encode(), request.request_id, history=history
+            )
         except NoNodes as error:
             if watch:
                 self._replies.unwatch(request.request_id)
             raise NoNodes(str(error), request.request_id) from None
         log.debug("requested", request_id=request.request_id, type=request.TYPE, image=image)
+        return epoch
 
     def _roster_names(self, since: float) -> set[str]:
         try:
@@ -455,6 +460,7 @@ class Publisher:
     def _collect(
         self,
         request: PullRequest | CheckRequest | PruneRequest,
+        epoch: int,
         expect: int | None,
         wanted: set[str] | None,
         deadline: float,
@@ -479,7 +485,7 @@ class Publisher:
         # Woken for every event only when there is someone to hand them to; else once, when
         # the answers are complete (a wake-up for each node's reply cost a thread switch each).
         on_event = hand_over if on_progress is not None or on_result is not None else None
-        epoch, asked_again, lost_at = self._broker.epoch, 0, None
+        asked_again, lost_at = 0, None
         while True:
             results = self._replies.wait(
                 request.request_id, done, deadline, on_event, wake_every=WAKE_INTERVAL
