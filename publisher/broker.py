@@ -215,6 +215,8 @@ class PublisherBroker:
                     raise error
                 return epoch
         spent = time.monotonic() - started  # on a shortcut whose connection closed
+        if wait - spent < 1.0:
+            raise self._unconfirmed(wait)  # no time left to publish it again and be sure
         future: Future[None] = Future()
         published_in: list[int] = []
 
@@ -224,7 +226,7 @@ class PublisherBroker:
 
         self._run_connected(publish, future.set_exception)
         try:
-            future.result(timeout=max(1.0, wait - spent))
+            future.result(timeout=wait - spent)
         except FutureTimeout:
             raise self._unconfirmed(wait) from None
         return published_in[0] if published_in else self.epoch

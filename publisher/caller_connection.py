@@ -10,7 +10,7 @@ returns.
 
 Only one thread uses it at a time, and a caller never waits for it: one that finds it in
 use, not open, or aimed at a broker the publisher has left goes through the I/O thread as
-before. It is opened once a first request was made (a CLI command that only asks once
+before. It is opened once a second request was made (a CLI command, which asks once,
 never opens it), and opened again, kept alive and closed on a thread of its own, never on
 a caller's time.
 
@@ -49,6 +49,9 @@ KEEP_INTERVAL = 5.0
 CLIENT_PROPERTIES = {"connection_name": "puller publisher: requests from the caller's thread"}
 """How the connection shows in ``rabbitmqctl list_connections client_properties`` and the
 management UI."""
+NEEDED_AFTER = 2
+"""Requests a publisher makes before the connection is opened: one that asks once (a CLI
+command) never pays for it."""
 REOPEN_FIRST_DELAY = 0.5
 REOPEN_MAX_DELAY = 30.0
 
@@ -130,6 +133,7 @@ class _Open:
     unconfirmed: set[int] = field(default_factory=set)
     refused: bool = False
     returned: set[str] = field(default_factory=set)
+    opened_at: float = field(default_factory=time.monotonic)
 
     @property
     def channel(self) -> pika.channel.Channel:
@@ -215,6 +219,33 @@ def _close(connection: pika.BlockingConnection) -> None:
         connection._cleanup()  # noqa: SLF001 - closes the loop; done twice is harmless
 
 
+@dataclass
+class _Backoff:
+    """When the keeper may open a connection again."""
+
+    delay: float = REOPEN_FIRST_DELAY
+    retry_at: float = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.retry_at
+
+    def left(self) -> float:
+        return max(0.0, self.retry_at - time.monotonic())
+
+    def failed(self) -> None:
+        self.retry_at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, REOPEN_MAX_DELAY)
+
+    def lost(self, connection: _Open) -> None:
+        """``connection`` closed or failed: one that lived a while is opened again at once,
+        one that did not after the backoff (a broker that closes every new connection gets
+        no storm of them)."""
+        if time.monotonic() - connection.opened_at >= KEEP_INTERVAL:
+            self.delay, self.retry_at = REOPEN_FIRST_DELAY, 0.0
+        else:
+            self.failed()
+
+
 class CallerConnection:
     """Safe from any thread. :meth:`aim_at` says which broker to be connected to (the one the
     I/O thread is connected to), :meth:`publish` is the shortcut, :meth:`close` ends it.
@@ -230,8 +261,10 @@ class CallerConnection:
         self._version = 0
         """Counts what the keeper must look at again (under ``_changed``)."""
         self._wanted: pika.ConnectionParameters | None = None
+        self._requests = 0
+        """Requests made, counted up to :data:`NEEDED_AFTER`."""
         self._needed = False
-        """A request was made: until then there is nothing to open it for."""
+        """Enough requests were made to be worth a connection of its own."""
         self._open: _Open | None = None
         self._retired: list[_Open] = []
         """Connections a publish gave up on, for the keeper to close."""
@@ -265,9 +298,11 @@ class CallerConnection:
         ``wait`` seconds."""
         if not self._needed:
             with self._changed:
-                self._needed = True
-                self._version += 1
-                self._changed.notify_all()
+                self._requests += 1
+                if self._requests >= NEEDED_AFTER and not self._needed:
+                    self._needed = True
+                    self._version += 1
+                    self._changed.notify_all()
         if not self._use.acquire(blocking=False):
             return None
         closed_first = False
@@ -302,6 +337,8 @@ class CallerConnection:
         return None
 
     def close(self) -> None:
+        """Ends it: bounded, though it waits for a publish in flight (at most that caller's
+        wait) and for the keeper to finish opening (at most twice ``open_timeout``)."""
         with self._changed:
             self._closed = True
             self._wanted = None
@@ -322,7 +359,7 @@ class CallerConnection:
         """Opens the connection to the broker wanted once it is needed, closes one to any
         other, and looks at an idle one now and then (pika sends heartbeats and notices a
         close only when it runs). Never holds ``_use`` while waiting."""
-        delay, retry_at, aimed = REOPEN_FIRST_DELAY, 0.0, None
+        backoff, aimed = _Backoff(), None
         while True:
             with self._changed:
                 if self._closed:
@@ -330,35 +367,40 @@ class CallerConnection:
                 wanted, needed, version = self._wanted, self._needed, self._version
                 retired, self._retired = self._retired, []
             for one in retired:
+                backoff.lost(one)
                 one.close()
             if wanted is not aimed:  # a new broker: no backoff from the last one's failures
-                aimed, delay, retry_at = wanted, REOPEN_FIRST_DELAY, 0.0
+                aimed, backoff = wanted, _Backoff()
             current = self._open
             if current is not None and (current.parameters is not wanted or not current.usable):
-                self._take_away(current)
+                if self._take_away(current) and current.parameters is wanted:
+                    backoff.lost(current)
                 continue
             if current is None and wanted is not None and needed:
-                if time.monotonic() >= retry_at:
-                    delay, retry_at = self._try_to_open(wanted, delay)
+                if backoff.due():
+                    if not self._try_to_open(wanted):
+                        backoff.failed()
                     continue
             elif current is not None and not self._look_at(current):
                 continue
-            with self._changed:
-                if self._closed:
-                    return
-                if self._version == version:
-                    pause = KEEP_INTERVAL
-                    if current is None and wanted is not None and needed:
-                        pause = max(0.0, retry_at - time.monotonic())
-                    self._changed.wait(pause)
+            opening = current is None and wanted is not None and needed
+            self._pause(version, backoff.left() if opening else KEEP_INTERVAL)
 
-    def _try_to_open(self, wanted: pika.ConnectionParameters, delay: float) -> tuple[float, float]:
-        """The next backoff delay, and when to try again."""
-        if self._install(wanted):
-            return REOPEN_FIRST_DELAY, 0.0
-        return min(delay * 2, REOPEN_MAX_DELAY), time.monotonic() + delay
+    def _pause(self, version: int, seconds: float) -> None:
+        """Waits ``seconds``, or less if anything changed since ``version``."""
+        with self._changed:
+            if not self._closed and self._version == version:
+                self._changed.wait(seconds)
 
-    def _take_away(self, current: _Open) -> None:
+    def _try_to_open(self, wanted: pika.ConnectionParameters) -> bool:
+        """Opens the connection to ``wanted`` unless it is no longer wanted; false if it
+        could not."""
+        with self._changed:
+            if self._closed or self._wanted is not wanted:
+                return True
+        return self._install(wanted)
+
+    def _take_away(self, current: _Open) -> bool:
         """Closes ``current`` unless a caller's publish has already taken it away."""
         with self._use:
             mine = self._open is current
@@ -366,6 +408,7 @@ class CallerConnection:
                 self._open = None
         if mine:
             current.close()
+        return mine
 
     def _look_at(self, current: _Open) -> bool:
         """Lets pika send a heartbeat, and read a close, unless a caller is using it;
@@ -373,6 +416,8 @@ class CallerConnection:
         if not self._use.acquire(blocking=False):
             return True
         try:
+            if self._open is not current:
+                return True  # a caller took it away (and may be closing it): not ours now
             current.connection.process_data_events(0)
         except Exception as error:
             log.info("the caller's connection to %s: %s", where(current.parameters), error)

@@ -500,7 +500,7 @@ class Publisher:
                 asked_again += 1
                 log.info("reconnected while waiting; asking again", request_id=request.request_id)
                 try:
-                    self._broker.publish_request(
+                    epoch = self._broker.publish_request(
                         request.encode(), request.request_id, history=history
                     )
                 except (NoNodes, BrokerUnavailable) as error:
