@@ -144,6 +144,9 @@ class PublisherBroker:
         self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
         self._caller = CallerConnection(self.reply_queue, self.user, connect_timeout)
+        self._through_loop = 0
+        """Requests being published through the I/O thread now (a hint for callers)."""
+        self._counting = threading.Lock()
         """The shortcut for publishing requests from the caller's thread."""
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -203,8 +206,10 @@ class PublisherBroker:
         wait = self._connect_timeout + CONFIRM_GRACE
         started = time.monotonic()
         epoch = self._epoch
-        if self._ready is not None:
-            # The shortcut: published from this thread, no thread crossed.
+        if self._ready is not None and not self._through_loop:
+            # The shortcut: published from this thread, no thread crossed. Not while other
+            # callers publish through the I/O thread: there, requests are written and
+            # confirmed together, which serves many threads better than one shortcut.
             try:
                 confirmed = self._caller.publish(body, request_id, history, wait)
             except Unconfirmed:
@@ -224,11 +229,16 @@ class PublisherBroker:
             published_in.append(self._epoch)  # on the I/O thread, which alone changes it
             self._publish(current, body, request_id, future, history)
 
-        self._run_connected(publish, future.set_exception)
+        with self._counting:
+            self._through_loop += 1
         try:
+            self._run_connected(publish, future.set_exception)
             future.result(timeout=wait - spent)
         except FutureTimeout:
             raise self._unconfirmed(wait) from None
+        finally:
+            with self._counting:
+                self._through_loop -= 1
         return published_in[0] if published_in else self.epoch
 
     def _unconfirmed(self, wait: float) -> BrokerUnavailable:
