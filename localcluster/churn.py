@@ -41,7 +41,6 @@ import math
 import os
 import random
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -55,7 +54,7 @@ import docker
 from contract import BrokerUnavailable, NoNodes
 from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster, WorkerProcess
-from localcluster.engines import NodeEngine
+from localcluster.engines import NodeEngine, listening
 from publisher import Publisher
 
 WORKER_ENV = {
@@ -629,7 +628,7 @@ class Observer(threading.Thread):
                     self.first_seen.setdefault((node.name, image), seen_at)
 
     def _tags(self, node: SoakNode) -> set[str] | None:
-        if not _answers(node.engine.socket):
+        if not listening(node.engine.socket, timeout=2):
             return None
         client = self._clients.get(node.name)
         if client is None:
@@ -650,19 +649,6 @@ class Observer(threading.Thread):
     def seen(self) -> dict[tuple[str, str], float]:
         with self._lock:
             return dict(self.first_seen)
-
-
-def _answers(path: Path) -> bool:
-    """Whether something accepts connections on unix socket ``path``. Asked first because the
-    docker SDK leaks its socket when it cannot connect (a ResourceWarning, which the test suite
-    turns into an error), and an engine being restarted refuses connections for a second."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass

@@ -71,7 +71,7 @@ class NodeEngine:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _pings(self) -> bool:
-        if not _listening(self.socket):
+        if not listening(self.socket):
             return False
         client = self.client(timeout=2)
         try:
@@ -80,12 +80,13 @@ class NodeEngine:
             client.close()
 
 
-def _listening(socket_path: Path) -> bool:
-    """Whether something accepts connections on ``socket_path``: asked before the SDK is,
-    because the SDK leaks its socket when a connect fails (a ResourceWarning, which fails a
-    test run), and a socket file outlives a dockerd that was killed."""
+def listening(socket_path: Path, timeout: float = 3.0) -> bool:
+    """Whether something accepts connections on unix socket ``socket_path``: asked before
+    the docker SDK is, because the SDK leaks its socket when a connect fails (a
+    ResourceWarning, which fails a test run), a socket file outlives a dockerd that was
+    killed, and an engine being restarted refuses connections for a second."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(3)
+        probe.settimeout(timeout)
         try:
             probe.connect(str(socket_path))
         except OSError:
@@ -94,7 +95,7 @@ def _listening(socket_path: Path) -> bool:
 
 
 def host_engine_running() -> bool:
-    if not _listening(Path(HOST_DOCKER_SOCKET)):
+    if not listening(Path(HOST_DOCKER_SOCKET)):
         return False
     try:
         client = docker.DockerClient(base_url=f"unix://{HOST_DOCKER_SOCKET}", timeout=3)

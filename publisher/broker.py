@@ -144,10 +144,10 @@ class PublisherBroker:
         self._on_reply = on_reply
         self.reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
         self._caller = CallerConnection(self.reply_queue, self.user, connect_timeout)
+        """The shortcut for publishing requests from the caller's thread."""
         self._through_loop = 0
         """Requests being published through the I/O thread now (a hint for callers)."""
         self._counting = threading.Lock()
-        """The shortcut for publishing requests from the caller's thread."""
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._loop: IOLoop | None = None

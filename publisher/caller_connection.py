@@ -132,7 +132,9 @@ class _Open:
     published: int = 0
     unconfirmed: set[int] = field(default_factory=set)
     refused: bool = False
-    returned: set[str] = field(default_factory=set)
+    returned: bool = False
+    """Of the one request in flight (the connection carries one at a time, and a return
+    comes before its confirm)."""
     opened_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -143,6 +145,9 @@ class _Open:
     @property
     def usable(self) -> bool:
         return bool(self.connection.is_open and self.channel.is_open)
+
+    def on_return(self, *_returned: object) -> None:
+        self.returned = True
 
     def on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
@@ -175,8 +180,7 @@ class _Open:
             user,
             history,
         )
-        self.refused = False
-        self.returned.discard(request_id)
+        self.refused = self.returned = False
         self.unconfirmed.update(range(self.published + 1, self.published + count + 1))
         self.published += count
         timed_out: list[bool] = []
@@ -193,9 +197,7 @@ class _Open:
             if timed_out:
                 raise Unconfirmed(f"not confirmed within {wait:g}s")
             raise ConnectionError("the channel closed before the confirms came")
-        returned = request_id in self.returned
-        self.returned.discard(request_id)
-        return Confirmed(returned=returned, refused=self.refused)
+        return Confirmed(returned=self.returned, refused=self.refused)
 
     def close(self) -> None:
         _close(self.connection)
@@ -454,11 +456,7 @@ class CallerConnection:
             opened = _Open(parameters, connection, connection.channel())
             channel = opened.channel
             confirming: list[bool] = []
-            channel.add_on_return_callback(
-                lambda _ch, _method, properties, _body: opened.returned.add(
-                    properties.correlation_id or ""
-                )
-            )
+            channel.add_on_return_callback(opened.on_return)
             channel.confirm_delivery(opened.on_confirm, callback=lambda _f: confirming.append(True))
             connection._flush_output(lambda: bool(confirming))  # noqa: SLF001
         except Exception as error:
