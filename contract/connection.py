@@ -1,14 +1,14 @@
 """How both sides reach RabbitMQ: connection parameters, and pika's errors in puller's terms.
 
-Only the two broker modules (``worker.broker``, ``publisher.broker``) import this; the rest
-of the code never sees a pika type.
+Only the modules that own a connection (``worker.broker``, ``publisher.broker``,
+``publisher.caller_connection``) import this; the rest of the code never sees a pika type.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,25 @@ def broker_errors(what: str, parameters: pika.connection.Parameters) -> Iterator
         yield
     except CONNECTION_ERRORS as error:
         raise BrokerUnavailable(f"{what} at {where(parameters)}: {describe(error)}") from None
+
+
+def run_until(
+    connection: pika.BlockingConnection, done: Callable[[], bool], timeout: float
+) -> bool:
+    """Runs ``connection``'s I/O loop until ``done()`` or for ``timeout`` seconds, whichever
+    comes first; returns ``done()``. Raises pika's error if the connection closes.
+
+    For waits that must be bounded where pika's own are not (a publisher confirm, say): a
+    ``BlockingConnection`` timer does not fire inside pika's waits, so the loop's is used.
+    """
+    impl = connection._impl  # noqa: SLF001 - the loop under the blocking connection
+    expired: list[bool] = []
+    timer = impl.ioloop.call_later(timeout, lambda: expired.append(True))
+    try:
+        connection._flush_output(lambda: bool(expired) or done())  # noqa: SLF001 - our condition
+    finally:
+        impl.ioloop.remove_timeout(timer)
+    return done()
 
 
 def declare(channel: Any, item: topo.Declaration, **extra: Any) -> None:

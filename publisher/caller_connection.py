@@ -38,7 +38,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from contract import CONTENT_TYPE
 from contract import topology as topo
-from contract.connection import describe, where
+from contract.connection import describe, run_until, where
 
 log = logging.getLogger("puller.publisher.caller_connection")
 
@@ -183,18 +183,10 @@ class _Open:
         self.refused = self.returned = False
         self.unconfirmed.update(range(self.published + 1, self.published + count + 1))
         self.published += count
-        timed_out: list[bool] = []
-        # The loop's own timer: pika runs it inside the wait below.
-        timer = impl.ioloop.call_later(wait, lambda: timed_out.append(True))
-        try:
-            impl._output_marshaled_frames([frames])  # noqa: SLF001
-            self.connection._flush_output(  # noqa: SLF001 - a wait with our own condition
-                lambda: not self.unconfirmed or bool(timed_out) or not self.channel.is_open
-            )
-        finally:
-            impl.ioloop.remove_timeout(timer)
+        impl._output_marshaled_frames([frames])  # noqa: SLF001
+        run_until(self.connection, lambda: not self.unconfirmed or not self.channel.is_open, wait)
         if self.unconfirmed:
-            if timed_out:
+            if self.channel.is_open:
                 raise Unconfirmed(f"not confirmed within {wait:g}s")
             raise ConnectionError("the channel closed before the confirms came")
         return Confirmed(returned=self.returned, refused=self.refused)

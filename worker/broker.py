@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+import pika.channel
 import pika.exceptions
 import pika.frame
+import pika.spec
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel as Channel
 
@@ -41,6 +43,7 @@ from contract.connection import (
     broker_errors,
     declare,
     describe,
+    run_until,
     where,
 )
 from contract.messages import Message
@@ -49,6 +52,7 @@ from worker.model import Delivery
 log = structlog.get_logger("worker.broker")
 
 LOST = "lost the connection to RabbitMQ"
+PRESENCE_PROPERTIES = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2)
 
 
 class NodeNameInUse(PullerError):
@@ -349,15 +353,42 @@ class WorkerBroker:
             self._open_connection().process_data_events(time_limit=seconds)
 
     def announce(self, body: bytes) -> None:
-        """Publishes a presence announcement into the presence stream."""
+        """Publishes a presence announcement into the presence stream (not waiting to hear
+        that it is there)."""
         self._check_owner()
         with broker_errors(LOST, self._parameters):
             self._open_channel().basic_publish(
-                topo.PRESENCE.name,
-                routing_key="",
-                body=body,
-                properties=pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2),
+                topo.PRESENCE.name, routing_key="", body=body, properties=PRESENCE_PROPERTIES
             )
+
+    def announce_arrival(self, body: bytes, timeout: float) -> bool | None:
+        """Publishes the connection's first presence announcement and waits up to
+        ``timeout`` seconds for RabbitMQ to confirm that it is in the stream: a roster read
+        after that lists this node. ``True`` when confirmed, ``False`` when refused, ``None``
+        when not answered in time (a broker under a resource alarm reads nothing from a
+        connection that publishes: call this after the connection's other set-up, which
+        would wait on such a broker without a limit). Live deliveries that come meanwhile
+        wait for :meth:`process_events`.
+
+        On a channel of its own, in confirm mode, closed once answered: the announcements
+        after it are not waited for."""
+        self._check_owner()
+        confirmed: list[bool] = []
+
+        def on_confirm(channel: pika.channel.Channel, frame: pika.frame.Method) -> None:
+            confirmed.append(isinstance(frame.method, pika.spec.Basic.Ack))
+            channel.close()
+
+        def on_open(channel: pika.channel.Channel) -> None:
+            channel.add_on_close_callback(lambda _channel, _reason: confirmed.append(False))
+            channel.confirm_delivery(functools.partial(on_confirm, channel), lambda _frame: None)
+            channel.basic_publish(topo.PRESENCE.name, "", body, PRESENCE_PROPERTIES)
+
+        with broker_errors(LOST, self._parameters):
+            connection = self._open_connection()
+            connection._impl.channel(on_open_callback=on_open)  # noqa: SLF001 - a bounded wait
+            run_until(connection, lambda: bool(confirmed), timeout)
+        return confirmed[0] if confirmed else None
 
     def is_current(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` came on a channel that is still open: answers to it count."""

@@ -66,6 +66,9 @@ RECONNECT_FIRST_DELAY = 0.5
 RECONNECT_MAX_DELAY = 15.0
 """The longest wait between connection attempts (each wait is drawn between half of the
 current delay and all of it)."""
+ARRIVAL_WAIT = 5.0
+"""Seconds a new connection waits for RabbitMQ to confirm the node's first announcement
+(in the stream), before it serves anyway."""
 CANCEL_GRACE = 5.0
 """Seconds, after cancelling, to send the ``cancelled`` replies."""
 WARM_IN_HAND_LIMIT = 10_000
@@ -149,6 +152,8 @@ class Worker:
         )
         self._draining = False
         self._not_connected_because = "not connected to RabbitMQ yet"
+        self._arriving = False
+        """Connected, and the connection's first announcement not settled yet."""
 
     def _pruning(self, settings: WorkerSettings) -> tuple[Pruner | None, Housekeeping]:
         """The pruner (for ``prune`` requests; ``None`` when the store cannot prune) and the
@@ -213,7 +218,9 @@ class Worker:
             attempt += 1
             try:
                 self._broker.connect(self._on_live)
+                self._arriving = True
                 self._catch_up.on_connect()
+                self._announce_arrival()
             except (BrokerUnavailable, NodeNameInUse) as error:
                 self._disconnected(str(error))
                 # Jittered: workers that lost the same broker must not all come back in
@@ -238,6 +245,22 @@ class Worker:
             except BrokerUnavailable as error:
                 log.warning("connection lost; reconnecting", error=str(error))
                 self._disconnected(str(error))
+
+    def _announce_arrival(self) -> None:
+        """The connection's first presence announcement, confirmed before ``/ready`` says
+        "connected": whoever reads the roster after that finds this node (announced
+        unconfirmed, a roster read at once could miss it, and did, in a test)."""
+        try:
+            arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
+            if not arrived:
+                log.warning(
+                    "RabbitMQ did not confirm this node's announcement; publishers list the "
+                    "node once an announcement reaches the presence stream",
+                    answer="refused" if arrived is False else f"none in {ARRIVAL_WAIT:g}s",
+                    stream=topo.PRESENCE.name,
+                )
+        finally:
+            self._arriving = False
 
     def drain(self) -> None:
         """Says it is leaving, takes no more requests, answers those in flight for up to the
@@ -362,18 +385,22 @@ class Worker:
 
     def _ready(self) -> Response:
         status = self._catch_up.status()
+        arrived = not self._arriving
         if self._draining:
             reason = "draining: the worker is stopping and takes no new requests"
         elif self._liveness.silence() >= LOOP_SILENCE_LIMIT:
             reason = "the worker's loop is stuck"
         elif not status.connected:
             reason = self._not_connected_because
+        elif not arrived:
+            reason = "connecting: waiting for RabbitMQ to confirm this node's announcement"
         elif not status.caught_up:
             reason = f"catching up: {status.phase} ({status.replay_pending} in hand)"
         else:
             reason = "connected and caught up"
         ready = reason == "connected and caught up"
         body = {"ready": ready, "reason": reason, **dataclasses.asdict(status)}
+        body["connected"] = status.connected and arrived  # in the roster, as far as it knows
         return json_response(200 if ready else 503, body)
 
 

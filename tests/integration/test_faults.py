@@ -280,6 +280,43 @@ def test_alive_stays_up_and_ready_says_why_while_the_broker_is_down(
     wait_for_roster(fault_publisher)
 
 
+def test_a_worker_that_connects_while_rabbitmq_blocks_publishing_is_not_held_by_it(
+    fault_cluster: LocalCluster, fault_publisher: Publisher, own_broker: RabbitMqContainer
+) -> None:
+    """A memory alarm stops RabbitMQ reading from every connection that publishes, so the
+    first announcement of a worker that connects then is never confirmed. The worker waits
+    for that confirm (so that ``/ready`` implies a place in the roster), but not past its
+    limit: its loop goes on, it says why, and it joins the roster when the alarm ends."""
+    joining = fault_cluster.workers[0]
+    joining.stop()
+    code, watermark = own_broker.exec(
+        ["rabbitmqctl", "-q", "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]
+    )
+    assert code == 0, watermark
+    assert own_broker.exec(["rabbitmqctl", "set_vm_memory_high_watermark", "0"])[0] == 0
+    try:
+        joining.launch()
+        joining.wait_serving(timeout=30)  # "connected", with publishing still blocked
+        deadline = time.monotonic() + 5
+        while True:  # its loop goes on (it waited once, up to 5 s, for the confirm)
+            code, body = joining.health("/alive")
+            assert code == 200, body
+            if float(str(body["loop_silent_seconds"])) < 1:
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(0.1)
+        log = joining.log_path.read_text()
+        assert "did not confirm this node's announcement" in log, log
+    finally:
+        restore = f"vm_memory_monitor:set_vm_memory_high_watermark({watermark.decode().strip()})."
+        assert own_broker.exec(["rabbitmqctl", "-q", "eval", restore])[0] == 0
+    wait_for_roster(fault_publisher)
+    deadline = time.monotonic() + 30
+    while joining.health("/ready")[0] != 200:
+        assert time.monotonic() < deadline, joining.health("/ready")
+        time.sleep(0.2)
+
+
 def wait_for_roster(publisher: Publisher) -> None:
     deadline = time.monotonic() + 120
     while True:  # the broker boots, then each worker's backoff brings it back
