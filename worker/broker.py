@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
-import pika.channel
 import pika.exceptions
 import pika.frame
 import pika.spec
@@ -99,6 +98,11 @@ class WorkerBroker:
         self._connection: pika.BlockingConnection | None = None
         self._channel: Channel | None = None
         self._history_channel: Channel | None = None
+        self._presence_channel: Channel | None = None
+        """Every presence announcement goes on it, in order (the last one, "leaving", after
+        the first); in confirm mode, so that the first can be waited for."""
+        self._arrived: bool | None = None
+        """RabbitMQ's answer to the connection's first announcement (``None``: none yet)."""
         self._consumer_tag: str | None = None
         self._held: list[tuple[Callable[[Delivery], None], Delivery]] = []
         """Live deliveries held for the next process_events(): those that came while
@@ -203,6 +207,25 @@ class WorkerBroker:
         # Methods on a channel are answered in order: once this passive declare is
         # answered, so is the consume (or the channel is closed, and this raises why).
         channel.queue_declare(self.queue, passive=True)
+        # Opened before anything is published: a broker under a resource alarm reads
+        # nothing more from a connection once it publishes.
+        self._presence_channel = self._presence(self._connection.channel())
+
+    def _presence(self, channel: Channel) -> Channel:
+        self._arrived = None
+        impl = channel._impl  # noqa: SLF001 - confirms without pika's blocking wait for each
+
+        def on_confirm(frame: pika.frame.Method) -> None:
+            if self._arrived is None and self._presence_channel is channel:
+                self._arrived = isinstance(frame.method, pika.spec.Basic.Ack)
+
+        def on_close(_channel: object, _reason: object) -> None:
+            if self._arrived is None and self._presence_channel is channel:
+                self._arrived = False
+
+        impl.add_on_close_callback(on_close)
+        impl.confirm_delivery(on_confirm, lambda _frame: None)
+        return channel
 
     def _hold_until_served(self, on_live: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         """Served at once within a ``process_events()`` slice, held otherwise. Held, a
@@ -357,38 +380,22 @@ class WorkerBroker:
         that it is there)."""
         self._check_owner()
         with broker_errors(LOST, self._parameters):
-            self._open_channel().basic_publish(
+            self._open_presence_channel().basic_publish(
                 topo.PRESENCE.name, routing_key="", body=body, properties=PRESENCE_PROPERTIES
             )
 
     def announce_arrival(self, body: bytes, timeout: float) -> bool | None:
-        """Publishes the connection's first presence announcement and waits up to
-        ``timeout`` seconds for RabbitMQ to confirm that it is in the stream: a roster read
-        after that lists this node. ``True`` when confirmed, ``False`` when refused, ``None``
-        when not answered in time (a broker under a resource alarm reads nothing from a
-        connection that publishes: call this after the connection's other set-up, which
-        would wait on such a broker without a limit). Live deliveries that come meanwhile
-        wait for :meth:`process_events`.
-
-        On a channel of its own, in confirm mode, closed once answered: the announcements
-        after it are not waited for."""
-        self._check_owner()
-        confirmed: list[bool] = []
-
-        def on_confirm(channel: pika.channel.Channel, frame: pika.frame.Method) -> None:
-            confirmed.append(isinstance(frame.method, pika.spec.Basic.Ack))
-            channel.close()
-
-        def on_open(channel: pika.channel.Channel) -> None:
-            channel.add_on_close_callback(lambda _channel, _reason: confirmed.append(False))
-            channel.confirm_delivery(functools.partial(on_confirm, channel), lambda _frame: None)
-            channel.basic_publish(topo.PRESENCE.name, "", body, PRESENCE_PROPERTIES)
-
+        """The connection's first presence announcement: publishes it and waits up to
+        ``timeout`` seconds for RabbitMQ to confirm that it is in the stream, so that a
+        roster read after that lists this node. ``True`` when confirmed, ``False`` when
+        refused, ``None`` when not answered in time (a broker under a resource alarm reads
+        nothing from a connection that publishes; longer than ``timeout`` only if pika has
+        more to write than the socket takes, until the blocked-connection timeout). Live
+        deliveries that come meanwhile wait for :meth:`process_events`."""
+        self.announce(body)
         with broker_errors(LOST, self._parameters):
-            connection = self._open_connection()
-            connection._impl.channel(on_open_callback=on_open)  # noqa: SLF001 - a bounded wait
-            run_until(connection, lambda: bool(confirmed), timeout)
-        return confirmed[0] if confirmed else None
+            run_until(self._open_connection(), lambda: self._arrived is not None, timeout)
+        return self._arrived
 
     def is_current(self, delivery: Delivery) -> bool:
         """Whether ``delivery`` came on a channel that is still open: answers to it count."""
@@ -413,7 +420,7 @@ class WorkerBroker:
         with self._lock:
             connection, self._connection = self._connection, None
             self._hops = 0  # a closed connection runs none of them
-            self._channel = self._history_channel = None
+            self._channel = self._history_channel = self._presence_channel = None
             self._held = []  # unacknowledged: the broker gives them to the next connection
         if connection is not None and connection.is_open:
             try:
@@ -618,9 +625,16 @@ class WorkerBroker:
         return self._connection
 
     def _open_channel(self) -> Channel:
-        if self._channel is None or not self._channel.is_open:
-            raise BrokerUnavailable(f"no open channel to RabbitMQ at {self.where}")
-        return self._channel
+        return _open(self._channel, self.where)
+
+    def _open_presence_channel(self) -> Channel:
+        return _open(self._presence_channel, self.where)
+
+
+def _open(channel: Channel | None, where: str) -> Channel:
+    if channel is None or not channel.is_open:
+        raise BrokerUnavailable(f"no open channel to RabbitMQ at {where}")
+    return channel
 
 
 # -- frames --------------------------------------------------------------------------------
