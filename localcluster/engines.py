@@ -1,4 +1,5 @@
-"""Docker Engines: one per simulated node, and the machine's own for building images."""
+"""Docker Engines: one per simulated node, and the machine's own for building images; and
+containerd, for nodes without Docker."""
 
 from __future__ import annotations
 
@@ -16,7 +17,35 @@ HOST_DOCKER_SOCKET = Path("/var/run/docker.sock")
 
 
 @dataclass
-class NodeEngine:
+class NodeDaemon:
+    """A node's engine daemon, with its own socket and directories under ``root``."""
+
+    name: str
+    root: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    DAEMON = "daemon"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / f"{self.DAEMON}.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.DAEMON}.log"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, timeout=20)
+            self.process = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class NodeEngine(NodeDaemon):
     """A ``dockerd`` with its own socket, data root and exec root, as one node would have.
 
     iptables and masquerading are off: a node engine only pulls images, and never
@@ -25,13 +54,7 @@ class NodeEngine:
     start, which would cut off the machine's own engine and its containers.
     """
 
-    name: str
-    root: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def socket(self) -> Path:
-        return self.root / "docker.sock"
+    DAEMON = "docker"
 
     @property
     def docker_host(self) -> str:
@@ -61,15 +84,6 @@ class NodeEngine:
         )
         wait_until(self._pings, f"dockerd for {self.name}", timeout, self.process, self.log_path)
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process, timeout=20)
-            self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
     def _pings(self) -> bool:
         if not listening(self.socket):
             return False
@@ -78,6 +92,48 @@ class NodeEngine:
             return bool(client.ping())
         finally:
             client.close()
+
+
+@dataclass
+class NodeContainerd(NodeDaemon):
+    """A ``containerd`` with its own socket, root and state, as a node without Docker has.
+
+    Its CRI plugin stays on, as on a Kubernetes node: it is what marks the images of the
+    ``k8s.io`` namespace as the kubelet's."""
+
+    DAEMON = "containerd"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket.unlink(missing_ok=True)
+        config = self.root / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{self.root / "root"}"\n'
+            f'state = "{self.root / "state"}"\n'
+            "[grpc]\n"
+            f'  address = "{self.socket}"\n'
+            "[ttrpc]\n"
+            f'  address = "{self.root / "ttrpc.sock"}"\n'
+        )
+        self.process = start_daemon(["containerd", "--config", str(config)], self.log_path)
+        wait_until(
+            lambda: listening(self.socket),
+            f"containerd for {self.name}",
+            timeout,
+            self.process,
+            self.log_path,
+        )
+
+    def ctr(self, *arguments: str, namespace: str = "k8s.io") -> str:
+        """``ctr``'s output for ``arguments`` against this containerd."""
+        return subprocess.run(
+            ["ctr", "--address", str(self.socket), "--namespace", namespace, *arguments],
+            capture_output=True,
+            check=True,
+            text=True,
+            timeout=60,
+        ).stdout
 
 
 def listening(socket_path: Path, timeout: float = 3.0) -> bool:

@@ -45,6 +45,7 @@ from serving.settings import broker_tls, image_policy
 from worker.admission import Admission, RequestLimiter
 from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up import CatchUp
+from worker.containerd import ContainerdStore
 from worker.engine import DockerConfig, DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
@@ -90,17 +91,7 @@ class Worker:
         self.usage = UsageLog(settings.state_dir / USAGE_FILE)
         self.admission = Admission(image_policy(settings), settings.allowed_publishers)
         self._breaker = RegistryBreaker(settings.registry_cooldown)
-        self._store = store or DockerEngine(
-            settings.docker_host,
-            stall_timeout=settings.stall_timeout,
-            pull_timeout=settings.pull_timeout,
-            docker_config=DockerConfig(settings.docker_config),
-            pull_through=(
-                PullThrough(settings.pull_through_caches, self.metrics.cache_outcome)
-                if settings.pull_through_caches
-                else None
-            ),
-        )
+        self._store = store or self._image_store(settings)
         self._service = PullService(
             settings.node_name,
             self._store,
@@ -154,6 +145,34 @@ class Worker:
         self._not_connected_because = "not connected to RabbitMQ yet"
         self._arriving = False
         """Connected, and the connection's first announcement not settled yet."""
+
+    def _image_store(self, settings: WorkerSettings) -> ImageStore:
+        """The node's engine the settings name."""
+        if settings.image_store == "containerd":
+            if settings.pull_through_caches:
+                log.warning(
+                    "PULLER_PULL_THROUGH_CACHES is for the Docker Engine and is ignored: give "
+                    "containerd the cache as a mirror in PULLER_CONTAINERD_HOSTS_DIR instead"
+                )
+            return ContainerdStore(
+                settings.containerd_address,
+                settings.containerd_namespace,
+                stall_timeout=settings.stall_timeout,
+                pull_timeout=settings.pull_timeout,
+                snapshotter=settings.containerd_snapshotter,
+                hosts_dir=settings.containerd_hosts_dir,
+            )
+        return DockerEngine(
+            settings.docker_host,
+            stall_timeout=settings.stall_timeout,
+            pull_timeout=settings.pull_timeout,
+            docker_config=DockerConfig(settings.docker_config),
+            pull_through=(
+                PullThrough(settings.pull_through_caches, self.metrics.cache_outcome)
+                if settings.pull_through_caches
+                else None
+            ),
+        )
 
     def _pruning(self, settings: WorkerSettings) -> tuple[Pruner | None, Housekeeping]:
         """The pruner (for ``prune`` requests; ``None`` when the store cannot prune) and the
@@ -219,8 +238,12 @@ class Worker:
             try:
                 self._broker.connect(self._on_live)
                 self._arriving = True
-                self._catch_up.on_connect()
-                self._announce_arrival()
+                try:
+                    self._catch_up.on_connect()
+                    self._announce_arrival()
+                finally:
+                    self._liveness.tick()  # the wait was the loop's: it did not hang
+                    self._arriving = False
             except (BrokerUnavailable, NodeNameInUse) as error:
                 self._disconnected(str(error))
                 # Jittered: workers that lost the same broker must not all come back in
@@ -250,17 +273,14 @@ class Worker:
         """The connection's first presence announcement, confirmed before ``/ready`` says
         "connected": whoever reads the roster after that finds this node (announced
         unconfirmed, a roster read at once could miss it, and did, in a test)."""
-        try:
-            arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
-            if not arrived:
-                log.warning(
-                    "RabbitMQ did not confirm this node's announcement; publishers list the "
-                    "node once an announcement reaches the presence stream",
-                    answer="refused" if arrived is False else f"none in {ARRIVAL_WAIT:g}s",
-                    stream=topo.PRESENCE.name,
-                )
-        finally:
-            self._arriving = False
+        arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
+        if not arrived:
+            log.warning(
+                "RabbitMQ did not confirm this node's announcement; publishers list the "
+                "node once an announcement reaches the presence stream",
+                answer="refused" if arrived is False else f"none in {ARRIVAL_WAIT:g}s",
+                stream=topo.PRESENCE.name,
+            )
 
     def drain(self) -> None:
         """Says it is leaving, takes no more requests, answers those in flight for up to the

@@ -327,7 +327,7 @@ class DockerEngine:
         for event in _events(api, response):
             if "error" in event or "errorDetail" in event:
                 message = event.get("error") or event.get("errorDetail", {}).get("message", "")
-                raise _classified(str(message), image, login)
+                raise classified(str(message), image, login)
             if on_progress is not None and tracker.update(event):
                 on_progress(tracker.progress)
             if time.monotonic() - started > self._pull_timeout:
@@ -347,7 +347,7 @@ class DockerEngine:
         if self._cancelling.is_set():
             return _cancelled(image)
         if isinstance(error, docker.errors.APIError):
-            return _classified(_api_error_text(error), image, login)
+            return classified(_api_error_text(error), image, login)
         if not isinstance(error, _TRANSPORT_ERRORS):
             raise error
         # Silence from an engine that took the request: while it waits on the registry it
@@ -782,7 +782,7 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
     (
         ErrorKind.NO_SPACE,
         ("no space left on device",),
-        "free disk space on the node (for example: docker image prune)",
+        "free disk space on the node (remove images it no longer needs: `puller prune`)",
     ),
     (
         ErrorKind.NOT_FOUND,
@@ -826,25 +826,32 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
 ]
 
 
-def _classified(
-    engine_message: str, image: ImageReference, login: RegistryLogin | None = None
+def classified(
+    engine_message: str,
+    image: ImageReference,
+    login: RegistryLogin | None = None,
+    *,
+    engine: str = "dockerd",
+    advice: Mapping[ErrorKind, str] | None = None,
 ) -> PullFailed:
     """The failure the engine's ``engine_message`` means; ``login``: what the pull sent the
-    registry, which tells a missing login from a refused one."""
+    registry, which tells a missing login from a refused one. ``engine``: whose log to
+    look in; ``advice``: what to do, per kind, where it differs from the Docker Engine's."""
     lowered = engine_message.lower()
-    for kind, needles, advice in _RULES:
+    for kind, needles, default in _RULES:
         if any(needle in lowered for needle in needles):
-            what_to_do = (
-                _login_advice(image.domain or "docker.io", login)
-                if kind is ErrorKind.UNAUTHORIZED
-                else advice
-            )
+            if advice and kind in advice:
+                what_to_do = advice[kind]
+            elif kind is ErrorKind.UNAUTHORIZED:
+                what_to_do = _login_advice(image.domain or "docker.io", login)
+            else:
+                what_to_do = default
             return PullFailed(
                 kind, f"pulling {image} failed: {engine_message.strip()}; {what_to_do}"
             )
     return PullFailed(
         ErrorKind.ENGINE_ERROR,
-        f"pulling {image} failed: {engine_message.strip()}; see the node's dockerd log",
+        f"pulling {image} failed: {engine_message.strip()}; see the node's {engine} log",
     )
 
 

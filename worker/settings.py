@@ -25,6 +25,7 @@ from serving.settings import (
     Setting,
     broker_tls,
     check_table,
+    choice,
     number,
     read,
     whole_number,
@@ -34,6 +35,7 @@ from worker.admission import (
     MAX_REQUESTS_PER_MINUTE,
     publisher_names,
 )
+from worker.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 from worker.pruning import DEFAULT_MIN_IDLE, KeepListError, read_keep_file
 from worker.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_routes
 
@@ -47,6 +49,14 @@ class WorkerSettings(BrokerAndPolicy):
     max_requests_per_minute: int = 0
     """Pulls a minute started for live requests; 0: no cap."""
     node_name: str = field(default_factory=socket.gethostname)
+    image_store: str = "docker"
+    """``docker`` or ``containerd``: which of the node's engines the worker pulls into."""
+    containerd_address: str = DEFAULT_ADDRESS
+    containerd_namespace: str = DEFAULT_NAMESPACE
+    containerd_snapshotter: str | None = None
+    """``None``: containerd's default snapshotter."""
+    containerd_hosts_dir: str | None = None
+    """containerd's ``hosts.toml`` directory for registries; ``None``: none."""
     docker_host: str | None = None
     """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
     docker_config: Path | None = None
@@ -134,6 +144,39 @@ SETTINGS: tuple[Setting, ...] = (
         "node_name",
         "this node's name in replies and in its queue name",
         node_name,
+    ),
+    Setting(
+        "PULLER_IMAGE_STORE",
+        "image_store",
+        "`docker`: pull through the node's Docker Engine (`DOCKER_HOST`); `containerd`: pull "
+        "into the node's containerd with `ctr` (`CONTAINERD_ADDRESS`), where the kubelet finds "
+        "images",
+        choice("docker", "containerd"),
+    ),
+    Setting(
+        "CONTAINERD_ADDRESS",
+        "containerd_address",
+        f"the node's containerd socket, for `PULLER_IMAGE_STORE=containerd` (ctr's own "
+        f"variable; default `{DEFAULT_ADDRESS}`)",
+    ),
+    Setting(
+        "PULLER_CONTAINERD_NAMESPACE",
+        "containerd_namespace",
+        f"the containerd namespace images are pulled into (default `{DEFAULT_NAMESPACE}`, the "
+        "kubelet's)",
+    ),
+    Setting(
+        "PULLER_CONTAINERD_SNAPSHOTTER",
+        "containerd_snapshotter",
+        "the snapshotter images are unpacked with; it must be the kubelet's (unset: "
+        "containerd's default)",
+    ),
+    Setting(
+        "PULLER_CONTAINERD_HOSTS_DIR",
+        "containerd_hosts_dir",
+        "a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as in "
+        "containerd's `config_path`; unset: none (registries on 127.0.0.0/8 and localhost are "
+        "pulled over plain HTTP, as the Docker Engine does)",
     ),
     Setting(
         "DOCKER_HOST",

@@ -10,7 +10,7 @@ import pytest
 
 from contract import ErrorKind, parse_reference
 from localcluster.registry import docker_config
-from worker.engine import DockerConfig, RegistryLogin, _classified, repository_digest
+from worker.engine import DockerConfig, RegistryLogin, classified, repository_digest
 
 IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
 
@@ -58,8 +58,8 @@ IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
         ),
     ],
 )
-def test_engine_messages_are_classified(engine_message: str, kind: ErrorKind) -> None:
-    failure = _classified(engine_message, IMAGE)
+def test_engine_messages_areclassified(engine_message: str, kind: ErrorKind) -> None:
+    failure = classified(engine_message, IMAGE)
     assert failure.kind is kind
     assert engine_message in failure.message
     assert str(IMAGE) in failure.message
@@ -97,7 +97,7 @@ PASSWORD = "pa55-w0rd-never-shown"  # noqa: S105 - a made-up one, looked for in 
 def test_a_missing_login_names_the_registry_what_to_do_and_where_the_worker_looked() -> None:
     login = RegistryLogin(REGISTRY, None, "/cfg/config.json (DOCKER_CONFIG=/cfg)", "no such file")
 
-    failure = _classified(NO_CREDENTIALS, IMAGE, login)
+    failure = classified(NO_CREDENTIALS, IMAGE, login)
 
     assert failure.kind is ErrorKind.UNAUTHORIZED
     assert f"registry {REGISTRY} needs a login" in failure.message
@@ -113,7 +113,7 @@ def test_a_refused_login_says_which_file_to_correct_and_never_shows_the_login(
     login = DockerConfig(tmp_path).login(REGISTRY)
     assert login.header is not None
 
-    failure = _classified(REFUSED, IMAGE, login)
+    failure = classified(REFUSED, IMAGE, login)
 
     assert failure.kind is ErrorKind.UNAUTHORIZED
     assert f"registry {REGISTRY} refused the worker's login" in failure.message
@@ -209,7 +209,7 @@ def test_an_unusable_config_is_no_login_and_says_why_without_quoting_it(
     (tmp_path / "config.json").write_text(content)
 
     login = DockerConfig(tmp_path).login(REGISTRY)
-    failure = _classified(NO_CREDENTIALS, IMAGE, login)
+    failure = classified(NO_CREDENTIALS, IMAGE, login)
 
     assert login.header is None
     assert login.problem is not None

@@ -1,0 +1,196 @@
+"""Workers whose nodes run containerd, not Docker (``PULLER_IMAGE_STORE=containerd``), on
+real parts: two containerd daemons (CRI plugin on, as on a Kubernetes node), a registry,
+RabbitMQ, and the worker running ``ctr``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from testcontainers.community.rabbitmq import RabbitMqContainer
+
+from contract import ErrorKind, Status
+from localcluster.cluster import WorkerProcess
+from localcluster.engines import NodeContainerd
+from localcluster.registry import Registry
+from publisher import Publisher
+from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
+from tests.integration.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+NODES = 2
+STALL_TIMEOUT = 3.0
+
+
+class ContainerdCluster:
+    def __init__(self, root: Path, amqp_url: str) -> None:
+        self.registry = Registry(root / "registry")
+        self.nodes = [NodeContainerd(f"node-{i}", root / f"node-{i}") for i in range(1, 3)]
+        self.workers = [
+            WorkerProcess(
+                node=node.name,
+                docker_host="unix:///nonexistent/docker.sock",  # not used: containerd is
+                amqp_url=amqp_url,
+                log_path=node.root / "worker.log",
+                extra_env={
+                    "PULLER_IMAGE_STORE": "containerd",
+                    "CONTAINERD_ADDRESS": str(node.socket),
+                    "PULLER_PRESENCE_INTERVAL": str(PRESENCE_INTERVAL),
+                    "PULLER_STALL_TIMEOUT": str(STALL_TIMEOUT),
+                    "PULLER_PULL_RETRIES": "0",
+                },
+            )
+            for node in self.nodes
+        ]
+
+    def start(self) -> None:
+        self.registry.start()
+        for node in self.nodes:
+            node.start()
+        for worker in self.workers:
+            worker.start()
+
+    def remove(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for node in self.nodes:
+            node.remove()
+        self.registry.stop()
+
+    def listed(self, node: NodeContainerd, name: str) -> str | None:
+        """The digest containerd lists ``name`` under in the kubelet's namespace."""
+        for line in node.ctr("images", "ls").splitlines()[1:]:
+            columns = line.split()
+            if columns and columns[0] == name:
+                return columns[2]
+        return None
+
+
+@pytest.fixture(scope="module")
+def cluster(rabbitmq: RabbitMqContainer) -> Iterator[ContainerdCluster]:
+    built = ContainerdCluster(Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp")), new_vhost(rabbitmq))
+    try:
+        built.start()
+        yield built
+    finally:
+        built.remove()
+
+
+@pytest.fixture
+def publisher(cluster: ContainerdCluster) -> Iterator[Publisher]:
+    for node in cluster.nodes:
+        if node.process is None:
+            node.start()
+    for worker in cluster.workers:
+        if not worker.alive:
+            worker.start()
+    with Publisher(cluster.workers[0].amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+        yield publisher
+
+
+def test_a_pull_puts_the_image_into_every_nodes_containerd_where_the_kubelet_looks(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    repository = f"cd/{uuid.uuid4().hex[:8]}"
+    image = cluster.registry.push_sized(repository, "1", [2_000_000])
+    digest = cluster.registry.manifest_digest(repository, "1")
+
+    report = publisher.pull(image, expect=NODES, timeout=60)
+
+    assert report.ok, report
+    assert sorted(r.node for r in report.nodes) == ["node-1", "node-2"]
+    assert {r.status for r in report.nodes} == {Status.PULLED}
+    assert {r.digest for r in report.nodes} == {digest}
+    manifest = json.loads(cluster.nodes[0].ctr("content", "get", digest))
+    assert {r.image_id for r in report.nodes} == {manifest["config"]["digest"]}
+    for node in cluster.nodes:
+        assert cluster.listed(node, image) == digest, node.ctr("images", "ls")
+        assert node.ctr("images", "ls", "-q", namespace="default").strip() == ""
+
+    again = publisher.pull(image, expect=NODES, timeout=60)
+    assert {r.status for r in again.nodes} == {Status.PRESENT}, again
+    assert {r.digest for r in again.nodes} == {digest}
+
+
+def test_the_roster_names_containerd_and_its_version(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    roster = publisher.nodes()
+    assert [n.node for n in roster] == ["node-1", "node-2"]
+    version = cluster.nodes[0].ctr("version").split("Server:")[1].split()[1]
+    assert {n.engine for n in roster} == {version}
+
+
+def test_failures_say_what_happened(cluster: ContainerdCluster, publisher: Publisher) -> None:
+    missing = f"{cluster.registry.address}/cd/{uuid.uuid4().hex[:8]}:nope"
+    report = publisher.pull(missing, expect=NODES, timeout=60)
+    assert {r.error.kind for r in report.nodes if r.error} == {ErrorKind.NOT_FOUND}, report
+    assert len(report.failed) == NODES
+
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    try:
+        proxy.close()  # nothing listens there any more
+        refused = f"{proxy.address}/cd/x:1"
+        report = publisher.pull(refused, expect=NODES, timeout=60)
+        kinds = {r.error.kind for r in report.nodes if r.error}
+        assert kinds == {ErrorKind.REGISTRY_UNREACHABLE}, report
+    finally:
+        proxy.close()
+
+
+def test_a_registry_gone_silent_mid_layer_gives_stalled(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [6_000_000])
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    try:
+        proxy.go_silent_after(1_000_000)
+        started = time.monotonic()
+        report = publisher.pull(
+            image.replace(cluster.registry.address, proxy.address), expect=NODES, timeout=60
+        )
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert {r.error.kind for r in report.nodes if r.error} == {ErrorKind.STALLED}, report
+    assert all("PULLER_STALL_TIMEOUT" in r.error.message for r in report.nodes if r.error)
+    assert took < 30
+    assert all(worker.alive for worker in cluster.workers)
+
+
+def test_a_stopped_containerd_is_reported_and_the_image_comes_once_it_is_back(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [500_000])
+    down = cluster.nodes[0]
+    down.stop()
+    try:
+        report = publisher.pull(image, expect=NODES, timeout=60)
+        by_node = {r.node: r for r in report.nodes}
+        assert by_node["node-2"].status is Status.PULLED, report
+        failed = by_node["node-1"]
+        assert failed.error is not None and failed.error.kind is ErrorKind.ENGINE_UNAVAILABLE
+        assert "CONTAINERD_ADDRESS" in failed.error.message
+        assert cluster.workers[0].alive
+    finally:
+        down.start()
+    deadline = time.monotonic() + 60
+    while cluster.listed(down, image) is None:  # pulled by itself once containerd answers
+        assert time.monotonic() < deadline, "the image did not come after containerd was back"
+        time.sleep(1)
+
+
+def test_a_prune_says_the_store_cannot_prune(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    report = publisher.prune(0, dry_run=True, expect=NODES, timeout=30)
+    assert not report.ok
+    errors = [a.error for a in report.answers]
+    assert len(errors) == NODES, report
+    assert all(e is not None and "cannot prune" in e.message for e in errors), report

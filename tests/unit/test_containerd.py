@@ -1,0 +1,216 @@
+"""The containerd store's reading of what ``ctr`` prints, and its failures' kinds.
+
+The pull frames are lines ``ctr images pull`` 1.6 printed here (a 2-layer image through a
+throttled proxy), colours included; the store itself runs against a real containerd in
+``tests/integration/test_containerd.py``."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from contract import ErrorKind
+from contract.reference import parse_reference
+from worker.containerd import (
+    ADVICE,
+    PullOutput,
+    listed_target,
+    plain_http,
+    platform_manifest,
+    size,
+    store_name,
+)
+from worker.engine import classified
+from worker.model import PullProgress
+
+G, E = "\x1b[32m", "\x1b[0m"
+REF = "127.0.0.1:36853/demo/big:1"
+MANIFEST = "manifest-sha256:cfd13e49eba0d5c53ac3136e1dbb687b1118e4c1f7d9077504401b7327503552"
+CONFIG = "config-sha256:195861639e115f5efe94051f217998b3d59e4a5b78de0156a90d1e32a7c1f5d3"
+LAYER_1 = "layer-sha256:d53bbe8d5e25b0d4125d71e98380a5109109422ee8da46b97a7b4dc204107f46"
+LAYER_2 = "layer-sha256:17e10879fb43bdf03fd28ebbe600668cc7181a5aafc3f7e5a917e9a1310b92fb"
+FULL = f"|{G}++++++++++++++++++++++++++++++++++++++{E}| "
+
+
+def line(reference: str, status: str, rest: str = FULL) -> str:
+    return f"{reference + ':':<82}{status:<15}{rest}\n"
+
+
+def frame(layer_1: str, layer_2: str, elapsed: str) -> str:
+    return (
+        line(REF, "resolved")
+        + line(MANIFEST, "done")
+        + layer_1
+        + line(CONFIG, "done")
+        + layer_2
+        + f"elapsed: {elapsed:<74}total:  2.0 Mi (2.2 MiB/s)\n"
+    )
+
+
+FIRST = frame(
+    line(
+        LAYER_1, "downloading", f"|{G}{E}--------------------------------------|    0.0 B/1.9 MiB "
+    ),
+    line(
+        LAYER_2, "downloading", f"|{G}{E}--------------------------------------|    0.0 B/2.9 MiB "
+    ),
+    "0.1 s",
+)
+MIDDLE = frame(
+    line(
+        LAYER_1, "downloading", f"|{G}+++++++++++++++++++{E}-------------------|  1.0 MiB/1.9 MiB "
+    ),
+    line(
+        LAYER_2, "downloading", f"|{G}+++++++++++++{E}-------------------------|  1.0 MiB/2.9 MiB "
+    ),
+    "0.9 s",
+)
+LAST = frame(line(LAYER_1, "done"), line(LAYER_2, "done"), "1.6 s")
+UNPACK = f"unpacking linux/amd64 sha256:{MANIFEST[16:]}...\ndone: 44.443267ms\t\n"
+
+MIB = 1024 * 1024
+
+
+def test_progress_follows_the_frames_to_the_whole_size() -> None:
+    seen: list[PullProgress] = []
+    output = PullOutput()
+    output.follow(io.BytesIO((FIRST + MIDDLE + MIDDLE + LAST + UNPACK).encode()), seen.append)
+    whole = int(1.9 * MIB) + int(2.9 * MIB)
+    assert seen == [
+        PullProgress(0, whole),
+        PullProgress(2 * MIB, whole),
+        PullProgress(whole, whole),  # "done" lines carry no figures: the totals stand
+    ]
+    assert output.unpacking
+
+
+def test_a_repeated_frame_is_not_movement_and_a_stall_counts_from_the_last_move() -> None:
+    output = PullOutput()
+    for text in (FIRST + MIDDLE).splitlines():
+        output.read_line(text)
+    moved_at = output.moved_at
+    time.sleep(0.01)
+    assert not any(output.read_line(text) for text in MIDDLE.splitlines())
+    assert output.moved_at == moved_at
+    assert output.stalled(moved_at + 6, limit=5)
+    assert not output.stalled(moved_at + 4, limit=5)
+    assert output.phase == "downloading"
+
+
+def test_no_stall_before_the_first_frame_nor_while_unpacking() -> None:
+    output = PullOutput()
+    assert not output.stalled(time.monotonic() + 100, limit=5)  # still reaching containerd
+    assert output.phase == "starting"
+    for text in (LAST + UNPACK).splitlines():
+        output.read_line(text)
+    assert not output.stalled(time.monotonic() + 100, limit=5)
+
+
+def test_resolving_without_an_answer_stalls() -> None:
+    output = PullOutput()
+    output.read_line(line(REF, "resolving", f"|{G}{E}--------------------------------------| "))
+    output.read_line(f"elapsed: 0.2 s{' ' * 60}total:   0.0 B (0.0 B/s)")
+    assert output.stalled(output.moved_at + 6, limit=5)
+    assert output.phase == "resolving"
+
+
+@pytest.mark.parametrize(
+    ("number", "unit", "expected"),
+    [
+        ("0.0", "B", 0),
+        ("973.0", "", 973),
+        ("1.5", "KiB", 1536),
+        ("2.0", "Mi", 2 * MIB),
+        ("1", "GB", 10**9),
+        ("3", "parsecs", 3),
+    ],
+)
+def test_sizes(number: str, unit: str, expected: int) -> None:
+    assert size(number, unit) == expected
+
+
+LISTING = (
+    "REF    TYPE    DIGEST    SIZE    PLATFORMS    LABELS\n"
+    "127.0.0.1:29112/demo/one:1 application/vnd.docker.distribution.manifest.v2+json "
+    "sha256:c92cadec9e8c1668a340b21b05f46ef0c6636b208e62fdd1b4558c9aea502369 831.0 B "
+    "linux/amd64 io.cri-containerd.image=managed\n"
+    "sha256:f8c18740e1534f65170369bcea8d5f869bfc6cb32f98eb818fd38341cc69f7ac "
+    "application/vnd.docker.distribution.manifest.v2+json "
+    "sha256:c92cadec9e8c1668a340b21b05f46ef0c6636b208e62fdd1b4558c9aea502369 831.0 B "
+    "linux/amd64 io.cri-containerd.image=managed\n"
+)
+
+
+def test_the_listing_gives_the_named_images_target() -> None:
+    assert listed_target(LISTING, "127.0.0.1:29112/demo/one:1") == (
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "sha256:c92cadec9e8c1668a340b21b05f46ef0c6636b208e62fdd1b4558c9aea502369",
+    )
+    assert listed_target(LISTING, "127.0.0.1:29112/demo/one:2") is None
+    assert listed_target("REF TYPE DIGEST SIZE PLATFORMS LABELS\n", "x") is None
+
+
+def test_an_index_gives_this_platforms_manifest() -> None:
+    index = {
+        "manifests": [
+            {"digest": "sha256:arm", "platform": {"os": "linux", "architecture": "arm64"}},
+            {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},
+        ]
+    }
+    assert platform_manifest(index, architecture="amd64") == "sha256:amd"
+    with pytest.raises(Exception, match="no manifest for linux/s390x"):
+        platform_manifest(index, architecture="s390x")
+
+
+def test_names_are_fully_qualified_as_containerd_keeps_them() -> None:
+    assert store_name(parse_reference("busybox")) == "docker.io/library/busybox:latest"
+    digest = "sha256:" + "a" * 64
+    assert store_name(parse_reference(f"ghcr.io/x/y@{digest}")) == f"ghcr.io/x/y@{digest}"
+
+
+@pytest.mark.parametrize(
+    ("domain", "plain"),
+    [
+        ("127.0.0.1:5000", True),
+        ("localhost:5000", True),
+        ("localhost", True),
+        ("[::1]:5000", True),
+        ("docker.io", False),
+        ("registry.local:5000", False),
+        ("127.example.com", False),
+        (None, False),
+    ],
+)
+def test_plain_http_only_for_loopback_registries(domain: str | None, plain: bool) -> None:
+    assert plain_http(domain) is plain
+
+
+@pytest.mark.parametrize(
+    ("said", "kind"),
+    [
+        (
+            'failed to resolve reference "127.0.0.1:29112/demo/one:nope": '
+            "127.0.0.1:29112/demo/one:nope: not found",
+            ErrorKind.NOT_FOUND,
+        ),
+        (
+            'failed to resolve reference "127.0.0.1:1/x/y:1": failed to do request: Head '
+            '"http://127.0.0.1:1/v2/x/y/manifests/1": dial tcp 127.0.0.1:1: connect: '
+            "connection refused",
+            ErrorKind.REGISTRY_UNREACHABLE,
+        ),
+        (
+            'failed to resolve reference "r.local/x:1": pulling from host r.local failed '
+            "with status code [manifests 1]: 401 Unauthorized",
+            ErrorKind.UNAUTHORIZED,
+        ),
+    ],
+)
+def test_what_ctr_says_is_classified(said: str, kind: ErrorKind) -> None:
+    failure = classified(said, parse_reference("r.local/x:1"), engine="containerd", advice=ADVICE)
+    assert failure.kind is kind
+    assert "DOCKER_CONFIG" not in failure.message  # the Docker Engine's advice is not given
+    if kind is ErrorKind.UNAUTHORIZED:
+        assert "does not log in to registries yet" in failure.message

@@ -1,0 +1,501 @@
+"""containerd as a node's image store, through containerd's own client, ``ctr``.
+
+A Kubernetes node that runs containerd without Docker keeps the images of its pods in
+containerd's ``k8s.io`` namespace: an image pulled there is one the kubelet finds, and so
+does anything that runs containers through the CRI. The worker runs ``ctr`` (installed in
+its image) against the node's containerd socket:
+
+- ``ctr images ls name==NAME``, then ``ctr content get`` of the manifest: is the image
+  there, its digest and its id (the config's digest, as Docker calls an image's id);
+- ``ctr images pull NAME``: the pull; its progress output is read as it comes, for
+  progress messages and to notice a pull that has stopped moving (``stalled``);
+- ``ctr version``: the engine's version, for the roster.
+
+Registries on 127.0.0.0/8 and ``localhost`` are pulled over plain HTTP, as the Docker
+Engine does by default; anything else about registries (mirrors, certificate
+authorities, plain HTTP elsewhere) is containerd's own ``hosts.toml`` configuration, in
+the directory ``PULLER_CONTAINERD_HOSTS_DIR`` names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import platform
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+import structlog
+
+from contract import ErrorKind, ImageReference, PullFailed
+from worker.engine import classified
+from worker.model import ImageInfo, PullProgress
+
+log = structlog.get_logger("worker.containerd")
+
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+DEFAULT_NAMESPACE = "k8s.io"
+QUERY_TIMEOUT = 30.0
+"""Seconds a ``ctr`` query (not a pull) may take."""
+WATCH_INTERVAL = 0.2
+"""Seconds between looks at a running pull (timeouts, cancelling)."""
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+)
+INDEX_TYPES = (
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+)
+ADVICE = {
+    ErrorKind.UNAUTHORIZED: (
+        "the registry wants a login, and the containerd store does not log in to registries "
+        "yet: pull from a registry the node may read without one, or use the Docker Engine"
+    ),
+    ErrorKind.ENGINE_UNAVAILABLE: (
+        "containerd was stopping; the pull is retried (PULLER_PULL_RETRIES)"
+    ),
+    ErrorKind.NO_SPACE: (
+        "free disk space on the node (the kubelet's image garbage collection, or "
+        "`crictl rmi --prune`)"
+    ),
+}
+"""What to do, where it differs from the Docker Engine's advice."""
+_UNREACHABLE = ("failed to dial", "dial unix")
+"""What ``ctr`` says when containerd's socket does not answer (a registry that does not
+answer is ``dial tcp``)."""
+CONNECT_TIMEOUT = "5s"
+"""How long ``ctr`` tries to reach containerd's socket."""
+
+
+class ContainerdStore:
+    """The image store of a node's containerd (``address``: its socket), in ``namespace``.
+
+    ``stall_timeout``: a pull whose bytes do not move for that long is stopped (while
+    resolving or downloading; unpacking has no figures, so only ``pull_timeout`` bounds
+    it). ``pull_timeout``: the most one pull may take. ``snapshotter``: where images are
+    unpacked (``None``: containerd's default; it must be the one the kubelet uses).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        namespace: str = DEFAULT_NAMESPACE,
+        *,
+        stall_timeout: float,
+        pull_timeout: float,
+        snapshotter: str | None = None,
+        hosts_dir: str | None = None,
+        ctr: str = "ctr",
+    ) -> None:
+        self._address = address
+        self._namespace = namespace
+        self._stall_timeout = stall_timeout
+        self._pull_timeout = pull_timeout
+        self._snapshotter = snapshotter
+        self._hosts_dir = hosts_dir
+        self._ctr = ctr
+        self._lock = threading.Lock()
+        self._running: dict[subprocess.Popen[bytes], ImageReference] = {}
+        """Each running ``ctr images pull``, and the image it pulls."""
+        self._interrupted: set[ImageReference] = set()
+        self._cancelling = threading.Event()
+
+    def describe(self) -> str:
+        return f"containerd at {self._address} (namespace {self._namespace})"
+
+    def start(self) -> None:
+        """Nothing to follow: every question goes to containerd."""
+
+    def known_image(self, image: ImageReference) -> ImageInfo | None:
+        """Nothing is answered from memory (containerd's events are not followed yet)."""
+        return None
+
+    def version(self) -> str:
+        output = self._query(None, "version")
+        server = output.split("Server:", 1)[-1]
+        found = re.search(r"Version:\s*(\S+)", server)
+        return found.group(1) if found else "unknown"
+
+    def find_image(self, image: ImageReference) -> ImageInfo | None:
+        """The image's id and digest if containerd holds it under that name, else ``None``."""
+        name = store_name(image)
+        listing = self._query(image, "images", "ls", f"name=={name}")
+        target = listed_target(listing, name)
+        if target is None:
+            return None
+        media_type, digest = target
+        return ImageInfo(image_id=self._config_digest(image, media_type, digest), digest=digest)
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        """Pulls ``image`` with ``ctr images pull``; raises :class:`PullFailed` (``stalled``,
+        ``timeout``, ``cancelled``, or what ``ctr`` said, classified)."""
+        if self._cancelling.is_set():
+            raise _cancelled(image)
+        command = [*self._base(), "images", "pull", *self._pull_flags(image), store_name(image)]
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise self._unavailable(error) from None
+        with self._lock:
+            self._running[process] = image
+        try:
+            stopped = self._watch(process, image, on_progress)
+        finally:
+            with self._lock:
+                self._running.pop(process, None)
+                interrupted = image in self._interrupted
+                self._interrupted.discard(image)
+        if interrupted and process.returncode != 0:
+            raise PullFailed(
+                ErrorKind.CANCELLED,
+                f"pulling {image} was interrupted to make room for a session's pull",
+            )
+        if stopped is not None:
+            raise stopped
+        info = self.find_image(image)
+        if info is None:
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"ctr pulled {image}, but containerd does not list it in namespace "
+                f"{self._namespace}",
+            )
+        return info
+
+    def interrupt(self, image: ImageReference) -> None:
+        """Cuts the running pull of ``image`` (containerd keeps the layers it finished);
+        nothing if none runs."""
+        with self._lock:
+            running = [process for process, pulling in self._running.items() if pulling == image]
+            if running:
+                self._interrupted.add(image)
+        for process in running:
+            _kill(process)
+
+    def cancel_pulls(self) -> None:
+        """Stops every running pull (``ctr`` is killed; containerd keeps finished layers)."""
+        self._cancelling.set()
+        with self._lock:
+            running = list(self._running)
+        for process in running:
+            _kill(process)
+
+    def close(self) -> None:
+        self.cancel_pulls()
+
+    # -- running ctr ---------------------------------------------------------------------------
+
+    def _base(self) -> list[str]:
+        return [
+            self._ctr,
+            "--address",
+            self._address,
+            "--connect-timeout",
+            CONNECT_TIMEOUT,
+            "--namespace",
+            self._namespace,
+        ]
+
+    def _pull_flags(self, image: ImageReference) -> list[str]:
+        flags = []
+        if plain_http(image.domain):
+            flags.append("--plain-http")
+        if self._hosts_dir:
+            flags += ["--hosts-dir", self._hosts_dir]
+        if self._snapshotter:
+            flags += ["--snapshotter", self._snapshotter]
+        return flags
+
+    def _query(self, image: ImageReference | None, *arguments: str) -> str:
+        """``ctr``'s output for a question; raises :class:`PullFailed` when containerd cannot
+        be asked."""
+        try:
+            done = subprocess.run(
+                [*self._base(), *arguments],
+                capture_output=True,
+                timeout=QUERY_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise self._unavailable(error) from None
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip()
+            if any(text in said.lower() for text in _UNREACHABLE):
+                raise self._unavailable(said)
+            what = f"`ctr {' '.join(arguments)}` failed: {said}"
+            raise PullFailed(ErrorKind.ENGINE_ERROR, f"{what}; see containerd's log")
+        return done.stdout.decode(errors="replace")
+
+    def _config_digest(self, image: ImageReference, media_type: str, digest: str) -> str:
+        """The image's config digest (its id), through the index when it is one."""
+        if media_type in INDEX_TYPES:
+            digest = platform_manifest(json.loads(self._query(image, "content", "get", digest)))
+        manifest = json.loads(self._query(image, "content", "get", digest))
+        config = manifest.get("config", {}) if isinstance(manifest, dict) else {}
+        return str(config.get("digest", digest))
+
+    def _watch(
+        self,
+        process: subprocess.Popen[bytes],
+        image: ImageReference,
+        on_progress: Callable[[PullProgress], None] | None,
+    ) -> PullFailed | None:
+        """Follows a running pull until it ends; the failure it ended with, if any."""
+        reading = PullOutput()
+        errors: list[bytes] = []
+        assert process.stdout is not None and process.stderr is not None  # noqa: S101
+        readers = [
+            threading.Thread(target=reading.follow, args=(process.stdout, on_progress)),
+            threading.Thread(target=_collect, args=(process.stderr, errors)),
+        ]
+        for reader in readers:
+            reader.daemon = True
+            reader.start()
+        started = time.monotonic()
+        verdict: PullFailed | None = None
+        while process.poll() is None:
+            now = time.monotonic()
+            if self._cancelling.is_set():
+                verdict = _cancelled(image)
+            elif now - started > self._pull_timeout:
+                verdict = PullFailed(
+                    ErrorKind.TIMEOUT,
+                    f"pulling {image} took longer than PULLER_PULL_TIMEOUT "
+                    f"({self._pull_timeout:g}s); containerd keeps the layers it finished",
+                )
+            elif reading.stalled(now, self._stall_timeout):
+                verdict = PullFailed(
+                    ErrorKind.STALLED,
+                    f"pulling {image} stalled: nothing moved for {self._stall_timeout:g}s "
+                    f"(PULLER_STALL_TIMEOUT) while {reading.phase}",
+                )
+            if verdict is not None:
+                _kill(process)
+                break
+            time.sleep(WATCH_INTERVAL)
+        process.wait()
+        for reader in readers:
+            reader.join(timeout=5)
+        if verdict is not None:
+            return verdict
+        if process.returncode == 0:
+            return None
+        said = _last_words(b"".join(errors).decode(errors="replace"))
+        if any(text in said.lower() for text in _UNREACHABLE):
+            return self._unavailable(said)
+        failure = classified(said, image, engine="containerd", advice=ADVICE)
+        log.info("ctr pull failed", image=str(image), said=said, kind=failure.kind.value)
+        return failure
+
+    def _unavailable(self, error: object) -> PullFailed:
+        return PullFailed(
+            ErrorKind.ENGINE_UNAVAILABLE,
+            f"cannot reach containerd at {self._address} with ctr ({error}). Check that "
+            "containerd runs on this node, that its socket is mounted into the worker "
+            "(CONTAINERD_ADDRESS), and that ctr is installed",
+        )
+
+
+# -- what ctr prints -----------------------------------------------------------------------------
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_FINISHED = frozenset({"done", "resolved", "exists", "already exists"})
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_STATUS_LINE = re.compile(r"^(?P<ref>\S+?):\s+(?P<status>[a-z][a-z ]*?)\s+\|")
+_SIZES = re.compile(r"(?P<done>[\d.]+)\s*(?P<du>[A-Za-z]*)/(?P<total>[\d.]+)\s*(?P<tu>[A-Za-z]*)")
+
+
+def size(number: str, unit: str) -> int:
+    """``1.5``, ``MiB`` → bytes; an unknown unit counts as bytes."""
+    return int(float(number) * _UNITS.get(unit.lower(), 1))
+
+
+@dataclass
+class PullOutput:
+    """What ``ctr images pull`` has printed so far: a frame every 100 ms, a line per
+    reference (resolving, each blob: waiting, downloading ``DONE/TOTAL``, done), then
+    ``unpacking ...``. Read by one thread; the others look at the fields."""
+
+    layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Blob → (bytes done, bytes in all), as far as the frames have said."""
+    statuses: dict[str, str] = field(default_factory=dict)
+    moved_at: float = field(default_factory=time.monotonic)
+    """When anything last moved: a status changed, or bytes came."""
+    unpacking: bool = False
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """Nothing moved for ``limit`` seconds while resolving or downloading. Not before
+        ``ctr`` has printed its first frame (reaching containerd has its own timeout), nor
+        while unpacking (which prints no figures)."""
+        return bool(self.statuses) and not self.unpacking and now - self.moved_at > limit
+
+    @property
+    def phase(self) -> str:
+        if not self.statuses:
+            return "starting"
+        busy = sorted({s for s in self.statuses.values() if s not in _FINISHED})
+        return ", ".join(busy) if busy else "finishing"
+
+    def follow(self, stream: IO[bytes], on_progress: Callable[[PullProgress], None] | None) -> None:
+        """Reads ``stream`` to its end; ``on_progress`` gets the figures at the end of each
+        frame in which bytes moved."""
+        last: PullProgress | None = None
+        for raw in stream:
+            text = raw.decode(errors="replace")
+            self.read_line(text)
+            if on_progress is None or not _ESCAPES.sub("", text).startswith("elapsed:"):
+                continue
+            progress = self.progress()
+            if progress.total and progress != last:
+                last = progress
+                try:
+                    on_progress(progress)
+                except Exception:
+                    log.exception("reporting progress failed")
+
+    def read_line(self, line: str) -> bool:
+        """Takes one line in; whether it said something new about bytes or statuses."""
+        line = _ESCAPES.sub("", line).strip()
+        if line.startswith("unpacking "):
+            self.unpacking = True
+            self.moved_at = time.monotonic()
+            return False
+        matched = _STATUS_LINE.match(line)
+        if matched is None:
+            return False
+        reference, status = matched.group("ref"), matched.group("status")
+        moved = self.statuses.get(reference) != status
+        self.statuses[reference] = status
+        if reference.startswith("layer-"):
+            before = self.layers.get(reference, (0, 0))
+            sizes = _SIZES.search(line)
+            if sizes is not None:
+                now = (
+                    size(sizes.group("done"), sizes.group("du")),
+                    size(sizes.group("total"), sizes.group("tu")),
+                )
+            elif status == "done":
+                now = (before[1], before[1])
+            else:
+                now = before
+            moved = moved or now[0] > before[0]
+            self.layers[reference] = now
+        if moved:
+            self.moved_at = time.monotonic()
+        return moved
+
+    def progress(self) -> PullProgress:
+        return PullProgress(
+            done=sum(done for done, _ in self.layers.values()),
+            total=sum(total for _, total in self.layers.values()),
+        )
+
+
+def listed_target(listing: str, name: str) -> tuple[str, str] | None:
+    """From ``ctr images ls``'s table (REF TYPE DIGEST SIZE PLATFORMS LABELS): the media
+    type and digest ``name`` points at, if it is listed."""
+    for line in listing.splitlines()[1:]:
+        columns = line.split()
+        if len(columns) >= 3 and columns[0] == name and columns[2].startswith("sha256:"):
+            return columns[1], columns[2]
+    return None
+
+
+def platform_manifest(index: object, os_name: str = "linux", architecture: str = "") -> str:
+    """The digest of the manifest for this machine's platform in an image index."""
+    architecture = architecture or _architecture()
+    manifests = index.get("manifests", []) if isinstance(index, dict) else []
+    for entry in manifests:
+        platform = entry.get("platform", {}) if isinstance(entry, dict) else {}
+        if platform.get("os") == os_name and platform.get("architecture") == architecture:
+            return str(entry["digest"])
+    raise PullFailed(
+        ErrorKind.ENGINE_ERROR,
+        f"the image index names no manifest for {os_name}/{architecture}",
+    )
+
+
+def _architecture() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+def store_name(image: ImageReference) -> str:
+    """The name containerd keeps ``image`` under: fully qualified, tag or digest."""
+    if image.digest is not None:
+        return f"{image.repository}@{image.digest}"
+    return f"{image.repository}:{image.tag}"
+
+
+def plain_http(domain: str | None) -> bool:
+    """Registries the Docker Engine pulls from over plain HTTP with no configuration:
+    ``localhost`` and loopback addresses, any port."""
+    if not domain:
+        return False
+    host = domain[1:].split("]", 1)[0] if domain.startswith("[") else domain.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _last_words(stderr: str) -> str:
+    """``ctr``'s own error (its last ``ctr: ...`` line), else the last line it wrote."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("ctr: "):
+            return line[len("ctr: ") :]
+    return lines[-1] if lines else "ctr exited with no message"
+
+
+def _collect(stream: IO[bytes], into: list[bytes]) -> None:
+    for chunk in stream:
+        into.append(chunk)
+        if len(into) > 200:  # ctr's info lines, retried hosts: the end is what matters
+            del into[:100]
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGKILL)
+
+
+def _cancelled(image: ImageReference) -> PullFailed:
+    return PullFailed(
+        ErrorKind.CANCELLED,
+        f"pulling {image} was cancelled because the worker is shutting down; "
+        "the node may pull it on the next request",
+    )
