@@ -68,11 +68,13 @@ ADVICE = {
     ),
 }
 """What to do, where it differs from the Docker Engine's advice."""
-_UNREACHABLE = ("failed to dial", "dial unix")
-"""What ``ctr`` says when containerd's socket does not answer (a registry that does not
-answer is ``dial tcp``)."""
+_UNREACHABLE = ("failed to dial", "dial unix", "code = unavailable")
+"""What ``ctr`` says when containerd's socket does not answer, or containerd went away
+mid-call (a registry that does not answer is ``dial tcp``)."""
 CONNECT_TIMEOUT = "5s"
 """How long ``ctr`` tries to reach containerd's socket."""
+FIRST_FRAME_WAIT = 10.0
+"""The shortest stall limit before ``ctr`` prints anything (see ``PullOutput.stalled``)."""
 
 
 class ContainerdStore:
@@ -112,7 +114,21 @@ class ContainerdStore:
         return f"containerd at {self._address} (namespace {self._namespace})"
 
     def start(self) -> None:
-        """Nothing to follow: every question goes to containerd."""
+        """Nothing to follow (every question goes to containerd); says if ``ctr`` is not
+        one whose output this store reads (containerd 1.x's)."""
+        try:
+            said = subprocess.run(
+                [self._ctr, "--version"], capture_output=True, timeout=QUERY_TIMEOUT, check=False
+            ).stdout.decode(errors="replace")
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.warning("ctr cannot be run; every pull will fail", ctr=self._ctr, error=str(error))
+            return
+        version = said.split()[-1] if said.split() else "unknown"
+        if not version.lstrip("v").startswith("1."):
+            log.warning(
+                "this ctr is not containerd 1.x's: progress and stall detection may not work",
+                ctr_version=version,
+            )
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
         """Nothing is answered from memory (containerd's events are not followed yet)."""
@@ -151,16 +167,20 @@ class ContainerdStore:
                 start_new_session=True,
             )
         except OSError as error:
-            raise self._unavailable(error) from None
+            raise unavailable(self._address, error) from None
         with self._lock:
             self._running[process] = image
-        try:
-            stopped = self._watch(process, image, on_progress)
-        finally:
-            with self._lock:
-                self._running.pop(process, None)
-                interrupted = image in self._interrupted
-                self._interrupted.discard(image)
+        with process:  # its pipes closed and the process reaped, whatever happens
+            try:
+                stopped = self._watch(process, image, on_progress)
+            except BaseException:
+                _kill(process)
+                raise
+            finally:
+                with self._lock:
+                    self._running.pop(process, None)
+                    interrupted = image in self._interrupted
+                    self._interrupted.discard(image)
         if interrupted and process.returncode != 0:
             raise PullFailed(
                 ErrorKind.CANCELLED,
@@ -232,22 +252,34 @@ class ContainerdStore:
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise self._unavailable(error) from None
+            raise unavailable(self._address, error) from None
         if done.returncode != 0:
             said = done.stderr.decode(errors="replace").strip()
             if any(text in said.lower() for text in _UNREACHABLE):
-                raise self._unavailable(said)
+                raise unavailable(self._address, said)
             what = f"`ctr {' '.join(arguments)}` failed: {said}"
             raise PullFailed(ErrorKind.ENGINE_ERROR, f"{what}; see containerd's log")
         return done.stdout.decode(errors="replace")
 
     def _config_digest(self, image: ImageReference, media_type: str, digest: str) -> str:
         """The image's config digest (its id), through the index when it is one."""
-        if media_type in INDEX_TYPES:
-            digest = platform_manifest(json.loads(self._query(image, "content", "get", digest)))
-        manifest = json.loads(self._query(image, "content", "get", digest))
-        config = manifest.get("config", {}) if isinstance(manifest, dict) else {}
-        return str(config.get("digest", digest))
+        try:
+            if media_type in INDEX_TYPES:
+                digest = platform_manifest(self._content(image, digest))
+            manifest = self._content(image, digest)
+            config = manifest.get("config") if isinstance(manifest, dict) else None
+            found = config.get("digest") if isinstance(config, dict) else None
+        except ValueError as error:
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"containerd holds {image}, but its manifest cannot be read ({error})",
+            ) from None
+        return found if isinstance(found, str) else digest
+
+    def _content(self, image: ImageReference, digest: str) -> object:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"{digest!r} is not a digest")
+        return json.loads(self._query(image, "content", "get", digest))
 
     def _watch(
         self,
@@ -291,24 +323,17 @@ class ContainerdStore:
         process.wait()
         for reader in readers:
             reader.join(timeout=5)
-        if verdict is not None:
+        if verdict is not None or process.returncode == 0:
             return verdict
-        if process.returncode == 0:
-            return None
+        if self._cancelling.is_set():
+            return _cancelled(image)  # killed by cancel_pulls() between two looks
+        with self._lock:
+            if image in self._interrupted:  # killed by interrupt(); pull() says so
+                return PullFailed(ErrorKind.CANCELLED, "interrupted")
         said = _last_words(b"".join(errors).decode(errors="replace"))
-        if any(text in said.lower() for text in _UNREACHABLE):
-            return self._unavailable(said)
-        failure = classified(said, image, engine="containerd", advice=ADVICE)
+        failure = ctr_failure(said, image, self._address)
         log.info("ctr pull failed", image=str(image), said=said, kind=failure.kind.value)
         return failure
-
-    def _unavailable(self, error: object) -> PullFailed:
-        return PullFailed(
-            ErrorKind.ENGINE_UNAVAILABLE,
-            f"cannot reach containerd at {self._address} with ctr ({error}). Check that "
-            "containerd runs on this node, that its socket is mounted into the worker "
-            "(CONTAINERD_ADDRESS), and that ctr is installed",
-        )
 
 
 # -- what ctr prints -----------------------------------------------------------------------------
@@ -321,6 +346,10 @@ _UNITS = {
     "mb": 1000**2,
     "gb": 1000**3,
     "tb": 1000**4,
+    "k": 1024,
+    "m": 1024**2,
+    "g": 1024**3,
+    "t": 1024**4,
     "ki": 1024,
     "mi": 1024**2,
     "gi": 1024**3,
@@ -330,10 +359,15 @@ _UNITS = {
     "gib": 1024**3,
     "tib": 1024**4,
 }
+_DIGEST = re.compile(r"[a-z0-9]+:[a-f0-9]{32,}")
 _FINISHED = frozenset({"done", "resolved", "exists", "already exists"})
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _STATUS_LINE = re.compile(r"^(?P<ref>\S+?):\s+(?P<status>[a-z][a-z ]*?)\s+\|")
-_SIZES = re.compile(r"(?P<done>[\d.]+)\s*(?P<du>[A-Za-z]*)/(?P<total>[\d.]+)\s*(?P<tu>[A-Za-z]*)")
+_SIZES = re.compile(
+    r"\|\s*(?P<done>\d+(?:\.\d+)?)\s*(?P<du>[A-Za-z]*)/(?P<total>\d+(?:\.\d+)?)\s*(?P<tu>[A-Za-z]*)\s*$"
+)
+"""After the bar: ``DONE/TOTAL``, each a number and a unit (``ctr`` cuts DONE to 8
+characters: ``1023.9 MiB`` comes as ``1023.9 M``)."""
 
 
 def size(number: str, unit: str) -> int:
@@ -355,16 +389,22 @@ class PullOutput:
     unpacking: bool = False
 
     def stalled(self, now: float, limit: float) -> bool:
-        """Nothing moved for ``limit`` seconds while resolving or downloading. Not before
-        ``ctr`` has printed its first frame (reaching containerd has its own timeout), nor
-        while unpacking (which prints no figures)."""
-        return bool(self.statuses) and not self.unpacking and now - self.moved_at > limit
+        """Nothing moved for ``limit`` seconds while resolving or downloading (or, before
+        ``ctr``'s first frame, for ``FIRST_FRAME_WAIT`` if that is longer: reaching
+        containerd has its own timeout, which says more). Never while unpacking, which
+        prints no figures."""
+        if self.unpacking:
+            return False
+        if not self.statuses:  # reaching containerd: its own timeout speaks first
+            limit = max(limit, FIRST_FRAME_WAIT)
+        return now - self.moved_at > limit
 
     @property
     def phase(self) -> str:
         if not self.statuses:
             return "starting"
-        busy = sorted({s for s in self.statuses.values() if s not in _FINISHED})
+        statuses = list(self.statuses.values())  # the reader thread may add to it meanwhile
+        busy = sorted({s for s in statuses if s not in _FINISHED})
         return ", ".join(busy) if busy else "finishing"
 
     def follow(self, stream: IO[bytes], on_progress: Callable[[PullProgress], None] | None) -> None:
@@ -373,7 +413,10 @@ class PullOutput:
         last: PullProgress | None = None
         for raw in stream:
             text = raw.decode(errors="replace")
-            self.read_line(text)
+            try:
+                self.read_line(text)
+            except Exception:  # a line it cannot read must not stop the draining
+                log.exception("could not read a line of ctr's output", line=text[:200])
             if on_progress is None or not _ESCAPES.sub("", text).startswith("elapsed:"):
                 continue
             progress = self.progress()
@@ -436,10 +479,14 @@ def platform_manifest(index: object, os_name: str = "linux", architecture: str =
     """The digest of the manifest for this machine's platform in an image index."""
     architecture = architecture or _architecture()
     manifests = index.get("manifests", []) if isinstance(index, dict) else []
-    for entry in manifests:
-        platform = entry.get("platform", {}) if isinstance(entry, dict) else {}
-        if platform.get("os") == os_name and platform.get("architecture") == architecture:
-            return str(entry["digest"])
+    for entry in manifests if isinstance(manifests, list) else []:
+        platform = entry.get("platform") if isinstance(entry, dict) else None
+        if (
+            isinstance(platform, dict)
+            and platform.get("os") == os_name
+            and platform.get("architecture") == architecture
+        ):
+            return str(entry.get("digest"))
     raise PullFailed(
         ErrorKind.ENGINE_ERROR,
         f"the image index names no manifest for {os_name}/{architecture}",
@@ -447,7 +494,12 @@ def platform_manifest(index: object, os_name: str = "linux", architecture: str =
 
 
 def _architecture() -> str:
+    """This machine's architecture in OCI's words."""
     machine = platform.machine().lower()
+    if machine.startswith("armv"):
+        return "arm"
+    if re.fullmatch(r"i[3-6]86", machine):
+        return "386"
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
@@ -498,4 +550,30 @@ def _cancelled(image: ImageReference) -> PullFailed:
         ErrorKind.CANCELLED,
         f"pulling {image} was cancelled because the worker is shutting down; "
         "the node may pull it on the next request",
+    )
+
+
+def ctr_failure(said: str, image: ImageReference, address: str) -> PullFailed:
+    """What ``ctr``'s last words mean. Between ``ctr`` and containerd everything is gRPC
+    (``code = Unavailable`` when containerd goes away); between ``ctr`` and the
+    registry, HTTP."""
+    lowered = said.lower()
+    if any(text in lowered for text in _UNREACHABLE):
+        return unavailable(address, said)
+    failure = classified(said, image, engine="containerd", advice=ADVICE)
+    if failure.kind is ErrorKind.NOT_FOUND and "failed to resolve reference" not in lowered:
+        # containerd's own "not found" (a snapshot, a blob): not the image's absence
+        return PullFailed(
+            ErrorKind.ENGINE_ERROR,
+            f"pulling {image} failed: {said}; see the node's containerd log",
+        )
+    return failure
+
+
+def unavailable(address: str, error: object) -> PullFailed:
+    return PullFailed(
+        ErrorKind.ENGINE_UNAVAILABLE,
+        f"cannot reach containerd at {address} with ctr ({error}). Check that "
+        "containerd runs on this node, that its socket is mounted into the worker "
+        "(CONTAINERD_ADDRESS), and that ctr is installed",
     )

@@ -210,7 +210,7 @@ class Worker:
         self._presence.start()
         if self._presence.engine_version is None:
             log.warning(
-                "the Docker Engine is not reachable yet; requests will fail until it is",
+                "the node's image store is not reachable yet; requests will fail until it is",
                 engine=self._store.describe(),
             )
         else:

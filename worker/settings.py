@@ -174,9 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PULLER_CONTAINERD_HOSTS_DIR",
         "containerd_hosts_dir",
-        "a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as in "
-        "containerd's `config_path`; unset: none (registries on 127.0.0.0/8 and localhost are "
-        "pulled over plain HTTP, as the Docker Engine does)",
+        "a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as "
+        "containerd's `config_path`, mounted into the worker; unset: none (registries on "
+        "localhost and loopback addresses are pulled over plain HTTP in any case)",
     ),
     Setting(
         "DOCKER_HOST",

@@ -4,8 +4,12 @@ RabbitMQ, and the worker running ``ctr``."""
 
 from __future__ import annotations
 
+import gc
 import json
+import signal
+import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,13 +18,16 @@ from pathlib import Path
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import ErrorKind, Status
+from contract import ErrorKind, PullFailed, Status
+from contract.reference import parse_reference
 from localcluster.cluster import WorkerProcess
 from localcluster.engines import NodeContainerd
 from localcluster.registry import Registry
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
+from worker.containerd import ContainerdStore
+from worker.model import ImageInfo, PullProgress
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +51,7 @@ class ContainerdCluster:
                     "PULLER_PRESENCE_INTERVAL": str(PRESENCE_INTERVAL),
                     "PULLER_STALL_TIMEOUT": str(STALL_TIMEOUT),
                     "PULLER_PULL_RETRIES": "0",
+                    "PULLER_SHUTDOWN_GRACE": "1",
                 },
             )
             for node in self.nodes
@@ -194,3 +202,76 @@ def test_a_prune_says_the_store_cannot_prune(
     errors = [a.error for a in report.answers]
     assert len(errors) == NODES, report
     assert all(e is not None and "cannot prune" in e.message for e in errors), report
+
+
+def test_sigterm_during_a_pull_kills_ctr_and_answers_cancelled(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [20_000_000])
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    stopping = cluster.workers[0]
+    try:
+        proxy.throttle(500_000)  # slow, not silent: the pull is moving when the stop comes
+        request_id = publisher.request(image.replace(cluster.registry.address, proxy.address))
+        deadline = time.monotonic() + 30
+        while stopping.metric("puller_worker_pulls_in_flight") < 1:
+            assert time.monotonic() < deadline, "the pull did not start"
+            time.sleep(0.05)
+        stopping.signal(signal.SIGTERM)
+        assert stopping.process is not None
+        assert stopping.process.wait(timeout=40) == 0
+        results = publisher.results(request_id, expect=NODES, timeout=10)
+    finally:
+        proxy.close()
+    mine = {r.node: r for r in results}[stopping.node]
+    assert mine.error is not None and mine.error.kind is ErrorKind.CANCELLED, mine
+    assert "shutting down" in mine.error.message
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"ctr --address {cluster.nodes[0].socket}"],
+        capture_output=True,
+        check=False,
+    )
+    assert leftover.stdout == b"", "a ctr outlived its worker"
+
+
+def test_in_process_a_pull_can_be_interrupted_and_leaves_nothing_open(
+    cluster: ContainerdCluster,
+) -> None:
+    """The store itself, in this process, where an unclosed pipe or an unreaped ``ctr``
+    is a ResourceWarning and fails the test."""
+    node = cluster.nodes[1]
+    store = ContainerdStore(str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60)
+    small = parse_reference(cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [1]))
+    assert store.find_image(small) is None
+    assert store.pull(small) == store.find_image(small)
+
+    big = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [20_000_000])
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    progress: list[PullProgress] = []
+    outcome: list[BaseException | ImageInfo] = []
+    slow = parse_reference(big.replace(cluster.registry.address, proxy.address))
+
+    def pull() -> None:
+        try:
+            outcome.append(store.pull(slow, progress.append))
+        except PullFailed as failure:
+            outcome.append(failure)
+
+    try:
+        proxy.throttle(500_000)
+        puller = threading.Thread(target=pull)
+        puller.start()
+        deadline = time.monotonic() + 30
+        while not any(p.done for p in progress):
+            assert time.monotonic() < deadline, "no progress came"
+            time.sleep(0.05)
+        store.interrupt(slow)
+        puller.join(timeout=10)
+    finally:
+        proxy.close()
+    assert not puller.is_alive()
+    failure = outcome[0]
+    assert isinstance(failure, PullFailed) and failure.kind is ErrorKind.CANCELLED, failure
+    assert "interrupted" in str(failure)
+    assert progress[-1].total >= 20_000_000
+    gc.collect()

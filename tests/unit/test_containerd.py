@@ -15,7 +15,9 @@ from contract import ErrorKind
 from contract.reference import parse_reference
 from worker.containerd import (
     ADVICE,
+    FIRST_FRAME_WAIT,
     PullOutput,
+    ctr_failure,
     listed_target,
     plain_http,
     platform_manifest,
@@ -99,13 +101,33 @@ def test_a_repeated_frame_is_not_movement_and_a_stall_counts_from_the_last_move(
     assert output.phase == "downloading"
 
 
-def test_no_stall_before_the_first_frame_nor_while_unpacking() -> None:
+def test_before_the_first_frame_the_stall_limit_leaves_containerd_time_to_answer() -> None:
     output = PullOutput()
-    assert not output.stalled(time.monotonic() + 100, limit=5)  # still reaching containerd
     assert output.phase == "starting"
+    assert not output.stalled(output.moved_at + FIRST_FRAME_WAIT - 1, limit=3)
+    assert output.stalled(output.moved_at + FIRST_FRAME_WAIT + 1, limit=3)
+    assert output.stalled(output.moved_at + 100, limit=60)
+
+
+def test_no_stall_while_unpacking() -> None:
+    output = PullOutput()
     for text in (LAST + UNPACK).splitlines():
         output.read_line(text)
-    assert not output.stalled(time.monotonic() + 100, limit=5)
+    assert not output.stalled(time.monotonic() + 1000, limit=5)
+
+
+def test_frames_after_the_first_start_with_ctrs_clearing_sequences() -> None:
+    clear = "\x1b[1A\x1b[2K\r" * 6  # up a line, erase it: once per line of the last frame
+    seen: list[PullProgress] = []
+    PullOutput().follow(io.BytesIO((FIRST + clear + MIDDLE).encode()), seen.append)
+    assert [p.done for p in seen] == [0, 2 * MIB]
+
+
+def test_a_line_it_cannot_read_does_not_stop_the_reading() -> None:
+    odd = line(LAYER_1 + "@x.y", "downloading", f"|{G}{E}---|  ./. ")
+    seen: list[PullProgress] = []
+    PullOutput().follow(io.BytesIO((FIRST + odd + MIDDLE).encode()), seen.append)
+    assert seen[-1].done == 2 * MIB
 
 
 def test_resolving_without_an_answer_stalls() -> None:
@@ -119,6 +141,8 @@ def test_resolving_without_an_answer_stalls() -> None:
 @pytest.mark.parametrize(
     ("number", "unit", "expected"),
     [
+        ("1023.9", "M", int(1023.9 * MIB)),  # ctr cuts DONE to 8 characters
+        ("1000.0", "K", 1_024_000),
         ("0.0", "B", 0),
         ("973.0", "", 973),
         ("1.5", "KiB", 1536),
@@ -214,3 +238,35 @@ def test_what_ctr_says_is_classified(said: str, kind: ErrorKind) -> None:
     assert "DOCKER_CONFIG" not in failure.message  # the Docker Engine's advice is not given
     if kind is ErrorKind.UNAUTHORIZED:
         assert "does not log in to registries yet" in failure.message
+
+
+@pytest.mark.parametrize(
+    ("said", "kind"),
+    [
+        (
+            'failed to dial "/run/containerd/containerd.sock": context deadline exceeded',
+            ErrorKind.ENGINE_UNAVAILABLE,
+        ),
+        (  # containerd went away mid-pull: gRPC, not the registry
+            "rpc error: code = Unavailable desc = error reading from server: EOF",
+            ErrorKind.ENGINE_UNAVAILABLE,
+        ),
+        (  # containerd's own "not found" is not the image's absence
+            'failed to prepare extraction snapshot "extract-1": parent snapshot sha256:ab '
+            "does not exist: not found",
+            ErrorKind.ENGINE_ERROR,
+        ),
+        (
+            'failed to resolve reference "r.local/x:1": r.local/x:1: not found',
+            ErrorKind.NOT_FOUND,
+        ),
+        (
+            'failed to resolve reference "r.local/x:1": failed to do request: Head '
+            '"https://r.local/v2/x/manifests/1": dial tcp: lookup r.local: no such host',
+            ErrorKind.REGISTRY_UNREACHABLE,
+        ),
+    ],
+)
+def test_ctrs_failures_tell_containerd_from_the_registry(said: str, kind: ErrorKind) -> None:
+    failure = ctr_failure(said, parse_reference("r.local/x:1"), "/run/containerd/containerd.sock")
+    assert failure.kind is kind, failure

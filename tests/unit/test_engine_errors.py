@@ -58,7 +58,7 @@ IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
         ),
     ],
 )
-def test_engine_messages_areclassified(engine_message: str, kind: ErrorKind) -> None:
+def test_engine_messages_are_classified(engine_message: str, kind: ErrorKind) -> None:
     failure = classified(engine_message, IMAGE)
     assert failure.kind is kind
     assert engine_message in failure.message
