@@ -113,7 +113,18 @@ ENTRYPOINT ["puller-http"]
 # or SELinux-labelled socket): run as root there, with the capabilities dropped.
 # --stop-timeout: on SIGTERM the worker finishes pulls for PULLER_SHUTDOWN_GRACE (20)
 # seconds and answers what it cancelled within 5 more; docker's default is 10.
+# ---------------------------------------------------------------------------------
+# ctr: containerd's client, for nodes without Docker (PULLER_IMAGE_STORE=containerd).
+# Only the one binary goes on: the worker never runs containerd itself.
+FROM ${BASE_IMAGE} AS ctr
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends containerd >/dev/null \
+ && cp /usr/bin/ctr /ctr \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---------------------------------------------------------------------------------
 FROM runtime AS worker
+COPY --from=ctr /ctr /usr/local/bin/ctr
 RUN mkdir -p /var/lib/puller && chown 65534:65534 /var/lib/puller
 ENV PULLER_STATE_DIR=/var/lib/puller \
     PULLER_HEALTH_PORT=8080
@@ -128,7 +139,7 @@ ARG VERSION=dev
 ARG SHA=
 ARG SOURCE=https://github.com/cyber-dojo/puller
 LABEL org.opencontainers.image.title="puller-worker" \
-      org.opencontainers.image.description="puller's node daemon: pulls images through the node's Docker Engine" \
+      org.opencontainers.image.description="puller's node daemon: pulls images through the node's Docker Engine or containerd" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${SHA}" \
       org.opencontainers.image.source="${SOURCE}" \

@@ -22,6 +22,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import Status
 from localcluster.cluster import LocalCluster
+from localcluster.engines import NodeContainerd
 from localcluster.images import (
     PROJECT_ROOT,
     PullerImages,
@@ -222,6 +223,51 @@ def test_worker_image_pulls_through_a_mounted_socket_as_nobody_with_its_group(
                 client.images.remove(image, force=True)  # cluster's engine as it was
             client.close()
         wait_for(container, lambda: health(container) == "healthy", "puller-worker healthy")
+
+
+def test_worker_image_pulls_into_a_mounted_containerd_with_its_own_ctr(
+    images: PullerImages,
+    host_docker: docker.DockerClient,
+    rabbitmq: RabbitMqContainer,
+    cluster: LocalCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A node without Docker: the image's ``ctr`` against the node's containerd socket,
+    as nobody with the socket's group, into the kubelet's namespace."""
+    node_containerd = NodeContainerd("containerd", tmp_path_factory.mktemp("containerd"))
+    node_containerd.start()
+    try:
+        amqp_url = broker_url_for_host_network(rabbitmq)
+        node = f"image-{uuid.uuid4().hex[:6]}"
+        port = free_port()
+        image = cluster.registry.push_files(
+            f"test/image-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+        )
+        socket_path = node_containerd.socket
+        with running(
+            host_docker,
+            images.worker,
+            user=NOBODY,
+            group_add=[str(socket_path.stat().st_gid)],
+            volumes={str(socket_path): {"bind": "/run/containerd/containerd.sock", "mode": "rw"}},
+            environment={
+                "PULLER_AMQP_URL": amqp_url,
+                "PULLER_NODE_NAME": node,
+                "PULLER_HEALTH_PORT": str(port),
+                "PULLER_IMAGE_STORE": "containerd",
+            },
+        ) as container:
+            wait_for(container, lambda: answers_ok(port, "/ready"), "puller-worker's /ready")
+            with Publisher(amqp_url) as publisher:
+                report = publisher.pull(image, nodes=[node], timeout=60)
+                [result] = report.nodes
+                assert result.status is Status.PULLED, (result, logs(container))
+                [again] = publisher.pull(image, nodes=[node], timeout=60).nodes
+                assert again.status is Status.PRESENT, again
+            listed = node_containerd.ctr("images", "ls", "-q").split()
+            assert image in listed, listed
+    finally:
+        node_containerd.remove()
 
 
 @dataclass(frozen=True)
