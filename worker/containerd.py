@@ -35,7 +35,7 @@ from typing import IO
 import structlog
 
 from contract import ErrorKind, ImageReference, PullFailed
-from worker.engine import classified
+from worker.engine import cancelled, classified, interrupted, store_name
 from worker.model import ImageInfo, PullProgress
 
 log = structlog.get_logger("worker.containerd")
@@ -156,7 +156,7 @@ class ContainerdStore:
         """Pulls ``image`` with ``ctr images pull``; raises :class:`PullFailed` (``stalled``,
         ``timeout``, ``cancelled``, or what ``ctr`` said, classified)."""
         if self._cancelling.is_set():
-            raise _cancelled(image)
+            raise cancelled(image)
         command = [*self._base(), "images", "pull", *self._pull_flags(image), store_name(image)]
         try:
             process = subprocess.Popen(
@@ -179,13 +179,10 @@ class ContainerdStore:
             finally:
                 with self._lock:
                     self._running.pop(process, None)
-                    interrupted = image in self._interrupted
+                    was_interrupted = image in self._interrupted
                     self._interrupted.discard(image)
-        if interrupted and process.returncode != 0:
-            raise PullFailed(
-                ErrorKind.CANCELLED,
-                f"pulling {image} was interrupted to make room for a session's pull",
-            )
+        if was_interrupted and process.returncode != 0:
+            raise interrupted(image)
         if stopped is not None:
             raise stopped
         info = self.find_image(image)
@@ -303,7 +300,7 @@ class ContainerdStore:
         while process.poll() is None:
             now = time.monotonic()
             if self._cancelling.is_set():
-                verdict = _cancelled(image)
+                verdict = cancelled(image)
             elif now - started > self._pull_timeout:
                 verdict = PullFailed(
                     ErrorKind.TIMEOUT,
@@ -326,7 +323,7 @@ class ContainerdStore:
         if verdict is not None or process.returncode == 0:
             return verdict
         if self._cancelling.is_set():
-            return _cancelled(image)  # killed by cancel_pulls() between two looks
+            return cancelled(image)  # killed by cancel_pulls() between two looks
         with self._lock:
             if image in self._interrupted:  # killed by interrupt(); pull() says so
                 return PullFailed(ErrorKind.CANCELLED, "interrupted")
@@ -503,13 +500,6 @@ def _architecture() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def store_name(image: ImageReference) -> str:
-    """The name containerd keeps ``image`` under: fully qualified, tag or digest."""
-    if image.digest is not None:
-        return f"{image.repository}@{image.digest}"
-    return f"{image.repository}:{image.tag}"
-
-
 def plain_http(domain: str | None) -> bool:
     """Registries the Docker Engine pulls from over plain HTTP with no configuration:
     ``localhost`` and loopback addresses, any port."""
@@ -543,14 +533,6 @@ def _collect(stream: IO[bytes], into: list[bytes]) -> None:
 def _kill(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.send_signal(signal.SIGKILL)
-
-
-def _cancelled(image: ImageReference) -> PullFailed:
-    return PullFailed(
-        ErrorKind.CANCELLED,
-        f"pulling {image} was cancelled because the worker is shutting down; "
-        "the node may pull it on the next request",
-    )
 
 
 def ctr_failure(said: str, image: ImageReference, address: str) -> PullFailed:

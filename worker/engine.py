@@ -86,7 +86,7 @@ class DockerEngine:
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
         """The image if the index knows the engine holds it; never asks the engine."""
-        known = self._index.get(_engine_name(image))
+        known = self._index.get(store_name(image))
         return None if known is None else ImageInfo(known.image_id, known.digest)
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
@@ -94,7 +94,7 @@ class DockerEngine:
 
         Answered from memory when the image index knows it, else by the engine.
         """
-        name = _engine_name(image)
+        name = store_name(image)
         known = self._index.get(name)
         if known is not None:
             return ImageInfo(known.image_id, known.digest)
@@ -122,10 +122,7 @@ class DockerEngine:
             return self._pull(image, on_progress)
         except PullFailed:
             if self._take_interrupted(image):
-                raise PullFailed(
-                    ErrorKind.CANCELLED,
-                    f"pulling {image} was interrupted to make room for a session's pull",
-                ) from None
+                raise interrupted(image) from None
             raise
         finally:
             self._take_interrupted(image)
@@ -157,7 +154,7 @@ class DockerEngine:
         ``image`` itself then finds them here and fetches only the upstream's manifest."""
         api = self._api_or_unavailable()
         if self._cancelling.is_set():
-            raise _cancelled(image)
+            raise cancelled(image)
         started = time.monotonic()
         login = self._docker_config.login(image.domain)
         cache = self._pull_through.cache_for(image.domain) if self._pull_through else None
@@ -202,7 +199,7 @@ class DockerEngine:
             self._stream_pull(api, through, cache_login, started, on_progress, owner=image)
         except (CacheUnusable, PullFailed) as why:
             if self._cancelling.is_set() or image in self._interrupted:
-                raise _cancelled(image) from None
+                raise cancelled(image) from None
             if isinstance(why, PullFailed) and why.kind in _CACHE_DOWN_KINDS:
                 pull_through.mark_down(cache)
             log.warning(
@@ -241,7 +238,7 @@ class DockerEngine:
                     self._stream_owner.pop(response, None)
                 response.close()  # an abandoned stream makes the engine cancel the pull
         if owner in self._interrupted:
-            raise _cancelled(owner)  # the stream ended because it was cut
+            raise cancelled(owner)  # the stream ended because it was cut
 
     def _upstream_digest(
         self, api: docker.APIClient, image: ImageReference, login: RegistryLogin
@@ -252,7 +249,7 @@ class DockerEngine:
         headers = {} if login.header is None else {"X-Registry-Auth": login.header}
         try:
             response = api._get(  # noqa: SLF001 - inspect_distribution, with our login
-                api._url("/distribution/{0}/json", _engine_name(image)),  # noqa: SLF001
+                api._url("/distribution/{0}/json", store_name(image)),  # noqa: SLF001
                 headers=headers,
                 timeout=self._inspect_timeout,
             )
@@ -338,14 +335,14 @@ class DockerEngine:
                     "for very large images or check the node's network.",
                 )
         if self._cancelling.is_set():
-            raise _cancelled(image)  # the stream ended because it was cut
+            raise cancelled(image)  # the stream ended because it was cut
 
     def _failure(
         self, error: Exception, image: ImageReference, login: RegistryLogin, stream_open: bool
     ) -> PullFailed:
         """What an exception during a pull means for the requester; re-raises a bug."""
         if self._cancelling.is_set():
-            return _cancelled(image)
+            return cancelled(image)
         if isinstance(error, docker.errors.APIError):
             return classified(_api_error_text(error), image, login)
         if not isinstance(error, _TRANSPORT_ERRORS):
@@ -634,11 +631,20 @@ def _cut(response: requests.Response) -> None:
         response.close()
 
 
-def _cancelled(image: ImageReference) -> PullFailed:
+def cancelled(image: ImageReference) -> PullFailed:
+    """A pull cut because the worker is stopping (any image store)."""
     return PullFailed(
         ErrorKind.CANCELLED,
         f"pulling {image} was cancelled because the worker is shutting down; "
         "the node may pull it on the next request",
+    )
+
+
+def interrupted(image: ImageReference) -> PullFailed:
+    """A warm pull cut to make room for a session's (any image store)."""
+    return PullFailed(
+        ErrorKind.CANCELLED,
+        f"pulling {image} was interrupted to make room for a session's pull",
     )
 
 
@@ -648,7 +654,8 @@ def _events(api: docker.APIClient, response: requests.Response) -> Iterator[dict
             yield event
 
 
-def _engine_name(image: ImageReference) -> str:
+def store_name(image: ImageReference) -> str:
+    """The name an image store keeps ``image`` under: fully qualified, tag or digest."""
     if image.digest is not None:
         return f"{image.repository}@{image.digest}"
     return f"{image.repository}:{image.tag}"

@@ -22,9 +22,8 @@ from worker.containerd import (
     plain_http,
     platform_manifest,
     size,
-    store_name,
 )
-from worker.engine import classified
+from worker.engine import classified, store_name
 from worker.model import PullProgress
 
 G, E = "\x1b[32m", "\x1b[0m"
