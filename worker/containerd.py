@@ -68,11 +68,13 @@ ADVICE = {
     ),
 }
 """What to do, where it differs from the Docker Engine's advice."""
-_UNREACHABLE = ("failed to dial", "dial unix", "code = unavailable")
+_UNREACHABLE = ("failed to dial", "dial unix", "code = unavailable", "failed to send write")
 """What ``ctr`` says when containerd's socket does not answer, or containerd went away
-mid-call (a registry that does not answer is ``dial tcp``)."""
+mid-call (``failed to send write``: the content store's stream, while a layer is copied);
+a registry that does not answer is ``dial tcp``."""
 CONNECT_TIMEOUT = "5s"
 """How long ``ctr`` tries to reach containerd's socket."""
+NO_MESSAGE = "ctr exited with no message"
 FIRST_FRAME_WAIT = 10.0
 """The shortest stall limit before ``ctr`` prints anything (see ``PullOutput.stalled``)."""
 
@@ -328,6 +330,8 @@ class ContainerdStore:
             if image in self._interrupted:  # killed by interrupt(); pull() says so
                 return PullFailed(ErrorKind.CANCELLED, "interrupted")
         said = _last_words(b"".join(errors).decode(errors="replace"))
+        if process.returncode < 0 and said == NO_MESSAGE:  # an OOM kill, say
+            said = f"ctr was killed by {signal.Signals(-process.returncode).name}, not by puller"
         failure = ctr_failure(said, image, self._address)
         log.info("ctr pull failed", image=str(image), said=said, kind=failure.kind.value)
         return failure
@@ -520,7 +524,7 @@ def _last_words(stderr: str) -> str:
     for line in reversed(lines):
         if line.startswith("ctr: "):
             return line[len("ctr: ") :]
-    return lines[-1] if lines else "ctr exited with no message"
+    return lines[-1] if lines else NO_MESSAGE
 
 
 def _collect(stream: IO[bytes], into: list[bytes]) -> None:

@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -274,4 +274,62 @@ def test_in_process_a_pull_can_be_interrupted_and_leaves_nothing_open(
     assert isinstance(failure, PullFailed) and failure.kind is ErrorKind.CANCELLED, failure
     assert "interrupted" in str(failure)
     assert progress[-1].total >= 20_000_000
+    gc.collect()
+
+
+def test_in_process_containerd_or_ctr_killed_mid_pull_says_which(
+    tmp_path: Path, cluster: ContainerdCluster
+) -> None:
+    """containerd killed while a layer is copied is the engine going away (retried, and
+    pulled again once it is back), not the registry; a ``ctr`` killed by someone else
+    says so."""
+    node = NodeContainerd("victim", tmp_path / "containerd")
+    node.start()
+    store = ContainerdStore(str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60)
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [20_000_000])
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    proxy.throttle(500_000)
+    slow = parse_reference(image.replace(cluster.registry.address, proxy.address))
+
+    def pull_and(kill: Callable[[], object]) -> PullFailed:
+        progress: list[PullProgress] = []
+        outcome: list[PullFailed] = []
+
+        def pull_catching() -> None:
+            try:
+                store.pull(slow, progress.append)
+            except PullFailed as failure:
+                outcome.append(failure)
+
+        puller = threading.Thread(target=pull_catching)
+        puller.start()
+        deadline = time.monotonic() + 30
+        while not any(p.done for p in progress):
+            assert time.monotonic() < deadline, "no progress came"
+            time.sleep(0.05)
+        kill()
+        puller.join(timeout=30)
+        assert not puller.is_alive()
+        return outcome[0]
+
+    try:
+        killed_ctr = pull_and(
+            lambda: subprocess.run(
+                ["pkill", "-KILL", "-f", f"ctr --address {node.socket}"], check=True
+            )
+        )
+        assert killed_ctr.kind is ErrorKind.ENGINE_ERROR, killed_ctr
+        assert "ctr was killed by SIGKILL, not by puller" in str(killed_ctr)
+
+        def kill_containerd() -> None:
+            assert node.process is not None
+            node.process.kill()
+            node.process.wait()
+            node.process = None
+
+        killed_containerd = pull_and(kill_containerd)
+        assert killed_containerd.kind is ErrorKind.ENGINE_UNAVAILABLE, killed_containerd
+    finally:
+        proxy.close()
+        node.remove()
     gc.collect()
