@@ -9,7 +9,9 @@ its image) against the node's containerd socket:
   there, its digest and its id (the config's digest, as Docker calls an image's id);
 - ``ctr images pull NAME``: the pull; its progress output is read as it comes, for
   progress messages and to notice a pull that has stopped moving (``stalled``);
-- ``ctr version``: the engine's version, for the roster.
+- ``ctr version``: the engine's version, for the roster;
+- ``ctr events``: containerd's image events, so that an image known to be there is
+  answered from memory (:class:`CtrImageEvents`, :mod:`worker.image_index`).
 
 Registries on 127.0.0.0/8 and ``localhost`` are pulled over plain HTTP, as the Docker
 Engine does by default; anything else about registries (mirrors, certificate
@@ -24,11 +26,12 @@ import ipaddress
 import json
 import platform
 import re
+import secrets
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -36,6 +39,7 @@ import structlog
 
 from contract import ErrorKind, ImageReference, PullFailed
 from worker.engine import cancelled, classified, interrupted, store_name
+from worker.image_index import ImageEvents, ImageIndex, KnownImage
 from worker.model import ImageInfo, PullProgress
 
 log = structlog.get_logger("worker.containerd")
@@ -75,7 +79,12 @@ a registry that does not answer is ``dial tcp``."""
 CONNECT_TIMEOUT = "5s"
 """How long ``ctr`` tries to reach containerd's socket."""
 NO_MESSAGE = "ctr exited with no message"
+INDEX_STOP_WAIT = 5.0
+"""Seconds closing the store waits for ``ctr events`` to be gone."""
 FIRST_FRAME_WAIT = 10.0
+PROBE_PREFIX = "puller-probe-"
+"""The name of the namespace :class:`CtrImageEvents` makes (and removes) to see that its
+subscription is open."""
 """The shortest stall limit before ``ctr`` prints anything (see ``PullOutput.stalled``)."""
 
 
@@ -111,13 +120,16 @@ class ContainerdStore:
         """Each running ``ctr images pull``, and the image it pulls."""
         self._interrupted: set[ImageReference] = set()
         self._cancelling = threading.Event()
+        self._index = ImageIndex(CtrImageEvents(self._base(), namespace), "containerd-events")
 
     def describe(self) -> str:
         return f"containerd at {self._address} (namespace {self._namespace})"
 
     def start(self) -> None:
-        """Nothing to follow (every question goes to containerd); says if ``ctr`` is not
-        one whose output this store reads (containerd 1.x's)."""
+        """Starts following containerd's image events (known images are then answered from
+        memory); says if ``ctr`` is not one whose output this store reads (containerd
+        1.x's)."""
+        self._index.start()
         try:
             said = subprocess.run(
                 [self._ctr, "--version"], capture_output=True, timeout=QUERY_TIMEOUT, check=False
@@ -133,8 +145,9 @@ class ContainerdStore:
             )
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
-        """Nothing is answered from memory (containerd's events are not followed yet)."""
-        return None
+        """The image if the index knows containerd holds it; never runs ``ctr``."""
+        known = self._index.get(store_name(image))
+        return None if known is None else ImageInfo(known.image_id, known.digest)
 
     def version(self) -> str:
         output = self._query(None, "version")
@@ -143,14 +156,21 @@ class ContainerdStore:
         return found.group(1) if found else "unknown"
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
-        """The image's id and digest if containerd holds it under that name, else ``None``."""
+        """The image's id and digest if containerd holds it under that name, else ``None``;
+        from memory when the index knows it."""
         name = store_name(image)
+        known = self._index.get(name)
+        if known is not None:
+            return ImageInfo(known.image_id, known.digest)
+        generation = self._index.generation()
         listing = self._query(image, "images", "ls", f"name=={name}")
         target = listed_target(listing, name)
         if target is None:
             return None
         media_type, digest = target
-        return ImageInfo(image_id=self._config_digest(image, media_type, digest), digest=digest)
+        info = ImageInfo(image_id=self._config_digest(image, media_type, digest), digest=digest)
+        self._index.remember(name, KnownImage(info.image_id, info.digest), generation)
+        return info
 
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
@@ -216,6 +236,7 @@ class ContainerdStore:
 
     def close(self) -> None:
         self.cancel_pulls()
+        self._index.stop(wait=INDEX_STOP_WAIT)
 
     # -- running ctr ---------------------------------------------------------------------------
 
@@ -464,6 +485,111 @@ class PullOutput:
             done=sum(done for done, _ in self.layers.values()),
             total=sum(total for _, total in self.layers.values()),
         )
+
+
+class CtrImageEvents(ImageEvents):
+    """containerd's image events in one namespace, through ``ctr events``, for the image
+    index.
+
+    ``ctr`` says nothing when its subscription is open, and an event missed between
+    starting it and that moment would leave the index wrong. So the feed makes an event of
+    its own and waits to see it come back: it creates a namespace with a name of its own
+    (:data:`PROBE_PREFIX`) and removes it at once. Only after that does it count as
+    subscribed."""
+
+    def __init__(self, base: list[str], namespace: str) -> None:
+        """``base``: ``ctr`` and its flags that reach containerd."""
+        self._base = base
+        self._namespace = namespace
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._interrupted = False
+
+    def follow(self) -> Generator[object, None, None]:
+        probe = f"{PROBE_PREFIX}{secrets.token_hex(6)}"
+        filters = [
+            'topic=="/namespaces/create"',
+            f'namespace=="{self._namespace}",topic~="^/images/"',
+        ]
+        with subprocess.Popen(
+            [*self._base, "events", *filters], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ) as process:
+            with self._lock:
+                self._process = process
+                interrupted = self._interrupted
+            deadline = threading.Timer(QUERY_TIMEOUT, _kill, (process,))
+            try:
+                if interrupted:
+                    return
+                deadline.start()
+                self._make_event(probe)
+                assert process.stdout is not None and process.stderr is not None  # noqa: S101
+                subscribed = False
+                for raw in process.stdout:
+                    topic, name = event_of(raw.decode(errors="replace"))
+                    if not subscribed:
+                        if topic == "/namespaces/create" and name == probe:
+                            subscribed = True
+                            deadline.cancel()
+                            yield topic
+                    elif topic.startswith("/images/"):
+                        yield topic
+                with self._lock:
+                    if self._interrupted:
+                        return
+                said = _last_words(process.stderr.read().decode(errors="replace"))
+                if not subscribed and said == NO_MESSAGE:
+                    said = f"its own event did not come within {QUERY_TIMEOUT:.0f} s"
+                raise RuntimeError(f"ctr events ended: {said}")
+            finally:
+                deadline.cancel()
+                with self._lock:
+                    self._process = None
+                _kill(process)
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self._interrupted = True
+            process = self._process
+        if process is not None:
+            _kill(process)
+
+    def _make_event(self, probe: str) -> None:
+        """Creates namespace ``probe`` and removes it again."""
+        for action in ("create", "remove"):
+            try:
+                done = subprocess.run(
+                    [*self._base, "namespaces", action, probe],
+                    capture_output=True,
+                    timeout=QUERY_TIMEOUT,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise RuntimeError(f"ctr namespaces {action} failed: {error}") from None
+            if done.returncode != 0:
+                said = _last_words(done.stderr.decode(errors="replace"))
+                if action == "remove":
+                    log.warning("could not remove the probe's namespace", name=probe, error=said)
+                    return
+                raise RuntimeError(f"ctr namespaces {action} failed: {said}")
+
+
+_EVENT = re.compile(r"\s(?P<namespace>\S+)\s(?P<topic>/\S+)(?:\s(?P<payload>.*))?$")
+
+
+def event_of(line: str) -> tuple[str, str | None]:
+    """The topic of a line of ``ctr events`` and the name the event is about (``""`` and
+    ``None`` for a line that is not an event). A line looks like
+    ``2026-12-02 14:01:39.66 +0000 UTC k8s.io /images/create {"name":"..."}``."""
+    found = _EVENT.search(line.rstrip("\n"))
+    if found is None:
+        return "", None
+    try:
+        payload = json.loads(found.group("payload") or "{}")
+    except ValueError:
+        payload = None
+    name = payload.get("name") if isinstance(payload, dict) else None
+    return found.group("topic"), name if isinstance(name, str) else None
 
 
 def listed_target(listing: str, name: str) -> tuple[str, str] | None:

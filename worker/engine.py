@@ -2,8 +2,8 @@
 
 It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
-person can act on. A containerd backend would be another class with the same
-methods (:class:`worker.model.ImageStore`).
+person can act on. The containerd backend is another class with the same methods
+(:class:`worker.model.ImageStore`, :mod:`worker.containerd`).
 
 Registry logins come from a docker client ``config.json`` (:class:`DockerConfig`), read
 again whenever it changes, and go to the engine with each pull; they never go into a
@@ -19,7 +19,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ import urllib3
 from docker import auth as docker_auth
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
-from worker.image_index import ImageIndex, KnownImage
+from worker.image_index import ImageEvents, ImageIndex, KnownImage
 from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
 from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
 
@@ -73,7 +73,7 @@ class DockerEngine:
         self._stream_owner: dict[requests.Response, ImageReference] = {}
         """The image whose pull opened each stream (a cache's name pulls for the asked one)."""
         self._interrupted: set[ImageReference] = set()
-        self._index = ImageIndex(docker_host)
+        self._index = ImageIndex(DockerImageEvents(docker_host))
         self._cancelling = threading.Event()
 
     def describe(self) -> str:
@@ -478,6 +478,43 @@ class DockerEngine:
     def close(self) -> None:
         self._index.stop()
         self._forget_client()
+
+
+class DockerImageEvents(ImageEvents):
+    """The engine's image events (``GET /events``, images only), for the image index."""
+
+    def __init__(self, docker_host: str | None) -> None:
+        self._docker_host = docker_host
+        self._lock = threading.Lock()
+        self._stream: Any = None
+        self._interrupted = False
+
+    def follow(self) -> Generator[object, None, None]:
+        client = docker.APIClient(base_url=self._docker_host, version="auto", timeout=30)
+        try:
+            stream = client.events(filters={"type": "image"}, decode=True)
+            with self._lock:
+                self._stream = stream
+                interrupted = self._interrupted
+            if interrupted:
+                return
+            yield "subscribed"  # the engine answered: every later event is in the stream
+            yield from stream
+        finally:
+            with self._lock:
+                stream, self._stream = self._stream, None
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()
+            client.close()
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self._interrupted = True
+            stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 @dataclass(frozen=True)

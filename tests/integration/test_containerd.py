@@ -26,7 +26,7 @@ from localcluster.registry import Registry
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
-from worker.containerd import ContainerdStore
+from worker.containerd import PROBE_PREFIX, ContainerdStore
 from worker.model import ImageInfo, PullProgress
 
 pytestmark = pytest.mark.integration
@@ -124,6 +124,37 @@ def test_a_pull_puts_the_image_into_every_nodes_containerd_where_the_kubelet_loo
     again = publisher.pull(image, expect=NODES, timeout=60)
     assert {r.status for r in again.nodes} == {Status.PRESENT}, again
     assert {r.digest for r in again.nodes} == {digest}
+
+
+def test_a_present_image_is_answered_from_memory_until_containerd_says_it_changed(
+    cluster: ContainerdCluster, publisher: Publisher
+) -> None:
+    """After one look through ``ctr``, ``present`` comes from memory; an image removed
+    outside puller is forgotten from containerd's own event, and pulled again."""
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [300_000])
+    assert {r.status for r in publisher.pull(image, expect=NODES, timeout=60).nodes} == {
+        Status.PULLED
+    }
+    before = [w.metric("puller_worker_answered_from_memory_total") for w in cluster.workers]
+    for _ in range(3):
+        report = publisher.pull(image, expect=NODES, timeout=30)
+        assert {r.status for r in report.nodes} == {Status.PRESENT}, report
+    after = [w.metric("puller_worker_answered_from_memory_total") for w in cluster.workers]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
+
+    removed = cluster.nodes[0]
+    removed.ctr("images", "rm", image)
+    deadline = time.monotonic() + 10
+    while {r.node for r in publisher.status(image, expect=NODES, timeout=30).absent} != {
+        removed.name
+    }:
+        assert time.monotonic() < deadline, "the worker still says present from memory"
+        time.sleep(0.2)
+    by_node = {r.node: r.status for r in publisher.pull(image, expect=NODES, timeout=60).nodes}
+    assert by_node == {"node-1": Status.PULLED, "node-2": Status.PRESENT}
+    assert cluster.listed(removed, image) is not None
+    namespaces = removed.ctr("namespaces", "ls", "-q").split()
+    assert not [n for n in namespaces if n.startswith(PROBE_PREFIX)], namespaces
 
 
 def test_the_roster_names_containerd_and_its_version(
@@ -332,4 +363,47 @@ def test_in_process_containerd_or_ctr_killed_mid_pull_says_which(
     finally:
         proxy.close()
         node.remove()
+    gc.collect()
+
+
+def test_in_process_the_event_feed_follows_containerd_away_and_back(
+    tmp_path: Path, cluster: ContainerdCluster
+) -> None:
+    """Memory is dropped when containerd goes away (its events could be missed), used again
+    once the feed is back, and closing the store leaves no ``ctr events`` behind."""
+    node = NodeContainerd("feed", tmp_path / "containerd")
+    node.start()
+    store = ContainerdStore(str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60)
+    image = parse_reference(cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [1]))
+
+    def known_after_a_look() -> None:
+        deadline = time.monotonic() + 15
+        while store.known_image(image) is None:
+            assert time.monotonic() < deadline, "the image was never answered from memory"
+            assert store.find_image(image) is not None
+            time.sleep(0.1)
+
+    try:
+        store.start()
+        store.pull(image)
+        known_after_a_look()
+
+        assert node.process is not None
+        node.process.kill()
+        node.process.wait()
+        node.process = None
+        deadline = time.monotonic() + 15
+        while store.known_image(image) is not None:
+            assert time.monotonic() < deadline, "still answered from memory with containerd gone"
+            time.sleep(0.05)
+
+        node.start()
+        known_after_a_look()
+    finally:
+        store.close()
+        node.remove()
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"ctr --address {node.socket}"], capture_output=True, check=False
+    )
+    assert leftover.stdout == b"", "a ctr outlived the store"
     gc.collect()

@@ -18,6 +18,7 @@ from worker.containerd import (
     FIRST_FRAME_WAIT,
     PullOutput,
     ctr_failure,
+    event_of,
     listed_target,
     plain_http,
     platform_manifest,
@@ -269,3 +270,24 @@ def test_what_ctr_says_is_classified(said: str, kind: ErrorKind) -> None:
 def test_ctrs_failures_tell_containerd_from_the_registry(said: str, kind: ErrorKind) -> None:
     failure = ctr_failure(said, parse_reference("r.local/x:1"), "/run/containerd/containerd.sock")
     assert failure.kind is kind, failure
+
+
+def test_event_lines_give_the_topic_and_the_name() -> None:
+    """Lines ``ctr events`` (containerd 1.6.20) printed here."""
+    assert event_of(
+        '2026-12-02 14:01:39.663426903 +0000 UTC default /namespaces/create {"name":"p-1"}\n'
+    ) == ("/namespaces/create", "p-1")
+    assert event_of(
+        "2026-12-02 14:00:21.043666078 +0000 UTC k8s.io /images/update "
+        '{"name":"localhost:5000/try:1","labels":{"io.cri-containerd.image":"managed"}}'
+    ) == ("/images/update", "localhost:5000/try:1")
+    assert event_of("2026-12-02 14:00:21.05 +0100 CET k8s.io /snapshot/prepare") == (
+        "/snapshot/prepare",
+        None,
+    )
+    assert event_of("2026-12-02 14:00:21.05 +0000 UTC k8s.io /images/create {broken") == (
+        "/images/create",
+        None,
+    )
+    assert event_of("ctr: failed to dial") == ("", None)
+    assert event_of("") == ("", None)
