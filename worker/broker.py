@@ -633,7 +633,9 @@ class WorkerBroker:
 
 def _open(channel: Channel | None, where: str) -> Channel:
     if channel is None or not channel.is_open:
-        raise BrokerUnavailable(f"no open channel to RabbitMQ at {where}")
+        reason = None if channel is None else channel._impl._closing_reason  # noqa: SLF001
+        why = f" (closed: {reason})" if reason is not None else ""
+        raise BrokerUnavailable(f"no open channel to RabbitMQ at {where}{why}")
     return channel
 
 

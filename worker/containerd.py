@@ -82,10 +82,14 @@ NO_MESSAGE = "ctr exited with no message"
 INDEX_STOP_WAIT = 5.0
 """Seconds closing the store waits for ``ctr events`` to be gone."""
 FIRST_FRAME_WAIT = 10.0
-PROBE_PREFIX = "puller-probe-"
-"""The name of the namespace :class:`CtrImageEvents` makes (and removes) to see that its
-subscription is open."""
 """The shortest stall limit before ``ctr`` prints anything (see ``PullOutput.stalled``)."""
+PROBE_PREFIX = "puller-probe-"
+"""The start of the name of each namespace :class:`CtrImageEvents` makes (and removes) to
+see that its subscription is open."""
+PROBE_INTERVAL = 0.5
+"""Seconds between probes, until one is seen."""
+SUBSCRIBE_WAIT = 30.0
+"""Seconds ``ctr events`` has to show a probe before it is given up (and started again)."""
 
 
 class ContainerdStore:
@@ -158,10 +162,12 @@ class ContainerdStore:
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         """The image's id and digest if containerd holds it under that name, else ``None``;
         from memory when the index knows it."""
+        return self.known_image(image) or self._look(image)
+
+    def _look(self, image: ImageReference) -> ImageInfo | None:
+        """containerd's own answer (remembered); after a pull, whose image events may not
+        have reached the index yet, the only true one."""
         name = store_name(image)
-        known = self._index.get(name)
-        if known is not None:
-            return ImageInfo(known.image_id, known.digest)
         generation = self._index.generation()
         listing = self._query(image, "images", "ls", f"name=={name}")
         target = listed_target(listing, name)
@@ -207,7 +213,7 @@ class ContainerdStore:
             raise interrupted(image)
         if stopped is not None:
             raise stopped
-        info = self.find_image(image)
+        info = self._look(image)
         if info is None:
             raise PullFailed(
                 ErrorKind.ENGINE_ERROR,
@@ -492,86 +498,126 @@ class CtrImageEvents(ImageEvents):
     index.
 
     ``ctr`` says nothing when its subscription is open, and an event missed between
-    starting it and that moment would leave the index wrong. So the feed makes an event of
-    its own and waits to see it come back: it creates a namespace with a name of its own
-    (:data:`PROBE_PREFIX`) and removes it at once. Only after that does it count as
-    subscribed."""
+    starting it and that moment would leave the index wrong. So the feed makes events of
+    its own and waits to see one come back: it creates a namespace with a name of its own
+    (:data:`PROBE_PREFIX`) and removes it at once, again every :data:`PROBE_INTERVAL`
+    seconds until one is seen. Only then does it count as subscribed. After that, every
+    line that is not a namespace being created counts as an image event, including one
+    it cannot read: when in doubt, memory is emptied."""
 
     def __init__(self, base: list[str], namespace: str) -> None:
         """``base``: ``ctr`` and its flags that reach containerd."""
         self._base = base
         self._namespace = namespace
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._interrupted = False
+        self._running: set[subprocess.Popen[bytes]] = set()
+        """Every ``ctr`` this feed runs now: interrupting kills them all."""
+        self._interrupted = threading.Event()
 
     def follow(self) -> Generator[object, None, None]:
-        probe = f"{PROBE_PREFIX}{secrets.token_hex(6)}"
         filters = [
             'topic=="/namespaces/create"',
             f'namespace=="{self._namespace}",topic~="^/images/"',
         ]
-        with subprocess.Popen(
-            [*self._base, "events", *filters], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        ) as process:
-            with self._lock:
-                self._process = process
-                interrupted = self._interrupted
-            deadline = threading.Timer(QUERY_TIMEOUT, _kill, (process,))
+        probes: list[str] = []
+        seen = threading.Event()
+        errors: list[bytes] = []
+        with self._ctr("events", *filters) as process:
+            assert process.stdout is not None and process.stderr is not None  # noqa: S101
+            helpers = [
+                threading.Thread(target=_collect, args=(process.stderr, errors), daemon=True),
+                threading.Thread(target=self._probe, args=(probes, seen), daemon=True),
+            ]
+            deadline = threading.Timer(SUBSCRIBE_WAIT, _kill, (process,))
+            deadline.daemon = True
             try:
-                if interrupted:
-                    return
+                for helper in helpers:
+                    helper.start()
                 deadline.start()
-                self._make_event(probe)
-                assert process.stdout is not None and process.stderr is not None  # noqa: S101
-                subscribed = False
                 for raw in process.stdout:
                     topic, name = event_of(raw.decode(errors="replace"))
-                    if not subscribed:
-                        if topic == "/namespaces/create" and name == probe:
-                            subscribed = True
+                    if not seen.is_set():
+                        if topic == "/namespaces/create" and name in probes:
+                            seen.set()
                             deadline.cancel()
                             yield topic
-                    elif topic.startswith("/images/"):
+                    elif topic != "/namespaces/create":
                         yield topic
-                with self._lock:
-                    if self._interrupted:
-                        return
-                said = _last_words(process.stderr.read().decode(errors="replace"))
-                if not subscribed and said == NO_MESSAGE:
-                    said = f"its own event did not come within {QUERY_TIMEOUT:.0f} s"
+                process.wait()
+                helpers[0].join(1)
+                if self._interrupted.is_set():
+                    return
+                said = _last_words(b"".join(errors).decode(errors="replace"))
+                if not seen.is_set() and said == NO_MESSAGE:
+                    said = f"none of its own events came within {SUBSCRIBE_WAIT:.0f} s"
                 raise RuntimeError(f"ctr events ended: {said}")
             finally:
+                seen.set()  # stops the probing
                 deadline.cancel()
-                with self._lock:
-                    self._process = None
-                _kill(process)
+                self._forget(process)
 
     def interrupt(self) -> None:
+        self._interrupted.set()
         with self._lock:
-            self._interrupted = True
-            process = self._process
-        if process is not None:
+            running = list(self._running)
+        for process in running:
             _kill(process)
 
-    def _make_event(self, probe: str) -> None:
-        """Creates namespace ``probe`` and removes it again."""
-        for action in ("create", "remove"):
+    def _probe(self, probes: list[str], seen: threading.Event) -> None:
+        """Makes a namespace and removes it, every :data:`PROBE_INTERVAL` until one is seen
+        (or the feed ends); first removes those a worker that stopped mid-probe left
+        behind (containerd refuses to remove one that is not empty)."""
+        said: set[str] = set()
+        with contextlib.suppress(RuntimeError, OSError):
+            for name in self._run("namespaces", "ls", "-q").split():
+                if name.startswith(PROBE_PREFIX):
+                    with contextlib.suppress(RuntimeError, OSError):
+                        self._run("namespaces", "remove", name)
+        while not seen.is_set() and not self._interrupted.is_set():
+            name = f"{PROBE_PREFIX}{secrets.token_hex(6)}"
+            probes.append(name)
             try:
-                done = subprocess.run(
-                    [*self._base, "namespaces", action, probe],
-                    capture_output=True,
-                    timeout=QUERY_TIMEOUT,
-                    check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as error:
-                raise RuntimeError(f"ctr namespaces {action} failed: {error}") from None
-            if done.returncode != 0:
-                said = _last_words(done.stderr.decode(errors="replace"))
-                if action == "remove":
-                    log.warning("could not remove the probe's namespace", name=probe, error=said)
-                    return
-                raise RuntimeError(f"ctr namespaces {action} failed: {said}")
+                self._run("namespaces", "create", name)
+                self._run("namespaces", "remove", name)
+            except (RuntimeError, OSError) as error:  # ctr events ends too if containerd is away
+                if str(error) not in said:
+                    said.add(str(error))
+                    log.info("probing containerd's events failed", error=str(error))
+            seen.wait(PROBE_INTERVAL)
+
+    def _run(self, *arguments: str) -> str:
+        with self._ctr(*arguments) as process:
+            try:
+                out, err = process.communicate(timeout=QUERY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _kill(process)
+                process.communicate()
+                raise RuntimeError(f"ctr {arguments[0]} {arguments[1]} timed out") from None
+            finally:
+                self._forget(process)
+        if process.returncode != 0:
+            said = _last_words(err.decode(errors="replace"))
+            raise RuntimeError(f"ctr {' '.join(arguments[:2])} failed: {said}")
+        return out.decode(errors="replace")
+
+    def _ctr(self, *arguments: str) -> subprocess.Popen[bytes]:
+        """A ``ctr`` this feed runs, killed at once if the feed was interrupted."""
+        process = subprocess.Popen(
+            [*self._base, *arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        with self._lock:
+            self._running.add(process)
+        if self._interrupted.is_set():
+            _kill(process)
+        return process
+
+    def _forget(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._running.discard(process)
+        _kill(process)
 
 
 _EVENT = re.compile(r"\s(?P<namespace>\S+)\s(?P<topic>/\S+)(?:\s(?P<payload>.*))?$")

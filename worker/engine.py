@@ -94,10 +94,12 @@ class DockerEngine:
 
         Answered from memory when the image index knows it, else by the engine.
         """
+        return self.known_image(image) or self._inspect(image)
+
+    def _inspect(self, image: ImageReference) -> ImageInfo | None:
+        """The engine's own answer (remembered); after a pull, whose image events may not
+        have reached the index yet, the only true one."""
         name = store_name(image)
-        known = self._index.get(name)
-        if known is not None:
-            return ImageInfo(known.image_id, known.digest)
         generation = self._index.generation()
         try:
             with self._failures_as_pull_failed(image):
@@ -164,7 +166,7 @@ class DockerEngine:
         self._stream_pull(api, image, login, started, on_progress, owner=image)
         if cache_name is not None:
             self._forget_cache_name(api, cache_name)
-        info = self.find_image(image)
+        info = self._inspect(image)
         if info is None:
             raise PullFailed(
                 ErrorKind.ENGINE_ERROR,

@@ -130,6 +130,25 @@ def test_a_line_it_cannot_read_does_not_stop_the_reading() -> None:
     assert seen[-1].done == 2 * MIB
 
 
+def test_a_line_whose_reading_fails_or_a_failing_listener_does_not_stop_the_reading() -> None:
+    class Fragile(PullOutput):
+        def read_line(self, line: str) -> bool:
+            if "boom" in line:
+                raise ValueError("a reader bug")
+            return super().read_line(line)
+
+    seen: list[PullProgress] = []
+
+    def listener(progress: PullProgress) -> None:
+        seen.append(progress)
+        if len(seen) == 1:
+            raise RuntimeError("a listener bug")
+
+    reader = Fragile()
+    reader.follow(io.BytesIO((FIRST + "boom\n" + MIDDLE).encode()), listener)
+    assert len(seen) >= 2 and seen[-1].done == 2 * MIB
+
+
 def test_resolving_without_an_answer_stalls() -> None:
     output = PullOutput()
     output.read_line(line(REF, "resolving", f"|{G}{E}--------------------------------------| "))

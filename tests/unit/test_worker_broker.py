@@ -12,7 +12,7 @@ import pytest
 
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, Status
 from contract import topology as topo
-from worker.broker import WorkerBroker, ack_frame, reply_frames
+from worker.broker import WorkerBroker, _open, ack_frame, reply_frames
 from worker.model import Delivery
 
 
@@ -138,3 +138,20 @@ def test_a_correlation_id_that_is_not_utf8_goes_back_as_it_came(correlation_id: 
         content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
     )
     assert frames[1] == pika.frame.Header(2, 2, properties).marshal()
+
+
+def test_a_channel_the_broker_closed_is_reported_with_the_brokers_reason() -> None:
+    """What a reconnect is logged with: the reason RabbitMQ gave, not only "no channel"."""
+
+    class Closed:
+        is_open = False
+
+        class _impl:  # noqa: N801 - stands for pika's channel implementation
+            _closing_reason = pika.exceptions.ChannelClosedByBroker(
+                404, "NOT_FOUND - no queue 'puller.presence' in vhost '/'"
+            )
+
+    with pytest.raises(BrokerUnavailable, match=r"closed: \(404, .*NOT_FOUND - no queue"):
+        _open(Closed(), "amqp://rabbit")
+    with pytest.raises(BrokerUnavailable, match=r"^no open channel to RabbitMQ at amqp://rabbit$"):
+        _open(None, "amqp://rabbit")
