@@ -109,31 +109,56 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(n: int, by_system: dict[str, dict[str, float]]) -> None:
     rows = [
-        [system, s["p50"], s["p90"], s["p99"], s["node_cpu_us"]] for system, s in by_system.items()
+        [
+            system,
+            s["p50"],
+            s["p90"],
+            s["p99"],
+            s["node_cpu_us"],
+            s.get("caller_cpu_us", 0.0),
+            s.get("broker_cpu_us", 0.0),
+        ]
+        for system, s in by_system.items()
     ]
     print_table(
-        f"N = {n}: round trip, ms; CPU of one node's process per round, us",
-        ["system", "p50", "p90", "p99", "node CPU us"],
+        f"N = {n}: round trip, ms; CPU per round, us: one node's process, the publishing "
+        "process, RabbitMQ",
+        ["system", "p50", "p90", "p99", "node CPU us", "caller CPU us", "broker CPU us"],
         rows,
     )
 
 
 def timed_rounds(rounds: int, one_round: Callable[[], object], pids: list[int]) -> dict[str, float]:
-    """The rounds' times (ms) and ``node_cpu_us``: the median, over the processes ``pids``
-    (one per node), of the CPU each spent per round."""
+    """The rounds' times (ms); ``node_cpu_us``: the median, over the processes ``pids`` (one
+    per node), of the CPU each spent per round; ``caller_cpu_us``: this process's (the
+    publishing side's) per round; ``broker_cpu_us``: RabbitMQ's per round (0 when the
+    machine does not run exactly one)."""
     for _ in range(min(10, rounds)):  # warm up: connections, caches, JIT-less Python paths
         one_round()
     samples = []
+    broker = broker_pid()
     cpu_before = [cpu_seconds(pid) for pid in pids]
+    broker_before = cpu_seconds(broker) if broker else 0.0
+    caller_before = time.process_time()
     for _ in range(rounds):
         started = time.perf_counter()
         one_round()
         samples.append(time.perf_counter() - started)
+    caller = time.process_time() - caller_before
     spent = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
     return {
         **summary_ms(samples),
         "node_cpu_us": 1e6 * statistics.median(spent) / rounds if spent else 0.0,
+        "caller_cpu_us": 1e6 * caller / rounds,
+        "broker_cpu_us": 1e6 * (cpu_seconds(broker) - broker_before) / rounds if broker else 0.0,
     }
+
+
+def broker_pid() -> int | None:
+    """RabbitMQ's Erlang VM, if exactly one runs here."""
+    found = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True, check=False)
+    pids = found.stdout.split()
+    return int(pids[0]) if len(pids) == 1 else None
 
 
 def cpu_seconds(pid: int) -> float:
