@@ -19,6 +19,7 @@ import copy
 import http.client
 import json
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -53,6 +54,8 @@ KUBERNETES_VERSION = "1.30"
 says the same)."""
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+CONTAINERD_DEPLOY = DEPLOY.parent / "kubernetes-containerd"
+"""The overlay for nodes that run containerd: the base, its worker patched."""
 NAMESPACE = "puller"
 WORKER_IMAGE = "cyberdojo/puller-worker"
 HTTP_IMAGE = "cyberdojo/puller-http"
@@ -142,7 +145,20 @@ def env_file(path: Path) -> dict[str, str]:
 
 
 def load(directory: Path = DEPLOY) -> Manifests:
+    """The manifests ``directory``'s kustomization makes; an overlay (one that lists a
+    directory) is its base's, with its JSON patches applied."""
     (kustomization,) = documents(directory / "kustomization.yaml")
+    bases = [directory / name for name in kustomization["resources"] if (directory / name).is_dir()]
+    if bases:
+        (base,) = bases
+        made = load(base)
+        for patch in kustomization.get("patches", []):
+            target = patch["target"]
+            patched = made.find(target["kind"], target["name"])
+            assert patched is not None, f"{directory.name}: no {target['kind']} {target['name']}"
+            with (directory / patch["path"]).open(encoding="utf-8") as file:
+                json_patch(patched, yaml.safe_load(file))
+        return made
     resources = [doc for name in kustomization["resources"] for doc in documents(directory / name)]
     config_maps: dict[str, dict[str, str]] = {}
     for generator in kustomization.get("configMapGenerator", []):
@@ -159,6 +175,42 @@ def load(directory: Path = DEPLOY) -> Manifests:
     ]
     files = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
     return Manifests(kustomization, resources, config_maps, optional, files)
+
+
+class PatchFailed(Exception):
+    """A JSON patch step that kustomize would refuse."""
+
+
+def json_patch(document: Document, steps: list[Document]) -> None:
+    """Applies RFC 6902 ``steps`` (``test``, ``add``, ``replace``, ``remove``) in place."""
+    for step in steps:
+        *parents, key = [
+            part.replace("~1", "/").replace("~0", "~") for part in step["path"].split("/")[1:]
+        ]
+        node: Any = document
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        index: Any = key
+        if isinstance(node, list):
+            index = len(node) if key == "-" else int(key)
+            if not 0 <= index <= len(node) - (step["op"] != "add"):
+                raise PatchFailed(f"{step['path']}: no such element")
+        elif step["op"] != "add" and key not in node:
+            raise PatchFailed(f"{step['path']}: no such member")
+        value = copy.deepcopy(step.get("value"))
+        if step["op"] == "test":
+            if node[index] != value:
+                raise PatchFailed(f"{step['path']} is {node[index]!r}, not {value!r}")
+        elif step["op"] == "replace":
+            node[index] = value
+        elif step["op"] == "add" and isinstance(node, list):
+            node.insert(index, value)
+        elif step["op"] == "add":
+            node[index] = value
+        elif step["op"] == "remove":
+            del node[index]
+        else:
+            raise PatchFailed(f"op {step['op']!r} is not one these manifests use")
 
 
 # -- reading pods ------------------------------------------------------------------------------
@@ -568,10 +620,7 @@ def check_worker(m: Manifests) -> Iterator[str]:
         settings = settings_of(m, run)
     except InvalidSetting:
         return  # check_environment says why
-    socket_path = (settings.docker_host or f"unix://{DEFAULT_DOCKER_SOCKET}").removeprefix(
-        "unix://"
-    )
-    yield from _host_path(run, socket_path, "Socket", "the Docker socket")
+    yield from _store_socket(run, settings)
     yield from _host_path(run, str(settings.state_dir), "DirectoryOrCreate", "PULLER_STATE_DIR")
     strategy = run.workload["spec"].get("updateStrategy", {})
     rolling = strategy.get("rollingUpdate", {})
@@ -594,6 +643,19 @@ def check_worker(m: Manifests) -> Iterator[str]:
             f"{where}: terminationGracePeriodSeconds {grace} must exceed PULLER_SHUTDOWN_GRACE "
             f"{settings.shutdown_grace:g} + {CANCEL_GRACE:g}"
         )
+
+
+def _store_socket(run: Run, settings: WorkerSettings) -> Iterator[str]:
+    """The socket of the image store the settings name, and only that one."""
+    if settings.image_store == "containerd":
+        yield from _host_path(run, settings.containerd_address, "Socket", "containerd's socket")
+        if mount_at(run.pod, run.container, DEFAULT_DOCKER_SOCKET) is not None:
+            yield f"{run.where}: mounts the Docker socket, which the containerd store does not use"
+        return
+    socket_path = (settings.docker_host or f"unix://{DEFAULT_DOCKER_SOCKET}").removeprefix(
+        "unix://"
+    )
+    yield from _host_path(run, socket_path, "Socket", "the Docker socket")
 
 
 def _host_path(run: Run, path: str, kind: str, what: str) -> Iterator[str]:
@@ -824,9 +886,33 @@ def _ask_gateway(paths: frozenset[str]) -> dict[str, tuple[int, str]]:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def manifests() -> Manifests:
-    return load()
+@pytest.fixture(scope="module", params=[DEPLOY, CONTAINERD_DEPLOY], ids=["docker", "containerd"])
+def manifests(request: pytest.FixtureRequest) -> Manifests:
+    return load(request.param)
+
+
+def test_the_containerd_overlay_changes_only_the_workers_socket_and_store() -> None:
+    """Everything else is the base's: the overlay lists the base and one patch."""
+    (overlay,) = documents(CONTAINERD_DEPLOY / "kustomization.yaml")
+    assert overlay["resources"] == ["../kubernetes"]
+    assert [p["target"]["name"] for p in overlay["patches"]] == ["puller-worker"]
+    base, patched = load(), load(CONTAINERD_DEPLOY)
+    for before, after in zip(base.resources, patched.resources, strict=True):
+        assert (before == after) == (label(before) != "DaemonSet puller-worker"), label(before)
+    env = environment(patched, the_run(patched, WORKER).container)
+    settings = settings_of(patched, the_run(patched, WORKER))
+    assert settings.image_store == "containerd", env
+    assert settings.docker_host is None
+
+
+def test_the_containerd_patch_refuses_a_base_that_moved(tmp_path: Path) -> None:
+    """Its ``test`` steps: kustomize stops rather than replace the wrong volume or setting."""
+    shutil.copytree(DEPLOY, tmp_path / "kubernetes")
+    shutil.copytree(CONTAINERD_DEPLOY, tmp_path / "kubernetes-containerd")
+    daemonset = tmp_path / "kubernetes" / "worker-daemonset.yaml"
+    daemonset.write_text(daemonset.read_text().replace("docker-socket", "engine-socket"))
+    with pytest.raises(PatchFailed, match="volumes/0/name is 'engine-socket'"):
+        load(tmp_path / "kubernetes-containerd")
 
 
 def test_the_kubernetes_version_is_one_kubernetes_validate_has_schemas_for() -> None:
