@@ -46,6 +46,7 @@ from worker.admission import Admission, RequestLimiter
 from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up import CatchUp
 from worker.containerd import ContainerdStore
+from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
 from worker.engine import DockerConfig, DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
@@ -101,6 +102,7 @@ class Worker:
             NotFoundMemory(settings.not_found_memory),
             observer=Observers(self.metrics, self.usage),
             admission=self.admission,
+            owed=DeferredFile(settings.state_dir / DEFERRED_FILE),
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)
                 if settings.max_requests_per_minute
@@ -204,6 +206,11 @@ class Worker:
 
     def start(self) -> None:
         self._store.start()
+        owed = self._service.resume_owed()
+        if owed:
+            log.info(
+                "pulls owed since before a restart are made once the engine answers", images=owed
+            )
         self._housekeeping.start()
         if self._health is not None:
             self._health.start()

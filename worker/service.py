@@ -39,6 +39,7 @@ from contract import (
     Status,
 )
 from worker.admission import Admission, RequestLimiter
+from worker.deferred_pulls import DeferredFile, DeferredPull
 from worker.metrics import WorkerMetrics
 from worker.model import (
     AnswerCallback,
@@ -105,9 +106,11 @@ class PullService:
         observer: PullObserver | None = None,
         admission: Admission | None = None,
         limiter: RequestLimiter | None = None,
+        owed: DeferredFile | None = None,
     ) -> None:
         """``admission``: who may ask for what (every request); ``limiter``: a cap on live
-        requests that would start a pull."""
+        requests that would start a pull; ``owed``: where the pulls made again once the
+        engine answers are kept, for a restart (see :meth:`resume_owed`)."""
         self.node = node
         self._admission = admission or Admission()
         self._limiter = limiter
@@ -126,7 +129,11 @@ class PullService:
         self._pulls: dict[ImageReference, _Pull] = {}
         self._unfinished = 0
         self._warm_unfinished = 0
-        self._deferred: dict[ImageReference, Lane] = {}
+        self._deferred: dict[ImageReference, DeferredPull] = {}
+        self._owed_file = owed
+        self._owed: dict[ImageReference, DeferredPull] = {}
+        """Deferred, or made again and not answered yet: what a restart must not lose."""
+        self._owed_saving = threading.Lock()
         self._tried_again: set[ImageReference] = set()
         """Images given one more try after an engine error (see ``_defer``)."""
         self._deferred_timer: threading.Timer | None = None
@@ -384,14 +391,57 @@ class PullService:
                     return False
                 self._tried_again.add(pull.image)
             lane = Lane.WARM if pull.warm else Lane.SESSION
-            self._deferred[pull.image] = lane
-            start = self._deferred_timer is None and not self._cancelling.is_set()
-            if start:
-                self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
-                self._deferred_timer.daemon = True
-        if start and self._deferred_timer is not None:
-            self._deferred_timer.start()
+            asked_by = next((w.asked_by for w in pull.waiters if w.asked_by), None)
+            owed = DeferredPull(lane, asked_by)
+            self._deferred[pull.image] = owed
+            changed = self._owed.get(pull.image) != owed
+            self._owed[pull.image] = owed
+        if changed:
+            self._save_owed()
+        self._watch_engine()
         return True
+
+    def resume_owed(self) -> int:
+        """Takes back the pulls a previous run of the worker still owed (kept in ``owed``),
+        to be made once the engine answers; how many."""
+        if self._owed_file is None:
+            return 0
+        kept = self._owed_file.load()
+        with self._lock:
+            for image, owed in list(kept.items())[:DEFERRED_LIMIT]:
+                self._deferred.setdefault(image, owed)
+                self._owed.setdefault(image, owed)
+        if kept:
+            self._watch_engine()
+        return len(kept)
+
+    def _watch_engine(self) -> None:
+        """Looks at the engine in a few seconds (if nobody looks already)."""
+        with self._lock:
+            if self._deferred_timer is not None or self._cancelling.is_set():
+                return
+            timer = self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
+            timer.daemon = True
+        timer.start()
+
+    def _save_owed(self) -> None:
+        if self._owed_file is None:
+            return
+        with self._owed_saving:  # in order: the last write holds the last state
+            with self._lock:
+                owed = dict(self._owed)
+            self._owed_file.save(owed)
+
+    def _owed_answered(self, image: ImageReference, result: NodeResult) -> None:
+        """A pull made again has its answer: no longer owed, unless deferred once more or
+        cut short by the worker stopping (the next one makes it)."""
+        _log_deferred(image, result)
+        if result.error is not None and result.error.kind is ErrorKind.CANCELLED:
+            return
+        with self._lock:
+            done = image not in self._deferred and self._owed.pop(image, None) is not None
+        if done:
+            self._save_owed()
 
     def _engine_back(self) -> None:
         """Timer thread: if the engine answers now, pulls what waited for it; else looks
@@ -404,20 +454,23 @@ class PullService:
         with self._lock:
             self._deferred_timer = None
             if not back:
-                if self._deferred and not self._cancelling.is_set():
-                    self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
-                    self._deferred_timer.daemon = True
-                    self._deferred_timer.start()
-                return
-            deferred, self._deferred = self._deferred, {}
+                again = bool(self._deferred)
+            else:
+                deferred, self._deferred = self._deferred, {}
+        if not back:
+            if again:
+                self._watch_engine()
+            return
         if deferred:
             log.info(
                 "the engine answers again; pulling what failed while it was away",
                 images=len(deferred),
             )
-        for image, lane in deferred.items():
-            request = PullRequest.new(image, lane=lane)
-            self.submit(request, partial(_log_deferred, image), live=False)
+        for image, owed in deferred.items():
+            request = PullRequest.new(image, lane=owed.lane)
+            self.submit(
+                request, partial(self._owed_answered, image), live=False, asked_by=owed.asked_by
+            )
 
     def _retry_now(self, pull: _Pull) -> None:
         pull.retry = None
@@ -559,6 +612,7 @@ class _Waiter:
             self.context["session_id"] = request.session_id
         if asked_by is not None:
             self.context["asked_by"] = asked_by
+        self.asked_by = asked_by
         self._service = service
         self._answer = answer
         self._progress = progress

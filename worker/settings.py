@@ -284,8 +284,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PULLER_STATE_DIR",
         "state_dir",
-        "on the node's own disk: how far this node has caught up "
-        "(mount a host path in a container)",
+        "on the node's own disk: how far this node has caught up, when it last used each "
+        "image, and pulls it owes itself since its engine was away (mount a host path in a "
+        "container)",
         Path,
     ),
     Setting(

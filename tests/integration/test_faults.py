@@ -20,16 +20,20 @@ from pathlib import Path
 from urllib.parse import quote
 
 import docker
+import pika
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import BrokerUnavailable, ErrorKind, Status
+from contract import CONTENT_TYPE, BrokerUnavailable, ErrorKind, PullRequest, Status
+from contract import topology as topo
+from contract.reference import parse_reference
 from localcluster.cluster import LocalCluster, WorkerProcess
 from localcluster.images import ensure_rabbitmq_image
 from localcluster.processes import free_port
 from publisher import Publisher
 from tests.integration.conftest import NODES, ROSTER_MAX_AGE, engine_has, run_cli, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
+from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +126,55 @@ def test_a_stopped_engine_is_reported_quickly_and_served_again_when_back(
     report = fault_publisher.pull(again, timeout=60)
     assert report.ok, report
     assert all(engine_has(fault_cluster, again).values())
+
+
+def test_a_pull_owed_while_the_engine_was_away_is_made_by_the_next_worker(
+    fault_cluster: LocalCluster, fault_publisher: Publisher
+) -> None:
+    """Asked while its engine is stopped, a node answers engine_unavailable and owes itself
+    the pull; its worker is SIGKILLed before the engine is back. The request went straight
+    to the node's queue, not into the history, so no catch-up can bring it back: only what
+    the worker kept on disk. The next worker pulls it once the engine answers."""
+    worker, down = fault_cluster.workers[1], fault_cluster.engines[1]
+    assert worker.node == down.name
+    image = fault_cluster.registry.push_files(f"test/o-{uuid.uuid4().hex[:8]}", "1", {"f": b"o"})
+    down.stop()
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(fault_cluster.amqp_url))
+        try:
+            connection.channel().basic_publish(
+                "",
+                topo.node_queue_name(worker.node),
+                PullRequest.new(parse_reference(image)).encode(),
+                pika.BasicProperties(content_type=CONTENT_TYPE),
+            )
+        finally:
+            connection.close()
+        deadline = time.monotonic() + 30
+        while image not in owed_by(worker):
+            assert time.monotonic() < deadline, "the node did not keep what it owes"
+            time.sleep(0.1)
+        assert worker.process is not None
+        worker.process.kill()
+        worker.process.wait()
+    finally:
+        down.start()
+    assert not engine_has(fault_cluster, image)[down.name]
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not engine_has(fault_cluster, image)[down.name]:
+        log = worker.log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the restarted worker did not make the pull: {log}"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while image in owed_by(worker):
+        assert time.monotonic() < deadline, "the pull was made but is still listed as owed"
+        time.sleep(0.1)
+
+
+def owed_by(worker: WorkerProcess) -> set[str]:
+    """The images ``worker``'s node keeps on disk to pull once its engine answers."""
+    return {str(image) for image in DeferredFile(worker.state_dir / DEFERRED_FILE).load()}
 
 
 def test_a_registry_gone_silent_mid_layer_gives_stalled_within_the_stall_timeout(

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from worker.admission import Admission, RequestLimiter
+from worker.deferred_pulls import DEFERRED_FILE, DeferredFile, DeferredPull
 from worker.model import ImageInfo, PullProgress
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.service import PullService, RetryPolicy
@@ -575,6 +577,135 @@ def test_an_image_that_failed_while_the_engine_was_away_is_pulled_once_it_answer
         assert len(answers.results) == 1  # the later pull answers no one
     finally:
         service.shutdown(wait=True)
+
+
+def test_with_allowed_publishers_the_later_pull_goes_out_as_its_first_asker(
+    store: FakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pull made once the engine is back is checked as the request it stands for: by
+    the publisher that asked (with PULLER_ALLOWED_PUBLISHERS, a pull nobody asked for would
+    be refused)."""
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
+    store.failures["docker.io/library/flaky:1"] = [away]
+    answers = Answers()
+    service = make_service(
+        store,
+        1,
+        retry=RetryPolicy(attempts=1),
+        admission=Admission(ImagePolicy(()), frozenset({"sessions"})),
+    )
+    try:
+        service.submit(request_for("flaky:1"), answers.answer, asked_by="sessions")
+        result = answers.wait_for(1)[0]
+        assert result.error is not None and result.error.kind is ErrorKind.ENGINE_UNAVAILABLE
+        eventually(lambda: "docker.io/library/flaky:1" in store.present)
+        eventually(lambda: service.deferred == 0 and service.unfinished == 0)
+    finally:
+        service.shutdown(wait=True)
+
+
+@dataclass
+class AwayStore(FakeStore):
+    """A store whose engine is away while ``away`` is set."""
+
+    away: threading.Event = field(default_factory=threading.Event)
+
+    def version(self) -> str:
+        if self.away.is_set():
+            raise PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
+        return super().version()
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        if self.away.is_set():
+            with self.lock:
+                self.pulls.append(f"away {image}")
+            raise PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
+        return super().pull(image, on_progress)
+
+
+def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stops while its engine is still away; the next one makes the pull."""
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / DEFERRED_FILE
+    store = AwayStore()
+    store.away.set()
+    answers = Answers()
+    first = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    try:
+        first.submit(request_for("flaky:1"), answers.answer, asked_by="sessions")
+        first.submit(PullRequest.new(parse_reference("warm:1"), lane=Lane.WARM), answers.answer)
+        answers.wait_for(2)
+        eventually(lambda: len(DeferredFile(path).load()) == 2)
+        eventually(lambda: store.pulls.count("away docker.io/library/flaky:1") == 1)
+    finally:
+        first.shutdown(wait=True)
+    kept = {str(image): owed for image, owed in DeferredFile(path).load().items()}
+    assert kept == {
+        "docker.io/library/flaky:1": DeferredPull(Lane.SESSION, "sessions"),
+        "docker.io/library/warm:1": DeferredPull(Lane.WARM, None),
+    }
+
+    store.away.clear()
+    second = make_service(store, 1, owed=DeferredFile(path))
+    try:
+        assert second.resume_owed() == 2
+        eventually(
+            lambda: {"docker.io/library/flaky:1", "docker.io/library/warm:1"} <= store.present
+        )
+        eventually(lambda: not path.exists())  # nothing owed any more
+        eventually(lambda: second.deferred == 0 and second.unfinished == 0)
+    finally:
+        second.shutdown(wait=True)
+
+
+def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / DEFERRED_FILE
+    store = AwayStore()
+    away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "restarting")
+    store.failures["docker.io/library/flaky:1"] = [away, away]  # the engine answers, pulls fail
+    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    try:
+        service.submit(request_for("flaky:1"), Answers().answer)
+        eventually(lambda: len(store.pulls) >= 2)  # the first, and the one made again
+        assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/flaky:1"]
+        eventually(lambda: "docker.io/library/flaky:1" in store.present)
+        eventually(lambda: not path.exists())
+    finally:
+        service.shutdown(wait=True)
+
+
+def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / DEFERRED_FILE
+    DeferredFile(path).save({parse_reference("slow:1"): DeferredPull(Lane.SESSION, None)})
+    store = AwayStore()
+    store.gates["docker.io/library/slow:1"] = threading.Event()
+    service = make_service(store, 1, owed=DeferredFile(path))
+    try:
+        assert service.resume_owed() == 1
+        eventually(lambda: store.running == 1)  # made again, and held
+        service.cancel()
+        eventually(lambda: service.unfinished == 0)
+    finally:
+        service.shutdown(wait=True)
+    assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/slow:1"]
+
+
+def test_an_unreadable_list_of_owed_pulls_is_reported_and_starts_empty(tmp_path: Path) -> None:
+    for content in ("{not json", '{"pulls": [{"image": "not an image!"}]}', '{"pulls": 3}'):
+        (tmp_path / DEFERRED_FILE).write_text(content)
+        assert DeferredFile(tmp_path / DEFERRED_FILE).load() == {}
+    assert DeferredFile(tmp_path / "absent.json").load() == {}
 
 
 @dataclass
