@@ -7,29 +7,38 @@ not bring it back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from contract import Lane, parse_reference
+from contract import Lane, PullerError, parse_reference
 from contract.reference import ImageReference
 
 log = structlog.get_logger("worker.deferred_pulls")
 
 DEFERRED_FILE = "deferred-pulls.json"
+MAX_FILE_BYTES = 4_000_000
+"""Far above what :data:`worker.service.DEFERRED_LIMIT` entries take; a bigger file is not
+one this worker wrote."""
 
 
 @dataclass(frozen=True)
 class DeferredPull:
-    """How to make the pull again: its lane, and who asked (checked again as that
-    publisher, as the request was)."""
+    """How to make the pull again: its lane, who asked (checked again as that publisher,
+    as the request was), since when it is owed, and how often it was made again and met
+    the store away once more."""
 
     lane: Lane
     asked_by: str | None
+    since: float
+    tries: int = 0
 
 
 class DeferredFile:
@@ -39,25 +48,33 @@ class DeferredFile:
         self.path = path
 
     def load(self) -> dict[ImageReference, DeferredPull]:
-        """What was kept; empty (with a warning) when the file cannot be read."""
+        """What was kept. An entry that cannot be read is skipped (and said); a file that
+        cannot be read at all gives nothing (and a warning)."""
         try:
+            if self.path.stat().st_size > MAX_FILE_BYTES:
+                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
             entries = json.loads(self.path.read_text(encoding="utf-8"))["pulls"]
-            kept = {}
-            for entry in entries:
-                asked_by = entry.get("asked_by")
-                kept[parse_reference(entry["image"])] = DeferredPull(
-                    Lane(entry.get("lane", Lane.SESSION.value)),
-                    asked_by if isinstance(asked_by, str) else None,
-                )
+            if not isinstance(entries, list):
+                raise TypeError("'pulls' is not a list")
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
             log.warning(
                 "unreadable list of pulls owed since the engine was away; they are not made",
                 path=str(self.path),
                 error=str(error),
             )
             return {}
+        kept: dict[ImageReference, DeferredPull] = {}
+        for entry in entries:
+            try:
+                image, pull = _entry(entry)
+            except (PullerError, ValueError, KeyError, TypeError, AttributeError) as error:
+                log.warning(
+                    "skipped an unreadable owed pull", entry=repr(entry)[:200], error=str(error)
+                )
+                continue
+            kept[image] = pull
         return kept
 
     def save(self, pulls: Mapping[ImageReference, DeferredPull]) -> None:
@@ -67,17 +84,45 @@ class DeferredFile:
                 self.path.unlink(missing_ok=True)
                 return
             entries = [
-                {"image": str(image), "lane": pull.lane.value, "asked_by": pull.asked_by}
+                {
+                    "image": str(image),
+                    "lane": pull.lane.value,
+                    "asked_by": pull.asked_by,
+                    "since": pull.since,
+                    "tries": pull.tries,
+                }
                 for image, pull in pulls.items()
             ]
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("w", encoding="utf-8") as file:
-                file.write(json.dumps({"pulls": entries}))
-                file.flush()
-                os.fsync(file.fileno())
-            partial.replace(self.path)
+            # A name of its own (O_EXCL, mode 0600): two writers never share one, and a
+            # planted symlink is not followed.
+            handle, partial = tempfile.mkstemp(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".new"
+            )
+            try:
+                with os.fdopen(handle, "w", encoding="utf-8") as file:
+                    file.write(json.dumps({"pulls": entries}))
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(partial, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(partial)
+                raise
         except OSError as error:
             log.warning(
                 "could not keep the pulls owed on disk", path=str(self.path), error=str(error)
             )
+
+
+def _entry(entry: dict[str, object]) -> tuple[ImageReference, DeferredPull]:
+    now = time.time()
+    asked_by, since, tries = entry.get("asked_by"), entry.get("since"), entry.get("tries")
+    lane = entry.get("lane")
+    return parse_reference(entry["image"]), DeferredPull(
+        # A lane this version does not know is read as a session's, as the contract does.
+        Lane(lane) if lane in {member.value for member in Lane} else Lane.SESSION,
+        asked_by if isinstance(asked_by, str) else None,
+        float(since) if isinstance(since, int | float) and not isinstance(since, bool) else now,
+        tries if isinstance(tries, int) and not isinstance(tries, bool) and tries >= 0 else 0,
+    )

@@ -19,6 +19,7 @@ Nothing a request contains can raise out of this module: a worker never dies on 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,11 @@ INSPECT_THREADS = 4
 ENGINE_WATCH_INTERVAL = 5.0
 """Seconds between looks at an engine that was away, while images wait for it."""
 DEFERRED_LIMIT = 1000
+OWED_MAX_TRIES = 20
+"""Times an owed pull is made again and meets the store away once more (while the store
+answers questions) before it is given up: an image whose pull takes the store down."""
+OWED_MAX_AGE = 24 * 3600.0
+"""Seconds an owed pull is kept, over restarts: older ones are given up."""
 """Images that failed because the engine was away, kept to pull when it is back."""
 PROGRESS_INTERVAL = 0.25
 """Seconds between progress messages for one pull: at most four a second per node."""
@@ -133,7 +139,12 @@ class PullService:
         self._owed_file = owed
         self._owed: dict[ImageReference, DeferredPull] = {}
         """Deferred, or made again and not answered yet: what a restart must not lose."""
-        self._owed_saving = threading.Lock()
+        self._remade: dict[ImageReference, int] = {}
+        """The token of each owed pull's latest remaking: only its answer settles it."""
+        self._remakings = 0
+        self._owed_dirty = False
+        self._owed_writing = False
+        self._stopped = False
         self._tried_again: set[ImageReference] = set()
         """Images given one more try after an engine error (see ``_defer``)."""
         self._deferred_timer: threading.Timer | None = None
@@ -392,9 +403,14 @@ class PullService:
                 self._tried_again.add(pull.image)
             lane = Lane.WARM if pull.warm else Lane.SESSION
             asked_by = next((w.asked_by for w in pull.waiters if w.asked_by), None)
-            owed = DeferredPull(lane, asked_by)
+            before = self._owed.get(pull.image)
+            owed = (
+                DeferredPull(lane, asked_by, time.time())
+                if before is None
+                else dataclasses.replace(before, lane=lane, asked_by=asked_by or before.asked_by)
+            )
             self._deferred[pull.image] = owed
-            changed = self._owed.get(pull.image) != owed
+            changed = before != owed
             self._owed[pull.image] = owed
         if changed:
             self._save_owed()
@@ -407,38 +423,59 @@ class PullService:
         if self._owed_file is None:
             return 0
         kept = self._owed_file.load()
+        if len(kept) > DEFERRED_LIMIT:
+            log.warning("more pulls owed than are kept; the rest are given up", owed=len(kept))
         with self._lock:
             for image, owed in list(kept.items())[:DEFERRED_LIMIT]:
                 self._deferred.setdefault(image, owed)
                 self._owed.setdefault(image, owed)
+            taken = len(self._deferred)
         if kept:
             self._watch_engine()
-        return len(kept)
+        return taken
 
     def _watch_engine(self) -> None:
         """Looks at the engine in a few seconds (if nobody looks already)."""
         with self._lock:
-            if self._deferred_timer is not None or self._cancelling.is_set():
+            if self._deferred_timer is not None or self._cancelling.is_set() or self._stopped:
                 return
             timer = self._deferred_timer = threading.Timer(ENGINE_WATCH_INTERVAL, self._engine_back)
             timer.daemon = True
         timer.start()
 
     def _save_owed(self) -> None:
+        """Writes the owed pulls. One thread writes at a time; changes made meanwhile are
+        written by it, once, when it is done (a burst of deferrals is a few writes)."""
         if self._owed_file is None:
             return
-        with self._owed_saving:  # in order: the last write holds the last state
+        with self._lock:
+            self._owed_dirty = True
+            if self._owed_writing:
+                return
+            self._owed_writing = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._owed_dirty:
+                        return
+                    self._owed_dirty = False
+                    owed = dict(self._owed)
+                self._owed_file.save(owed)
+        finally:
             with self._lock:
-                owed = dict(self._owed)
-            self._owed_file.save(owed)
+                self._owed_writing = False
 
-    def _owed_answered(self, image: ImageReference, result: NodeResult) -> None:
-        """A pull made again has its answer: no longer owed, unless deferred once more or
-        cut short by the worker stopping (the next one makes it)."""
+    def _owed_answered(self, image: ImageReference, token: int, result: NodeResult) -> None:
+        """A pull made again has its answer: no longer owed, unless made again since (then
+        that one's answer settles it), deferred once more, or cut short by the worker
+        stopping (the next one makes it)."""
         _log_deferred(image, result)
         if result.error is not None and result.error.kind is ErrorKind.CANCELLED:
             return
         with self._lock:
+            if self._remade.get(image) != token:
+                return
+            del self._remade[image]
             done = image not in self._deferred and self._owed.pop(image, None) is not None
         if done:
             self._save_owed()
@@ -457,20 +494,54 @@ class PullService:
                 again = bool(self._deferred)
             else:
                 deferred, self._deferred = self._deferred, {}
+                remaking, given_up = self._take_owed(deferred)
         if not back:
             if again:
                 self._watch_engine()
             return
-        if deferred:
+        for image, owed in given_up.items():
+            log.warning(
+                "gave up a pull owed since the engine was away",
+                image=str(image),
+                owed_since=owed.since,
+                tries=owed.tries,
+            )
+        if given_up or remaking:
+            self._save_owed()  # the tries counted, over restarts too
+        if remaking:
             log.info(
                 "the engine answers again; pulling what failed while it was away",
-                images=len(deferred),
+                images=len(remaking),
             )
-        for image, owed in deferred.items():
+        for image, (owed, token) in remaking.items():
             request = PullRequest.new(image, lane=owed.lane)
             self.submit(
-                request, partial(self._owed_answered, image), live=False, asked_by=owed.asked_by
+                request,
+                partial(self._owed_answered, image, token),
+                live=False,
+                asked_by=owed.asked_by,
             )
+
+    def _take_owed(
+        self, deferred: dict[ImageReference, DeferredPull]
+    ) -> tuple[dict[ImageReference, tuple[DeferredPull, int]], dict[ImageReference, DeferredPull]]:
+        """Under the lock: the owed pulls to make again now (each with a token of its own,
+        and counted as tried), and those given up (too old, or tried too often)."""
+        now = time.time()
+        remaking: dict[ImageReference, tuple[DeferredPull, int]] = {}
+        given_up: dict[ImageReference, DeferredPull] = {}
+        for image, owed in deferred.items():
+            if owed.tries >= OWED_MAX_TRIES or now - owed.since > OWED_MAX_AGE:
+                given_up[image] = owed
+                self._owed.pop(image, None)
+                self._remade.pop(image, None)
+                continue
+            tried = dataclasses.replace(owed, tries=owed.tries + 1)
+            self._owed[image] = tried
+            self._remakings += 1
+            self._remade[image] = self._remakings
+            remaking[image] = (tried, self._remakings)
+        return remaking, given_up
 
     def _retry_now(self, pull: _Pull) -> None:
         pull.retry = None
@@ -582,6 +653,7 @@ class PullService:
 
     def shutdown(self, wait: bool) -> None:
         with self._lock:
+            self._stopped = True
             timer, self._deferred_timer = self._deferred_timer, None
         if timer is not None:
             timer.cancel()

@@ -23,7 +23,7 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from worker.admission import Admission, RequestLimiter
-from worker.deferred_pulls import DEFERRED_FILE, DeferredFile, DeferredPull
+from worker.deferred_pulls import DEFERRED_FILE, MAX_FILE_BYTES, DeferredFile, DeferredPull
 from worker.model import ImageInfo, PullProgress
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.service import PullService, RetryPolicy
@@ -629,7 +629,8 @@ class AwayStore(FakeStore):
 def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker stops while its engine is still away; the next one makes the pull."""
+    """The worker stops while its engine is still away; the next one makes the pulls, each
+    checked again as the publisher that asked."""
     monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
     store = AwayStore()
@@ -644,23 +645,44 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
         eventually(lambda: store.pulls.count("away docker.io/library/flaky:1") == 1)
     finally:
         first.shutdown(wait=True)
-    kept = {str(image): owed for image, owed in DeferredFile(path).load().items()}
+    kept = {str(image): (o.lane, o.asked_by) for image, o in DeferredFile(path).load().items()}
     assert kept == {
-        "docker.io/library/flaky:1": DeferredPull(Lane.SESSION, "sessions"),
-        "docker.io/library/warm:1": DeferredPull(Lane.WARM, None),
+        "docker.io/library/flaky:1": (Lane.SESSION, "sessions"),
+        "docker.io/library/warm:1": (Lane.WARM, None),
     }
 
     store.away.clear()
-    second = make_service(store, 1, owed=DeferredFile(path))
+    second = make_service(
+        store, 1, owed=DeferredFile(path), admission=Admission(publishers=frozenset({"sessions"}))
+    )
     try:
         assert second.resume_owed() == 2
-        eventually(
-            lambda: {"docker.io/library/flaky:1", "docker.io/library/warm:1"} <= store.present
-        )
+        eventually(lambda: "docker.io/library/flaky:1" in store.present)
         eventually(lambda: not path.exists())  # nothing owed any more
         eventually(lambda: second.deferred == 0 and second.unfinished == 0)
+        # Asked by nobody, which these rules do not allow: refused now, and not owed.
+        assert "docker.io/library/warm:1" not in store.present
     finally:
         second.shutdown(wait=True)
+
+
+@dataclass
+class HeldStore(AwayStore):
+    """Holds the pull number ``hold_at`` (1-based) until ``release`` is set."""
+
+    hold_at: int = 0
+    release: threading.Event = field(default_factory=threading.Event)
+    held: threading.Event = field(default_factory=threading.Event)
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        with self.lock:
+            number = len(self.pulls) + 1
+        if number == self.hold_at:
+            self.held.set()
+            assert self.release.wait(10)
+        return super().pull(image, on_progress)
 
 
 def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
@@ -668,16 +690,62 @@ def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
 ) -> None:
     monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
-    store = AwayStore()
+    store = HeldStore(hold_at=3)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "restarting")
     store.failures["docker.io/library/flaky:1"] = [away, away]  # the engine answers, pulls fail
     service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
     try:
         service.submit(request_for("flaky:1"), Answers().answer)
-        eventually(lambda: len(store.pulls) >= 2)  # the first, and the one made again
-        assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/flaky:1"]
+        assert store.held.wait(10)  # the first failed, the one made again failed: a third runs
+        kept = {str(image): owed.tries for image, owed in DeferredFile(path).load().items()}
+        assert kept == {"docker.io/library/flaky:1": 2}  # made again twice, counted on disk
+        store.release.set()
         eventually(lambda: "docker.io/library/flaky:1" in store.present)
         eventually(lambda: not path.exists())
+    finally:
+        store.release.set()
+        service.shutdown(wait=True)
+
+
+def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store answers questions but every pull of this image finds it away (a pull that
+    takes the store down): made again OWED_MAX_TRIES times, then given up, on disk too."""
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.02)
+    monkeypatch.setattr("worker.service.OWED_MAX_TRIES", 3)
+    path = tmp_path / DEFERRED_FILE
+    store = AwayStore()
+    away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "the engine went away mid-pull")
+    store.failures["docker.io/library/poison:1"] = [away] * 50
+    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    try:
+        service.submit(request_for("poison:1"), Answers().answer)
+        eventually(lambda: service.deferred == 0 and service.unfinished == 0 and not path.exists())
+        time.sleep(0.2)  # no more remaking: nothing to wait for
+        assert store.pulls.count("docker.io/library/poison:1") == 1 + 3
+    finally:
+        service.shutdown(wait=True)
+
+
+def test_owed_pulls_older_than_a_day_are_given_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.02)
+    path = tmp_path / DEFERRED_FILE
+    now = time.time()
+    DeferredFile(path).save(
+        {
+            parse_reference("old:1"): DeferredPull(Lane.SESSION, None, now - 2 * 24 * 3600),
+            parse_reference("new:1"): DeferredPull(Lane.SESSION, None, now - 60),
+        }
+    )
+    store = AwayStore()
+    service = make_service(store, 1, owed=DeferredFile(path))
+    try:
+        assert service.resume_owed() == 2
+        eventually(lambda: service.unfinished == 0 and not path.exists())
+        assert store.pulls == ["docker.io/library/new:1"]
     finally:
         service.shutdown(wait=True)
 
@@ -687,7 +755,9 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
 ) -> None:
     monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
-    DeferredFile(path).save({parse_reference("slow:1"): DeferredPull(Lane.SESSION, None)})
+    DeferredFile(path).save(
+        {parse_reference("slow:1"): DeferredPull(Lane.SESSION, None, time.time())}
+    )
     store = AwayStore()
     store.gates["docker.io/library/slow:1"] = threading.Event()
     service = make_service(store, 1, owed=DeferredFile(path))
@@ -701,11 +771,33 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/slow:1"]
 
 
-def test_an_unreadable_list_of_owed_pulls_is_reported_and_starts_empty(tmp_path: Path) -> None:
-    for content in ("{not json", '{"pulls": [{"image": "not an image!"}]}', '{"pulls": 3}'):
-        (tmp_path / DEFERRED_FILE).write_text(content)
-        assert DeferredFile(tmp_path / DEFERRED_FILE).load() == {}
+def test_the_owed_pulls_file_is_read_entry_by_entry(tmp_path: Path) -> None:
+    path = tmp_path / DEFERRED_FILE
+    for content in ("{not json", '{"pulls": 3}', "[" * 100_000, '{"pulls": []}'):
+        path.write_text(content)
+        assert DeferredFile(path).load() == {}
+    path.write_text(
+        '{"pulls": [{"image": "not an image!"}, {"image": "a:1", "lane": "bulk"}, 7,'
+        ' {"image": "b:1", "lane": "warm", "asked_by": "ops", "since": 5, "tries": 2}]}'
+    )
+    kept = {str(image): owed for image, owed in DeferredFile(path).load().items()}
+    assert kept["docker.io/library/a:1"].lane is Lane.SESSION  # a lane it does not know
+    assert kept["docker.io/library/b:1"] == DeferredPull(Lane.WARM, "ops", 5.0, 2)
+    assert len(kept) == 2
+    path.write_text(" " * (MAX_FILE_BYTES + 1))
+    assert DeferredFile(path).load() == {}
     assert DeferredFile(tmp_path / "absent.json").load() == {}
+
+
+def test_the_owed_pulls_file_is_written_whole_and_only_by_its_owner(tmp_path: Path) -> None:
+    path = tmp_path / "state" / DEFERRED_FILE
+    owed = {parse_reference("a:1"): DeferredPull(Lane.WARM, "ops", 12.5, 1)}
+    DeferredFile(path).save(owed)
+    assert DeferredFile(path).load() == owed
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == [DEFERRED_FILE]  # no leftovers
+    DeferredFile(path).save({})
+    assert not path.exists()
 
 
 @dataclass
