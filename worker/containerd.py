@@ -39,7 +39,7 @@ import structlog
 
 from contract import ErrorKind, ImageReference, PullFailed
 from worker.engine import cancelled, classified, interrupted, store_name
-from worker.image_index import ImageEvents, ImageIndex, KnownImage
+from worker.image_index import ImageEvents, ImageIndex
 from worker.model import ImageInfo, PullProgress
 
 log = structlog.get_logger("worker.containerd")
@@ -150,8 +150,7 @@ class ContainerdStore:
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
         """The image if the index knows containerd holds it; never runs ``ctr``."""
-        known = self._index.get(store_name(image))
-        return None if known is None else ImageInfo(known.image_id, known.digest)
+        return self._index.get(store_name(image))
 
     def version(self) -> str:
         output = self._query(None, "version")
@@ -168,15 +167,15 @@ class ContainerdStore:
         """containerd's own answer (remembered); after a pull, whose image events may not
         have reached the index yet, the only true one."""
         name = store_name(image)
-        generation = self._index.generation()
-        listing = self._query(image, "images", "ls", f"name=={name}")
-        target = listed_target(listing, name)
-        if target is None:
-            return None
-        media_type, digest = target
-        info = ImageInfo(image_id=self._config_digest(image, media_type, digest), digest=digest)
-        self._index.remember(name, KnownImage(info.image_id, info.digest), generation)
-        return info
+
+        def listed() -> ImageInfo | None:
+            target = listed_target(self._query(image, "images", "ls", f"name=={name}"), name)
+            if target is None:
+                return None
+            media_type, digest = target
+            return ImageInfo(self._config_digest(image, media_type, digest), digest)
+
+        return self._index.looked_up(name, listed)
 
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None

@@ -32,7 +32,7 @@ import urllib3
 from docker import auth as docker_auth
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
-from worker.image_index import ImageEvents, ImageIndex, KnownImage
+from worker.image_index import ImageEvents, ImageIndex
 from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
 from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
 
@@ -86,8 +86,7 @@ class DockerEngine:
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
         """The image if the index knows the engine holds it; never asks the engine."""
-        known = self._index.get(store_name(image))
-        return None if known is None else ImageInfo(known.image_id, known.digest)
+        return self._index.get(store_name(image))
 
     def find_image(self, image: ImageReference) -> ImageInfo | None:
         """The image's id and digest if the engine has it; ``None`` if it does not.
@@ -100,15 +99,16 @@ class DockerEngine:
         """The engine's own answer (remembered); after a pull, whose image events may not
         have reached the index yet, the only true one."""
         name = store_name(image)
-        generation = self._index.generation()
-        try:
-            with self._failures_as_pull_failed(image):
-                attrs = self._api().inspect_image(name)
-        except docker.errors.ImageNotFound:
-            return None
-        info = _image_info(attrs, image)
-        self._index.remember(name, KnownImage(info.image_id, info.digest), generation)
-        return info
+
+        def inspect() -> ImageInfo | None:
+            try:
+                with self._failures_as_pull_failed(image):
+                    attrs = self._api().inspect_image(name)
+            except docker.errors.ImageNotFound:
+                return None
+            return _image_info(attrs, image)
+
+        return self._index.looked_up(name, inspect)
 
     def start(self) -> None:
         """Starts following the engine's image events, so that known images are answered

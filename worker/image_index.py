@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
 from typing import Protocol
 
 import structlog
+
+from worker.model import ImageInfo
 
 log = structlog.get_logger("worker.image_index")
 
@@ -42,19 +43,13 @@ class ImageEvents(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class KnownImage:
-    image_id: str
-    digest: str | None
-
-
 class ImageIndex:
     """A cache of positive answers, emptied by every image event of the store."""
 
     def __init__(self, events: ImageEvents, name: str = "engine-events") -> None:
         self._events = events
         self._lock = threading.Lock()
-        self._known: dict[str, KnownImage] = {}
+        self._known: dict[str, ImageInfo] = {}
         self._watching = False
         self._generation = 0
         self._stopping = threading.Event()
@@ -80,15 +75,24 @@ class ImageIndex:
         with self._lock:
             return self._generation
 
-    def get(self, name: str) -> KnownImage | None:
+    def get(self, name: str) -> ImageInfo | None:
         with self._lock:
             return self._known.get(name) if self._watching else None
 
-    def remember(self, name: str, image: KnownImage, generation: int) -> None:
+    def remember(self, name: str, image: ImageInfo, generation: int) -> None:
         """Keeps an answer, unless an image event came since ``generation`` was taken."""
         with self._lock:
             if self._watching and generation == self._generation:
                 self._known[name] = image
+
+    def looked_up(self, name: str, look: Callable[[], ImageInfo | None]) -> ImageInfo | None:
+        """The store's own answer, from ``look``; remembered when it holds the image and no
+        image event came while it was asked."""
+        generation = self.generation()
+        info = look()
+        if info is not None:
+            self.remember(name, info, generation)
+        return info
 
     def _forget_all(self, watching: bool | None = None) -> None:
         with self._lock:

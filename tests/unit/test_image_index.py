@@ -10,9 +10,10 @@ from collections.abc import Callable, Generator, Iterator
 import pytest
 
 from worker import image_index
-from worker.image_index import ImageIndex, KnownImage
+from worker.image_index import ImageIndex
+from worker.model import ImageInfo
 
-IMAGE = KnownImage("sha256:" + "1" * 64, "sha256:" + "2" * 64)
+IMAGE = ImageInfo("sha256:" + "1" * 64, "sha256:" + "2" * 64)
 
 
 class ScriptedFeed:
@@ -114,3 +115,21 @@ def test_a_lost_feed_forgets_and_is_followed_again(
         assert index.get("a:1") is None  # nothing from before the loss comes back
     finally:
         index.stop(wait=5)
+
+
+def test_a_look_is_remembered_only_if_it_found_the_image_and_no_event_came_meanwhile(
+    feed: ScriptedFeed, index: ImageIndex
+) -> None:
+    subscribe(feed, index)
+    assert index.looked_up("a:1", lambda: None) is None
+    assert index.get("a:1") is None
+
+    def look_while_an_event_comes() -> ImageInfo:
+        feed.items.put("/images/delete")
+        until(lambda: index.generation() > 1, "the event did not come")
+        return IMAGE
+
+    assert index.looked_up("a:1", look_while_an_event_comes) == IMAGE
+    assert index.get("a:1") is None
+    assert index.looked_up("a:1", lambda: IMAGE) == IMAGE
+    assert index.get("a:1") == IMAGE
