@@ -152,12 +152,14 @@ class Uplink:
                 if not data:
                     break
                 self.bucket.take(len(data), self._closed)
-                sink.sendall(data)
+                # Counted before it is sent: a client that has its last byte may look at
+                # once, and must not find it uncounted.
                 with self._lock:
                     if down:
                         self.bytes_down += len(data)
                     else:
                         self.bytes_up += len(data)
+                sink.sendall(data)
         except OSError:
             pass
         finally:

@@ -7,10 +7,7 @@ not bring it back.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ import structlog
 
 from contract import Lane, PullerError, parse_reference
 from contract.reference import ImageReference
+from worker.state_files import write_whole
 
 log = structlog.get_logger("worker.deferred_pulls")
 
@@ -93,22 +91,7 @@ class DeferredFile:
                 }
                 for image, pull in pulls.items()
             ]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # A name of its own (O_EXCL, mode 0600): two writers never share one, and a
-            # planted symlink is not followed.
-            handle, partial = tempfile.mkstemp(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".new"
-            )
-            try:
-                with os.fdopen(handle, "w", encoding="utf-8") as file:
-                    file.write(json.dumps({"pulls": entries}))
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(partial, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(partial)
-                raise
+            write_whole(self.path, json.dumps({"pulls": entries}))
         except OSError as error:
             log.warning(
                 "could not keep the pulls owed on disk", path=str(self.path), error=str(error)

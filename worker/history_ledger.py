@@ -19,6 +19,8 @@ from pathlib import Path
 
 import structlog
 
+from worker.state_files import write_whole
+
 log = structlog.get_logger("worker.history_ledger")
 
 STATE_FILE = "history-offset.json"
@@ -78,11 +80,9 @@ class OffsetStore:
         return Place(offset, identity if isinstance(identity, str) else None)
 
     def save(self, place: Place) -> None:
-        temporary = self.path.with_suffix(".tmp")
         state = {"offset": place.offset, "identity": place.identity, "saved_at": time.time()}
         try:
-            temporary.write_text(json.dumps(state))
-            os.replace(temporary, self.path)
+            write_whole(self.path, json.dumps(state))
         except OSError as error:  # a full disk must not stop the node serving live requests
             log.warning("could not save the catch-up state", error=str(error))
 

@@ -21,7 +21,6 @@ images the engine no longer holds are dropped at each listing.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +30,7 @@ import structlog
 
 from contract import ImageReference, NodeResult, PullFailed
 from worker.model import PullObserver
+from worker.state_files import write_whole
 
 log = structlog.get_logger("worker.usage")
 
@@ -127,14 +127,8 @@ class UsageLog:
             }
             self._dirty = False
         content = json.dumps({"version": FORMAT_VERSION, "images": images}, sort_keys=True)
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with partial.open("w", encoding="utf-8") as file:
-                file.write(content)
-                file.flush()
-                os.fsync(file.fileno())
-            partial.replace(self.path)
+            write_whole(self.path, content)
         except OSError as error:
             with self._lock:
                 self._dirty = True

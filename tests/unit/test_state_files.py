@@ -1,0 +1,71 @@
+"""State files are replaced whole: the old content or the new, never a part, and nothing
+left behind by a failed write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from worker.state_files import write_whole
+
+
+def test_the_content_is_replaced_and_only_the_owner_may_read_it(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "deferred-pulls.json"  # the directory is made
+
+    write_whole(path, "first")
+    write_whole(path, "second, longer")
+
+    assert path.read_text() == "second, longer"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["deferred-pulls.json"]
+
+
+def test_a_write_that_fails_leaves_the_old_content_and_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "offset.json"
+    write_whole(path, "old")
+
+    def disk_full(handle: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_whole(path, "new")
+
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["offset.json"]
+
+
+def test_the_directory_is_flushed_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(handle: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{handle}"))
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_whole(tmp_path / "usage.json", "{}")
+
+    assert flushed[-1] == str(tmp_path)  # after the file's own flush
+    assert flushed[0].startswith(str(tmp_path / ".usage.json."))
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.write_text("untouched")
+    path = tmp_path / "state.json"
+    # Whatever name a writer might use for its new file, none is followed.
+    for name in (f".{path.name}.new", f".{path.name}.{os.getpid()}.new", "state.tmp"):
+        (tmp_path / name).symlink_to(target)
+
+    write_whole(path, "content")
+
+    assert target.read_text() == "untouched"
+    assert path.read_text() == "content"
+    assert not path.is_symlink()
