@@ -53,11 +53,16 @@ def configure_logging(
     own: list[Processor] = [_Stamp(fields)]
     renderer: Processor
     if as_json:
-        foreign.append(structlog.processors.dict_tracebacks)
-        own.append(structlog.processors.dict_tracebacks)
+        # Tracebacks without the frames' local variables (structlog shows them by default):
+        # a frame that holds a registry password or a broker URL must not put it in a log.
+        tracebacks = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+        )
+        foreign.append(tracebacks)
+        own.append(tracebacks)
         renderer = structlog.processors.JSONRenderer(_LineEncoder().dumps)
     else:
-        renderer = structlog.dev.ConsoleRenderer()
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

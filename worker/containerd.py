@@ -13,6 +13,11 @@ its image) against the node's containerd socket:
 - ``ctr events``: containerd's image events, so that an image known to be there is
   answered from memory (:class:`CtrImageEvents`, :mod:`worker.image_index`).
 
+Registry logins come from the same docker client ``config.json`` as the Docker Engine's
+(:mod:`worker.registry_logins`): ``ctr`` is given the user name with ``--user``, and the
+password through a pseudo-terminal it reads at start (``ctr`` reads a password from
+nowhere else but its command line, which any process on the node may read).
+
 Registries on 127.0.0.0/8 and ``localhost`` are pulled over plain HTTP, as the Docker
 Engine does by default; anything else about registries (mirrors, certificate
 authorities, plain HTTP elsewhere) is containerd's own ``hosts.toml`` configuration, in
@@ -21,14 +26,19 @@ the directory ``PULLER_CONTAINERD_HOSTS_DIR`` names.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import ipaddress
 import json
+import os
 import platform
+import pty
 import re
 import secrets
 import signal
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -40,14 +50,24 @@ import structlog
 from contract import ErrorKind, ImageReference, PullFailed
 from worker.engine import cancelled, classified, interrupted, store_name
 from worker.image_index import ImageEvents, ImageIndex
-from worker.model import ImageInfo, PullProgress
+from worker.model import ImageInfo, PullProgress, StoredImage
+from worker.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 
 log = structlog.get_logger("worker.containerd")
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_NAMESPACE = "k8s.io"
+DEFAULT_ROOT = "/var/lib/containerd"
 QUERY_TIMEOUT = 30.0
 """Seconds a ``ctr`` query (not a pull) may take."""
+REMOVE_TIMEOUT = 600.0
+"""Seconds ``ctr images rm --sync`` may take: it waits for containerd to collect the
+content, which for a large image on a slow disk is more than a query's time."""
+MAX_REMEMBERED_IDS = 10_000
+"""Manifest digests whose image id the store remembers (forgotten all at once beyond)."""
+CRI_CONTAINER_METADATA = "io.cri-containerd.container.metadata"
+"""The extension the CRI plugin keeps each of its containers' record in (containerd 1.x):
+JSON, ``{"Version": "v1", "Metadata": {..., "ImageRef": "sha256:<image id>", ...}}``."""
 WATCH_INTERVAL = 0.2
 """Seconds between looks at a running pull (timeouts, cancelling)."""
 MANIFEST_TYPES = (
@@ -59,10 +79,6 @@ INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
 )
 ADVICE = {
-    ErrorKind.UNAUTHORIZED: (
-        "the registry wants a login, and the containerd store does not log in to registries "
-        "yet: pull from a registry the node may read without one, or use the Docker Engine"
-    ),
     ErrorKind.ENGINE_UNAVAILABLE: (
         "containerd was stopping; the pull is retried (PULLER_PULL_RETRIES)"
     ),
@@ -90,6 +106,9 @@ PROBE_INTERVAL = 0.5
 """Seconds between probes, until one is seen."""
 SUBSCRIBE_WAIT = 30.0
 """Seconds ``ctr events`` has to show a probe before it is given up (and started again)."""
+PASSWORD_LIMIT = 4000
+"""The longest password a terminal line carries to ``ctr`` (a Linux terminal's line holds
+4,095 characters)."""
 
 
 class ContainerdStore:
@@ -110,9 +129,16 @@ class ContainerdStore:
         pull_timeout: float,
         snapshotter: str | None = None,
         hosts_dir: str | None = None,
+        docker_config: DockerConfig | None = None,
+        root: str = DEFAULT_ROOT,
         ctr: str = "ctr",
     ) -> None:
+        """``docker_config``: where registry logins come from (by default as the Docker
+        Engine's: ``DOCKER_CONFIG``, else ``~/.docker``). ``root``: containerd's root
+        directory as the worker sees it, for the disk figure."""
         self._address = address
+        self._root = root
+        self._docker_config = docker_config or DockerConfig.from_environment()
         self._namespace = namespace
         self._stall_timeout = stall_timeout
         self._pull_timeout = pull_timeout
@@ -125,6 +151,10 @@ class ContainerdStore:
         self._interrupted: set[ImageReference] = set()
         self._cancelling = threading.Event()
         self._index = ImageIndex(CtrImageEvents(self._base(), namespace), "containerd-events")
+        self._target_ids: dict[str, str] = {}
+        """Manifest (or index) digest → image id, as read once."""
+        self._made_from: dict[str, str | None] = {}
+        """Container → the image it was made from, as read once."""
 
     def describe(self) -> str:
         return f"containerd at {self._address} (namespace {self._namespace})"
@@ -184,26 +214,19 @@ class ContainerdStore:
         ``timeout``, ``cancelled``, or what ``ctr`` said, classified)."""
         if self._cancelling.is_set():
             raise cancelled(image)
-        command = [*self._base(), "images", "pull", *self._pull_flags(image), store_name(image)]
-        try:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as error:
-            raise unavailable(self._address, error) from None
+        login = ctr_login(self._docker_config.login(image.domain))
+        process, terminal = self._start_pull(image, login)
         with self._lock:
             self._running[process] = image
         with process:  # its pipes closed and the process reaped, whatever happens
             try:
-                stopped = self._watch(process, image, on_progress)
+                stopped = self._watch(process, image, on_progress, login)
             except BaseException:
                 _kill(process)
                 raise
             finally:
+                if terminal:
+                    terminal.close()
                 with self._lock:
                     self._running.pop(process, None)
                     was_interrupted = image in self._interrupted
@@ -220,6 +243,46 @@ class ContainerdStore:
                 f"{self._namespace}",
             )
         return info
+
+    def _start_pull(
+        self, image: ImageReference, login: RegistryLogin
+    ) -> tuple[subprocess.Popen[bytes], PasswordTerminal | None]:
+        """``ctr images pull`` started, and the terminal that holds its password (the
+        worker's end, to close once ``ctr`` has ended)."""
+        user = ["--user", login.basic.user] if login.basic else []
+        command = [
+            *self._base(),
+            "images",
+            "pull",
+            *self._pull_flags(image),
+            *user,
+            store_name(image),
+        ]
+        try:
+            terminal = PasswordTerminal(login.basic) if login.basic else None
+        except OSError as error:
+            raise PullFailed(
+                ErrorKind.ENGINE_ERROR,
+                f"no terminal to give ctr the password for {image.domain} through "
+                f"({type(error).__name__}: {error.strerror}); is /dev/pts mounted?",
+            ) from None
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=terminal.reader if terminal else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except BaseException as error:
+            if terminal:
+                terminal.close()
+            if isinstance(error, OSError):
+                raise unavailable(self._address, error) from None
+            raise
+        if terminal:
+            terminal.handed_over()
+        return process, terminal
 
     def interrupt(self, image: ImageReference) -> None:
         """Cuts the running pull of ``image`` (containerd keeps the layers it finished);
@@ -242,6 +305,115 @@ class ContainerdStore:
     def close(self) -> None:
         self.cancel_pulls()
         self._index.stop(wait=INDEX_STOP_WAIT)
+
+    # -- pruning (worker.model.PrunableStore) --------------------------------------------------
+
+    def images(self) -> list[StoredImage]:
+        """Every image in the namespace: its names grouped by the image id (the config's
+        digest; the CRI plugin names each image by it too). ``repo_digests``: each tag's
+        repository with the manifest's digest, as a pull by digest would name it. Sizes are
+        ``ctr``'s figures (the content, compressed, to a tenth of a unit); no build or tag
+        time is read."""
+        refs = listed_refs(self._query(None, "images", "ls"))
+        ids = self._ids(refs)
+        grouped: dict[str, list[ListedRef]] = {}
+        for ref in refs:
+            grouped.setdefault(ids[ref.target], []).append(ref)
+        images = []
+        for image_id, named in grouped.items():
+            tags = sorted(r.name for r in named if "@" not in r.name and not _is_id(r))
+            digests = {r.name for r in named if "@" in r.name}
+            digests.update(
+                f"{_repository(r.name)}@{r.target}"
+                for r in named
+                if "@" not in r.name and not _is_id(r)
+            )
+            size_bytes = max(r.size_bytes for r in named)
+            images.append(
+                StoredImage(image_id, tuple(tags), tuple(sorted(digests)), size_bytes, None, None)
+            )
+        return images
+
+    def images_in_use(self) -> set[str]:
+        """The ids of the images of every container in the namespace (the kubelet's pods'
+        and their sandboxes', running or not): the image id the CRI plugin recorded for a
+        container it made, else the image its name points at now."""
+        made_from = self._containers_images()
+        refs = listed_refs(self._query(None, "images", "ls"))
+        by_name = {ref.name: ref.target for ref in refs}
+        ids = self._ids(refs)
+        used = set()
+        for image in made_from:
+            if image in by_name:
+                used.add(ids[by_name[image]])
+            elif _DIGEST.fullmatch(image):
+                used.add(image)  # an image id, listed or not
+        return used
+
+    def remove_image(self, image_id: str) -> bool:
+        """Removes every name of the image, its id last (``ctr images rm --sync``: the
+        content is collected before this returns). containerd refuses nothing, so an image
+        a container uses is not protected here: pruning lists containers just before."""
+        refs = listed_refs(self._query(None, "images", "ls"))
+        ids = self._ids(refs)
+        names = [ref.name for ref in refs if ids[ref.target] == image_id]
+        names.sort(key=lambda name: bool(_DIGEST.fullmatch(name)))  # the id last
+        if not names:
+            return False
+        self._query(None, "images", "rm", "--sync", *names, timeout=REMOVE_TIMEOUT)
+        return True
+
+    def data_root(self) -> str:
+        """containerd's root directory (``PULLER_CONTAINERD_ROOT``), which ``ctr`` cannot
+        ask; as the worker sees it."""
+        return self._root
+
+    def _containers_images(self) -> list[str]:
+        """The image each container of the namespace was made from (see
+        :func:`container_image`); a container's is read once, as it never changes."""
+        listed = self._query(None, "containers", "ls", "-q").split()
+        with self._lock:
+            known = dict(self._made_from)
+        for container in listed:
+            if container in known:
+                continue
+            try:
+                info = json.loads(self._query(None, "containers", "info", container))
+            except PullFailed as failure:
+                if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
+                    raise
+                continue  # removed since the listing
+            except ValueError:
+                info = None
+            known[container] = container_image(info)
+        with self._lock:
+            self._made_from = {c: known[c] for c in listed if c in known}
+            return [image for image in self._made_from.values() if image]
+
+    def _ids(self, refs: list[ListedRef]) -> dict[str, str]:
+        """Each listed target's image id: the name the CRI plugin gives an image is its id;
+        otherwise read from the manifest (and remembered: a digest's id never changes)."""
+        ids = {ref.target: ref.name for ref in refs if _is_id(ref)}
+        for ref in refs:
+            if ref.target in ids:
+                continue
+            with self._lock:
+                known = self._target_ids.get(ref.target)
+            if known is None:
+                try:
+                    known = self._config_digest(ref.name, ref.media_type, ref.target)
+                except PullFailed as failure:
+                    if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
+                        raise
+                    # No manifest for this platform, or an unreadable one: known by the
+                    # manifest's digest, so that it can still be listed and removed.
+                    known = ref.target
+                with self._lock:
+                    if len(self._target_ids) >= MAX_REMEMBERED_IDS:
+                        self._target_ids.clear()
+                    self._target_ids[ref.target] = known
+            ids[ref.target] = known
+        return ids
 
     # -- running ctr ---------------------------------------------------------------------------
 
@@ -266,14 +438,16 @@ class ContainerdStore:
             flags += ["--snapshotter", self._snapshotter]
         return flags
 
-    def _query(self, image: ImageReference | None, *arguments: str) -> str:
+    def _query(
+        self, image: ImageReference | None, *arguments: str, timeout: float = QUERY_TIMEOUT
+    ) -> str:
         """``ctr``'s output for a question; raises :class:`PullFailed` when containerd cannot
         be asked."""
         try:
             done = subprocess.run(
                 [*self._base(), *arguments],
                 capture_output=True,
-                timeout=QUERY_TIMEOUT,
+                timeout=timeout,
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as error:
@@ -286,31 +460,33 @@ class ContainerdStore:
             raise PullFailed(ErrorKind.ENGINE_ERROR, f"{what}; see containerd's log")
         return done.stdout.decode(errors="replace")
 
-    def _config_digest(self, image: ImageReference, media_type: str, digest: str) -> str:
-        """The image's config digest (its id), through the index when it is one."""
+    def _config_digest(self, name: object, media_type: str, digest: str) -> str:
+        """The config digest (the id) of image ``name`` (for messages), through the index
+        when it is one."""
         try:
             if media_type in INDEX_TYPES:
-                digest = platform_manifest(self._content(image, digest))
-            manifest = self._content(image, digest)
+                digest = platform_manifest(self._content(digest))
+            manifest = self._content(digest)
             config = manifest.get("config") if isinstance(manifest, dict) else None
             found = config.get("digest") if isinstance(config, dict) else None
         except ValueError as error:
             raise PullFailed(
                 ErrorKind.ENGINE_ERROR,
-                f"containerd holds {image}, but its manifest cannot be read ({error})",
+                f"containerd holds {name}, but its manifest cannot be read ({error})",
             ) from None
         return found if isinstance(found, str) else digest
 
-    def _content(self, image: ImageReference, digest: str) -> object:
+    def _content(self, digest: str) -> object:
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"{digest!r} is not a digest")
-        return json.loads(self._query(image, "content", "get", digest))
+        return json.loads(self._query(None, "content", "get", digest))
 
     def _watch(
         self,
         process: subprocess.Popen[bytes],
         image: ImageReference,
         on_progress: Callable[[PullProgress], None] | None,
+        login: RegistryLogin,
     ) -> PullFailed | None:
         """Follows a running pull until it ends; the failure it ended with, if any."""
         reading = PullOutput()
@@ -358,7 +534,7 @@ class ContainerdStore:
         said = _last_words(b"".join(errors).decode(errors="replace"))
         if process.returncode < 0 and said == NO_MESSAGE:  # an OOM kill, say
             said = f"ctr was killed by {signal.Signals(-process.returncode).name}, not by puller"
-        failure = ctr_failure(said, image, self._address)
+        failure = ctr_failure(said, image, self._address, login)
         log.info("ctr pull failed", image=str(image), said=said, kind=failure.kind.value)
         return failure
 
@@ -647,6 +823,65 @@ def listed_target(listing: str, name: str) -> tuple[str, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class ListedRef:
+    """One row of ``ctr images ls``: a name and the manifest (or index) it points at."""
+
+    name: str
+    media_type: str
+    target: str
+    size_bytes: int
+
+
+def listed_refs(listing: str) -> list[ListedRef]:
+    """Every row of ``ctr images ls``'s table (REF TYPE DIGEST SIZE PLATFORMS LABELS, SIZE
+    as a number and a unit); a row it cannot read is left out."""
+    refs = []
+    for line in listing.splitlines()[1:]:
+        columns = line.split()
+        if len(columns) < 5 or not _DIGEST.fullmatch(columns[2]):
+            continue
+        try:
+            size_bytes = size(columns[3], columns[4])
+        except ValueError:
+            size_bytes = 0
+        refs.append(ListedRef(columns[0], columns[1], columns[2], size_bytes))
+    return refs
+
+
+def container_image(info: object) -> str | None:
+    """From ``ctr containers info``: the image a container was made from. For a container
+    the CRI plugin made (the kubelet's), the image id it recorded: the name the container
+    was made with may since point at another image (a tag pulled again). Else that name."""
+    if not isinstance(info, dict):
+        return None
+    extensions = info.get("Extensions")
+    record = extensions.get(CRI_CONTAINER_METADATA) if isinstance(extensions, dict) else None
+    value = record.get("value") if isinstance(record, dict) else None
+    if isinstance(value, str):
+        try:
+            metadata = json.loads(base64.b64decode(value, validate=True))
+        except ValueError:
+            metadata = None
+        inner = metadata.get("Metadata") if isinstance(metadata, dict) else None
+        image_ref = inner.get("ImageRef") if isinstance(inner, dict) else None
+        if isinstance(image_ref, str) and image_ref:
+            return image_ref
+    image = info.get("Image")
+    return image if isinstance(image, str) and image else None
+
+
+def _repository(name: str) -> str:
+    """``HOST/PATH:TAG`` → ``HOST/PATH`` (a port's colon comes before the last slash)."""
+    head, slash, last = name.rpartition("/")
+    return f"{head}{slash}{last.split(':', 1)[0]}"
+
+
+def _is_id(ref: ListedRef) -> bool:
+    """The name the CRI plugin gives each image in its namespace: the image id itself."""
+    return bool(_DIGEST.fullmatch(ref.name))
+
+
 def platform_manifest(index: object, os_name: str = "linux", architecture: str = "") -> str:
     """The digest of the manifest for this machine's platform in an image index."""
     architecture = architecture or _architecture()
@@ -710,14 +945,16 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.send_signal(signal.SIGKILL)
 
 
-def ctr_failure(said: str, image: ImageReference, address: str) -> PullFailed:
+def ctr_failure(
+    said: str, image: ImageReference, address: str, login: RegistryLogin | None = None
+) -> PullFailed:
     """What ``ctr``'s last words mean. Between ``ctr`` and containerd everything is gRPC
     (``code = Unavailable`` when containerd goes away); between ``ctr`` and the
-    registry, HTTP."""
+    registry, HTTP. ``login``: what the pull gave ``ctr`` to log in with."""
     lowered = said.lower()
     if any(text in lowered for text in _UNREACHABLE):
         return unavailable(address, said)
-    failure = classified(said, image, engine="containerd", advice=ADVICE)
+    failure = classified(said, image, login, engine="containerd", advice=ADVICE, basic_only=True)
     if failure.kind is ErrorKind.NOT_FOUND and "failed to resolve reference" not in lowered:
         # containerd's own "not found" (a snapshot, a blob): not the image's absence
         return PullFailed(
@@ -734,3 +971,83 @@ def unavailable(address: str, error: object) -> PullFailed:
         "containerd runs on this node, that its socket is mounted into the worker "
         "(CONTAINERD_ADDRESS), and that ctr is installed",
     )
+
+
+def ctr_login(login: RegistryLogin) -> RegistryLogin:
+    """``login`` as ``ctr`` can use it: no user name and password (``basic``), with the
+    reason in ``problem``, when ``ctr`` would misread them (it cuts ``--user`` at the first
+    colon; a terminal line ends at a line break, and holds 4,095 characters)."""
+    if login.basic is None:
+        return dataclasses.replace(login, problem=login.basic_problem)
+    user, password = login.basic.user, login.basic.password
+    problem = None
+    if ":" in user:
+        problem = f"the user name for {login.registry} has a colon, which ctr cannot send"
+    elif any(_is_control(c) for c in user):
+        problem = f"the user name for {login.registry} has a control character"
+    elif any(_is_control(c) for c in password):
+        # A terminal edits a line as it is typed (^U erases it, DEL a character, ^D ends
+        # it): ctr would read another password than the one given.
+        problem = (
+            f"the password for {login.registry} has a control character (a line break, "
+            "a tab, DEL), which a terminal line cannot carry to ctr as it is"
+        )
+    elif not _utf8(user) or not _utf8(password):
+        problem = f"the login for {login.registry} is not valid text (UTF-8)"
+    elif len(password.encode()) > PASSWORD_LIMIT:
+        problem = (
+            f"the password for {login.registry} is longer than {PASSWORD_LIMIT} bytes, "
+            "more than ctr can read"
+        )
+    if problem is None:
+        return login
+    return dataclasses.replace(login, header=None, basic=None, problem=problem)
+
+
+class PasswordTerminal:
+    """A pseudo-terminal with ``login``'s password typed into it, for ``ctr``'s standard
+    input (``login`` has passed :func:`ctr_login`).
+
+    ``ctr images pull --user USER`` reads the password from a terminal before it starts
+    (it prints ``Password:`` first). Echo is off from the start, so the password never
+    comes back out of the terminal; it is in the terminal's buffer, which the worker and
+    that ``ctr`` alone hold, never on a command line or in an environment."""
+
+    def __init__(self, login: BasicLogin) -> None:
+        self._writer, self.reader = pty.openpty()
+        try:
+            modes = termios.tcgetattr(self.reader)
+            modes[3] &= ~(termios.ECHO | termios.ECHONL)
+            termios.tcsetattr(self.reader, termios.TCSANOW, modes)
+            os.write(self._writer, login.password.encode() + b"\n")
+        except BaseException:
+            self.close()
+            raise
+
+    def handed_over(self) -> None:
+        """``ctr`` has its own copy of the reading end: the worker's is closed."""
+        _close_fd(self.reader)
+        self.reader = -1
+
+    def close(self) -> None:
+        _close_fd(self.reader)
+        _close_fd(self._writer)
+        self.reader = self._writer = -1
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_control(character: str) -> bool:
+    return ord(character) < 0x20 or ord(character) == 0x7F
+
+
+def _close_fd(fd: int) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -47,7 +47,7 @@ from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up import CatchUp
 from worker.containerd import ContainerdStore
 from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
-from worker.engine import DockerConfig, DockerEngine
+from worker.engine import DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
 from worker.metrics import WorkerMetrics
@@ -57,6 +57,7 @@ from worker.prune_requests import PruneRequests
 from worker.pruning import DiskWatch, Housekeeping, Pruner, engine_disk
 from worker.pull_through import PullThrough
 from worker.registry_health import NotFoundMemory, RegistryBreaker
+from worker.registry_logins import DockerConfig
 from worker.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
 from worker.usage import USAGE_FILE, Observers, UsageLog
@@ -163,6 +164,8 @@ class Worker:
                 pull_timeout=settings.pull_timeout,
                 snapshotter=settings.containerd_snapshotter,
                 hosts_dir=settings.containerd_hosts_dir,
+                docker_config=DockerConfig(settings.docker_config),
+                root=str(settings.containerd_root),
             )
         return DockerEngine(
             settings.docker_host,
@@ -187,10 +190,12 @@ class Worker:
         pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned)
         watch = None
         if settings.disk_high_water is not None:
-            data_root = settings.docker_data_root
+            data_root, setting = settings.docker_data_root, "PULLER_DOCKER_DATA_ROOT"
+            if settings.image_store == "containerd":
+                data_root, setting = settings.containerd_root, "PULLER_CONTAINERD_ROOT"
             watch = DiskWatch(
                 pruner,
-                lambda: engine_disk(store, data_root),
+                lambda: engine_disk(store, data_root, setting),
                 settings.disk_high_water,
                 settings.disk_low_water,
                 settings.prune_keep_file,

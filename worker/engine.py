@@ -1,40 +1,36 @@
-"""The node's Docker Engine: the only module of the worker that imports the docker SDK.
+"""The node's Docker Engine: with :mod:`worker.registry_logins` (which reads a docker
+client's logins), the only module of the worker that imports the docker SDK.
 
 It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
 person can act on. The containerd backend is another class with the same methods
 (:class:`worker.model.ImageStore`, :mod:`worker.containerd`).
 
-Registry logins come from a docker client ``config.json`` (:class:`DockerConfig`), read
-again whenever it changes, and go to the engine with each pull; they never go into a
+Registry logins come from a docker client ``config.json`` (:mod:`worker.registry_logins`),
+read again at every pull, and go to the engine with each pull; they never go into a
 message or a log line.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import docker
 import requests
 import structlog
 import urllib3
-from docker import auth as docker_auth
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from worker.image_index import ImageEvents, ImageIndex
 from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
 from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
+from worker.registry_logins import DockerConfig, RegistryLogin, login_advice
 
 log = structlog.get_logger("worker.engine")
 
@@ -519,100 +515,6 @@ class DockerImageEvents(ImageEvents):
                 stream.close()
 
 
-@dataclass(frozen=True)
-class RegistryLogin:
-    """What the worker has to log in to one registry with, as one pull uses it. Its ``repr``
-    and every text made from it leave the credentials out."""
-
-    registry: str
-    header: str | None = field(repr=False)
-    """The engine's ``X-Registry-Auth`` value; ``None``: pull without a login."""
-    source: str
-    """Where it was looked for, for messages: ``PATH (DOCKER_CONFIG=DIR)`` or
-    ``PATH (DOCKER_CONFIG unset)``."""
-    problem: str | None = None
-    """Why there is none (``header`` is ``None``): no file, no entry, an unreadable file."""
-
-
-class DockerConfig:
-    """A docker client ``config.json`` (``auths``, or ``credsStore``/``credHelpers`` as the
-    docker SDK supports them) that the worker logs in to registries with.
-
-    ``directory``: the ``DOCKER_CONFIG`` directory; ``None``: ``~/.docker``, as the docker
-    CLI and SDK look when it is unset. The file is read at every pull (a few kilobytes at
-    most, nothing beside a pull), so credentials mounted or rotated after the worker
-    started (a Kubernetes Secret) are used from the next pull on, with no restart. A file
-    that cannot be read counts as no login, and messages say why.
-    """
-
-    def __init__(self, directory: Path | None) -> None:
-        self._directory = directory
-        # As the docker SDK looks; Path.home() would raise for a user with no home at all.
-        home = Path(os.path.expanduser("~"))
-        self.path = (directory or home / ".docker") / "config.json"
-
-    @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> DockerConfig:
-        """From ``DOCKER_CONFIG`` (unset or empty: ``~/.docker``)."""
-        directory = (os.environ if environ is None else environ).get("DOCKER_CONFIG")
-        return cls(Path(directory) if directory else None)
-
-    def describe(self) -> str:
-        """The file and how it was chosen, for messages."""
-        if self._directory is None:
-            return f"{self.path} (DOCKER_CONFIG unset)"
-        return f"{self.path} (DOCKER_CONFIG={self._directory})"
-
-    def login(self, registry: str) -> RegistryLogin:
-        """The login for ``registry`` (``HOST[:PORT]``, as image names spell it); never
-        raises."""
-        try:
-            auths = _read_docker_config(self.path)
-            helper = auths.get_credential_store(registry)
-            if helper and shutil.which(f"docker-credential-{helper}") is None:
-                raise _UnusableConfig(
-                    f"its credential helper docker-credential-{helper} is not on PATH"
-                )
-            found = auths.resolve_authconfig(registry)
-        except _UnusableConfig as unusable:
-            return RegistryLogin(registry, None, self.describe(), str(unusable))
-        except Exception as error:  # a credential helper failed
-            problem = f"its credential helper failed ({type(error).__name__})"
-            return RegistryLogin(registry, None, self.describe(), problem)
-        if not found:
-            return RegistryLogin(registry, None, self.describe(), f"no login for {registry}")
-        header = docker_auth.encode_header(found).decode("ascii")
-        return RegistryLogin(registry, header, self.describe())
-
-
-class _UnusableConfig(Exception):
-    """Why a docker config.json gives no logins. Never quotes the file: it holds secrets."""
-
-
-def _read_docker_config(path: Path) -> docker_auth.AuthConfig:
-    """The logins in ``path``; raises :class:`_UnusableConfig`. The reasons name an
-    exception's type only: its text could quote the file, credentials and all."""
-    try:
-        content = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise _UnusableConfig("no such file") from None
-    except OSError as error:
-        raise _UnusableConfig(f"it cannot be read ({type(error).__name__})") from None
-    except ValueError:
-        raise _UnusableConfig("it is not JSON") from None
-    if not isinstance(content, dict):
-        raise _UnusableConfig("it is not a JSON object")
-    if not content:  # the SDK would go and look for another file
-        return docker_auth.AuthConfig({})
-    try:
-        return docker_auth.load_config(config_dict=content)
-    except (docker.errors.DockerException, ValueError, TypeError, AttributeError) as error:
-        raise _UnusableConfig(
-            f"its auths are not docker logins ({type(error).__name__}; each needs "
-            '"auth": base64 of USER:PASSWORD)'
-        ) from None
-
-
 class _ProgressTracker:
     """Sums the per-layer byte counts of the engine's "Downloading" events."""
 
@@ -838,7 +740,7 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
     (
         ErrorKind.UNAUTHORIZED,
         ("unauthorized", "authentication required", "denied", "no basic auth credentials"),
-        "",  # see _login_advice
+        "",  # see login_advice
     ),
     (
         ErrorKind.REGISTRY_UNREACHABLE,
@@ -879,17 +781,20 @@ def classified(
     *,
     engine: str = "dockerd",
     advice: Mapping[ErrorKind, str] | None = None,
+    basic_only: bool = False,
 ) -> PullFailed:
     """The failure the engine's ``engine_message`` means; ``login``: what the pull sent the
     registry, which tells a missing login from a refused one. ``engine``: whose log to
-    look in; ``advice``: what to do, per kind, where it differs from the Docker Engine's."""
+    look in; ``advice``: what to do, per kind, where it differs from the Docker Engine's;
+    ``basic_only``: the client sends only a user name and password (see
+    :func:`worker.registry_logins.login_advice`)."""
     lowered = engine_message.lower()
     for kind, needles, default in _RULES:
         if any(needle in lowered for needle in needles):
             if advice and kind in advice:
                 what_to_do = advice[kind]
             elif kind is ErrorKind.UNAUTHORIZED:
-                what_to_do = _login_advice(image.domain or "docker.io", login)
+                what_to_do = login_advice(image.domain or "docker.io", login, basic_only=basic_only)
             else:
                 what_to_do = default
             return PullFailed(
@@ -899,23 +804,6 @@ def classified(
         ErrorKind.ENGINE_ERROR,
         f"pulling {image} failed: {engine_message.strip()}; see the node's {engine} log",
     )
-
-
-def _login_advice(registry: str, login: RegistryLogin | None) -> str:
-    """What to do about a registry that wants a login, from what the worker sent it."""
-    if login is not None and login.header is not None:
-        return (
-            f"registry {registry} refused the worker's login from {login.source}, or that "
-            f"login may not pull this repository: correct the credentials for {registry} "
-            "there (read again at each pull)"
-        )
-    advice = (
-        f"registry {registry} needs a login: give the worker a docker config.json with "
-        f"credentials for it (DOCKER_CONFIG=dir; read again at each pull)"
-    )
-    if login is None:
-        return advice
-    return f"{advice}; the worker looked in {login.source}: {login.problem}"
 
 
 _CACHE_DOWN_KINDS = frozenset(

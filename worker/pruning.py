@@ -377,15 +377,17 @@ def disk_usage(path: str | Path) -> DiskUsage:
     return DiskUsage(str(path), total, used, free)
 
 
-def engine_disk(store: PrunableStore, data_root: Path | None) -> DiskUsage:
-    """The disk of the engine's data: ``data_root`` (``PULLER_DOCKER_DATA_ROOT``, the path as
-    this worker sees it) or else the engine's own ``DockerRootDir``, which is only right when
-    the worker sees the same file system there (no container, or that path mounted)."""
+def engine_disk(
+    store: PrunableStore, data_root: Path | None, setting: str = "PULLER_DOCKER_DATA_ROOT"
+) -> DiskUsage:
+    """The disk of the engine's data: ``data_root`` (the path as this worker sees it, from
+    ``setting``) or else the engine's own ``DockerRootDir``, which is only right when the
+    worker sees the same file system there (no container, or that path mounted)."""
     if data_root is not None:
         try:
             return disk_usage(data_root)
         except DiskUnreadable as error:
-            raise DiskUnreadable(f"PULLER_DOCKER_DATA_ROOT: {error}") from None
+            raise DiskUnreadable(f"{setting}: {error}") from None
     try:
         path = store.data_root()
     except PullFailed as failure:

@@ -36,6 +36,7 @@ from worker.admission import (
     publisher_names,
 )
 from worker.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
+from worker.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
 from worker.pruning import DEFAULT_MIN_IDLE, KeepListError, read_keep_file
 from worker.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_routes
 
@@ -57,10 +58,13 @@ class WorkerSettings(BrokerAndPolicy):
     """``None``: containerd's default snapshotter."""
     containerd_hosts_dir: str | None = None
     """containerd's ``hosts.toml`` directory for registries; ``None``: none."""
+    containerd_root: Path = Path(CONTAINERD_ROOT)
+    """containerd's root directory as the worker sees it (the disk figure for pruning)."""
     docker_host: str | None = None
     """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
     docker_config: Path | None = None
-    """``None``: ``~/.docker``, as the docker SDK looks (see ``worker.engine.DockerConfig``)."""
+    """``None``: ``~/.docker``, as the docker SDK looks (see
+    :class:`worker.registry_logins.DockerConfig`)."""
     pull_through_caches: CacheRoutes = ()
     """``(upstream, cache)`` pairs (see :mod:`worker.pull_through`); empty: none."""
     max_concurrent_pulls: int = 2
@@ -177,6 +181,14 @@ SETTINGS: tuple[Setting, ...] = (
         "a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as "
         "containerd's `config_path`, mounted into the worker; unset: none (registries on "
         "localhost and loopback addresses are pulled over plain HTTP in any case)",
+    ),
+    Setting(
+        "PULLER_CONTAINERD_ROOT",
+        "containerd_root",
+        "containerd's root directory as this worker sees it, for the disk figure of "
+        f"`PULLER_DISK_HIGH_WATER` (default `{CONTAINERD_ROOT}`: mount the node's there, "
+        "read-only will do)",
+        Path,
     ),
     Setting(
         "DOCKER_HOST",

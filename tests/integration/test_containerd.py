@@ -4,6 +4,7 @@ RabbitMQ, and the worker running ``ctr``."""
 
 from __future__ import annotations
 
+import base64
 import gc
 import json
 import signal
@@ -18,27 +19,37 @@ from pathlib import Path
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import ErrorKind, PullFailed, Status
+from contract import ErrorKind, PruneResult, PullFailed, Status
 from contract.reference import parse_reference
 from localcluster.cluster import WorkerProcess
 from localcluster.engines import NodeContainerd
-from localcluster.registry import Registry
+from localcluster.registry import Login, Registry, docker_config
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
 from worker.containerd import PROBE_PREFIX, ContainerdStore
 from worker.model import ImageInfo, PullProgress
+from worker.pruning import PruneRule, engine_disk, prune
+from worker.registry_logins import DockerConfig
+from worker.usage import UsageLog
 
 pytestmark = pytest.mark.integration
 
 NODES = 2
 STALL_TIMEOUT = 3.0
+USER = "puller-ci"
+PASSWORD = f"pw-{uuid.uuid4().hex}"
+DAY = 86400.0
+"""New for each run, so that finding it anywhere means it leaked from this run."""
 
 
 class ContainerdCluster:
     def __init__(self, root: Path, amqp_url: str) -> None:
         self.registry = Registry(root / "registry")
         self.nodes = [NodeContainerd(f"node-{i}", root / f"node-{i}") for i in range(1, 3)]
+        self.docker_config = root / "docker-config"
+        """Every worker's ``DOCKER_CONFIG``: a test writes ``config.json`` there, as a
+        Kubernetes Secret is mounted, and removes it."""
         self.workers = [
             WorkerProcess(
                 node=node.name,
@@ -52,6 +63,7 @@ class ContainerdCluster:
                     "PULLER_STALL_TIMEOUT": str(STALL_TIMEOUT),
                     "PULLER_PULL_RETRIES": "0",
                     "PULLER_SHUTDOWN_GRACE": "1",
+                    "DOCKER_CONFIG": str(self.docker_config),
                 },
             )
             for node in self.nodes
@@ -158,6 +170,105 @@ def test_a_present_image_is_answered_from_memory_until_containerd_says_it_change
         assert not [n for n in namespaces if n.startswith(PROBE_PREFIX)], namespaces
 
 
+@pytest.fixture(scope="module")
+def private_registry(cluster: ContainerdCluster) -> Iterator[Registry]:
+    registry = Registry(cluster.nodes[0].root.parent / "private", login=Login(USER, PASSWORD))
+    registry.start()
+    yield registry
+    registry.remove()
+
+
+def test_a_login_in_docker_config_lets_every_node_pull_and_is_never_shown(
+    cluster: ContainerdCluster, publisher: Publisher, private_registry: Registry
+) -> None:
+    image = private_registry.push_files(
+        f"cd-private/{uuid.uuid4().hex[:8]}", "1", {"payload.txt": uuid.uuid4().bytes}
+    )
+    config = cluster.docker_config / "config.json"
+
+    without = publisher.pull(image, expect=NODES, timeout=60)
+    assert {r.error.kind for r in without.nodes if r.error} == {ErrorKind.UNAUTHORIZED}, without
+    for result in without.nodes:
+        assert result.error is not None
+        assert f"registry {private_registry.address} needs a login" in result.error.message
+        assert f"looked in {config} (DOCKER_CONFIG={cluster.docker_config}): no such file" in (
+            result.error.message
+        )
+
+    docker_config(cluster.docker_config, private_registry.address, USER, PASSWORD)
+    try:
+        report = publisher.pull(image, expect=NODES, timeout=60)  # no restart: read at each pull
+    finally:
+        config.unlink()
+    assert report.ok, report
+    assert {r.status for r in report.nodes} == {Status.PULLED}
+    for node in cluster.nodes:
+        assert cluster.listed(node, image) is not None
+    replies = json.dumps([without.to_json(), report.to_json()])
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    for secret in (PASSWORD, token):
+        assert secret not in replies
+        for worker in cluster.workers:
+            assert secret not in worker.log_path.read_text(errors="replace"), worker.node
+
+
+def test_in_process_ctr_gets_the_password_by_terminal_never_on_its_command_line(
+    tmp_path: Path, cluster: ContainerdCluster, private_registry: Registry
+) -> None:
+    """The command line of every process on the node is readable by any other (``ps``):
+    sampled all through a slowed pull, ``ctr``'s names the user only."""
+    node = cluster.nodes[1]
+    store = ContainerdStore(
+        str(node.socket),
+        stall_timeout=STALL_TIMEOUT,
+        pull_timeout=60,
+        docker_config=DockerConfig(tmp_path),
+    )
+    pushed = private_registry.push_sized(f"cd-private/{uuid.uuid4().hex[:8]}", "1", [1_500_000])
+    proxy = TcpProxy(("127.0.0.1", private_registry.port))
+    image = parse_reference(pushed.replace(private_registry.address, proxy.address))
+    seen: list[str] = []
+    done = threading.Event()
+
+    def sample_command_lines() -> None:
+        while not done.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    line = (entry / "cmdline").read_bytes() if entry.name.isdigit() else b""
+                except OSError:
+                    continue
+                if b"images\0pull" in line and str(node.socket).encode() in line:
+                    seen.append(line.replace(b"\0", b" ").decode(errors="replace"))
+            time.sleep(0.005)
+
+    try:
+        docker_config(tmp_path, proxy.address, USER, f"wrong-{PASSWORD}")
+        with pytest.raises(PullFailed) as refused:
+            store.pull(image)
+        assert refused.value.kind is ErrorKind.UNAUTHORIZED
+        assert f"registry {proxy.address} refused the worker's login from {tmp_path}" in (
+            refused.value.message
+        )
+
+        docker_config(tmp_path, proxy.address, USER, PASSWORD)
+        proxy.throttle(500_000)  # about 3 s of pulling to be seen in
+        sampler = threading.Thread(target=sample_command_lines)
+        sampler.start()
+        try:
+            info = store.pull(image)
+        finally:
+            done.set()
+            sampler.join()
+        assert info == store.find_image(image)
+    finally:
+        proxy.close()
+        store.close()
+    assert seen, "the sampler never saw ctr's command line"
+    assert all(f"--user {USER} " in line for line in seen), seen[:3]
+    assert not [line for line in seen if PASSWORD in line]
+    gc.collect()  # the terminal's descriptors are closed: an open one would warn and fail
+
+
 def test_the_roster_names_containerd_and_its_version(
     cluster: ContainerdCluster, publisher: Publisher
 ) -> None:
@@ -226,14 +337,77 @@ def test_a_stopped_containerd_is_reported_and_the_image_comes_once_it_is_back(
         time.sleep(1)
 
 
-def test_a_prune_says_the_store_cannot_prune(
+def test_a_prune_over_the_wire_answers_from_every_containerd_node(
     cluster: ContainerdCluster, publisher: Publisher
 ) -> None:
-    report = publisher.prune(0, dry_run=True, expect=NODES, timeout=30)
-    assert not report.ok
-    errors = [a.error for a in report.answers]
-    assert len(errors) == NODES, report
-    assert all(e is not None and "cannot prune" in e.message for e in errors), report
+    image = cluster.registry.push_sized(f"cd/{uuid.uuid4().hex[:8]}", "1", [100_000])
+    assert publisher.pull(image, expect=NODES, timeout=60).ok
+    before = [node.ctr("images", "ls", "-q") for node in cluster.nodes]
+
+    report = publisher.prune(0, dry_run=True, expect=NODES, timeout=60)
+
+    assert report.ok, report
+    assert len(report.answers) == NODES
+    for answer in report.answers:
+        assert isinstance(answer, PruneResult) and answer.dry_run
+        assert any(image in removed.names for removed in answer.removed), answer
+    assert [node.ctr("images", "ls", "-q") for node in cluster.nodes] == before
+
+
+def test_in_process_pruning_removes_every_name_of_what_no_container_uses(
+    tmp_path: Path, cluster: ContainerdCluster
+) -> None:
+    """On a containerd of its own: an image a container was made from (as the kubelet
+    makes them, never started) and one on the keep list stay; the rest go whole, every
+    name, and their content is collected."""
+    node = NodeContainerd("pruned", tmp_path / "containerd")
+    node.start()
+    store = ContainerdStore(
+        str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60, root=str(node.root)
+    )
+    usage = UsageLog(tmp_path / "image-usage.json")
+    try:
+        used, kept, unused, aliased = (
+            parse_reference(
+                cluster.registry.push_files(f"prune/{uuid.uuid4().hex[:8]}", "1", {"f": b"%d" % n})
+            )
+            for n in range(4)
+        )
+        ids = {image: store.pull(image).image_id for image in (used, kept, unused, aliased)}
+        second = f"{cluster.registry.address}/prune/alias:{uuid.uuid4().hex[:6]}"
+        node.ctr("images", "tag", str(aliased), second)
+        node.ctr("containers", "create", str(used), f"c-{uuid.uuid4().hex[:6]}", "/f")
+        unused_manifest = cluster.listed(node, str(unused))
+
+        listed = {image.image_id: image for image in store.images()}
+        assert set(listed) == set(ids.values())
+        assert listed[ids[aliased]].names == tuple(sorted((str(aliased), second)))
+        assert store.images_in_use() == {ids[used]}
+
+        now = time.time() + 100 * DAY
+        usage.saw(ids.values(), now - 400 * DAY)
+        for image_id in ids.values():
+            usage.record(image_id, now - 90 * DAY)
+        # Kept by the digest of what its tag pointed at, which names no image in the
+        # listing: the store gives each tag's repository@digest.
+        kept_by_digest = f"{str(kept).rsplit(':', 1)[0]}@{cluster.listed(node, str(kept))}"
+        rule = PruneRule(unused_for=30 * DAY, keep=(kept_by_digest,))
+        outcome = prune(store, rule, usage, now)
+
+        assert outcome.errors == ()
+        assert (outcome.kept_in_use, outcome.kept_listed) == (1, 1)
+        assert sorted(r.image_id for r in outcome.removed) == sorted((ids[unused], ids[aliased]))
+        assert outcome.bytes_freed > 0
+        left = node.ctr("images", "ls", "-q").split()
+        assert str(used) in left and str(kept) in left and ids[used] in left
+        for gone in (str(unused), str(aliased), second, ids[unused], ids[aliased]):
+            assert gone not in left, left
+        assert unused_manifest not in node.ctr("content", "ls", "-q").split()
+        assert store.remove_image(ids[unused]) is False  # gone already
+        assert engine_disk(store, None).total > 0  # PULLER_CONTAINERD_ROOT, as the worker sees it
+    finally:
+        store.close()
+        node.remove()
 
 
 def test_sigterm_during_a_pull_kills_ctr_and_answers_cancelled(

@@ -6,7 +6,9 @@ throttled proxy), colours included; the store itself runs against a real contain
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import time
 
 import pytest
@@ -15,10 +17,14 @@ from contract import ErrorKind
 from contract.reference import parse_reference
 from worker.containerd import (
     ADVICE,
+    CRI_CONTAINER_METADATA,
     FIRST_FRAME_WAIT,
+    ListedRef,
     PullOutput,
+    container_image,
     ctr_failure,
     event_of,
+    listed_refs,
     listed_target,
     plain_http,
     platform_manifest,
@@ -195,6 +201,42 @@ def test_the_listing_gives_the_named_images_target() -> None:
     assert listed_target("REF TYPE DIGEST SIZE PLATFORMS LABELS\n", "x") is None
 
 
+FULL_LISTING = """\
+REF                                TYPE                                                 DIGEST                                                                  SIZE    PLATFORMS   LABELS
+127.0.0.1:25087/p/5fe95d:1         application/vnd.docker.distribution.manifest.v2+json sha256:ac3501c50c46ecef8f7154cc281bae4f0b57dc335249c61436913e0080521e1e 825.0 B linux/amd64 io.cri-containerd.image=managed
+127.0.0.1:25087/p/d935ce:2         application/vnd.docker.distribution.manifest.v2+json sha256:21a6459e8c8a79231e7ed5dbbabf0a4cf8259b6c3d946960f5bf117390f0afc8 2.9 MiB linux/amd64 io.cri-containerd.image=managed
+sha256:394d42d55238b6f5ba77c487ff2bb237ee1523f0d02c109cf33d88dc29ae5c9f application/vnd.docker.distribution.manifest.v2+json sha256:ac3501c50c46ecef8f7154cc281bae4f0b57dc335249c61436913e0080521e1e 825.0 B linux/amd64 io.cri-containerd.image=managed
+half-a-row application/vnd.oci.image.index.v1+json
+not-a-digest application/vnd.oci.image.index.v1+json sha256:zz 1.0 KiB linux/amd64 -
+"""  # noqa: E501 - ctr's table, as it printed it
+"""Two images, one with the name the CRI plugin gives it (its id), and two rows that are
+not ctr's."""
+
+
+def test_every_readable_row_of_the_listing_with_its_size() -> None:
+    assert listed_refs(FULL_LISTING) == [
+        ListedRef(
+            "127.0.0.1:25087/p/5fe95d:1",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "sha256:ac3501c50c46ecef8f7154cc281bae4f0b57dc335249c61436913e0080521e1e",
+            825,
+        ),
+        ListedRef(
+            "127.0.0.1:25087/p/d935ce:2",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "sha256:21a6459e8c8a79231e7ed5dbbabf0a4cf8259b6c3d946960f5bf117390f0afc8",
+            int(2.9 * 1024**2),
+        ),
+        ListedRef(
+            "sha256:394d42d55238b6f5ba77c487ff2bb237ee1523f0d02c109cf33d88dc29ae5c9f",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "sha256:ac3501c50c46ecef8f7154cc281bae4f0b57dc335249c61436913e0080521e1e",
+            825,
+        ),
+    ]
+    assert listed_refs("") == []
+
+
 def test_an_index_gives_this_platforms_manifest() -> None:
     index = {
         "manifests": [
@@ -254,9 +296,10 @@ def test_plain_http_only_for_loopback_registries(domain: str | None, plain: bool
 def test_what_ctr_says_is_classified(said: str, kind: ErrorKind) -> None:
     failure = classified(said, parse_reference("r.local/x:1"), engine="containerd", advice=ADVICE)
     assert failure.kind is kind
-    assert "DOCKER_CONFIG" not in failure.message  # the Docker Engine's advice is not given
-    if kind is ErrorKind.UNAUTHORIZED:
-        assert "does not log in to registries yet" in failure.message
+    if kind is ErrorKind.UNAUTHORIZED:  # the same logins as the Docker Engine's
+        assert "give the worker a docker config.json" in failure.message
+    else:
+        assert "DOCKER_CONFIG" not in failure.message
 
 
 @pytest.mark.parametrize(
@@ -310,3 +353,41 @@ def test_event_lines_give_the_topic_and_the_name() -> None:
     )
     assert event_of("ctr: failed to dial") == ("", None)
     assert event_of("") == ("", None)
+
+
+def cri_record(image_ref: object) -> dict[str, object]:
+    """A container's extension as the CRI plugin (containerd 1.6) writes it and
+    ``ctr containers info`` prints it: the value is base64 of the JSON record."""
+    record = {"Version": "v1", "Metadata": {"ID": "abc", "Name": "app", "ImageRef": image_ref}}
+    value = base64.b64encode(json.dumps(record).encode()).decode()
+    return {"type_url": "github.com/containerd/cri/pkg/store/container/Metadata", "value": value}
+
+
+def test_a_cri_containers_image_is_the_id_it_recorded_not_its_name() -> None:
+    info = {
+        "ID": "abc",
+        "Image": "docker.io/library/app:latest",  # the tag may have moved since
+        "Extensions": {CRI_CONTAINER_METADATA: cri_record("sha256:" + "1" * 64)},
+    }
+    assert container_image(info) == "sha256:" + "1" * 64
+
+
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        None,
+        {},
+        {CRI_CONTAINER_METADATA: {"type_url": "x", "value": "not base64!"}},
+        {CRI_CONTAINER_METADATA: {"value": base64.b64encode(b"[1, 2]").decode()}},
+        {CRI_CONTAINER_METADATA: cri_record("")},
+        {CRI_CONTAINER_METADATA: cri_record(None)},
+    ],
+)
+def test_otherwise_a_containers_image_is_its_name(extensions: object) -> None:
+    info = {"ID": "c1", "Image": "127.0.0.1:5000/p/app:1", "Extensions": extensions}
+    assert container_image(info) == "127.0.0.1:5000/p/app:1"
+
+
+def test_a_container_with_no_image_has_none() -> None:
+    assert container_image({"ID": "c1", "Image": ""}) is None
+    assert container_image(["not", "a", "record"]) is None

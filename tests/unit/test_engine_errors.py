@@ -10,7 +10,8 @@ import pytest
 
 from contract import ErrorKind, parse_reference
 from localcluster.registry import docker_config
-from worker.engine import DockerConfig, RegistryLogin, classified, repository_digest
+from worker.engine import classified, repository_digest
+from worker.registry_logins import DockerConfig, RegistryLogin
 
 IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
 
