@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker
 from docker import auth as docker_auth
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""The largest config.json read (a Kubernetes Secret holds at most 1 MiB); it is read at
+every pull."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +134,24 @@ def _read_docker_config(path: Path) -> docker_auth.AuthConfig:
     """The logins in ``path``; raises :class:`_UnusableConfig`. The reasons name an
     exception's type only: its text could quote the file, credentials and all."""
     try:
-        content = json.loads(path.read_bytes())
+        # Not blocking: a FIFO or a device put there must not hang the pull that reads it.
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _UnusableConfig("no such file") from None
     except OSError as error:
         raise _UnusableConfig(f"it cannot be read ({type(error).__name__})") from None
-    except ValueError:
+    try:
+        with os.fdopen(handle, "rb") as file:
+            if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                raise _UnusableConfig("it is not a regular file")
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise _UnusableConfig(f"it cannot be read ({type(error).__name__})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _UnusableConfig(f"it is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        content = json.loads(raw)
+    except (ValueError, RecursionError):
         raise _UnusableConfig("it is not JSON") from None
     if not isinstance(content, dict):
         raise _UnusableConfig("it is not a JSON object")

@@ -4,6 +4,7 @@ test_engine_errors.py, the whole on real parts in tests/integration/test_contain
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from worker.containerd import (
     ctr_failure,
     ctr_login,
 )
-from worker.registry_logins import BasicLogin, DockerConfig, RegistryLogin
+from worker.registry_logins import MAX_CONFIG_BYTES, BasicLogin, DockerConfig, RegistryLogin
 
 REGISTRY = "registry.example:5000"
 IMAGE = parse_reference(f"{REGISTRY}/team/app:1")
@@ -188,3 +189,24 @@ def test_a_ctr_that_cannot_start_leaves_no_terminal_open(
 
     assert sorted(os.listdir("/proc/self/fd")) == before
     assert PASSWORD not in str(failed.value)
+
+
+def test_a_config_that_is_no_regular_file_or_too_big_is_no_login_and_never_hangs(
+    tmp_path: Path,
+) -> None:
+    config = DockerConfig(tmp_path)
+    os.mkfifo(tmp_path / "config.json")  # nobody writes: reading it would block for ever
+    assert config.login(REGISTRY).problem == "it is not a regular file"
+
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").mkdir()
+    assert config.login(REGISTRY).problem == "it cannot be read (IsADirectoryError)"
+
+    (tmp_path / "config.json").rmdir()
+    entry = {"auth": base64.b64encode(f"ci:{PASSWORD}".encode()).decode()}
+    padding = " " * MAX_CONFIG_BYTES
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {REGISTRY: entry}}) + padding)
+    assert config.login(REGISTRY).problem == "it is larger than 1024 KiB"
+
+    (tmp_path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert config.login(REGISTRY).problem == "it is not JSON"
