@@ -183,7 +183,7 @@ class ContainerdStore:
         return self._index.get(store_name(image))
 
     def version(self) -> str:
-        output = self._query(None, "version")
+        output = self._query("version")
         server = output.split("Server:", 1)[-1]
         found = re.search(r"Version:\s*(\S+)", server)
         return found.group(1) if found else "unknown"
@@ -199,7 +199,7 @@ class ContainerdStore:
         name = store_name(image)
 
         def listed() -> ImageInfo | None:
-            target = listed_target(self._query(image, "images", "ls", f"name=={name}"), name)
+            target = listed_target(self._query("images", "ls", f"name=={name}"), name)
             if target is None:
                 return None
             media_type, digest = target
@@ -314,8 +314,7 @@ class ContainerdStore:
         repository with the manifest's digest, as a pull by digest would name it. Sizes are
         ``ctr``'s figures (the content, compressed, to a tenth of a unit); no build or tag
         time is read."""
-        refs = listed_refs(self._query(None, "images", "ls"))
-        ids = self._ids(refs)
+        refs, ids = self._listing()
         grouped: dict[str, list[ListedRef]] = {}
         for ref in refs:
             grouped.setdefault(ids[ref.target], []).append(ref)
@@ -339,9 +338,8 @@ class ContainerdStore:
         and their sandboxes', running or not): the image id the CRI plugin recorded for a
         container it made, else the image its name points at now."""
         made_from = self._containers_images()
-        refs = listed_refs(self._query(None, "images", "ls"))
+        refs, ids = self._listing()
         by_name = {ref.name: ref.target for ref in refs}
-        ids = self._ids(refs)
         used = set()
         for image in made_from:
             if image in by_name:
@@ -354,13 +352,12 @@ class ContainerdStore:
         """Removes every name of the image, its id last (``ctr images rm --sync``: the
         content is collected before this returns). containerd refuses nothing, so an image
         a container uses is not protected here: pruning lists containers just before."""
-        refs = listed_refs(self._query(None, "images", "ls"))
-        ids = self._ids(refs)
+        refs, ids = self._listing()
         names = [ref.name for ref in refs if ids[ref.target] == image_id]
         names.sort(key=lambda name: bool(_DIGEST.fullmatch(name)))  # the id last
         if not names:
             return False
-        self._query(None, "images", "rm", "--sync", *names, timeout=REMOVE_TIMEOUT)
+        self._query("images", "rm", "--sync", *names, timeout=REMOVE_TIMEOUT)
         return True
 
     def data_root(self) -> str:
@@ -371,14 +368,14 @@ class ContainerdStore:
     def _containers_images(self) -> list[str]:
         """The image each container of the namespace was made from (see
         :func:`container_image`); a container's is read once, as it never changes."""
-        listed = self._query(None, "containers", "ls", "-q").split()
+        listed = self._query("containers", "ls", "-q").split()
         with self._lock:
             known = dict(self._made_from)
         for container in listed:
             if container in known:
                 continue
             try:
-                info = json.loads(self._query(None, "containers", "info", container))
+                info = json.loads(self._query("containers", "info", container))
             except PullFailed as failure:
                 if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
                     raise
@@ -389,6 +386,11 @@ class ContainerdStore:
         with self._lock:
             self._made_from = {c: known[c] for c in listed if c in known}
             return [image for image in self._made_from.values() if image]
+
+    def _listing(self) -> tuple[list[ListedRef], dict[str, str]]:
+        """Every name in the namespace, and the image id of each target they point at."""
+        refs = listed_refs(self._query("images", "ls"))
+        return refs, self._ids(refs)
 
     def _ids(self, refs: list[ListedRef]) -> dict[str, str]:
         """Each listed target's image id: the name the CRI plugin gives an image is its id;
@@ -438,9 +440,7 @@ class ContainerdStore:
             flags += ["--snapshotter", self._snapshotter]
         return flags
 
-    def _query(
-        self, image: ImageReference | None, *arguments: str, timeout: float = QUERY_TIMEOUT
-    ) -> str:
+    def _query(self, *arguments: str, timeout: float = QUERY_TIMEOUT) -> str:
         """``ctr``'s output for a question; raises :class:`PullFailed` when containerd cannot
         be asked."""
         try:
@@ -479,7 +479,7 @@ class ContainerdStore:
     def _content(self, digest: str) -> object:
         if not _DIGEST.fullmatch(digest):
             raise ValueError(f"{digest!r} is not a digest")
-        return json.loads(self._query(None, "content", "get", digest))
+        return json.loads(self._query("content", "get", digest))
 
     def _watch(
         self,
@@ -814,12 +814,11 @@ def event_of(line: str) -> tuple[str, str | None]:
 
 
 def listed_target(listing: str, name: str) -> tuple[str, str] | None:
-    """From ``ctr images ls``'s table (REF TYPE DIGEST SIZE PLATFORMS LABELS): the media
-    type and digest ``name`` points at, if it is listed."""
-    for line in listing.splitlines()[1:]:
-        columns = line.split()
-        if len(columns) >= 3 and columns[0] == name and columns[2].startswith("sha256:"):
-            return columns[1], columns[2]
+    """From ``ctr images ls``'s table: the media type and digest ``name`` points at, if it
+    is listed."""
+    for ref in listed_refs(listing):
+        if ref.name == name:
+            return ref.media_type, ref.target
     return None
 
 

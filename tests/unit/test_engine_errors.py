@@ -11,7 +11,7 @@ import pytest
 from contract import ErrorKind, parse_reference
 from localcluster.registry import docker_config
 from worker.engine import classified, repository_digest
-from worker.registry_logins import DockerConfig, RegistryLogin
+from worker.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 
 IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
 
@@ -173,9 +173,11 @@ def test_a_credential_helper_named_by_the_config_gives_the_login(
     monkeypatch.setenv("PATH", f"{helper.parent}:/usr/bin:/bin")
     (tmp_path / "config.json").write_text(json.dumps({"credHelpers": {REGISTRY: "fake"}}))
 
-    login = header_login(DockerConfig(tmp_path).login(REGISTRY))
+    found = DockerConfig(tmp_path).login(REGISTRY)
+    login = header_login(found)
 
     assert (login["Username"], login["Password"]) == ("ci", REGISTRY)
+    assert found.basic == BasicLogin("ci", REGISTRY)  # for ctr, on containerd nodes
 
 
 def test_docker_hub_logins_are_found_in_any_spelling(tmp_path: Path) -> None:

@@ -41,21 +41,6 @@ def test_a_config_json_login_gives_the_user_and_password(tmp_path: Path) -> None
     assert PASSWORD not in repr(login.basic)
 
 
-def test_a_credential_helpers_login_gives_the_user_and_password(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    helper = tmp_path / "bin" / "docker-credential-fake"
-    helper.parent.mkdir()
-    helper.write_text(
-        f'#!/bin/sh\nread server\necho \'{{"Username": "ci", "Secret": "{PASSWORD}"}}\'\n'
-    )
-    helper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{helper.parent}:/usr/bin:/bin")
-    (tmp_path / "config.json").write_text(json.dumps({"credHelpers": {REGISTRY: "fake"}}))
-
-    assert DockerConfig(tmp_path).login(REGISTRY).basic == BasicLogin("ci", PASSWORD)
-
-
 def test_an_identity_token_is_a_login_ctr_cannot_send_and_the_failure_says_so(
     tmp_path: Path,
 ) -> None:
