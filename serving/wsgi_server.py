@@ -1,0 +1,363 @@
+"""waitress, configured for puller and stricter about where a request ends.
+
+The one module that imports waitress. waitress documents ``serve``/``create_server`` and
+their settings; the parser, channel and server classes subclassed here are not documented,
+so each override is exercised by ``tests/unit/test_http_server.py`` (a waitress release
+that changes them fails there) and the dependency is held below the next major version.
+
+waitress 3.0 answers 400 and closes the connection for a duplicate or signed Content-Length,
+a NUL or bare CR/LF inside a header line, or an unknown transfer coding. It serves, and keeps
+the connection open for more, in the cases below, which a proxy in front may frame
+differently (request smuggling); each is answered 400 here, and the connection closed:
+
+- Content-Length with Transfer-Encoding (waitress reads the chunks and serves what follows
+  the last one as a request of its own);
+- Transfer-Encoding in a request that is not HTTP/1.1 (waitress ignores it there);
+- ``chunked`` twice; a header continued on the next line (obs-fold, which waitress joins);
+- a request line that is not method, target and version (waitress serves ``GET /x`` as
+  HTTP/0.9, and ``GET HTTP/1.1`` as a request for ``HTTP/1.1``);
+- ``Content_Length`` or ``Transfer_Encoding`` (waitress drops such a header unread);
+- a header block whose lines end in a bare LF or CR (waitress waits for a CRLF CRLF).
+
+Added besides:
+
+- a deadline for a whole request, first byte to last (waitress's ``channel_timeout``
+  counts silence only, so a client trickling a byte every few seconds would hold its
+  connection for ever): such a client gets 408 at its first byte after it;
+- a bound on the bytes held by requests not yet handled, across all connections (each
+  request's first few kilobytes aside, so small requests never meet it): past it, the
+  request that would grow gets 503 (waitress holds up to a whole body per connection);
+- accepting a burst of connections in one turn of the I/O loop (waitress accepts one a
+  turn, and a turn costs time in proportion to the connections open);
+- JSON for waitress's own error answers (400, 408, 413, 431, 501, 503), as for every other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
+from waitress.utilities import Error
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIApplication
+
+ACCEPT_BATCH = 64
+"""Connections accepted in one turn of the I/O loop at most."""
+LOOP_TICK = 1
+"""Seconds the I/O loop waits for events at most; also how often it looks for idle
+connections to close."""
+BACKLOG = 1024
+"""Connections the kernel queues before they are accepted (capped at ``somaxconn``)."""
+
+_FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def framing_problem(header_block: bytes) -> str | None:
+    """What makes a request's head (request line and header lines, CRLF between them) frame
+    its body in a way a proxy could read differently; ``None`` when nothing does."""
+    request_line, *lines = header_block.split(b"\r\n")
+    names: list[bytes] = []
+    codings: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            return "a header line continued on the next (obs-fold): send each on one line"
+        name, _, value = line.partition(b":")
+        lowered = name.lower()
+        if b"_" in lowered and lowered.replace(b"_", b"-") in _FRAMING_HEADERS:
+            return f"a header named {name.decode('latin-1')!r}: framing headers use '-'"
+        names.append(lowered)
+        if lowered == b"transfer-encoding":
+            codings += [c.strip(b" \t").lower() for c in value.split(b",") if c.strip(b" \t")]
+    version = request_line.split(b" ")[-1]
+    problems = {
+        "a request line is a method, a target and HTTP/1.1 or HTTP/1.0, one space apart": (
+            request_line.count(b" ") != 2 or version not in (b"HTTP/1.1", b"HTTP/1.0")
+        ),
+        "both Content-Length and Transfer-Encoding: send one of them": (
+            b"transfer-encoding" in names and b"content-length" in names
+        ),
+        "Transfer-Encoding in a request that is not HTTP/1.1": (
+            b"transfer-encoding" in names and version != b"HTTP/1.1"
+        ),
+        "Transfer-Encoding: chunked applied more than once": codings.count(b"chunked") > 1,
+    }
+    return next((problem for problem, found in problems.items() if found), None)
+
+
+def bare_line_end(head: bytes) -> bool:
+    """Whether the start of a request (its head, or the part of it that arrived so far)
+    ends a line with a LF or CR alone. A CR last may yet be followed by its LF."""
+    end = head.find(b"\r\n\r\n")
+    pending = head[:end] if end >= 0 else head.removesuffix(b"\r")
+    left = pending.replace(b"\r\n", b"")
+    return b"\n" in left or b"\r" in left
+
+
+class JsonError(Error):
+    """An error waitress answers by itself (the request never reached the application),
+    written as JSON; waitress adds ``Connection: close`` and closes after it."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+    # waitress writes the body as bytes; its type stubs say str.
+    def to_response(  # type: ignore[override]
+        self, ident: str | None = None
+    ) -> tuple[str, Sequence[tuple[str, str]], bytes]:
+        body = json.dumps({"error": self.body}).encode()
+        return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+
+class HeldBytes:
+    """The bytes of requests read and not yet handled, beyond each request's first
+    ``allowance``, over all connections: at most ``limit``. Taken by the I/O thread,
+    given back by whichever thread ends the request."""
+
+    def __init__(self, limit: int, allowance: int) -> None:
+        self.limit = limit
+        self.allowance = allowance
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> bool:
+        with self._lock:
+            if self.total + amount > self.limit:
+                return False
+            self.total += amount
+            return True
+
+    def give_back(self, amount: int) -> None:
+        with self._lock:
+            self.total -= amount
+
+
+class _Holding:
+    """What one request has taken from :class:`HeldBytes`; given back once, when the
+    request is closed or, failing that, garbage."""
+
+    def __init__(self, held: HeldBytes) -> None:
+        self.held = held
+        self.amount = 0
+
+    def release(self) -> None:
+        amount, self.amount = self.amount, 0
+        if amount:
+            self.held.give_back(amount)
+
+
+class Settings(Adjustments):
+    """waitress's settings, and what the parser below adds to them."""
+
+    request_timeout: float = 30.0
+    """Seconds from a request's first byte to its last."""
+    held: HeldBytes = HeldBytes(limit=2**62, allowance=0)
+
+
+class StrictParser(HTTPRequestParser):
+    """waitress's request parser, with the checks in this module's description."""
+
+    def __init__(self, adj: Adjustments) -> None:
+        super().__init__(adj)
+        if not isinstance(adj, Settings):
+            raise TypeError("StrictParser reads serving.wsgi_server.Settings")
+        settings = adj
+        self._started = time.monotonic()
+        self._request_timeout = settings.request_timeout
+        self._allowance = settings.held.allowance
+        self._read = 0
+        self._holding = _Holding(settings.held)
+        weakref.finalize(self, self._holding.release)
+
+    def received(self, data: bytes) -> int:
+        if self.completed:
+            return 0
+        if time.monotonic() - self._started > self._request_timeout:
+            message = f"a request must arrive whole within {self._request_timeout:g} s"
+            return self._refuse(JsonError(408, "Request Timeout", message), len(data))
+        # What came before was checked but for a CR last: only its last bytes go again, in
+        # case a line's end or the head's falls across the two (a LF first among them was
+        # judged with its CR).
+        tail = self.header_plus[-3:].removeprefix(b"\n")
+        if not self.headers_finished and bare_line_end(tail + data):
+            message = "a line of the request's head ends in a bare LF or CR: end lines with CRLF"
+            return self._refuse(JsonError(400, "Bad Request", message), len(data))
+        held = self._holding.held
+        taken = self._beyond_allowance(self._read + len(data)) - self._holding.amount
+        if taken > 0 and not held.take(taken):
+            message = (
+                f"the server holds {held.limit} bytes of unfinished requests already; "
+                "try again shortly"
+            )
+            return self._refuse(JsonError(503, "Service Unavailable", message), len(data))
+        self._holding.amount += max(0, taken)
+        consumed = super().received(data)
+        self._read += consumed
+        unused = self._holding.amount - self._beyond_allowance(self._read)
+        if unused > 0:  # what followed this request in ``data`` is the next one's
+            self._holding.amount -= unused
+            held.give_back(unused)
+        if self.error is not None and not isinstance(self.error, JsonError):
+            self.error = self._as_json(self.error)
+        return consumed
+
+    def close(self) -> None:
+        super().close()
+        self._holding.release()
+
+    def _beyond_allowance(self, read: int) -> int:
+        return max(0, read - self._allowance)
+
+    def parse_header(self, header_plus: bytes) -> None:
+        problem = framing_problem(header_plus)
+        if problem is not None:
+            raise ParsingError(problem)
+        super().parse_header(header_plus)
+
+    def _refuse(self, error: JsonError, consumed: int) -> int:
+        """Ends the request with ``error``, all of ``data`` read: nothing after it is served."""
+        if not self.headers_finished:
+            # What waitress itself answers an unfinished head against (its 431 does this).
+            super().parse_header(b"GET / HTTP/1.0\r\n")
+        self.error = error
+        self.completed = True
+        return consumed
+
+    def _as_json(self, error: Error) -> JsonError:
+        message = error.body
+        if error.code == 413:
+            largest = self.adj.max_request_body_size - 1
+            message = f"a body of at most {largest} bytes, with a valid length"
+        return JsonError(error.code, error.reason, message)
+
+
+class StrictChannel(HTTPChannel):
+    parser_class = StrictParser
+
+
+class StrictServer(TcpWSGIServer):
+    channel_class = StrictChannel
+
+    def __init__(
+        self,
+        application: WSGIApplication,
+        *,
+        connections: dict[int, Any],
+        dispatcher: ThreadedTaskDispatcher,
+        adj: Settings,
+    ) -> None:
+        self.connections = connections
+        super().__init__(application, map=connections, dispatcher=dispatcher, adj=adj)
+
+    def handle_accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            before = len(self.connections)
+            if before >= self.adj.connection_limit:
+                return
+            super().handle_accept()
+            if len(self.connections) == before:  # none was waiting, or accept failed
+                return
+
+
+class WsgiServer:
+    """``application`` on ``host:port`` (port 0: any free one): an I/O thread holds every
+    connection, and a request reaches one of ``threads`` threads only once it has arrived
+    whole. At most ``connection_limit`` connections are open; more wait in the kernel's
+    backlog until one closes."""
+
+    def __init__(
+        self,
+        application: WSGIApplication,
+        *,
+        host: str,
+        port: int,
+        name: str,
+        threads: int,
+        connection_limit: int,
+        idle_timeout: float,
+        request_timeout: float,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        max_held_bytes: int,
+        held_allowance: int,
+    ) -> None:
+        channel_timeout = max(1, math.ceil(idle_timeout))
+        settings = Settings(
+            host=host or "0.0.0.0",
+            port=port,
+            ipv6=False,  # as the standard library's server: IPv4 on every interface
+            threads=threads,
+            # waitress counts its own two descriptors (the listening socket, its wake-up
+            # pipe) in the limit.
+            connection_limit=connection_limit + 2,
+            channel_timeout=channel_timeout,
+            cleanup_interval=max(1, min(30, channel_timeout // 4)),
+            max_request_header_size=max_header_bytes,
+            max_request_body_size=max_body_bytes + 1,  # waitress refuses the limit itself
+            asyncore_use_poll=True,  # select() stops at descriptor 1024
+            asyncore_loop_timeout=LOOP_TICK,
+            backlog=BACKLOG,
+            ident="puller",
+        )
+        settings.request_timeout = request_timeout
+        settings.held = self.held = HeldBytes(max_held_bytes, held_allowance)
+        # waitress's dispatchers by file descriptor (its type stubs call them sockets)
+        self._map: dict[int, Any] = {}
+        self._dispatcher = ThreadedTaskDispatcher()
+        try:
+            self._server = StrictServer(
+                application, connections=self._map, dispatcher=self._dispatcher, adj=settings
+            )
+        except BaseException:
+            self._close_all()  # what was opened before the bind failed
+            raise
+        self._dispatcher.set_thread_count(threads)
+        listening = self._server.socket
+        if listening is None:
+            raise RuntimeError("waitress made no listening socket")
+        self.port: int = listening.getsockname()[1]
+        self._stopping = threading.Event()
+        self._closing = threading.Lock()  # the wake-up pipe is not written once closed
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Closes the listening socket and every connection; requests still running get
+        ``grace`` seconds to end before their threads are left behind."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            with self._closing:
+                if not self._closed:
+                    self._server.pull_trigger()  # wakes the loop, which closes everything
+            self._thread.join()
+        else:
+            self._close_all()
+        self._dispatcher.shutdown(timeout=math.ceil(grace))
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            wasyncore.loop(timeout=LOOP_TICK, use_poll=True, map=self._map, count=1)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._closing:
+            self._closed = True
+            for dispatcher in list(self._map.values()):
+                dispatcher.close()
+            self._map.clear()
