@@ -2,12 +2,15 @@
 thousands of connections that begin a request and never finish it, then all close at once.
 
     .venv/bin/python -m bench.slow_clients [--gateway 5000] [--worker 3000] [--bin DIR]
+        [--begun trickle,"4 KB head","60 KB body"] [--trickle-seconds 15]
 
 ``puller-http`` runs in a cgroup v1 memory group of 256 MiB and ``puller-worker`` in one of
 128 MiB (their limits in deploy/kubernetes/), connected to a vhost of the machine's
 RabbitMQ. Printed per server: memory idle and with the connections open (resident, and as
-the memory group counts it, kernel memory included), per slow connection, and the slowest
-answer to ``/alive`` and a real call while they are open and once they have all closed.
+the memory group counts it, kernel memory included), per slow connection, the slowest
+answer to ``/alive`` and a real call while they are open, while each sends a byte every
+20 s (and the server's CPU then), and once they have all closed. ``--begun``: what each
+connection sends before it stops (a few bytes of a head; 4 KB of a head; 60 KB of a body).
 ``--bin``: a directory holding ``puller-http`` and ``puller-worker`` (another version, in a
 virtualenv of its own); by default this checkout's, with its runtime dependencies only.
 Needs root (cgroups) and an open-file limit above the connection counts.
@@ -42,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         default="trickle",
         help=f"what each connection sends before it stops, comma-separated: {', '.join(BEGUN)}",
     )
+    parser.add_argument(
+        "--trickle-seconds",
+        type=float,
+        default=15.0,
+        help="then every connection sends a byte every 20 s, for this long (0: not)",
+    )
     args = parser.parse_args(argv)
     kinds = args.begun.split(",")
     if raise_open_file_limit() < max(args.gateway, args.worker) + 100:
@@ -71,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                         ["/alive", "/nodes"],
                         group,
                         begun=begun,
+                        trickle_for=args.trickle_seconds,
                     )
                     results.append(("puller-http", kind, report))
                 finally:
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         ["/alive", "/ready"],
                         group,
                         begun=begun,
+                        trickle_for=args.trickle_seconds,
                     )
                     results.append(("puller-worker", kind, report))
                 except ServiceFailed as error:
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "slowest answer s",
             "unanswered",
             "OOM kills",
+            "CPU % trickling",
         ],
         rows,
     )
@@ -157,6 +169,7 @@ def _row(name: str, kind: str, report: Siege) -> list[object]:
         report.slowest,
         len(report.unanswered),
         report.oom_kills,
+        "-" if report.trickling_cpu is None else report.trickling_cpu,
     ]
 
 

@@ -10,6 +10,7 @@ import http.client
 import os
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,20 @@ class SlowClients:
                 continue
         return sent
 
+    def trickle_steadily(self, period: float, stop: threading.Event) -> None:
+        """One byte on each connection every ``period`` seconds, spread evenly, until
+        ``stop`` is set."""
+        gap = period / max(1, len(self.sockets))
+        due = time.monotonic()
+        index = 0
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                self.sockets[index % len(self.sockets)].send(b"x")
+            index += 1
+            due += gap
+            if (wait := due - time.monotonic()) > 0:
+                stop.wait(wait)
+
     def still_open(self) -> int:
         """Connections the server has neither answered nor closed."""
         waiting = 0
@@ -150,6 +165,12 @@ def connections_held(pid: int, port: int) -> int:
     return held
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int) -> float | None:
     """The process's resident memory; ``None`` once it is gone."""
     try:
@@ -183,12 +204,15 @@ class Siege:
     were closed: all of them, or the test proved nothing."""
     while_open: list[Probe] = field(default_factory=list)
     after_trickle: list[Probe] = field(default_factory=list)
+    while_trickling: list[Probe] = field(default_factory=list)
+    trickling_cpu: float | None = None
+    """The server's CPU while every connection sent a byte a period, % of one core."""
     after_close: list[Probe] = field(default_factory=list)
     error: str = ""
 
     @property
     def probes(self) -> list[Probe]:
-        return self.while_open + self.after_trickle + self.after_close
+        return self.while_open + self.after_trickle + self.while_trickling + self.after_close
 
     @property
     def slowest(self) -> float:
@@ -212,12 +236,16 @@ def siege(
     group: MemoryGroup | None = None,
     rounds: int = 3,
     begun: bytes = PARTIAL_REQUEST,
+    trickle_for: float = 0.0,
+    trickle_period: float = 20.0,
 ) -> Siege:
     """Opens ``count`` slow connections to the server (process ``pid``) at once, waits until
     it holds them all, then probes each of ``paths`` ``rounds`` times; sends one more byte
     on every connection and probes again; closes them all at once and probes at once and
     for ``rounds`` more rounds. Memory is read from ``/proc`` and from ``group``. Each
-    connection sends ``begun`` first (see :data:`BEGUN`)."""
+    connection sends ``begun`` first (see :data:`BEGUN`). With ``trickle_for``, every
+    connection then sends a byte each ``trickle_period`` seconds for that long, while the
+    server's CPU is measured and it is probed twice a second."""
     report = Siege(count)
     report.rss_idle = rss_mib(pid)
     report.group_idle = group.usage_bytes / MIB if group else None
@@ -231,6 +259,23 @@ def siege(
         report.while_open = _rounds(port, paths, rounds)
         clients.trickle()
         report.after_trickle = _rounds(port, paths, 1)
+        if trickle_for:
+            stop = threading.Event()
+            trickler = threading.Thread(
+                target=clients.trickle_steadily, args=(trickle_period, stop)
+            )
+            began, cpu_before = time.monotonic(), cpu_seconds(pid)
+            trickler.start()
+            try:
+                while time.monotonic() - began < trickle_for:
+                    report.while_trickling += _rounds(port, paths, 1)
+                    stop.wait(0.5)
+            finally:
+                stop.set()
+                trickler.join()
+            report.trickling_cpu = (
+                100 * (cpu_seconds(pid) - cpu_before) / (time.monotonic() - began)
+            )
         report.held_at_end = clients.still_open()
     except (SlowClientsFailed, OSError) as error:
         report.error = f"{type(error).__name__}: {error}"

@@ -29,6 +29,8 @@ Added besides:
   request that would grow gets 503 (waitress holds up to a whole body per connection);
 - accepting a burst of connections in one turn of the I/O loop (waitress accepts one a
   turn, and a turn costs time in proportion to the connections open);
+- a rest after each turn of the I/O loop when thousands of connections are open, so that
+  their waking it now and then costs at most a third of a core;
 - JSON for waitress's own error answers (400, 408, 413, 431, 501, 503), as for every other.
 """
 
@@ -53,11 +55,17 @@ from waitress.utilities import Error
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
-ACCEPT_BATCH = 64
+ACCEPT_BATCH = 256
 """Connections accepted in one turn of the I/O loop at most."""
 LOOP_TICK = 1
 """Seconds the I/O loop waits for events at most; also how often it looks for idle
 connections to close."""
+CROWDED = 1000
+"""Connections past which each turn of the I/O loop is followed by a rest (see ``REST``)."""
+REST = 2
+"""With more than ``CROWDED`` connections, a turn of the I/O loop is followed by a rest
+this many times its CPU time: the loop then spends at most a third of a core, however
+many connections wake it up."""
 BACKLOG = 1024
 """Connections the kernel queues before they are accepted (capped at ``somaxconn``)."""
 
@@ -351,8 +359,15 @@ class WsgiServer:
         self._dispatcher.shutdown(timeout=math.ceil(grace))
 
     def _loop(self) -> None:
+        # waitress asks every connection what it waits for on each turn, so a turn costs
+        # time in proportion to the connections open, and thousands of clients each
+        # sending a byte now and then would keep the loop turning all the time. Resting
+        # after a costly turn lets the next one take many events at once.
         while not self._stopping.is_set():
+            began = time.thread_time()
             wasyncore.loop(timeout=LOOP_TICK, use_poll=True, map=self._map, count=1)
+            if len(self._map) > CROWDED:
+                self._stopping.wait(REST * (time.thread_time() - began))
         self._close_all()
 
     def _close_all(self) -> None:

@@ -54,6 +54,7 @@ class HealthServer:
             port,
             self.answer,
             name="health",
+            threads=2,  # a probe, a scrape: each answered from memory
             max_connections=max_connections,
             max_held_bytes=UNFINISHED_BYTES,
         )
