@@ -64,7 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PULLER_HTTP_MAX_CONNECTIONS",
         "max_connections",
-        "connections open at once (slow or idle clients included); more wait to be accepted",
+        "connections held at once, slow or idle ones included; past it the oldest idle one "
+        "is closed for each new one",
         whole,
         minimum=1,
     ),

@@ -80,10 +80,11 @@ class HttpServer:
         """``idle_timeout``: seconds a connection may stay silent (mid-request, or between
         keep-alive requests) before it is closed. ``request_timeout``: seconds from a
         request's first byte to its last (a client that trickles is closed too).
-        ``threads``: requests handled at once. ``max_connections``: connections open at
-        once (more wait in the kernel's backlog), lowered to what the process's open-file
-        limit allows. ``max_held_bytes``: bytes of requests read and not yet handled, each
-        request's first ``HELD_ALLOWANCE`` aside, over all connections (past it, 503)."""
+        ``threads``: requests handled at once. ``max_connections``: connections held at
+        once (past it the oldest idle one is closed for each new one), lowered to what the
+        process's open-file limit allows. ``max_held_bytes``: bytes of requests read and
+        not yet handled, each request's first ``HELD_ALLOWANCE`` aside, over all
+        connections (past it, 503)."""
         self._handler = handler
         self._name = name
         self.max_connections = usable_connections(max_connections, name)

@@ -29,6 +29,9 @@ Added besides:
   request that would grow gets 503 (waitress holds up to a whole body per connection);
 - accepting a burst of connections in one turn of the I/O loop (waitress accepts one a
   turn, and a turn costs time in proportion to the connections open);
+- at the limit of connections, closing the oldest idle one to make room for each new one
+  (waitress stops accepting: the kubelet's probe would wait behind an attacker's
+  connections, and the pod be restarted);
 - a rest after each turn of the I/O loop when thousands of connections are open, so that
   their waking it now and then costs at most a third of a core;
 - JSON for waitress's own error answers (400, 408, 413, 431, 501, 503), as for every other.
@@ -38,12 +41,14 @@ from __future__ import annotations
 
 import json
 import math
+import select
 import threading
 import time
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
@@ -54,6 +59,8 @@ from waitress.utilities import Error
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
+
+log = structlog.get_logger("serving.http")
 
 ACCEPT_BATCH = 256
 """Connections accepted in one turn of the I/O loop at most."""
@@ -168,10 +175,13 @@ class _Holding:
 
 
 class Settings(Adjustments):
-    """waitress's settings, and what the parser below adds to them."""
+    """waitress's settings, and what the classes below add to them."""
 
     request_timeout: float = 30.0
     """Seconds from a request's first byte to its last."""
+    max_connections: int = 1000
+    """Connections held at once (waitress's own ``connection_limit`` is set out of reach:
+    it would stop accepting)."""
     held: HeldBytes = HeldBytes(limit=2**62, allowance=0)
 
 
@@ -236,7 +246,8 @@ class StrictParser(HTTPRequestParser):
         super().parse_header(header_plus)
 
     def _refuse(self, error: JsonError, consumed: int) -> int:
-        """Ends the request with ``error``, all of ``data`` read: nothing after it is served."""
+        """Ends the request with ``error``, all that came with it read: nothing after it is
+        served."""
         if not self.headers_finished:
             # What waitress itself answers an unfinished head against (its 431 does this).
             super().parse_header(b"GET / HTTP/1.0\r\n")
@@ -257,6 +268,10 @@ class StrictChannel(HTTPChannel):
 
 
 class StrictServer(TcpWSGIServer):
+    """waitress's server, accepting bursts, and making room at its limit of connections:
+    waitress would stop accepting there, and a caller (the kubelet's probe) would wait in
+    the kernel's backlog behind whoever holds the connections."""
+
     channel_class = StrictChannel
 
     def __init__(
@@ -268,23 +283,63 @@ class StrictServer(TcpWSGIServer):
         adj: Settings,
     ) -> None:
         self.connections = connections
+        self.max_connections = adj.max_connections
+        # the map holds waitress's listening socket and wake-up pipe too
+        self.limit = adj.max_connections + 2
+        self.closed_to_make_room = 0
         super().__init__(application, map=connections, dispatcher=dispatcher, adj=adj)
 
     def handle_accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+        # Called when a connection waits to be accepted; at the limit each needs room first.
+        for turn in range(ACCEPT_BATCH):
+            if len(self.connections) >= self.limit:
+                if turn and not self._one_waits():
+                    return
+                if not self._make_room():
+                    return  # every connection is being served: new ones wait in the backlog
             before = len(self.connections)
-            if before >= self.adj.connection_limit:
-                return
             super().handle_accept()
             if len(self.connections) == before:  # none was waiting, or accept failed
                 return
+
+    def _one_waits(self) -> bool:
+        """Whether a connection waits in the kernel's backlog."""
+        if self.socket is None:
+            return False
+        backlog = select.poll()
+        backlog.register(self.socket, select.POLLIN)
+        return bool(backlog.poll(0))
+
+    def _make_room(self) -> bool:
+        """Closes the oldest connection with nothing to serve or send (the map keeps the
+        order they were accepted in); whether there was one."""
+        idle = next(
+            (
+                c
+                for c in self.connections.values()
+                if isinstance(c, HTTPChannel) and not c.requests and not c.total_outbufs_len
+            ),
+            None,
+        )
+        if idle is None:
+            return False
+        idle.handle_close()
+        if self.closed_to_make_room % 1000 == 0:
+            log.warning(
+                "at the limit of connections: the oldest idle ones are closed to make room",
+                max_connections=self.max_connections,
+                closed_so_far=self.closed_to_make_room,
+            )
+        self.closed_to_make_room += 1
+        return True
 
 
 class WsgiServer:
     """``application`` on ``host:port`` (port 0: any free one): an I/O thread holds every
     connection, and a request reaches one of ``threads`` threads only once it has arrived
-    whole. At most ``connection_limit`` connections are open; more wait in the kernel's
-    backlog until one closes."""
+    whole. At most ``connection_limit`` connections are open: past it, the oldest one with
+    nothing to serve is closed for each new one (if all are being served, new ones wait in
+    the kernel's backlog)."""
 
     def __init__(
         self,
@@ -308,9 +363,7 @@ class WsgiServer:
             port=port,
             ipv6=False,  # as the standard library's server: IPv4 on every interface
             threads=threads,
-            # waitress counts its own two descriptors (the listening socket, its wake-up
-            # pipe) in the limit.
-            connection_limit=connection_limit + 2,
+            connection_limit=2**31,  # see StrictServer: it makes room instead
             channel_timeout=channel_timeout,
             cleanup_interval=max(1, min(30, channel_timeout // 4)),
             max_request_header_size=max_header_bytes,
@@ -321,6 +374,7 @@ class WsgiServer:
             ident="puller",
         )
         settings.request_timeout = request_timeout
+        settings.max_connections = connection_limit
         settings.held = self.held = HeldBytes(max_held_bytes, held_allowance)
         # waitress's dispatchers by file descriptor (its type stubs call them sockets)
         self._map: dict[int, Any] = {}
@@ -361,8 +415,8 @@ class WsgiServer:
     def _loop(self) -> None:
         # waitress asks every connection what it waits for on each turn, so a turn costs
         # time in proportion to the connections open, and thousands of clients each
-        # sending a byte now and then would keep the loop turning all the time. Resting
-        # after a costly turn lets the next one take many events at once.
+        # sending a byte now and then would keep the loop turning all the time. With a
+        # rest after each turn, the next one takes many events at once.
         while not self._stopping.is_set():
             began = time.thread_time()
             wasyncore.loop(timeout=LOOP_TICK, use_poll=True, map=self._map, count=1)

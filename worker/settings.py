@@ -313,8 +313,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PULLER_HEALTH_MAX_CONNECTIONS",
         "health_max_connections",
-        "connections the health port holds at once (slow or idle clients included); more "
-        "wait to be accepted",
+        "connections the health port holds at once, slow or idle ones included; past it the "
+        "oldest idle one is closed for each new one",
         whole_number,
         minimum=1,
     ),

@@ -67,6 +67,32 @@ def test_the_gateway_keeps_answering_5000_slow_clients_inside_its_memory_limit(
     assert_kept_answering(report, GATEWAY_CONNECTIONS)
 
 
+def test_past_its_limit_of_connections_the_gateway_closes_the_oldest_and_keeps_answering(
+    rabbitmq: RabbitMqContainer, tmp_path: Path
+) -> None:
+    """At its limit the gateway closes the oldest idle connection for each new one, so a
+    probe never waits behind the connections an attacker holds."""
+    limit = 1000
+    with MemoryGroup(GATEWAY_LIMIT) as group:
+        gateway = GatewayProcess(
+            new_vhost(rabbitmq),
+            tmp_path / "gateway.log",
+            extra_env={"PULLER_HTTP_MAX_CONNECTIONS": str(limit)},
+            command=group.command(installed_command("puller-http", "gateway.main")),
+        )
+        gateway.start()
+        try:
+            assert gateway.process is not None
+            report = siege(gateway.port, gateway.process.pid, 3 * limit, ["/alive", "/nodes"])
+        finally:
+            gateway.stop()
+    assert report.error == ""
+    assert report.unanswered == []
+    assert max(p.seconds for p in report.probes) < ANSWER_WITHIN
+    assert 0 < report.held_at_end <= limit
+    assert "the oldest idle ones are closed to make room" in gateway.log_path.read_text()
+
+
 @pytest.fixture
 def worker_in_memory_group(
     rabbitmq: RabbitMqContainer, host_docker: docker.DockerClient, tmp_path: Path

@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -378,24 +380,70 @@ def test_bodies_held_unfinished_are_bounded_over_all_connections_and_small_calls
         server.stop()
 
 
-def test_past_the_connection_limit_a_caller_waits_until_a_connection_closes(
+def test_at_the_limit_of_connections_the_oldest_idle_one_makes_room(
     recorder: Recorder,
 ) -> None:
+    """Else a new caller (the kubelet's probe) would wait in the backlog behind whoever
+    holds the connections."""
     server = HttpServer(0, recorder, host="127.0.0.1", max_connections=3)
     server.start()
-    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    kept = []
     try:
+        for name in ("one", "two", "three"):  # served, then idle: oldest first
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            connection.request("GET", f"/{name}")
+            assert connection.getresponse().read()
+            kept.append(connection)
+        [(status, _, _)] = answers(
+            exchange(server.port, b"GET /four HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+        assert status == 200
+        oldest = kept[0].sock
+        assert oldest is not None
+        assert oldest.recv(1024) == b"", "the oldest connection was not closed"
+        for connection in kept[1:]:  # still open: another call on each
+            connection.request("GET", "/again")
+            assert connection.getresponse().status == 200
+        assert recorder.paths == ["/one", "/two", "/three", "/four", "/again", "/again"]
+    finally:
+        for connection in kept:
+            connection.close()
+        server.stop()
+
+
+def test_when_every_connection_is_being_served_a_new_one_waits_its_turn(
+    recorder: Recorder,
+) -> None:
+    release = threading.Event()
+
+    def busy(request: Request) -> Response:
+        answered = recorder(request)
+        if request.path == "/busy":
+            release.wait(30)
+        return answered
+
+    server = HttpServer(0, busy, host="127.0.0.1", max_connections=2)
+    server.start()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        for connection in held:
+            connection.sendall(b"GET /busy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_for(lambda: recorder.paths == ["/busy", "/busy"])
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as waiting:
             waiting.sendall(b"GET /waited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             waiting.settimeout(1.5)
             with pytest.raises(TimeoutError):
                 waiting.recv(1024)  # in the kernel's backlog: not accepted yet
-            idle.pop().close()
+            release.set()
             waiting.settimeout(10)
             [(status, _, _)] = answers(read_all(waiting))
         assert status == 200
+        for connection in held:
+            [(status, _, _)] = answers(read_all(connection))
+            assert status == 200
     finally:
-        for connection in idle:
+        release.set()
+        for connection in held:
             connection.close()
         server.stop()
 
@@ -438,3 +486,26 @@ def test_a_handler_that_raises_gets_its_caller_a_json_500() -> None:
         assert json.loads(body) == {"error": "internal error; see the server's log"}
     finally:
         server.stop()
+
+
+def test_the_open_file_limit_is_raised_and_the_connections_fit_under_it() -> None:
+    """A container's soft limit may be 1,024: the programs raise it to the hard one, and a
+    server asked for more connections than files allow holds fewer (else every accept
+    would fail, in a busy loop)."""
+    program = (
+        "import resource\n"
+        "from serving.program import raise_open_file_limit\n"
+        "from serving.http import HttpServer, RESERVED_DESCRIPTORS\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))\n"
+        "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+        "server = HttpServer(0, print, host='127.0.0.1', max_connections=1000)\n"
+        "print(server.max_connections == 300 - RESERVED_DESCRIPTORS)\n"
+        "server.stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "300 300"
+    assert lines[-1] == "True"
+    assert "fewer connections than asked" in done.stdout
