@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localcluster.uplink import TokenBucket, Uplink
-from worker import blob_cache
+from localcluster.uplink import BlobCacheProcess, TokenBucket, Uplink
 from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough, cache_routes
 from worker.settings import InvalidSetting, WorkerSettings
 
@@ -65,6 +64,39 @@ def test_a_cache_that_does_not_answer_is_skipped_for_a_while() -> None:
         pull_through.check("127.0.0.1:9")
     pull_through.outcome(CacheOutcome.FALLBACK)
     assert outcomes == ["fallback"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_each_failure_in_a_row_doubles_the_skip_until_a_pull_through_the_cache_succeeds() -> None:
+    clock = _Clock()
+    cache = "127.0.0.1:9"
+    pull_through = PullThrough(
+        ((("up.example", cache)),), down_for=30, max_down_for=100, clock=clock
+    )
+    skips = []
+    for _ in range(4):
+        pull_through.mark_down(cache)  # a pull through it stalled
+        with pytest.raises(CacheUnusable, match="a moment ago") as raised:
+            pull_through.check(cache)
+        skips.append(str(raised.value).rsplit("for ", 1)[1])
+        clock.now += 101
+    assert skips == ["30s)", "60s)", "100s)", "100s)"]
+    # A successful pull through it (this thread checked it last) starts the count again.
+    with pytest.raises(CacheUnusable, match="does not answer"):
+        pull_through.check(cache)  # nothing listens: a fifth failure, then the check is kept
+    clock.now += 101
+    pull_through._checked.cache = cache  # noqa: SLF001 - as check() leaves it for outcome()
+    pull_through.outcome(CacheOutcome.CACHE)
+    pull_through.mark_down(cache)
+    with pytest.raises(CacheUnusable, match="skipped for 30s"):
+        pull_through.check(cache)
 
 
 class _Upstream(http.server.ThreadingHTTPServer):
@@ -121,10 +153,9 @@ def upstream() -> Iterator[_Upstream]:
 def test_the_blob_cache_fetches_a_blob_once_for_clients_asking_at_once(
     upstream: _Upstream, tmp_path: Path
 ) -> None:
-    cache = blob_cache.serve(
-        f"http://127.0.0.1:{upstream.server_address[1]}", "127.0.0.1:0", tmp_path
-    )
-    url = f"http://127.0.0.1:{cache.server_address[1]}/v2/repo/blobs/{upstream.digest}"
+    cache = BlobCacheProcess(tmp_path, f"http://127.0.0.1:{upstream.server_address[1]}")
+    cache.start()
+    url = f"{cache.url}/v2/repo/blobs/{upstream.digest}"
     bodies: list[bytes] = []
 
     def get() -> None:
@@ -139,8 +170,7 @@ def test_the_blob_cache_fetches_a_blob_once_for_clients_asking_at_once(
         get()  # once kept: from the cache's directory
         missing = requests.get(url.replace(upstream.digest, "sha256:" + "0" * 64), timeout=30)
     finally:
-        cache.shutdown()
-        cache.server_close()
+        cache.remove()
     assert bodies == [upstream.blob] * 5
     assert upstream.gets == 1
     assert missing.status_code == 404
