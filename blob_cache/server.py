@@ -44,6 +44,8 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS"}
+TLS_HANDSHAKE = 0x16
+"""The first byte of a TLS ClientHello (a handshake record)."""
 OUTBUF_HIGH_WATERMARK = 512 * 1024
 """Bytes waitress holds for one connection before the thread streaming to it waits."""
 
@@ -310,6 +312,33 @@ def _error(
     )
 
 
+class _Listener(socket.socket):
+    """The listening socket: the connections it accepts are :class:`_PlainConnection`."""
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        connection, address = super().accept()
+        plain = _PlainConnection(
+            connection.family, connection.type, connection.proto, fileno=connection.detach()
+        )
+        return plain, address
+
+
+class _PlainConnection(socket.socket):
+    """A connection that ends at once if it opens with a TLS handshake. A Docker Engine
+    tries HTTPS first even on an insecure registry, and waits up to 10 s for an answer
+    before it tries plain HTTP; waitress would wait for the end of a request's headers."""
+
+    _first = True
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        if self._first and data:
+            self._first = False
+            if data[0] == TLS_HANDSHAKE:
+                return b""  # read as the client closing: waitress closes the connection
+        return data
+
+
 class RunningCache:
     """A cache listening on ``settings.host:port`` (port 0: any free one, see :attr:`port`).
     :meth:`run` serves in the calling thread; :meth:`start` in a thread of its own (a daemon
@@ -320,9 +349,10 @@ class RunningCache:
         self.metrics = CacheMetrics()
         self.app = BlobCacheApp(settings, self.metrics)
         family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        self._socket = socket.create_server(
-            (settings.host, settings.port), family=family, backlog=1024
-        )
+        self._socket = _Listener(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((settings.host, settings.port))
+        self._socket.listen(1024)
         # Inherited by accepted connections: unacknowledged data for this long cuts one.
         self._socket.setsockopt(
             socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, settings.idle_timeout * 1000

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -179,6 +180,21 @@ def test_a_target_that_is_not_a_registry_path_reaches_no_other_host(
         other.server_close()
 
 
+def test_a_client_trying_https_first_is_turned_away_at_once(
+    registry: Registry, make_cache: MakeCache
+) -> None:
+    # A Docker Engine tries HTTPS before plain HTTP, and gives the handshake 10 s.
+    cache = make_cache(registry.url)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", cache.port), timeout=5) as sock,
+        pytest.raises((ssl.SSLError, ConnectionError)),  # not a TimeoutError
+    ):
+        context.wrap_socket(sock).close()
+
+
 def test_a_fragment_cannot_swap_the_blob_the_upstream_allowed_for_another(
     registry: Registry, make_cache: MakeCache
 ) -> None:
@@ -237,7 +253,7 @@ def test_a_head_answers_from_the_upstreams_head_and_fetches_nothing(
         assert answer.headers["Content-Length"] == str(len(blob))
         assert answer.headers["Docker-Content-Digest"] == digest
         assert b"HEAD /v2/head/x/blobs/" in proxy.upstream_data
-        assert b"GET " not in proxy.upstream_data
+        assert b"GET /v2/head/x/blobs/" not in proxy.upstream_data
     finally:
         proxy.close()
 
@@ -349,7 +365,7 @@ def test_idle_connections_are_closed_and_at_most_max_connections_are_served(
     idle[0].sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
     try:
         with socket.create_connection(("127.0.0.1", cache.port), timeout=20) as fifth:
-            fifth.sendall(b"GET /alive HTTP/1.1\r\nHost: x\r\n\r\n")
+            fifth.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
             answer = fifth.recv(65536)
             # Answered only once a slot was free: an idle connection had been closed.
             assert answer.startswith(b"HTTP/1.1 200"), answer
@@ -362,35 +378,67 @@ def test_idle_connections_are_closed_and_at_most_max_connections_are_served(
             sock.close()
 
 
+_ESTABLISHED = "01"
+
+
+def _tcp_state(local_port: int, remote_port: int) -> str | None:
+    """The kernel's state of the loopback TCP socket ``local_port`` -> ``remote_port``
+    (``/proc/net/tcp``: ``01`` established, ``04`` FIN-WAIT-1...), ``None`` once it is gone
+    (a connection the kernel gave up on for ``TCP_USER_TIMEOUT`` is dropped at once)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _, local, remote, state = line.split()[:4]
+        if (
+            int(local.split(":")[1], 16) == local_port
+            and int(remote.split(":")[1], 16) == remote_port
+        ):
+            return state
+    return None
+
+
+def _reads_nothing(port: int, digest: str) -> socket.socket:
+    """A client that asks for a blob and never reads the answer."""
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", port))
+    reader.sendall(f"GET /v2/slow/x/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return reader
+
+
+def _await_dropped(cache_port: int, reader: socket.socket) -> None:
+    client_port = reader.getsockname()[1]
+    wait_until(
+        lambda: _tcp_state(cache_port, client_port) != _ESTABLISHED,
+        "the cache to drop the connection of a client that reads nothing",
+        30,
+    )
+
+
 def test_a_client_that_stops_reading_a_blob_is_cut(
     registry: Registry, make_cache: MakeCache
 ) -> None:
-    blob, digest = _blob(16_000_000)
-    registry.push_blob("slow/x", blob)
-    cache = make_cache(registry.url, "--idle-timeout", "2")
-    assert _whole(f"{cache.url}/v2/slow/x/blobs/{digest}") == blob
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader.settimeout(30)
+    kept, kept_digest = _blob(16_000_000)
+    fetched, fetched_digest = _blob(16_000_000)
+    registry.push_blob("slow/x", kept)
+    registry.push_blob("slow/x", fetched)
+    proxy = TcpProxy(("127.0.0.1", registry.port))
+    cache = make_cache(f"http://{proxy.address}", "--idle-timeout", "2")
+    assert _whole(f"{cache.url}/v2/slow/x/blobs/{kept_digest}") == kept
+    proxy.throttle(2_000_000)  # the other blob is still being fetched while it is not read
+    readers = [_reads_nothing(cache.port, kept_digest), _reads_nothing(cache.port, fetched_digest)]
     try:
-        reader.connect(("127.0.0.1", cache.port))
-        reader.sendall(f"GET /v2/slow/x/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        for reader in readers:
+            _await_dropped(cache.port, reader)
         wait_until(
-            lambda: _metric(cache, "puller_blob_cache_requests_total", outcome="cut") == 1,
-            "the cache to cut the client that reads nothing",
-            timeout=30,
+            lambda: _metric(cache, "puller_blob_cache_requests_total", outcome="cut") == 2,
+            "both streams counted as cut",
+            10,
         )
-        received = 0
-        try:
-            while data := reader.recv(1 << 20):
-                received += len(data)
-        except ConnectionResetError:
-            pass
-        assert received < len(blob)
         # The cache serves on meanwhile.
-        assert _whole(f"{cache.url}/v2/slow/x/blobs/{digest}") == blob
+        assert _whole(f"{cache.url}/v2/slow/x/blobs/{kept_digest}") == kept
     finally:
-        reader.close()
+        for reader in readers:
+            reader.close()
+        proxy.close()
 
 
 def test_kept_blobs_are_served_while_the_upstream_is_down_to_clients_it_allowed_lately(
