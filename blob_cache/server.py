@@ -365,6 +365,7 @@ class RunningCache:
             channel_timeout=settings.idle_timeout,
             cleanup_interval=max(1, settings.idle_timeout // 4),
             outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
+            # Above what one buffer can hold (the watermark and a chunk): never a temporary file.
             outbuf_overflow=4 * OUTBUF_HIGH_WATERMARK,
             max_request_header_size=64 * 1024,
             max_request_body_size=0,

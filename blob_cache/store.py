@@ -106,6 +106,12 @@ class Store:
         with self._lock:
             if size > self.max_bytes:
                 raise NoRoom(f"a blob of {size:,} bytes is larger than --max-bytes")
+            if not self._fits(size):
+                raise NoRoom(
+                    f"no room for {size:,} bytes: the kept blobs that could go are in use "
+                    f"({sum(self._kept.values()):,} bytes kept, limit {self.max_bytes:,}, "
+                    f"{shutil.disk_usage(self.blobs).free:,} bytes free on the disk)"
+                )
             while sum(self._kept.values()) + sum(self._reserved.values()) + size > self.max_bytes:
                 self._evict_one(size)
             while shutil.disk_usage(self.blobs).free < size + DISK_MARGIN:
@@ -120,12 +126,14 @@ class Store:
         """Whether :meth:`reserve` could make room for ``size`` bytes now, evicting every
         blob not in use if need be."""
         with self._lock:
-            evictable = sum(n for digest, n in self._kept.items() if digest not in self._pins)
-            used = sum(self._kept.values()) + sum(self._reserved.values())
-            free = shutil.disk_usage(self.blobs).free
-            return (
-                used - evictable + size <= self.max_bytes and free + evictable >= size + DISK_MARGIN
-            )
+            return self._fits(size)
+
+    def _fits(self, size: int) -> bool:
+        """Whether evicting every blob not in use would make room for ``size`` (lock held)."""
+        evictable = sum(n for digest, n in self._kept.items() if digest not in self._pins)
+        used = sum(self._kept.values()) + sum(self._reserved.values())
+        free = shutil.disk_usage(self.blobs).free
+        return used - evictable + size <= self.max_bytes and free + evictable >= size + DISK_MARGIN
 
     def release(self, token: int) -> None:
         with self._lock:
@@ -159,12 +167,8 @@ class Store:
     def _evict_one(self, size: int) -> None:
         """Removes the least recently used blob that is not pinned (lock held)."""
         victim = next((digest for digest in self._kept if digest not in self._pins), None)
-        if victim is None:
-            raise NoRoom(
-                f"no room for {size:,} bytes: the kept blobs left are all in use "
-                f"({sum(self._kept.values()):,} bytes kept, limit {self.max_bytes:,}, "
-                f"{shutil.disk_usage(self.blobs).free:,} bytes free on the disk)"
-            )
+        if victim is None:  # another program took the disk's room meanwhile
+            raise NoRoom(f"no room for {size:,} bytes on the disk")
         evicted = self._kept[victim]
         self.path(victim).unlink(missing_ok=True)
         self._forget(victim)
