@@ -361,7 +361,8 @@ class RunningCache:
             self.app,
             sockets=[self._socket],
             threads=settings.max_connections,
-            connection_limit=settings.max_connections,
+            # waitress counts its listening socket and its wake-up pipe as connections too.
+            connection_limit=settings.max_connections + 2,
             channel_timeout=settings.idle_timeout,
             cleanup_interval=max(1, settings.idle_timeout // 4),
             outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
