@@ -25,10 +25,12 @@ Whatever goes wrong in steps 1 and 2 (the cache is down, refuses, stalls or lack
 image; the upstream cannot be resolved) is logged as a warning, and step 3 then does the
 whole pull directly: a cache never makes a pull fail. Failures of step 3 are the pull's
 own, classified as without a cache. A cache that does not answer its ``/v2/`` within
-:data:`PROBE_TIMEOUT`, answers it with a server error (5xx), or whose pull stalled or could
-not reach it, is skipped for :data:`DOWN_FOR` seconds; each such failure in a row doubles
-that, up to :data:`MAX_DOWN_FOR`, until a pull through it succeeds again (a cache whose
-``/v2/`` answers but whose blobs hang costs one stall timeout, then fewer and fewer).
+:data:`PROBE_TIMEOUT` or answers it with a server error (5xx), or whose pull failed for any
+reason (refused, stalled, lacked the image, or the upstream's digest could not be resolved),
+is skipped for :data:`DOWN_FOR` seconds; each such failure in a row doubles that, up to
+:data:`MAX_DOWN_FOR`, until a pull through it succeeds again. So a cache whose ``/v2/``
+answers but whose blobs fail or hang costs one failed pull (a stall timeout, or the
+engine's retries), then fewer and fewer.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class PullThrough:
         ``/v2/`` now, or answers it with a server error (any other answer, a login
         challenge included, counts as up)."""
         self._checked.cache = cache
+        self._checked.marked = False
         with self._lock:
             until = self._down_until.get(cache, 0.0)
             skip_for = self._skip_for.get(cache, self._down_for)
@@ -161,6 +164,8 @@ class PullThrough:
     def mark_down(self, cache: str) -> None:
         """Skips ``cache`` for a while: :data:`DOWN_FOR` seconds, doubled for each failure
         since its last successful pull, at most :data:`MAX_DOWN_FOR`."""
+        if getattr(self._checked, "cache", None) == cache:
+            self._checked.marked = True
         with self._lock:
             failures = self._failures.get(cache, 0) + 1
             self._failures[cache] = failures
@@ -169,11 +174,16 @@ class PullThrough:
             self._down_until[cache] = self._clock() + skip_for
 
     def outcome(self, outcome: str) -> None:
-        """Counts ``outcome`` of a pull through the cache this thread last checked; a
-        successful one forgets that cache's failures."""
-        if outcome == CacheOutcome.CACHE:
-            cache = getattr(self._checked, "cache", None)
-            with self._lock:
-                self._failures.pop(cache or "", None)
+        """Counts ``outcome`` of a pull from the registry of the cache this thread last
+        checked. A pull through it forgets its failures; a fallback after it answered the
+        check is one (it refused, failed or lacked the image: skipped for a while)."""
+        cache: str | None = getattr(self._checked, "cache", None)
+        if cache is not None:
+            if outcome == CacheOutcome.CACHE:
+                with self._lock:
+                    self._failures.pop(cache, None)
+            elif not getattr(self._checked, "marked", False):
+                self.mark_down(cache)
+            self._checked.cache = None
         if self._on_outcome is not None:
             self._on_outcome(outcome)

@@ -74,29 +74,73 @@ class _Clock:
         return self.now
 
 
-def test_each_failure_in_a_row_doubles_the_skip_until_a_pull_through_the_cache_succeeds() -> None:
-    clock = _Clock()
-    cache = "127.0.0.1:9"
-    pull_through = PullThrough(
-        ((("up.example", cache)),), down_for=30, max_down_for=100, clock=clock
-    )
-    skips = []
-    for _ in range(4):
-        pull_through.mark_down(cache)  # a pull through it stalled
-        with pytest.raises(CacheUnusable, match="a moment ago") as raised:
-            pull_through.check(cache)
-        skips.append(str(raised.value).rsplit("for ", 1)[1])
-        clock.now += 101
-    assert skips == ["30s)", "60s)", "100s)", "100s)"]
-    # A successful pull through it (this thread checked it last) starts the count again.
-    with pytest.raises(CacheUnusable, match="does not answer"):
-        pull_through.check(cache)  # nothing listens: a fifth failure, then the check is kept
-    clock.now += 101
-    pull_through._checked.cache = cache  # noqa: SLF001 - as check() leaves it for outcome()
-    pull_through.outcome(CacheOutcome.CACHE)
-    pull_through.mark_down(cache)
-    with pytest.raises(CacheUnusable, match="skipped for 30s"):
+class _Answers(http.server.ThreadingHTTPServer):
+    """A cache's ``/v2/`` that answers (whatever the pulls through it then do)."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        super().__init__(("127.0.0.1", 0), _AnswersHandler)
+
+
+class _AnswersHandler(http.server.BaseHTTPRequestHandler):
+    server: _Answers
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _skip(pull_through: PullThrough, cache: str) -> str:
+    """How long ``cache`` is skipped for, as the check says."""
+    with pytest.raises(CacheUnusable, match="a moment ago") as raised:
         pull_through.check(cache)
+    return str(raised.value).rsplit("for ", 1)[1].rstrip(")")
+
+
+def test_each_failure_in_a_row_doubles_the_skip_until_a_pull_through_the_cache_succeeds() -> None:
+    answers = _Answers()
+    threading.Thread(target=answers.serve_forever, daemon=True).start()
+    cache = f"127.0.0.1:{answers.server_address[1]}"
+    clock = _Clock()
+    pull_through = PullThrough((("up.example", cache),), down_for=30, max_down_for=100, clock=clock)
+    try:
+        skips = []
+        for stalled in (False, True, False, False):
+            pull_through.check(cache)  # it answers its /v2/...
+            if stalled:
+                pull_through.mark_down(cache)  # ...the engine saw the pull through it stall
+            pull_through.outcome(CacheOutcome.FALLBACK)  # ...and the pull went direct
+            skips.append(_skip(pull_through, cache))
+            clock.now += 101
+        assert skips == ["30s", "60s", "100s", "100s"]  # a stall is one failure, not two
+        pull_through.check(cache)
+        pull_through.outcome(CacheOutcome.CACHE)  # a pull through it worked: start again
+        pull_through.check(cache)
+        pull_through.outcome(CacheOutcome.FALLBACK)
+        assert _skip(pull_through, cache) == "30s"
+    finally:
+        answers.shutdown()
+        answers.server_close()
+
+
+def test_a_cache_whose_v2_answers_a_server_error_is_skipped() -> None:
+    answers = _Answers(status=500)
+    threading.Thread(target=answers.serve_forever, daemon=True).start()
+    cache = f"127.0.0.1:{answers.server_address[1]}"
+    pull_through = PullThrough((("up.example", cache),))
+    try:
+        with pytest.raises(CacheUnusable, match="answered its /v2/ with 500"):
+            pull_through.check(cache)
+        assert _skip(pull_through, cache) == "30s"
+    finally:
+        answers.shutdown()
+        answers.server_close()
 
 
 class _Upstream(http.server.ThreadingHTTPServer):
