@@ -59,6 +59,8 @@ class Fetch:
         self.written = 0
         self.state = FetchState.STARTING
         self.reason = ""
+        self.token: int | None = None
+        """The room :class:`Store` reserved for it."""
         self.changed = threading.Condition()
 
     def update(self, **changes: object) -> None:
@@ -83,7 +85,8 @@ class Fetches:
     ) -> KeptFile | Follower | None:
         """``blob`` kept (open, pinned), or a follower of its fetch (started now if none
         is under way, with the client's ``authorization``), or ``None`` when there is no
-        room to keep it (``size_hint``, the upstream's HEAD size, does not fit)."""
+        room to keep it (``size_hint``, the upstream's HEAD size, does not fit, or no file
+        can be made)."""
         served = self._metrics.served_bytes.inc
         with self._lock:
             kept = self._store.open_kept(blob.digest, served)
@@ -93,7 +96,11 @@ class Fetches:
             if fetch is None:
                 if size_hint is not None and not self._store.could_fit(size_hint):
                     return None
-                fetch = Fetch(blob.digest, self._store.new_partial())
+                try:
+                    fetch = Fetch(blob.digest, self._store.new_partial())
+                except OSError as error:  # not even an empty file fits
+                    log.warning("cannot start a fetch", digest=blob.digest, reason=str(error))
+                    return None
                 self._running[blob.digest] = fetch
                 threading.Thread(
                     target=self._run,
@@ -106,32 +113,11 @@ class Fetches:
         return Follower(fetch, reader, served, lambda: self._store.unpin(blob.digest))
 
     def _run(self, fetch: Fetch, blob: Blob, authorization: str | None, hint: int | None) -> None:
-        token: int | None = None
         kept = False
         try:
-            hasher = hashlib.new(blob.algorithm)
-            with self._upstream.open_blob(blob, authorization) as response:
-                if response.status_code != 200:
-                    raise UpstreamUnreachable(f"the upstream answered {response.status_code}")
-                size = content_length(response)
-                size = hint if size is None else size
-                token = self._store.reserve(size or 0, fetch.file)
-                fetch.update(size=size, state=FetchState.STREAMING)
-                for chunk in response.iter_content(CHUNK):
-                    fetch.file.write(chunk)
-                    fetch.file.flush()
-                    hasher.update(chunk)
-                    self._metrics.upstream_bytes.inc(len(chunk))
-                    fetch.update(written=fetch.written + len(chunk))
-            if size is not None and fetch.written != size:
-                raise UpstreamUnreachable(f"the upstream sent {fetch.written} of {size} bytes")
-            if f"{blob.algorithm}:{hasher.hexdigest()}" != blob.digest:
-                self._metrics.digest_mismatches.inc()
-                raise UpstreamUnreachable("the blob from upstream does not match its digest")
-            os.fsync(fetch.file.fileno())
-            fetch.file.close()
+            self._download(fetch, blob, authorization, hint)
             with self._lock:
-                self._store.keep(token, fetch.partial, blob.digest, fetch.written)
+                self._store.keep(fetch.token, fetch.partial, blob.digest, fetch.written)
                 self._running.pop(blob.digest, None)
             kept = True
             self._metrics.upstream_fetches.labels("kept").inc()
@@ -146,6 +132,10 @@ class Fetches:
             log.warning("blob fetch failed", digest=blob.digest, reason=reason)
             self._metrics.upstream_fetches.labels("failed").inc()
             fetch.update(state=FetchState.FAILED, reason=reason)
+        except Exception:  # a bug: its followers must not wait for ever
+            log.exception("blob fetch failed", digest=blob.digest)
+            self._metrics.upstream_fetches.labels("failed").inc()
+            fetch.update(state=FetchState.FAILED, reason="internal error")
         finally:
             if not kept:
                 with self._lock:
@@ -153,8 +143,34 @@ class Fetches:
                         del self._running[blob.digest]
                 fetch.file.close()
                 fetch.partial.unlink(missing_ok=True)
-                if token is not None:
-                    self._store.release(token)
+                self._store.release(fetch.token)
+
+    def _download(
+        self, fetch: Fetch, blob: Blob, authorization: str | None, hint: int | None
+    ) -> None:
+        """Writes ``blob`` from upstream into the fetch's file, room reserved first, and
+        checks it: its length, its digest; synced to the disk."""
+        hasher = hashlib.new(blob.algorithm)
+        with self._upstream.open_blob(blob, authorization) as response:
+            if response.status_code != 200:
+                raise UpstreamUnreachable(f"the upstream answered {response.status_code}")
+            size = content_length(response)
+            size = hint if size is None else size
+            fetch.token = self._store.reserve(size or 0, fetch.file)
+            fetch.update(size=size, state=FetchState.STREAMING)
+            for chunk in response.iter_content(CHUNK):
+                fetch.file.write(chunk)
+                fetch.file.flush()
+                hasher.update(chunk)
+                self._metrics.upstream_bytes.inc(len(chunk))
+                fetch.update(written=fetch.written + len(chunk))
+        if size is not None and fetch.written != size:
+            raise UpstreamUnreachable(f"the upstream sent {fetch.written} of {size} bytes")
+        if f"{blob.algorithm}:{hasher.hexdigest()}" != blob.digest:
+            self._metrics.digest_mismatches.inc()
+            raise UpstreamUnreachable("the blob from upstream does not match its digest")
+        os.fsync(fetch.file.fileno())
+        fetch.file.close()
 
 
 class Follower:

@@ -184,7 +184,7 @@ class BlobCacheApp:
         if isinstance(opened, KeptFile):
             return self._kept(environ, start_response, blob, opened)
         if opened is None:
-            return self._pass_through(start_response, blob, authorization)
+            return self._pass_through(environ, start_response, blob, authorization, hint)
         return self._from_fetch(environ, start_response, blob, authorization, opened)
 
     def _from_fetch(
@@ -200,7 +200,7 @@ class BlobCacheApp:
         state = follower.wait_started()
         if state is FetchState.NO_ROOM:
             follower.close()
-            return self._pass_through(start_response, blob, authorization)
+            return self._pass_through(environ, start_response, blob, authorization, None)
         size = follower.fetch.size
         if size is None and environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
             # No length and no chunked encoding: only a whole, verified blob can be sent.
@@ -239,9 +239,15 @@ class BlobCacheApp:
         return follower
 
     def _pass_through(
-        self, start_response: StartResponse, blob: Blob, authorization: str | None
+        self,
+        environ: Environ,
+        start_response: StartResponse,
+        blob: Blob,
+        authorization: str | None,
+        hint: int | None,
     ) -> Iterable[bytes]:
-        """No room to keep ``blob``: streams it from upstream to this client alone."""
+        """No room to keep ``blob``: streams it from upstream to this client alone (``hint``:
+        its size, if the upstream's GET does not say)."""
         try:
             response = self.upstream.open_blob(blob, authorization)
         except UpstreamUnreachable as error:
@@ -253,6 +259,12 @@ class BlobCacheApp:
             why = f"the upstream answered {response.status_code}"
             return _error(start_response, 502, "UNAVAILABLE", why, head=False)
         size = content_length(response)
+        size = hint if size is None else size
+        if size is None and environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+            response.close()  # neither a length nor chunks: a cut would look whole
+            self.metrics.count(Outcome.UPSTREAM_ERROR)
+            why = "no length from upstream for an HTTP/1.0 client"
+            return _error(start_response, 502, "UNAVAILABLE", why, head=False)
         length = [] if size is None else [("Content-Length", str(size))]
         start_response("200 OK", [*_blob_headers(blob), *length])
         return PassThrough(blob, response, self.metrics, self.metrics.count)

@@ -135,15 +135,17 @@ class Store:
         free = shutil.disk_usage(self.blobs).free
         return used - evictable + size <= self.max_bytes and free + evictable >= size + DISK_MARGIN
 
-    def release(self, token: int) -> None:
-        with self._lock:
-            self._reserved.pop(token, None)
+    def release(self, token: int | None) -> None:
+        if token is not None:
+            with self._lock:
+                self._reserved.pop(token, None)
 
-    def keep(self, token: int, partial: Path, digest: str, size: int) -> None:
+    def keep(self, token: int | None, partial: Path, digest: str, size: int) -> None:
         """Renames the verified ``partial`` to ``digest``'s kept name."""
         with self._lock:
             partial.replace(self.path(digest))
-            self._reserved.pop(token, None)
+            if token is not None:
+                self._reserved.pop(token, None)
             self._kept[digest] = size
             self._kept.move_to_end(digest)
             self._update_gauges()
