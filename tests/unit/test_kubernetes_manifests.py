@@ -1,13 +1,15 @@
-"""The Kubernetes manifests in ``deploy/kubernetes/``, read as kustomize and Kubernetes would.
+"""The Kubernetes manifests in ``deploy/``, as the cluster gets them.
 
-Every core manifest (and each generated ConfigMap) is validated offline against Kubernetes'
-own schemas for :data:`KUBERNETES_VERSION` (kubernetes-validate, strict: an unknown field is
-an error). Schemas say nothing of what matters to puller, so each check below reads the
-manifests for one thing and returns the problems it finds, naming them; the programs' own
-settings tables (``worker/settings.py``, ``gateway/settings.py``) and servers are the
-reference, so a setting renamed in the code and not in the manifests fails here.
-``test_each_check_fails_on_a_broken_copy`` breaks a copy of the manifests in each way listed
-in :data:`BREAKAGES` and sees the check meant to catch it complain.
+Each way of deploying is rendered by the real tools (:mod:`tests.unit.rendering`: ``kubectl
+kustomize`` for the base, its overlay and its optional component; ``helm template`` for the
+chart) and every object rendered is validated offline against Kubernetes' own schemas for
+:data:`KUBERNETES_VERSION` (kubernetes-validate, strict: an unknown field is an error).
+Schemas say nothing of what matters to puller, so each check below reads the render for one
+thing and returns the problems it finds, naming them; the programs' own settings tables
+(``worker/settings.py``, ``gateway/settings.py``) and servers are the reference, so a setting
+renamed in the code and not in the manifests fails here. ``test_each_check_fails_on_a_broken_copy``
+breaks a copy of the render in each way listed in :data:`BREAKAGES` and sees the check meant
+to catch it complain.
 
 The RabbitmqCluster in ``optional/`` is the RabbitMQ Cluster Operator's custom resource: no
 core schema knows it, so only its shape is checked here.
@@ -23,7 +25,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
@@ -49,12 +51,14 @@ from worker.model import ImageInfo, PullProgress
 from worker.settings import SETTINGS as WORKER_SETTINGS
 from worker.settings import WorkerSettings
 
+from . import rendering
+
 KUBERNETES_VERSION = "1.30"
 """The Kubernetes version the manifests are validated against (deploy/kubernetes/README.md
 says the same)."""
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
-CONTAINERD_DEPLOY = DEPLOY.parent / "kubernetes-containerd"
+DEPLOY = rendering.DEPLOY
+CONTAINERD_DEPLOY = rendering.CONTAINERD_DEPLOY
 """The overlay for nodes that run containerd: the base, its worker patched."""
 NAMESPACE = "puller"
 WORKER_IMAGE = "cyberdojo/puller-worker"
@@ -63,6 +67,8 @@ SERVICE_NAME = "puller"
 """cyber-dojo's Ruby services call ``http://puller:5017``."""
 CLIENT_LABEL = {"puller-client": "true"}
 WORKLOAD_KINDS = ("DaemonSet", "Deployment", "StatefulSet", "Job")
+CLUSTER_KINDS = ("Namespace", "PriorityClass")
+"""The kinds rendered here that belong to no namespace."""
 DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 """Where the docker SDK looks when ``DOCKER_HOST`` is unset."""
 READINESS_PATH = "/ready"
@@ -98,20 +104,27 @@ HTTP = Program(
 PROGRAMS = {program.image: program for program in (WORKER, HTTP)}
 
 
-# -- reading the manifests as kustomize does ---------------------------------------------------
+# -- the manifests as rendered ------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """The kustomize base's own files (what its kustomization lists), for the checks that
+    read them rather than the render."""
+
+    kustomization: Document
+    files: list[str]
+    """The YAML files beside kustomization.yaml."""
 
 
 @dataclass
 class Manifests:
-    kustomization: Document
     resources: list[Document]
-    """Every document of every file the kustomization lists, in order."""
-    config_maps: dict[str, dict[str, str]]
-    """The kustomization's generated ConfigMaps: name (before kustomize's hash) to data."""
+    """Every object the render makes, generated ConfigMaps included."""
     optional: list[Document]
-    """``optional/*.yaml``: not part of the kustomization."""
-    files: list[str] = field(default_factory=list)
-    """The YAML files beside kustomization.yaml."""
+    """``optional/*.yaml``: applied apart, not part of the render."""
+    source: Source | None = None
+    """The base's kustomization, for a kustomize render; none for the Helm chart's."""
 
     def of_kind(self, kind: str) -> list[Document]:
         return [doc for doc in self.resources if doc.get("kind") == kind]
@@ -120,10 +133,21 @@ class Manifests:
         return next((d for d in self.of_kind(kind) if d["metadata"]["name"] == name), None)
 
     def config_map(self, name: str) -> dict[str, str] | None:
-        if name in self.config_maps:
-            return self.config_maps[name]
         found = self.find("ConfigMap", name)
-        return None if found is None else dict(found.get("data") or {})
+        return None if found is None else found.setdefault("data", {})
+
+    @property
+    def config_maps(self) -> dict[str, dict[str, str]]:
+        """Each ConfigMap's data by its name as written (before kustomize's hash suffix)."""
+        return {
+            generated_name(doc["metadata"]["name"]): doc.setdefault("data", {})
+            for doc in self.of_kind("ConfigMap")
+        }
+
+
+def generated_name(name: str) -> str:
+    """A generated ConfigMap's name without the hash of its content kustomize appends."""
+    return re.sub(r"-[a-z0-9]{10}$", "", name)
 
 
 def documents(path: Path) -> list[Document]:
@@ -131,86 +155,20 @@ def documents(path: Path) -> list[Document]:
         return [doc for doc in yaml.safe_load_all(file) if doc is not None]
 
 
-def env_file(path: Path) -> dict[str, str]:
-    """A kustomize env file: ``KEY=VALUE`` lines, the value as written (no quote removal);
-    blank lines and lines starting with ``#`` skipped; a key alone has the value ``""``."""
-    pairs: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        stripped = line.lstrip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        key, _, value = stripped.partition("=")
-        pairs[key] = value
-    return pairs
+def optional_examples() -> list[Document]:
+    return [doc for path in sorted(DEPLOY.glob("optional/*.yaml")) for doc in documents(path)]
 
 
-def load(directory: Path = DEPLOY) -> Manifests:
-    """The manifests ``directory``'s kustomization makes; an overlay (one that lists a
-    directory) is its base's, with its JSON patches applied."""
-    (kustomization,) = documents(directory / "kustomization.yaml")
-    bases = [directory / name for name in kustomization["resources"] if (directory / name).is_dir()]
-    if bases:
-        (base,) = bases
-        made = load(base)
-        for patch in kustomization.get("patches", []):
-            target = patch["target"]
-            patched = made.find(target["kind"], target["name"])
-            assert patched is not None, f"{directory.name}: no {target['kind']} {target['name']}"
-            with (directory / patch["path"]).open(encoding="utf-8") as file:
-                json_patch(patched, yaml.safe_load(file))
-        return made
-    resources = [doc for name in kustomization["resources"] for doc in documents(directory / name)]
-    config_maps: dict[str, dict[str, str]] = {}
-    for generator in kustomization.get("configMapGenerator", []):
-        data: dict[str, str] = {}
-        for name in generator.get("envs", []):
-            data.update(env_file(directory / name))
-        for literal in generator.get("literals", []):
-            key, _, value = literal.partition("=")
-            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
-            data[key] = value[1:-1] if quoted else value  # kustomize drops one pair of quotes
-        config_maps[generator["name"]] = data
-    optional = [
-        doc for path in sorted(directory.glob("optional/*.yaml")) for doc in documents(path)
-    ]
-    files = sorted(p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
-    return Manifests(kustomization, resources, config_maps, optional, files)
-
-
-class PatchFailed(Exception):
-    """A JSON patch step that kustomize would refuse."""
-
-
-def json_patch(document: Document, steps: list[Document]) -> None:
-    """Applies RFC 6902 ``steps`` (``test``, ``add``, ``replace``, ``remove``) in place."""
-    for step in steps:
-        *parents, key = [
-            part.replace("~1", "/").replace("~0", "~") for part in step["path"].split("/")[1:]
-        ]
-        node: Any = document
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        index: Any = key
-        if isinstance(node, list):
-            index = len(node) if key == "-" else int(key)
-            if not 0 <= index <= len(node) - (step["op"] != "add"):
-                raise PatchFailed(f"{step['path']}: no such element")
-        elif step["op"] != "add" and key not in node:
-            raise PatchFailed(f"{step['path']}: no such member")
-        value = copy.deepcopy(step.get("value"))
-        if step["op"] == "test":
-            if node[index] != value:
-                raise PatchFailed(f"{step['path']} is {node[index]!r}, not {value!r}")
-        elif step["op"] == "replace":
-            node[index] = value
-        elif step["op"] == "add" and isinstance(node, list):
-            node.insert(index, value)
-        elif step["op"] == "add":
-            node[index] = value
-        elif step["op"] == "remove":
-            del node[index]
-        else:
-            raise PatchFailed(f"op {step['op']!r} is not one these manifests use")
+def load(directory: Path = DEPLOY, components: tuple[Path, ...] = ()) -> Manifests:
+    """What ``kubectl apply -k directory`` applies (rendered by kustomize), with the base's
+    own kustomization beside it."""
+    (kustomization,) = documents(DEPLOY / "kustomization.yaml")
+    files = sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+    return Manifests(
+        rendering.kustomize(directory, components),
+        optional_examples(),
+        Source(kustomization, files),
+    )
 
 
 # -- reading pods ------------------------------------------------------------------------------
@@ -338,6 +296,16 @@ def port_number(container: Document, port: int | str) -> int | None:
     return named[0] if named else None
 
 
+def mounted(m: Manifests, config_map: str) -> bool:
+    """Whether a pod mounts the ConfigMap as a volume."""
+    return any(
+        volume.get("configMap", {}).get("name") == config_map
+        for kind in WORKLOAD_KINDS
+        for workload in m.of_kind(kind)
+        for volume in pod_spec(workload).get("volumes", [])
+    )
+
+
 def volume_for(pod: Document, mount: Document) -> Document | None:
     return next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), None)
 
@@ -389,12 +357,9 @@ def quantity(text: str | int | float) -> Decimal:
 
 
 def check_schemas(m: Manifests) -> Iterator[str]:
-    """Every core resource, and each generated ConfigMap, is valid for KUBERNETES_VERSION."""
-    generated = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
-        for name, data in m.config_maps.items()
-    ]
-    for doc in [*m.resources, *generated]:
+    """Every object rendered, generated ConfigMaps included, is valid for
+    KUBERNETES_VERSION."""
+    for doc in m.resources:
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as error:
@@ -405,11 +370,36 @@ def check_schemas(m: Manifests) -> Iterator[str]:
 
 
 def check_kustomization(m: Manifests) -> Iterator[str]:
-    """The namespace, every file listed, and the two images by their names."""
-    k = m.kustomization
+    """The namespace, every file listed, and the two images by their names and tags."""
+    if m.source is not None:
+        yield from _kustomization_file(m.source)
+    for doc in m.resources:
+        namespace = doc["metadata"].get("namespace")
+        if doc["kind"] not in CLUSTER_KINDS and namespace != NAMESPACE:
+            yield f"{label(doc)}: in the namespace {namespace!r}, not {NAMESPACE!r}"
+    for kind in WORKLOAD_KINDS:
+        for workload in m.of_kind(kind):
+            for container in all_containers(pod_spec(workload)):
+                image = container.get("image", "")
+                if image_name(image) not in PROGRAMS:
+                    yield (
+                        f"{label(workload)}: image {image!r} is neither "
+                        f"{WORKER_IMAGE} nor {HTTP_IMAGE}"
+                    )
+                elif not re.search(r"(:[\w.-]+|@sha256:[0-9a-f]{64})$", image.rpartition("/")[2]):
+                    yield f"{label(workload)}: image {image!r} has neither a tag nor a digest"
+    used = {run.program.image for run in runs(m)}
+    for missing in sorted(set(PROGRAMS) - used):
+        yield f"no workload runs {missing}"
+    if m.of_kind("Namespace") and not m.find("Namespace", NAMESPACE):
+        yield f"the Namespace made is not {NAMESPACE!r}"
+
+
+def _kustomization_file(source: Source) -> Iterator[str]:
+    k = source.kustomization
     if k.get("namespace") != NAMESPACE:
         yield f"kustomization.yaml: namespace is {k.get('namespace')!r}, not {NAMESPACE!r}"
-    unlisted = sorted(set(m.files) - set(k.get("resources", [])))
+    unlisted = sorted(set(source.files) - set(k.get("resources", [])))
     if unlisted:
         yield f"kustomization.yaml does not list {', '.join(unlisted)}"
     images = {entry["name"]: entry for entry in k.get("images", [])}
@@ -418,19 +408,6 @@ def check_kustomization(m: Manifests) -> Iterator[str]:
     for name, entry in images.items():
         if not (entry.get("newTag") or entry.get("digest")):
             yield f"kustomization.yaml: image {name} has neither newTag nor digest"
-    for kind in WORKLOAD_KINDS:
-        for workload in m.of_kind(kind):
-            for container in all_containers(pod_spec(workload)):
-                if image_name(container.get("image", "")) not in PROGRAMS:
-                    yield (
-                        f"{label(workload)}: image {container.get('image')!r} is neither "
-                        f"{WORKER_IMAGE} nor {HTTP_IMAGE}"
-                    )
-    used = {run.program.image for run in runs(m)}
-    for missing in sorted(set(PROGRAMS) - used):
-        yield f"no workload runs {missing}"
-    if m.of_kind("Namespace") and not m.find("Namespace", NAMESPACE):
-        yield f"the Namespace made is not {NAMESPACE!r}"
 
 
 def check_containers(m: Manifests) -> Iterator[str]:
@@ -499,8 +476,10 @@ def check_environment(m: Manifests) -> Iterator[str]:
                 f"{run.where}: enableServiceLinks must be false: the Service {SERVICE_NAME!r} "
                 f"would add PULLER_SERVICE_HOST, PULLER_PORT... to the environment"
             )
-    for name in sorted(set(m.config_maps) - set(read_by)):
-        yield f"the ConfigMap {name} is read by no container"
+    for doc in m.of_kind("ConfigMap"):
+        name = doc["metadata"]["name"]
+        if name not in read_by and not mounted(m, name):
+            yield f"the ConfigMap {name} is read by no container"
     for name, images in sorted(read_by.items()):
         if len(images) > 1:
             yield f"the ConfigMap {name} is read by {sorted(images)}: give each its own"
@@ -897,6 +876,7 @@ def test_the_containerd_overlay_changes_only_the_workers_socket_and_store() -> N
     assert overlay["resources"] == ["../kubernetes"]
     assert [p["target"]["name"] for p in overlay["patches"]] == ["puller-worker"]
     base, patched = load(), load(CONTAINERD_DEPLOY)
+    assert [label(doc) for doc in base.resources] == [label(doc) for doc in patched.resources]
     for before, after in zip(base.resources, patched.resources, strict=True):
         assert (before == after) == (label(before) != "DaemonSet puller-worker"), label(before)
     env = environment(patched, the_run(patched, WORKER).container)
@@ -911,8 +891,8 @@ def test_the_containerd_patch_refuses_a_base_that_moved(tmp_path: Path) -> None:
     shutil.copytree(CONTAINERD_DEPLOY, tmp_path / "kubernetes-containerd")
     daemonset = tmp_path / "kubernetes" / "worker-daemonset.yaml"
     daemonset.write_text(daemonset.read_text().replace("docker-socket", "engine-socket"))
-    with pytest.raises(PatchFailed, match="volumes/0/name is 'engine-socket'"):
-        load(tmp_path / "kubernetes-containerd")
+    with pytest.raises(rendering.RenderFailed, match="testing value /spec/template/spec/volumes/0"):
+        rendering.kustomize(tmp_path / "kubernetes-containerd")
 
 
 def test_the_kubernetes_version_is_one_kubernetes_validate_has_schemas_for() -> None:
@@ -927,7 +907,9 @@ def test_the_manifests_pass(manifests: Manifests, check: Callable[[Manifests], A
 
 
 def test_the_core_manifests_are_what_the_kustomization_lists(manifests: Manifests) -> None:
-    kinds = sorted(label(doc) for doc in manifests.resources)
+    kinds = sorted(
+        f"{doc['kind']} {generated_name(doc['metadata']['name'])}" for doc in manifests.resources
+    )
     assert kinds == sorted(
         [
             "Namespace puller",
@@ -941,15 +923,11 @@ def test_the_core_manifests_are_what_the_kustomization_lists(manifests: Manifest
             "Service puller",
             "PodDisruptionBudget puller-http",
             "NetworkPolicy puller-http",
+            "ConfigMap puller-worker-config",
+            "ConfigMap puller-http-config",
         ]
     )
     assert set(manifests.config_maps) == {"puller-worker-config", "puller-http-config"}
-
-
-def test_an_env_file_is_read_as_kustomize_reads_it(tmp_path: Path) -> None:
-    path = tmp_path / "x.env"
-    path.write_text("# a comment\n\n  A=1\nB=x=y\nC\nD='q'\n", encoding="utf-8")
-    assert env_file(path) == {"A": "1", "B": "x=y", "C": "", "D": "'q'"}
 
 
 def test_quantities() -> None:
@@ -984,11 +962,19 @@ def _break_type(m: Manifests) -> None:
 
 
 def _break_unlisted(m: Manifests) -> None:
-    m.kustomization["resources"].remove("http-network-policy.yaml")
+    cast(Source, m.source).kustomization["resources"].remove("http-network-policy.yaml")
 
 
 def _break_image(m: Manifests) -> None:
     _worker(m).container["image"] = "cyberdojo/puller:1"
+
+
+def _break_namespace(m: Manifests) -> None:
+    cast(Document, m.find("Service", SERVICE_NAME))["metadata"]["namespace"] = "default"
+
+
+def _break_tag(m: Manifests) -> None:
+    _http(m).container["image"] = HTTP_IMAGE
 
 
 def _break_readiness(m: Manifests) -> None:
@@ -1115,6 +1101,8 @@ BREAKAGES = [
     (check_schemas, _break_type),
     (check_kustomization, _break_unlisted),
     (check_kustomization, _break_image),
+    (check_kustomization, _break_namespace),
+    (check_kustomization, _break_tag),
     (check_containers, _break_readiness),
     (check_containers, _break_limits),
     (check_containers, _break_escalation),
