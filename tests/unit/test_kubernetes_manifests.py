@@ -622,6 +622,7 @@ def check_worker(m: Manifests) -> Iterator[str]:
             f"{where}: terminationGracePeriodSeconds {grace} must exceed PULLER_SHUTDOWN_GRACE "
             f"{settings.shutdown_grace:g} + {CANCEL_GRACE:g}"
         )
+    yield from _network_policy(m, "puller-worker", pod_labels(run.workload), settings.health_port)
 
 
 def _store_socket(run: Run, settings: WorkerSettings) -> Iterator[str]:
@@ -685,18 +686,24 @@ def check_http(m: Manifests) -> Iterator[str]:
             for p in ports
         ):
             yield f"{label(service)}: needs port {callers_port} to puller-http's port {port}"
-    yield from _network_policy(m, labels, port)
+    yield from _network_policy(m, "puller-http", labels, port)
 
 
-def _network_policy(m: Manifests, labels: Mapping[str, str], port: int) -> Iterator[str]:
-    policies = [
+def ingress_policies(m: Manifests, labels: Mapping[str, str]) -> list[Document]:
+    """The NetworkPolicies limiting who reaches pods with ``labels``."""
+    return [
         p
         for p in m.of_kind("NetworkPolicy")
         if not p["spec"]["podSelector"].get("matchLabels", {}).items() - labels.items()
         and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
     ]
+
+
+def _network_policy(m: Manifests, what: str, labels: Mapping[str, str], port: int) -> Iterator[str]:
+    """Only pods labelled CLIENT_LABEL reach ``what``'s pods, and only on ``port``."""
+    policies = ingress_policies(m, labels)
     if not policies:
-        yield "no NetworkPolicy limits who reaches puller-http"
+        yield f"no NetworkPolicy limits who reaches {what}"
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
             peers = rule.get("from")
@@ -923,6 +930,7 @@ def test_the_core_manifests_are_what_the_kustomization_lists(manifests: Manifest
             "Service puller",
             "PodDisruptionBudget puller-http",
             "NetworkPolicy puller-http",
+            "NetworkPolicy puller-worker",
             "ConfigMap puller-worker-config",
             "ConfigMap puller-http-config",
         ]
@@ -1082,6 +1090,15 @@ def _break_service(m: Manifests) -> None:
     cast(Document, m.find("Service", SERVICE_NAME))["spec"]["ports"][0]["port"] = 80
 
 
+def _break_worker_policy(m: Manifests) -> None:
+    m.resources.remove(cast(Document, m.find("NetworkPolicy", "puller-worker")))
+
+
+def _break_worker_policy_port(m: Manifests) -> None:
+    policy = cast(Document, m.find("NetworkPolicy", "puller-worker"))
+    policy["spec"]["ingress"][0]["ports"].append({"protocol": "TCP", "port": 22})
+
+
 def _break_network_policy(m: Manifests) -> None:
     policy = cast(Document, m.find("NetworkPolicy", "puller-http"))
     policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
@@ -1123,6 +1140,8 @@ BREAKAGES = [
     (check_worker, _break_state),
     (check_worker, _break_rollout),
     (check_worker, _break_priority),
+    (check_worker, _break_worker_policy),
+    (check_worker, _break_worker_policy_port),
     (check_http, _break_root),
     (check_http, _break_tmp),
     (check_http, _break_replicas),
