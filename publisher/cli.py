@@ -23,6 +23,7 @@ from contract import (
     Misconfigured,
     NoNodes,
     parse_reference,
+    puller_version,
 )
 from contract import topology as topo
 from contract.connection import BrokerTls
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "answer, or no node was there; 2 bad usage, settings or image reference, or an image "
         "the policy forbids (PULLER_ALLOWED_IMAGES); 3 RabbitMQ unreachable.",
     )
+    parser.add_argument("--version", action="version", version=f"puller {puller_version()}")
     parser.add_argument(
         "--amqp-url",
         help="RabbitMQ URL (default: $PULLER_AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)",
