@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ROOT / ".tools"
 DEPLOY = ROOT / "deploy" / "kubernetes"
 CONTAINERD_DEPLOY = ROOT / "deploy" / "kubernetes-containerd"
-BLOB_CACHE_COMPONENT = DEPLOY / "optional" / "blob-cache"
+BLOB_CACHE_COMPONENT = "optional/blob-cache"
 CHART = ROOT / "deploy" / "helm" / "puller"
 RELEASE = "puller"
 """The release name the chart is rendered with: the one its README installs, which names
@@ -61,26 +62,23 @@ def documents(text: str) -> list[Document]:
     return [doc for doc in yaml.safe_load_all(text) if doc is not None]
 
 
-def kustomize(directory: Path, components: tuple[Path, ...] = ()) -> list[Document]:
-    """What ``kubectl apply -k directory`` applies, with ``components`` added (as a
-    kustomization listing the directory and the components would)."""
+def kustomize(directory: Path, components: tuple[str, ...] = ()) -> list[Document]:
+    """What ``kubectl apply -k directory`` applies; with ``components`` (paths inside
+    ``directory``), as its README says to add them: listed in its kustomization."""
     return documents(_kustomized(directory, components))
 
 
 @functools.cache
-def _kustomized(directory: Path, components: tuple[Path, ...]) -> str:
+def _kustomized(directory: Path, components: tuple[str, ...]) -> str:
     if not components:
         return run_tool(tool("kubectl"), "kustomize", str(directory))
     with tempfile.TemporaryDirectory() as top:
-        # kustomize takes only relative paths to other kustomizations
-        kustomization = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [os.path.relpath(directory, top)],
-            "components": [os.path.relpath(c, top) for c in components],
-        }
-        (Path(top) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        return run_tool(tool("kubectl"), "kustomize", top)
+        copy = Path(top) / directory.name
+        shutil.copytree(directory, copy)
+        kustomization = copy / "kustomization.yaml"
+        listed = "".join(f"  - {component}\n" for component in components)
+        kustomization.write_text(f"{kustomization.read_text()}\ncomponents:\n{listed}")
+        return run_tool(tool("kubectl"), "kustomize", str(copy))
 
 
 def helm_template(values: str = "") -> list[Document]:

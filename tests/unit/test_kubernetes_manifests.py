@@ -17,6 +17,7 @@ core schema knows it, so only its shape is checked here.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import http.client
 import json
@@ -24,7 +25,8 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import tomllib
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path, PurePosixPath
@@ -159,7 +161,7 @@ def optional_examples() -> list[Document]:
     return [doc for path in sorted(DEPLOY.glob("optional/*.yaml")) for doc in documents(path)]
 
 
-def load(directory: Path = DEPLOY, components: tuple[Path, ...] = ()) -> Manifests:
+def load(directory: Path = DEPLOY, components: tuple[str, ...] = ()) -> Manifests:
     """What ``kubectl apply -k directory`` applies (rendered by kustomize), with the base's
     own kustomization beside it."""
     (kustomization,) = documents(DEPLOY / "kustomization.yaml")
@@ -219,7 +221,8 @@ def runs(m: Manifests) -> Iterator[Run]:
         for workload in m.of_kind(kind):
             for container in all_containers(pod_spec(workload)):
                 program = PROGRAMS.get(image_name(container.get("image", "")))
-                if program is not None:
+                # a command of its own: another program of the image (the blob cache)
+                if program is not None and not container.get("command"):
                     yield Run(workload, container, program)
 
 
@@ -759,6 +762,192 @@ def check_broker(m: Manifests) -> Iterator[str]:
             yield f"Secret {program.secret}: names the host {host}, not the RabbitmqCluster's"
 
 
+BLOB_CACHE_COMMAND = ["puller-blob-cache"]
+BLOB_CACHE_PATH = "/alive"
+
+
+@dataclass
+class CacheRun:
+    """The blob cache's container, and its arguments (``puller-blob-cache --upstream URL
+    --listen HOST:PORT --dir DIR --max-bytes N``)."""
+
+    workload: Document
+    container: Document
+    upstream: str
+    listen: tuple[str, int]
+    directory: str
+    max_bytes: int
+
+    @property
+    def pod(self) -> Document:
+        return pod_spec(self.workload)
+
+    @property
+    def where(self) -> str:
+        return f"{label(self.workload)}, container {self.container['name']}"
+
+
+def cache_arguments(arguments: list[str]) -> argparse.Namespace:
+    """The blob cache's command line as it reads it; raises ``ValueError`` saying what is
+    wrong."""
+    parser = argparse.ArgumentParser(exit_on_error=False, add_help=False)
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--max-bytes", type=int, required=True)
+    try:
+        parsed, unknown = parser.parse_known_args(arguments)
+    except argparse.ArgumentError as error:
+        raise ValueError(str(error)) from None
+    if unknown:
+        raise ValueError(f"flags it does not take: {unknown}")
+    return parsed
+
+
+def blob_caches(m: Manifests) -> Iterator[CacheRun | str]:
+    """Each blob cache container, or what is wrong with its arguments."""
+    for kind in WORKLOAD_KINDS:
+        for workload in m.of_kind(kind):
+            for container in all_containers(pod_spec(workload)):
+                if container.get("command") != BLOB_CACHE_COMMAND:
+                    continue
+                where = f"{label(workload)}, container {container['name']}"
+                try:
+                    parsed = cache_arguments([str(a) for a in container.get("args", [])])
+                    host, _, port = parsed.listen.rpartition(":")
+                    listen = (host, int(port))
+                except ValueError as error:
+                    yield f"{where}: puller-blob-cache would refuse its arguments: {error}"
+                    continue
+                yield CacheRun(
+                    workload, container, parsed.upstream, listen, parsed.dir, parsed.max_bytes
+                )
+
+
+def check_blob_cache(m: Manifests) -> Iterator[str]:
+    """The blob cache, where one is deployed: its arguments, port and probes, non-root, a
+    volume above --max-bytes, a Service, only the workers reaching it, and the workers
+    pulling through it."""
+    for cache in blob_caches(m):
+        if isinstance(cache, str):
+            yield cache
+            continue
+        where, port = cache.where, cache.listen[1]
+        if cache.listen[0] != "0.0.0.0":
+            yield f"{where}: --listen {cache.listen[0]} is not reached from other pods (0.0.0.0)"
+        declared = [p["containerPort"] for p in cache.container.get("ports", [])]
+        if declared != [port]:
+            yield f"{where}: declares the ports {declared}, not --listen's {port}"
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = cache.container.get(probe, {}).get("httpGet", {})
+            asked = port_number(cache.container, get.get("port", ""))
+            if (get.get("path"), asked) != (BLOB_CACHE_PATH, port):
+                yield f"{where}: {probe} must ask {BLOB_CACHE_PATH} on {port}"
+        context = {**cache.pod.get("securityContext", {}), **cache.container["securityContext"]}
+        if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
+            yield f"{where}: must run as a non-root user (runAsNonRoot, runAsUser)"
+        yield from _cache_volume(cache)
+        service = yield from _cache_service(m, cache)
+        yield from _cache_policy(m, cache)
+        if service is not None:
+            yield from _pulls_through(m, cache, service)
+
+
+def _cache_volume(cache: CacheRun) -> Iterator[str]:
+    found = mount_at(cache.pod, cache.container, cache.directory)
+    empty_dir = None if found is None else found[1].get("emptyDir")
+    if empty_dir is None or "sizeLimit" not in empty_dir:
+        yield f"{cache.where}: --dir {cache.directory} must be an emptyDir with a sizeLimit"
+    elif not cache.max_bytes < quantity(empty_dir["sizeLimit"]):
+        yield (
+            f"{cache.where}: --max-bytes {cache.max_bytes} must be below the volume's "
+            f"sizeLimit {empty_dir['sizeLimit']} (the kubelet evicts a pod past it)"
+        )
+
+
+def _cache_service(m: Manifests, cache: CacheRun) -> Generator[str, None, Document | None]:
+    labels = pod_labels(cache.workload)
+    for service in m.of_kind("Service"):
+        selector = service["spec"].get("selector", {})
+        if selector and not selector.items() - labels.items():
+            ports = service["spec"].get("ports", [])
+            if [port_number(cache.container, p.get("targetPort", p["port"])) for p in ports] != [
+                cache.listen[1]
+            ]:
+                yield f"{label(service)}: must lead to the cache's port {cache.listen[1]} alone"
+            return service
+    yield f"{cache.where}: no Service selects the cache"
+    return None
+
+
+def _cache_policy(m: Manifests, cache: CacheRun) -> Iterator[str]:
+    """Only the workers: their pods, and addresses (the nodes', whose engines pull)."""
+    policies = ingress_policies(m, pod_labels(cache.workload))
+    if not policies:
+        yield "no NetworkPolicy limits who reaches the blob cache"
+    worker_labels = pod_labels(the_run(m, WORKER).workload)
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            if not peers:
+                yield f"{label(policy)}: a rule admits every source"
+            for peer in peers or []:
+                pods = peer.get("podSelector", {}).get("matchLabels")
+                workers = bool(pods) and not pods.items() - worker_labels.items()
+                if not (set(peer) == {"ipBlock"} or (set(peer) == {"podSelector"} and workers)):
+                    yield f"{label(policy)}: admits {peer}, not only the workers"
+            numbers = [p.get("port") for p in rule.get("ports", [])]
+            if numbers != [cache.listen[1]]:
+                yield f"{label(policy)}: admits ports {numbers}, not only {cache.listen[1]}"
+
+
+def _pulls_through(m: Manifests, cache: CacheRun, service: Document) -> Iterator[str]:
+    """The workers pull cache.upstream's images through the Service: on Docker nodes with
+    PULLER_PULL_THROUGH_CACHES naming its ClusterIP (each node's engine pulls, and nodes
+    do not resolve the cluster's names); on containerd nodes with a hosts.toml mirror in
+    PULLER_CONTAINERD_HOSTS_DIR (ctr pulls from the worker's pod)."""
+    run = the_run(m, WORKER)
+    try:
+        settings = settings_of(m, run)
+    except InvalidSetting:
+        return  # check_environment says why
+    upstream = urlsplit(cache.upstream).netloc
+    upstream = {"registry-1.docker.io": "docker.io", "index.docker.io": "docker.io"}.get(
+        upstream, upstream
+    )
+    port = service["spec"]["ports"][0]["port"]
+    if settings.image_store == "docker":
+        address = f"{service['spec'].get('clusterIP')}:{port}"
+        routes = dict(settings.pull_through_caches)
+        if routes.get(upstream) != address:
+            yield (
+                f"{run.where}: PULLER_PULL_THROUGH_CACHES must route {upstream} to the "
+                f"cache's ClusterIP {address}, not {routes.get(upstream)!r}"
+            )
+        return
+    mirrors = _hosts_toml(m, run, settings.containerd_hosts_dir, upstream)
+    name, namespace = service["metadata"]["name"], service["metadata"].get("namespace")
+    wanted = {f"http://{name}.{namespace}.svc:{port}", f"http://{name}:{port}"}
+    if not wanted & set(mirrors):
+        yield f"{run.where}: no hosts.toml mirror for {upstream} names {sorted(wanted)}"
+
+
+def _hosts_toml(m: Manifests, run: Run, hosts_dir: str | None, registry: str) -> list[str]:
+    """The mirrors ``hosts_dir/registry/hosts.toml`` names, from the ConfigMap mounted."""
+    if hosts_dir is None:
+        return []
+    path = f"{hosts_dir}/{registry}/hosts.toml"
+    found = mount_at(run.pod, run.container, path)
+    config_map = None if found is None else found[1].get("configMap")
+    if config_map is None:
+        return []
+    relative = str(PurePosixPath(path).relative_to(found[0]["mountPath"]))  # type: ignore[index]
+    items = config_map.get("items")
+    key = next((i["key"] for i in items if i["path"] == relative), None) if items else relative
+    text = (m.config_map(config_map["name"]) or {}).get(key or "")
+    return list(tomllib.loads(text or "").get("host", {}))
+
+
 CHECKS: tuple[Callable[[Manifests], Iterator[str]], ...] = (
     check_schemas,
     check_kustomization,
@@ -770,6 +959,7 @@ CHECKS: tuple[Callable[[Manifests], Iterator[str]], ...] = (
     check_worker,
     check_http,
     check_broker,
+    check_blob_cache,
 )
 
 
@@ -872,9 +1062,33 @@ def _ask_gateway(paths: frozenset[str]) -> dict[str, tuple[int, str]]:
 # -- the tests ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[DEPLOY, CONTAINERD_DEPLOY], ids=["docker", "containerd"])
+WITH_BLOB_CACHE = (rendering.BLOB_CACHE_COMPONENT,)
+BLOB_CACHE_OBJECTS = [
+    "ServiceAccount puller-blob-cache",
+    "Deployment puller-blob-cache",
+    "Service puller-blob-cache",
+    "NetworkPolicy puller-blob-cache",
+]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(DEPLOY, ()), (CONTAINERD_DEPLOY, ()), (DEPLOY, WITH_BLOB_CACHE)],
+    ids=["docker", "containerd", "docker-blob-cache"],
+)
 def manifests(request: pytest.FixtureRequest) -> Manifests:
-    return load(request.param)
+    return load(*request.param)
+
+
+def test_the_blob_cache_component_adds_the_cache_and_routes_the_workers_through_it() -> None:
+    base, cached = load(), load(DEPLOY, WITH_BLOB_CACHE)
+    added = sorted({label(d) for d in cached.resources} - {label(d) for d in base.resources})
+    assert [name for name in added if not name.startswith("ConfigMap")] == sorted(
+        BLOB_CACHE_OBJECTS
+    )
+    worker_config = cached.config_maps["puller-worker-config"]
+    assert worker_config.pop("PULLER_PULL_THROUGH_CACHES") == "docker.io=10.96.0.50:5001"
+    assert worker_config == base.config_maps["puller-worker-config"]
 
 
 def test_the_containerd_overlay_changes_only_the_workers_socket_and_store() -> None:
@@ -915,7 +1129,9 @@ def test_the_manifests_pass(manifests: Manifests, check: Callable[[Manifests], A
 
 def test_the_core_manifests_are_what_the_kustomization_lists(manifests: Manifests) -> None:
     kinds = sorted(
-        f"{doc['kind']} {generated_name(doc['metadata']['name'])}" for doc in manifests.resources
+        f"{doc['kind']} {generated_name(doc['metadata']['name'])}"
+        for doc in manifests.resources
+        if label(doc) not in BLOB_CACHE_OBJECTS
     )
     assert kinds == sorted(
         [
@@ -1167,5 +1383,75 @@ def test_each_check_fails_on_a_broken_copy(
     assert list(check(broken)), f"{check.__name__} did not see {breakage.__name__}"
 
 
+def _cache(m: Manifests) -> CacheRun:
+    (cache,) = blob_caches(m)
+    assert isinstance(cache, CacheRun), cache
+    return cache
+
+
+def _set_cache_argument(m: Manifests, flag: str, value: str) -> None:
+    arguments = _cache(m).container["args"]
+    arguments[arguments.index(flag) + 1] = value
+
+
+def _break_cache_flag(m: Manifests) -> None:
+    _cache(m).container["args"].append("--max-age")
+
+
+def _break_cache_listen(m: Manifests) -> None:
+    _set_cache_argument(m, "--listen", "127.0.0.1:5001")
+
+
+def _break_cache_probe(m: Manifests) -> None:
+    _cache(m).container["livenessProbe"]["httpGet"]["path"] = "/metrics"
+
+
+def _break_cache_root(m: Manifests) -> None:
+    _cache(m).pod["securityContext"]["runAsUser"] = 0
+
+
+def _break_cache_volume(m: Manifests) -> None:
+    _set_cache_argument(m, "--max-bytes", str(11 * 2**30))
+
+
+def _break_cache_service(m: Manifests) -> None:
+    service = cast(Document, m.find("Service", "puller-blob-cache"))
+    service["spec"]["ports"][0]["targetPort"] = 5002
+
+
+def _break_cache_policy(m: Manifests) -> None:
+    policy = cast(Document, m.find("NetworkPolicy", "puller-blob-cache"))
+    policy["spec"]["ingress"][0]["from"].append({"namespaceSelector": {}})
+
+
+def _break_cache_route(m: Manifests) -> None:
+    """A name the nodes' engines cannot resolve."""
+    config = m.config_maps["puller-worker-config"]
+    config["PULLER_PULL_THROUGH_CACHES"] = "docker.io=puller-blob-cache.puller.svc:5001"
+
+
+CACHE_BREAKAGES = [
+    _break_cache_flag,
+    _break_cache_listen,
+    _break_cache_probe,
+    _break_cache_root,
+    _break_cache_volume,
+    _break_cache_service,
+    _break_cache_policy,
+    _break_cache_route,
+]
+
+
+@pytest.mark.parametrize(
+    "breakage", CACHE_BREAKAGES, ids=[b.__name__.removeprefix("_break_") for b in CACHE_BREAKAGES]
+)
+def test_the_blob_cache_check_fails_on_a_broken_copy(
+    breakage: Callable[[Manifests], None],
+) -> None:
+    broken = load(DEPLOY, WITH_BLOB_CACHE)
+    breakage(broken)
+    assert list(check_blob_cache(broken)), f"check_blob_cache did not see {breakage.__name__}"
+
+
 def test_every_check_is_shown_failing_at_least_once() -> None:
-    assert {check for check, _ in BREAKAGES} == set(CHECKS)
+    assert {check for check, _ in BREAKAGES} | {check_blob_cache} == set(CHECKS)
