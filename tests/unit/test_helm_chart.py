@@ -180,7 +180,11 @@ def test_the_values_reach_the_objects() -> None:
 @pytest.mark.parametrize(
     ("given", "said"),
     [
-        ({"imageStore": "cri-o"}, 'imageStore is "cri-o": docker or containerd'),
+        (
+            {"imageStore": "cri-o"},
+            'imageStore must be one of the following: "docker", "containerd"',
+        ),
+        ({"blobcache": {"enabled": True}}, "Additional property blobcache is not allowed"),
         (
             {"worker": {"terminationGracePeriodSeconds": 25}},
             r"terminationGracePeriodSeconds \(25\) must exceed PULLER_SHUTDOWN_GRACE \(20\) \+ 5",
@@ -191,7 +195,7 @@ def test_the_values_reach_the_objects() -> None:
             "blobCache.nodeCIDRs: on Docker nodes",
         ),
     ],
-    ids=["store", "grace", "cluster-ip", "node-cidrs"],
+    ids=["store", "misspelt", "grace", "cluster-ip", "node-cidrs"],
 )
 def test_values_that_cannot_work_are_refused_saying_why(given: dict[str, Any], said: str) -> None:
     with pytest.raises(rendering.RenderFailed, match=said):
