@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {
         "pull": lambda: _pull(args, sys.stdout, sys.stderr),
-        "nodes": lambda: _nodes(args, sys.stdout),
+        "nodes": lambda: _nodes(args, sys.stdout, sys.stderr),
         "broker-setup": lambda: _broker_setup(args, sys.stdout, sys.stderr),
         "warm": lambda: _with_publisher(args, fleet_commands.run_warm),
         "status": lambda: _with_publisher(args, fleet_commands.run_status),
@@ -312,11 +312,17 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_NOT_EVERYWHERE
 
 
-def _nodes(args: argparse.Namespace, out: TextIO) -> int:
+def _nodes(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with Publisher(args.amqp_url) as publisher:
-        roster = publisher.nodes()
+        found = publisher.roster()
+    roster = found.nodes
+    if found.note is not None:
+        print(f"puller: warning: {found.note}", file=err)
     if args.json:
-        json.dump({"nodes": [info.to_json() for info in roster]}, out)
+        answer: dict[str, object] = {"nodes": [info.to_json() for info in roster]}
+        if found.note is not None:
+            answer["notes"] = [found.note]
+        json.dump(answer, out)
         out.write("\n")
         return EXIT_OK
     if not roster:

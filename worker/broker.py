@@ -51,7 +51,6 @@ from worker.model import Delivery
 log = structlog.get_logger("worker.broker")
 
 LOST = "lost the connection to RabbitMQ"
-PRESENCE_PROPERTIES = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2)
 
 
 class NodeNameInUse(PullerError):
@@ -118,6 +117,11 @@ class WorkerBroker:
         """Actions handed to the connection's thread and not yet run there."""
         self.queue = topo.node_queue_name(node)
         self.user: str = getattr(self._parameters.credentials, "username", "")
+        self._presence_properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user or None
+        )
+        """Announcements carry the user RabbitMQ checks them against: readers can tell who
+        put what into the presence stream."""
         self._may_not_configure = False
         """Learnt from RabbitMQ's refusal, once: from then on shared things are checked."""
 
@@ -413,7 +417,7 @@ class WorkerBroker:
         self._check_owner()
         with broker_errors(LOST, self._parameters):
             self._open_presence_channel().basic_publish(
-                topo.PRESENCE.name, routing_key="", body=body, properties=PRESENCE_PROPERTIES
+                topo.PRESENCE.name, routing_key="", body=body, properties=self._presence_properties
             )
 
     def announce_arrival(self, body: bytes, timeout: float) -> bool | None:
