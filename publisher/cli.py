@@ -277,7 +277,10 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             image = publisher.check(image)  # the policy, before anything touches RabbitMQ
             names = args.nodes
             if names is None and args.expect is None:
-                names = [info.node for info in publisher.nodes()]
+                roster = publisher.roster()
+                names = [info.node for info in roster.nodes]
+                if roster.note is not None:
+                    print(f"puller: warning: {roster.note}", file=err)
             if not args.json and out.isatty():
                 print(f"{image}", file=out)
             view = None if args.json else LiveView(out, names or [], live=out.isatty())
