@@ -130,42 +130,40 @@ def node_1(bounded: Broker) -> Iterator[tuple[LocalCluster, WorkerProcess]]:
         cluster.remove()
 
 
-@pytest.mark.parametrize("when", ["before its worker starts", "while its worker is away"])
 def test_a_squatted_node_queue_holds_at_most_the_bound_and_its_worker_takes_it_back(
     bounded: Broker,
     connections: Callable[[str], pika.BlockingConnection],
     node_1: tuple[LocalCluster, WorkerProcess],
-    when: str,
 ) -> None:
+    """Squatted before the worker ever started, then again while it was away (stopped)."""
     cluster, worker = node_1
     queue = topo.node_queue_name("node-1")
-    if when == "while its worker is away":
-        worker.start()
-        worker.stop()
     image = cluster.registry.push_files(f"squat/{uuid.uuid4().hex[:8]}", "1", {"f": b"x"})
-    squat(connections("worker-1"), queue, hold=True)  # the node's own user, staying on it
     with Publisher(bounded.url("sessions")) as publisher:
-        for _ in range(2 * BOUNDS.queue_max_length):
-            publisher.request(image)  # "reached a node", and piled up in the squat
-        assert depth(bounded, queue) == BOUNDS.queue_max_length
+        for when in ("before its worker starts", "while its worker is away"):
+            squat(connections("worker-1"), queue, hold=True)  # the node's own user, staying
+            for _ in range(2 * BOUNDS.queue_max_length):
+                publisher.request(image)  # "reached a node", and piled up in the squat
+            assert depth(bounded, queue) == BOUNDS.queue_max_length
 
-        launched = time.monotonic()
-        worker.launch()
-        try:
-            worker.wait_serving(timeout=30)
-            print(f"squat {when}: the worker served after {time.monotonic() - launched:.2f}s")
-            # Its own now: exclusive to the worker's connection, which the squatter cannot take.
-            for user in ("admin", "worker-1"):
+            launched = time.monotonic()
+            worker.launch()
+            try:
+                worker.wait_serving(timeout=30)
+                took = time.monotonic() - launched
+                print(f"squat {when}: the worker served after {took:.2f}s")
+                # Its own now: exclusive to the worker's connection; the squatter cannot take it.
+                for user in ("admin", "worker-1"):
+                    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as locked:
+                        connections(user).channel().queue_declare(queue, passive=True)
+                    assert locked.value.reply_code == RESOURCE_LOCKED
                 with pytest.raises(pika.exceptions.ChannelClosedByBroker) as locked:
-                    connections(user).channel().queue_declare(queue, passive=True)
+                    squat(connections("worker-1"), queue)
                 assert locked.value.reply_code == RESOURCE_LOCKED
-            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as locked:
-                squat(connections("worker-1"), queue)
-            assert locked.value.reply_code == RESOURCE_LOCKED
-            assert publisher.pull(image, expect=1, timeout=60).ok
-            assert "shared instead of exclusive" in worker.log_path.read_text()
-        finally:
-            worker.stop()
+                assert publisher.pull(image, expect=1, timeout=60).ok
+                assert "shared instead of exclusive" in worker.log_path.read_text()
+            finally:
+                worker.stop()
 
 
 def test_a_publisher_user_makes_no_more_queues_than_the_vhost_allows_and_they_expire(
