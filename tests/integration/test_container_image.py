@@ -153,6 +153,10 @@ def test_each_image_answers_its_version_and_carries_its_labels(
         assert {"puller", "pika", "docker", "structlog", "prometheus-client"} <= distributions
         assert not distributions & DEV_ONLY, "the venv holds only runtime dependencies"
     assert host_docker.images.get(images.http).attrs["Config"]["User"] == NOBODY
+    # the CLI, in either image; the blob cache, as deploy/'s manifests run it from the worker's
+    version = run_once(host_docker, images.http, ["--version"], "puller")
+    assert version == f"puller {images.version}\n"
+    assert "--upstream" in run_once(host_docker, images.worker, ["--help"], "puller-blob-cache")
 
 
 def test_http_image_serves_as_nobody_on_a_read_only_root(
