@@ -28,7 +28,7 @@ from blob_cache.upstream import Upstream, UpstreamUnreachable, content_length
 
 log = structlog.get_logger("blob_cache.fetch")
 
-CHUNK = 128 * 1024
+CHUNK = 64 * 1024
 HOLD_BACK = 1
 """Bytes a follower stays behind an unverified fetch."""
 WAKE = 5.0

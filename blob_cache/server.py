@@ -46,7 +46,7 @@ Environ = dict[str, Any]
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS"}
 TLS_HANDSHAKE = 0x16
 """The first byte of a TLS ClientHello (a handshake record)."""
-OUTBUF_HIGH_WATERMARK = 512 * 1024
+OUTBUF_HIGH_WATERMARK = 256 * 1024
 """Bytes waitress holds for one connection before the thread streaming to it waits."""
 
 
