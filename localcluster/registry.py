@@ -134,6 +134,15 @@ class Registry:
         response.raise_for_status()
         return response.headers["Docker-Content-Digest"]
 
+    def push_blob(self, repository: str, blob: bytes) -> str:
+        """Uploads ``blob`` into ``repository`` (no manifest: the blob is linked to that
+        repository only); returns its digest."""
+        with requests.Session() as session:
+            if self.login is not None:
+                session.auth = self.login.basic
+            _upload_blob(session, self.url, repository, blob)
+        return _sha256(blob)
+
     def push_index(
         self, repository: str, tag: str, platforms: list[tuple[str, str]]
     ) -> dict[str, str]:

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_TIME_PACKAGES = ("contract", "worker", "publisher", "serving", "gateway")
+RUN_TIME_PACKAGES = ("contract", "worker", "publisher", "serving", "gateway", "blob_cache")
 """What the images install (the Dockerfile's COPY lines); localcluster is for tests."""
 
 
