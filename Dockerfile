@@ -41,6 +41,7 @@ COPY worker /src/worker
 COPY publisher /src/publisher
 COPY serving /src/serving
 COPY gateway /src/gateway
+COPY blob_cache /src/blob_cache
 # A wheel built with the tools venv's setuptools, installed without dependencies (they
 # are in already); `pip check` fails the build if one is missing.
 RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir /tmp/wheels /src \

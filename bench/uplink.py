@@ -8,7 +8,7 @@ same run, each from empty engines and an empty cache:
 
 - ``direct``: no cache (``PULLER_PULL_THROUGH_CACHES`` unset);
 - ``registry-proxy``: Debian's ``docker-registry`` in proxy mode;
-- ``blob-cache``: puller's own cache (``python -m worker.blob_cache``).
+- ``blob-cache``: puller's own cache (``puller-blob-cache``, docs/blob-cache.md).
 
     .venv/bin/python -m bench.uplink [--nodes 1,3,5] [--size-mb 200] [--rate-mb 20]
 """

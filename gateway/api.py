@@ -238,10 +238,13 @@ class Gateway:
 
     def _nodes(self, _request: Request) -> Response:
         try:
-            roster = self._publisher.nodes()
+            roster = self._publisher.roster()
         except BrokerUnavailable as error:
             raise ApiError(503, str(error)) from None
-        return _json(200, {"nodes": [info.to_json() for info in roster]})
+        answer: dict[str, object] = {"nodes": [info.to_json() for info in roster.nodes]}
+        if roster.note is not None:
+            answer["notes"] = [roster.note]
+        return _json(200, answer)
 
     def _refresh(self) -> None:
         try:

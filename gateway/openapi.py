@@ -277,8 +277,15 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "The live nodes (as `puller nodes --json`)",
                     "responses": {
                         "200": _answer(
-                            "The roster",
-                            _object({"nodes": {"type": "array", "items": NODE}}, ["nodes"]),
+                            "The roster; `notes` only when it may be incomplete (a flooded "
+                            "presence stream)",
+                            _object(
+                                {
+                                    "nodes": {"type": "array", "items": NODE},
+                                    "notes": {"type": "array", "items": {"type": "string"}},
+                                },
+                                ["nodes"],
+                            ),
                         ),
                         "503": UNAVAILABLE,
                     },

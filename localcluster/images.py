@@ -96,6 +96,7 @@ PROJECT_CONTEXT = (
     "publisher",
     "serving",
     "gateway",
+    "blob_cache",
     "build-ca",
 )
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

@@ -32,6 +32,10 @@ from localcluster.processes import free_port, start_daemon, stop, wait_until
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
 LAYER_TAR_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,69 @@ class Registry:
         )
         response.raise_for_status()
         return response.headers["Docker-Content-Digest"]
+
+    def push_blob(self, repository: str, blob: bytes) -> str:
+        """Uploads ``blob`` into ``repository`` (no manifest: the blob is linked to that
+        repository only); returns its digest."""
+        with requests.Session() as session:
+            if self.login is not None:
+                session.auth = self.login.basic
+            _upload_blob(session, self.url, repository, blob)
+        return _sha256(blob)
+
+    def push_index(
+        self, repository: str, tag: str, platforms: list[tuple[str, str]]
+    ) -> dict[str, str]:
+        """Pushes an image index (OCI) with a one-layer image for each ``(architecture,
+        variant)``, in that order; returns each platform's image id (its config's digest) by
+        ``ARCHITECTURE/VARIANT``."""
+        ids: dict[str, str] = {}
+        entries = []
+        with requests.Session() as session:
+            session.auth = self._auth
+            for architecture, variant in platforms:
+                layer = make_layer({"platform": f"{architecture}/{variant}".encode()})
+                named = {"os": "linux", "architecture": architecture}
+                if variant:
+                    named["variant"] = variant
+                config = json.dumps(
+                    {**named, "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]}}
+                ).encode()
+                for blob in (layer.compressed, config):
+                    _upload_blob(session, self.url, repository, blob)
+                manifest = json.dumps(
+                    {
+                        "schemaVersion": 2,
+                        "mediaType": OCI_MANIFEST,
+                        "config": {
+                            "mediaType": OCI_CONFIG,
+                            "size": len(config),
+                            "digest": _sha256(config),
+                        },
+                        "layers": [
+                            {
+                                "mediaType": OCI_LAYER,
+                                "size": len(layer.compressed),
+                                "digest": layer.digest,
+                            }
+                        ],
+                    }
+                ).encode()
+                _put_manifest(
+                    session, self.url, repository, _sha256(manifest), manifest, OCI_MANIFEST
+                )
+                entries.append(
+                    {
+                        "mediaType": OCI_MANIFEST,
+                        "size": len(manifest),
+                        "digest": _sha256(manifest),
+                        "platform": named,
+                    }
+                )
+                ids[f"{architecture}/{variant}"] = _sha256(config)
+            index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
+            _put_manifest(session, self.url, repository, tag, index.encode(), OCI_INDEX)
+        return ids
 
     def push_sized(self, repository: str, tag: str, layer_sizes: list[int]) -> str:
         """Pushes an image whose layers each hold one file of random bytes of the given size."""
@@ -235,6 +302,23 @@ def _upload_blob(
         timeout=300,
     )
     finished.raise_for_status()
+
+
+def _put_manifest(
+    session: requests.Session,
+    registry_url: str,
+    repository: str,
+    reference: str,
+    manifest: bytes,
+    media_type: str,
+) -> None:
+    response = session.put(
+        f"{registry_url}/v2/{repository}/manifests/{reference}",
+        data=manifest,
+        headers={"Content-Type": media_type},
+        timeout=60,
+    )
+    response.raise_for_status()
 
 
 def write_htpasswd(path: Path, login: Login) -> None:

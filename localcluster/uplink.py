@@ -18,7 +18,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import requests
 
+from localcluster.cluster import installed_command
 from localcluster.processes import free_port, start_daemon, stop, wait_until
 
 CHUNK = 64 * 1024
@@ -240,29 +240,41 @@ class ProxyRegistry:
 
 @dataclass
 class BlobCacheProcess:
-    """puller's own pull-through blob cache (``python -m worker.blob_cache``) for one
-    upstream, ``remote_url``, on 127.0.0.1."""
+    """puller's own pull-through blob cache (``puller-blob-cache``, see docs/blob-cache.md)
+    for one upstream, ``remote_url``, on 127.0.0.1, keeping blobs in ``data_dir`` (default
+    ``root/data``). ``extra_args``: more flags (``--max-bytes``, ``--idle-timeout``...)."""
 
     root: Path
     remote_url: str
     port: int = 0
+    extra_args: tuple[str, ...] = ()
+    data_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "blob-cache.log"
+
     def start(self, timeout: float = 30.0) -> None:
         self.port = self.port or free_port()
         self.root.mkdir(parents=True, exist_ok=True)
-        log_path = self.root / "blob-cache.log"
-        argv = [sys.executable, "-m", "worker.blob_cache", "--upstream", self.remote_url]
-        argv += ["--listen", self.address, "--dir", str(self.root / "data")]
-        self.process = start_daemon(argv, log_path)
-        wait_until(self._answers, "blob cache", timeout, self.process, log_path)
+        data = self.data_dir or self.root / "data"
+        argv = [*installed_command("puller-blob-cache", "blob_cache.main")]
+        argv += ["--upstream", self.remote_url, "--listen", self.address, "--dir", str(data)]
+        argv += [*self.extra_args, "--log-format", "json"]
+        self.process = start_daemon(argv, self.log_path)
+        wait_until(self._answers, "blob cache", timeout, self.process, self.log_path)
 
     def _answers(self) -> bool:
-        return requests.get(f"http://{self.address}/v2/", timeout=2).status_code == 200
+        return requests.get(f"{self.url}/alive", timeout=2).status_code == 200
 
     def stop(self) -> None:
         if self.process is not None:

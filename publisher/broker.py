@@ -43,8 +43,10 @@ from contract import (
     CONTENT_TYPE,
     REPLY_QUEUE_PREFIX,
     BrokerUnavailable,
+    InvalidMessage,
     NoNodes,
     RosterMarker,
+    decode_presence_stream,
 )
 from contract import topology as topo
 from contract.connection import (
@@ -57,10 +59,21 @@ from contract.connection import (
     where,
 )
 from publisher.caller_connection import CallerConnection, Unconfirmed, request_frames
+from publisher.roster import RosterBook
 
 log = logging.getLogger("puller.publisher.broker")
 
 STREAM_PREFETCH = 1000
+ACK_EVERY = 200
+"""Presence messages acknowledged together (a stream takes acks only as credit)."""
+FLOOD_GRACE = 0.5
+"""Seconds a roster read of a followed stream waits for its marker before it may call the
+stream flooded and answer from what it has."""
+FLOOD_GRACE_CATCHING_UP = 2.0
+"""The same for the first read, which starts the window's reading."""
+FLOOD_RATE = 2000.0
+"""Messages a second read meanwhile that mean a flood: workers announce every few seconds,
+so even a thousand nodes send a few hundred a second."""
 CLOSE_WAIT = 1.0
 """Seconds :meth:`PublisherBroker.close` waits for the broker to answer before dropping the
 socket."""
@@ -106,10 +119,46 @@ class _Connection:
     """Publishes on ``channel`` so far: its next delivery tag is this plus one."""
     tickets: dict[int, _Ticket | None] = field(default_factory=dict)
     by_request: dict[str, _Ticket] = field(default_factory=dict)
-    reads: list[Callable[[BaseException], None]] = field(default_factory=list)
-    """How to fail the presence reads in flight, if the connection goes."""
     declaring: topo.Declaration | None = None
     """What is being declared, until RabbitMQ says it is done."""
+
+
+@dataclass(frozen=True)
+class PresenceSync:
+    """How far a roster read got (see :meth:`PublisherBroker.sync_presence`)."""
+
+    complete: bool
+    """Everything announced before the read began is in the book."""
+    read: int = 0
+    """Messages read from the stream while waiting."""
+    seconds: float = 0.0
+    live: bool = False
+    """The stream had been followed to its end before (the book is only this read behind)."""
+
+
+@dataclass
+class _Follower:
+    """The presence stream, followed into a roster book (the I/O thread's)."""
+
+    book: RosterBook
+    window: float
+    """Seconds back from now that a reading starts."""
+    start: float
+    """Unix time the current reading started from."""
+    current: _Connection | None = None
+    channel: pika.channel.Channel | None = None
+    consuming: bool = False
+    live: bool = False
+    """A marker of this reading came back: what comes now is new."""
+    read: int = 0
+    invalid: int = 0
+    unacked: int = 0
+    waiting: dict[str, tuple[Callable[[], None], Callable[[BaseException], None]]] = field(
+        default_factory=dict
+    )
+    """Markers sent and not back yet: how to tell their readers it is done, or failed."""
+    unsent: list[str] = field(default_factory=list)
+    """Markers to send once the consumer is on (sent before, they could be missed)."""
 
 
 class PublisherBroker:
@@ -160,6 +209,7 @@ class PublisherBroker:
         self._failures = 0
         self._last_error = "not connected yet"
         self._epoch = 0
+        self._follower: _Follower | None = None
 
     @property
     def _parameters(self) -> pika.URLParameters:
@@ -248,22 +298,54 @@ class PublisherBroker:
             "not have been published"
         )
 
-    def read_presence(self, since: float, timeout: float) -> list[bytes]:
-        """Every presence announcement in the stream from ``since`` (a Unix time) until now.
+    def sync_presence(self, book: RosterBook, since: float, timeout: float) -> PresenceSync:
+        """Follows the presence stream into ``book`` (the first time from ``since``, a Unix
+        time; live from then on, and again from the same window back after a reconnection)
+        and waits until everything announced before this call is in it.
 
-        "Now" is a marker this call puts into the stream itself: the stream is read until
-        the marker comes back, so nothing announced before the call is missed.
+        "Before this call" is a marker this call puts into the stream: the book has it all
+        once the marker comes back. A flooded stream can hold the marker back for longer
+        than anyone waits: once the wait is past :data:`FLOOD_GRACE` with more than
+        :data:`FLOOD_RATE` messages a second coming in, or past ``timeout``, this returns an
+        incomplete sync (the book holds what was read so far) instead of waiting on. Raises
+        :class:`BrokerUnavailable` when the broker cannot be reached, or it read nothing in
+        ``timeout`` of a stream it had never reached the end of.
         """
-        future: Future[list[bytes]] = Future()
+        marker_id = uuid.uuid4().hex
+        future: Future[None] = Future()
+        before = self._follower
+        live = before is not None and before.book is book and before.live
+        read_before = before.read if before is not None and before.book is book else 0
+        grace = FLOOD_GRACE if live else FLOOD_GRACE_CATCHING_UP
+        started = time.monotonic()
         self._run_connected(
-            lambda c: self._read_presence(c, since, timeout, future), future.set_exception
+            lambda c: self._sync(c, book, since, marker_id, future), future.set_exception
         )
-        try:
-            return future.result(timeout=timeout + 5)
-        except FutureTimeout:
-            raise BrokerUnavailable(
-                f"reading the presence stream at {self.where} took longer than {timeout:g}s"
-            ) from None
+        while True:
+            try:
+                future.result(timeout=0.05)
+            except FutureTimeout:
+                pass
+            else:
+                return PresenceSync(True, live=live)
+            spent = time.monotonic() - started
+            follower = self._follower
+            read = follower.read - read_before if follower is not None else 0
+            flooded = spent >= grace and read >= FLOOD_RATE * spent
+            if not flooded and spent < timeout:
+                continue
+            self._forget_marker(marker_id)
+            if not flooded and not live and read == 0:
+                raise BrokerUnavailable(
+                    f"reading the presence stream at {self.where} took longer than {timeout:g}s"
+                )
+            return PresenceSync(False, read=read, seconds=spent, live=live)
+
+    def _forget_marker(self, marker_id: str) -> None:
+        loop = self._loop
+        follower = self._follower
+        if loop is not None and follower is not None:
+            loop.add_callback_threadsafe(lambda: follower.waiting.pop(marker_id, None))
 
     def wait_connected(self, timeout: float) -> bool:
         """Asks for a connection now, and waits up to ``timeout`` for it."""
@@ -525,8 +607,14 @@ class PublisherBroker:
                         f"the request ({error}); it may or may not have been published"
                     )
                 )
-        for fail in current.reads:
-            fail(lost)
+        follower = self._follower
+        if follower is not None and follower.current is current:
+            follower.channel = None
+            follower.consuming = follower.live = False
+            waiting, follower.waiting = follower.waiting, {}
+            follower.unsent.clear()
+            for _, fail_read in waiting.values():
+                fail_read(lost)
         with self._lock:
             was_ready = self._ready is current
             self._ready = None
@@ -653,33 +741,56 @@ class PublisherBroker:
             )
         return None
 
-    def _read_presence(
-        self, current: _Connection, since: float, timeout: float, future: Future[list[bytes]]
+    def _sync(
+        self,
+        current: _Connection,
+        book: RosterBook,
+        since: float,
+        marker_id: str,
+        future: Future[None],
     ) -> None:
-        marker_id = uuid.uuid4().hex
-        bodies: list[bytes] = []
-        state: dict[str, Any] = {"channel": None, "timer": None}
-        loop = self._loop
+        follower = self._follower
+        if follower is None or follower.book is not book:
+            follower = _Follower(book, window=max(1.0, time.time() - since), start=since)
+            self._follower = follower
 
-        def finish(outcome: list[bytes] | BaseException) -> None:
-            if future.done():
-                return
-            if state["timer"] is not None and loop is not None:
-                loop.remove_timeout(state["timer"])
-            if fail in current.reads:
-                current.reads.remove(fail)
-            channel = state["channel"]
-            if channel is not None and channel.is_open:
-                channel.close()
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        def done() -> None:
+            if not future.done():
+                future.set_result(None)
 
         def fail(error: BaseException) -> None:
-            finish(
-                BrokerUnavailable(f"reading the presence stream at {self.where} failed: {error}")
-            )
+            if not future.done():
+                reason = f"reading the presence stream at {self.where} failed: {error}"
+                future.set_exception(BrokerUnavailable(reason))
+
+        follower.waiting[marker_id] = (done, fail)
+        if follower.current is not current or follower.channel is None:
+            follower.unsent.append(marker_id)
+            self._follow(current, follower)
+        elif not follower.consuming:
+            follower.unsent.append(marker_id)
+        else:
+            self._send_marker(current, marker_id)
+
+    def _send_marker(self, current: _Connection, marker_id: str) -> None:
+        self._send(
+            current,
+            None,
+            topo.PRESENCE.name,
+            RosterMarker(marker_id).encode(),
+            pika.BasicProperties(content_type=CONTENT_TYPE, correlation_id=marker_id),
+        )
+
+    def _follow(self, current: _Connection, follower: _Follower) -> None:
+        """Starts reading the presence stream on ``current``: from the window back (the
+        first time, from where the first caller asked)."""
+        if follower.current is not None:  # a reading before, on a connection now gone
+            follower.start = time.time() - follower.window
+        follower.current = current
+        follower.channel = None
+        follower.consuming = follower.live = False
+        follower.unacked = 0
+        start = follower.start
 
         def on_message(
             channel: pika.channel.Channel,
@@ -687,45 +798,77 @@ class PublisherBroker:
             properties: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            if channel.is_open:
-                channel.basic_ack(method.delivery_tag)
-            if properties.correlation_id == marker_id:
-                finish(bodies)
-            else:
-                bodies.append(body)
+            reading = follower.channel
+            if reading is None or channel is not reading:
+                return
+            follower.read += 1
+            follower.unacked += 1
+            if follower.unacked >= ACK_EVERY and reading.is_open:
+                reading.basic_ack(method.delivery_tag, multiple=True)
+                follower.unacked = 0
+            self._take_presence(follower, properties, body)
 
-        def consume(channel: pika.channel.Channel) -> None:
-            channel.basic_consume(
-                topo.PRESENCE_STREAM.name,
-                on_message,
-                arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
-                callback=lambda _frame: self._send(
-                    current,
-                    None,
-                    topo.PRESENCE.name,
-                    RosterMarker(marker_id).encode(),
-                    pika.BasicProperties(content_type=CONTENT_TYPE, correlation_id=marker_id),
-                ),
-            )
+        def on_consuming(_frame: object) -> None:
+            follower.consuming = True
+            for marker_id in follower.unsent:
+                self._send_marker(current, marker_id)
+            follower.unsent.clear()
+
+        def on_close(channel: pika.channel.Channel, reason: BaseException) -> None:
+            if channel is not follower.channel:
+                return
+            follower.channel = None
+            follower.consuming = follower.live = False
+            waiting, follower.waiting = follower.waiting, {}
+            follower.unsent.clear()
+            for _, fail in waiting.values():
+                fail(reason)
 
         def on_channel(channel: pika.channel.Channel) -> None:
-            state["channel"] = channel
-            channel.add_on_close_callback(
-                lambda _ch, reason: fail(reason) if not future.done() else None
-            )
-            channel.basic_qos(prefetch_count=STREAM_PREFETCH, callback=lambda _f: consume(channel))
-
-        current.reads.append(fail)
-        if loop is not None:
-            state["timer"] = loop.call_later(
-                timeout,
-                lambda: finish(
-                    BrokerUnavailable(
-                        f"reading the presence stream at {self.where} took longer than {timeout:g}s"
-                    )
+            if follower.current is not current:
+                channel.close()
+                return
+            follower.channel = channel
+            channel.add_on_close_callback(on_close)
+            channel.basic_qos(
+                prefetch_count=STREAM_PREFETCH,
+                callback=lambda _frame: channel.basic_consume(
+                    topo.PRESENCE_STREAM.name,
+                    on_message,
+                    arguments={"x-stream-offset": datetime.fromtimestamp(start, UTC)},
+                    callback=on_consuming,
                 ),
             )
+
         current.connection.channel(on_open_callback=on_channel)
+
+    def _take_presence(
+        self, follower: _Follower, properties: pika.BasicProperties, body: bytes
+    ) -> None:
+        """One message of the presence stream: this publisher's marker, or an announcement
+        for the book (when it counts as seen: now, once the reading is live; before that,
+        when it says it was sent, within the reading's window)."""
+        follower.book.count(properties.user_id)
+        marker = follower.waiting.pop(properties.correlation_id or "", None)
+        if marker is not None:
+            follower.live = True
+            marker[0]()
+            return
+        try:
+            message = decode_presence_stream(body)
+        except InvalidMessage:
+            follower.invalid += 1
+            return
+        if isinstance(message, RosterMarker):
+            return  # another reader's
+        now = time.time()
+        seen = now if follower.live else min(now, max(message.last_seen, follower.start))
+        follower.book.add(message, seen, horizon=now - follower.window)
+
+    def invalid_presence(self) -> int:
+        """Presence messages that broke the contract, read so far (ignored)."""
+        follower = self._follower
+        return follower.invalid if follower is not None else 0
 
     def _shut_down(self) -> None:
         """Closes the connection, then stops the loop once it is closed. A broker that does

@@ -29,9 +29,18 @@ bindings need only write on the destination and read on the source, so a worker 
 ``puller.replies`` to ``puller.pulls`` (answers reach workers as malformed requests, which they
 refuse). Those users are trusted not to; see the README's Security section.
 
+What no permission can say either: "this queue only exclusive". A worker's user may declare its
+node's queue durable and shared, and a publisher's user any number of durable reply queues.
+:func:`bound_vhost` bounds what such a queue can cost (:class:`Bounds`): an operator policy on
+the node and reply queues (``expires``: a queue nobody consumes goes away by itself;
+``max-length``: it never holds more than that), one on the presence stream (``max-length-bytes``)
+and the vhost's limits (``max-queues``, ``max-connections``). Operator policies win over a
+queue's own arguments (the lower value applies), so a user cannot declare its way out of them.
+A worker that finds its queue held by such a queue deletes it and declares its own.
+
 :func:`setup` creates the vhost, the users (no tags: no management UI) and their permissions
-through the management HTTP API; :func:`declare_topology` declares the shared topology as the
-admin user over AMQP.
+through the management HTTP API; :func:`bound_vhost` puts the bounds on the vhost;
+:func:`declare_topology` declares the shared topology as the admin user over AMQP.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -61,16 +71,20 @@ from contract.connection import (
 from contract.errors import PullerError
 
 __all__ = [
+    "Bounds",
     "BrokerSetupError",
     "BrokerUser",
     "Permissions",
     "Role",
     "UserSpec",
+    "bound_vhost",
     "check_users",
     "declare_topology",
     "definitions",
+    "operator_policies",
     "permissions",
     "setup",
+    "vhost_limits",
 ]
 
 
@@ -188,15 +202,94 @@ def permissions(role: Role | str, node: str | None = None) -> Permissions:
     )
 
 
-def definitions(vhost: str, users: Iterable[BrokerUser]) -> dict[str, object]:
-    """The vhost and the users' permissions as RabbitMQ definitions (``rabbitmqctl
-    import_definitions``). The users themselves are not in it: a definitions file carries
-    password hashes, and this one is meant to be shown and kept."""
+# -- the bounds ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a vhost's queues, streams and connections may cost, whoever declares them."""
+
+    queue_expires: float = 60.0
+    """Seconds a node or reply queue lives with no consumer (puller's own always have one)."""
+    queue_max_length: int = 10_000
+    """Messages a node or reply queue holds at most; past that the oldest are dropped."""
+    presence_max_bytes: int = 10 * 1000 * 1000
+    """The presence stream's size bound (it is read from a few seconds back, for the roster)."""
+    max_queues: int = 1000
+    """Queues on the vhost: one per node and per publisher, and the two streams. -1: none."""
+    max_connections: int = 1000
+    """Connections to the vhost: one per worker, two per publisher. -1: none."""
+
+    def __post_init__(self) -> None:
+        if self.queue_expires < 1:
+            raise ValueError("the queues' expiry is at least 1 second")
+        for name in ("queue_max_length", "presence_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} is at least 1")
+        for name in ("max_queues", "max_connections"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"{name.replace('_', ' ')} is -1 (no limit) or more")
+
+
+OWN_QUEUES_POLICY = "puller-own-queues"
+PRESENCE_POLICY = "puller-presence-stream"
+
+
+def operator_policies(bounds: Bounds) -> dict[str, dict[str, object]]:
+    """The operator policies :func:`bound_vhost` puts, by name, as the management API takes them."""
+    own_queues = _prefixes(topo.NODE_QUEUE_PREFIX, topo.REPLY_QUEUE_PREFIX)
+    return {
+        OWN_QUEUES_POLICY: {
+            "pattern": own_queues,
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {
+                "expires": max(1000, round(bounds.queue_expires * 1000)),
+                "max-length": bounds.queue_max_length,
+            },
+        },
+        PRESENCE_POLICY: {
+            "pattern": _only(_name(topo.PRESENCE_STREAM.name)),
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"max-length-bytes": bounds.presence_max_bytes},
+        },
+    }
+
+
+def vhost_limits(bounds: Bounds) -> dict[str, int]:
+    return {"max-queues": bounds.max_queues, "max-connections": bounds.max_connections}
+
+
+def _prefixes(*prefixes: str) -> str:
+    """Every name that starts with one of ``prefixes``."""
+    return f"^(?:{'|'.join(re.escape(prefix) for prefix in prefixes)})"
+
+
+def definitions(
+    vhost: str, users: Iterable[BrokerUser], bounds: Bounds | None = None
+) -> dict[str, object]:
+    """The vhost, the users' permissions and the bounds as RabbitMQ definitions
+    (``rabbitmqctl import_definitions``). The users themselves are not in it: a definitions
+    file carries password hashes, and this one is meant to be shown and kept."""
+    bounds = bounds or Bounds()
     return {
         "vhosts": [{"name": vhost}],
         "permissions": [
             {"user": user.name, "vhost": vhost, **permissions(user.role, user.node)._asdict()}
             for user in check_users(users)
+        ],
+        "parameters": [
+            *(
+                {"vhost": vhost, "component": "operator_policy", "name": name, "value": value}
+                for name, value in operator_policies(bounds).items()
+            ),
+            {
+                "vhost": vhost,
+                "component": "vhost-limits",
+                "name": "limits",
+                "value": vhost_limits(bounds),
+            },
         ],
     }
 
@@ -260,6 +353,30 @@ def setup(
         )
 
 
+def bound_vhost(
+    management_url: str,
+    vhost: str,
+    bounds: Bounds,
+    *,
+    credentials: tuple[str, str],
+    timeout: float = 10.0,
+) -> None:
+    """Puts ``bounds`` on ``vhost`` (which exists): the operator policies
+    (:func:`operator_policies`) and the vhost's limits (:func:`vhost_limits`), through the
+    management API as ``credentials`` (an administrator: operator policies need that tag).
+    Running it again puts the same state. Raises :class:`BrokerSetupError`."""
+    api = _ManagementApi(management_url, credentials, [], timeout)
+    where = _segment(vhost)
+    for name, policy in operator_policies(bounds).items():
+        api.put(
+            f"operator-policies/{where}/{_segment(name)}",
+            policy,
+            f"set operator policy {name!r} on vhost {vhost!r}",
+        )
+    for name, value in vhost_limits(bounds).items():
+        api.put(f"vhost-limits/{where}/{name}", {"value": value}, f"set {name} on vhost {vhost!r}")
+
+
 def _segment(text: str) -> str:
     return quote(text, safe="")
 
@@ -280,14 +397,14 @@ class _ManagementApi:
         self._secrets = [secret for secret in (password, *secrets) if secret]
         self._timeout = timeout
 
-    def put(self, path: str, body: dict[str, str], what: str) -> None:
+    def put(self, path: str, body: Mapping[str, object], what: str) -> None:
         self._call("PUT", path, body, what)
 
     def get(self, path: str, what: str) -> object:
         """The resource as JSON; ``None`` when it does not exist."""
         return self._call("GET", path, None, what)
 
-    def _call(self, method: str, path: str, body: dict[str, str] | None, what: str) -> object:
+    def _call(self, method: str, path: str, body: Mapping[str, object] | None, what: str) -> object:
         request = urllib.request.Request(  # noqa: S310 - http(s) only, checked in __init__
             f"{self._base}/api/{path}",
             data=None if body is None else json.dumps(body).encode(),

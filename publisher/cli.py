@@ -23,6 +23,7 @@ from contract import (
     Misconfigured,
     NoNodes,
     parse_reference,
+    puller_version,
 )
 from contract import topology as topo
 from contract.connection import BrokerTls
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {
         "pull": lambda: _pull(args, sys.stdout, sys.stderr),
-        "nodes": lambda: _nodes(args, sys.stdout),
+        "nodes": lambda: _nodes(args, sys.stdout, sys.stderr),
         "broker-setup": lambda: _broker_setup(args, sys.stdout, sys.stderr),
         "warm": lambda: _with_publisher(args, fleet_commands.run_warm),
         "status": lambda: _with_publisher(args, fleet_commands.run_status),
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "answer, or no node was there; 2 bad usage, settings or image reference, or an image "
         "the policy forbids (PULLER_ALLOWED_IMAGES); 3 RabbitMQ unreachable.",
     )
+    parser.add_argument("--version", action="version", version=f"puller {puller_version()}")
     parser.add_argument(
         "--amqp-url",
         help="RabbitMQ URL (default: $PULLER_AMQP_URL, else amqp://guest:guest@localhost:5672/%%2F)",
@@ -224,6 +226,46 @@ unreachable.""",
         help="the history stream's size bound, for --declare-topology "
         f"(default {topo.DEFAULT_HISTORY_MAX_BYTES})",
     )
+    bounds = broker_setup.Bounds()
+    setup.add_argument(
+        "--queue-expires",
+        type=_positive_float,
+        default=bounds.queue_expires,
+        metavar="SECONDS",
+        help="a node or reply queue with no consumer for this long is deleted (an operator "
+        f"policy; puller's own queues always have one) (default {bounds.queue_expires:g})",
+    )
+    setup.add_argument(
+        "--queue-max-length",
+        type=_positive_int,
+        default=bounds.queue_max_length,
+        metavar="COUNT",
+        help="a node or reply queue holds at most this many messages, dropping the oldest "
+        f"(default {bounds.queue_max_length})",
+    )
+    setup.add_argument(
+        "--presence-max-bytes",
+        type=_positive_int,
+        default=bounds.presence_max_bytes,
+        metavar="BYTES",
+        help=f"the presence stream's size bound (default {bounds.presence_max_bytes})",
+    )
+    setup.add_argument(
+        "--max-queues",
+        type=_limit,
+        default=bounds.max_queues,
+        metavar="COUNT",
+        help="the vhost's queue limit, -1 for none: one queue per node and per publisher, "
+        f"and two streams (default {bounds.max_queues})",
+    )
+    setup.add_argument(
+        "--max-connections",
+        type=_limit,
+        default=bounds.max_connections,
+        metavar="COUNT",
+        help="the vhost's connection limit, -1 for none: one per worker, two per publisher "
+        f"(default {bounds.max_connections})",
+    )
 
 
 def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -237,7 +279,10 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             image = publisher.check(image)  # the policy, before anything touches RabbitMQ
             names = args.nodes
             if names is None and args.expect is None:
-                names = [info.node for info in publisher.nodes()]
+                roster = publisher.roster()
+                names = [info.node for info in roster.nodes]
+                if roster.note is not None:
+                    print(f"puller: warning: {roster.note}", file=err)
             if not args.json and out.isatty():
                 print(f"{image}", file=out)
             view = None if args.json else LiveView(out, names or [], live=out.isatty())
@@ -272,11 +317,17 @@ def _pull(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK if report.ok else EXIT_NOT_EVERYWHERE
 
 
-def _nodes(args: argparse.Namespace, out: TextIO) -> int:
+def _nodes(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     with Publisher(args.amqp_url) as publisher:
-        roster = publisher.nodes()
+        found = publisher.roster()
+    roster = found.nodes
+    if found.note is not None:
+        print(f"puller: warning: {found.note}", file=err)
     if args.json:
-        json.dump({"nodes": [info.to_json() for info in roster]}, out)
+        answer: dict[str, object] = {"nodes": [info.to_json() for info in roster]}
+        if found.note is not None:
+            answer["notes"] = [found.note]
+        json.dump(answer, out)
         out.write("\n")
         return EXIT_OK
     if not roster:
@@ -303,9 +354,16 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         if not roles:
             raise ValueError("name at least one user: --admin, --publisher or --worker")
+        bounds = broker_setup.Bounds(
+            queue_expires=args.queue_expires,
+            queue_max_length=args.queue_max_length,
+            presence_max_bytes=args.presence_max_bytes,
+            max_queues=args.max_queues,
+            max_connections=args.max_connections,
+        )
         if args.print_definitions:
             users = [broker_setup.BrokerUser(role, name, "", node) for role, name, node in roles]
-            json.dump(broker_setup.definitions(args.vhost, users), out, indent=2)
+            json.dump(broker_setup.definitions(args.vhost, users, bounds), out, indent=2)
             out.write("\n")
             return EXIT_OK
         declare_url, tls = _check_setup_arguments(args, roles)
@@ -319,12 +377,9 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             users.append(broker_setup.BrokerUser(role, name, password, node))
             if existed:
                 kept.add(name)
-        broker_setup.setup(
-            args.management_url,
-            args.vhost,
-            users,
-            credentials=(args.management_user, management_password),
-        )
+        credentials = (args.management_user, management_password)
+        broker_setup.setup(args.management_url, args.vhost, users, credentials=credentials)
+        broker_setup.bound_vhost(args.management_url, args.vhost, bounds, credentials=credentials)
     except ValueError as error:
         print(f"puller: {error}", file=err)
         return EXIT_USAGE
@@ -337,6 +392,13 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         node = f" node {user.node}" if user.node else ""
         path = args.passwords_dir / user.name
         print(f"  {user.role.value:<9} {user.name}{node}  password: {path} ({state})", file=out)
+    print(
+        f"  bounds: node and reply queues expire {bounds.queue_expires:g}s unconsumed and hold "
+        f"at most {bounds.queue_max_length} messages; the presence stream at most "
+        f"{bounds.presence_max_bytes} bytes; at most {_count(bounds.max_queues)} queues and "
+        f"{_count(bounds.max_connections)} connections",
+        file=out,
+    )
     if declare_url is not None:
         admin = next(user for user in users if user.role is broker_setup.Role.ADMIN)
         try:
@@ -351,6 +413,10 @@ def _broker_setup(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return EXIT_BROKER
         print(f"topology declared as {admin.name!r}", file=out)
     return EXIT_OK
+
+
+def _count(limit: int) -> str:
+    return "any number of" if limit < 0 else str(limit)
 
 
 def _check_setup_arguments(
@@ -496,6 +562,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError("must be -1 (no limit) or more")
     return value
 
 

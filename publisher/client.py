@@ -18,18 +18,14 @@ from contract import (
     CheckRequest,
     Forbidden,
     ImageReference,
-    InvalidMessage,
     Lane,
     Misconfigured,
-    NodePresence,
     NodeProgress,
     NodeResult,
     NoNodes,
     PruneRequest,
     PullRequest,
-    RosterMarker,
     Status,
-    decode_presence_stream,
     parse_reference,
 )
 from contract.connection import BrokerTls
@@ -37,7 +33,7 @@ from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
 from publisher.replies import REQUESTS_REMEMBERED, Answer, Event, ReplyBook
 from publisher.report import PruneReport, PullReport, StatusReport, WarmReport
-from publisher.roster import NodeInfo, build_roster
+from publisher.roster import NodeInfo, Roster, RosterBook
 from publisher.settings import PublisherSettings
 from serving.settings import image_policy
 
@@ -103,6 +99,8 @@ class Publisher:
         self.roster_max_age = roster_max_age
         self._connect_timeout = connect_timeout
         self._replies = ReplyBook()
+        self._roster_book = RosterBook()
+        self._invalid_presence = 0
         self._broker = PublisherBroker(
             self.amqp_url, connect_timeout, self._replies.receive, tls=tls
         )
@@ -149,21 +147,51 @@ class Publisher:
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
+        return self.roster().nodes
+
+    def roster(self) -> Roster:
+        """:meth:`nodes`, and whether the list is complete: a flooded presence stream is
+        answered from what was read of it, with a note saying so, rather than not at all."""
         return self._roster(since=time.time() - self.roster_max_age)
 
-    def _roster(self, since: float) -> list[NodeInfo]:
-        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving"."""
-        bodies = self._broker.read_presence(since, timeout=self._connect_timeout)
-        announcements: list[NodePresence] = []
-        for body in bodies:
-            try:
-                message = decode_presence_stream(body)
-            except InvalidMessage as error:
-                log.warning("ignored a presence message that breaks the contract", error=str(error))
-                continue
-            if not isinstance(message, RosterMarker):
-                announcements.append(message)
-        return build_roster(announcements)
+    def _roster(self, since: float) -> Roster:
+        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving".
+
+        The presence stream is followed into memory from the first call on; each call waits
+        for what was announced before it (see :meth:`PublisherBroker.sync_presence`)."""
+        book = self._roster_book
+        sync = self._broker.sync_presence(book, since, timeout=self._connect_timeout)
+        invalid = self._broker.invalid_presence()
+        if invalid > self._invalid_presence:
+            log.warning(
+                "ignored presence messages that break the contract",
+                count=invalid - self._invalid_presence,
+            )
+            self._invalid_presence = invalid
+        nodes = book.roster(since)
+        notes = []
+        if not sync.complete:
+            busiest = book.busiest()
+            by = f"; most from user {busiest[0]!r}" if busiest and busiest[0] else ""
+            notes.append(
+                f"the presence stream is flooded ({sync.read} messages in {sync.seconds:.1f}s"
+                f"{by}): these are the nodes "
+                + (
+                    "followed until a moment ago"
+                    if sync.live
+                    else "read from it so far, which may miss some"
+                )
+            )
+        if book.turned_away:
+            notes.append(
+                f"{book.turned_away} announcement(s) of yet more nodes were not kept: the "
+                f"roster holds at most {book.max_nodes} nodes"
+            )
+        if not notes:
+            return Roster(nodes)
+        note = "; ".join(notes)
+        log.warning("the roster may be incomplete", reason=note)
+        return Roster(nodes, complete=False, note=note)
 
     def check(self, image: str | ImageReference) -> ImageReference:
         """``image`` parsed and normalised, if :attr:`policy` allows it; raises
@@ -215,7 +243,7 @@ class Publisher:
         whose answers were lost answer again; the report's ``notes`` say so.
         """
         reference = self.check(image)
-        wanted = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = PullRequest.new(reference, refresh=refresh)
@@ -232,7 +260,7 @@ class Publisher:
             image=str(reference),
             nodes=rows,
             expected=expect if expect is not None else (len(wanted) if wanted else None),
-            notes=tuple(notes),
+            notes=(*roster_notes, *notes),
             wanted=frozenset(wanted) if wanted is not None else None,
         )
 
@@ -249,7 +277,7 @@ class Publisher:
         differ for the same name are the report's :attr:`~StatusReport.drift`. Which nodes
         are waited for: as :meth:`pull`."""
         reference = self.check(image)
-        wanted = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = CheckRequest.new(reference)
@@ -260,7 +288,7 @@ class Publisher:
             request_id=request.request_id,
             image=str(reference),
             nodes=rows,
-            notes=tuple(notes),
+            notes=(*roster_notes, *notes),
         )
 
     def warm(
@@ -290,7 +318,7 @@ class Publisher:
                 f"{len(references)} images; at most {MAX_WARM_IMAGES} in one warm-up "
                 "(split the list)"
             )
-        wanted = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         deadline = started + timeout
@@ -318,7 +346,7 @@ class Publisher:
         return report.finish(
             requests=tuple(request.request_id for request in requests),
             silent=frozenset(silent),
-            notes=tuple(notes),
+            notes=(*roster_notes, *notes),
         )
 
     def prune(
@@ -340,7 +368,7 @@ class Publisher:
         kept = tuple(dict.fromkeys(_reference(image) for image in keep))
         if len(kept) > MAX_KEEP_IMAGES:
             raise ValueError(f"{len(kept)} images to keep; at most {MAX_KEEP_IMAGES}")
-        wanted = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = PruneRequest.new(unused_for, kept, dry_run)
@@ -352,7 +380,7 @@ class Publisher:
             dry_run=dry_run,
             answers=tuple(collected[node] for node in sorted(collected)),
             no_reply=tuple(sorted(silent)),
-            notes=tuple(notes),
+            notes=(*roster_notes, *notes),
         )
 
     def _rows(
@@ -376,7 +404,11 @@ class Publisher:
         ]
         return tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node))
 
-    def _wanted(self, expect: int | None, nodes: Iterable[str] | None) -> set[str] | None:
+    def _wanted(
+        self, expect: int | None, nodes: Iterable[str] | None
+    ) -> tuple[set[str] | None, list[str]]:
+        """The nodes to wait for by name (``None``: a count, or nobody), and notes about
+        them for the report (an incomplete roster)."""
         if expect is not None and nodes is not None:
             raise ValueError("give expect or nodes, not both")
         if expect is not None and expect < 1:
@@ -385,10 +417,11 @@ class Publisher:
             wanted = set(nodes)
             if not wanted:
                 raise ValueError("nodes names no node")
-            return wanted
+            return wanted, []
         if expect is None:
-            return {info.node for info in self.nodes()}
-        return None
+            roster = self.roster()
+            return {info.node for info in roster.nodes}, [roster.note] if roster.note else []
+        return None, []
 
     def _silent(
         self,
@@ -453,7 +486,7 @@ class Publisher:
 
     def _roster_names(self, since: float) -> set[str]:
         try:
-            return {info.node for info in self._roster(since)}
+            return {info.node for info in self._roster(since).nodes}
         except BrokerUnavailable:
             return set()
 

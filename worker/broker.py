@@ -51,7 +51,6 @@ from worker.model import Delivery
 log = structlog.get_logger("worker.broker")
 
 LOST = "lost the connection to RabbitMQ"
-PRESENCE_PROPERTIES = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=2)
 
 
 class NodeNameInUse(PullerError):
@@ -118,6 +117,11 @@ class WorkerBroker:
         """Actions handed to the connection's thread and not yet run there."""
         self.queue = topo.node_queue_name(node)
         self.user: str = getattr(self._parameters.credentials, "username", "")
+        self._presence_properties = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user or None
+        )
+        """Announcements carry the user RabbitMQ checks them against: readers can tell who
+        put what into the presence stream."""
         self._may_not_configure = False
         """Learnt from RabbitMQ's refusal, once: from then on shared things are checked."""
 
@@ -190,8 +194,7 @@ class WorkerBroker:
 
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
         self._connection = self._open_any()
-        channel = self._declare_shared(self._connection.channel())
-        _declare(channel, topo.worker_declarations(self._node))
+        channel = self._declare_own(self._declare_shared(self._connection.channel()))
         channel.basic_qos(prefetch_count=self._prefetch)
         # Live requests are consumed on the channel's non-blocking side: each delivery is
         # handed to ``on_live`` straight from the frame that carried it, inside the I/O
@@ -210,6 +213,39 @@ class WorkerBroker:
         # Opened before anything is published: a broker under a resource alarm reads
         # nothing more from a connection once it publishes.
         self._presence_channel = self._presence(self._connection.channel())
+
+    def _declare_own(self, channel: Channel) -> Channel:
+        """Declares the node's exclusive queue and its binding; returns the channel to go on
+        with. RabbitMQ refuses it (405) when a queue of that name exists that is not this
+        connection's: another worker's (exclusive: :class:`NodeNameInUse` is raised as it
+        was), or a shared one somebody declared in its place, which would take this node's
+        requests for good. That one is deleted, and the node's own declared."""
+        own = topo.worker_declarations(self._node)
+        try:
+            _declare(channel, own)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != RESOURCE_LOCKED:
+                raise
+        else:
+            return channel
+        channel = self._open_connection().channel()
+        # A passive declaration of another connection's exclusive queue is refused too
+        # (405, raised to connect()); a shared one is answered, with its depth.
+        found = channel.queue_declare(self.queue, passive=True).method
+        log.warning(
+            "the node's queue was declared by someone else, shared instead of exclusive: "
+            "deleting it (the requests in it are in the history) and declaring this "
+            "worker's own. Only a user that may configure it could: this worker's user, a "
+            "worker user for any node, or an administrator; rotate the credentials if that "
+            "was not you",
+            queue=self.queue,
+            user=self.user,
+            messages=found.message_count,
+            consumers=found.consumer_count,
+        )
+        channel.queue_delete(self.queue)
+        _declare(channel, own)
+        return channel
 
     def _presence(self, channel: Channel) -> Channel:
         self._arrived = None
@@ -381,7 +417,7 @@ class WorkerBroker:
         self._check_owner()
         with broker_errors(LOST, self._parameters):
             self._open_presence_channel().basic_publish(
-                topo.PRESENCE.name, routing_key="", body=body, properties=PRESENCE_PROPERTIES
+                topo.PRESENCE.name, routing_key="", body=body, properties=self._presence_properties
             )
 
     def announce_arrival(self, body: bytes, timeout: float) -> bool | None:

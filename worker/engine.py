@@ -191,7 +191,7 @@ class DockerEngine:
             through = ImageReference(cache, image.path, None, digest)
             cache_login = self._docker_config.login(cache)
             if cache_login.header is None:
-                # A cache that forwards logins (worker.blob_cache) needs the upstream's; one
+                # A cache that forwards logins (puller-blob-cache) needs the upstream's; one
                 # with its own login (docker-registry's proxy.username) ignores it.
                 cache_login = login
             self._stream_pull(api, through, cache_login, started, on_progress, owner=image)

@@ -1,8 +1,9 @@
 """Pull-through caches: K nodes on one slow uplink fetch each image across it about once.
 
 A cache is a registry inside the cluster that serves one upstream registry's content by
-digest: Debian's ``docker-registry`` in proxy mode, or puller's own :mod:`worker.blob_cache`
-(which fetches each blob from upstream once however many nodes ask at the same moment).
+digest: Debian's ``docker-registry`` in proxy mode, or puller's own ``puller-blob-cache``
+(:mod:`blob_cache`, docs/blob-cache.md: it fetches each blob from upstream once however
+many nodes ask at the same moment).
 ``PULLER_PULL_THROUGH_CACHES`` maps upstream registries to their caches::
 
     PULLER_PULL_THROUGH_CACHES="registry-1.example:5000=cache.local:5001,docker.io=cache.local:5002"
@@ -24,7 +25,12 @@ Whatever goes wrong in steps 1 and 2 (the cache is down, refuses, stalls or lack
 image; the upstream cannot be resolved) is logged as a warning, and step 3 then does the
 whole pull directly: a cache never makes a pull fail. Failures of step 3 are the pull's
 own, classified as without a cache. A cache that does not answer its ``/v2/`` within
-:data:`PROBE_TIMEOUT` is skipped for :data:`DOWN_FOR` seconds.
+:data:`PROBE_TIMEOUT` or answers it with a server error (5xx), or whose pull failed for any
+reason (refused, stalled, lacked the image, or the upstream's digest could not be resolved),
+is skipped for :data:`DOWN_FOR` seconds; each such failure in a row doubles that, up to
+:data:`MAX_DOWN_FOR`, until a pull through it succeeds again. So a cache whose ``/v2/``
+answers but whose blobs fail or hang costs one failed pull (a stall timeout, or the
+engine's retries), then fewer and fewer.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ PULL_THROUGH_CACHES = "PULLER_PULL_THROUGH_CACHES"
 PROBE_TIMEOUT = 3.0
 """Seconds the cache's ``/v2/`` may take to answer before the pull goes direct."""
 DOWN_FOR = 30.0
-"""Seconds a cache that did not answer is skipped (its pulls go direct at once)."""
+"""Seconds a cache that failed is skipped (its pulls go direct at once), the first time."""
+MAX_DOWN_FOR = 600.0
+"""The longest skip, after failures in a row (each doubles the one before)."""
 
 CacheRoutes = tuple[tuple[str, str], ...]
 """``(upstream registry, cache address)`` pairs, both ``HOST[:PORT]`` as image names spell
@@ -113,36 +121,69 @@ class PullThrough:
         on_outcome: Callable[[str], None] | None = None,
         probe_timeout: float = PROBE_TIMEOUT,
         down_for: float = DOWN_FOR,
+        max_down_for: float = MAX_DOWN_FOR,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._routes: Mapping[str, str] = dict(routes)
         self._on_outcome = on_outcome
         self._probe_timeout = probe_timeout
         self._down_for = down_for
+        self._max_down_for = max_down_for
+        self._clock = clock
         self._lock = threading.Lock()
         self._down_until: dict[str, float] = {}
+        self._skip_for: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        # The cache this thread checked last: the one its next outcome is about.
+        self._checked = threading.local()
 
     def cache_for(self, registry: str) -> str | None:
         return self._routes.get(registry)
 
     def check(self, cache: str) -> None:
-        """Raises :class:`CacheUnusable` if ``cache`` is known down or does not answer its
-        ``/v2/`` now (any HTTP answer, a login challenge included, counts as up)."""
+        """Raises :class:`CacheUnusable` if ``cache`` is known down, or does not answer its
+        ``/v2/`` now, or answers it with a server error (any other answer, a login
+        challenge included, counts as up)."""
+        self._checked.cache = cache
+        self._checked.marked = False
         with self._lock:
             until = self._down_until.get(cache, 0.0)
-        if time.monotonic() < until:
-            raise CacheUnusable(
-                f"cache {cache} did not answer a moment ago (skipped for {self._down_for:g}s)"
-            )
+            skip_for = self._skip_for.get(cache, self._down_for)
+        if self._clock() < until:
+            raise CacheUnusable(f"cache {cache} failed a moment ago (skipped for {skip_for:g}s)")
         try:
-            requests.get(f"http://{cache}/v2/", timeout=self._probe_timeout).close()
+            with requests.get(f"http://{cache}/v2/", timeout=self._probe_timeout) as answer:
+                status = answer.status_code
         except requests.RequestException as error:
             self.mark_down(cache)
             raise CacheUnusable(f"cache {cache} does not answer ({type(error).__name__})") from None
+        if status >= 500:
+            self.mark_down(cache)
+            raise CacheUnusable(f"cache {cache} answered its /v2/ with {status}")
 
     def mark_down(self, cache: str) -> None:
+        """Skips ``cache`` for a while: :data:`DOWN_FOR` seconds, doubled for each failure
+        since its last successful pull, at most :data:`MAX_DOWN_FOR`."""
+        if getattr(self._checked, "cache", None) == cache:
+            self._checked.marked = True
         with self._lock:
-            self._down_until[cache] = time.monotonic() + self._down_for
+            failures = self._failures.get(cache, 0) + 1
+            self._failures[cache] = failures
+            skip_for = min(self._max_down_for, self._down_for * 2 ** min(failures - 1, 32))
+            self._skip_for[cache] = skip_for
+            self._down_until[cache] = self._clock() + skip_for
 
     def outcome(self, outcome: str) -> None:
+        """Counts ``outcome`` of a pull from the registry of the cache this thread last
+        checked. A pull through it forgets its failures; a fallback after it answered the
+        check is one (it refused, failed or lacked the image: skipped for a while)."""
+        cache: str | None = getattr(self._checked, "cache", None)
+        if cache is not None:
+            if outcome == CacheOutcome.CACHE:
+                with self._lock:
+                    self._failures.pop(cache, None)
+            elif not getattr(self._checked, "marked", False):
+                self.mark_down(cache)
+            self._checked.cache = None
         if self._on_outcome is not None:
             self._on_outcome(outcome)

@@ -12,14 +12,17 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import docker
 import pytest
+import requests
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from localcluster.broker_cluster import BrokerCluster
@@ -242,3 +245,46 @@ def broker_cluster() -> Iterator[BrokerCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# -- the management API ------------------------------------------------------------------------
+
+
+GUEST = ("guest", "guest")
+"""The test image's administrator, allowed from non-loopback addresses."""
+MANAGEMENT_PORT = 15672
+
+
+def management_url(rabbitmq: RabbitMqContainer) -> str:
+    """The management API: through a published port if the container has one, else at the
+    container's own address (the suite's engine runs on this machine, its bridge is routable)."""
+    try:
+        port = rabbitmq.get_exposed_port(MANAGEMENT_PORT)
+    except ConnectionError:
+        container = rabbitmq.get_wrapped_container()
+        container.reload()
+        networks = container.attrs["NetworkSettings"]["Networks"].values()
+        address = next(network["IPAddress"] for network in networks if network["IPAddress"])
+        return f"http://{address}:{MANAGEMENT_PORT}"
+    return f"http://{rabbitmq.get_container_host_ip()}:{port}"
+
+
+def api_get(base: str, path: str) -> Any:
+    response = requests.get(f"{base}/api/{path}", auth=GUEST, timeout=5)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="session")
+def management(rabbitmq: RabbitMqContainer) -> str:
+    base = management_url(rabbitmq)
+    deadline = time.monotonic() + 60
+    while True:  # the plugin starts after AMQP's listener, which is what the fixture waited for
+        try:
+            api_get(base, "overview")
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+        else:
+            return base

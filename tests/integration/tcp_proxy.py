@@ -1,4 +1,5 @@
-"""A TCP proxy on 127.0.0.1 for fault tests: it can go silent mid-transfer, or throttle."""
+"""A TCP proxy on 127.0.0.1 for fault tests: it can go silent mid-transfer, throttle, or
+corrupt a byte; it keeps what clients sent upstream."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ class TcpProxy:
     ``go_silent_after(n)``: once ``n`` more bytes went downstream (over all connections),
     nothing more is forwarded downstream until ``resume()``; connections stay open, as a
     registry that hangs mid-layer would leave them. ``throttle(rate)``: at most ``rate``
-    bytes a second downstream per connection.
+    bytes a second downstream per connection. ``corrupt_at(n)``: the ``n``-th byte each
+    connection sends downstream (counting from 0, headers included) is changed.
+    ``upstream_data``: every byte clients sent upstream, all connections together.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -28,6 +31,8 @@ class TcpProxy:
         self._forwarding.set()
         self._budget: int | None = None
         self._rate: float | None = None
+        self._corrupt_at: int | None = None
+        self.upstream_data = bytearray()
         self._sockets: list[socket.socket] = []
         self._closed = threading.Event()
         self.downstream_bytes = 0
@@ -45,6 +50,9 @@ class TcpProxy:
         with self._lock:
             self._budget = None
         self._forwarding.set()
+
+    def corrupt_at(self, offset: int | None) -> None:
+        self._corrupt_at = offset
 
     def throttle(self, bytes_per_second: float | None) -> None:
         self._rate = bytes_per_second
@@ -88,11 +96,21 @@ class TcpProxy:
             threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, downstream: bool) -> None:
+        seen = 0
         try:
             while not self._closed.is_set():
                 data = source.recv(CHUNK)
                 if not data:
                     break
+                at = self._corrupt_at
+                if downstream and at is not None and seen <= at < seen + len(data):
+                    data = (
+                        data[: at - seen] + bytes([data[at - seen] ^ 0xFF]) + data[at - seen + 1 :]
+                    )
+                seen += len(data)
+                if not downstream:
+                    with self._lock:
+                        self.upstream_data += data
                 allowed = self._allow(data, sink) if downstream else data
                 if allowed is None:
                     break

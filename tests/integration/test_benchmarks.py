@@ -47,6 +47,12 @@ pytestmark = pytest.mark.integration
             "head_of_line.json",
         ),
         (
+            "blob_cache",
+            ["--clients", "3", "--slow", "1", "--size-mb", "1", "--rate-mb", "20"],
+            "one 1 MB blob to 3 clients",
+            "blob_cache.json",
+        ),
+        (
             "priority",
             ["--nodes", "2", "--images", "4", "--size-mb", "1", "--repeats", "1"],
             "behind a warm-up of 4 such images",

@@ -20,7 +20,6 @@ from urllib.parse import quote
 import pika
 import pika.exceptions
 import pytest
-import requests
 from pika.adapters.blocking_connection import BlockingChannel
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
@@ -38,31 +37,7 @@ from publisher.broker_setup import (
     permissions,
     setup,
 )
-from tests.integration.conftest import start_cluster
-
-GUEST = ("guest", "guest")
-"""The test image's administrator, allowed from non-loopback addresses."""
-MANAGEMENT_PORT = 15672
-
-
-def management_url(rabbitmq: RabbitMqContainer) -> str:
-    """The management API: through a published port if the container has one, else at the
-    container's own address (the suite's engine runs on this machine, its bridge is routable)."""
-    try:
-        port = rabbitmq.get_exposed_port(MANAGEMENT_PORT)
-    except ConnectionError:
-        container = rabbitmq.get_wrapped_container()
-        container.reload()
-        networks = container.attrs["NetworkSettings"]["Networks"].values()
-        address = next(network["IPAddress"] for network in networks if network["IPAddress"])
-        return f"http://{address}:{MANAGEMENT_PORT}"
-    return f"http://{rabbitmq.get_container_host_ip()}:{port}"
-
-
-def api_get(base: str, path: str) -> Any:
-    response = requests.get(f"{base}/api/{path}", auth=GUEST, timeout=5)
-    response.raise_for_status()
-    return response.json()
+from tests.integration.conftest import GUEST, api_get, start_cluster
 
 
 @dataclass(frozen=True)
@@ -82,21 +57,6 @@ class Broker:
 
     def connect(self, name: str) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.URLParameters(self.url(name)))
-
-
-@pytest.fixture(scope="module")
-def management(rabbitmq: RabbitMqContainer) -> str:
-    base = management_url(rabbitmq)
-    deadline = time.monotonic() + 60
-    while True:  # the plugin starts after AMQP's listener, which is what the fixture waited for
-        try:
-            api_get(base, "overview")
-        except requests.RequestException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-        else:
-            return base
 
 
 def users_for_test() -> dict[str, BrokerUser]:

@@ -153,6 +153,10 @@ def test_each_image_answers_its_version_and_carries_its_labels(
         assert {"puller", "pika", "docker", "structlog", "prometheus-client"} <= distributions
         assert not distributions & DEV_ONLY, "the venv holds only runtime dependencies"
     assert host_docker.images.get(images.http).attrs["Config"]["User"] == NOBODY
+    # the CLI, in either image; the blob cache, as deploy/'s manifests run it from the worker's
+    version = run_once(host_docker, images.http, ["--version"], "puller")
+    assert version == f"puller {images.version}\n"
+    assert "--upstream" in run_once(host_docker, images.worker, ["--help"], "puller-blob-cache")
 
 
 def test_http_image_serves_as_nobody_on_a_read_only_root(
@@ -179,6 +183,39 @@ def test_http_image_serves_as_nobody_on_a_read_only_root(
         assert ids.output.decode().split() == ["65534", "65534"]
         assert container.attrs["HostConfig"]["ReadonlyRootfs"] is True
         assert container.exec_run(["python", "-c", "open('/tmp/x', 'w')"]).exit_code == 0
+
+
+def test_worker_image_runs_the_blob_cache_as_any_uid_on_a_read_only_root(
+    images: PullerImages, host_docker: docker.DockerClient, cluster: LocalCluster
+) -> None:
+    """``puller-blob-cache`` from the worker image, as a pod would run it: any uid, a
+    read-only root, its directory on a volume (here the container's tmpfs /tmp)."""
+    directory = "/tmp/cache"  # noqa: S108 - in the container's own tmpfs /tmp
+    blob = os.urandom(300_000)
+    repository = f"test/cached-{uuid.uuid4().hex[:8]}"
+    digest = cluster.registry.push_blob(repository, blob)
+    port = free_port()
+    command = ["--upstream", cluster.registry.url, "--listen", f"127.0.0.1:{port}"]
+    command += ["--dir", directory, "--max-bytes", "5M"]
+    with running(
+        host_docker,
+        images.worker,
+        entrypoint="puller-blob-cache",
+        command=command,
+        user="12345:12345",
+    ) as container:
+        wait_for(container, lambda: answers_ok(port, "/alive"), "puller-blob-cache's /alive")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            connection.request("GET", f"/v2/{repository}/blobs/{digest}")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (200, blob)
+        finally:
+            connection.close()
+        kept = container.exec_run(["ls", "-n", f"{directory}/blobs"]).output.decode()
+        assert digest.split(":", 1)[1] in kept
+        assert " 12345 12345 " in kept
+        assert get(port, "/alive")[1]["kept_bytes"] == len(blob)
 
 
 def test_worker_image_pulls_through_a_mounted_socket_as_nobody_with_its_group(

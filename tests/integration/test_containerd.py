@@ -27,7 +27,7 @@ from localcluster.registry import Login, Registry, docker_config
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
-from worker.containerd import PROBE_PREFIX, ContainerdStore
+from worker.containerd import PROBE_PREFIX, ContainerdStore, Platform
 from worker.model import ImageInfo, PullProgress
 from worker.pruning import PruneRule, engine_disk, prune
 from worker.registry_logins import DockerConfig
@@ -481,6 +481,31 @@ def test_in_process_a_pull_can_be_interrupted_and_leaves_nothing_open(
     assert "interrupted" in str(failure)
     assert progress[-1].total >= 20_000_000
     gc.collect()
+
+
+def test_in_process_an_index_is_pulled_for_the_nodes_arm_variant(
+    cluster: ContainerdCluster,
+) -> None:
+    """An index listing arm/v6 before arm/v7: an arm/v7 node fetches and answers arm/v7's
+    image, not the first arm one; an arm64 node arm64's. (Any machine unpacks any
+    platform's layers; nothing is run.)"""
+    node = cluster.nodes[1]
+    repository = f"cd/{uuid.uuid4().hex[:8]}"
+    platforms = [("arm", "v6"), ("arm", "v7"), ("arm64", ""), ("amd64", "")]
+    ids = cluster.registry.push_index(repository, "1", platforms)
+    image = parse_reference(f"{cluster.registry.address}/{repository}:1")
+    arm_v7 = Platform("linux", "arm", "v7")
+    store = ContainerdStore(
+        str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60, node=arm_v7
+    )
+    assert store.pull(image).image_id == ids["arm/v7"]
+    fetched = node.ctr("content", "ls", "-q")
+    assert ids["arm/v7"] in fetched and ids["arm/v6"] not in fetched
+    arm64 = Platform("linux", "arm64", "v8")
+    store = ContainerdStore(
+        str(node.socket), stall_timeout=STALL_TIMEOUT, pull_timeout=60, node=arm64
+    )
+    assert store.pull(image).image_id == ids["arm64/"]
 
 
 def test_in_process_containerd_or_ctr_killed_mid_pull_says_which(

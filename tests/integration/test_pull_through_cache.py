@@ -8,7 +8,9 @@ none: the cache is down) and stops it after.
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,55 @@ def test_a_digest_pinned_reference_goes_through_the_cache_too(
                 client.close()
     finally:
         cache.remove()
+
+
+class _FailingCache(http.server.ThreadingHTTPServer):
+    """A cache that answers its ``/v2/`` and 500 to everything else, counting the requests."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, port: int) -> None:
+        self.hits = 0
+        super().__init__(("127.0.0.1", port), _FailingHandler)
+
+
+class _FailingHandler(http.server.BaseHTTPRequestHandler):
+    server: _FailingCache
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.hits += 1
+        self.send_response(200 if self.path == "/v2/" else 500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+
+def test_a_cache_that_fails_a_pull_is_skipped_for_a_while_not_tried_on_every_pull(
+    cache_cluster: LocalCluster, cache_publisher: Publisher, cache_port: int
+) -> None:
+    # Runs before the test below, which leaves the cache marked down on every worker.
+    failing = _FailingCache(cache_port)
+    threading.Thread(target=failing.serve_forever, daemon=True).start()
+    try:
+        hits = []
+        for _ in range(2):
+            image, digest = _push(cache_cluster)
+            report = cache_publisher.pull(image, expect=NODES, timeout=60)
+            assert report.ok, report
+            assert {r.digest for r in report.nodes} == {digest}
+            hits.append(failing.hits)
+        # Each node tried the cache for the first pull; the second went direct at once.
+        assert hits[0] > 0
+        assert hits[1] == hits[0]
+    finally:
+        failing.shutdown()
+        failing.server_close()
 
 
 def test_a_cache_that_is_down_means_a_direct_pull_and_a_warning(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -20,13 +21,17 @@ from contract import topology as topo
 from contract.fields import MAX_NODE_NAME_LENGTH
 from publisher import cli
 from publisher.broker_setup import (
+    Bounds,
     BrokerSetupError,
     BrokerUser,
     Permissions,
     Role,
+    bound_vhost,
     definitions,
+    operator_policies,
     permissions,
     setup,
+    vhost_limits,
 )
 
 REFUSED_URL = "http://127.0.0.1:9"
@@ -237,7 +242,7 @@ class FakeManagement:
     url: str = ""
     status: int = 201
     reason: str = ""
-    requests: list[tuple[str, str, dict[str, str], str]] = field(default_factory=list)
+    requests: list[tuple[str, str, dict[str, Any], str]] = field(default_factory=list)
     """Method, raw path, JSON body, Authorization header (the PUTs)."""
     users: dict[str, dict[str, str]] = field(default_factory=dict)
     """What a GET of ``/api/users/NAME`` finds (404 for the others)."""
@@ -480,3 +485,65 @@ def test_the_management_user_is_never_made_a_puller_user(management: FakeManagem
     with pytest.raises(ValueError, match="management user"):
         setup(management.url, "v", [("admin", "ops", "pw", None)], credentials=("ops", "x"))
     assert management.requests == []
+
+
+def test_the_bounds_are_operator_policies_and_vhost_limits(management: FakeManagement) -> None:
+    bounds = Bounds(queue_expires=2.5, queue_max_length=7, presence_max_bytes=1000)
+    bound_vhost(management.url, "v/1", bounds, credentials=("ops", "ops-pw"))
+    sent = {path: body for _m, path, body, _a in management.requests}
+    own = sent["/api/operator-policies/v%2F1/puller-own-queues"]
+    assert own["definition"] == {"expires": 2500, "max-length": 7}
+    for name in ("puller.node.a", "puller.reply.b"):
+        assert re.search(own["pattern"], name)
+    for name in (
+        "puller.pulls",
+        "puller.presence.stream",
+        "puller.history.stream",
+        "x.puller.node.a",
+    ):
+        assert not re.search(own["pattern"], name)
+    presence = sent["/api/operator-policies/v%2F1/puller-presence-stream"]
+    assert presence["definition"] == {"max-length-bytes": 1000}
+    assert re.search(presence["pattern"], "puller.presence.stream")
+    assert not re.search(presence["pattern"], "puller.presence")
+    assert sent["/api/vhost-limits/v%2F1/max-queues"] == {"value": 1000}
+    assert sent["/api/vhost-limits/v%2F1/max-connections"] == {"value": 1000}
+    assert definitions("v/1", [], bounds)["parameters"] == [
+        {"vhost": "v/1", "component": "operator_policy", "name": name, "value": value}
+        for name, value in operator_policies(bounds).items()
+    ] + [
+        {
+            "vhost": "v/1",
+            "component": "vhost-limits",
+            "name": "limits",
+            "value": vhost_limits(bounds),
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        {"queue_expires": 0.5},
+        {"queue_max_length": 0},
+        {"presence_max_bytes": 0},
+        {"max_queues": -2},
+        {"max_connections": -5},
+    ],
+)
+def test_bounds_out_of_range_are_refused(wrong: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        Bounds(**wrong)  # type: ignore[arg-type]
+
+
+def test_the_command_puts_the_bounds_it_is_given(
+    management: FakeManagement, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = setup_argv(
+        management, tmp_path, "--publisher=p", "--queue-expires=30", "--max-queues=-1"
+    )
+    assert cli.main(argv) == cli.EXIT_OK
+    sent = {path: body for _m, path, body, _a in management.requests}
+    assert sent["/api/operator-policies/v/puller-own-queues"]["definition"]["expires"] == 30000
+    assert sent["/api/vhost-limits/v/max-queues"] == {"value": -1}
+    assert "any number of queues" in capsys.readouterr().out

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
+from contract import puller_version
 from publisher import cli
 
 
@@ -35,3 +40,13 @@ def test_an_unreachable_broker_exits_3_quickly(capsys: pytest.CaptureFixture[str
     code = cli.main(["--amqp-url", "amqp://guest:guest@127.0.0.1:9/%2F", "pull", "busybox"])
     assert code == cli.EXIT_BROKER
     assert "cannot connect to RabbitMQ at 127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_the_installed_command_answers_its_version() -> None:
+    """As ``puller-worker --version`` and ``puller-http --version`` do."""
+    command = Path(sys.executable).parent / "puller"
+    done = subprocess.run(
+        [command, "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"puller {puller_version()}\n", "")
+    assert puller_version() != "unknown"

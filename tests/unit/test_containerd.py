@@ -9,23 +9,28 @@ from __future__ import annotations
 import base64
 import io
 import json
+import platform
 import time
+from pathlib import Path
 
 import pytest
 
-from contract import ErrorKind
+from contract import ErrorKind, PullFailed
 from contract.reference import parse_reference
 from worker.containerd import (
     ADVICE,
     CRI_CONTAINER_METADATA,
     FIRST_FRAME_WAIT,
+    ContainerdStore,
     ListedRef,
+    Platform,
     PullOutput,
     container_image,
     ctr_failure,
     event_of,
     listed_refs,
     listed_target,
+    node_platform,
     plain_http,
     platform_manifest,
     size,
@@ -244,9 +249,96 @@ def test_an_index_gives_this_platforms_manifest() -> None:
             {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},
         ]
     }
-    assert platform_manifest(index, architecture="amd64") == "sha256:amd"
+    assert platform_manifest(index, Platform("linux", "amd64")) == "sha256:amd"
     with pytest.raises(Exception, match="no manifest for linux/s390x"):
-        platform_manifest(index, architecture="s390x")
+        platform_manifest(index, Platform("linux", "s390x"))
+
+
+ARM_INDEX = {
+    "manifests": [
+        {
+            "digest": "sha256:v6",
+            "platform": {"os": "linux", "architecture": "arm", "variant": "v6"},
+        },
+        {
+            "digest": "sha256:v7",
+            "platform": {"os": "linux", "architecture": "arm", "variant": "v7"},
+        },
+        {"digest": "sha256:a64", "platform": {"os": "linux", "architecture": "arm64"}},
+        {"digest": "sha256:amd", "platform": {"os": "linux", "architecture": "amd64"}},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("machine", "chosen"),
+    [("armv7l", "sha256:v7"), ("armv6l", "sha256:v6"), ("aarch64", "sha256:a64"),
+     ("armv8l", "sha256:v7"), ("x86_64", "sha256:amd")],
+)  # fmt: skip
+def test_an_index_gives_the_manifest_of_this_machines_arm_variant(
+    monkeypatch: pytest.MonkeyPatch, machine: str, chosen: str
+) -> None:
+    """The first arm entry is arm/v6: an arm/v7 node must not take it."""
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    assert platform_manifest(ARM_INDEX) == chosen
+
+
+@pytest.mark.parametrize(
+    ("node", "listed", "chosen"),
+    [
+        # arm64 with or without v8 is one platform
+        (Platform("linux", "arm64", "v8"), [("arm64", "v8"), ("arm", "v7")], "arm64/v8"),
+        # a node takes an older variant it runs when its own is not offered, newest first
+        (Platform("linux", "arm", "v7"), [("arm", "v5"), ("arm", "v6")], "arm/v6"),
+        (Platform("linux", "arm64", "v8"), [("arm", "v6"), ("arm", "v7")], "arm/v7"),
+        # arm with no variant is arm/v7
+        (Platform("linux", "arm", "v7"), [("arm", "v6"), ("arm", "")], "arm/"),
+        (Platform("linux", "amd64"), [("386", ""), ("amd64", "v1")], "amd64/v1"),
+    ],
+)
+def test_an_index_without_the_nodes_own_variant_gives_the_best_it_runs(
+    node: Platform, listed: list[tuple[str, str]], chosen: str
+) -> None:
+    index = {
+        "manifests": [
+            {"digest": f"{a}/{v}", "platform": {"os": "linux", "architecture": a, "variant": v}}
+            for a, v in listed
+        ]
+    }
+    assert platform_manifest(index, node) == chosen
+
+
+def test_a_newer_variant_is_never_taken() -> None:
+    index = {"manifests": [ARM_INDEX["manifests"][1]]}  # arm/v7 only
+    with pytest.raises(Exception, match="no manifest for linux/arm/v6"):
+        platform_manifest(index, Platform("linux", "arm", "v6"))
+
+
+@pytest.mark.parametrize(
+    ("machine", "expected"),
+    [("armv7l", "linux/arm/v7"), ("armv6l", "linux/arm/v6"), ("armv8l", "linux/arm/v7"),
+     ("aarch64", "linux/arm64/v8"), ("x86_64", "linux/amd64"), ("i686", "linux/386"),
+     ("s390x", "linux/s390x")],
+)  # fmt: skip
+def test_the_machines_platform(machine: str, expected: str) -> None:
+    assert str(node_platform(machine)) == expected
+
+
+def test_ctr_is_told_the_nodes_platform(tmp_path: Path) -> None:
+    """ctr 1.6 fetches only the named platform's manifest from an index; without
+    --platform it names its own reading of the processor."""
+    arguments = tmp_path / "arguments"
+    ctr = tmp_path / "ctr"
+    ctr.write_text(f'#!/bin/sh\necho "$@" >> {arguments}\nexit 1\n')
+    ctr.chmod(0o755)
+    store = ContainerdStore(
+        str(tmp_path / "containerd.sock"), stall_timeout=5, pull_timeout=5, ctr=str(ctr),
+        node=Platform("linux", "arm", "v7"),
+    )  # fmt: skip
+    with pytest.raises(PullFailed):
+        store.pull(parse_reference("registry.example/x:1"))
+    pulls = [line for line in arguments.read_text().splitlines() if " images pull " in line]
+    assert pulls and all("--platform linux/arm/v7 " in line for line in pulls)
 
 
 def test_names_are_fully_qualified_as_containerd_keeps_them() -> None:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from localcluster.uplink import TokenBucket, Uplink
-from worker import blob_cache
+from localcluster.uplink import BlobCacheProcess, TokenBucket, Uplink
 from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough, cache_routes
 from worker.settings import InvalidSetting, WorkerSettings
 
@@ -65,6 +64,83 @@ def test_a_cache_that_does_not_answer_is_skipped_for_a_while() -> None:
         pull_through.check("127.0.0.1:9")
     pull_through.outcome(CacheOutcome.FALLBACK)
     assert outcomes == ["fallback"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Answers(http.server.ThreadingHTTPServer):
+    """A cache's ``/v2/`` that answers (whatever the pulls through it then do)."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        super().__init__(("127.0.0.1", 0), _AnswersHandler)
+
+
+class _AnswersHandler(http.server.BaseHTTPRequestHandler):
+    server: _Answers
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def _skip(pull_through: PullThrough, cache: str) -> str:
+    """How long ``cache`` is skipped for, as the check says."""
+    with pytest.raises(CacheUnusable, match="a moment ago") as raised:
+        pull_through.check(cache)
+    return str(raised.value).rsplit("for ", 1)[1].rstrip(")")
+
+
+def test_each_failure_in_a_row_doubles_the_skip_until_a_pull_through_the_cache_succeeds() -> None:
+    answers = _Answers()
+    threading.Thread(target=answers.serve_forever, daemon=True).start()
+    cache = f"127.0.0.1:{answers.server_address[1]}"
+    clock = _Clock()
+    pull_through = PullThrough((("up.example", cache),), down_for=30, max_down_for=100, clock=clock)
+    try:
+        skips = []
+        for stalled in (False, True, False, False):
+            pull_through.check(cache)  # it answers its /v2/...
+            if stalled:
+                pull_through.mark_down(cache)  # ...the engine saw the pull through it stall
+            pull_through.outcome(CacheOutcome.FALLBACK)  # ...and the pull went direct
+            skips.append(_skip(pull_through, cache))
+            clock.now += 101
+        assert skips == ["30s", "60s", "100s", "100s"]  # a stall is one failure, not two
+        pull_through.check(cache)
+        pull_through.outcome(CacheOutcome.CACHE)  # a pull through it worked: start again
+        pull_through.check(cache)
+        pull_through.outcome(CacheOutcome.FALLBACK)
+        assert _skip(pull_through, cache) == "30s"
+    finally:
+        answers.shutdown()
+        answers.server_close()
+
+
+def test_a_cache_whose_v2_answers_a_server_error_is_skipped() -> None:
+    answers = _Answers(status=500)
+    threading.Thread(target=answers.serve_forever, daemon=True).start()
+    cache = f"127.0.0.1:{answers.server_address[1]}"
+    pull_through = PullThrough((("up.example", cache),))
+    try:
+        with pytest.raises(CacheUnusable, match="answered its /v2/ with 500"):
+            pull_through.check(cache)
+        assert _skip(pull_through, cache) == "30s"
+    finally:
+        answers.shutdown()
+        answers.server_close()
 
 
 class _Upstream(http.server.ThreadingHTTPServer):
@@ -121,10 +197,9 @@ def upstream() -> Iterator[_Upstream]:
 def test_the_blob_cache_fetches_a_blob_once_for_clients_asking_at_once(
     upstream: _Upstream, tmp_path: Path
 ) -> None:
-    cache = blob_cache.serve(
-        f"http://127.0.0.1:{upstream.server_address[1]}", "127.0.0.1:0", tmp_path
-    )
-    url = f"http://127.0.0.1:{cache.server_address[1]}/v2/repo/blobs/{upstream.digest}"
+    cache = BlobCacheProcess(tmp_path, f"http://127.0.0.1:{upstream.server_address[1]}")
+    cache.start()
+    url = f"{cache.url}/v2/repo/blobs/{upstream.digest}"
     bodies: list[bytes] = []
 
     def get() -> None:
@@ -139,8 +214,7 @@ def test_the_blob_cache_fetches_a_blob_once_for_clients_asking_at_once(
         get()  # once kept: from the cache's directory
         missing = requests.get(url.replace(upstream.digest, "sha256:" + "0" * 64), timeout=30)
     finally:
-        cache.shutdown()
-        cache.server_close()
+        cache.remove()
     assert bodies == [upstream.blob] * 5
     assert upstream.gets == 1
     assert missing.status_code == 404

@@ -17,7 +17,7 @@ from contract import (
 )
 from publisher.live_view import LiveView
 from publisher.report import PullReport
-from publisher.roster import build_roster
+from publisher.roster import RosterBook, build_roster
 
 
 def result(node: str, status: Status) -> NodeResult:
@@ -153,3 +153,33 @@ def test_the_roster_json_is_the_presence_fields_by_name() -> None:
         "replay_failed",
     } <= set(shape)
     assert shape["last_seen"] == 5
+
+
+def test_a_roster_book_keeps_each_nodes_latest_word_seen_since_when_asked() -> None:
+    book = RosterBook()
+    book.add(presence("a", 1), seen=10.0, horizon=0.0)
+    book.add(presence("b", 2), seen=20.0, horizon=0.0)
+    book.add(presence("b", 3, NodeState.LEAVING), seen=21.0, horizon=0.0)
+    book.add(presence("c", 4), seen=22.0, horizon=0.0)
+    assert [i.node for i in book.roster(since=0.0)] == ["a", "c"]
+    assert [i.node for i in book.roster(since=15.0)] == ["c"]
+
+
+def test_a_full_roster_book_forgets_old_nodes_then_turns_new_ones_away() -> None:
+    book = RosterBook(max_nodes=2)
+    book.add(presence("a", 1), seen=10.0, horizon=0.0)
+    book.add(presence("b", 1), seen=20.0, horizon=0.0)
+    book.add(presence("c", 1), seen=30.0, horizon=15.0)  # "a" is older than the horizon
+    assert [i.node for i in book.roster(since=0.0)] == ["b", "c"]
+    book.add(presence("d", 1), seen=31.0, horizon=15.0)  # nothing to forget
+    book.add(presence("b", 2), seen=32.0, horizon=15.0)  # a node it has: always kept
+    assert [(i.node, i.last_seen) for i in book.roster(since=0.0)] == [("b", 2), ("c", 1)]
+    assert book.turned_away == 1
+
+
+def test_a_roster_book_names_who_sent_the_most() -> None:
+    book = RosterBook()
+    assert book.busiest() is None
+    for user in ["workers", "flooder", "flooder", None]:
+        book.count(user)
+    assert book.busiest() == ("flooder", 2)
