@@ -23,7 +23,7 @@ import structlog
 from serving.wsgi_server import WsgiServer
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger("serving.http")
 

@@ -58,7 +58,7 @@ from waitress.task import ThreadedTaskDispatcher
 from waitress.utilities import Error
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import WSGIApplication
+    from wsgiref.types import WSGIApplication
 
 log = structlog.get_logger("serving.http")
 
