@@ -163,13 +163,22 @@ def bench_environment() -> Iterator[BenchEnvironment]:
 
 def runtime_worker_command() -> list[str]:
     """``puller-worker`` from a virtualenv holding only the runtime dependencies, as the
-    worker image has them (the development venv also holds test tools, some of which the
-    worker's libraries pick up when present: structlog loads rich, for one). Made once per
-    version of ``pyproject.toml`` under /tmp."""
+    worker image has them (see :func:`runtime_command`)."""
+    return runtime_command("puller-worker")
+
+
+def runtime_command(program: str) -> list[str]:
+    """One of puller's programs from a virtualenv holding only the runtime dependencies, as
+    the images have them (the development venv also holds test tools, some of which the
+    programs' libraries pick up when present: structlog loads rich, for one). Made once per
+    version of ``pyproject.toml`` and of the code under /tmp."""
     project = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256((project / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    venv = Path(tempfile.gettempdir()) / f"puller-runtime-{digest}"
-    script = venv / "bin" / "puller-worker"
+    digest = hashlib.sha256((project / "pyproject.toml").read_bytes())
+    for package in ("contract", "worker", "publisher", "serving", "gateway"):
+        for path in sorted((project / package).rglob("*.py")):
+            digest.update(path.read_bytes())
+    venv = Path(tempfile.gettempdir()) / f"puller-runtime-{digest.hexdigest()[:12]}"
+    script = venv / "bin" / program
     if not script.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run(

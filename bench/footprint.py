@@ -1,7 +1,10 @@
 """Footprint: one worker's resident memory idle and during a pull, and its CPU when idle,
 against a bare pika consumer (the floor) measured in the same run.
 
-    .venv/bin/python -m bench.footprint [--idle-seconds 10] [--size-mb 100]
+    .venv/bin/python -m bench.footprint [--idle-seconds 10] [--size-mb 100] [--bin DIR]
+
+``--bin``: a directory holding ``puller-worker`` (another version, in a virtualenv of its
+own); by default this checkout's, with its runtime dependencies only.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--size-mb", type=float, default=100.0)
+    parser.add_argument("--bin", type=Path, help="where puller-worker is")
     args = parser.parse_args(argv)
+    command = [str(args.bin / "puller-worker")] if args.bin else runtime_worker_command()
     with bench_environment() as environment:
         environment.add_engines(1)
         layer = int(args.size_mb * 1_000_000 / 4)
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             start_new_session=True,
         )
         # The worker as it runs in its image: runtime dependencies only.
-        [worker] = environment.start_workers(1, prefix="f", command=runtime_worker_command())
+        [worker] = environment.start_workers(1, prefix="f", command=command)
         try:
             if floor.stdout is None or worker.process is None:
                 raise RuntimeError("the processes to measure did not start")

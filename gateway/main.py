@@ -12,10 +12,17 @@ from gateway.settings import GatewaySettings, InvalidSetting, environment_help
 from publisher import Publisher
 from serving.http import HttpServer
 from serving.logs import configure_logging
-from serving.program import parse_arguments, stop_on_signals
+from serving.program import parse_arguments, raise_open_file_limit, stop_on_signals
 from serving.settings import broker_tls, image_policy
 
 log = structlog.get_logger("gateway")
+
+SPARE_THREADS = 16
+"""Threads for every other call while ``PULLER_HTTP_MAX_WAITING`` callers wait in
+``POST /pulls``, each holding one."""
+UNFINISHED_BYTES = 32 * 2**20
+"""Bytes of requests read and not yet handled, over all connections (their first 4 KB
+each aside): what slow senders of big bodies can hold."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"puller-http: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format)
+    raise_open_file_limit()
     stopping = stop_on_signals()
     with Publisher(
         settings.amqp_url,
@@ -37,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ) as publisher:
         gateway = Gateway(publisher, settings, GatewayMetrics())
         try:
-            server = HttpServer(settings.http_port, gateway.handle, name="gateway")
+            server = HttpServer(
+                settings.http_port,
+                gateway.handle,
+                name="gateway",
+                threads=settings.max_waiting + SPARE_THREADS,
+                max_connections=settings.max_connections,
+                max_held_bytes=UNFINISHED_BYTES,
+            )
         except OSError as error:
             print(f"puller-http: cannot listen on PULLER_HTTP_PORT: {error}", file=sys.stderr)
             return 2

@@ -30,6 +30,7 @@ class GatewaySettings(BrokerAndPolicy):
     sha: str | None = None
     log_format: str = "auto"
     max_waiting: int = 64
+    max_connections: int = 8000
     max_timeout: float = 600.0
     connect_timeout: float = 5.0
 
@@ -57,6 +58,14 @@ SETTINGS: tuple[Setting, ...] = (
         "PULLER_HTTP_MAX_WAITING",
         "max_waiting",
         "callers that may wait in `POST /pulls` at once; more get 503",
+        whole,
+        minimum=1,
+    ),
+    Setting(
+        "PULLER_HTTP_MAX_CONNECTIONS",
+        "max_connections",
+        "connections held at once, slow or idle ones included; past it the oldest idle one "
+        "is closed for each new one",
         whole,
         minimum=1,
     ),

@@ -143,6 +143,8 @@ class GatewayProcess:
     port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    command: list[str] | None = None
+    """What to run; the ``puller-http`` beside this interpreter by default."""
 
     @property
     def url(self) -> str:
@@ -161,7 +163,7 @@ class GatewayProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path.write_bytes(b"")
         self.process = start_daemon(
-            installed_command("puller-http", "gateway.main"), self.log_path, env
+            self.command or installed_command("puller-http", "gateway.main"), self.log_path, env
         )
         check = self._ready if wait_ready else self._answers
         wait_until(check, "puller-http", timeout, self.process, self.log_path)

@@ -1,27 +1,39 @@
-"""A small threaded HTTP/1.1 server: the standard library's, behind one handler function.
+"""puller's HTTP server: waitress, behind one handler function.
 
 Both HTTP surfaces of puller use it: the worker's health port (``/alive``, ``/ready``,
-``/metrics``) and the gateway (``puller-http``). Why the standard library and not an
-ASGI/WSGI server: the work behind every request is a blocking call into puller's own
-thread-safe code (a confirmed publish, a wait on a condition), which a thread per
-connection serves directly; it adds no dependency to the worker image; and keep-alive
-connections make its per-request cost small next to the broker round trip (measured in
-``bench/http_gateway.py``).
+``/metrics``) and the gateway (``puller-http``). One I/O thread holds every connection, so
+a client that sends slowly, or not at all, costs a socket and a few kilobytes, not a
+thread; a request reaches one of a fixed number of threads once it has arrived whole, and
+the handler behind it makes blocking calls into puller's own thread-safe code (a
+confirmed publish, a wait on a condition). Why waitress, its settings, and what an
+attacker can still do: docs/http-servers.md.
 """
 
 from __future__ import annotations
 
+import http
 import json
-import threading
-from collections.abc import Callable, Mapping
+import resource
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 import structlog
+
+from serving.wsgi_server import WsgiServer
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger("serving.http")
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 8 * 1024
+"""The request line and headers together; more is answered 431."""
+HELD_ALLOWANCE = 4 * 1024
+"""Bytes of each request not counted against ``max_held_bytes``: a usual request is smaller."""
+RESERVED_DESCRIPTORS = 64
+"""Open files kept for everything but connections (broker, engine, logs, files read)."""
 
 
 @dataclass(frozen=True)
@@ -49,14 +61,8 @@ def json_response(status: int, document: object) -> Response:
 Handler = Callable[[Request], Response]
 
 
-class _Server(ThreadingHTTPServer):
-    # The standard library listens with a backlog of 5: a burst of callers connecting at
-    # once (32 measured) had connections reset. The kernel caps this at somaxconn.
-    request_queue_size = 1024
-
-
 class HttpServer:
-    """Serves ``handler`` on ``host:port`` (port 0: any free one), a thread per connection."""
+    """Serves ``handler`` on ``host:port`` (port 0: any free one)."""
 
     def __init__(
         self,
@@ -65,82 +71,106 @@ class HttpServer:
         host: str = "",
         name: str = "http",
         idle_timeout: float = 60.0,
+        threads: int = 4,
+        max_connections: int = 1000,
+        request_timeout: float = 30.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_held_bytes: int = 16 * 2**20,
     ) -> None:
         """``idle_timeout``: seconds a connection may stay silent (mid-request, or between
-        keep-alive requests) before it is closed, so a client that stops sending does not
-        hold a thread for ever."""
+        keep-alive requests) before it is closed. ``request_timeout``: seconds from a
+        request's first byte to its last (a client that trickles is closed too).
+        ``threads``: requests handled at once. ``max_connections``: connections held at
+        once (past it the oldest idle one is closed for each new one), lowered to what the
+        process's open-file limit allows. ``max_held_bytes``: bytes of requests read and
+        not yet handled, each request's first ``HELD_ALLOWANCE`` aside, over all
+        connections (past it, 503)."""
         self._handler = handler
         self._name = name
-        owner = self
+        self.max_connections = usable_connections(max_connections, name)
+        self._server = WsgiServer(
+            self._answer,
+            host=host,
+            port=port,
+            name=name,
+            threads=threads,
+            connection_limit=self.max_connections,
+            idle_timeout=idle_timeout,
+            request_timeout=request_timeout,
+            max_header_bytes=MAX_HEADER_BYTES,
+            max_body_bytes=max_body_bytes,
+            max_held_bytes=max_held_bytes,
+            held_allowance=HELD_ALLOWANCE,
+        )
+        self.port: int = self._server.port
 
-        class RequestHandler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: one connection, many requests
-            # Buffered output: headers and body leave in one write when the handler is done,
-            # so a client never sees the headers of an answer without its body (the process
-            # may exit between two writes), and Nagle's algorithm has no second write to hold
-            # back for the client's delayed ACK (40 ms on every call).
-            wbufsize = 64 * 1024
-            disable_nagle_algorithm = True
-            timeout = idle_timeout
-            server_version = "puller"
-            sys_version = ""
-
-            def __getattr__(self, name: str) -> Callable[[], None]:
-                # Every method is served (do_GET, do_POST, do_TRACE, ...): the handler says
-                # which it takes, so an unexpected one gets a JSON answer, never a 501.
-                if name.startswith("do_"):
-                    return lambda: owner._serve(self, name.removeprefix("do_"))
-                raise AttributeError(name)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # probes and callers every second would drown the log
-
-        self._server = _Server((host, port), RequestHandler)
-        self._server.daemon_threads = True
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+    @property
+    def unfinished_bytes(self) -> int:
+        """Bytes of requests read and not yet handled, past each one's first
+        ``HELD_ALLOWANCE``: what counts against ``max_held_bytes``."""
+        return self._server.held.total
 
     def start(self) -> None:
-        self._thread.start()
+        self._server.start()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._server.shutdown()  # waits for serve_forever, so only once it runs
-        self._server.server_close()
+        self._server.stop()
 
-    def _serve(self, exchange: BaseHTTPRequestHandler, method: str) -> None:
-        path, _, query = exchange.path.partition("?")
-        length_text = exchange.headers.get("Content-Length") or "0"
-        try:
-            length = int(length_text)
-        except ValueError:
-            length = -1
-        if length < 0 or length > MAX_BODY_BYTES:
-            self._send(
-                exchange,
-                json_response(
-                    413 if length > MAX_BODY_BYTES else 400,
-                    {"error": f"a body of at most {MAX_BODY_BYTES} bytes, with a valid length"},
-                ),
-            )
-            exchange.close_connection = True
-            return
-        body = exchange.rfile.read(length) if length else b""
-        request = Request(method, path, query, dict(exchange.headers.items()), body)
+    def _answer(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """The WSGI application: the whole request in, one :class:`Response` out."""
+        # The request target as sent (waitress's PATH_INFO is percent-decoded).
+        path, _, query = environ["REQUEST_URI"].partition("?")
+        request = Request(
+            environ["REQUEST_METHOD"], path, query, _headers(environ), environ["wsgi.input"].read()
+        )
         try:
             response = self._handler(request)
         except Exception:
             log.exception("the HTTP handler failed", server=self._name, path=path)
             response = json_response(500, {"error": "internal error; see the server's log"})
-        self._send(exchange, response)
+        headers = [
+            ("Content-Type", response.content_type),
+            ("Content-Length", str(len(response.body))),
+            *response.headers.items(),
+        ]
+        start_response(f"{response.status} {_phrase(response.status)}", headers)
+        return [response.body]
 
-    @staticmethod
-    def _send(exchange: BaseHTTPRequestHandler, response: Response) -> None:
-        exchange.send_response(response.status)
-        exchange.send_header("Content-Type", response.content_type)
-        exchange.send_header("Content-Length", str(len(response.body)))
-        for name, value in response.headers.items():
-            exchange.send_header(name, value)
-        exchange.end_headers()
-        if exchange.command != "HEAD":
-            exchange.wfile.write(response.body)
+
+def usable_connections(wanted: int, name: str) -> int:
+    """``wanted``, or fewer if the open-file limit would run out first (waitress would
+    then fail every accept, in a busy loop)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or wanted <= soft - RESERVED_DESCRIPTORS:
+        return wanted
+    usable = max(1, soft - RESERVED_DESCRIPTORS)
+    log.warning(
+        "fewer connections than asked: the open-file limit is low",
+        server=name,
+        max_connections=usable,
+        asked=wanted,
+        open_file_limit=soft,
+    )
+    return usable
+
+
+def _headers(environ: WSGIEnvironment) -> dict[str, str]:
+    """The request's headers, named as on the wire (``Content-Type``); repeated ones
+    joined with commas."""
+    found = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key.removeprefix("HTTP_")
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name = key
+        else:
+            continue
+        found[name.replace("_", "-").title()] = value
+    return found
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"

@@ -75,6 +75,9 @@ def configure_logging(
     root.setLevel(level)
     # pika logs every connection step at INFO; its warnings and errors are what matter.
     logging.getLogger("pika").setLevel(logging.WARNING)
+    # waitress warns for every request that waits for a free thread: a flood of requests
+    # would flood the log.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     structlog.configure(
         processors=[*own, renderer],
         logger_factory=_LineWriters(handler),

@@ -1,9 +1,10 @@
 """What every puller command does first: its arguments (``--help`` with the environment it
-reads, ``--version``), and SIGTERM/SIGINT as a request to stop."""
+reads, ``--version``), SIGTERM/SIGINT as a request to stop, and the open-file limit."""
 
 from __future__ import annotations
 
 import argparse
+import resource
 import signal
 import threading
 from types import FrameType
@@ -36,3 +37,12 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     return stopping
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard one (each HTTP connection is a file;
+    a container's soft limit may be 1,024); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

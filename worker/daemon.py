@@ -140,6 +140,7 @@ class Worker:
             HealthServer(
                 settings.health_port,
                 {"/alive": self._alive, "/ready": self._ready, "/metrics": self._metrics},
+                settings.health_max_connections,
             )
             if settings.health_port
             else None

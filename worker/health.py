@@ -15,6 +15,9 @@ from serving.http import HttpServer, Request, Response, json_response
 
 LOOP_SILENCE_LIMIT = 30.0
 """Seconds without a turn of the main loop after which the worker is not alive."""
+UNFINISHED_BYTES = 4 * 2**20
+"""Bytes of requests read and not yet handled, over all connections (their first 4 KB
+each aside): probes and scrapes send none beyond that."""
 
 
 class Liveness:
@@ -40,9 +43,21 @@ class Liveness:
 class HealthServer:
     """Answers ``GET`` on fixed paths from ``routes``; anything else is a 404 naming them."""
 
-    def __init__(self, port: int, routes: Mapping[str, Callable[[], Response]]) -> None:
+    def __init__(
+        self,
+        port: int,
+        routes: Mapping[str, Callable[[], Response]],
+        max_connections: int = 4000,
+    ) -> None:
         self._routes = dict(routes)
-        self._server = HttpServer(port, self.answer, name="health")
+        self._server = HttpServer(
+            port,
+            self.answer,
+            name="health",
+            threads=2,  # a probe, a scrape: each answered from memory
+            max_connections=max_connections,
+            max_held_bytes=UNFINISHED_BYTES,
+        )
         self.port = self._server.port
 
     def start(self) -> None:

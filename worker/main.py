@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from serving.logs import configure_logging
-from serving.program import parse_arguments, stop_on_signals
+from serving.program import parse_arguments, raise_open_file_limit, stop_on_signals
 from worker.daemon import Worker
 from worker.history_ledger import CannotKeepState, OffsetStore
 from worker.settings import InvalidSetting, WorkerSettings, environment_help
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"puller-worker: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_format, always={"node": settings.node_name})
+    raise_open_file_limit()
     stopping = stop_on_signals()
     try:
         worker = Worker(settings, offsets)

@@ -82,6 +82,7 @@ class WorkerSettings(BrokerAndPolicy):
     history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
     state_dir: Path = Path("/var/lib/puller")
     health_port: int = 8080
+    health_max_connections: int = 4000
     disk_high_water: float | None = None
     """Percent of the engine's data disk used at which unused images are removed; ``None``:
     never automatically (see ``worker.pruning``)."""
@@ -308,6 +309,14 @@ SETTINGS: tuple[Setting, ...] = (
         whole_number,
         minimum=0,
         maximum=65535,
+    ),
+    Setting(
+        "PULLER_HEALTH_MAX_CONNECTIONS",
+        "health_max_connections",
+        "connections the health port holds at once, slow or idle ones included; past it the "
+        "oldest idle one is closed for each new one",
+        whole_number,
+        minimum=1,
     ),
     Setting(
         "PULLER_DISK_HIGH_WATER",

@@ -35,6 +35,12 @@ pytestmark = pytest.mark.integration
             "http_gateway.json",
         ),
         (
+            "slow_clients",
+            ["--gateway", "50", "--worker", "50", "--trickle-seconds", "1"],
+            "slow clients:",
+            "slow_clients.json",
+        ),
+        (
             "head_of_line",
             ["--nodes", "2", "--flood", "40", "--repeats", "1"],
             "a healthy image onto 2 nodes",

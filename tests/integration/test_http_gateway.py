@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from localcluster.cluster import GatewayProcess, LocalCluster, WorkerProcess, metric_value
 from tests.integration.conftest import NODES, engine_has, new_vhost
+from tests.unit.test_http_server import MALFORMED, SMUGGLED, answers
 
 pytestmark = pytest.mark.integration
 
@@ -290,6 +292,55 @@ def test_curl_can_make_the_drop_in_call(gateway: GatewayProcess, fresh_image: st
         check=True,
     )
     assert json.loads(done.stdout)["pull_images"]["image"] == fresh_image
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_request_framed_to_smuggle_another_gets_one_400_and_the_connection_closes(
+    gateway: GatewayProcess, name: str
+) -> None:
+    """Whatever the framing hides, behind it on the same connection goes a second request;
+    it must never be answered."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as client:
+        client.sendall(MALFORMED[name] + SMUGGLED)
+        received = b""
+        while chunk := client.recv(65536):
+            received += chunk
+    [(status, headers, body)] = answers(received)
+    assert (status, headers["connection"]) == (400, "close")
+    assert json.loads(body)["error"]
+
+
+def test_curl_expecting_100_continue_gets_it_and_does_not_wait(
+    gateway: GatewayProcess, fresh_image: str
+) -> None:
+    """curl waits for ``100 Continue`` before it sends a body (``--expect100-timeout``, 1 s by
+    default, 30 s here: a server that never sends it would make this call take 30 s)."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--verbose",
+            "--expect100-timeout",
+            "30",
+            "--header",
+            "Expect: 100-continue",
+            "--header",
+            "Content-Type: application/json",
+            "--data",
+            json.dumps({"id": "c100", "image_name": fresh_image}),
+            f"{gateway.url}/pull_images",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    took = time.monotonic() - started
+    assert "< HTTP/1.1 100 Continue" in done.stderr
+    assert json.loads(done.stdout)["pull_images"]["image"] == fresh_image
+    assert took < 15, f"curl took {took:.1f} s: it waited for a 100 Continue that never came"
 
 
 @pytest.fixture(scope="module")
