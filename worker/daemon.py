@@ -50,6 +50,7 @@ from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
 from worker.engine import DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
+from worker.image_guard import ImageGuard
 from worker.metrics import WorkerMetrics
 from worker.model import Delivery, ImageStore, PrunableStore
 from worker.presence import PresenceAnnouncer
@@ -91,6 +92,7 @@ class Worker:
         self.settings = settings
         self.metrics = WorkerMetrics()
         self.usage = UsageLog(settings.state_dir / USAGE_FILE)
+        self._guard = ImageGuard(on_use=self.usage.used_now)
         self.admission = Admission(image_policy(settings), settings.allowed_publishers)
         self._breaker = RegistryBreaker(settings.registry_cooldown)
         self._store = store or self._image_store(settings)
@@ -104,6 +106,7 @@ class Worker:
             observer=Observers(self.metrics, self.usage),
             admission=self.admission,
             owed=DeferredFile(settings.state_dir / DEFERRED_FILE),
+            guard=self._guard,
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)
                 if settings.max_requests_per_minute
@@ -187,7 +190,7 @@ class Worker:
             if settings.disk_high_water is not None:
                 log.warning("this image store cannot prune; PULLER_DISK_HIGH_WATER is ignored")
             return None, Housekeeping(self.usage, None, None, settings.disk_check_interval)
-        pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned)
+        pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned, removals=self._guard)
         watch = None
         if settings.disk_high_water is not None:
             data_root, setting = settings.docker_data_root, "PULLER_DOCKER_DATA_ROOT"

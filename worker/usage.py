@@ -82,6 +82,10 @@ class UsageLog:
                 self._seen.setdefault(image_id, when)
                 self._dirty = True
 
+    def used_now(self, image_id: str) -> None:
+        """The image was claimed for an answer just now (:mod:`worker.image_guard`)."""
+        self.record(image_id, self._clock())
+
     def last_used(self, image_id: str) -> float | None:
         with self._lock:
             return self._used.get(image_id)

@@ -20,6 +20,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import PruneResult, Status
 from localcluster.cluster import LocalCluster, WorkerProcess
+from localcluster.prune_race import race_round
 from publisher import Publisher
 from publisher.report import WarmReport
 from tests.integration.conftest import (
@@ -250,6 +251,27 @@ def test_prune_over_the_wire_keeps_the_keep_list_and_a_dry_run_removes_nothing(
         assert any(gone in removed.names for removed in answer.removed)
     assert not any(engine_has(fleet, gone).values())
     assert all(engine_has(fleet, kept).values())
+
+
+def test_a_prune_racing_pulls_never_removes_an_image_a_node_answered_for(
+    fleet: LocalCluster, fleet_publisher: Publisher
+) -> None:
+    # Each round: a prune of images unused for 1 s, and pulls of those images sent as soon
+    # as a node has begun removing them (see localcluster/prune_race.py).
+    engines = {
+        worker.node: engine for worker, engine in zip(fleet.workers, fleet.engines, strict=True)
+    }
+    for _ in range(2):
+        result = race_round(
+            fleet_publisher,
+            fleet.registry,
+            engines,
+            images=8,
+            unused_for=1.0,
+            after_first_removal=True,
+        )
+        assert result.answered == 8 * NODES
+        assert result.lost == (), f"answered present or pulled, then removed: {result.lost}"
 
 
 OLD_COMMIT = "0b8e49e"
