@@ -82,6 +82,18 @@ def test_a_warm_up_puts_every_image_on_every_node(
         assert all(engine_has(fleet, image).values()), image
 
 
+def test_a_warm_up_file_saved_with_a_byte_order_mark_is_read(
+    fleet: LocalCluster, tmp_path: Path
+) -> None:
+    image = push(fleet)
+    listing = tmp_path / "images.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + f"{image}\r\n".encode())  # as Notepad saves it
+    done = run_cli("--amqp-url", fleet.amqp_url, "warm", str(listing), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 1
+    assert all(engine_has(fleet, image).values())
+
+
 def test_a_warm_up_reports_failures_by_kind_and_a_bad_file_sends_nothing(
     fleet: LocalCluster, tmp_path: Path
 ) -> None:
