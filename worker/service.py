@@ -23,8 +23,10 @@ Nothing a request contains can raise out of this module: a worker never dies on 
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -94,14 +96,29 @@ REGISTRY_ANSWERED_KINDS = frozenset(
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``attempts`` tries in all; waits ``first_delay`` seconds, doubling up to ``max_delay``."""
+    """``attempts`` tries in all. Between them a jittered wait (:meth:`wait`), so that the
+    nodes that met the same failing registry do not all come back in the same instant."""
 
     attempts: int = 4
     first_delay: float = 1.0
     max_delay: float = 15.0
+    uniform: Callable[[float, float], float] = field(
+        default=random.uniform, compare=False, repr=False
+    )
+    """The random source: a number between its two arguments (a test passes its own)."""
 
     def delay(self, attempt: int) -> float:
+        """The wait before attempt ``attempt + 1`` without jitter: ``first_delay`` seconds,
+        doubling up to ``max_delay``."""
         return float(min(self.first_delay * 2 ** (attempt - 1), self.max_delay))
+
+    def wait(self, previous: float | None) -> float:
+        """The next wait, given the previous one of the same pull (``None`` for the first):
+        decorrelated jitter, between ``first_delay`` and three times the previous wait, at
+        most ``max_delay``. It grows about as the doubling does, never below the first."""
+        low = min(self.first_delay, self.max_delay)
+        high = max(low, 3 * (previous if previous is not None else low))
+        return float(min(self.max_delay, self.uniform(low, high)))
 
 
 class PullService:
@@ -407,8 +424,10 @@ class PullService:
         self._slots.release(image.domain, pull)
         bound = log.bind(**pull.context, kind=failure.kind.value, error=failure.message)
         if transient and not last:
-            delay = self._retry.delay(pull.attempt)
-            bound.warning("pull attempt failed; retrying", attempt=pull.attempt, retry_in=delay)
+            delay = pull.last_wait = self._retry.wait(pull.last_wait)
+            bound.warning(
+                "pull attempt failed; retrying", attempt=pull.attempt, retry_in=round(delay, 2)
+            )
             pull.retry = threading.Timer(delay, self._retry_now, args=(pull,))
             pull.retry.daemon = True
             pull.retry.start()
@@ -839,6 +858,8 @@ class _Pull:
     """Being cut to make room for a session's pull (see ``_interrupt_warm_pulls``)."""
     interruptions: int = 0
     attempt: int = 0
+    last_wait: float | None = None
+    """The wait before its latest retry (see :meth:`RetryPolicy.wait`)."""
     bytes_received: int = 0
     last_progress: float = 0.0
     completed: bool = False
