@@ -234,12 +234,20 @@ def is_kept(image: StoredImage, keep: Sequence[ImageReference]) -> bool:
 
 def last_used(image: StoredImage, usage: Usage, now: float) -> float:
     """The latest of when puller answered for it, when it was tagged here and when the worker
-    first saw it; ``now`` when none is known (an image of unknown age is never old)."""
+    first saw it; ``now`` when none is known (an image of unknown age is never old).
+
+    A clock that was ahead for a moment must not keep an image for the length of the jump:
+    the worker's own times after ``now`` count as ``now`` (and the usage log brings them
+    back at each listing); the engine's tag time after ``now`` is left out (the engine keeps
+    it, so it would count as ``now`` at every pass until the clock caught up)."""
+    tagged = (
+        image.last_tagged if image.last_tagged is not None and image.last_tagged <= now else None
+    )
     known = [
-        moment
+        min(moment, now)
         for moment in (
             usage.last_used(image.image_id),
-            image.last_tagged,
+            tagged,
             usage.first_seen(image.image_id),
         )
         if moment is not None

@@ -286,6 +286,34 @@ def test_a_prune_racing_pulls_never_removes_an_image_a_node_answered_for(
         assert result.lost == (), f"answered present or pulled, then removed: {result.lost}"
 
 
+def test_a_usage_log_from_a_clock_a_year_ahead_or_with_infinity_keeps_no_image_for_good(
+    fleet: LocalCluster, fleet_publisher: Publisher
+) -> None:
+    ahead, infinite = push(fleet), push(fleet)
+    assert fleet_publisher.pull(ahead).ok and fleet_publisher.pull(infinite).ok
+    client = fleet.engines[0].client()
+    try:
+        ids = {name: str(client.images.get(name).id) for name in (ahead, infinite)}
+    finally:
+        client.close()
+    node = fleet.workers[0]
+    node.stop()
+    year = 365 * 86400.0
+    used_ahead = json.dumps({"seen": time.time() - 60, "used": time.time() + year})
+    (node.state_dir / "image-usage.json").write_text(
+        f'{{"version": 1, "images": {{"{ids[ahead]}": {used_ahead}, '
+        f'"{ids[infinite]}": {{"seen": Infinity, "used": Infinity}}}}}}'
+    )
+    node.start()
+    deadline = time.monotonic() + 30
+    while any(engine_has(fleet, name)["node-1"] for name in (ahead, infinite)):
+        assert time.monotonic() < deadline, "kept: the usage log's times still count"
+        assert fleet_publisher.prune(1.0, nodes=["node-1"]).ok
+        time.sleep(0.5)
+    log = node.log_path.read_text()
+    assert "the clock was ahead" in log and "not finite numbers" in log
+
+
 OLD_COMMIT = "0b8e49e"
 """The last commit before warm-ups, checks and prunes: its worker is an "older worker"."""
 

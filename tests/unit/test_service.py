@@ -369,7 +369,7 @@ def test_each_retry_draws_from_the_first_delay_to_three_times_the_last_wait(
         assert answers.wait_for(1)[0].status is Status.PULLED
     finally:
         service.shutdown(wait=True)
-    assert draws == [(0.01, pytest.approx(0.03)), (0.01, pytest.approx(0.09))]
+    assert [(low, round(high, 6)) for low, high in draws] == [(0.01, 0.03), (0.01, 0.09)]
     assert len(store.pulls) == 3
 
 
@@ -806,6 +806,31 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     finally:
         service.shutdown(wait=True)
     assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/slow:1"]
+
+
+def test_an_owed_pull_with_infinity_is_skipped_and_one_from_the_future_is_owed_from_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / DEFERRED_FILE
+    path.write_text(
+        '{"pulls": ['
+        '{"image": "infinite:1", "lane": "session", "since": Infinity},'
+        '{"image": "tries:1", "lane": "session", "since": 5, "tries": NaN},'
+        '{"image": "ahead:1", "lane": "warm", "since": 1e12, "tries": 1},'
+        '{"image": "fine:1", "lane": "session", "since": 5}]}'
+    )
+    before = time.time()
+    kept = DeferredFile(path).load()
+    assert sorted(str(image) for image in kept) == [
+        "docker.io/library/ahead:1",
+        "docker.io/library/fine:1",
+    ]
+    ahead = kept[parse_reference("ahead:1")]
+    assert before <= ahead.since <= time.time() and ahead.tries == 1
+    assert kept[parse_reference("fine:1")].since == 5
+    out = capsys.readouterr().out
+    assert out.count("skipped an unreadable owed pull") == 2
+    assert "'since' is Infinity" in out and "'tries' is NaN" in out
 
 
 def test_the_owed_pulls_file_is_read_entry_by_entry(tmp_path: Path) -> None:
