@@ -59,6 +59,7 @@ from worker.pruning import DiskWatch, Housekeeping, Pruner, engine_disk
 from worker.pull_through import PullThrough
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.registry_logins import DockerConfig
+from worker.replay_attempts import ReplayAttempts
 from worker.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
 from worker.usage import USAGE_FILE, Observers, UsageLog
@@ -132,6 +133,7 @@ class Worker:
             self._broker,
             settings.history_max_age,
             metrics=self.metrics,
+            attempts=ReplayAttempts(settings.state_dir),
         )
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
@@ -314,6 +316,7 @@ class Worker:
         if self._service.unfinished:
             log.warning("stopping with requests unanswered", unanswered=self._service.unfinished)
         self._service.shutdown(wait=False)
+        self._catch_up.close()  # a stop of its own: what it had in hand did not stop it
         self._pruner.shutdown()
         self._broker.close()
         self._housekeeping.stop()

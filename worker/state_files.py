@@ -49,22 +49,27 @@ def _finite_float(text: str) -> float | NotFinite:
     return value if math.isfinite(value) else NotFinite(text)
 
 
-def write_whole(path: Path, content: str) -> None:
+def write_whole(path: Path, content: str, durable: bool = True) -> None:
     """Replaces ``path``'s content with ``content`` (UTF-8) all at once; raises
-    :class:`OSError` (the old content is then untouched, and no partial file is left)."""
+    :class:`OSError` (the old content is then untouched, and no partial file is left).
+    ``durable=False``: not flushed to the disk, for a file written often whose loss in a
+    power cut costs little (the rename still makes it whole to any reader, and to the next
+    worker after this process dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(partial)
         raise
-    _flush_directory(path.parent)
+    if durable:
+        _flush_directory(path.parent)
 
 
 def _flush_directory(directory: Path) -> None:
