@@ -65,7 +65,7 @@ def follow(
     pid = worker.process.pid
     started = time.monotonic()
     samples: list[list[float]] = []
-    peak = 0
+    peak = anonymous = 0
     done = 0.0
     next_sample = 0
     while time.monotonic() - started < timeout:
@@ -74,6 +74,7 @@ def follow(
         try:
             done = answered(worker)
             rss, peak = resident_bytes(pid)
+            anonymous = max(anonymous, group.anonymous_bytes)
         except (OSError, KeyError):  # it died between two looks
             continue
         if done >= next_sample:
@@ -89,6 +90,7 @@ def follow(
         "samples (answered, rss MiB, s)": samples,
         "peak rss MiB": round(peak / MIB, 1),
         "group peak MiB": round(group.peak_bytes / MIB, 1),
+        "group anonymous peak MiB": round(anonymous / MIB, 1),
         "killed for memory": killed and group.oom_kills > 0,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     samples[-1][1] if samples else "-",
                     result["peak rss MiB"],
                     result["group peak MiB"],
+                    result["group anonymous peak MiB"],
                     result["killed for memory"],
                     result["seconds"],
                 ]
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss last MiB",
             "peak rss MiB",
             "group peak MiB",
+            "group anon peak MiB",
             "killed",
             "seconds",
         ],

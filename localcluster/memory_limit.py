@@ -45,6 +45,17 @@ class MemoryGroup:
         return int(self._read("memory.max_usage_in_bytes"))
 
     @property
+    def anonymous_bytes(self) -> int:
+        """The group's anonymous memory now (``rss`` in ``memory.stat``): its charge less the
+        page cache (which the kernel reclaims before it kills; a worker's log file, written
+        here rather than through a container runtime's pipe, is page cache)."""
+        for line in self._read("memory.stat").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "rss":
+                return int(value)
+        return 0
+
+    @property
     def oom_kills(self) -> int:
         """Processes the kernel killed in this group for memory."""
         for line in self._read("memory.oom_control").splitlines():
