@@ -52,6 +52,11 @@ def run_worker(
     return worker
 
 
+def rss_mib(worker: WorkerProcess) -> float:
+    assert worker.process is not None  # noqa: S101 - started
+    return round(resident_bytes(worker.process.pid)[0] / MIB, 1)
+
+
 def answered(worker: WorkerProcess) -> float:
     return worker.metric("puller_worker_answers_total")
 
@@ -85,7 +90,6 @@ def follow(
         time.sleep(0.2)
     killed = worker.process.poll() is not None
     return {
-        "rss at start MiB": samples[0][1] if samples else None,
         "answered": int(done),
         "samples (answered, rss MiB, s)": samples,
         "peak rss MiB": round(peak / MIB, 1),
@@ -107,6 +111,7 @@ def measure(command: list[str], args: argparse.Namespace) -> dict[str, object]:
         try:
             worker = run_worker(environment, "flood", command, flood_group, 0)
             workers.append(worker)
+            figures["rss before the flood MiB"] = rss_mib(worker)
             registry = environment.registry.address
             with Publisher(environment.amqp_url) as publisher:
                 began = time.monotonic()
@@ -119,6 +124,7 @@ def measure(command: list[str], args: argparse.Namespace) -> dict[str, object]:
                 # every one of those requests from the history.
                 replayer = run_worker(environment, "replay", command, replay_group, 1)
                 workers.append(replayer)
+                figures["rss when the replay starts MiB"] = rss_mib(replayer)
                 figures["replay"] = follow(replayer, replay_group, args.images, args.timeout)
         finally:
             stop_all([w.process for w in workers])
@@ -146,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     figures["this tree"] = measure(worker_command(), args)
     rows = []
     for name, row in figures.items():
-        for phase in ("live flood", "replay"):
+        for phase, before in (
+            ("live flood", "rss before the flood MiB"),
+            ("replay", "rss when the replay starts MiB"),
+        ):
             result = row.get(phase)
             if not isinstance(result, dict):
                 continue
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     name,
                     phase,
                     result["answered"],
-                    result["rss at start MiB"],
+                    row[before],
                     samples[-1][1] if samples else "-",
                     result["peak rss MiB"],
                     result["group peak MiB"],
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker",
             "phase",
             "answered",
-            "rss start MiB",
+            "rss before MiB",
             "rss last MiB",
             "peak rss MiB",
             "group peak MiB",
