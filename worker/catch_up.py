@@ -140,9 +140,11 @@ class CatchUp:
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         metrics: WorkerMetrics | None = None,
         attempts: ReplayAttempts | None = None,
+        working_limit: int = 64,
     ) -> None:
         """``attempts``: the entries in hand, written down over restarts (memory only by
-        default)."""
+        default); ``working_limit``: entries handed to the pull service at once (the stream
+        delivers whole chunks, beyond its prefetch: the rest wait here)."""
         self.node = node
         self._metrics = metrics or WorkerMetrics()
         self._attempts = attempts or ReplayAttempts(None)
@@ -150,6 +152,8 @@ class CatchUp:
         """Entries not yet handed over: behind a suspect, or a suspect behind others."""
         self._working: dict[Delivery, bool] = {}
         """Entries handed to the pull service and not done, each with whether a suspect."""
+        self._suspects_working = 0
+        self._working_limit = max(1, working_limit)
         self._ledger = ledger
         self._server = server
         self._broker = broker
@@ -350,11 +354,15 @@ class CatchUp:
         self._start_waiting()
 
     def _start_waiting(self) -> None:
-        """Hands over the waiting entries, in order, that may start: a suspect only when
-        nothing is in hand, and nothing while a suspect is."""
+        """Hands over the waiting entries, in order, that may start: at most the working
+        limit at once, a suspect only when nothing else is worked, and nothing beside it."""
         while self._waiting:
             work = self._waiting[0]
-            if any(self._working.values()) or (work.suspect and self._working):
+            if (
+                self._suspects_working
+                or (work.suspect and self._working)
+                or len(self._working) >= self._working_limit
+            ):
                 return
             self._waiting.popleft()
             self._start(work)
@@ -367,6 +375,7 @@ class CatchUp:
         self._metrics.replayed.inc()
         self._attempts.begin(work.offset, work.identity)
         self._working[delivery] = work.suspect
+        self._suspects_working += work.suspect
         self._server.submit(
             request,
             lambda result: self._broker.call_soon(partial(self._entry_done, delivery, result)),
@@ -378,7 +387,7 @@ class CatchUp:
         """Connection thread. An entry from an earlier reading is ignored: it is delivered
         again on the current one, and counts when that copy is done."""
         if delivery in self._working:
-            del self._working[delivery]
+            self._suspects_working -= self._working.pop(delivery)
             if delivery.history_offset is not None:
                 self._attempts.end(delivery.history_offset)  # it did not stop the worker
             self._start_waiting()

@@ -123,7 +123,7 @@ class Worker:
                 settings.history_max_age, settings.history_max_bytes
             ),
             # A replay leaves a pull slot free for live requests (unless there is only one).
-            replay_prefetch=max(1, settings.max_concurrent_pulls - 1),
+            replay_prefetch=replay_slots(settings),
             tls=broker_tls(settings),
         )
         self._catch_up = CatchUp(
@@ -134,6 +134,7 @@ class Worker:
             settings.history_max_age,
             metrics=self.metrics,
             attempts=ReplayAttempts(settings.state_dir),
+            working_limit=replay_slots(settings),
         )
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
@@ -440,6 +441,12 @@ class Worker:
         body = {"ready": ready, "reason": reason, **dataclasses.asdict(status)}
         body["connected"] = status.connected and arrived  # in the roster, as far as it knows
         return json_response(200 if ready else 503, body)
+
+
+def replay_slots(settings: WorkerSettings) -> int:
+    """Replayed requests worked at once: a pull slot is left to live requests (unless there
+    is only one)."""
+    return max(1, settings.max_concurrent_pulls - 1)
 
 
 def _printable(text: str | bytes | None) -> str | None:

@@ -418,3 +418,20 @@ def test_an_entry_done_is_crossed_off(tmp_path: Path) -> None:
 def test_a_damaged_list_of_entries_in_hand_suspects_nothing(tmp_path: Path, content: str) -> None:
     (tmp_path / ATTEMPTS_FILE).write_text(content)
     assert ReplayAttempts(tmp_path).suspects == 0
+
+
+def test_a_replay_works_at_most_its_limit_at_once_whatever_the_stream_delivers(
+    tmp_path: Path,
+) -> None:
+    broker, server = FakeBroker(), RecordingServer()
+    catch_up = CatchUp("n", Ledger(OffsetStore(tmp_path)), server, broker, 3600, working_limit=1)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=3)
+    for offset in range(3):  # a whole chunk at once, beyond the prefetch
+        broker.deliver(request_body(f"i{offset}:1"), offset)
+    for offset in range(3):
+        assert submitted_images(server) == [f"docker.io/library/i{offset}:1"]
+        assert catch_up.status().replay_pending == 3 - offset
+        server.answer_all()
+        broker.run_later()
+    assert catch_up.status().history_offset == 2
