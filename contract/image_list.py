@@ -2,7 +2,8 @@
 and the worker's ``PULLER_PRUNE_KEEP_FILE``.
 
 ``#`` starts a comment (a reference never holds one); blank lines are skipped. A line that
-is not an image reference is an error naming the file and the line.
+is not an image reference is an error naming the file and the line. A UTF-8 byte-order mark
+at the start (which some Windows editors write) is not part of the first line.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 from contract.errors import InvalidReference
 from contract.reference import ImageReference, parse_reference
 
+BYTE_ORDER_MARK = "\ufeff"
+
 
 def entries(text: str) -> Iterator[tuple[int, str]]:
     """Each line's entry, with its line number (from 1): comments and blank lines left out."""
+    text = text.removeprefix(BYTE_ORDER_MARK)
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.partition("#")[0].strip()
         if entry:
@@ -37,7 +41,7 @@ def file_text(path: Path) -> str:
     """The text of the list file ``path``; :class:`InvalidReference` saying why it cannot be
     read."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark, if any, dropped
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
         raise InvalidReference(f"{path} cannot be read: {reason}") from None

@@ -226,10 +226,13 @@ class LocalCluster:
             raise
         self._write_state()
 
-    def add_node(self, name: str, amqp_url: str | None = None) -> WorkerProcess:
+    def add_node(
+        self, name: str, amqp_url: str | None = None, command: list[str] | None = None
+    ) -> WorkerProcess:
         """A node's engine and worker, both serving when it returns; ``amqp_url``: the
         worker's own ``PULLER_AMQP_URL`` (the cluster's by default), say to put another
-        broker node of a cluster first."""
+        broker node of a cluster first; ``command``: what runs the worker (say, inside a
+        memory limit: :mod:`localcluster.memory_limit`)."""
         engine = NodeEngine(name, self.root / name)
         self.engines.append(engine)
         engine.start()
@@ -239,6 +242,7 @@ class LocalCluster:
             amqp_url=amqp_url or self.amqp_url,
             log_path=self.root / name / "worker.log",
             extra_env=dict(self.worker_env),
+            command=command,
         )
         self.workers.append(worker)
         worker.start()

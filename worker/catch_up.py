@@ -21,13 +21,20 @@ The phases, in order (all on the connection's thread)::
 - CHECKPOINTING: while caught up, idle and fed live requests, at most every 30 s: reads
   the last chunk up to a fresh marker and saves the marker's offset, so that a restart
   does not replay what was served live.
+
+An entry that stopped the worker (it died while the entry was in hand, see
+:mod:`worker.replay_attempts`) is worked alone at the next start: nothing else is started
+beside it, and it waits for what is in hand. One that :data:`MAX_STARTS` runs started
+without an end is skipped, logged as an error and counted
+(``puller_worker_replay_skipped_total{reason="stopped_the_worker"}``): a replayed request
+owes no reply (its publisher had the live copy's answer, or ``no_reply``).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -48,6 +55,7 @@ from worker.broker import HistoryReading
 from worker.history_ledger import Ledger, Place, entry_identity
 from worker.metrics import WorkerMetrics
 from worker.model import AnswerCallback, Delivery, ProgressCallback
+from worker.replay_attempts import MAX_STARTS, ReplayAttempts
 
 log = structlog.get_logger("worker.catch_up")
 
@@ -94,6 +102,18 @@ class RequestServer(Protocol):
 
 
 @dataclass(frozen=True)
+class _Work:
+    """A replayed request to hand to the pull service."""
+
+    delivery: Delivery
+    request: PullRequest
+    offset: int
+    identity: str
+    suspect: bool
+    """It was in hand when a run of the worker died: worked alone."""
+
+
+@dataclass(frozen=True)
 class CatchUpStatus:
     """What ``/ready`` and presence announcements say about catching up."""
 
@@ -119,9 +139,21 @@ class CatchUp:
         max_age: float,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         metrics: WorkerMetrics | None = None,
+        attempts: ReplayAttempts | None = None,
+        working_limit: int = 64,
     ) -> None:
+        """``attempts``: the entries in hand, written down over restarts (memory only by
+        default); ``working_limit``: entries handed to the pull service at once (the stream
+        delivers whole chunks, beyond its prefetch: the rest wait here)."""
         self.node = node
         self._metrics = metrics or WorkerMetrics()
+        self._attempts = attempts or ReplayAttempts(None)
+        self._waiting: deque[_Work] = deque()
+        """Entries not yet handed over: behind a suspect, or a suspect behind others."""
+        self._working: dict[Delivery, bool] = {}
+        """Entries handed to the pull service and not done, each with whether a suspect."""
+        self._suspects_working = 0
+        self._working_limit = max(1, working_limit)
         self._ledger = ledger
         self._server = server
         self._broker = broker
@@ -144,12 +176,18 @@ class CatchUp:
     def on_connect(self) -> None:
         """A new connection: find where the stream ends now, then replay up to there."""
         self._ledger.restart()
+        self._waiting.clear()  # the old reading's: delivered again on the new one
         self._end = None
         self._read(Phase.FINDING_END, "last")
 
     def on_disconnect(self) -> None:
         self.phase = Phase.DISCONNECTED
+        self._waiting.clear()
         self._update()
+
+    def close(self) -> None:
+        """The worker stops of its own accord: what it had in hand did not stop it."""
+        self._attempts.forgive()
 
     def note_live(self, request: PullRequest) -> None:
         """A request served from the live queue: its history entry needs no replay."""
@@ -239,7 +277,7 @@ class CatchUp:
                 self._broker.answer(delivery, None)  # the saved entry itself: done
                 return
         self._ledger.delivered(offset, identity)
-        self._replay(delivery, offset)
+        self._replay(delivery, offset, identity)
         self._update()
 
     def _is_my_marker(self, body: bytes) -> bool:
@@ -259,7 +297,7 @@ class CatchUp:
         log.debug("history checkpoint", history_offset=offset)
         self._update()
 
-    def _replay(self, delivery: Delivery, offset: int) -> None:
+    def _replay(self, delivery: Delivery, offset: int, identity: str) -> None:
         try:
             entry = decode_history(delivery.body)
         except InvalidMessage as error:
@@ -290,10 +328,56 @@ class CatchUp:
             self._metrics.replay_skipped.labels("served_live").inc()
             self._entry_done(delivery, None)
             return
-        log.info("replaying", request_id=entry.request_id, image=str(entry.image), offset=offset)
+        starts = self._attempts.starts(offset, identity)
+        if starts >= MAX_STARTS:
+            log.error(
+                "skipped a history entry: the worker died each time it replayed it; "
+                "pull the image by hand if it is needed, and report the worker's log",
+                request_id=entry.request_id,
+                image=str(entry.image),
+                offset=offset,
+                runs=starts,
+            )
+            self._metrics.replay_skipped.labels("stopped_the_worker").inc()
+            self._attempts.skip(offset)
+            self._entry_done(delivery, None)
+            return
+        if starts:
+            log.warning(
+                "replaying alone an entry that was in hand when the worker died",
+                request_id=entry.request_id,
+                image=str(entry.image),
+                offset=offset,
+                runs=starts,
+            )
+        self._waiting.append(_Work(delivery, entry, offset, identity, suspect=starts > 0))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Hands over the waiting entries, in order, that may start: at most the working
+        limit at once, a suspect only when nothing else is worked, and nothing beside it."""
+        while self._waiting:
+            work = self._waiting[0]
+            if (
+                self._suspects_working
+                or (work.suspect and self._working)
+                or len(self._working) >= self._working_limit
+            ):
+                return
+            self._waiting.popleft()
+            self._start(work)
+
+    def _start(self, work: _Work) -> None:
+        request, delivery = work.request, work.delivery
+        log.info(
+            "replaying", request_id=request.request_id, image=str(request.image), offset=work.offset
+        )
         self._metrics.replayed.inc()
+        self._attempts.begin(work.offset, work.identity)
+        self._working[delivery] = work.suspect
+        self._suspects_working += work.suspect
         self._server.submit(
-            entry,
+            request,
             lambda result: self._broker.call_soon(partial(self._entry_done, delivery, result)),
             asked_by=delivery.user_id,
             live=False,
@@ -302,6 +386,11 @@ class CatchUp:
     def _entry_done(self, delivery: Delivery, result: NodeResult | None) -> None:
         """Connection thread. An entry from an earlier reading is ignored: it is delivered
         again on the current one, and counts when that copy is done."""
+        if delivery in self._working:
+            self._suspects_working -= self._working.pop(delivery)
+            if delivery.history_offset is not None:
+                self._attempts.end(delivery.history_offset)  # it did not stop the worker
+            self._start_waiting()
         if not self._broker.is_current(delivery) or delivery.history_offset is None:
             return
         self._broker.answer(delivery, None)

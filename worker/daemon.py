@@ -50,6 +50,7 @@ from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
 from worker.engine import DockerEngine
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.history_ledger import Ledger, OffsetStore
+from worker.image_guard import ImageGuard
 from worker.metrics import WorkerMetrics
 from worker.model import Delivery, ImageStore, PrunableStore
 from worker.presence import PresenceAnnouncer
@@ -58,6 +59,7 @@ from worker.pruning import DiskWatch, Housekeeping, Pruner, engine_disk
 from worker.pull_through import PullThrough
 from worker.registry_health import NotFoundMemory, RegistryBreaker
 from worker.registry_logins import DockerConfig
+from worker.replay_attempts import ReplayAttempts
 from worker.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
 from worker.usage import USAGE_FILE, Observers, UsageLog
@@ -91,6 +93,7 @@ class Worker:
         self.settings = settings
         self.metrics = WorkerMetrics()
         self.usage = UsageLog(settings.state_dir / USAGE_FILE)
+        self._guard = ImageGuard(on_use=self.usage.used_now)
         self.admission = Admission(image_policy(settings), settings.allowed_publishers)
         self._breaker = RegistryBreaker(settings.registry_cooldown)
         self._store = store or self._image_store(settings)
@@ -104,6 +107,7 @@ class Worker:
             observer=Observers(self.metrics, self.usage),
             admission=self.admission,
             owed=DeferredFile(settings.state_dir / DEFERRED_FILE),
+            guard=self._guard,
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)
                 if settings.max_requests_per_minute
@@ -119,7 +123,7 @@ class Worker:
                 settings.history_max_age, settings.history_max_bytes
             ),
             # A replay leaves a pull slot free for live requests (unless there is only one).
-            replay_prefetch=max(1, settings.max_concurrent_pulls - 1),
+            replay_prefetch=replay_slots(settings),
             tls=broker_tls(settings),
         )
         self._catch_up = CatchUp(
@@ -129,6 +133,8 @@ class Worker:
             self._broker,
             settings.history_max_age,
             metrics=self.metrics,
+            attempts=ReplayAttempts(settings.state_dir),
+            working_limit=replay_slots(settings),
         )
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
@@ -188,7 +194,7 @@ class Worker:
             if settings.disk_high_water is not None:
                 log.warning("this image store cannot prune; PULLER_DISK_HIGH_WATER is ignored")
             return None, Housekeeping(self.usage, None, None, settings.disk_check_interval)
-        pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned)
+        pruner = Pruner(store, self.usage, on_outcome=self.metrics.pruned, removals=self._guard)
         watch = None
         if settings.disk_high_water is not None:
             data_root, setting = settings.docker_data_root, "PULLER_DOCKER_DATA_ROOT"
@@ -312,6 +318,7 @@ class Worker:
         if self._service.unfinished:
             log.warning("stopping with requests unanswered", unanswered=self._service.unfinished)
         self._service.shutdown(wait=False)
+        self._catch_up.close()  # a stop of its own: what it had in hand did not stop it
         self._pruner.shutdown()
         self._broker.close()
         self._housekeeping.stop()
@@ -435,6 +442,12 @@ class Worker:
         body = {"ready": ready, "reason": reason, **dataclasses.asdict(status)}
         body["connected"] = status.connected and arrived  # in the roster, as far as it knows
         return json_response(200 if ready else 503, body)
+
+
+def replay_slots(settings: WorkerSettings) -> int:
+    """Replayed requests worked at once: a pull slot is left to live requests (unless there
+    is only one)."""
+    return max(1, settings.max_concurrent_pulls - 1)
 
 
 def _printable(text: str | bytes | None) -> str | None:

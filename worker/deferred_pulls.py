@@ -17,7 +17,7 @@ import structlog
 
 from contract import Lane, PullerError, parse_reference
 from contract.reference import ImageReference
-from worker.state_files import write_whole
+from worker.state_files import NotFinite, is_finite_number, parse_state, write_whole
 
 log = structlog.get_logger("worker.deferred_pulls")
 
@@ -51,7 +51,7 @@ class DeferredFile:
         try:
             if self.path.stat().st_size > MAX_FILE_BYTES:
                 raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            entries = json.loads(self.path.read_text(encoding="utf-8"))["pulls"]
+            entries = parse_state(self.path.read_text(encoding="utf-8"))["pulls"]
             if not isinstance(entries, list):
                 raise TypeError("'pulls' is not a list")
         except FileNotFoundError:
@@ -99,13 +99,20 @@ class DeferredFile:
 
 
 def _entry(entry: dict[str, object]) -> tuple[ImageReference, DeferredPull]:
+    """One owed pull; raises ``ValueError`` (and the like) for one that cannot be read."""
     now = time.time()
+    for name, value in entry.items():
+        if isinstance(value, NotFinite):
+            raise TypeError(f"{name!r} is {value!r}, not a finite number")
     asked_by, since, tries = entry.get("asked_by"), entry.get("since"), entry.get("tries")
     lane = entry.get("lane")
     return parse_reference(entry["image"]), DeferredPull(
         # A lane this version does not know is read as a session's, as the contract does.
         Lane(lane) if lane in {member.value for member in Lane} else Lane.SESSION,
         asked_by if isinstance(asked_by, str) else None,
-        float(since) if isinstance(since, int | float) and not isinstance(since, bool) else now,
+        # Owed since no later than now: a clock that was ahead must not keep it for good.
+        min(float(since), now)
+        if isinstance(since, int | float) and is_finite_number(since)
+        else now,
         tries if isinstance(tries, int) and not isinstance(tries, bool) and tries >= 0 else 0,
     )

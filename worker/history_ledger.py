@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from worker.state_files import write_whole
+from worker.state_files import parse_state, write_whole
 
 log = structlog.get_logger("worker.history_ledger")
 
@@ -63,7 +63,7 @@ class OffsetStore:
 
     def load(self) -> Place | None:
         try:
-            state = json.loads(self.path.read_text())
+            state = parse_state(self.path.read_text())
             offset, identity = state["offset"], state.get("identity")
         except FileNotFoundError:
             return None

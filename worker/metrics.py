@@ -57,7 +57,8 @@ class WorkerMetrics:
         )
         self.replay_skipped = self._counter(
             "replay_skipped",
-            "History entries not replayed, by reason (served_live, too_old, invalid, forbidden)",
+            "History entries not replayed, by reason (served_live, too_old, invalid, forbidden, "
+            "stopped_the_worker: the worker died each time it replayed it)",
             "reason",
         )
         self.replay_failed = self._counter("replay_failed", "Replayed requests whose pull failed")

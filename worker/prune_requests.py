@@ -96,7 +96,8 @@ class PruneRequests:
                 removed=tuple(listed),
                 removed_count=len(outcome.removed),
                 bytes_freed=outcome.bytes_freed,
-                kept_in_use=outcome.kept_in_use,
+                # Asked for while the pass ran is in use too, as the wire counts it.
+                kept_in_use=outcome.kept_in_use + outcome.kept_asked,
                 kept_listed=outcome.kept_listed,
             )
             if not listed or len(result.encode()) <= MAX_MESSAGE_BYTES:

@@ -23,6 +23,9 @@ The rules, in order, for every image the engine lists (dangling ones included):
    candidate, so it never counts.
 4. Candidates go oldest-unused first (then oldest built, then largest), until the rule's
    byte budget (``rule.bytes_to_free``) or the caller's stop condition is met.
+5. A candidate asked for since the pass listed the images (answered ``present`` or
+   ``pulled``, or being pulled) stays (``kept_asked``): each removal begins through a
+   :class:`Removals` gate the pull service shares (:mod:`worker.image_guard`).
 
 Bytes freed are the removed images' sizes as the engine reports them (``docker images``
 SIZE): an upper bound when a removed image shares layers with one that stays. The
@@ -43,6 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
@@ -63,6 +67,7 @@ __all__ = [
     "PruneRule",
     "Pruner",
     "Removal",
+    "Removals",
     "StoredImage",
     "choose",
     "disk_usage",
@@ -143,6 +148,8 @@ class PruneOutcome:
     errors: tuple[str, ...] = ()
     """Removals that failed, one message each; the pass goes on with the next image (and
     stops when the engine cannot be reached)."""
+    kept_asked: int = 0
+    """Images old enough to go, kept because they were asked for while the pass ran."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,19 @@ class Usage(Protocol):
     def forget(self, image_id: str) -> None: ...
 
     def flush(self) -> None: ...
+
+
+class Removals(Protocol):
+    """Where removals begin and end, so that none crosses an answer
+    (:class:`worker.image_guard.ImageGuard`)."""
+
+    def pass_started(self) -> int: ...
+
+    def begin_removal(self, snapshot: int, image: StoredImage) -> bool: ...
+
+    def end_removal(self, image_id: str, removed: bool) -> None: ...
+
+    def pass_ended(self, snapshot: int) -> None: ...
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -214,12 +234,20 @@ def is_kept(image: StoredImage, keep: Sequence[ImageReference]) -> bool:
 
 def last_used(image: StoredImage, usage: Usage, now: float) -> float:
     """The latest of when puller answered for it, when it was tagged here and when the worker
-    first saw it; ``now`` when none is known (an image of unknown age is never old)."""
+    first saw it; ``now`` when none is known (an image of unknown age is never old).
+
+    A clock that was ahead for a moment must not keep an image for the length of the jump:
+    the worker's own times after ``now`` count as ``now`` (and the usage log brings them
+    back at each listing); the engine's tag time after ``now`` is left out (the engine keeps
+    it, so it would count as ``now`` at every pass until the clock caught up)."""
+    tagged = (
+        image.last_tagged if image.last_tagged is not None and image.last_tagged <= now else None
+    )
     known = [
-        moment
+        min(moment, now)
         for moment in (
             usage.last_used(image.image_id),
-            image.last_tagged,
+            tagged,
             usage.first_seen(image.image_id),
         )
         if moment is not None
@@ -267,14 +295,34 @@ def prune(
     usage: Usage,
     now: float,
     enough: Callable[[int], bool] | None = None,
+    removals: Removals | None = None,
 ) -> PruneOutcome:
     """One pass: lists the store's images and containers, chooses (:func:`choose`) and
     removes oldest-unused first. ``enough(bytes_freed_so_far)`` is asked before each removal
-    and ends the pass when true (the automatic mode reads the disk there).
+    and ends the pass when true (the automatic mode reads the disk there). ``removals``:
+    the gate each removal goes through (none: nothing else uses the store).
 
     Raises ``PullFailed`` when the store cannot list its images or containers (nothing is
     removed then); a failed removal is one of the outcome's ``errors``.
     """
+    if removals is None:
+        return _prune(store, rule, usage, now, enough, None, 0)
+    snapshot = removals.pass_started()
+    try:
+        return _prune(store, rule, usage, now, enough, removals, snapshot)
+    finally:
+        removals.pass_ended(snapshot)
+
+
+def _prune(
+    store: PrunableStore,
+    rule: PruneRule,
+    usage: Usage,
+    now: float,
+    enough: Callable[[int], bool] | None,
+    removals: Removals | None,
+    snapshot: int,
+) -> PruneOutcome:
     images = store.images()
     in_use = store.images_in_use()
     usage.saw((image.image_id for image in images), now)
@@ -283,6 +331,7 @@ def prune(
     errors: list[str] = []
     freed = 0
     kept_in_use = selection.kept_in_use
+    kept_asked = 0
     for candidate in selection.candidates:
         if rule.bytes_to_free is not None and freed >= rule.bytes_to_free:
             break
@@ -294,20 +343,18 @@ def prune(
             removed.append(removal)
             freed += image.size_bytes
             continue
-        try:
-            if image.image_id in store.images_in_use():  # a container made since the listing
-                kept_in_use += 1
-                continue
-            if not store.remove_image(image.image_id):
-                continue  # gone already: someone else freed it
-        except ImageInUse as refused:
-            kept_in_use += 1
-            log.info("image kept: in use", image_id=image.image_id, reason=str(refused))
+        result = _remove(store, image, removals, snapshot)
+        if result is _Result.ASKED:
+            kept_asked += 1
             continue
-        except PullFailed as failure:
-            errors.append(f"{_label(image)}: {failure.message}")
-            log.warning("could not remove an image", image_id=image.image_id, error=str(failure))
-            if failure.kind is ErrorKind.ENGINE_UNAVAILABLE:
+        if result is _Result.IN_USE:
+            kept_in_use += 1
+            continue
+        if result is _Result.GONE_ALREADY:
+            continue
+        if isinstance(result, PullFailed):
+            errors.append(f"{_label(image)}: {result.message}")
+            if result.kind is ErrorKind.ENGINE_UNAVAILABLE:
                 break
             continue
         usage.forget(image.image_id)
@@ -328,7 +375,41 @@ def prune(
         kept_listed=selection.kept_listed,
         dry_run=rule.dry_run,
         errors=tuple(errors),
+        kept_asked=kept_asked,
     )
+
+
+class _Result(Enum):
+    REMOVED = "removed"
+    ASKED = "asked for since the pass began"
+    IN_USE = "in use"
+    GONE_ALREADY = "gone already"
+
+
+def _remove(
+    store: PrunableStore, image: StoredImage, removals: Removals | None, snapshot: int
+) -> _Result | PullFailed:
+    """Removes one candidate, through ``removals`` when given; what became of it."""
+    if removals is not None and not removals.begin_removal(snapshot, image):
+        log.info("image kept: asked for since the prune began", image_id=image.image_id)
+        return _Result.ASKED
+    touched = False
+    try:
+        if image.image_id in store.images_in_use():  # a container made since the listing
+            return _Result.IN_USE
+        touched = True  # from here names may go, even when the removal then fails
+        if not store.remove_image(image.image_id):
+            return _Result.GONE_ALREADY  # someone else freed it
+    except ImageInUse as refused:
+        log.info("image kept: in use", image_id=image.image_id, reason=str(refused))
+        return _Result.IN_USE
+    except PullFailed as failure:
+        log.warning("could not remove an image", image_id=image.image_id, error=str(failure))
+        return failure
+    finally:
+        if removals is not None:
+            removals.end_removal(image.image_id, touched)
+    return _Result.REMOVED
 
 
 def _label(image: StoredImage) -> str:
@@ -416,22 +497,26 @@ class Pruner:
         usage: Usage,
         clock: Callable[[], float] = time.time,
         on_outcome: Callable[[PruneOutcome], None] | None = None,
+        removals: Removals | None = None,
     ) -> None:
+        """``removals``: the gate the node's pull service shares (see :func:`prune`)."""
         self._store = store
         self._usage = usage
         self._clock = clock
         self._on_outcome = on_outcome
+        self._removals = removals
         self._lock = threading.Lock()
 
     def prune(self, rule: PruneRule, enough: Callable[[int], bool] | None = None) -> PruneOutcome:
         """One pass (see :func:`prune`; raises ``PullFailed`` when the store cannot list)."""
         with self._lock:
-            outcome = prune(self._store, rule, self._usage, self._clock(), enough)
+            outcome = prune(self._store, rule, self._usage, self._clock(), enough, self._removals)
         log.info(
             "pruned" if not rule.dry_run else "pruned (dry run: nothing removed)",
             removed=len(outcome.removed),
             bytes_freed=outcome.bytes_freed,
             kept_in_use=outcome.kept_in_use,
+            kept_asked=outcome.kept_asked,
             kept_listed=outcome.kept_listed,
             errors=len(outcome.errors),
             unused_for=rule.unused_for,

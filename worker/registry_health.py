@@ -24,6 +24,9 @@ Clock = Callable[[], float]
 FAILURES_TO_OPEN = 3
 """Failed attempts in a row, across pulls, after which a registry is marked down (a pull
 that gives up marks it down at once)."""
+MAX_REGISTRIES = 1000
+"""Registries with failures kept at most (a flood of requests naming distinct unreachable
+registries must not grow the worker): the least recently failed go first."""
 
 
 @dataclass
@@ -41,7 +44,7 @@ class RegistryBreaker:
         self.cooldown = cooldown
         self._clock = clock
         self._lock = threading.Lock()
-        self._registries: dict[str, _RegistryState] = {}
+        self._registries: OrderedDict[str, _RegistryState] = OrderedDict()
 
     def refusal(self, image: ImageReference) -> PullFailed | None:
         """A failure to answer at once if the image's registry is known down, else ``None``."""
@@ -66,6 +69,9 @@ class RegistryBreaker:
         """Counts a failed pull attempt that says the registry did not answer."""
         with self._lock:
             state = self._registries.setdefault(image.domain, _RegistryState())
+            self._registries.move_to_end(image.domain)
+            while len(self._registries) > MAX_REGISTRIES:
+                self._registries.popitem(last=False)
             state.failures_in_row += 1
             state.last_error = _first_line(failure.message)
             if gave_up or state.failures_in_row >= FAILURES_TO_OPEN:
@@ -91,39 +97,89 @@ def says_registry_silent(failure: PullFailed, bytes_received: int) -> bool:
 
 
 class NotFoundMemory:
-    """Images the registry said do not exist, for ``seconds`` after it said so."""
+    """Images the registry said do not exist, for ``seconds`` after it said so.
 
-    LIMIT = 10_000
+    Kept per entry: the image's name and the registry's message, as text (never the
+    failure itself: an exception holds its traceback, and through it the pull's frames,
+    the engine's response and its connection pool, tens of kilobytes an image). Expired
+    entries are swept at each new one; the whole stays under ``max_bytes``, oldest out
+    first."""
 
-    def __init__(self, seconds: float, clock: Clock = time.monotonic) -> None:
+    MAX_BYTES = 2_000_000
+    """A bound on what a flood of distinct missing images can hold here."""
+    MESSAGE_LIMIT = 500
+    """Characters of the registry's message kept (the rest is cut)."""
+
+    def __init__(
+        self, seconds: float, clock: Clock = time.monotonic, max_bytes: int = MAX_BYTES
+    ) -> None:
         self.seconds = seconds
+        self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._failures: OrderedDict[ImageReference, tuple[float, PullFailed]] = OrderedDict()
+        self._failures: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        """Image name -> (expires, message), in the order they expire."""
+        self._bytes = 0
 
     def remember(self, image: ImageReference, failure: PullFailed) -> None:
         if self.seconds <= 0 or failure.kind is not ErrorKind.NOT_FOUND:
             return
+        name = str(image)
+        message = _cut(failure.message, self.MESSAGE_LIMIT)
+        now = self._clock()
         with self._lock:
-            self._failures[image] = (self._clock() + self.seconds, failure)
-            self._failures.move_to_end(image)
-            while len(self._failures) > self.LIMIT:
-                self._failures.popitem(last=False)
+            self._drop(name)
+            self._failures[name] = (now + self.seconds, message)
+            self._bytes += _entry_bytes(name, message)
+            self._sweep(now)
 
     def recall(self, image: ImageReference) -> PullFailed | None:
+        name = str(image)
         with self._lock:
-            entry = self._failures.get(image)
+            entry = self._failures.get(name)
             if entry is None:
                 return None
-            expires, failure = entry
+            expires, message = entry
             if expires <= self._clock():
-                del self._failures[image]
+                self._drop(name)
                 return None
-        return failure
+        return PullFailed(ErrorKind.NOT_FOUND, message)
 
     def forget(self, image: ImageReference) -> None:
         with self._lock:
-            self._failures.pop(image, None)
+            self._drop(str(image))
+
+    @property
+    def held(self) -> tuple[int, int]:
+        """Entries held now, and their estimated bytes."""
+        with self._lock:
+            return len(self._failures), self._bytes
+
+    def _drop(self, name: str) -> None:
+        entry = self._failures.pop(name, None)
+        if entry is not None:
+            self._bytes -= _entry_bytes(name, entry[1])
+
+    def _sweep(self, now: float) -> None:
+        """Under the lock: drops expired entries (the oldest come first), then the oldest
+        until under the byte bound."""
+        while self._failures:
+            name, (expires, _) = next(iter(self._failures.items()))
+            if expires > now and self._bytes <= self.max_bytes:
+                return
+            self._drop(name)
+
+
+ENTRY_OVERHEAD = 250
+"""Bytes an entry costs beyond its two strings (dict slot, tuple, float, string headers)."""
+
+
+def _entry_bytes(name: str, message: str) -> int:
+    return ENTRY_OVERHEAD + len(name) + len(message)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _first_line(text: str, limit: int = 200) -> str:

@@ -14,14 +14,19 @@ Where each step runs:
   its slot back while it waits to retry. A registry known to be down fails fast
   (:mod:`worker.registry_health`).
 
+Every ``present`` and ``pulled`` is claimed first (:mod:`worker.image_guard`), so that it
+never crosses a prune: an image being removed is pulled again and answered ``pulled``.
+
 Nothing a request contains can raise out of this module: a worker never dies on a message.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +46,7 @@ from contract import (
 )
 from worker.admission import Admission, RequestLimiter
 from worker.deferred_pulls import DeferredFile, DeferredPull
+from worker.image_guard import ImageGuard
 from worker.metrics import WorkerMetrics
 from worker.model import (
     AnswerCallback,
@@ -68,6 +74,8 @@ OWED_MAX_AGE = 24 * 3600.0
 """Images that failed because the engine was away, kept to pull when it is back."""
 PROGRESS_INTERVAL = 0.25
 """Seconds between progress messages for one pull: at most four a second per node."""
+PULL_AGAIN_LIMIT = 5
+"""Times a pull is made again because pruning removed the image as it came: then it fails."""
 
 TRANSIENT_KINDS = frozenset(
     {
@@ -88,14 +96,29 @@ REGISTRY_ANSWERED_KINDS = frozenset(
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """``attempts`` tries in all; waits ``first_delay`` seconds, doubling up to ``max_delay``."""
+    """``attempts`` tries in all. Between them a jittered wait (:meth:`wait`), so that the
+    nodes that met the same failing registry do not all come back in the same instant."""
 
     attempts: int = 4
     first_delay: float = 1.0
     max_delay: float = 15.0
+    uniform: Callable[[float, float], float] = field(
+        default=random.uniform, compare=False, repr=False
+    )
+    """The random source: a number between its two arguments (a test passes its own)."""
 
     def delay(self, attempt: int) -> float:
+        """The wait before attempt ``attempt + 1`` without jitter: ``first_delay`` seconds,
+        doubling up to ``max_delay``."""
         return float(min(self.first_delay * 2 ** (attempt - 1), self.max_delay))
+
+    def wait(self, previous: float | None) -> float:
+        """The next wait, given the previous one of the same pull (``None`` for the first):
+        decorrelated jitter, between ``first_delay`` and three times the previous wait, at
+        most ``max_delay``. It grows about as the doubling does, never below the first."""
+        low = min(self.first_delay, self.max_delay)
+        high = max(low, 3 * (previous if previous is not None else low))
+        return float(min(self.max_delay, self.uniform(low, high)))
 
 
 class PullService:
@@ -113,15 +136,18 @@ class PullService:
         admission: Admission | None = None,
         limiter: RequestLimiter | None = None,
         owed: DeferredFile | None = None,
+        guard: ImageGuard | None = None,
     ) -> None:
         """``admission``: who may ask for what (every request); ``limiter``: a cap on live
         requests that would start a pull; ``owed``: where the pulls made again once the
-        engine answers are kept, for a restart (see :meth:`resume_owed`)."""
+        engine answers are kept, for a restart (see :meth:`resume_owed`); ``guard``: the
+        one pruning uses too, so that answers and removals never cross."""
         self.node = node
         self._admission = admission or Admission()
         self._limiter = limiter
         self.observer: PullObserver = observer or WorkerMetrics()
         self._store = store
+        self._guard = guard or ImageGuard()
         self._retry = retry or RetryPolicy()
         self._breaker = breaker or RegistryBreaker(cooldown=0)
         self._not_found = not_found or NotFoundMemory(seconds=0)
@@ -187,7 +213,13 @@ class PullService:
             waiter.finish(refusal)
             return
         try:
-            known = None if request.refresh else self._store.known_image(request.image)
+            known = (
+                None
+                if request.refresh
+                else self._guard.known(
+                    request.image, partial(self._store.known_image, request.image)
+                )
+            )
         except Exception:
             log.exception("the image index failed; asking the engine", **waiter.context)
             known = None
@@ -217,7 +249,7 @@ class PullService:
         """Inspect thread: answer ``present`` at once, or queue (or join) the image's pull."""
         image = waiter.request.image
         try:
-            info = self._find(image)
+            claimed, info = self._look(waiter)
         except PullFailed as failure:
             waiter.finish(failure)
             return
@@ -225,7 +257,7 @@ class PullService:
             log.exception("checking the engine failed unexpectedly", **waiter.context)
             waiter.finish(_internal(error))
             return
-        if info is not None and not waiter.request.refresh:
+        if claimed and info is not None:
             waiter.finish(info, Status.PRESENT)
             return
         waiter.had = info
@@ -257,6 +289,21 @@ class PullService:
                 self._interrupt_warm_pulls()
             return
         self._queue(pull)
+
+    def _look(self, waiter: _Waiter) -> tuple[bool, ImageInfo | None]:
+        """What the engine holds under the request's name, and whether it was claimed for a
+        ``present`` answer (never for a refresh; not while it is being pruned)."""
+        ticket = self._guard.open()
+        try:
+            info = self._find(waiter.request.image)
+            if info is None or waiter.request.refresh:
+                return False, info
+            if self._guard.claim(ticket, info, pulled=False):
+                return True, info
+        finally:
+            self._guard.close(ticket)
+        log.info("the image is being pruned; pulling it again", **waiter.context)
+        return False, None
 
     def _queue(self, pull: _Pull) -> None:
         pull.queued()
@@ -311,9 +358,7 @@ class PullService:
         pull.running = True
         self.observer.attempt_started(pull.image)
         try:
-            if self._cancelling.is_set():
-                raise _cancelled_before_start(pull.image)
-            outcome = self._store.pull(pull.image, lambda p: self._progress(pull, p))
+            outcome = self._pull_claimed(pull)
         except PullFailed as failure:
             outcome = failure
         except Exception as error:
@@ -334,6 +379,28 @@ class PullService:
             self._resume_later(pull)
             return
         self._attempt_failed(pull, outcome, seconds)
+
+    def _pull_claimed(self, pull: _Pull) -> ImageInfo:
+        """Pull thread: pulls once no removal of an image of that name is under way, holding
+        the name meanwhile; pulls again if pruning removed what came (an image of another
+        name with the same id). Raises ``PullFailed``."""
+        for _ in range(PULL_AGAIN_LIMIT):
+            ticket = self._guard.open(pull.image, self._cancelling)
+            try:
+                if self._cancelling.is_set():
+                    raise _cancelled_before_start(pull.image)
+                info = self._store.pull(pull.image, lambda p: self._progress(pull, p))
+                if self._guard.claim(ticket, info, pulled=True):
+                    return info
+            finally:
+                self._guard.close(ticket)
+            log.info("pruning removed the image as it was pulled; pulling it again", **pull.context)
+            self._guard.wait_removed(info.image_id, self._cancelling)
+        raise PullFailed(
+            ErrorKind.ENGINE_ERROR,
+            f"pulling {pull.image}: pruning removed the image each time it was pulled "
+            f"({PULL_AGAIN_LIMIT} times); ask again once the prune is over",
+        )
 
     def _resume_later(self, pull: _Pull) -> None:
         """An interrupted warm pull (not a failure: the attempt does not count) goes back
@@ -357,8 +424,10 @@ class PullService:
         self._slots.release(image.domain, pull)
         bound = log.bind(**pull.context, kind=failure.kind.value, error=failure.message)
         if transient and not last:
-            delay = self._retry.delay(pull.attempt)
-            bound.warning("pull attempt failed; retrying", attempt=pull.attempt, retry_in=delay)
+            delay = pull.last_wait = self._retry.wait(pull.last_wait)
+            bound.warning(
+                "pull attempt failed; retrying", attempt=pull.attempt, retry_in=round(delay, 2)
+            )
             pull.retry = threading.Timer(delay, self._retry_now, args=(pull,))
             pull.retry.daemon = True
             pull.retry.start()
@@ -611,8 +680,12 @@ class PullService:
             waiter.finish(_cancelled_before_start(request.image))
 
     def _check(self, waiter: _Waiter) -> None:
+        ticket = self._guard.open()
         try:
             info = self._store.find_image(waiter.request.image)
+            if info is not None and not self._guard.claim(ticket, info, pulled=False):
+                self._guard.wait_removed(info.image_id, self._cancelling)
+                info = None  # pruned: gone, or about to be
         except PullFailed as failure:
             waiter.finish(failure)
             return
@@ -620,6 +693,8 @@ class PullService:
             log.exception("checking the engine failed unexpectedly", **waiter.context)
             waiter.finish(_internal(error))
             return
+        finally:
+            self._guard.close(ticket)
         if info is None:
             waiter.finish_absent()
         else:
@@ -783,6 +858,8 @@ class _Pull:
     """Being cut to make room for a session's pull (see ``_interrupt_warm_pulls``)."""
     interruptions: int = 0
     attempt: int = 0
+    last_wait: float | None = None
+    """The wait before its latest retry (see :meth:`RetryPolicy.wait`)."""
     bytes_received: int = 0
     last_progress: float = 0.0
     completed: bool = False

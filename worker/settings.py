@@ -245,7 +245,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PULLER_RETRY_DELAY",
         "retry_delay",
-        "seconds before the first retry; doubles for each next one, up to 15",
+        "least seconds before a retry; each wait is drawn between it and 3 times the last "
+        "(jitter), up to 15",
         number,
         minimum=0,
     ),

@@ -14,8 +14,13 @@ Docker records no such thing, so the worker keeps it, per image id, in a small J
 Keyed by image id, not name: a tag moved to a new image leaves the old image unused. The
 file is written whole (a new file renamed into place), when it changed, every 30 seconds by
 the worker's housekeeping (:class:`worker.pruning.Housekeeping`), after each prune and at
-shutdown; a missing file starts empty, an unreadable one too, with a warning. Entries of
-images the engine no longer holds are dropped at each listing.
+shutdown; a missing file starts empty, an unreadable one too, with a warning; an entry whose
+time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning, and the rest
+kept. Entries of images the engine no longer holds are dropped at each listing.
+
+Times only count up to now: a time later than the listing's ``now`` (written while the
+clock was ahead, even for a moment) is brought back to ``now`` at that listing, with a
+warning; kept as it was, it would make the image look used until the clock caught up.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from contract import ImageReference, NodeResult, PullFailed
 from worker.model import PullObserver
-from worker.state_files import write_whole
+from worker.state_files import is_finite_number, parse_state, write_whole
 
 log = structlog.get_logger("worker.usage")
 
@@ -76,11 +82,17 @@ class UsageLog:
 
     def record(self, image_id: str, when: float) -> None:
         """The image was used (answered for) at ``when``."""
+        if not is_finite_number(when):
+            return
         with self._lock:
             if when > self._used.get(image_id, float("-inf")):
                 self._used[image_id] = when
                 self._seen.setdefault(image_id, when)
                 self._dirty = True
+
+    def used_now(self, image_id: str) -> None:
+        """The image was claimed for an answer just now (:mod:`worker.image_guard`)."""
+        self.record(image_id, self._clock())
 
     def last_used(self, image_id: str) -> float | None:
         with self._lock:
@@ -92,12 +104,20 @@ class UsageLog:
 
     def saw(self, image_ids: Iterable[str], now: float) -> None:
         """The engine holds exactly ``image_ids`` now: new ones are first seen at ``now``,
-        entries of the others are dropped."""
+        entries of the others are dropped, times after ``now`` are brought back to it."""
         present = set(image_ids)
         with self._lock:
             before = (len(self._used), len(self._seen))
             self._used = {i: t for i, t in self._used.items() if i in present}
             self._seen = {i: t for i, t in self._seen.items() if i in present}
+            future = _bring_back(self._used, now) + _bring_back(self._seen, now)
+            if future:
+                self._dirty = True
+                log.warning(
+                    "image usage times later than now (the clock was ahead); counted from now",
+                    entries=future,
+                    now=now,
+                )
             for image_id in present:
                 if image_id not in self._seen:
                     self._seen[image_id] = now
@@ -143,16 +163,21 @@ class UsageLog:
 
     def _load(self) -> None:
         try:
-            content = json.loads(self.path.read_text(encoding="utf-8"))
+            content = parse_state(self.path.read_text(encoding="utf-8"))
             images = content["images"]
             if not isinstance(images, dict):
                 raise TypeError("'images' is not an object")
-            for image_id, entry in images.items():
-                seen, used = entry.get("seen"), entry.get("used")
-                if _is_time(seen) and isinstance(image_id, str):
-                    self._seen[image_id] = float(seen)
-                    if _is_time(used):
-                        self._used[image_id] = float(used)
+            skipped = [
+                image_id for image_id, entry in images.items() if not self._take(image_id, entry)
+            ]
+            if skipped:
+                log.warning(
+                    "ignored times in the image usage log that are not finite numbers of "
+                    "seconds (Infinity, NaN, negative); the rest of the file is kept",
+                    path=str(self.path),
+                    entries=len(skipped),
+                    first=repr(skipped[0])[:100],
+                )
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -164,9 +189,37 @@ class UsageLog:
                 error=str(error),
             )
 
+    def _take(self, image_id: object, entry: Any) -> bool:
+        """Keeps one entry of the file; ``False`` when its times are unreadable (a ``used``
+        that is unreadable beside a good ``seen`` loses only ``used``)."""
+        if not isinstance(entry, dict):
+            return False
+        seen, used = _time(entry.get("seen")), entry.get("used")
+        if not isinstance(image_id, str) or seen is None:
+            return False
+        self._seen[image_id] = seen
+        if used is None:
+            return True
+        used_at = _time(used)
+        if used_at is None:
+            return False
+        self._used[image_id] = used_at
+        return True
 
-def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+def _time(value: object) -> float | None:
+    """Seconds since the epoch, if ``value`` is a finite number of them (0 or more)."""
+    if isinstance(value, int | float) and is_finite_number(value) and value >= 0:
+        return float(value)
+    return None
+
+
+def _bring_back(times: dict[str, float], now: float) -> int:
+    """Sets every time after ``now`` to ``now``; how many there were."""
+    later = [image_id for image_id, moment in times.items() if moment > now]
+    for image_id in later:
+        times[image_id] = now
+    return len(later)
 
 
 class Observers:

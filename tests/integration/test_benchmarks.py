@@ -58,6 +58,18 @@ pytestmark = pytest.mark.integration
             "behind a warm-up of 4 such images",
             "priority.json",
         ),
+        (
+            "prune_race",
+            ["--rounds", "1", "--nodes", "1", "--images", "2", "--baseline", ""],
+            "racing pulls of 2 images on 1 nodes",
+            "prune_race.json",
+        ),
+        (
+            "missing_flood",
+            ["--images", "50", "--baseline", "", "--no-replay"],
+            "50 distinct missing images",
+            "missing_flood.json",
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from contract import (
     parse_reference,
     topology,
 )
+from contract.connection import declare
 from localcluster.cluster import LocalCluster, WorkerProcess
 from publisher import Publisher
 from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, new_vhost, start_cluster
@@ -57,6 +59,15 @@ def replayed(worker: WorkerProcess) -> float:
 
 def ready(worker: WorkerProcess) -> bool:
     return worker.health("/ready")[0] == 200
+
+
+def pulling_now(worker: WorkerProcess, image: str) -> bool:
+    """Whether this run of the worker began pulling ``image`` and has not answered for it,
+    as its log says."""
+    lines = worker.log_path.read_text().splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    mine = [e.get("event") for e in events if e.get("image") == image]
+    return "pulling" in mine and "answered" not in mine
 
 
 def new_image(cluster: LocalCluster) -> str:
@@ -237,3 +248,62 @@ def test_a_recreated_history_stream_does_not_wedge_workers_that_restart(
     wait_for(lambda: ready(away), "node-3 ready after the stream was recreated")
     wait_for(lambda: engine_has(own_cluster, image)["node-3"], "the missed image on node-3")
     assert replayed(away) >= 1
+
+
+def test_a_history_entry_the_worker_dies_on_twice_is_skipped_and_the_rest_replayed(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    cluster = start_cluster(new_vhost(rabbitmq), nodes=0)
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    try:
+        before = [new_image(cluster) for _ in range(2)]
+        name = f"catch-up/poison-{uuid.uuid4().hex[:8]}"
+        cluster.registry.push_sized(name, "1", [8_000_000])
+        poison = f"{proxy.address}/{name}:1"  # its pull hangs: the worker is in it when killed
+        after = [new_image(cluster) for _ in range(2)]
+        proxy.go_silent_after(1_000_000)
+        requests = [PullRequest.new(parse_reference(image)) for image in [*before, poison, *after]]
+        connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+        try:
+            channel = connection.channel()
+            for item in topology.shared_declarations():  # a fresh vhost: no worker did yet
+                declare(channel, item)
+            for request in requests:
+                channel.basic_publish(HISTORY_EXCHANGE, "", request.encode())
+        finally:
+            connection.close()
+
+        cluster.worker_env["PULLER_STALL_TIMEOUT"] = "300"
+        node = cluster.add_node("node-1")
+        kills = 0
+        while not ready(node):
+            # Kill -9 (what the OOM killer does) whenever the worker is in that entry's pull.
+            assert kills <= 3, "the worker was killed in that entry on every start"
+            wait_for(
+                lambda: ready(node) or pulling_now(node, poison),
+                "the worker caught up, or in the entry that kills it",
+            )
+            if not ready(node):
+                assert node.process is not None
+                node.process.kill()
+                node.process.wait(10)
+                kills += 1
+                node.start()
+        assert kills == 2, "killed in it on the first two starts, skipped on the third"
+        held = {image: engine_has(cluster, image)["node-1"] for image in [*before, poison, *after]}
+        assert held == {**dict.fromkeys([*before, *after], True), poison: False}
+        assert node.metric("puller_worker_replay_skipped_total", reason="stopped_the_worker") == 1
+        assert replayed(node) == len(after), "only what came after it; the rest was done"
+        skip = next(
+            json.loads(line)
+            for line in node.log_path.read_text().splitlines()
+            if "skipped a history entry" in line
+        )
+        assert (skip["level"], skip["request_id"], skip["image"]) == (
+            "error",
+            requests[2].request_id,
+            poison,
+        )
+    finally:
+        proxy.close()
+        cluster.remove()

@@ -20,6 +20,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import PruneResult, Status
 from localcluster.cluster import LocalCluster, WorkerProcess
+from localcluster.prune_race import race_round
 from publisher import Publisher
 from publisher.report import WarmReport
 from tests.integration.conftest import (
@@ -79,6 +80,18 @@ def test_a_warm_up_puts_every_image_on_every_node(
     assert all(row["answered"] == 6 and row["failed"] == 0 for row in report["nodes"])
     for image in images:
         assert all(engine_has(fleet, image).values()), image
+
+
+def test_a_warm_up_file_saved_with_a_byte_order_mark_is_read(
+    fleet: LocalCluster, tmp_path: Path
+) -> None:
+    image = push(fleet)
+    listing = tmp_path / "images.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + f"{image}\r\n".encode())  # as Notepad saves it
+    done = run_cli("--amqp-url", fleet.amqp_url, "warm", str(listing), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["images"] == 1
+    assert all(engine_has(fleet, image).values())
 
 
 def test_a_warm_up_reports_failures_by_kind_and_a_bad_file_sends_nothing(
@@ -250,6 +263,55 @@ def test_prune_over_the_wire_keeps_the_keep_list_and_a_dry_run_removes_nothing(
         assert any(gone in removed.names for removed in answer.removed)
     assert not any(engine_has(fleet, gone).values())
     assert all(engine_has(fleet, kept).values())
+
+
+def test_a_prune_racing_pulls_never_removes_an_image_a_node_answered_for(
+    fleet: LocalCluster, fleet_publisher: Publisher
+) -> None:
+    # Each round: a prune of images unused for 1 s, and pulls of those images sent as soon
+    # as a node has begun removing them (see localcluster/prune_race.py).
+    engines = {
+        worker.node: engine for worker, engine in zip(fleet.workers, fleet.engines, strict=True)
+    }
+    for _ in range(2):
+        result = race_round(
+            fleet_publisher,
+            fleet.registry,
+            engines,
+            images=8,
+            unused_for=1.0,
+            after_first_removal=True,
+        )
+        assert result.answered == 8 * NODES
+        assert result.lost == (), f"answered present or pulled, then removed: {result.lost}"
+
+
+def test_a_usage_log_from_a_clock_a_year_ahead_or_with_infinity_keeps_no_image_for_good(
+    fleet: LocalCluster, fleet_publisher: Publisher
+) -> None:
+    ahead, infinite = push(fleet), push(fleet)
+    assert fleet_publisher.pull(ahead).ok and fleet_publisher.pull(infinite).ok
+    client = fleet.engines[0].client()
+    try:
+        ids = {name: str(client.images.get(name).id) for name in (ahead, infinite)}
+    finally:
+        client.close()
+    node = fleet.workers[0]
+    node.stop()
+    year = 365 * 86400.0
+    used_ahead = json.dumps({"seen": time.time() - 60, "used": time.time() + year})
+    (node.state_dir / "image-usage.json").write_text(
+        f'{{"version": 1, "images": {{"{ids[ahead]}": {used_ahead}, '
+        f'"{ids[infinite]}": {{"seen": Infinity, "used": Infinity}}}}}}'
+    )
+    node.start()
+    deadline = time.monotonic() + 30
+    while any(engine_has(fleet, name)["node-1"] for name in (ahead, infinite)):
+        assert time.monotonic() < deadline, "kept: the usage log's times still count"
+        assert fleet_publisher.prune(1.0, nodes=["node-1"]).ok
+        time.sleep(0.5)
+    log = node.log_path.read_text()
+    assert "the clock was ahead" in log and "not finite numbers" in log
 
 
 OLD_COMMIT = "0b8e49e"

@@ -21,7 +21,9 @@ from worker.history_ledger import (
     Place,
     entry_identity,
 )
+from worker.metrics import WorkerMetrics
 from worker.model import AnswerCallback, Delivery, ProgressCallback
+from worker.replay_attempts import ATTEMPTS_FILE, ReplayAttempts
 
 
 def test_the_saved_place_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:
@@ -273,3 +275,163 @@ def test_a_cancelled_replay_does_not_advance_the_place(tmp_path: Path) -> None:
     broker.run_later()
     assert catch_up.status().history_offset is None
     assert catch_up.status().replay_failed == 0
+
+
+# -- entries that stop the worker ----------------------------------------------------------------
+
+
+def worker_run(tmp_path: Path) -> tuple[CatchUp, FakeBroker, RecordingServer, WorkerMetrics]:
+    """One run of a worker: its catch-up over the node's state directory, connected and
+    replaying from its saved place (the stream ends at offset 50)."""
+    broker, server, metrics = FakeBroker(), RecordingServer(), WorkerMetrics()
+    catch_up = CatchUp(
+        "n",
+        Ledger(OffsetStore(tmp_path)),
+        server,
+        broker,
+        3600,
+        metrics=metrics,
+        attempts=ReplayAttempts(tmp_path),
+    )
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=50)
+    return catch_up, broker, server, metrics
+
+
+def submitted_images(server: RecordingServer) -> list[str]:
+    return [str(request.image) for request, _ in server.submitted]
+
+
+def skipped(metrics: WorkerMetrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "puller_worker_replay_skipped_total", {"reason": "stopped_the_worker"}
+    )
+    return value or 0.0
+
+
+def test_an_entry_in_hand_each_time_the_worker_died_is_skipped_on_the_third_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    poison, after = request_body("poison:1"), request_body("after:1")
+    for run in (1, 2):
+        _, broker, server, metrics = worker_run(tmp_path)
+        broker.deliver(poison, 0)
+        assert submitted_images(server) == ["docker.io/library/poison:1"], f"run {run}"
+        # ... and the worker dies with it in hand (nothing answered, nothing closed)
+    catch_up, broker, server, metrics = worker_run(tmp_path)
+    broker.deliver(poison, 0)
+    assert server.submitted == []
+    assert skipped(metrics) == 1
+    assert "skipped a history entry" in capsys.readouterr().out
+    assert catch_up.status().history_offset == 0, "skipped counts as done: the place moves on"
+    broker.deliver(after, 1)
+    assert submitted_images(server) == ["docker.io/library/after:1"]
+    server.answer_all()
+    broker.run_later()
+    assert catch_up.status().history_offset == 1
+    assert ReplayAttempts(tmp_path).suspects == 0
+
+
+def test_a_suspect_is_worked_alone_so_that_its_neighbour_is_not_blamed(tmp_path: Path) -> None:
+    poison, neighbour, later = request_body("poison:1"), request_body("q:1"), request_body("r:1")
+    _, broker, server, _ = worker_run(tmp_path)
+    broker.deliver(poison, 0)
+    broker.deliver(neighbour, 1)
+    assert len(server.submitted) == 2  # both in hand when the worker dies
+
+    # Second run: both are suspects; the first is worked alone, the others wait.
+    _, broker, server, _ = worker_run(tmp_path)
+    broker.deliver(poison, 0)
+    broker.deliver(neighbour, 1)
+    broker.deliver(later, 2)
+    assert submitted_images(server) == ["docker.io/library/poison:1"]
+    # ... and it kills the worker again, alone.
+
+    catch_up, broker, server, metrics = worker_run(tmp_path)
+    broker.deliver(poison, 0)
+    broker.deliver(neighbour, 1)
+    broker.deliver(later, 2)
+    assert skipped(metrics) == 1
+    assert submitted_images(server) == ["docker.io/library/q:1"], "the neighbour runs alone"
+    server.answer_all()
+    broker.run_later()
+    assert submitted_images(server) == ["docker.io/library/r:1"], "then the rest"
+    server.answer_all()
+    broker.run_later()
+    assert catch_up.status().history_offset == 2
+
+
+def test_entries_behind_a_suspect_wait_for_it_and_it_waits_for_those_before_it(
+    tmp_path: Path,
+) -> None:
+    first, suspect, third = request_body("a:1"), request_body("s:1"), request_body("c:1")
+    _, broker, server, _ = worker_run(tmp_path)
+    broker.deliver(suspect, 1)  # in hand when the worker dies (a new reading starts later)
+    catch_up, broker, server, _ = worker_run(tmp_path)
+    broker.deliver(first, 0)
+    broker.deliver(suspect, 1)
+    broker.deliver(third, 2)
+    assert submitted_images(server) == ["docker.io/library/a:1"]
+    server.answer_all()
+    broker.run_later()
+    assert submitted_images(server) == ["docker.io/library/s:1"]
+    server.answer_all()
+    broker.run_later()
+    assert submitted_images(server) == ["docker.io/library/c:1"]
+    server.answer_all()
+    broker.run_later()
+    assert catch_up.status().history_offset == 2
+
+
+def test_a_stop_the_worker_chose_does_not_count_against_the_entries_in_hand(
+    tmp_path: Path,
+) -> None:
+    body = request_body("long:1")
+    for _ in range(3):
+        catch_up, broker, server, metrics = worker_run(tmp_path)
+        broker.deliver(body, 0)
+        assert submitted_images(server) == ["docker.io/library/long:1"]
+        catch_up.close()  # SIGTERM: drained and stopped
+    assert skipped(metrics) == 0
+    assert ReplayAttempts(tmp_path).suspects == 0
+
+
+def test_an_entry_done_is_crossed_off(tmp_path: Path) -> None:
+    _, broker, server, _ = worker_run(tmp_path)
+    broker.deliver(request_body("a:1"), 0)
+    assert ReplayAttempts(tmp_path).suspects == 1  # written down before it was worked
+    request, answer = server.submitted.pop()
+    answer(NodeResult.failure(request.request_id, "n", "a:1", ErrorKind.NOT_FOUND, "no", 0.1))
+    broker.run_later()
+    assert ReplayAttempts(tmp_path).suspects == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        '{"entries": {}}',
+        '{"entries": [{"offset": 1, "identity": "x", "starts": Infinity}]}',
+        '{"entries": [{"offset": true, "identity": "x", "starts": 1}]}',
+    ],
+)
+def test_a_damaged_list_of_entries_in_hand_suspects_nothing(tmp_path: Path, content: str) -> None:
+    (tmp_path / ATTEMPTS_FILE).write_text(content)
+    assert ReplayAttempts(tmp_path).suspects == 0
+
+
+def test_a_replay_works_at_most_its_limit_at_once_whatever_the_stream_delivers(
+    tmp_path: Path,
+) -> None:
+    broker, server = FakeBroker(), RecordingServer()
+    catch_up = CatchUp("n", Ledger(OffsetStore(tmp_path)), server, broker, 3600, working_limit=1)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=3)
+    for offset in range(3):  # a whole chunk at once, beyond the prefetch
+        broker.deliver(request_body(f"i{offset}:1"), offset)
+    for offset in range(3):
+        assert submitted_images(server) == [f"docker.io/library/i{offset}:1"]
+        assert catch_up.status().replay_pending == 3 - offset
+        server.answer_all()
+        broker.run_later()
+    assert catch_up.status().history_offset == 2

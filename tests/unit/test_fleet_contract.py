@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,10 +22,11 @@ from contract import (
     decode_request,
     parse_reference,
 )
-from contract.image_list import parse_image_list
+from contract.image_list import parse_image_list, read_image_list
 from contract.messages import MAX_KEEP_IMAGES
 from publisher.fleet_commands import duration
 from publisher.report import StatusReport, WarmReport, older_worker
+from worker.pruning import read_keep_file
 from worker.slots import PullSlots
 
 IMAGE = parse_reference("registry.local/lang/python:3")
@@ -152,6 +154,21 @@ def test_an_image_list_skips_comments_and_names_a_bad_line() -> None:
     ]
     with pytest.raises(ValueError, match="f, line 2"):
         parse_image_list("redis\nNOPE!\n", "f")
+
+
+def test_an_image_list_with_a_byte_order_mark_reads_its_first_line(tmp_path: Path) -> None:
+    listing = tmp_path / "images.txt"
+    listing.write_bytes(b"\xef\xbb\xbfredis\r\n# a comment\r\nalpine:3\r\n")
+    assert [str(i) for i in read_image_list(listing)] == [
+        "docker.io/library/redis:latest",
+        "docker.io/library/alpine:3",
+    ]
+    assert [str(i) for i in parse_image_list("\ufeffredis\n", "f")] == [
+        "docker.io/library/redis:latest"
+    ]
+    assert read_keep_file(listing) == ("redis", "alpine:3")
+    with pytest.raises(ValueError, match="f, line 1"):
+        parse_image_list("\ufeff\ufeffredis\n", "f")  # only one mark, at the very start
 
 
 class Recorder:

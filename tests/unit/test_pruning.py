@@ -294,6 +294,57 @@ def test_saw_keeps_the_first_sighting_and_drops_images_gone(usage: UsageLog) -> 
     assert usage.first_seen("c") == NOW
 
 
+def test_a_moment_with_the_clock_a_year_ahead_does_not_keep_an_image_for_a_year(
+    tmp_path: Path,
+) -> None:
+    clock = [NOW + 365 * DAY]  # a bad NTP step, soon corrected
+    log = UsageLog(tmp_path / "usage.json", clock=lambda: clock[0])
+    store = FakeStore([image("a:1", tagged=NOW + 365 * DAY)])  # tagged in that moment too
+    log.saw(["sha256:a:1"], NOW - 90 * DAY)
+    log.answered(result(Status.PRESENT, "sha256:a:1"), from_memory=True)
+    clock[0] = NOW
+    assert prune(store, PruneRule(unused_for=30 * DAY), log, NOW).removed == ()  # used "now"
+    log.flush()
+    later = UsageLog(tmp_path / "usage.json")  # what a restarted worker reads
+    assert later.last_used("sha256:a:1") == NOW
+    outcome = prune(store, PruneRule(unused_for=30 * DAY), later, NOW + 31 * DAY)
+    assert [r.image_id for r in outcome.removed] == ["sha256:a:1"]
+
+
+def test_a_tag_time_from_the_future_is_left_out_and_a_use_from_the_future_is_now(
+    usage: UsageLog,
+) -> None:
+    usage.saw(["sha256:a:1"], NOW - 10 * DAY)
+    tagged_ahead = image("a:1", tagged=NOW + 365 * DAY)
+    assert last_used(tagged_ahead, usage, NOW) == NOW - 10 * DAY
+    usage.record("sha256:a:1", NOW + 365 * DAY)
+    assert last_used(tagged_ahead, usage, NOW) == NOW
+
+
+def test_infinity_and_nan_in_the_usage_log_are_ignored_and_the_rest_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "usage.json"
+    path.write_text(
+        '{"version": 1, "images": {'
+        '"good": {"seen": 1000, "used": 2000},'
+        '"used-forever": {"seen": 1000, "used": Infinity},'
+        '"seen-nan": {"seen": NaN, "used": 2000},'
+        '"huge": {"seen": 1e999, "used": null}}}'
+    )
+    log = UsageLog(path)
+    assert (log.first_seen("good"), log.last_used("good")) == (1000, 2000)
+    assert (log.first_seen("used-forever"), log.last_used("used-forever")) == (1000, None)
+    assert log.first_seen("seen-nan") is None and log.last_used("seen-nan") is None
+    assert log.first_seen("huge") is None
+    assert "not finite numbers" in capsys.readouterr().out
+    log.saw(["good", "used-forever", "seen-nan", "huge"], NOW)
+    log.flush()
+    written = path.read_text()
+    assert "Infinity" not in written and "NaN" not in written
+    assert json.loads(written)["images"]["huge"]["seen"] == NOW
+
+
 # -- the high-water mode ------------------------------------------------------------------------
 
 

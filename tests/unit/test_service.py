@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -334,6 +335,42 @@ def test_retries_are_bounded_and_the_answer_says_so(store: FakeStore) -> None:
 def test_backoff_doubles_up_to_a_cap() -> None:
     policy = RetryPolicy(attempts=10, first_delay=1.0, max_delay=5.0)
     assert [policy.delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_retry_waits_are_jittered_between_the_first_delay_and_the_cap() -> None:
+    # Nodes that met the same failing registry (a 429, a 503) must not retry in lockstep.
+    schedules = []
+    for seed in range(5):
+        policy = RetryPolicy(attempts=10, first_delay=1.0, uniform=random.Random(seed).uniform)
+        waits, last = [], None
+        for _ in range(8):
+            last = policy.wait(last)
+            waits.append(last)
+        assert all(1.0 <= wait <= 15.0 for wait in waits), waits
+        schedules.append(waits)
+    assert len({tuple(s) for s in schedules}) == 5, "the nodes' schedules are all different"
+    assert len({s[0] for s in schedules}) == 5, "even the first retry is spread"
+
+
+def test_each_retry_draws_from_the_first_delay_to_three_times_the_last_wait(
+    store: FakeStore, answers: Answers
+) -> None:
+    store.failures["docker.io/library/flaky:1"] = [PullFailed(ErrorKind.REGISTRY_ERROR, "429")] * 2
+    draws: list[tuple[float, float]] = []
+
+    def highest(low: float, high: float) -> float:
+        draws.append((low, high))
+        return high
+
+    retry = RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.05, uniform=highest)
+    service = make_service(store, 1, retry=retry)
+    try:
+        submit(service, answers, "flaky:1")
+        assert answers.wait_for(1)[0].status is Status.PULLED
+    finally:
+        service.shutdown(wait=True)
+    assert [(low, round(high, 6)) for low, high in draws] == [(0.01, 0.03), (0.01, 0.09)]
+    assert len(store.pulls) == 3
 
 
 def test_a_pull_waiting_to_retry_gives_its_slot_to_another_image(
@@ -769,6 +806,31 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     finally:
         service.shutdown(wait=True)
     assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/slow:1"]
+
+
+def test_an_owed_pull_with_infinity_is_skipped_and_one_from_the_future_is_owed_from_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / DEFERRED_FILE
+    path.write_text(
+        '{"pulls": ['
+        '{"image": "infinite:1", "lane": "session", "since": Infinity},'
+        '{"image": "tries:1", "lane": "session", "since": 5, "tries": NaN},'
+        '{"image": "ahead:1", "lane": "warm", "since": 1e12, "tries": 1},'
+        '{"image": "fine:1", "lane": "session", "since": 5}]}'
+    )
+    before = time.time()
+    kept = DeferredFile(path).load()
+    assert sorted(str(image) for image in kept) == [
+        "docker.io/library/ahead:1",
+        "docker.io/library/fine:1",
+    ]
+    ahead = kept[parse_reference("ahead:1")]
+    assert before <= ahead.since <= time.time() and ahead.tries == 1
+    assert kept[parse_reference("fine:1")].since == 5
+    out = capsys.readouterr().out
+    assert out.count("skipped an unreadable owed pull") == 2
+    assert "'since' is Infinity" in out and "'tries' is NaN" in out
 
 
 def test_the_owed_pulls_file_is_read_entry_by_entry(tmp_path: Path) -> None:

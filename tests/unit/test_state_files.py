@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.state_files import write_whole
+from worker.history_ledger import OffsetStore
+from worker.state_files import NotFinite, is_finite_number, parse_state, write_whole
 
 
 def test_the_content_is_replaced_and_only_the_owner_may_read_it(tmp_path: Path) -> None:
@@ -77,3 +78,21 @@ def test_a_planted_symlink_is_never_written_through(tmp_path: Path) -> None:
     assert target.read_text() == "untouched"
     assert path.read_text() == "content"
     assert not path.is_symlink()
+
+
+def test_non_finite_numbers_are_read_as_such_and_the_rest_as_json() -> None:
+    state = parse_state('{"a": Infinity, "b": -Infinity, "c": NaN, "d": 1e999, "e": 1.5, "f": 2}')
+    assert [repr(state[key]) for key in "abcd"] == ["Infinity", "-Infinity", "NaN", "1e999"]
+    assert all(isinstance(state[key], NotFinite) for key in "abcd")
+    assert (state["e"], state["f"]) == (1.5, 2)
+    assert [is_finite_number(state[key]) for key in "abcdef"] == [False] * 4 + [True] * 2
+    assert not is_finite_number(True)
+
+
+def test_an_offset_that_is_infinity_is_refused(tmp_path: Path) -> None:
+    store = OffsetStore(tmp_path)
+    for offset in ("Infinity", "NaN", "1e999"):
+        store.path.write_text(f'{{"offset": {offset}, "identity": "x"}}')
+        assert store.load() is None
+    store.path.write_text('{"offset": 7, "identity": "x"}')
+    assert store.load() is not None
