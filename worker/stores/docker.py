@@ -1,12 +1,12 @@
-"""The node's Docker Engine: with :mod:`worker.registry_logins` (which reads a docker
+"""The node's Docker Engine: with :mod:`worker.stores.registry_logins` (which reads a docker
 client's logins), the only module of the worker that imports the docker SDK.
 
 It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
 person can act on. The containerd backend is another class with the same methods
-(:class:`worker.model.ImageStore`, :mod:`worker.containerd`).
+(:class:`worker.stores.contract.ImageStore`, :mod:`worker.stores.containerd`).
 
-Registry logins come from a docker client ``config.json`` (:mod:`worker.registry_logins`),
+Registry logins come from a docker client ``config.json`` (:mod:`worker.stores.registry_logins`),
 read again at every pull, and go to the engine with each pull; they never go into a
 message or a log line.
 """
@@ -27,10 +27,10 @@ import structlog
 import urllib3
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
-from worker.image_index import ImageEvents, ImageIndex
-from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
-from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
-from worker.registry_logins import DockerConfig, RegistryLogin, login_advice
+from worker.stores.contract import ImageInfo, ImageInUse, PullProgress, StoredImage
+from worker.stores.image_index import ImageEvents, ImageIndex
+from worker.stores.pull_through import CacheOutcome, CacheUnusable, PullThrough
+from worker.stores.registry_logins import DockerConfig, RegistryLogin, login_advice
 
 log = structlog.get_logger("worker.engine")
 
@@ -56,7 +56,7 @@ class DockerEngine:
         """``docker_config``: where registry logins come from; by default ``DOCKER_CONFIG``'s
         ``config.json``, else ``~/.docker/config.json``, as the docker CLI looks.
         ``pull_through``: registries whose layers come through a cache in the cluster (see
-        :mod:`worker.pull_through`)."""
+        :mod:`worker.stores.pull_through`)."""
         self._docker_host = docker_host
         self._pull_through = pull_through
         self._docker_config = docker_config or DockerConfig.from_environment()
@@ -148,7 +148,7 @@ class DockerEngine:
         """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`.
 
         When ``image``'s registry has a pull-through cache, its layers are fetched through
-        the cache first (never a failure: see :mod:`worker.pull_through`); the pull of
+        the cache first (never a failure: see :mod:`worker.stores.pull_through`); the pull of
         ``image`` itself then finds them here and fetches only the upstream's manifest."""
         api = self._api_or_unavailable()
         if self._cancelling.is_set():
@@ -413,7 +413,7 @@ class DockerEngine:
         for response in streams:
             _cut(response)
 
-    # -- pruning (worker.model.PrunableStore, used by worker.pruning) ------------------------
+    # -- pruning (worker.stores.contract.PrunableStore, used by worker.pruning) ----------------
 
     def images(self) -> list[StoredImage]:
         """Every image the engine lists (``docker images``, dangling ones included), with
@@ -716,7 +716,7 @@ def _engine_unavailable(where: str, error: BaseException) -> PullFailed:
 _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
     (
         # An engine stopping mid-pull (a dockerd restart) kills the child unpacking the layer;
-        # found by the churn soak. Unavailable, so retried (see worker.service.TRANSIENT_KINDS).
+        # found by the churn soak. Unavailable, so retried (worker.pulls.service.TRANSIENT_KINDS).
         ErrorKind.ENGINE_UNAVAILABLE,
         # Also containerd's side of the same restart (found by the churn soak too).
         (
@@ -787,7 +787,7 @@ def classified(
     registry, which tells a missing login from a refused one. ``engine``: whose log to
     look in; ``advice``: what to do, per kind, where it differs from the Docker Engine's;
     ``basic_only``: the client sends only a user name and password (see
-    :func:`worker.registry_logins.login_advice`)."""
+    :func:`worker.stores.registry_logins.login_advice`)."""
     lowered = engine_message.lower()
     for kind, needles, default in _RULES:
         if any(needle in lowered for needle in needles):

@@ -104,7 +104,7 @@ class PullObserver(Protocol):
     ) -> None: ...
 
 
-# -- what pruning needs of a store (see worker.pruning) ------------------------------------------
+# -- what pruning needs of a store (see worker.pruning) ----------------------------------------
 
 
 @dataclass(frozen=True)
