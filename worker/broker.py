@@ -46,7 +46,7 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
-from worker.stores.contract import Delivery
+from worker.delivery import Delivery
 
 log = structlog.get_logger("worker.broker")
 

@@ -47,19 +47,21 @@ from worker.broker import NodeNameInUse, WorkerBroker
 from worker.catch_up.attempts import ReplayAttempts
 from worker.catch_up.ledger import Ledger, OffsetStore
 from worker.catch_up.replay import CatchUp
+from worker.delivery import Delivery
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer
 from worker.pruning.image_guard import ImageGuard
 from worker.pruning.pruner import DiskWatch, Housekeeping, Pruner, engine_disk
 from worker.pruning.requests import PruneRequests
-from worker.pruning.usage import USAGE_FILE, Observers, UsageLog
+from worker.pruning.usage import USAGE_FILE, UsageLog
+from worker.pulls.observers import Observers
 from worker.pulls.owed import DEFERRED_FILE, DeferredFile
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
 from worker.pulls.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
 from worker.stores.containerd import ContainerdStore
-from worker.stores.contract import Delivery, ImageStore, PrunableStore
+from worker.stores.contract import ImageStore, PrunableStore
 from worker.stores.docker import DockerEngine
 from worker.stores.pull_through import PullThrough
 from worker.stores.registry_logins import DockerConfig

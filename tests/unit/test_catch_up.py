@@ -21,9 +21,10 @@ from worker.catch_up.ledger import (
     entry_identity,
 )
 from worker.catch_up.replay import CatchUp, Phase
+from worker.delivery import Delivery
 from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
-from worker.stores.contract import AnswerCallback, Delivery, ProgressCallback
+from worker.pulls.service import AnswerCallback, ProgressCallback
 
 
 def test_the_saved_place_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:

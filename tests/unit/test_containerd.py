@@ -35,8 +35,8 @@ from worker.stores.containerd import (
     platform_manifest,
     size,
 )
-from worker.stores.contract import PullProgress
-from worker.stores.docker import classified, store_name
+from worker.stores.contract import PullProgress, store_name
+from worker.stores.failures import classified
 
 G, E = "\x1b[32m", "\x1b[0m"
 REF = "127.0.0.1:36853/demo/big:1"

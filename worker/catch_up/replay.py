@@ -54,8 +54,9 @@ from contract import (
 from worker.broker import HistoryReading
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
 from worker.catch_up.ledger import Ledger, Place, entry_identity
+from worker.delivery import Delivery
 from worker.metrics import WorkerMetrics
-from worker.stores.contract import AnswerCallback, Delivery, ProgressCallback
+from worker.pulls.service import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 

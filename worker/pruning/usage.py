@@ -36,7 +36,6 @@ import structlog
 
 from contract import ImageReference, NodeResult, PullFailed
 from worker.state_files import is_finite_number, parse_state, write_whole
-from worker.stores.contract import PullObserver
 
 log = structlog.get_logger("worker.usage")
 
@@ -220,28 +219,3 @@ def _bring_back(times: dict[str, float], now: float) -> int:
     for image_id in later:
         times[image_id] = now
     return len(later)
-
-
-class Observers:
-    """Several pull observers as one (the metrics and the usage log)."""
-
-    def __init__(self, *observers: PullObserver) -> None:
-        self._observers = observers
-
-    def answered(self, result: NodeResult, from_memory: bool) -> None:
-        for observer in self._observers:
-            observer.answered(result, from_memory)
-
-    def attempt_started(self, image: ImageReference) -> None:
-        for observer in self._observers:
-            observer.attempt_started(image)
-
-    def attempt_ended(
-        self,
-        image: ImageReference,
-        seconds: float,
-        bytes_received: int,
-        failure: PullFailed | None,
-    ) -> None:
-        for observer in self._observers:
-            observer.attempt_ended(image, seconds, bytes_received, failure)

@@ -47,20 +47,17 @@ from contract import (
 from worker.admission import Admission, RequestLimiter
 from worker.metrics import WorkerMetrics
 from worker.pruning.image_guard import ImageGuard
+from worker.pulls.observers import PullObserver
 from worker.pulls.owed import DeferredFile, DeferredPull
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker, says_registry_silent
 from worker.pulls.slots import PullSlots
-from worker.stores.contract import (
-    AnswerCallback,
-    ImageInfo,
-    ImageStore,
-    InterruptibleStore,
-    ProgressCallback,
-    PullObserver,
-    PullProgress,
-)
+from worker.stores.contract import ImageInfo, ImageStore, InterruptibleStore, PullProgress
 
 log = structlog.get_logger("worker.service")
+
+AnswerCallback = Callable[[NodeResult], None]
+"""Receives a request's one result, on whatever thread produced it."""
+ProgressCallback = Callable[[NodeProgress], None]
 
 INSPECT_THREADS = 4
 ENGINE_WATCH_INTERVAL = 5.0

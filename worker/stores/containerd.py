@@ -48,8 +48,8 @@ from typing import IO
 import structlog
 
 from contract import ErrorKind, ImageReference, PullFailed
-from worker.stores.contract import ImageInfo, PullProgress, StoredImage
-from worker.stores.docker import cancelled, classified, interrupted, store_name
+from worker.stores.contract import ImageInfo, PullProgress, StoredImage, store_name
+from worker.stores.failures import cancelled, classified, interrupted
 from worker.stores.image_index import ImageEvents, ImageIndex
 from worker.stores.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 
