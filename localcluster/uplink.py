@@ -7,7 +7,7 @@ over all connections, takes tokens from one bucket refilled at ``rate`` bytes a 
 It counts what crossed, so a benchmark can say how many times an image went over it.
 
 Beside it, the two pull-through caches a worker can pull through (``PULLER_PULL_THROUGH_CACHES``,
-see :mod:`worker.pull_through`): Debian's ``docker-registry`` in proxy mode
+see :mod:`worker.stores.pull_through`): Debian's ``docker-registry`` in proxy mode
 (:class:`ProxyRegistry`) and puller's own blob cache (:class:`BlobCacheProcess`).
 """
 

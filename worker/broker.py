@@ -46,7 +46,7 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
-from worker.model import Delivery
+from worker.delivery import Delivery
 
 log = structlog.get_logger("worker.broker")
 

@@ -44,25 +44,27 @@ from serving.http import Response, json_response
 from serving.settings import broker_tls, image_policy
 from worker.admission import Admission, RequestLimiter
 from worker.broker import NodeNameInUse, WorkerBroker
-from worker.catch_up import CatchUp
-from worker.containerd import ContainerdStore
-from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
-from worker.engine import DockerEngine
+from worker.catch_up.attempts import ReplayAttempts
+from worker.catch_up.ledger import Ledger, OffsetStore
+from worker.catch_up.replay import CatchUp
+from worker.delivery import Delivery
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
-from worker.history_ledger import Ledger, OffsetStore
-from worker.image_guard import ImageGuard
 from worker.metrics import WorkerMetrics
-from worker.model import Delivery, ImageStore, PrunableStore
 from worker.presence import PresenceAnnouncer
-from worker.prune_requests import PruneRequests
-from worker.pruning import DiskWatch, Housekeeping, Pruner, engine_disk
-from worker.pull_through import PullThrough
-from worker.registry_health import NotFoundMemory, RegistryBreaker
-from worker.registry_logins import DockerConfig
-from worker.replay_attempts import ReplayAttempts
-from worker.service import PullService, RetryPolicy
+from worker.pruning.image_guard import ImageGuard
+from worker.pruning.pruner import DiskWatch, Housekeeping, Pruner, engine_disk
+from worker.pruning.requests import PruneRequests
+from worker.pruning.usage import USAGE_FILE, UsageLog
+from worker.pulls.observers import Observers
+from worker.pulls.owed import DEFERRED_FILE, DeferredFile
+from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
+from worker.pulls.service import PullService, RetryPolicy
 from worker.settings import WorkerSettings
-from worker.usage import USAGE_FILE, Observers, UsageLog
+from worker.stores.containerd import ContainerdStore
+from worker.stores.contract import ImageStore, PrunableStore
+from worker.stores.docker import DockerEngine
+from worker.stores.pull_through import PullThrough
+from worker.stores.registry_logins import DockerConfig
 
 log = structlog.get_logger("worker")
 

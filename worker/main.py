@@ -6,8 +6,8 @@ import sys
 
 from serving.logs import configure_logging
 from serving.program import parse_arguments, raise_open_file_limit, stop_on_signals
+from worker.catch_up.ledger import CannotKeepState, OffsetStore
 from worker.daemon import Worker
-from worker.history_ledger import CannotKeepState, OffsetStore
 from worker.settings import InvalidSetting, WorkerSettings, environment_help
 
 

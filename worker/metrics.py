@@ -14,8 +14,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from contract import ImageReference, NodeResult, PullFailed
 from serving.http import Response
-from worker.model import DiskUsage
-from worker.pruning import PruneOutcome
+from worker.pruning.pruner import PruneOutcome
+from worker.stores.contract import DiskUsage
 
 PULL_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 

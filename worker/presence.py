@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 
 from contract import NodePresence, NodeState, PullFailed, puller_version
-from worker.catch_up import CatchUpStatus
-from worker.model import ImageStore
+from worker.catch_up.replay import CatchUpStatus
+from worker.stores.contract import ImageStore
 
 
 class PresenceAnnouncer:

@@ -35,10 +35,10 @@ from worker.admission import (
     MAX_REQUESTS_PER_MINUTE,
     publisher_names,
 )
-from worker.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
-from worker.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
-from worker.pruning import DEFAULT_MIN_IDLE, KeepListError, read_keep_file
-from worker.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_routes
+from worker.pruning.pruner import DEFAULT_MIN_IDLE, KeepListError, read_keep_file
+from worker.stores.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
+from worker.stores.containerd import DEFAULT_ROOT as CONTAINERD_ROOT
+from worker.stores.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_routes
 
 __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 
@@ -64,9 +64,9 @@ class WorkerSettings(BrokerAndPolicy):
     """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
     docker_config: Path | None = None
     """``None``: ``~/.docker``, as the docker SDK looks (see
-    :class:`worker.registry_logins.DockerConfig`)."""
+    :class:`worker.stores.registry_logins.DockerConfig`)."""
     pull_through_caches: CacheRoutes = ()
-    """``(upstream, cache)`` pairs (see :mod:`worker.pull_through`); empty: none."""
+    """``(upstream, cache)`` pairs (see :mod:`worker.stores.pull_through`); empty: none."""
     max_concurrent_pulls: int = 2
     pull_timeout: float = 1800.0
     stall_timeout: float = 120.0

@@ -27,11 +27,11 @@ from localcluster.registry import Login, Registry, docker_config
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
-from worker.containerd import PROBE_PREFIX, ContainerdStore, Platform
-from worker.model import ImageInfo, PullProgress
-from worker.pruning import PruneRule, engine_disk, prune
-from worker.registry_logins import DockerConfig
-from worker.usage import UsageLog
+from worker.pruning.pruner import PruneRule, engine_disk, prune
+from worker.pruning.usage import UsageLog
+from worker.stores.containerd import PROBE_PREFIX, ContainerdStore, Platform
+from worker.stores.contract import ImageInfo, PullProgress
+from worker.stores.registry_logins import DockerConfig
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from localcluster.processes import free_port
 from publisher import Publisher
 from tests.integration.conftest import NODES, ROSTER_MAX_AGE, engine_has, run_cli, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
-from worker.deferred_pulls import DEFERRED_FILE, DeferredFile
+from worker.pulls.owed import DEFERRED_FILE, DeferredFile
 
 pytestmark = pytest.mark.integration
 

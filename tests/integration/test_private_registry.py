@@ -25,7 +25,7 @@ from localcluster.cluster import LocalCluster
 from localcluster.registry import Login, Registry, docker_config
 from publisher import Publisher, PullReport
 from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, new_vhost, start_cluster
-from worker.registry_logins import DockerConfig
+from worker.stores.registry_logins import DockerConfig
 
 pytestmark = pytest.mark.integration
 

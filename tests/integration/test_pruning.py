@@ -20,10 +20,10 @@ import pytest
 from contract import parse_reference
 from localcluster.engines import NodeEngine
 from localcluster.registry import Registry
-from worker.engine import DockerEngine
-from worker.model import DiskUsage
-from worker.pruning import DiskWatch, Pruner, PruneRule, engine_disk, prune, read_keep_file
-from worker.usage import UsageLog
+from worker.pruning.pruner import DiskWatch, Pruner, PruneRule, engine_disk, prune, read_keep_file
+from worker.pruning.usage import UsageLog
+from worker.stores.contract import DiskUsage
+from worker.stores.docker import DockerEngine
 
 pytestmark = pytest.mark.integration
 

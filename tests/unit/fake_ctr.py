@@ -1,4 +1,4 @@
-"""A stand-in for ``ctr``, for the unit tests of :class:`worker.containerd.CtrImageEvents`:
+"""A stand-in for ``ctr``, for the unit tests of :class:`worker.stores.containerd.CtrImageEvents`:
 ``python fake_ctr.py STATE_DIR COMMAND...``.
 
 - ``namespaces create|remove NAME``: logged to ``STATE_DIR/log``;

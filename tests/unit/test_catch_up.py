@@ -11,9 +11,8 @@ import pytest
 from contract import ErrorKind, NodeResult, PullRequest, Status, parse_reference
 from serving.http import Request, json_response
 from worker.broker import HistoryReading
-from worker.catch_up import CatchUp, Phase
-from worker.health import HealthServer
-from worker.history_ledger import (
+from worker.catch_up.attempts import ATTEMPTS_FILE, ReplayAttempts
+from worker.catch_up.ledger import (
     STATE_FILE,
     CannotKeepState,
     Ledger,
@@ -21,9 +20,11 @@ from worker.history_ledger import (
     Place,
     entry_identity,
 )
+from worker.catch_up.replay import CatchUp, Phase
+from worker.delivery import Delivery
+from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
-from worker.model import AnswerCallback, Delivery, ProgressCallback
-from worker.replay_attempts import ATTEMPTS_FILE, ReplayAttempts
+from worker.pulls.service import AnswerCallback, ProgressCallback
 
 
 def test_the_saved_place_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:

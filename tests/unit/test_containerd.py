@@ -17,7 +17,7 @@ import pytest
 
 from contract import ErrorKind, PullFailed
 from contract.reference import parse_reference
-from worker.containerd import (
+from worker.stores.containerd import (
     ADVICE,
     CRI_CONTAINER_METADATA,
     FIRST_FRAME_WAIT,
@@ -35,8 +35,8 @@ from worker.containerd import (
     platform_manifest,
     size,
 )
-from worker.engine import classified, store_name
-from worker.model import PullProgress
+from worker.stores.contract import PullProgress, store_name
+from worker.stores.failures import classified
 
 G, E = "\x1b[32m", "\x1b[0m"
 REF = "127.0.0.1:36853/demo/big:1"

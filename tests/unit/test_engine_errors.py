@@ -10,8 +10,9 @@ import pytest
 
 from contract import ErrorKind, parse_reference
 from localcluster.registry import docker_config
-from worker.engine import classified, repository_digest
-from worker.registry_logins import BasicLogin, DockerConfig, RegistryLogin
+from worker.stores.docker import repository_digest
+from worker.stores.failures import classified
+from worker.stores.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 
 IMAGE = parse_reference("127.0.0.1:5000/demo/x:1")
 

@@ -26,8 +26,8 @@ from contract.image_list import parse_image_list, read_image_list
 from contract.messages import MAX_KEEP_IMAGES
 from publisher.fleet_commands import duration
 from publisher.report import StatusReport, WarmReport, older_worker
-from worker.pruning import read_keep_file
-from worker.slots import PullSlots
+from worker.pruning.pruner import read_keep_file
+from worker.pulls.slots import PullSlots
 
 IMAGE = parse_reference("registry.local/lang/python:3")
 

@@ -20,11 +20,11 @@ from contract import (
     Status,
     parse_reference,
 )
-from worker.image_guard import ImageGuard, Ticket
-from worker.model import ImageInfo, PrunableStore, PullProgress, StoredImage
-from worker.pruning import PruneOutcome, Pruner, PruneRule
-from worker.service import PullService, RetryPolicy
-from worker.usage import UsageLog
+from worker.pruning.image_guard import ImageGuard, Ticket
+from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
+from worker.pruning.usage import UsageLog
+from worker.pulls.service import PullService, RetryPolicy
+from worker.stores.contract import ImageInfo, PrunableStore, PullProgress, StoredImage
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

@@ -9,9 +9,9 @@ from collections.abc import Callable, Generator, Iterator
 
 import pytest
 
-from worker import image_index
-from worker.image_index import ImageIndex
-from worker.model import ImageInfo
+from worker.stores import image_index
+from worker.stores.contract import ImageInfo
+from worker.stores.image_index import ImageIndex
 
 IMAGE = ImageInfo("sha256:" + "1" * 64, "sha256:" + "2" * 64)
 

@@ -47,11 +47,11 @@ from gateway.settings import GatewaySettings
 from publisher import Publisher
 from serving.http import Request
 from serving.settings import InvalidSetting, Setting, read
+from worker.catch_up.ledger import OffsetStore
 from worker.daemon import CANCEL_GRACE, Worker
-from worker.history_ledger import OffsetStore
-from worker.model import ImageInfo, PullProgress
 from worker.settings import SETTINGS as WORKER_SETTINGS
 from worker.settings import WorkerSettings
+from worker.stores.contract import ImageInfo, PullProgress
 
 from . import rendering
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from contract import ErrorKind, NodeResult, PullFailed, Status, parse_reference
-from worker.model import DiskUsage, ImageInUse, PrunableStore, StoredImage
-from worker.pruning import (
+from worker.pruning.pruner import (
     DiskUnreadable,
     DiskWatch,
     Housekeeping,
@@ -28,8 +27,9 @@ from worker.pruning import (
     prune,
     read_keep_file,
 )
+from worker.pruning.usage import UsageLog
 from worker.settings import InvalidSetting, WorkerSettings
-from worker.usage import UsageLog
+from worker.stores.contract import DiskUsage, ImageInUse, PrunableStore, StoredImage
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

@@ -14,8 +14,8 @@ import pytest
 import requests
 
 from localcluster.uplink import BlobCacheProcess, TokenBucket, Uplink
-from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough, cache_routes
 from worker.settings import InvalidSetting, WorkerSettings
+from worker.stores.pull_through import CacheOutcome, CacheUnusable, PullThrough, cache_routes
 
 
 def test_routes_parse_pairs_and_spell_docker_hub_as_image_names_do() -> None:

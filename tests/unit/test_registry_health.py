@@ -6,7 +6,7 @@ import gc
 import weakref
 
 from contract import ErrorKind, PullFailed, parse_reference
-from worker.registry_health import MAX_REGISTRIES, NotFoundMemory, RegistryBreaker
+from worker.pulls.registry_health import MAX_REGISTRIES, NotFoundMemory, RegistryBreaker
 
 
 def missing(index: int) -> str:

@@ -15,14 +15,14 @@ import pytest
 
 from contract import ErrorKind, PullFailed, parse_reference
 from localcluster.registry import docker_config
-from worker.containerd import (
+from worker.stores.containerd import (
     PASSWORD_LIMIT,
     ContainerdStore,
     PasswordTerminal,
     ctr_failure,
     ctr_login,
 )
-from worker.registry_logins import MAX_CONFIG_BYTES, BasicLogin, DockerConfig, RegistryLogin
+from worker.stores.registry_logins import MAX_CONFIG_BYTES, BasicLogin, DockerConfig, RegistryLogin
 
 REGISTRY = "registry.example:5000"
 IMAGE = parse_reference(f"{REGISTRY}/team/app:1")

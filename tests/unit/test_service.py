@@ -24,10 +24,10 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from worker.admission import Admission, RequestLimiter
-from worker.deferred_pulls import DEFERRED_FILE, MAX_FILE_BYTES, DeferredFile, DeferredPull
-from worker.model import ImageInfo, PullProgress
-from worker.registry_health import NotFoundMemory, RegistryBreaker
-from worker.service import PullService, RetryPolicy
+from worker.pulls.owed import DEFERRED_FILE, MAX_FILE_BYTES, DeferredFile, DeferredPull
+from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
+from worker.pulls.service import PullService, RetryPolicy
+from worker.stores.contract import ImageInfo, PullProgress
 
 
 @dataclass
@@ -598,7 +598,7 @@ def test_the_cap_counts_only_live_requests_that_start_a_pull(
 def test_an_image_that_failed_while_the_engine_was_away_is_pulled_once_it_answers(
     store: FakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
     store.failures["docker.io/library/flaky:1"] = [away, away]
     answers = Answers()
@@ -622,7 +622,7 @@ def test_with_allowed_publishers_the_later_pull_goes_out_as_its_first_asker(
     """The pull made once the engine is back is checked as the request it stands for: by
     the publisher that asked (with PULLER_ALLOWED_PUBLISHERS, a pull nobody asked for would
     be refused)."""
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
     store.failures["docker.io/library/flaky:1"] = [away]
     answers = Answers()
@@ -668,7 +668,7 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
 ) -> None:
     """The worker stops while its engine is still away; the next one makes the pulls, each
     checked again as the publisher that asked."""
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
     store = AwayStore()
     store.away.set()
@@ -725,7 +725,7 @@ class HeldStore(AwayStore):
 def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
     store = HeldStore(hold_at=3)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "restarting")
@@ -749,8 +749,8 @@ def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
 ) -> None:
     """The store answers questions but every pull of this image finds it away (a pull that
     takes the store down): made again OWED_MAX_TRIES times, then given up, on disk too."""
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.02)
-    monkeypatch.setattr("worker.service.OWED_MAX_TRIES", 3)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.02)
+    monkeypatch.setattr("worker.pulls.service.OWED_MAX_TRIES", 3)
     path = tmp_path / DEFERRED_FILE
     store = AwayStore()
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "the engine went away mid-pull")
@@ -768,7 +768,7 @@ def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
 def test_owed_pulls_older_than_a_day_are_given_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.02)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.02)
     path = tmp_path / DEFERRED_FILE
     now = time.time()
     DeferredFile(path).save(
@@ -790,7 +790,7 @@ def test_owed_pulls_older_than_a_day_are_given_up(
 def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / DEFERRED_FILE
     DeferredFile(path).save(
         {parse_reference("slow:1"): DeferredPull(Lane.SESSION, None, time.time())}
@@ -919,7 +919,7 @@ def test_a_session_pull_interrupts_running_warm_pulls_which_go_on_afterwards() -
 def test_an_engine_error_gets_one_more_try_a_few_seconds_later_and_no_more(
     store: FakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
     odd = PullFailed(ErrorKind.ENGINE_ERROR, "error creating something: words never seen")
     store.failures["docker.io/library/flaky:1"] = [odd, odd, odd]
     answers = Answers()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.history_ledger import OffsetStore
+from worker.catch_up.ledger import OffsetStore
 from worker.state_files import NotFinite, is_finite_number, parse_state, write_whole
 
 

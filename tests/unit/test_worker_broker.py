@@ -13,7 +13,7 @@ import pytest
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, Status
 from contract import topology as topo
 from worker.broker import WorkerBroker, _open, ack_frame, reply_frames
-from worker.model import Delivery
+from worker.delivery import Delivery
 
 
 def delivery(request_id: str) -> Delivery:

@@ -1,5 +1,5 @@
 """Eviction: which images a node removes, and removing them. No docker import: the store is
-a :class:`worker.model.PrunableStore`.
+a :class:`worker.stores.contract.PrunableStore`.
 
 The rules, in order, for every image the engine lists (dangling ones included):
 
@@ -17,7 +17,7 @@ The rules, in order, for every image the engine lists (dangling ones included):
    ``rule.unused_for`` seconds (if set) and ``rule.min_idle`` seconds. "Last used" is the
    latest of: when this worker last answered ``pulled`` or ``present`` for it, when it was
    last tagged on the node (``LastTagTime``), and when this worker first saw it on the
-   engine (see :mod:`worker.usage`). Its build time (``Created``) is no use date (a pull
+   engine (see :mod:`worker.pruning.usage`). Its build time (``Created``) is no use date (a pull
    keeps the build time, however old), so it only breaks ties. The newest container made
    from an image would be a use date too, but an image with any container is never a
    candidate, so it never counts.
@@ -25,7 +25,7 @@ The rules, in order, for every image the engine lists (dangling ones included):
    byte budget (``rule.bytes_to_free``) or the caller's stop condition is met.
 5. A candidate asked for since the pass listed the images (answered ``present`` or
    ``pulled``, or being pulled) stays (``kept_asked``): each removal begins through a
-   :class:`Removals` gate the pull service shares (:mod:`worker.image_guard`).
+   :class:`Removals` gate the pull service shares (:mod:`worker.pruning.image_guard`).
 
 Bytes freed are the removed images' sizes as the engine reports them (``docker images``
 SIZE): an upper bound when a removed image shares layers with one that stays. The
@@ -54,7 +54,7 @@ import structlog
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from contract.image_list import entries, file_text
-from worker.model import DiskUsage, ImageInUse, PrunableStore, StoredImage
+from worker.stores.contract import DiskUsage, ImageInUse, PrunableStore, StoredImage
 
 __all__ = [
     "DiskUnreadable",
@@ -168,7 +168,7 @@ class Selection:
 
 
 class Usage(Protocol):
-    """When images were used and first seen (:class:`worker.usage.UsageLog`)."""
+    """When images were used and first seen (:class:`worker.pruning.usage.UsageLog`)."""
 
     def last_used(self, image_id: str) -> float | None: ...
 
@@ -183,7 +183,7 @@ class Usage(Protocol):
 
 class Removals(Protocol):
     """Where removals begin and end, so that none crosses an answer
-    (:class:`worker.image_guard.ImageGuard`)."""
+    (:class:`worker.pruning.image_guard.ImageGuard`)."""
 
     def pass_started(self) -> int: ...
 

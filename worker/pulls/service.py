@@ -9,12 +9,12 @@ Where each step runs:
 - the caller's thread (the connection's): images known from memory are answered at once
   (``present``, or ``not_found`` seen moments ago), with no engine call and no thread hop;
 - an inspect thread: asks the engine whether the image is there;
-- a pull thread: one of ``slots`` (see :mod:`worker.slots`), fair between registries; a
+- a pull thread: one of ``slots`` (see :mod:`worker.pulls.slots`), fair between registries; a
   request for an image already being pulled joins that pull. A transient failure gives
   its slot back while it waits to retry. A registry known to be down fails fast
-  (:mod:`worker.registry_health`).
+  (:mod:`worker.pulls.registry_health`).
 
-Every ``present`` and ``pulled`` is claimed first (:mod:`worker.image_guard`), so that it
+Every ``present`` and ``pulled`` is claimed first (:mod:`worker.pruning.image_guard`), so that it
 never crosses a prune: an image being removed is pulled again and answered ``pulled``.
 
 Nothing a request contains can raise out of this module: a worker never dies on a message.
@@ -45,22 +45,19 @@ from contract import (
     Status,
 )
 from worker.admission import Admission, RequestLimiter
-from worker.deferred_pulls import DeferredFile, DeferredPull
-from worker.image_guard import ImageGuard
 from worker.metrics import WorkerMetrics
-from worker.model import (
-    AnswerCallback,
-    ImageInfo,
-    ImageStore,
-    InterruptibleStore,
-    ProgressCallback,
-    PullObserver,
-    PullProgress,
-)
-from worker.registry_health import NotFoundMemory, RegistryBreaker, says_registry_silent
-from worker.slots import PullSlots
+from worker.pruning.image_guard import ImageGuard
+from worker.pulls.observers import PullObserver
+from worker.pulls.owed import DeferredFile, DeferredPull
+from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker, says_registry_silent
+from worker.pulls.slots import PullSlots
+from worker.stores.contract import ImageInfo, ImageStore, InterruptibleStore, PullProgress
 
 log = structlog.get_logger("worker.service")
+
+AnswerCallback = Callable[[NodeResult], None]
+"""Receives a request's one result, on whatever thread produced it."""
+ProgressCallback = Callable[[NodeProgress], None]
 
 INSPECT_THREADS = 4
 ENGINE_WATCH_INTERVAL = 5.0
@@ -154,7 +151,7 @@ class PullService:
         self._cancelling = threading.Event()
         self._inspectors = ThreadPoolExecutor(INSPECT_THREADS, thread_name_prefix="inspect")
         # Threads start only when a slot is granted; the extra room is for registries that
-        # may start one pull while the others hold every slot (see worker.slots).
+        # may start one pull while the others hold every slot (see worker.pulls.slots).
         self._pullers = ThreadPoolExecutor(slots + 8, thread_name_prefix="pull")
         self._slots: PullSlots[_Pull] = PullSlots(slots, self._start)
         self._lock = threading.Lock()
@@ -852,7 +849,7 @@ class _Pull:
     image: ImageReference
     waiters: list[_Waiter]
     warm: bool = False
-    """In the warm lane: every waiting request is a warm-up (see :mod:`worker.slots`)."""
+    """In the warm lane: every waiting request is a warm-up (see :mod:`worker.pulls.slots`)."""
     running: bool = False
     interrupting: bool = False
     """Being cut to make room for a session's pull (see ``_interrupt_warm_pulls``)."""

@@ -7,7 +7,7 @@ good. So before working an entry the worker writes it down, in
 ``PULLER_STATE_DIR/replay-attempts.json``, with how many runs have started it, and crosses
 it off when done with it. At the next start an entry written down is a suspect: catch-up
 works it alone (so that nothing in hand beside it is blamed with it), and one that
-:data:`MAX_STARTS` runs started without an end is skipped (see :mod:`worker.catch_up`).
+:data:`MAX_STARTS` runs started without an end is skipped (see :mod:`worker.catch_up.replay`).
 
 A stop the worker chose (SIGTERM, draining) does not count: :meth:`ReplayAttempts.forgive`
 takes back what this run started. The file is written at each change, not flushed to the

@@ -1,6 +1,6 @@
 """A ``prune`` request from the wire: who may ask, one pass at a time, and the answer.
 
-The pass itself (which images go, and removing them) is :mod:`worker.pruning`'s. Passes run
+The pass itself (which images go, and removing them) is :mod:`worker.pruning.pruner`'s. Passes run
 on a thread of their own, never the connection's: listing and removing images can take
 seconds. Nothing a request holds can raise out of here: every request gets one
 :class:`PruneResult`, with ``error`` set when the node did not prune.
@@ -17,7 +17,7 @@ import structlog
 from contract import ErrorKind, NodeError, PruneRequest, PruneResult, PullFailed, Removed
 from contract.messages import MAX_MESSAGE_BYTES, MAX_REMOVALS_LISTED
 from worker.admission import Admission
-from worker.pruning import Pruner, PruneRule
+from worker.pruning.pruner import Pruner, PruneRule
 
 log = structlog.get_logger("worker.prune_requests")
 

@@ -9,7 +9,8 @@ forgets everything known. While the feed is not open, nothing is known and every
 question goes to the store.
 
 The feed is the store's (:class:`ImageEvents`): Docker's event stream
-(:mod:`worker.engine`), containerd's through ``ctr events`` (:mod:`worker.containerd`).
+(:mod:`worker.stores.docker`), containerd's through ``ctr events``
+(:mod:`worker.stores.containerd`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol
 
 import structlog
 
-from worker.model import ImageInfo
+from worker.stores.contract import ImageInfo
 
 log = structlog.get_logger("worker.image_index")
 

@@ -1,12 +1,12 @@
-"""The node's Docker Engine: with :mod:`worker.registry_logins` (which reads a docker
+"""The node's Docker Engine: with :mod:`worker.stores.registry_logins` (which reads a docker
 client's logins), the only module of the worker that imports the docker SDK.
 
 It answers two questions, "is this image here?" and "pull it", and turns every
 failure into :class:`PullFailed` with an :class:`ErrorKind` and a message a
 person can act on. The containerd backend is another class with the same methods
-(:class:`worker.model.ImageStore`, :mod:`worker.containerd`).
+(:class:`worker.stores.contract.ImageStore`, :mod:`worker.stores.containerd`).
 
-Registry logins come from a docker client ``config.json`` (:mod:`worker.registry_logins`),
+Registry logins come from a docker client ``config.json`` (:mod:`worker.stores.registry_logins`),
 read again at every pull, and go to the engine with each pull; they never go into a
 message or a log line.
 """
@@ -17,7 +17,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,10 +27,11 @@ import structlog
 import urllib3
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
-from worker.image_index import ImageEvents, ImageIndex
-from worker.model import ImageInfo, ImageInUse, PullProgress, StoredImage
-from worker.pull_through import CacheOutcome, CacheUnusable, PullThrough
-from worker.registry_logins import DockerConfig, RegistryLogin, login_advice
+from worker.stores.contract import ImageInfo, ImageInUse, PullProgress, StoredImage, store_name
+from worker.stores.failures import cancelled, classified, interrupted
+from worker.stores.image_index import ImageEvents, ImageIndex
+from worker.stores.pull_through import CacheOutcome, CacheUnusable, PullThrough
+from worker.stores.registry_logins import DockerConfig, RegistryLogin
 
 log = structlog.get_logger("worker.engine")
 
@@ -56,7 +57,7 @@ class DockerEngine:
         """``docker_config``: where registry logins come from; by default ``DOCKER_CONFIG``'s
         ``config.json``, else ``~/.docker/config.json``, as the docker CLI looks.
         ``pull_through``: registries whose layers come through a cache in the cluster (see
-        :mod:`worker.pull_through`)."""
+        :mod:`worker.stores.pull_through`)."""
         self._docker_host = docker_host
         self._pull_through = pull_through
         self._docker_config = docker_config or DockerConfig.from_environment()
@@ -148,7 +149,7 @@ class DockerEngine:
         """Pulls ``image`` through the engine, streaming; raises :class:`PullFailed`.
 
         When ``image``'s registry has a pull-through cache, its layers are fetched through
-        the cache first (never a failure: see :mod:`worker.pull_through`); the pull of
+        the cache first (never a failure: see :mod:`worker.stores.pull_through`); the pull of
         ``image`` itself then finds them here and fetches only the upstream's manifest."""
         api = self._api_or_unavailable()
         if self._cancelling.is_set():
@@ -413,7 +414,7 @@ class DockerEngine:
         for response in streams:
             _cut(response)
 
-    # -- pruning (worker.model.PrunableStore, used by worker.pruning) ------------------------
+    # -- pruning (worker.stores.contract.PrunableStore, used by worker.pruning) ----------------
 
     def images(self) -> list[StoredImage]:
         """Every image the engine lists (``docker images``, dangling ones included), with
@@ -572,34 +573,10 @@ def _cut(response: requests.Response) -> None:
         response.close()
 
 
-def cancelled(image: ImageReference) -> PullFailed:
-    """A pull cut because the worker is stopping (any image store)."""
-    return PullFailed(
-        ErrorKind.CANCELLED,
-        f"pulling {image} was cancelled because the worker is shutting down; "
-        "the node may pull it on the next request",
-    )
-
-
-def interrupted(image: ImageReference) -> PullFailed:
-    """A warm pull cut to make room for a session's (any image store)."""
-    return PullFailed(
-        ErrorKind.CANCELLED,
-        f"pulling {image} was interrupted to make room for a session's pull",
-    )
-
-
 def _events(api: docker.APIClient, response: requests.Response) -> Iterator[dict[str, Any]]:
     for event in api._stream_helper(response, decode=True):  # noqa: SLF001
         if isinstance(event, dict):
             yield event
-
-
-def store_name(image: ImageReference) -> str:
-    """The name an image store keeps ``image`` under: fully qualified, tag or digest."""
-    if image.digest is not None:
-        return f"{image.repository}@{image.digest}"
-    return f"{image.repository}:{image.tag}"
 
 
 def _image_info(attrs: dict[str, Any], image: ImageReference) -> ImageInfo:
@@ -710,99 +687,6 @@ def _engine_unavailable(where: str, error: BaseException) -> PullFailed:
         ErrorKind.ENGINE_UNAVAILABLE,
         f"cannot reach the Docker Engine at {where} ({type(error).__name__}: {error}). "
         "Check that dockerd is running on this node and that DOCKER_HOST points at it.",
-    )
-
-
-_RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
-    (
-        # An engine stopping mid-pull (a dockerd restart) kills the child unpacking the layer;
-        # found by the churn soak. Unavailable, so retried (see worker.service.TRANSIENT_KINDS).
-        ErrorKind.ENGINE_UNAVAILABLE,
-        # Also containerd's side of the same restart (found by the churn soak too).
-        (
-            "(signal: terminated)",
-            "the client connection is closing",
-            "transport is closing",
-            "error creating lease",
-        ),
-        "the node's Docker Engine was stopping; the pull is retried (PULLER_PULL_RETRIES)",
-    ),
-    (
-        ErrorKind.NO_SPACE,
-        ("no space left on device",),
-        "free disk space on the node (remove images it no longer needs: `puller prune`)",
-    ),
-    (
-        ErrorKind.NOT_FOUND,
-        ("manifest unknown", "not found", "does not exist", "name unknown"),
-        "check that the repository and tag exist in the registry",
-    ),
-    (
-        ErrorKind.UNAUTHORIZED,
-        ("unauthorized", "authentication required", "denied", "no basic auth credentials"),
-        "",  # see login_advice
-    ),
-    (
-        ErrorKind.REGISTRY_UNREACHABLE,
-        (
-            "connection refused",
-            "no such host",
-            "i/o timeout",
-            "dial tcp",
-            "connection reset",
-            "tls handshake",
-            "network is unreachable",
-            "eof",
-            "timeout",
-        ),
-        "check that the node can reach the registry (DNS, network, proxy, firewall)",
-    ),
-    (
-        ErrorKind.REGISTRY_ERROR,
-        (
-            "toomanyrequests",
-            "too many requests",
-            "500",
-            "502",
-            "503",
-            "504",
-            "internal server error",
-            "service unavailable",
-        ),
-        "the registry is failing or rate-limiting; try again later",
-    ),
-]
-
-
-def classified(
-    engine_message: str,
-    image: ImageReference,
-    login: RegistryLogin | None = None,
-    *,
-    engine: str = "dockerd",
-    advice: Mapping[ErrorKind, str] | None = None,
-    basic_only: bool = False,
-) -> PullFailed:
-    """The failure the engine's ``engine_message`` means; ``login``: what the pull sent the
-    registry, which tells a missing login from a refused one. ``engine``: whose log to
-    look in; ``advice``: what to do, per kind, where it differs from the Docker Engine's;
-    ``basic_only``: the client sends only a user name and password (see
-    :func:`worker.registry_logins.login_advice`)."""
-    lowered = engine_message.lower()
-    for kind, needles, default in _RULES:
-        if any(needle in lowered for needle in needles):
-            if advice and kind in advice:
-                what_to_do = advice[kind]
-            elif kind is ErrorKind.UNAUTHORIZED:
-                what_to_do = login_advice(image.domain or "docker.io", login, basic_only=basic_only)
-            else:
-                what_to_do = default
-            return PullFailed(
-                kind, f"pulling {image} failed: {engine_message.strip()}; {what_to_do}"
-            )
-    return PullFailed(
-        ErrorKind.ENGINE_ERROR,
-        f"pulling {image} failed: {engine_message.strip()}; see the node's {engine} log",
     )
 
 

@@ -5,7 +5,7 @@ a node's worker was down never reach it live; every request is also in the histo
 On each connection the worker reads that stream, through the same pull service as live
 requests, up to a marker it puts at the end; then it stops reading until the next
 connection, except for a short checkpoint now and then. Where it got to is kept by the
-ledger (:mod:`worker.history_ledger`).
+ledger (:mod:`worker.catch_up.ledger`).
 
 The phases, in order (all on the connection's thread)::
 
@@ -23,7 +23,7 @@ The phases, in order (all on the connection's thread)::
   does not replay what was served live.
 
 An entry that stopped the worker (it died while the entry was in hand, see
-:mod:`worker.replay_attempts`) is worked alone at the next start: nothing else is started
+:mod:`worker.catch_up.attempts`) is worked alone at the next start: nothing else is started
 beside it, and it waits for what is in hand. One that :data:`MAX_STARTS` runs started
 without an end is skipped, logged as an error and counted
 (``puller_worker_replay_skipped_total{reason="stopped_the_worker"}``): a replayed request
@@ -52,10 +52,11 @@ from contract import (
     decode_history,
 )
 from worker.broker import HistoryReading
-from worker.history_ledger import Ledger, Place, entry_identity
+from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
+from worker.catch_up.ledger import Ledger, Place, entry_identity
+from worker.delivery import Delivery
 from worker.metrics import WorkerMetrics
-from worker.model import AnswerCallback, Delivery, ProgressCallback
-from worker.replay_attempts import MAX_STARTS, ReplayAttempts
+from worker.pulls.service import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 

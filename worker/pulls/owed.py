@@ -1,5 +1,5 @@
 """Images a node still owes itself: their pulls failed only because the node's own image
-store was away, and are made again once it answers (:mod:`worker.service`). Kept on the
+store was away, and are made again once it answers (:mod:`worker.pulls.service`). Kept on the
 node's disk, so that a worker restarted meanwhile still makes them: the request itself
 may be behind the node's catch-up place already (it was answered), so the history would
 not bring it back.
@@ -23,7 +23,7 @@ log = structlog.get_logger("worker.deferred_pulls")
 
 DEFERRED_FILE = "deferred-pulls.json"
 MAX_FILE_BYTES = 4_000_000
-"""Far above what :data:`worker.service.DEFERRED_LIMIT` entries take; a bigger file is not
+"""Far above what :data:`worker.pulls.service.DEFERRED_LIMIT` entries take; a bigger file is not
 one this worker wrote."""
 
 

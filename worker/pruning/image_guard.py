@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from contract import ImageReference
-from worker.model import ImageInfo, StoredImage
-from worker.pruning import is_kept
+from worker.pruning.pruner import is_kept
+from worker.stores.contract import ImageInfo, StoredImage
 
 REMOVED_MEMORY = 60.0
 """Seconds an image counts as "removed just now": a claim from memory (the image index,

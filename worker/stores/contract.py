@@ -1,8 +1,8 @@
-"""The worker's own types: what the pull service works with, free of pika and the docker SDK.
+"""The image store contract: what the worker may ask of a node's store, and the answers.
 
-The broker turns AMQP deliveries into :class:`Delivery`; an image store (the Docker Engine
-today, containerd later) answers in :class:`ImageInfo` and :class:`PullProgress` and
-raises ``PullFailed``; the service hands back a ``NodeResult`` through a callback.
+Every store (:mod:`worker.stores.docker`, :mod:`worker.stores.containerd`) keeps to it and
+raises ``PullFailed`` (the failures both word the same way: :mod:`worker.stores.failures`).
+Free of pika and the docker SDK.
 """
 
 from __future__ import annotations
@@ -11,27 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from contract import ImageReference, NodeProgress, NodeResult, PullFailed
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One message from the node's queue or from the history stream."""
-
-    body: bytes
-    tag: int
-    reply_to: str | None
-    correlation_id: str | None
-    source: object
-    """The channel it came from, opaque to all but the broker: an answer to a delivery whose
-    channel has closed since is not sent (the broker redelivers it, or a replay starts over)."""
-    history_offset: int | None = None
-    """Set when it comes from the history stream (a replay), not the node's live queue."""
-    user_id: str | None = None
-    """The AMQP ``user_id`` property: who published it, as the broker checked it."""
-    acked: bool = False
-    """Acknowledged on receipt (a warm-up: see ``WorkerBroker.acknowledge``); its answer is
-    sent without an ack."""
+from contract import ImageReference
 
 
 @dataclass(frozen=True)
@@ -50,14 +30,9 @@ class PullProgress:
     total: int
 
 
-AnswerCallback = Callable[[NodeResult], None]
-"""Receives a request's one result, on whatever thread produced it."""
-ProgressCallback = Callable[[NodeProgress], None]
-
-
 class ImageStore(Protocol):
-    """A node's image store: the Docker Engine today, containerd later. Every method may be
-    called from any thread; failures are raised as ``PullFailed``."""
+    """A node's image store (the Docker Engine, containerd). Every method may be called from
+    any thread; failures are raised as ``PullFailed``."""
 
     def describe(self) -> str:
         """Where the store is, for log lines and error messages."""
@@ -87,24 +62,7 @@ class ImageStore(Protocol):
     def close(self) -> None: ...
 
 
-class PullObserver(Protocol):
-    """Sees every outcome of the pull service (metrics, today). Called from any thread;
-    must not block."""
-
-    def answered(self, result: NodeResult, from_memory: bool) -> None: ...
-
-    def attempt_started(self, image: ImageReference) -> None: ...
-
-    def attempt_ended(
-        self,
-        image: ImageReference,
-        seconds: float,
-        bytes_received: int,
-        failure: PullFailed | None,
-    ) -> None: ...
-
-
-# -- what pruning needs of a store (see worker.pruning) ------------------------------------------
+# -- what pruning needs of a store (see worker.pruning) ----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -184,3 +142,10 @@ class PrunableStore(Protocol):
         """Where the store keeps its data, as the store itself sees that path (the Docker
         Engine's ``DockerRootDir``)."""
         ...
+
+
+def store_name(image: ImageReference) -> str:
+    """The name an image store keeps ``image`` under: fully qualified, tag or digest."""
+    if image.digest is not None:
+        return f"{image.repository}@{image.digest}"
+    return f"{image.repository}:{image.tag}"

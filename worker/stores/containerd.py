@@ -11,10 +11,10 @@ its image) against the node's containerd socket:
   progress messages and to notice a pull that has stopped moving (``stalled``);
 - ``ctr version``: the engine's version, for the roster;
 - ``ctr events``: containerd's image events, so that an image known to be there is
-  answered from memory (:class:`CtrImageEvents`, :mod:`worker.image_index`).
+  answered from memory (:class:`CtrImageEvents`, :mod:`worker.stores.image_index`).
 
 Registry logins come from the same docker client ``config.json`` as the Docker Engine's
-(:mod:`worker.registry_logins`): ``ctr`` is given the user name with ``--user``, and the
+(:mod:`worker.stores.registry_logins`): ``ctr`` is given the user name with ``--user``, and the
 password through a pseudo-terminal it reads at start (``ctr`` reads a password from
 nowhere else but its command line, which any process on the node may read).
 
@@ -48,10 +48,10 @@ from typing import IO
 import structlog
 
 from contract import ErrorKind, ImageReference, PullFailed
-from worker.engine import cancelled, classified, interrupted, store_name
-from worker.image_index import ImageEvents, ImageIndex
-from worker.model import ImageInfo, PullProgress, StoredImage
-from worker.registry_logins import BasicLogin, DockerConfig, RegistryLogin
+from worker.stores.contract import ImageInfo, PullProgress, StoredImage, store_name
+from worker.stores.failures import cancelled, classified, interrupted
+from worker.stores.image_index import ImageEvents, ImageIndex
+from worker.stores.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 
 log = structlog.get_logger("worker.containerd")
 
@@ -309,7 +309,7 @@ class ContainerdStore:
         self.cancel_pulls()
         self._index.stop(wait=INDEX_STOP_WAIT)
 
-    # -- pruning (worker.model.PrunableStore) --------------------------------------------------
+    # -- pruning (worker.stores.contract.PrunableStore) ----------------------------------------
 
     def images(self) -> list[StoredImage]:
         """Every image in the namespace: its names grouped by the image id (the config's

@@ -13,7 +13,7 @@ Docker records no such thing, so the worker keeps it, per image id, in a small J
 
 Keyed by image id, not name: a tag moved to a new image leaves the old image unused. The
 file is written whole (a new file renamed into place), when it changed, every 30 seconds by
-the worker's housekeeping (:class:`worker.pruning.Housekeeping`), after each prune and at
+the worker's housekeeping (:class:`worker.pruning.pruner.Housekeeping`), after each prune and at
 shutdown; a missing file starts empty, an unreadable one too, with a warning; an entry whose
 time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning, and the rest
 kept. Entries of images the engine no longer holds are dropped at each listing.
@@ -35,7 +35,6 @@ from typing import Any
 import structlog
 
 from contract import ImageReference, NodeResult, PullFailed
-from worker.model import PullObserver
 from worker.state_files import is_finite_number, parse_state, write_whole
 
 log = structlog.get_logger("worker.usage")
@@ -91,7 +90,7 @@ class UsageLog:
                 self._dirty = True
 
     def used_now(self, image_id: str) -> None:
-        """The image was claimed for an answer just now (:mod:`worker.image_guard`)."""
+        """The image was claimed for an answer just now (:mod:`worker.pruning.image_guard`)."""
         self.record(image_id, self._clock())
 
     def last_used(self, image_id: str) -> float | None:
@@ -220,28 +219,3 @@ def _bring_back(times: dict[str, float], now: float) -> int:
     for image_id in later:
         times[image_id] = now
     return len(later)
-
-
-class Observers:
-    """Several pull observers as one (the metrics and the usage log)."""
-
-    def __init__(self, *observers: PullObserver) -> None:
-        self._observers = observers
-
-    def answered(self, result: NodeResult, from_memory: bool) -> None:
-        for observer in self._observers:
-            observer.answered(result, from_memory)
-
-    def attempt_started(self, image: ImageReference) -> None:
-        for observer in self._observers:
-            observer.attempt_started(image)
-
-    def attempt_ended(
-        self,
-        image: ImageReference,
-        seconds: float,
-        bytes_received: int,
-        failure: PullFailed | None,
-    ) -> None:
-        for observer in self._observers:
-            observer.attempt_ended(image, seconds, bytes_received, failure)

@@ -1,0 +1,1 @@
+"""What to do with a pull request, and when: the service, its lanes, owed pulls, bad registries."""
