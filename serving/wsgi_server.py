@@ -81,6 +81,8 @@ this many times its CPU time: the loop then spends at most a third of a core, ho
 many connections wake it up."""
 BACKLOG = 1024
 """Connections the kernel queues before they are accepted (capped at ``somaxconn``)."""
+SEND_CHUNK = 256 * 1024
+"""Bytes of an answer read (from its buffer or file) for one write to a socket at most."""
 RESERVED_DESCRIPTORS = 64
 """Open files kept for everything but connections (broker, engine, logs, files read)."""
 TLS_HANDSHAKE = 0x16
@@ -297,10 +299,16 @@ class StrictParser(HTTPRequestParser):
 
 class StrictChannel(HTTPChannel):
     """waitress's connection, with :class:`StrictParser`; closed at once, unanswered, if it
-    opens with a TLS handshake."""
+    opens with a TLS handshake; an answer written at most :data:`SEND_CHUNK` at a time."""
 
     parser_class = StrictParser
     _first_read = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # waitress reads as much of an answer as the socket's send buffer when accepted
+        # (4 MB on loopback) on every write, and keeps what the socket took.
+        self.sendbuf_len = min(self.sendbuf_len, SEND_CHUNK)
 
     def received(self, data: bytes) -> bool:
         if self._first_read and data:
