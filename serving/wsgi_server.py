@@ -38,7 +38,11 @@ Added besides:
 - a connection that opens with a TLS handshake closed at once, unanswered: nothing a TLS
   client sends is a request, and it would wait for its handshake's answer until the idle
   timeout (a Docker Engine tries HTTPS first, even on an insecure registry);
+- an answer written at most :data:`SEND_CHUNK` at a time (waitress reads as much as the
+  socket's send buffer, megabytes on loopback, for each write);
 - the open-file limit: a server holds no more connections than it leaves files for.
+
+Its users: ``serving.http`` (the gateway, the worker's health port) and the blob cache.
 """
 
 from __future__ import annotations
@@ -451,7 +455,7 @@ class WsgiServer:
         answer held for one connection before the thread writing it waits (``None``:
         waitress's 16 MiB, past 1 MiB in a temporary file; given, never a file)."""
         channel_timeout = max(1, math.ceil(idle_timeout))
-        ipv6 = ":" in host  # as the standard library's server: IPv4 unless an IPv6 address
+        ipv6 = ":" in host  # IPv4, unless the host is an IPv6 address
         buffers = {}
         if output_buffer is not None:
             # Above what one buffer holds (the watermark and one more write): never a file.
