@@ -6,6 +6,10 @@ Debian's ``docker-registry`` in proxy mode (``registry-proxy``) and with
 clients, so K can be large.
 
     .venv/bin/python -m bench.blob_cache [--clients 20] [--slow 5] [--size-mb 100] [--rate-mb 50]
+        [--modes direct,registry-proxy,blob-cache] [--bin DIR]
+
+``--bin``: a directory holding ``puller-blob-cache`` (another version); by default this
+checkout's.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mb", type=float, default=100.0)
     parser.add_argument("--rate-mb", type=float, default=50.0, help="uplink, MB/s")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--bin", type=Path, help="where puller-blob-cache is")
     args = parser.parse_args(argv)
     size = int(args.size_mb * 1_000_000)
     figures: dict[str, Figure] = {}
@@ -84,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         ["way", "fast clients done, s", "uplink MB", "x blob", "cache peak RSS MB", "fast whole"],
         rows,
     )
-    saved = {"args": vars(args), "runs": {mode: vars(f) for mode, f in figures.items()}}
+    saved = {
+        "args": {**vars(args), "bin": str(args.bin)},
+        "runs": {mode: vars(f) for mode, f in figures.items()},
+    }
     print(f"\nfigures saved to {save('blob_cache', saved)}")
     return 0
 
@@ -94,7 +102,8 @@ def measure(
 ) -> Figure:
     cache: BlobCacheProcess | ProxyRegistry | None = None
     if mode == "blob-cache":
-        cache = BlobCacheProcess(root, link.url)
+        command = [str(args.bin / "puller-blob-cache")] if args.bin else None
+        cache = BlobCacheProcess(root, link.url, command=command)
     elif mode == "registry-proxy":
         cache = ProxyRegistry(root, link.url)
     base = link.url

@@ -174,7 +174,7 @@ def runtime_command(program: str) -> list[str]:
     version of ``pyproject.toml`` and of the code under /tmp."""
     project = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256((project / "pyproject.toml").read_bytes())
-    for package in ("contract", "worker", "publisher", "serving", "gateway"):
+    for package in ("contract", "worker", "publisher", "serving", "gateway", "blob_cache"):
         for path in sorted((project / package).rglob("*.py")):
             digest.update(path.read_bytes())
     venv = Path(tempfile.gettempdir()) / f"puller-runtime-{digest.hexdigest()[:12]}"

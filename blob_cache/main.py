@@ -15,7 +15,7 @@ from blob_cache.server import CacheSettings, RunningCache
 from blob_cache.upstream import upstream_base
 from contract import puller_version
 from serving.logs import configure_logging
-from serving.program import stop_on_signals
+from serving.program import raise_open_file_limit, stop_on_signals
 
 log = structlog.get_logger("blob_cache")
 T = TypeVar("T")
@@ -76,10 +76,17 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a connection may sit idle, or a client leave a blob unread (default 30)",
     )
     parser.add_argument(
+        "--request-timeout",
+        default=30,
+        type=_checked(_positive),
+        help="seconds a request may take to arrive, first byte to last (default 30; then 408)",
+    )
+    parser.add_argument(
         "--max-connections",
         default=128,
         type=_checked(_positive),
-        help="connections served at once; more wait to be accepted (default 128)",
+        help="connections held at once, and as many threads; past it the oldest idle one is "
+        "closed for each new one (default 128; up to about 0.6 MiB of memory each)",
     )
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return parser
@@ -113,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         port=port,
         max_bytes=args.max_bytes,
         idle_timeout=args.idle_timeout,
+        request_timeout=args.request_timeout,
         max_connections=args.max_connections,
     )
     configure_logging(args.log_format)
     stopping = stop_on_signals()
+    raise_open_file_limit()
     try:
         cache = RunningCache(settings)
     except OSError as error:
@@ -129,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         listen=f"{host}:{cache.port}",
         dir=str(args.dir),
         max_bytes=args.max_bytes,
+        max_connections=cache.max_connections,
         version=puller_version(),
     )
     stopping.wait()
     log.info("blob cache stopping")  # blobs being fetched are fetched again after a restart
+    cache.stop()
     return 0
 
 

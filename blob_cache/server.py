@@ -1,20 +1,22 @@
-"""The cache's HTTP side: a WSGI application served by waitress.
+"""The cache's HTTP side: a WSGI application on puller's hardened HTTP server
+(``serving.wsgi_server``, the one module that imports waitress; docs/http-servers.md).
 
-waitress gives the connection cap (``connection_limit``), the idle timeout
-(``channel_timeout``: a connection with no request in progress and nothing sent or
-received for that long is closed), and sends kept blobs from their files without a
-thread (``wsgi.file_wrapper``). The listening socket carries ``TCP_USER_TIMEOUT``
-(inherited by every accepted connection), so a client that stops reading mid-blob is cut
-by the kernel after the same timeout, which frees the thread that was streaming to it.
-waitress's output buffers stay below its overflow size, so nothing spills to temporary
-files: the process writes only under ``--dir``.
+That server gives the cache what it gives the gateway: strict request framing (400 and a
+close for what a proxy could frame differently), a deadline for a request's head (408), a
+bound on the bytes of unfinished requests, ``poll()`` (no limit of 1,024 descriptors), the
+oldest idle connection closed for each new one at the limit, a connection that opens with a
+TLS handshake closed at once. An idle connection is closed after the idle timeout; one whose
+client leaves sent data unacknowledged that long is cut by the kernel (``TCP_USER_TIMEOUT``),
+which frees the thread streaming to it. Kept blobs are sent from their files without a
+thread (``wsgi.file_wrapper``); a blob followed as it is fetched holds a thread, hence as
+many threads as connections. At most :data:`OUTBUF_HIGH_WATERMARK` bytes are buffered for a
+client before its stream waits, never in a temporary file: the process writes only under
+``--dir``.
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -23,7 +25,6 @@ from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
-from waitress.server import create_server
 
 from blob_cache.fetch import CHUNK, Fetches, FetchState, Follower, PassThrough
 from blob_cache.metrics import CacheMetrics, Outcome
@@ -37,6 +38,7 @@ from blob_cache.upstream import (
     content_length,
 )
 from contract import puller_version
+from serving.wsgi_server import WsgiServer, usable_connections
 
 log = structlog.get_logger("blob_cache.server")
 
@@ -44,10 +46,16 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS"}
-TLS_HANDSHAKE = 0x16
-"""The first byte of a TLS ClientHello (a handshake record)."""
 OUTBUF_HIGH_WATERMARK = 256 * 1024
-"""Bytes waitress holds for one connection before the thread streaming to it waits."""
+"""Bytes held for one connection before the thread streaming to it waits."""
+MAX_HEADER_BYTES = 64 * 1024
+"""A request's line and headers (a registry token can be long); more is answered 431."""
+HELD_ALLOWANCE = 16 * 1024
+"""Bytes of each request's head not counted against :data:`MAX_HELD_BYTES`."""
+MAX_HELD_BYTES = 8 * 2**20
+"""Bytes of unfinished requests beyond their allowance, over all connections (past it, 503)."""
+FILES_PER_CONNECTION = 2
+"""A connection's socket, and the blob file it reads."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class CacheSettings:
     port: int = 5001
     max_bytes: int = 10 * 1000**3
     idle_timeout: int = 30
+    request_timeout: int = 30
     max_connections: int = 128
 
 
@@ -324,76 +333,50 @@ def _error(
     )
 
 
-class _Listener(socket.socket):
-    """The listening socket: the connections it accepts are :class:`_PlainConnection`."""
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        connection, address = super().accept()
-        plain = _PlainConnection(
-            connection.family, connection.type, connection.proto, fileno=connection.detach()
-        )
-        return plain, address
-
-
-class _PlainConnection(socket.socket):
-    """A connection that ends at once if it opens with a TLS handshake. A Docker Engine
-    tries HTTPS first even on an insecure registry, and waits up to 10 s for an answer
-    before it tries plain HTTP; waitress would wait for the end of a request's headers."""
-
-    _first = True
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
-        if self._first and data:
-            self._first = False
-            if data[0] == TLS_HANDSHAKE:
-                return b""  # read as the client closing: waitress closes the connection
-        return data
+def _registry_error(status: int, message: str) -> object:
+    """A registry-style body for the errors answered before a request reaches the cache."""
+    code = {408: "UNKNOWN", 503: "UNAVAILABLE"}.get(status, "UNSUPPORTED")
+    return {"errors": [{"code": code, "message": message}]}
 
 
 class RunningCache:
-    """A cache listening on ``settings.host:port`` (port 0: any free one, see :attr:`port`).
-    :meth:`run` serves in the calling thread; :meth:`start` in a thread of its own (a daemon
-    thread: the cache stops with its process)."""
+    """A cache listening on ``settings.host:port`` (port 0: any free one, see :attr:`port`),
+    serving once :meth:`start` is called, on threads of its own (daemon threads: the cache
+    stops with its process) until :meth:`stop`."""
 
     def __init__(self, settings: CacheSettings) -> None:
         self.settings = settings
         self.metrics = CacheMetrics()
         self.app = BlobCacheApp(settings, self.metrics)
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        self._socket = _Listener(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((settings.host, settings.port))
-        self._socket.listen(1024)
-        # Inherited by accepted connections: unacknowledged data for this long cuts one.
-        self._socket.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, settings.idle_timeout * 1000
+        self.max_connections = usable_connections(
+            settings.max_connections, "blob-cache", FILES_PER_CONNECTION
         )
-        self._server = create_server(
+        self._server = WsgiServer(
             self.app,
-            sockets=[self._socket],
-            threads=settings.max_connections,
-            # waitress counts its listening socket and its wake-up pipe as connections too.
-            connection_limit=settings.max_connections + 2,
-            channel_timeout=settings.idle_timeout,
-            cleanup_interval=max(1, settings.idle_timeout // 4),
-            outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
-            # Above what one buffer can hold (the watermark and a chunk): never a temporary file.
-            outbuf_overflow=4 * OUTBUF_HIGH_WATERMARK,
-            max_request_header_size=64 * 1024,
-            max_request_body_size=0,
-            log_socket_errors=False,
-            expose_tracebacks=False,
+            host=settings.host,
+            port=settings.port,
+            name="blob-cache",
+            threads=self.max_connections,
+            connection_limit=self.max_connections,
+            idle_timeout=settings.idle_timeout,
+            request_timeout=settings.request_timeout,
+            max_header_bytes=MAX_HEADER_BYTES,
+            max_body_bytes=0,
+            max_held_bytes=MAX_HELD_BYTES,
+            held_allowance=HELD_ALLOWANCE,
+            send_timeout=settings.idle_timeout,
+            output_buffer=OUTBUF_HIGH_WATERMARK,
+            error_document=_registry_error,
             ident="puller-blob-cache",
         )
 
     @property
     def port(self) -> int:
-        return int(self._socket.getsockname()[1])
-
-    def run(self) -> None:
-        self._server.run()
+        return self._server.port
 
     def start(self) -> RunningCache:
-        threading.Thread(target=self.run, name="blob-cache", daemon=True).start()
+        self._server.start()
         return self
+
+    def stop(self) -> None:
+        self._server.stop()

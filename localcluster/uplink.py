@@ -242,13 +242,15 @@ class ProxyRegistry:
 class BlobCacheProcess:
     """puller's own pull-through blob cache (``puller-blob-cache``, see docs/blob-cache.md)
     for one upstream, ``remote_url``, on 127.0.0.1, keeping blobs in ``data_dir`` (default
-    ``root/data``). ``extra_args``: more flags (``--max-bytes``, ``--idle-timeout``...)."""
+    ``root/data``). ``extra_args``: more flags (``--max-bytes``, ``--idle-timeout``...).
+    ``command``: the program to run (default: the installed ``puller-blob-cache``)."""
 
     root: Path
     remote_url: str
     port: int = 0
     extra_args: tuple[str, ...] = ()
     data_dir: Path | None = None
+    command: list[str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -267,7 +269,8 @@ class BlobCacheProcess:
         self.port = self.port or free_port()
         self.root.mkdir(parents=True, exist_ok=True)
         data = self.data_dir or self.root / "data"
-        argv = [*installed_command("puller-blob-cache", "blob_cache.main")]
+        argv = self.command or installed_command("puller-blob-cache", "blob_cache.main")
+        argv = [*argv]
         argv += ["--upstream", self.remote_url, "--listen", self.address, "--dir", str(data)]
         argv += [*self.extra_args, "--log-format", "json"]
         self.process = start_daemon(argv, self.log_path)

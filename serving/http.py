@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import http
 import json
-import resource
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
 
-from serving.wsgi_server import WsgiServer
+from serving.wsgi_server import WsgiServer, usable_connections
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
@@ -32,8 +31,6 @@ MAX_HEADER_BYTES = 8 * 1024
 """The request line and headers together; more is answered 431."""
 HELD_ALLOWANCE = 4 * 1024
 """Bytes of each request not counted against ``max_held_bytes``: a usual request is smaller."""
-RESERVED_DESCRIPTORS = 64
-"""Open files kept for everything but connections (broker, engine, logs, files read)."""
 
 
 @dataclass(frozen=True)
@@ -135,23 +132,6 @@ class HttpServer:
         ]
         start_response(f"{response.status} {_phrase(response.status)}", headers)
         return [response.body]
-
-
-def usable_connections(wanted: int, name: str) -> int:
-    """``wanted``, or fewer if the open-file limit would run out first (waitress would
-    then fail every accept, in a busy loop)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or wanted <= soft - RESERVED_DESCRIPTORS:
-        return wanted
-    usable = max(1, soft - RESERVED_DESCRIPTORS)
-    log.warning(
-        "fewer connections than asked: the open-file limit is low",
-        server=name,
-        max_connections=usable,
-        asked=wanted,
-        open_file_limit=soft,
-    )
-    return usable
 
 
 def _headers(environ: WSGIEnvironment) -> dict[str, str]:

@@ -34,18 +34,28 @@ Added besides:
   connections, and the pod be restarted);
 - a rest after each turn of the I/O loop when thousands of connections are open, so that
   their waking it now and then costs at most a third of a core;
-- JSON for waitress's own error answers (400, 408, 413, 431, 501, 503), as for every other.
+- JSON for waitress's own error answers (400, 408, 413, 431, 501, 503), as for every other;
+- a connection that opens with a TLS handshake closed at once, unanswered: nothing a TLS
+  client sends is a request, and it would wait for its handshake's answer until the idle
+  timeout (a Docker Engine tries HTTPS first, even on an insecure registry);
+- an answer written at most :data:`SEND_CHUNK` at a time (waitress reads as much as the
+  socket's send buffer, megabytes on loopback, for each write);
+- the open-file limit: a server holds no more connections than it leaves files for.
+
+Its users: ``serving.http`` (the gateway, the worker's health port) and the blob cache.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 import select
+import socket
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -75,6 +85,22 @@ this many times its CPU time: the loop then spends at most a third of a core, ho
 many connections wake it up."""
 BACKLOG = 1024
 """Connections the kernel queues before they are accepted (capped at ``somaxconn``)."""
+SEND_CHUNK = 256 * 1024
+"""Bytes of an answer read (from its buffer or file) for one write to a socket at most."""
+RESERVED_DESCRIPTORS = 64
+"""Open files kept for everything but connections (broker, engine, logs, files read)."""
+TLS_HANDSHAKE = 0x16
+"""The first byte of a TLS ClientHello (a handshake record); never the first of a request
+(a method is letters)."""
+
+ErrorDocument = Callable[[int, str], object]
+"""What an error answer's JSON body is, from its status and message."""
+
+
+def error_field(status: int, message: str) -> object:
+    """``{"error": message}``: the body of puller's own error answers."""
+    return {"error": message}
+
 
 _FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
 
@@ -122,18 +148,22 @@ def bare_line_end(head: bytes) -> bool:
 
 class JsonError(Error):
     """An error waitress answers by itself (the request never reached the application),
-    written as JSON; waitress adds ``Connection: close`` and closes after it."""
+    written as JSON (``document``); waitress adds ``Connection: close`` and closes after
+    it."""
 
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, document: ErrorDocument = error_field
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.document = document
 
     # waitress writes the body as bytes; its type stubs say str.
     def to_response(  # type: ignore[override]
         self, ident: str | None = None
     ) -> tuple[str, Sequence[tuple[str, str]], bytes]:
-        body = json.dumps({"error": self.body}).encode()
+        body = json.dumps(self.document(self.code, self.body)).encode()
         return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
@@ -183,6 +213,13 @@ class Settings(Adjustments):
     """Connections held at once (waitress's own ``connection_limit`` is set out of reach:
     it would stop accepting)."""
     held: HeldBytes = HeldBytes(limit=2**62, allowance=0)
+    send_timeout: float | None = None
+    """Seconds sent data may stay unacknowledged before the kernel cuts the connection."""
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self.error_document: ErrorDocument = error_field
+        """The JSON body of the errors answered before a request reaches the application."""
 
 
 class StrictParser(HTTPRequestParser):
@@ -193,6 +230,7 @@ class StrictParser(HTTPRequestParser):
         if not isinstance(adj, Settings):
             raise TypeError("StrictParser reads serving.wsgi_server.Settings")
         settings = adj
+        self._document = settings.error_document
         self._started = time.monotonic()
         self._request_timeout = settings.request_timeout
         self._allowance = settings.held.allowance
@@ -205,14 +243,14 @@ class StrictParser(HTTPRequestParser):
             return 0
         if time.monotonic() - self._started > self._request_timeout:
             message = f"a request must arrive whole within {self._request_timeout:g} s"
-            return self._refuse(JsonError(408, "Request Timeout", message), len(data))
+            return self._refuse(408, "Request Timeout", message, len(data))
         # What came before was checked but for a CR last: only its last bytes go again, in
         # case a line's end or the head's falls across the two (a LF first among them was
         # judged with its CR).
         tail = self.header_plus[-3:].removeprefix(b"\n")
         if not self.headers_finished and bare_line_end(tail + data):
             message = "a line of the request's head ends in a bare LF or CR: end lines with CRLF"
-            return self._refuse(JsonError(400, "Bad Request", message), len(data))
+            return self._refuse(400, "Bad Request", message, len(data))
         held = self._holding.held
         taken = self._beyond_allowance(self._read + len(data)) - self._holding.amount
         if taken > 0 and not held.take(taken):
@@ -220,7 +258,7 @@ class StrictParser(HTTPRequestParser):
                 f"the server holds {held.limit} bytes of unfinished requests already; "
                 "try again shortly"
             )
-            return self._refuse(JsonError(503, "Service Unavailable", message), len(data))
+            return self._refuse(503, "Service Unavailable", message, len(data))
         self._holding.amount += max(0, taken)
         consumed = super().received(data)
         self._read += consumed
@@ -245,13 +283,13 @@ class StrictParser(HTTPRequestParser):
             raise ParsingError(problem)
         super().parse_header(header_plus)
 
-    def _refuse(self, error: JsonError, consumed: int) -> int:
-        """Ends the request with ``error``, all that came with it read: nothing after it is
+    def _refuse(self, code: int, reason: str, message: str, consumed: int) -> int:
+        """Ends the request with an error, all that came with it read: nothing after it is
         served."""
         if not self.headers_finished:
             # What waitress itself answers an unfinished head against (its 431 does this).
             super().parse_header(b"GET / HTTP/1.0\r\n")
-        self.error = error
+        self.error = JsonError(code, reason, message, self._document)
         self.completed = True
         return consumed
 
@@ -260,11 +298,29 @@ class StrictParser(HTTPRequestParser):
         if error.code == 413:
             largest = self.adj.max_request_body_size - 1
             message = f"a body of at most {largest} bytes, with a valid length"
-        return JsonError(error.code, error.reason, message)
+        return JsonError(error.code, error.reason, message, self._document)
 
 
 class StrictChannel(HTTPChannel):
+    """waitress's connection, with :class:`StrictParser`; closed at once, unanswered, if it
+    opens with a TLS handshake; an answer written at most :data:`SEND_CHUNK` at a time."""
+
     parser_class = StrictParser
+    _first_read = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # waitress reads as much of an answer as the socket's send buffer when accepted
+        # (4 MB on loopback) on every write, and keeps what the socket took.
+        self.sendbuf_len = min(self.sendbuf_len, SEND_CHUNK)
+
+    def received(self, data: bytes) -> bool:
+        if self._first_read and data:
+            self._first_read = False
+            if data[0] == TLS_HANDSHAKE:
+                self.handle_close()
+                return False
+        return bool(super().received(data))
 
 
 class StrictServer(TcpWSGIServer):
@@ -284,10 +340,23 @@ class StrictServer(TcpWSGIServer):
     ) -> None:
         self.connections = connections
         self.max_connections = adj.max_connections
+        self.send_timeout = adj.send_timeout
         # the map holds waitress's listening socket and wake-up pipe too
         self.limit = adj.max_connections + 2
         self.closed_to_make_room = 0
         super().__init__(application, map=connections, dispatcher=dispatcher, adj=adj)
+
+    def bind_server_socket(self) -> None:
+        if self.family == socket.AF_INET6 and self.socket is not None:
+            # [::] takes IPv4 clients too, as a socket does unless told (waitress: v6 only)
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().bind_server_socket()
+
+    def set_socket_options(self, conn: socket.socket) -> None:
+        super().set_socket_options(conn)
+        if self.send_timeout is not None:
+            milliseconds = max(1, math.ceil(self.send_timeout * 1000))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
     def handle_accept(self) -> None:
         # Called when a connection waits to be accepted; at the limit each needs room first.
@@ -334,6 +403,25 @@ class StrictServer(TcpWSGIServer):
         return True
 
 
+def usable_connections(wanted: int, name: str, files_per_connection: int = 1) -> int:
+    """``wanted``, or fewer if the open-file limit would run out first (waitress would then
+    fail every accept, in a busy loop); ``files_per_connection``: the socket and the files
+    a request may hold open."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - RESERVED_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or wanted * files_per_connection <= room:
+        return wanted
+    usable = max(1, room // files_per_connection)
+    log.warning(
+        "fewer connections than asked: the open-file limit is low",
+        server=name,
+        max_connections=usable,
+        asked=wanted,
+        open_file_limit=soft,
+    )
+    return usable
+
+
 class WsgiServer:
     """``application`` on ``host:port`` (port 0: any free one): an I/O thread holds every
     connection, and a request reaches one of ``threads`` threads only once it has arrived
@@ -356,12 +444,28 @@ class WsgiServer:
         max_body_bytes: int,
         max_held_bytes: int,
         held_allowance: int,
+        send_timeout: float | None = None,
+        output_buffer: int | None = None,
+        error_document: ErrorDocument = error_field,
+        ident: str = "puller",
     ) -> None:
+        """``send_timeout``: seconds a client may leave what was sent to it unacknowledged
+        before the kernel cuts the connection (``TCP_USER_TIMEOUT``; waitress's idle timeout
+        spares a connection whose answer is being written). ``output_buffer``: bytes of an
+        answer held for one connection before the thread writing it waits (``None``:
+        waitress's 16 MiB, past 1 MiB in a temporary file; given, never a file)."""
         channel_timeout = max(1, math.ceil(idle_timeout))
+        ipv6 = ":" in host  # IPv4, unless the host is an IPv6 address
+        buffers = {}
+        if output_buffer is not None:
+            # Above what one buffer holds (the watermark and one more write): never a file.
+            buffers = {"outbuf_high_watermark": output_buffer, "outbuf_overflow": 4 * output_buffer}
         settings = Settings(
             host=host or "0.0.0.0",
             port=port,
-            ipv6=False,  # as the standard library's server: IPv4 on every interface
+            ipv4=not ipv6,
+            ipv6=ipv6,
+            **buffers,
             threads=threads,
             connection_limit=2**31,  # see StrictServer: it makes room instead
             channel_timeout=channel_timeout,
@@ -371,9 +475,12 @@ class WsgiServer:
             asyncore_use_poll=True,  # select() stops at descriptor 1024
             asyncore_loop_timeout=LOOP_TICK,
             backlog=BACKLOG,
-            ident="puller",
+            ident=ident,
+            log_socket_errors=False,  # a client that resets its connection is no news
         )
+        settings.error_document = error_document
         settings.request_timeout = request_timeout
+        settings.send_timeout = send_timeout
         settings.max_connections = connection_limit
         settings.held = self.held = HeldBytes(max_held_bytes, held_allowance)
         # waitress's dispatchers by file descriptor (its type stubs call them sockets)

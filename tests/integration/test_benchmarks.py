@@ -53,6 +53,23 @@ pytestmark = pytest.mark.integration
             "blob_cache.json",
         ),
         (
+            "blob_cache_clients",
+            [
+                "--max-connections",
+                "8",
+                "--clients",
+                "6",
+                "--size-mb",
+                "1",
+                "--limit-mib",
+                "256",
+                "--settle-seconds",
+                "0.5",
+            ],
+            "6 clients that stop reading a 1 MB blob",
+            "blob_cache_clients.json",
+        ),
+        (
             "priority",
             ["--nodes", "2", "--images", "4", "--size-mb", "1", "--repeats", "1"],
             "behind a warm-up of 4 such images",

@@ -6,7 +6,9 @@ pulls through the cache by real engines are in test_pull_through_cache.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import http.server
 import json
 import os
@@ -25,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from localcluster.processes import wait_until
 from localcluster.registry import Registry
 from localcluster.uplink import BlobCacheProcess
+from serving.program import raise_open_file_limit
 from tests.integration.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -193,6 +196,104 @@ def test_a_client_trying_https_first_is_turned_away_at_once(
         pytest.raises((ssl.SSLError, ConnectionError)),  # not a TimeoutError
     ):
         context.wrap_socket(sock).close()
+
+
+SMUGGLED = b"GET /v2/smuggled/x/manifests/latest HTTP/1.1\r\nHost: x\r\n\r\n"
+"""A second request behind a malformed one: served, it would be a request a proxy in front
+never saw (request smuggling)."""
+
+MALFORMED = {
+    "Content-Length with chunked": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "Transfer-Encoding in HTTP/1.0": b"GET /v2/ HTTP/1.0\r\nConnection: keep-alive\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n",
+    "obs-fold hiding Transfer-Encoding": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-A: a\r\n"
+    b" Transfer-Encoding: chunked\r\n\r\n",
+    "Content_Length": b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent_Length: %d\r\n\r\n" % len(SMUGGLED),
+    "bare LF line ends": b"GET /v2/ HTTP/1.1\nHost: x\n\n",
+}
+
+
+@pytest.fixture(scope="module")
+def strict_cache(
+    registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BlobCacheProcess]:
+    """One cache for the tests of what a malformed or slow request gets (a head must arrive
+    within 1 s)."""
+    cache = BlobCacheProcess(
+        tmp_path_factory.mktemp("strict-cache"), registry.url, extra_args=("--request-timeout", "1")
+    )
+    cache.start()
+    yield cache
+    cache.remove()
+
+
+def _until_closed(port: int, request: bytes) -> tuple[bytes, bool]:
+    """What the cache answers ``request`` with, and whether it then closed the connection
+    (``False``: it kept it open for 5 s more)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except TimeoutError:
+            return received, False
+        return received, True
+
+
+def _answers(raw: bytes) -> list[tuple[int, bytes, bytes]]:
+    """The HTTP answers in ``raw`` in order (each with a Content-Length): status, head,
+    body."""
+    found = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lengths = [
+            line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+        ]
+        length = int(lengths[0].split(b":", 1)[1]) if lengths else len(rest)
+        found.append((_status(head), head, rest[:length]))
+        raw = rest[length:]
+    return found
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_request_framed_two_ways_gets_one_400_and_nothing_behind_it_is_served(
+    strict_cache: BlobCacheProcess, name: str
+) -> None:
+    received, closed = _until_closed(strict_cache.port, MALFORMED[name] + SMUGGLED)
+    [(status, head, body)] = _answers(received)
+    assert status == 400, received[:300]
+    assert closed, "the connection was kept open for more requests"
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["errors"][0]["code"] == "UNSUPPORTED"
+
+
+def test_a_client_that_trickles_its_request_gets_408_at_the_deadline(
+    strict_cache: BlobCacheProcess,
+) -> None:
+    """A header line every 0.1 s is never silent for the idle timeout (30 s); the deadline
+    from the request's first byte (1 s here) ends it."""
+    with socket.create_connection(("127.0.0.1", strict_cache.port), timeout=10) as slow:
+        slow.sendall(b"GET /v2/ HTTP/1.1\r\n")
+        started = time.monotonic()
+        slow.settimeout(0.1)  # the pace: a line, then 0.1 s listening for the answer
+        received = b""
+        while not received and time.monotonic() - started < 10:
+            try:
+                slow.sendall(b"X-Slow: 1\r\n")
+            except OSError:  # closed after its answer, which is left to read
+                break
+            with contextlib.suppress(TimeoutError):
+                received = slow.recv(65536)
+        slow.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):  # closed with a line of ours unread
+            while data := slow.recv(65536):
+                received += data
+    [(status, head, body)] = _answers(received)
+    assert status == 408, received[:300]
+    assert b"\r\nConnection: close" in head
+    assert "within 1 s" in json.loads(body)["errors"][0]["message"]
 
 
 def test_a_fragment_cannot_swap_the_blob_the_upstream_allowed_for_another(
@@ -383,6 +484,63 @@ def test_idle_connections_are_closed_and_at_most_max_connections_are_served(
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_at_its_limit_the_cache_closes_the_oldest_idle_connection_for_a_new_one(
+    registry: Registry, make_cache: MakeCache
+) -> None:
+    """A new client (the kubelet's probe, a node's engine) is not left waiting behind
+    connections that do nothing, however long the idle timeout."""
+    cache = make_cache(registry.url, "--max-connections", "3")
+    kept = [http.client.HTTPConnection("127.0.0.1", cache.port, timeout=10) for _ in range(3)]
+    try:
+        for connection in kept:  # each served, then left open: oldest first
+            connection.request("GET", "/alive")
+            assert connection.getresponse().read()
+        answer = _raw(cache.port, b"GET /alive HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _status(answer) == 200
+        oldest = kept[0].sock
+        assert oldest is not None
+        assert oldest.recv(1024) == b"", "the oldest connection was not closed"
+        for connection in kept[1:]:  # still open: another request on each
+            connection.request("GET", "/alive")
+            assert connection.getresponse().status == 200
+    finally:
+        for connection in kept:
+            connection.close()
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_past_1024_open_files_the_cache_still_serves(
+    registry: Registry, make_cache: MakeCache
+) -> None:
+    """Each client reading a kept blob holds a socket and the blob's file: 600 clients that
+    stop reading hold over 1,024 descriptors, where ``select()`` stops."""
+    limit = raise_open_file_limit()
+    assert limit > 1400, f"this process may open {limit} files only"
+    blob, digest = _blob(16_000_000)
+    registry.push_blob("many/x", blob)
+    cache = make_cache(registry.url, "--max-connections", "700")
+    assert cache.process is not None
+    assert _whole(f"{cache.url}/v2/many/x/blobs/{digest}") == blob  # kept now
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(600):
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.connect(("127.0.0.1", cache.port))
+            reader.sendall(f"GET /v2/many/x/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            readers.append(reader)
+        pid = cache.process.pid
+        wait_until(lambda: _open_files(pid) > 1200, "the cache to hold over 1,200 files", 30)
+        assert requests.get(f"{cache.url}/alive", timeout=10).status_code == 200
+        assert _whole(f"{cache.url}/v2/many/x/blobs/{digest}") == blob
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 _ESTABLISHED = "01"

@@ -18,8 +18,11 @@ from .test_kubernetes_manifests import (
     CONTAINERD_DEPLOY,
     DEPLOY,
     WITH_BLOB_CACHE,
+    CacheRun,
     Document,
     Manifests,
+    blob_caches,
+    check_blob_cache,
     generated_name,
     load,
     optional_examples,
@@ -175,6 +178,19 @@ def test_the_values_reach_the_objects() -> None:
     assert http["spec"]["replicas"] == 3
     image = http["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == "cyberdojo/puller-http@sha256:" + "a" * 64
+
+
+def test_the_blob_caches_connections_are_a_value_checked_against_its_memory_limit() -> None:
+    def cache_with(**given: Any) -> Manifests:
+        return chart({"blobCache": {**BLOB_CACHE["blobCache"], **given}})
+
+    m = cache_with(maxConnections=1000, resources={"limits": {"memory": "1Gi"}})
+    (cache,) = blob_caches(m)
+    assert isinstance(cache, CacheRun)
+    assert cache.max_connections == 1000
+    assert list(check_blob_cache(m)) == []
+    problems = list(check_blob_cache(cache_with(maxConnections=1000)))  # 512Mi
+    assert any("memory limit of 512Mi" in problem for problem in problems), problems
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,28 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from serving.http import HELD_ALLOWANCE, MAX_BODY_BYTES, HttpServer, Request, Response
 from serving.http import json_response as answer
-from serving.wsgi_server import Settings, StrictParser, bare_line_end, framing_problem
+from serving.wsgi_server import (
+    Settings,
+    StrictParser,
+    WsgiServer,
+    bare_line_end,
+    framing_problem,
+)
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -495,7 +506,8 @@ def test_the_open_file_limit_is_raised_and_the_connections_fit_under_it() -> Non
     program = (
         "import resource\n"
         "from serving.program import raise_open_file_limit\n"
-        "from serving.http import HttpServer, RESERVED_DESCRIPTORS\n"
+        "from serving.http import HttpServer\n"
+        "from serving.wsgi_server import RESERVED_DESCRIPTORS\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (100, 300))\n"
         "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
         "server = HttpServer(0, print, host='127.0.0.1', max_connections=1000)\n"
@@ -509,3 +521,105 @@ def test_the_open_file_limit_is_raised_and_the_connections_fit_under_it() -> Non
     assert lines[0] == "300 300"
     assert lines[-1] == "True"
     assert "fewer connections than asked" in done.stdout
+
+
+# -- what every listener shares: TLS probes, IPv6, error bodies, stalled readers ---------------
+
+
+def test_a_connection_that_opens_with_a_tls_handshake_is_closed_at_once_unanswered(
+    server: HttpServer, recorder: Recorder
+) -> None:
+    """A TLS client on a plain port (a Docker Engine tries HTTPS first) would wait for an
+    answer to its handshake until the idle timeout."""
+    hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(32, 64))  # no CR, LF
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as client:
+        client.sendall(hello)
+        assert read_all(client) == b""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock,
+        pytest.raises((ssl.SSLError, ConnectionError)),  # not a TimeoutError
+    ):
+        context.wrap_socket(sock).close()
+    [(status, _, _)] = answers(
+        exchange(server.port, SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    )
+    assert status == 200
+    assert recorder.paths == ["/smuggled"]
+
+
+def test_on_the_ipv6_wildcard_address_ipv4_clients_are_served_too(recorder: Recorder) -> None:
+    server = HttpServer(0, recorder, host="::")
+    server.start()
+    try:
+        for host in ("127.0.0.1", "::1"):
+            connection = http.client.HTTPConnection(host, server.port, timeout=5)
+            connection.request("GET", "/both")
+            assert connection.getresponse().status == 200
+            connection.close()
+    finally:
+        server.stop()
+
+
+def serve(application: WSGIApplication, **given: Any) -> WsgiServer:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "name": "test",
+        "threads": 2,
+        "connection_limit": 100,
+        "idle_timeout": 30.0,
+        "request_timeout": 30.0,
+        "max_header_bytes": 8192,
+        "max_body_bytes": 0,
+        "max_held_bytes": 2**20,
+        "held_allowance": 4096,
+    }
+    server = WsgiServer(application, **{**settings, **given})
+    server.start()
+    return server
+
+
+def test_errors_answered_before_the_application_take_the_servers_error_document() -> None:
+    def never(_environ: WSGIEnvironment, _start: StartResponse) -> list[bytes]:
+        raise AssertionError("a malformed request reached the application")
+
+    server = serve(never, error_document=lambda status, message: {"errors": [status, message]})
+    try:
+        [(status, _, body)] = answers(exchange(server.port, MALFORMED["obs-fold"]))
+        [(too_large, _, sized)] = answers(
+            exchange(server.port, b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx")
+        )
+    finally:
+        server.stop()
+    assert status == 400
+    assert json.loads(body)["errors"][0] == 400
+    assert "obs-fold" in json.loads(body)["errors"][1]
+    assert (too_large, json.loads(sized)["errors"][0]) == (413, 413)
+
+
+def test_a_client_that_stops_reading_a_long_answer_is_cut_after_the_send_timeout() -> None:
+    """The idle timeout spares a connection whose answer is being written, and the thread
+    writing it waits for room in the output buffer: without the send timeout, for ever."""
+    ended = threading.Event()
+
+    def endless(_environ: WSGIEnvironment, start: StartResponse) -> Iterator[bytes]:
+        start("200 OK", [("Content-Type", "application/octet-stream")])
+        try:
+            while True:
+                yield b"x" * 65536
+        finally:
+            ended.set()
+
+    server = serve(endless, send_timeout=1.0, output_buffer=256 * 1024)
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        reader.connect(("127.0.0.1", server.port))
+        reader.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ended.wait(30), "the answer's thread was never freed"
+    finally:
+        reader.close()
+        server.stop()

@@ -764,12 +764,18 @@ def check_broker(m: Manifests) -> Iterator[str]:
 
 BLOB_CACHE_COMMAND = ["puller-blob-cache"]
 BLOB_CACHE_PATH = "/alive"
+BLOB_CACHE_MAX_CONNECTIONS = 128
+"""``--max-connections``'s default."""
+BLOB_CACHE_BASE = 64 * 2**20
+BLOB_CACHE_PER_CONNECTION = 640 * 2**10
+"""The memory the cache's limit must leave: for itself, and per connection at worst (a
+client that stops reading a blob being fetched: about 0.6 MiB, bench/blob_cache_clients.py)."""
 
 
 @dataclass
 class CacheRun:
     """The blob cache's container, and its arguments (``puller-blob-cache --upstream URL
-    --listen HOST:PORT --dir DIR --max-bytes N``)."""
+    --listen HOST:PORT --dir DIR --max-bytes N [--max-connections N]``)."""
 
     workload: Document
     container: Document
@@ -777,6 +783,7 @@ class CacheRun:
     listen: tuple[str, int]
     directory: str
     max_bytes: int
+    max_connections: int
 
     @property
     def pod(self) -> Document:
@@ -795,6 +802,7 @@ def cache_arguments(arguments: list[str]) -> argparse.Namespace:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--max-bytes", type=int, required=True)
+    parser.add_argument("--max-connections", type=int, default=BLOB_CACHE_MAX_CONNECTIONS)
     try:
         parsed, unknown = parser.parse_known_args(arguments)
     except argparse.ArgumentError as error:
@@ -820,7 +828,13 @@ def blob_caches(m: Manifests) -> Iterator[CacheRun | str]:
                     yield f"{where}: puller-blob-cache would refuse its arguments: {error}"
                     continue
                 yield CacheRun(
-                    workload, container, parsed.upstream, listen, parsed.dir, parsed.max_bytes
+                    workload,
+                    container,
+                    parsed.upstream,
+                    listen,
+                    parsed.dir,
+                    parsed.max_bytes,
+                    parsed.max_connections,
                 )
 
 
@@ -847,6 +861,7 @@ def check_blob_cache(m: Manifests) -> Iterator[str]:
         if context.get("runAsNonRoot") is not True or not context.get("runAsUser"):
             yield f"{where}: must run as a non-root user (runAsNonRoot, runAsUser)"
         yield from _cache_volume(cache)
+        yield from _cache_memory(cache)
         service = yield from _cache_service(m, cache)
         yield from _cache_policy(m, cache)
         if service is not None:
@@ -862,6 +877,16 @@ def _cache_volume(cache: CacheRun) -> Iterator[str]:
         yield (
             f"{cache.where}: --max-bytes {cache.max_bytes} must be below the volume's "
             f"sizeLimit {empty_dir['sizeLimit']} (the kubelet evicts a pod past it)"
+        )
+
+
+def _cache_memory(cache: CacheRun) -> Iterator[str]:
+    limit = cache.container.get("resources", {}).get("limits", {}).get("memory")
+    needed = BLOB_CACHE_BASE + BLOB_CACHE_PER_CONNECTION * cache.max_connections
+    if limit is None or quantity(limit) < needed:
+        yield (
+            f"{cache.where}: a memory limit of {limit} is below {needed // 2**20} MiB, what "
+            f"--max-connections {cache.max_connections} may take (64 MiB and 640 KiB each)"
         )
 
 
@@ -1414,6 +1439,11 @@ def _break_cache_volume(m: Manifests) -> None:
     _set_cache_argument(m, "--max-bytes", str(11 * 2**30))
 
 
+def _break_cache_memory(m: Manifests) -> None:
+    """More connections than its memory limit allows for."""
+    _set_cache_argument(m, "--max-connections", "2048")
+
+
 def _break_cache_service(m: Manifests) -> None:
     service = cast(Document, m.find("Service", "puller-blob-cache"))
     service["spec"]["ports"][0]["targetPort"] = 5002
@@ -1436,6 +1466,7 @@ CACHE_BREAKAGES = [
     _break_cache_probe,
     _break_cache_root,
     _break_cache_volume,
+    _break_cache_memory,
     _break_cache_service,
     _break_cache_policy,
     _break_cache_route,
