@@ -3,5 +3,5 @@
 - ``logs``: structlog to stdout, configured once per program
 - ``http``: a small threaded HTTP server (the standard library's), for the worker's
   health port and the HTTP gateway alike
-- ``settings``: settings read from the environment through one table per program
+- ``settings``: settings read from the environment, each declared once on its field
 """
