@@ -1,4 +1,5 @@
-"""The gateway's settings, read from the environment through one table."""
+"""The gateway's settings: one typed dataclass, each field declared once with its variable
+(see :mod:`serving.settings`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ from dataclasses import dataclass
 
 import serving.settings
 from serving.settings import (
-    BROKER_ROWS,
-    LOG_FORMAT,
-    POLICY_ROWS,
     BrokerAndPolicy,
     InvalidSetting,
     Setting,
     broker_tls,
-    check_table,
+    log_format_setting,
     number,
     read,
+    setting,
+    settings_of,
 )
 from serving.settings import whole_number as whole
 
@@ -26,13 +26,47 @@ __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
 
 @dataclass(frozen=True)
 class GatewaySettings(BrokerAndPolicy):
-    http_port: int = 5017
-    sha: str | None = None
-    log_format: str = "auto"
-    max_waiting: int = 64
-    max_connections: int = 8000
-    max_timeout: float = 600.0
-    connect_timeout: float = 5.0
+    http_port: int = setting(
+        "PULLER_HTTP_PORT",
+        whole,
+        5017,
+        help="the HTTP port (the original puller's)",
+        minimum=1,
+        maximum=65535,
+    )
+    sha: str | None = setting(
+        "SHA", str, None, help="the commit the image was built from, answered by `/sha`"
+    )
+    log_format: str = log_format_setting()
+    max_waiting: int = setting(
+        "PULLER_HTTP_MAX_WAITING",
+        whole,
+        64,
+        help="callers that may wait in `POST /pulls` at once; more get 503",
+        minimum=1,
+    )
+    max_connections: int = setting(
+        "PULLER_HTTP_MAX_CONNECTIONS",
+        whole,
+        8000,
+        help="connections held at once, slow or idle ones included; past it the oldest idle "
+        "one is closed for each new one",
+        minimum=1,
+    )
+    max_timeout: float = setting(
+        "PULLER_HTTP_MAX_TIMEOUT",
+        number,
+        600.0,
+        help="the longest `timeout` a `POST /pulls` may ask for, seconds",
+        minimum=1,
+    )
+    connect_timeout: float = setting(
+        "PULLER_CONNECT_TIMEOUT",
+        number,
+        5.0,
+        help="seconds to wait for RabbitMQ before answering 503",
+        minimum=0.1,
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -41,51 +75,8 @@ class GatewaySettings(BrokerAndPolicy):
         return settings
 
 
-SETTINGS: tuple[Setting, ...] = (
-    *BROKER_ROWS,
-    *POLICY_ROWS,
-    Setting(
-        "PULLER_HTTP_PORT",
-        "http_port",
-        "the HTTP port (the original puller's: 5017)",
-        whole,
-        minimum=1,
-        maximum=65535,
-    ),
-    Setting("SHA", "sha", "the commit the image was built from, answered by /sha"),
-    LOG_FORMAT,
-    Setting(
-        "PULLER_HTTP_MAX_WAITING",
-        "max_waiting",
-        "callers that may wait in `POST /pulls` at once; more get 503",
-        whole,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_HTTP_MAX_CONNECTIONS",
-        "max_connections",
-        "connections held at once, slow or idle ones included; past it the oldest idle one "
-        "is closed for each new one",
-        whole,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_HTTP_MAX_TIMEOUT",
-        "max_timeout",
-        "the longest `timeout` a `POST /pulls` may ask for, seconds",
-        number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_CONNECT_TIMEOUT",
-        "connect_timeout",
-        "seconds to wait for RabbitMQ before answering 503",
-        number,
-        minimum=0.1,
-    ),
-)
-check_table(GatewaySettings, SETTINGS)
+SETTINGS: tuple[Setting, ...] = settings_of(GatewaySettings)
 
 
 def environment_help() -> str:
-    return serving.settings.environment_help(SETTINGS, GatewaySettings())
+    return serving.settings.environment_help(GatewaySettings)

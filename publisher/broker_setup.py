@@ -27,7 +27,7 @@ the stream and break catch-up for every node. What no pattern can stop: exchange
 bindings need only write on the destination and read on the source, so a worker could bind
 ``puller.pulls`` to ``puller.presence`` (noise in the roster's stream), and a publisher
 ``puller.replies`` to ``puller.pulls`` (answers reach workers as malformed requests, which they
-refuse). Those users are trusted not to; see the README's Security section.
+refuse). Those users are trusted not to; see docs/security.md.
 
 What no permission can say either: "this queue only exclusive". A worker's user may declare its
 node's queue durable and shared, and a publisher's user any number of durable reply queues.

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from serving.settings import BROKER_ROWS, POLICY_ROWS, BrokerAndPolicy, Setting, check_table, read
+from serving.settings import BrokerAndPolicy, Setting, read, settings_of
 
 __all__ = ["SETTINGS", "PublisherSettings"]
 
@@ -21,6 +21,4 @@ class PublisherSettings(BrokerAndPolicy):
         return read(cls, SETTINGS, os.environ if env is None else env)
 
 
-SETTINGS: tuple[Setting, ...] = (*BROKER_ROWS, *POLICY_ROWS)
-
-check_table(PublisherSettings, SETTINGS)
+SETTINGS: tuple[Setting, ...] = settings_of(PublisherSettings)

@@ -1,7 +1,6 @@
-"""The worker's settings: one typed dataclass, built from the environment in one place.
-
-Every variable is one row of :data:`SETTINGS` (see :mod:`serving.settings`);
-``puller-worker --help``, the README's table and the deployment tests all follow it.
+"""The worker's settings: one typed dataclass, each field declared once with its variable
+(see :mod:`serving.settings`); ``puller-worker --help``, docs/configuration.md and the
+deployment tests all follow the declarations.
 """
 
 from __future__ import annotations
@@ -9,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import serving.settings
@@ -17,17 +16,17 @@ from contract import PRESENCE_INTERVAL
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 from serving.settings import (
-    BROKER_ROWS,
-    LOG_FORMAT,
-    POLICY_ROWS,
     BrokerAndPolicy,
     InvalidSetting,
     Setting,
     broker_tls,
-    check_table,
     choice,
+    computed_setting,
+    log_format_setting,
     number,
     read,
+    setting,
+    settings_of,
     whole_number,
 )
 from worker.admission import (
@@ -43,56 +42,275 @@ from worker.stores.pull_through import PULL_THROUGH_CACHES, CacheRoutes, cache_r
 __all__ = ["SETTINGS", "InvalidSetting", "WorkerSettings", "environment_help"]
 
 
+def valid_node_name(text: str) -> str:
+    if len(text) > MAX_NODE_NAME_LENGTH or not text.isprintable():
+        raise ValueError(f"a node name is 1 to {MAX_NODE_NAME_LENGTH} printable characters")
+    return text
+
+
 @dataclass(frozen=True)
 class WorkerSettings(BrokerAndPolicy):
-    allowed_publishers: frozenset[str] | None = None
-    """AMQP users whose requests are taken; ``None``: anyone who may publish."""
-    max_requests_per_minute: int = 0
-    """Pulls a minute started for live requests; 0: no cap."""
-    node_name: str = field(default_factory=socket.gethostname)
-    image_store: str = "docker"
-    """``docker`` or ``containerd``: which of the node's engines the worker pulls into."""
-    containerd_address: str = DEFAULT_ADDRESS
-    containerd_namespace: str = DEFAULT_NAMESPACE
-    containerd_snapshotter: str | None = None
-    """``None``: containerd's default snapshotter."""
-    containerd_hosts_dir: str | None = None
-    """containerd's ``hosts.toml`` directory for registries; ``None``: none."""
-    containerd_root: Path = Path(CONTAINERD_ROOT)
-    """containerd's root directory as the worker sees it (the disk figure for pruning)."""
-    docker_host: str | None = None
-    """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
-    docker_config: Path | None = None
-    """``None``: ``~/.docker``, as the docker SDK looks (see
-    :class:`worker.stores.registry_logins.DockerConfig`)."""
-    pull_through_caches: CacheRoutes = ()
-    """``(upstream, cache)`` pairs (see :mod:`worker.stores.pull_through`); empty: none."""
-    max_concurrent_pulls: int = 2
-    pull_timeout: float = 1800.0
-    stall_timeout: float = 120.0
-    pull_retries: int = 3
-    retry_delay: float = 1.0
-    registry_cooldown: float = 30.0
-    not_found_memory: float = 10.0
-    heartbeat: int = 30
-    presence_interval: float = PRESENCE_INTERVAL
-    shutdown_grace: float = 20.0
-    log_format: str = "auto"
-    history_max_age: float = DEFAULT_HISTORY_MAX_AGE
-    history_max_bytes: int = DEFAULT_HISTORY_MAX_BYTES
-    state_dir: Path = Path("/var/lib/puller")
-    health_port: int = 8080
-    health_max_connections: int = 4000
-    disk_high_water: float | None = None
-    """Percent of the engine's data disk used at which unused images are removed; ``None``:
-    never automatically (see ``worker.pruning``)."""
-    disk_low_water: float | None = None
-    """Percent to prune down to; ``None``: 10 points under ``disk_high_water``."""
-    disk_check_interval: float = 60.0
-    prune_keep_file: Path | None = None
-    prune_min_idle: float = DEFAULT_MIN_IDLE
-    docker_data_root: Path | None = None
-    """The engine's data root as this worker sees it; ``None``: the engine's DockerRootDir."""
+    allowed_publishers: frozenset[str] | None = setting(
+        ALLOWED_PUBLISHERS,
+        publisher_names,
+        None,
+        help="comma-separated AMQP users whose requests this node takes (RabbitMQ vouches for "
+        "a request's `user_id`); others answer `forbidden`",
+        unset="anyone who may publish",
+    )
+    max_requests_per_minute: int = setting(
+        MAX_REQUESTS_PER_MINUTE,
+        whole_number,
+        0,
+        help="pulls a minute this node starts for live requests (images it has, and requests "
+        "that join a running pull, do not count); more answer `rate_limited`; `0`: no cap",
+        minimum=0,
+    )
+    node_name: str = computed_setting(
+        "PULLER_NODE_NAME",
+        valid_node_name,
+        socket.gethostname,
+        help="this node's name in replies and in its queue's name (`puller.node.NAME`, "
+        "exclusive: each node needs its own)",
+        unset="the host name",
+    )
+    image_store: str = setting(
+        "PULLER_IMAGE_STORE",
+        choice("docker", "containerd"),
+        "docker",
+        help="`docker`: pull through the node's Docker Engine (`DOCKER_HOST`); `containerd`: "
+        "pull into the node's containerd with `ctr` (`CONTAINERD_ADDRESS`), where the kubelet "
+        "finds images",
+    )
+    containerd_address: str = setting(
+        "CONTAINERD_ADDRESS",
+        str,
+        DEFAULT_ADDRESS,
+        help="the node's containerd socket, for `PULLER_IMAGE_STORE=containerd` (ctr's own "
+        "variable)",
+    )
+    containerd_namespace: str = setting(
+        "PULLER_CONTAINERD_NAMESPACE",
+        str,
+        DEFAULT_NAMESPACE,
+        help="the containerd namespace images are pulled into: the kubelet's",
+    )
+    containerd_snapshotter: str | None = setting(
+        "PULLER_CONTAINERD_SNAPSHOTTER",
+        str,
+        None,
+        help="the snapshotter images are unpacked with; it must be the kubelet's",
+        unset="containerd's default",
+    )
+    containerd_hosts_dir: str | None = setting(
+        "PULLER_CONTAINERD_HOSTS_DIR",
+        str,
+        None,
+        help="a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as "
+        "containerd's `config_path`, mounted into the worker; registries on `localhost` and "
+        "loopback addresses are pulled over plain HTTP in any case",
+        unset="none",
+    )
+    containerd_root: Path = setting(
+        "PULLER_CONTAINERD_ROOT",
+        Path,
+        Path(CONTAINERD_ROOT),
+        help="containerd's root directory as this worker sees it, for the disk figure of "
+        "`PULLER_DISK_HIGH_WATER` on a containerd node: in a container, mount the node's "
+        "`/var/lib/containerd` there (read-only will do)",
+    )
+    docker_host: str | None = setting(
+        "DOCKER_HOST",
+        str,
+        None,
+        help="the node's Docker Engine (the docker SDK's own variable)",
+        unset="the local socket",
+    )
+    docker_config: Path | None = setting(
+        "DOCKER_CONFIG",
+        Path,
+        None,
+        help="the directory of a docker `config.json` whose `auths` (or "
+        "`credHelpers`/`credsStore`) log the worker in to private registries; read again at "
+        "every pull, so a rotated Secret counts from the next pull; without a login a registry "
+        "wants, the node answers `unauthorized` saying so (the docker SDK's own variable)",
+        unset="`~/.docker`",
+    )
+    """See :class:`worker.stores.registry_logins.DockerConfig`."""
+    pull_through_caches: CacheRoutes = setting(
+        PULL_THROUGH_CACHES,
+        cache_routes,
+        (),
+        help="comma-separated `UPSTREAM=CACHE` registry pairs (`HOST[:PORT]` each, as image "
+        "names spell them; `docker.io` for Docker Hub), e.g. `docker.io=cache.local:5002`: "
+        "layers of images from UPSTREAM are pulled through the cluster's CACHE first, so a slow "
+        "uplink carries each image about once; a cache that is down or fails means a warning "
+        "and a direct pull, never a failure",
+        unset="none",
+    )
+    """``(upstream, cache)`` pairs (see :mod:`worker.stores.pull_through`)."""
+    max_concurrent_pulls: int = setting(
+        "PULLER_MAX_CONCURRENT_PULLS",
+        whole_number,
+        2,
+        help="pulls at once on this node, taken in turn from each registry; identical requests "
+        "join a running pull",
+        minimum=1,
+    )
+    pull_timeout: float = setting(
+        "PULLER_PULL_TIMEOUT",
+        number,
+        1800.0,
+        help="seconds one pull may take before it is cancelled (`timeout`)",
+        minimum=1,
+    )
+    stall_timeout: float = setting(
+        "PULLER_STALL_TIMEOUT",
+        number,
+        120.0,
+        help="seconds with no word from the engine's pull stream before it is cancelled "
+        "(`stalled`)",
+        minimum=1,
+    )
+    pull_retries: int = setting(
+        "PULLER_PULL_RETRIES",
+        whole_number,
+        3,
+        help="further attempts after a transient failure (`registry_unreachable`, "
+        "`registry_error`, `stalled`)",
+        minimum=0,
+    )
+    retry_delay: float = setting(
+        "PULLER_RETRY_DELAY",
+        number,
+        1.0,
+        help="least seconds before a retry; each wait is drawn between it and 3 times the last "
+        "(jitter), up to 15",
+        minimum=0,
+    )
+    registry_cooldown: float = setting(
+        "PULLER_REGISTRY_COOLDOWN",
+        number,
+        30.0,
+        help="seconds a registry that does not answer is known down: its new pulls fail at "
+        "once; `0` turns it off",
+        minimum=0,
+    )
+    not_found_memory: float = setting(
+        "PULLER_NOT_FOUND_MEMORY",
+        number,
+        10.0,
+        help="seconds a `not_found` answer is repeated from memory for the same image; `0` "
+        "turns it off",
+        minimum=0,
+    )
+    heartbeat: int = setting(
+        "PULLER_HEARTBEAT", whole_number, 30, help="AMQP heartbeat, seconds", minimum=1
+    )
+    presence_interval: float = setting(
+        "PULLER_PRESENCE_INTERVAL",
+        number,
+        PRESENCE_INTERVAL,
+        help="seconds between presence announcements (publishers drop a node after three missed)",
+        minimum=0.1,
+    )
+    shutdown_grace: float = setting(
+        "PULLER_SHUTDOWN_GRACE",
+        number,
+        20.0,
+        help="seconds to finish pulls after SIGTERM, then 5 more to answer `cancelled`; keep "
+        "the sum below the pod's `terminationGracePeriodSeconds` (30 by default)",
+        minimum=0,
+    )
+    log_format: str = log_format_setting()
+    history_max_age: float = setting(
+        "PULLER_HISTORY_MAX_AGE",
+        number,
+        DEFAULT_HISTORY_MAX_AGE,
+        help="seconds a request stays replayable; older ones are never caught up on",
+        minimum=1,
+    )
+    history_max_bytes: int = setting(
+        "PULLER_HISTORY_MAX_BYTES",
+        whole_number,
+        DEFAULT_HISTORY_MAX_BYTES,
+        help="size bound of the history stream, whatever the age of what it holds",
+        minimum=100_000,
+    )
+    state_dir: Path = setting(
+        "PULLER_STATE_DIR",
+        Path,
+        Path("/var/lib/puller"),
+        help="on the node's own disk: how far this node has caught up, when it last used each "
+        "image, and pulls it owes itself since its engine was away (mount a host path in a "
+        "container)",
+    )
+    health_port: int = setting(
+        "PULLER_HEALTH_PORT",
+        whole_number,
+        8080,
+        help="HTTP port of `GET /alive`, `/ready` and `/metrics`; `0` turns it off",
+        minimum=0,
+        maximum=65535,
+    )
+    health_max_connections: int = setting(
+        "PULLER_HEALTH_MAX_CONNECTIONS",
+        whole_number,
+        4000,
+        help="connections the health port holds at once, slow or idle ones included; past it "
+        "the oldest idle one is closed for each new one",
+        minimum=1,
+    )
+    disk_high_water: float | None = setting(
+        "PULLER_DISK_HIGH_WATER",
+        number,
+        None,
+        help="percent used of the engine's data disk at which the worker removes unused "
+        "images, oldest-unused first, never one a container uses or the keep list names",
+        unset="never",
+        minimum=1,
+        maximum=99,
+    )
+    disk_low_water: float | None = setting(
+        "PULLER_DISK_LOW_WATER",
+        number,
+        None,
+        help="percent used to prune down to once over the high-water mark",
+        unset="10 under the high mark",
+        minimum=0,
+        maximum=98,
+    )
+    disk_check_interval: float = setting(
+        "PULLER_DISK_CHECK_INTERVAL",
+        number,
+        60.0,
+        help="seconds between checks of the disk against `PULLER_DISK_HIGH_WATER`",
+        minimum=1,
+    )
+    prune_keep_file: Path | None = setting(
+        "PULLER_PRUNE_KEEP_FILE",
+        Path,
+        None,
+        help="a file of images never to remove automatically: one reference a line, `#` "
+        "comments; read again at each pass (a bad line stops the worker at start, and skips a "
+        "pass later)",
+        unset="none",
+    )
+    prune_min_idle: float = setting(
+        "PULLER_PRUNE_MIN_IDLE",
+        number,
+        DEFAULT_MIN_IDLE,
+        help="seconds an image must have gone unused before the high-water mode may remove it",
+        minimum=0,
+    )
+    docker_data_root: Path | None = setting(
+        "PULLER_DOCKER_DATA_ROOT",
+        Path,
+        None,
+        help="the engine's data root as this worker sees it, for the disk figure: in a "
+        "container, mount the host's `/var/lib/docker` (read-only will do) and name it here",
+        unset="the engine's `DockerRootDir`",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -120,255 +338,9 @@ def _check_pruning(settings: WorkerSettings) -> None:
             raise InvalidSetting(f"PULLER_PRUNE_KEEP_FILE: {error}") from None
 
 
-def node_name(text: str) -> str:
-    if len(text) > MAX_NODE_NAME_LENGTH or not text.isprintable():
-        raise ValueError(f"a node name is 1 to {MAX_NODE_NAME_LENGTH} printable characters")
-    return text
-
-
-SETTINGS: tuple[Setting, ...] = (
-    *BROKER_ROWS,
-    *POLICY_ROWS,
-    Setting(
-        ALLOWED_PUBLISHERS,
-        "allowed_publishers",
-        "comma-separated AMQP users whose requests this node takes (the broker vouches for a "
-        "request's `user_id`); unset: anyone who may publish",
-        publisher_names,
-    ),
-    Setting(
-        MAX_REQUESTS_PER_MINUTE,
-        "max_requests_per_minute",
-        "pulls a minute this node starts for live requests (images it has, and requests that "
-        "join a running pull, do not count); more answer `rate_limited`; 0: no cap",
-        whole_number,
-        minimum=0,
-    ),
-    Setting(
-        "PULLER_NODE_NAME",
-        "node_name",
-        "this node's name in replies and in its queue name",
-        node_name,
-    ),
-    Setting(
-        "PULLER_IMAGE_STORE",
-        "image_store",
-        "`docker`: pull through the node's Docker Engine (`DOCKER_HOST`); `containerd`: pull "
-        "into the node's containerd with `ctr` (`CONTAINERD_ADDRESS`), where the kubelet finds "
-        "images",
-        choice("docker", "containerd"),
-    ),
-    Setting(
-        "CONTAINERD_ADDRESS",
-        "containerd_address",
-        f"the node's containerd socket, for `PULLER_IMAGE_STORE=containerd` (ctr's own "
-        f"variable; default `{DEFAULT_ADDRESS}`)",
-    ),
-    Setting(
-        "PULLER_CONTAINERD_NAMESPACE",
-        "containerd_namespace",
-        f"the containerd namespace images are pulled into (default `{DEFAULT_NAMESPACE}`, the "
-        "kubelet's)",
-    ),
-    Setting(
-        "PULLER_CONTAINERD_SNAPSHOTTER",
-        "containerd_snapshotter",
-        "the snapshotter images are unpacked with; it must be the kubelet's (unset: "
-        "containerd's default)",
-    ),
-    Setting(
-        "PULLER_CONTAINERD_HOSTS_DIR",
-        "containerd_hosts_dir",
-        "a containerd `hosts.toml` directory (mirrors, CAs, plain HTTP) for registries, as "
-        "containerd's `config_path`, mounted into the worker; unset: none (registries on "
-        "localhost and loopback addresses are pulled over plain HTTP in any case)",
-    ),
-    Setting(
-        "PULLER_CONTAINERD_ROOT",
-        "containerd_root",
-        "containerd's root directory as this worker sees it, for the disk figure of "
-        f"`PULLER_DISK_HIGH_WATER` (default `{CONTAINERD_ROOT}`: mount the node's there, "
-        "read-only will do)",
-        Path,
-    ),
-    Setting(
-        "DOCKER_HOST",
-        "docker_host",
-        "the node's Docker Engine (the docker SDK's own variable; unset: the local socket)",
-    ),
-    Setting(
-        "DOCKER_CONFIG",
-        "docker_config",
-        "the directory of a docker `config.json` that logs the worker in to private "
-        "registries (the docker SDK's own variable; unset: `~/.docker`); read again at every "
-        "pull, so a rotated Secret counts from the next pull",
-        Path,
-    ),
-    Setting(
-        PULL_THROUGH_CACHES,
-        "pull_through_caches",
-        "comma-separated `UPSTREAM=CACHE` registry pairs (`HOST[:PORT]`, e.g. "
-        "`docker.io=cache.local:5002`): layers of images from UPSTREAM come through the "
-        "cluster's CACHE, so a slow uplink carries each image about once; a cache that is "
-        "down or fails means a direct pull and a warning, never a failure; unset: none",
-        cache_routes,
-    ),
-    Setting(
-        "PULLER_MAX_CONCURRENT_PULLS",
-        "max_concurrent_pulls",
-        "pulls at once on this node; identical requests join a running pull",
-        whole_number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_PULL_TIMEOUT",
-        "pull_timeout",
-        "seconds one pull may take before it is cancelled (`timeout`)",
-        number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_STALL_TIMEOUT",
-        "stall_timeout",
-        "seconds with no word from the engine's pull stream before it is cancelled (`stalled`)",
-        number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_PULL_RETRIES",
-        "pull_retries",
-        "further attempts after a transient failure "
-        "(`registry_unreachable`, `registry_error`, `stalled`)",
-        whole_number,
-        minimum=0,
-    ),
-    Setting(
-        "PULLER_RETRY_DELAY",
-        "retry_delay",
-        "least seconds before a retry; each wait is drawn between it and 3 times the last "
-        "(jitter), up to 15",
-        number,
-        minimum=0,
-    ),
-    Setting(
-        "PULLER_REGISTRY_COOLDOWN",
-        "registry_cooldown",
-        "seconds a registry that does not answer is known down: its pulls fail at once; 0: off",
-        number,
-        minimum=0,
-    ),
-    Setting(
-        "PULLER_NOT_FOUND_MEMORY",
-        "not_found_memory",
-        "seconds a `not_found` answer is repeated from memory for the same image; 0: off",
-        number,
-        minimum=0,
-    ),
-    Setting("PULLER_HEARTBEAT", "heartbeat", "AMQP heartbeat, seconds", whole_number, minimum=1),
-    Setting(
-        "PULLER_PRESENCE_INTERVAL",
-        "presence_interval",
-        "seconds between presence announcements (publishers drop a node after three missed)",
-        number,
-        minimum=0.1,
-    ),
-    Setting(
-        "PULLER_SHUTDOWN_GRACE",
-        "shutdown_grace",
-        "seconds to finish pulls after SIGTERM, then 5 more to answer `cancelled`; keep the "
-        "sum below the pod's terminationGracePeriodSeconds (30 by default)",
-        number,
-        minimum=0,
-    ),
-    LOG_FORMAT,
-    Setting(
-        "PULLER_HISTORY_MAX_AGE",
-        "history_max_age",
-        "seconds a request stays replayable; older ones are never caught up on",
-        number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_HISTORY_MAX_BYTES",
-        "history_max_bytes",
-        "size bound of the history stream, whatever the age of what it holds",
-        whole_number,
-        minimum=100_000,
-    ),
-    Setting(
-        "PULLER_STATE_DIR",
-        "state_dir",
-        "on the node's own disk: how far this node has caught up, when it last used each "
-        "image, and pulls it owes itself since its engine was away (mount a host path in a "
-        "container)",
-        Path,
-    ),
-    Setting(
-        "PULLER_HEALTH_PORT",
-        "health_port",
-        "HTTP port of `GET /alive`, `/ready` and `/metrics`; `0` turns it off",
-        whole_number,
-        minimum=0,
-        maximum=65535,
-    ),
-    Setting(
-        "PULLER_HEALTH_MAX_CONNECTIONS",
-        "health_max_connections",
-        "connections the health port holds at once, slow or idle ones included; past it the "
-        "oldest idle one is closed for each new one",
-        whole_number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_DISK_HIGH_WATER",
-        "disk_high_water",
-        "percent used of the engine's data disk at which the worker removes unused images, "
-        "oldest-unused first (never one a container uses or the keep list names); unset: never",
-        number,
-        minimum=1,
-        maximum=99,
-    ),
-    Setting(
-        "PULLER_DISK_LOW_WATER",
-        "disk_low_water",
-        "percent used to prune down to once over the high-water mark; unset: 10 under it",
-        number,
-        minimum=0,
-        maximum=98,
-    ),
-    Setting(
-        "PULLER_DISK_CHECK_INTERVAL",
-        "disk_check_interval",
-        "seconds between checks of the disk against `PULLER_DISK_HIGH_WATER`",
-        number,
-        minimum=1,
-    ),
-    Setting(
-        "PULLER_PRUNE_KEEP_FILE",
-        "prune_keep_file",
-        "a file of images never to remove automatically, one reference a line, `#` comments; "
-        "read again at each pass",
-        Path,
-    ),
-    Setting(
-        "PULLER_PRUNE_MIN_IDLE",
-        "prune_min_idle",
-        "seconds an image must have gone unused before the high-water mode may remove it",
-        number,
-        minimum=0,
-    ),
-    Setting(
-        "PULLER_DOCKER_DATA_ROOT",
-        "docker_data_root",
-        "the engine's data root as this worker sees it, for its disk figure (unset: the "
-        "engine's DockerRootDir, right only when the worker sees that path)",
-        Path,
-    ),
-)
-
-check_table(WorkerSettings, SETTINGS)
+SETTINGS: tuple[Setting, ...] = settings_of(WorkerSettings)
 
 
 def environment_help() -> str:
     """The variables, for ``puller-worker --help``."""
-    return serving.settings.environment_help(SETTINGS, WorkerSettings(node_name="(host name)"))
+    return serving.settings.environment_help(WorkerSettings)

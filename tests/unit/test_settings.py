@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 import pytest
 
+import serving.settings
+from serving.settings import BrokerAndPolicy, read, settings_of, whole_number
 from worker.daemon import CANCEL_GRACE
 from worker.settings import SETTINGS, InvalidSetting, WorkerSettings, environment_help
 
@@ -72,3 +75,35 @@ def test_every_variable_is_read() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidSetting, match=message):
         WorkerSettings.from_env(env)
+
+
+def test_a_field_without_a_declaration_is_refused() -> None:
+    @dataclass(frozen=True)
+    class Undeclared(BrokerAndPolicy):
+        port: int = 1
+
+    with pytest.raises(TypeError, match=r"Undeclared\.port is not declared with setting\(\)"):
+        settings_of(Undeclared)
+
+
+def test_one_declaration_gives_the_field_its_reading_and_its_help() -> None:
+    @dataclass(frozen=True)
+    class Example:
+        port: int = serving.settings.setting(
+            "EXAMPLE_PORT", whole_number, 80, help="the port", maximum=90
+        )
+        token: str = serving.settings.setting("EXAMPLE_TOKEN", str, "", help="a token", secret=True)
+
+    (port, token) = settings_of(Example)
+    assert (port.env, port.attribute, port.default) == ("EXAMPLE_PORT", "port", 80)
+    assert read(Example, (port, token), {}) == Example()
+    assert read(Example, (port, token), {"EXAMPLE_PORT": "85"}).port == 85
+    with pytest.raises(InvalidSetting, match="EXAMPLE_PORT='95' must be at most 90"):
+        read(Example, (port, token), {"EXAMPLE_PORT": "95"})
+    assert "s3cret" not in repr(Example(token="s3cret"))  # noqa: S106 - a test value
+    assert token.file_env == "EXAMPLE_TOKEN_FILE" and "`EXAMPLE_TOKEN_FILE`" in token.meaning
+    assert "EXAMPLE_PORT" in serving.settings.environment_help(Example)
+
+
+def test_help_says_what_a_default_worked_out_at_start_is() -> None:
+    assert "(the host name)" in " ".join(environment_help().split())
