@@ -51,8 +51,9 @@ from worker.delivery import Delivery
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer
+from worker.pruning.disk_watch import DiskWatch, Housekeeping, engine_disk
 from worker.pruning.image_guard import ImageGuard
-from worker.pruning.pruner import DiskWatch, Housekeeping, Pruner, engine_disk
+from worker.pruning.pruner import Pruner
 from worker.pruning.requests import PruneRequests
 from worker.pruning.usage import USAGE_FILE, UsageLog
 from worker.pulls.observers import Observers

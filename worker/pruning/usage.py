@@ -13,10 +13,10 @@ Docker records no such thing, so the worker keeps it, per image id, in a small J
 
 Keyed by image id, not name: a tag moved to a new image leaves the old image unused. The
 file is written whole (a new file renamed into place), when it changed, every 30 seconds by
-the worker's housekeeping (:class:`worker.pruning.pruner.Housekeeping`), after each prune and at
-shutdown; a missing file starts empty, an unreadable one too, with a warning; an entry whose
-time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning, and the rest
-kept. Entries of images the engine no longer holds are dropped at each listing.
+the worker's housekeeping (:class:`worker.pruning.disk_watch.Housekeeping`), after each
+prune and at shutdown; a missing file starts empty, an unreadable one too, with a warning;
+an entry whose time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning,
+and the rest kept. Entries of images the engine no longer holds are dropped at each listing.
 
 Times only count up to now: a time later than the listing's ``now`` (written while the
 clock was ahead, even for a moment) is brought back to ``now`` at that listing, with a
