@@ -52,10 +52,10 @@ from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer
 from worker.pruning.disk_watch import DiskWatch, Housekeeping, engine_disk
-from worker.pruning.image_guard import ImageGuard
 from worker.pruning.pruner import Pruner
 from worker.pruning.requests import PruneRequests
 from worker.pruning.usage import USAGE_FILE, UsageLog
+from worker.pulls.image_guard import ImageGuard
 from worker.pulls.observers import Observers
 from worker.pulls.owed import DEFERRED_FILE, DeferredFile
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker

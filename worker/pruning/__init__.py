@@ -1,1 +1,1 @@
-"""Removing images a node no longer needs: the rules, last use, prune requests, the image guard."""
+"""Removing images a node no longer needs: the rules, last use, prune requests."""

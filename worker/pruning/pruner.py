@@ -25,7 +25,7 @@ The rules, in order, for every image the engine lists (dangling ones included):
    byte budget (``rule.bytes_to_free``) or the caller's stop condition is met.
 5. A candidate asked for since the pass listed the images (answered ``present`` or
    ``pulled``, or being pulled) stays (``kept_asked``): each removal begins through a
-   :class:`Removals` gate the pull service shares (:mod:`worker.pruning.image_guard`).
+   :class:`Removals` gate the pull service shares (:mod:`worker.pulls.image_guard`).
 
 Bytes freed are the removed images' sizes as the engine reports them (``docker images``
 SIZE): an upper bound when a removed image shares layers with one that stays. The
@@ -171,7 +171,7 @@ class Usage(Protocol):
 
 class Removals(Protocol):
     """Where removals begin and end, so that none crosses an answer
-    (:class:`worker.pruning.image_guard.ImageGuard`)."""
+    (:class:`worker.pulls.image_guard.ImageGuard`)."""
 
     def pass_started(self) -> int: ...
 

@@ -90,7 +90,7 @@ class UsageLog:
                 self._dirty = True
 
     def used_now(self, image_id: str) -> None:
-        """The image was claimed for an answer just now (:mod:`worker.pruning.image_guard`)."""
+        """The image was claimed for an answer just now (:mod:`worker.pulls.image_guard`)."""
         self.record(image_id, self._clock())
 
     def last_used(self, image_id: str) -> float | None:

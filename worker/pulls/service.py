@@ -14,7 +14,7 @@ Where each step runs:
   its slot back while it waits to retry. A registry known to be down fails fast
   (:mod:`worker.pulls.registry_health`).
 
-Every ``present`` and ``pulled`` is claimed first (:mod:`worker.pruning.image_guard`), so that it
+Every ``present`` and ``pulled`` is claimed first (:mod:`worker.pulls.image_guard`), so that it
 never crosses a prune: an image being removed is pulled again and answered ``pulled``.
 
 Nothing a request contains can raise out of this module: a worker never dies on a message.
@@ -46,7 +46,7 @@ from contract import (
 )
 from worker.admission import Admission, RequestLimiter
 from worker.metrics import WorkerMetrics
-from worker.pruning.image_guard import ImageGuard
+from worker.pulls.image_guard import ImageGuard
 from worker.pulls.observers import PullObserver
 from worker.pulls.owed import DeferredFile, DeferredPull
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker, says_registry_silent
