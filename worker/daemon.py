@@ -135,7 +135,7 @@ class Worker:
             self._service,
             self._broker,
             settings.history_max_age,
-            metrics=self.metrics,
+            observer=self.metrics,
             attempts=ReplayAttempts(settings.state_dir),
             working_limit=replay_slots(settings),
         )
@@ -294,7 +294,7 @@ class Worker:
     def _announce_arrival(self) -> None:
         """The connection's first presence announcement, confirmed before ``/ready`` says
         "connected": whoever reads the roster after that finds this node (announced
-        unconfirmed, a roster read at once could miss it, and did, in a test)."""
+        unconfirmed, a roster read at once could miss it)."""
         arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
         if not arrived:
             log.warning(

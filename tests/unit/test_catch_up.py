@@ -291,7 +291,7 @@ def worker_run(tmp_path: Path) -> tuple[CatchUp, FakeBroker, RecordingServer, Wo
         server,
         broker,
         3600,
-        metrics=metrics,
+        observer=metrics,
         attempts=ReplayAttempts(tmp_path),
     )
     catch_up.on_connect()

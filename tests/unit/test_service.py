@@ -24,6 +24,7 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from worker.admission import Admission, RequestLimiter
+from worker.pulls.observers import Observers, PullObserver
 from worker.pulls.owed import DEFERRED_FILE, MAX_FILE_BYTES, DeferredFile, DeferredPull
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
 from worker.pulls.service import PullService, RetryPolicy
@@ -860,6 +861,31 @@ def test_the_owed_pulls_file_is_written_whole_and_only_by_its_owner(tmp_path: Pa
     assert sorted(p.name for p in path.parent.iterdir()) == [DEFERRED_FILE]  # no leftovers
     DeferredFile(path).save({})
     assert not path.exists()
+
+
+class AnswerCounter(PullObserver):
+    """Implements one hook; the others are the base's, which do nothing."""
+
+    def __init__(self) -> None:
+        self.statuses: list[Status] = []
+
+    def answered(self, result: NodeResult, from_memory: bool) -> None:
+        self.statuses.append(result.status)
+
+
+def test_an_observer_implements_only_the_hooks_it_needs(store: FakeStore) -> None:
+    counter = AnswerCounter()
+    answers = Answers()
+    store.present.add("docker.io/library/there:1")
+    service = make_service(store, 1, observer=Observers(PullObserver(), counter))
+    try:
+        submit(service, answers, "there:1")
+        submit(service, answers, "missing:1")
+        answers.wait_for(2)
+        eventually(lambda: service.unfinished == 0)
+    finally:
+        service.shutdown(wait=True)
+    assert sorted(s.value for s in counter.statuses) == ["present", "pulled"]
 
 
 @dataclass

@@ -47,6 +47,7 @@ import structlog
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from contract.image_list import entries, file_text
+from worker.pulls.image_guard import carries
 from worker.stores.contract import DiskUsage, ImageInUse, PrunableStore, StoredImage
 
 __all__ = [
@@ -198,26 +199,7 @@ def keep_references(keep: Iterable[str]) -> tuple[ImageReference, ...]:
 
 def is_kept(image: StoredImage, keep: Sequence[ImageReference]) -> bool:
     """Whether a name or repository digest of ``image`` is one of ``keep`` (normalised)."""
-    if not keep:
-        return False
-    tags: set[tuple[str, str | None]] = set()
-    digests: set[tuple[str, str | None]] = set()
-    for name in (*image.names, *image.repo_digests):
-        try:
-            held = parse_reference(name)
-        except InvalidReference:
-            continue
-        if held.digest is not None:
-            digests.add((held.repository, held.digest))
-        else:
-            tags.add((held.repository, held.tag))
-    for reference in keep:
-        if reference.digest is not None:
-            if (reference.repository, reference.digest) in digests:
-                return True
-        elif (reference.repository, reference.tag) in tags:
-            return True
-    return False
+    return carries(image, keep)
 
 
 def last_used(image: StoredImage, usage: Usage, now: float) -> float:

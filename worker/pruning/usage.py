@@ -34,7 +34,8 @@ from typing import Any
 
 import structlog
 
-from contract import ImageReference, NodeResult, PullFailed
+from contract import NodeResult
+from worker.pulls.observers import PullObserver
 from worker.state_files import is_finite_number, parse_state, write_whole
 
 log = structlog.get_logger("worker.usage")
@@ -45,7 +46,7 @@ MAX_ENTRIES = 100_000
 """More than any engine holds; a bound on the file whatever happens."""
 
 
-class UsageLog:
+class UsageLog(PullObserver):
     """Per image id: last answered ``pulled``/``present`` (``used``) and first seen on the
     engine (``seen``), both seconds since the epoch. Thread-safe; a pull observer
     (``answered``) that never blocks on the disk."""
@@ -64,18 +65,6 @@ class UsageLog:
     def answered(self, result: NodeResult, from_memory: bool) -> None:
         if result.has_image and result.image_id:
             self.record(result.image_id, self._clock())
-
-    def attempt_started(self, image: ImageReference) -> None:
-        pass
-
-    def attempt_ended(
-        self,
-        image: ImageReference,
-        seconds: float,
-        bytes_received: int,
-        failure: PullFailed | None,
-    ) -> None:
-        pass
 
     # -- what pruning reads and writes -------------------------------------------------------
 

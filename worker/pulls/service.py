@@ -45,7 +45,6 @@ from contract import (
     Status,
 )
 from worker.admission import Admission, RequestLimiter
-from worker.metrics import WorkerMetrics
 from worker.pulls.image_guard import ImageGuard
 from worker.pulls.observers import PullObserver
 from worker.pulls.owed import DeferredFile, DeferredPull
@@ -135,14 +134,15 @@ class PullService:
         owed: DeferredFile | None = None,
         guard: ImageGuard | None = None,
     ) -> None:
-        """``admission``: who may ask for what (every request); ``limiter``: a cap on live
+        """``observer``: sees every outcome (none: nobody does); ``admission``: who may ask
+        for what (every request); ``limiter``: a cap on live
         requests that would start a pull; ``owed``: where the pulls made again once the
         engine answers are kept, for a restart (see :meth:`resume_owed`); ``guard``: the
         one pruning uses too, so that answers and removals never cross."""
         self.node = node
         self._admission = admission or Admission()
         self._limiter = limiter
-        self.observer: PullObserver = observer or WorkerMetrics()
+        self.observer: PullObserver = observer or PullObserver()
         self._store = store
         self._guard = guard or ImageGuard()
         self._retry = retry or RetryPolicy()
