@@ -57,9 +57,10 @@ from worker.pruning.requests import PruneRequests
 from worker.pruning.usage import USAGE_FILE, UsageLog
 from worker.pulls.image_guard import ImageGuard
 from worker.pulls.observers import Observers
-from worker.pulls.owed import DEFERRED_FILE, DeferredFile
+from worker.pulls.owed import OWED_FILE
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
-from worker.pulls.service import PullService, RetryPolicy
+from worker.pulls.retry import RetryPolicy
+from worker.pulls.service import PullService
 from worker.settings import WorkerSettings
 from worker.stores.containerd import ContainerdStore
 from worker.stores.contract import ImageStore, PrunableStore
@@ -109,7 +110,7 @@ class Worker:
             NotFoundMemory(settings.not_found_memory),
             observer=Observers(self.metrics, self.usage),
             admission=self.admission,
-            owed=DeferredFile(settings.state_dir / DEFERRED_FILE),
+            owed_file=settings.state_dir / OWED_FILE,
             guard=self._guard,
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)

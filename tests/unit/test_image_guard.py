@@ -23,7 +23,8 @@ from contract import (
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
 from worker.pulls.image_guard import ImageGuard, Ticket
-from worker.pulls.service import PullService, RetryPolicy
+from worker.pulls.retry import RetryPolicy
+from worker.pulls.service import PullService
 from worker.stores.contract import ImageInfo, PrunableStore, PullProgress, StoredImage
 
 DAY = 86400.0

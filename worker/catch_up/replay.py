@@ -55,7 +55,7 @@ from worker.broker import HistoryReading
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
 from worker.catch_up.ledger import Ledger, Place, entry_identity
 from worker.delivery import Delivery
-from worker.pulls.service import AnswerCallback, ProgressCallback
+from worker.pulls.answers import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 
