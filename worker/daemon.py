@@ -51,14 +51,16 @@ from worker.delivery import Delivery
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer
-from worker.pruning.image_guard import ImageGuard
-from worker.pruning.pruner import DiskWatch, Housekeeping, Pruner, engine_disk
+from worker.pruning.disk_watch import DiskWatch, Housekeeping, engine_disk
+from worker.pruning.pruner import Pruner
 from worker.pruning.requests import PruneRequests
 from worker.pruning.usage import USAGE_FILE, UsageLog
+from worker.pulls.image_guard import ImageGuard
 from worker.pulls.observers import Observers
-from worker.pulls.owed import DEFERRED_FILE, DeferredFile
+from worker.pulls.owed import OWED_FILE
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
-from worker.pulls.service import PullService, RetryPolicy
+from worker.pulls.retry import RetryPolicy
+from worker.pulls.service import PullService
 from worker.settings import WorkerSettings
 from worker.stores.containerd import ContainerdStore
 from worker.stores.contract import ImageStore, PrunableStore
@@ -108,7 +110,7 @@ class Worker:
             NotFoundMemory(settings.not_found_memory),
             observer=Observers(self.metrics, self.usage),
             admission=self.admission,
-            owed=DeferredFile(settings.state_dir / DEFERRED_FILE),
+            owed_file=settings.state_dir / OWED_FILE,
             guard=self._guard,
             limiter=(
                 RequestLimiter(settings.max_requests_per_minute)
@@ -134,7 +136,7 @@ class Worker:
             self._service,
             self._broker,
             settings.history_max_age,
-            metrics=self.metrics,
+            observer=self.metrics,
             attempts=ReplayAttempts(settings.state_dir),
             working_limit=replay_slots(settings),
         )
@@ -293,7 +295,7 @@ class Worker:
     def _announce_arrival(self) -> None:
         """The connection's first presence announcement, confirmed before ``/ready`` says
         "connected": whoever reads the roster after that finds this node (announced
-        unconfirmed, a roster read at once could miss it, and did, in a test)."""
+        unconfirmed, a roster read at once could miss it)."""
         arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
         if not arrived:
             log.warning(

@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics, served at ``GET /metrics`` on the health port.
 
-One more consumer of the same outcomes: the pull service reports each answer and each
-pull attempt to its observer (this), catch-up reports replays, the daemon reports
+One more consumer of the same outcomes: an observer of the pull service (each answer and
+each pull attempt) and of catch-up (replays), wired in by the daemon, which also reports
 connections. Every metric lives in the worker's own registry, so a test can run several.
 """
 
@@ -12,15 +12,17 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from contract import ImageReference, NodeResult, PullFailed
+from contract import ImageReference, NodeResult, PullFailed, PullRequest
 from serving.http import Response
+from worker.catch_up.replay import ReplayObserver, SkipReason
 from worker.pruning.pruner import PruneOutcome
+from worker.pulls.observers import PullObserver
 from worker.stores.contract import DiskUsage
 
 PULL_SECONDS_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-class WorkerMetrics:
+class WorkerMetrics(PullObserver, ReplayObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.answers = self._counter(
@@ -52,16 +54,16 @@ class WorkerMetrics:
             "('cache', or 'fallback': the cache could not be used and the pull went direct)",
             "via",
         )
-        self.replayed = self._counter(
+        self.replays = self._counter(
             "replayed", "History entries replayed (handed to the pull service) while catching up"
         )
-        self.replay_skipped = self._counter(
+        self.replays_skipped = self._counter(
             "replay_skipped",
             "History entries not replayed, by reason (served_live, too_old, invalid, forbidden, "
             "stopped_the_worker: the worker died each time it replayed it)",
             "reason",
         )
-        self.replay_failed = self._counter("replay_failed", "Replayed requests whose pull failed")
+        self.replays_failed = self._counter("replay_failed", "Replayed requests whose pull failed")
         self.replay_pending = self._gauge(
             "replay_pending", "Replayed requests in hand, not yet done"
         )
@@ -117,6 +119,19 @@ class WorkerMetrics:
         self.pulls.labels("pulled" if failure is None else failure.kind.value).inc()
         self.pull_seconds.observe(seconds)
         self.pulled_bytes.inc(bytes_received)
+
+    # -- catch-up's observer -----------------------------------------------------------------
+
+    def replay_started(self, request: PullRequest) -> None:
+        self.replays.inc()
+
+    def replay_skipped(self, reason: SkipReason) -> None:
+        self.replays_skipped.labels(reason).inc()
+
+    def replay_failed(self, result: NodeResult) -> None:
+        self.replays_failed.inc()
+
+    # -- the store ---------------------------------------------------------------------------
 
     def cache_outcome(self, via: str) -> None:
         """From the engine: one pull from a registry with a pull-through cache."""

@@ -27,7 +27,8 @@ from localcluster.registry import Login, Registry, docker_config
 from publisher import Publisher
 from tests.integration.conftest import PRESENCE_INTERVAL, ROSTER_MAX_AGE, new_vhost
 from tests.integration.tcp_proxy import TcpProxy
-from worker.pruning.pruner import PruneRule, engine_disk, prune
+from worker.pruning.disk_watch import engine_disk
+from worker.pruning.pruner import PruneRule, prune
 from worker.pruning.usage import UsageLog
 from worker.stores.containerd import PROBE_PREFIX, ContainerdStore, Platform
 from worker.stores.contract import ImageInfo, PullProgress

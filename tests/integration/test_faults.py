@@ -33,7 +33,7 @@ from localcluster.processes import free_port
 from publisher import Publisher
 from tests.integration.conftest import NODES, ROSTER_MAX_AGE, engine_has, run_cli, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
-from worker.pulls.owed import DEFERRED_FILE, DeferredFile
+from worker.pulls.owed import OWED_FILE, read_owed_file
 
 pytestmark = pytest.mark.integration
 
@@ -174,7 +174,7 @@ def test_a_pull_owed_while_the_engine_was_away_is_made_by_the_next_worker(
 
 def owed_by(worker: WorkerProcess) -> set[str]:
     """The images ``worker``'s node keeps on disk to pull once its engine answers."""
-    return {str(image) for image in DeferredFile(worker.state_dir / DEFERRED_FILE).load()}
+    return {str(image) for image in read_owed_file(worker.state_dir / OWED_FILE)}
 
 
 def test_a_registry_gone_silent_mid_layer_gives_stalled_within_the_stall_timeout(

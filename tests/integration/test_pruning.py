@@ -20,7 +20,8 @@ import pytest
 from contract import parse_reference
 from localcluster.engines import NodeEngine
 from localcluster.registry import Registry
-from worker.pruning.pruner import DiskWatch, Pruner, PruneRule, engine_disk, prune, read_keep_file
+from worker.pruning.disk_watch import DiskWatch, engine_disk
+from worker.pruning.pruner import Pruner, PruneRule, prune, read_keep_file
 from worker.pruning.usage import UsageLog
 from worker.stores.contract import DiskUsage
 from worker.stores.docker import DockerEngine

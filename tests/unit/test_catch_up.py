@@ -24,7 +24,7 @@ from worker.catch_up.replay import CatchUp, Phase
 from worker.delivery import Delivery
 from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
-from worker.pulls.service import AnswerCallback, ProgressCallback
+from worker.pulls.answers import AnswerCallback, ProgressCallback
 
 
 def test_the_saved_place_advances_only_over_entries_done_in_order(tmp_path: Path) -> None:
@@ -291,7 +291,7 @@ def worker_run(tmp_path: Path) -> tuple[CatchUp, FakeBroker, RecordingServer, Wo
         server,
         broker,
         3600,
-        metrics=metrics,
+        observer=metrics,
         attempts=ReplayAttempts(tmp_path),
     )
     catch_up.on_connect()

@@ -20,10 +20,11 @@ from contract import (
     Status,
     parse_reference,
 )
-from worker.pruning.image_guard import ImageGuard, Ticket
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
-from worker.pulls.service import PullService, RetryPolicy
+from worker.pulls.image_guard import ImageGuard, Ticket
+from worker.pulls.retry import RetryPolicy
+from worker.pulls.service import PullService
 from worker.stores.contract import ImageInfo, PrunableStore, PullProgress, StoredImage
 
 DAY = 86400.0

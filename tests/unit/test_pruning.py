@@ -11,16 +11,13 @@ from pathlib import Path
 import pytest
 
 from contract import ErrorKind, NodeResult, PullFailed, Status, parse_reference
+from worker.pruning.disk_watch import DiskUnreadable, DiskWatch, Housekeeping, engine_disk
 from worker.pruning.pruner import (
-    DiskUnreadable,
-    DiskWatch,
-    Housekeeping,
     KeepListError,
     PruneOutcome,
     Pruner,
     PruneRule,
     choose,
-    engine_disk,
     is_kept,
     last_used,
     parse_keep_list,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -24,9 +25,17 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from worker.admission import Admission, RequestLimiter
-from worker.pulls.owed import DEFERRED_FILE, MAX_FILE_BYTES, DeferredFile, DeferredPull
+from worker.pulls.observers import Observers, PullObserver
+from worker.pulls.owed import (
+    MAX_FILE_BYTES,
+    OWED_FILE,
+    OwedPull,
+    read_owed_file,
+    write_owed_file,
+)
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
-from worker.pulls.service import PullService, RetryPolicy
+from worker.pulls.retry import RetryPolicy
+from worker.pulls.service import PullService
 from worker.stores.contract import ImageInfo, PullProgress
 
 
@@ -598,7 +607,7 @@ def test_the_cap_counts_only_live_requests_that_start_a_pull(
 def test_an_image_that_failed_while_the_engine_was_away_is_pulled_once_it_answers(
     store: FakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
     store.failures["docker.io/library/flaky:1"] = [away, away]
     answers = Answers()
@@ -610,7 +619,7 @@ def test_an_image_that_failed_while_the_engine_was_away_is_pulled_once_it_answer
         assert "pulls it by itself once its engine answers again" in result.error.message
         eventually(lambda: "docker.io/library/flaky:1" in store.present)
         assert len(store.pulls) == 3  # two attempts answered, then one when the engine was back
-        eventually(lambda: service.deferred == 0 and service.unfinished == 0)
+        eventually(lambda: service.owed_waiting == 0 and service.unfinished == 0)
         assert len(answers.results) == 1  # the later pull answers no one
     finally:
         service.shutdown(wait=True)
@@ -622,7 +631,7 @@ def test_with_allowed_publishers_the_later_pull_goes_out_as_its_first_asker(
     """The pull made once the engine is back is checked as the request it stands for: by
     the publisher that asked (with PULLER_ALLOWED_PUBLISHERS, a pull nobody asked for would
     be refused)."""
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
     store.failures["docker.io/library/flaky:1"] = [away]
     answers = Answers()
@@ -637,7 +646,7 @@ def test_with_allowed_publishers_the_later_pull_goes_out_as_its_first_asker(
         result = answers.wait_for(1)[0]
         assert result.error is not None and result.error.kind is ErrorKind.ENGINE_UNAVAILABLE
         eventually(lambda: "docker.io/library/flaky:1" in store.present)
-        eventually(lambda: service.deferred == 0 and service.unfinished == 0)
+        eventually(lambda: service.owed_waiting == 0 and service.unfinished == 0)
     finally:
         service.shutdown(wait=True)
 
@@ -668,21 +677,21 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
 ) -> None:
     """The worker stops while its engine is still away; the next one makes the pulls, each
     checked again as the publisher that asked."""
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
-    path = tmp_path / DEFERRED_FILE
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / OWED_FILE
     store = AwayStore()
     store.away.set()
     answers = Answers()
-    first = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    first = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
     try:
         first.submit(request_for("flaky:1"), answers.answer, asked_by="sessions")
         first.submit(PullRequest.new(parse_reference("warm:1"), lane=Lane.WARM), answers.answer)
         answers.wait_for(2)
-        eventually(lambda: len(DeferredFile(path).load()) == 2)
+        eventually(lambda: len(read_owed_file(path)) == 2)
         eventually(lambda: store.pulls.count("away docker.io/library/flaky:1") == 1)
     finally:
         first.shutdown(wait=True)
-    kept = {str(image): (o.lane, o.asked_by) for image, o in DeferredFile(path).load().items()}
+    kept = {str(image): (o.lane, o.asked_by) for image, o in read_owed_file(path).items()}
     assert kept == {
         "docker.io/library/flaky:1": (Lane.SESSION, "sessions"),
         "docker.io/library/warm:1": (Lane.WARM, None),
@@ -690,13 +699,13 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
 
     store.away.clear()
     second = make_service(
-        store, 1, owed=DeferredFile(path), admission=Admission(publishers=frozenset({"sessions"}))
+        store, 1, owed_file=path, admission=Admission(publishers=frozenset({"sessions"}))
     )
     try:
         assert second.resume_owed() == 2
         eventually(lambda: "docker.io/library/flaky:1" in store.present)
         eventually(lambda: not path.exists())  # nothing owed any more
-        eventually(lambda: second.deferred == 0 and second.unfinished == 0)
+        eventually(lambda: second.owed_waiting == 0 and second.unfinished == 0)
         # Asked by nobody, which these rules do not allow: refused now, and not owed.
         assert "docker.io/library/warm:1" not in store.present
     finally:
@@ -725,16 +734,16 @@ class HeldStore(AwayStore):
 def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
-    path = tmp_path / DEFERRED_FILE
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / OWED_FILE
     store = HeldStore(hold_at=3)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "restarting")
     store.failures["docker.io/library/flaky:1"] = [away, away]  # the engine answers, pulls fail
-    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
     try:
         service.submit(request_for("flaky:1"), Answers().answer)
         assert store.held.wait(10)  # the first failed, the one made again failed: a third runs
-        kept = {str(image): owed.tries for image, owed in DeferredFile(path).load().items()}
+        kept = {str(image): owed.tries for image, owed in read_owed_file(path).items()}
         assert kept == {"docker.io/library/flaky:1": 2}  # made again twice, counted on disk
         store.release.set()
         eventually(lambda: "docker.io/library/flaky:1" in store.present)
@@ -749,16 +758,18 @@ def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
 ) -> None:
     """The store answers questions but every pull of this image finds it away (a pull that
     takes the store down): made again OWED_MAX_TRIES times, then given up, on disk too."""
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.02)
-    monkeypatch.setattr("worker.pulls.service.OWED_MAX_TRIES", 3)
-    path = tmp_path / DEFERRED_FILE
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.02)
+    monkeypatch.setattr("worker.pulls.owed.OWED_MAX_TRIES", 3)
+    path = tmp_path / OWED_FILE
     store = AwayStore()
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "the engine went away mid-pull")
     store.failures["docker.io/library/poison:1"] = [away] * 50
-    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed=DeferredFile(path))
+    service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
     try:
         service.submit(request_for("poison:1"), Answers().answer)
-        eventually(lambda: service.deferred == 0 and service.unfinished == 0 and not path.exists())
+        eventually(
+            lambda: service.owed_waiting == 0 and service.unfinished == 0 and not path.exists()
+        )
         time.sleep(0.2)  # no more remaking: nothing to wait for
         assert store.pulls.count("docker.io/library/poison:1") == 1 + 3
     finally:
@@ -768,17 +779,18 @@ def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
 def test_owed_pulls_older_than_a_day_are_given_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.02)
-    path = tmp_path / DEFERRED_FILE
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.02)
+    path = tmp_path / OWED_FILE
     now = time.time()
-    DeferredFile(path).save(
+    write_owed_file(
+        path,
         {
-            parse_reference("old:1"): DeferredPull(Lane.SESSION, None, now - 2 * 24 * 3600),
-            parse_reference("new:1"): DeferredPull(Lane.SESSION, None, now - 60),
-        }
+            parse_reference("old:1"): OwedPull(Lane.SESSION, None, now - 2 * 24 * 3600),
+            parse_reference("new:1"): OwedPull(Lane.SESSION, None, now - 60),
+        },
     )
     store = AwayStore()
-    service = make_service(store, 1, owed=DeferredFile(path))
+    service = make_service(store, 1, owed_file=path)
     try:
         assert service.resume_owed() == 2
         eventually(lambda: service.unfinished == 0 and not path.exists())
@@ -790,14 +802,12 @@ def test_owed_pulls_older_than_a_day_are_given_up(
 def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
-    path = tmp_path / DEFERRED_FILE
-    DeferredFile(path).save(
-        {parse_reference("slow:1"): DeferredPull(Lane.SESSION, None, time.time())}
-    )
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
+    path = tmp_path / OWED_FILE
+    write_owed_file(path, {parse_reference("slow:1"): OwedPull(Lane.SESSION, None, time.time())})
     store = AwayStore()
     store.gates["docker.io/library/slow:1"] = threading.Event()
-    service = make_service(store, 1, owed=DeferredFile(path))
+    service = make_service(store, 1, owed_file=path)
     try:
         assert service.resume_owed() == 1
         eventually(lambda: store.running == 1)  # made again, and held
@@ -805,13 +815,13 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
         eventually(lambda: service.unfinished == 0)
     finally:
         service.shutdown(wait=True)
-    assert [str(i) for i in DeferredFile(path).load()] == ["docker.io/library/slow:1"]
+    assert [str(i) for i in read_owed_file(path)] == ["docker.io/library/slow:1"]
 
 
 def test_an_owed_pull_with_infinity_is_skipped_and_one_from_the_future_is_owed_from_now(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = tmp_path / DEFERRED_FILE
+    path = tmp_path / OWED_FILE
     path.write_text(
         '{"pulls": ['
         '{"image": "infinite:1", "lane": "session", "since": Infinity},'
@@ -820,7 +830,7 @@ def test_an_owed_pull_with_infinity_is_skipped_and_one_from_the_future_is_owed_f
         '{"image": "fine:1", "lane": "session", "since": 5}]}'
     )
     before = time.time()
-    kept = DeferredFile(path).load()
+    kept = read_owed_file(path)
     assert sorted(str(image) for image in kept) == [
         "docker.io/library/ahead:1",
         "docker.io/library/fine:1",
@@ -834,32 +844,105 @@ def test_an_owed_pull_with_infinity_is_skipped_and_one_from_the_future_is_owed_f
 
 
 def test_the_owed_pulls_file_is_read_entry_by_entry(tmp_path: Path) -> None:
-    path = tmp_path / DEFERRED_FILE
+    path = tmp_path / OWED_FILE
     for content in ("{not json", '{"pulls": 3}', "[" * 100_000, '{"pulls": []}'):
         path.write_text(content)
-        assert DeferredFile(path).load() == {}
+        assert read_owed_file(path) == {}
     path.write_text(
         '{"pulls": [{"image": "not an image!"}, {"image": "a:1", "lane": "bulk"}, 7,'
         ' {"image": "b:1", "lane": "warm", "asked_by": "ops", "since": 5, "tries": 2}]}'
     )
-    kept = {str(image): owed for image, owed in DeferredFile(path).load().items()}
+    kept = {str(image): owed for image, owed in read_owed_file(path).items()}
     assert kept["docker.io/library/a:1"].lane is Lane.SESSION  # a lane it does not know
-    assert kept["docker.io/library/b:1"] == DeferredPull(Lane.WARM, "ops", 5.0, 2)
+    assert kept["docker.io/library/b:1"] == OwedPull(Lane.WARM, "ops", 5.0, 2)
     assert len(kept) == 2
     path.write_text(" " * (MAX_FILE_BYTES + 1))
-    assert DeferredFile(path).load() == {}
-    assert DeferredFile(tmp_path / "absent.json").load() == {}
+    assert read_owed_file(path) == {}
+    assert read_owed_file(tmp_path / "absent.json") == {}
 
 
 def test_the_owed_pulls_file_is_written_whole_and_only_by_its_owner(tmp_path: Path) -> None:
-    path = tmp_path / "state" / DEFERRED_FILE
-    owed = {parse_reference("a:1"): DeferredPull(Lane.WARM, "ops", 12.5, 1)}
-    DeferredFile(path).save(owed)
-    assert DeferredFile(path).load() == owed
+    path = tmp_path / "state" / OWED_FILE
+    owed = {parse_reference("a:1"): OwedPull(Lane.WARM, "ops", 12.5, 1)}
+    write_owed_file(path, owed)
+    assert read_owed_file(path) == owed
     assert path.stat().st_mode & 0o777 == 0o600
-    assert sorted(p.name for p in path.parent.iterdir()) == [DEFERRED_FILE]  # no leftovers
-    DeferredFile(path).save({})
+    assert sorted(p.name for p in path.parent.iterdir()) == [OWED_FILE]  # no leftovers
+    write_owed_file(path, {})
     assert not path.exists()
+
+
+def test_a_worker_upgraded_in_place_makes_the_pulls_its_predecessor_owed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker upgraded in place finds its predecessor's file, under the name and in the
+    form that version wrote, and makes what it owed (each as the publisher that asked)."""
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.02)
+    state = tmp_path / "state"
+    state.mkdir()
+    legacy = state / "deferred-pulls.json"
+    legacy.write_text(
+        json.dumps(
+            {
+                "pulls": [
+                    {
+                        "image": "docker.io/library/flaky:1",
+                        "lane": "session",
+                        "asked_by": "sessions",
+                        "since": time.time() - 60,
+                        "tries": 1,
+                    },
+                    {
+                        "image": "docker.io/library/warm:1",
+                        "lane": "warm",
+                        "asked_by": "sessions",
+                        "since": time.time() - 60,
+                        "tries": 0,
+                    },
+                ]
+            }
+        )
+    )
+    store = AwayStore()
+    service = make_service(
+        store,
+        1,
+        owed_file=state / OWED_FILE,
+        admission=Admission(publishers=frozenset({"sessions"})),
+    )
+    try:
+        assert service.resume_owed() == 2
+        eventually(
+            lambda: {"docker.io/library/flaky:1", "docker.io/library/warm:1"} <= store.present
+        )
+        eventually(lambda: not legacy.exists() and service.unfinished == 0)
+    finally:
+        service.shutdown(wait=True)
+
+
+class AnswerCounter(PullObserver):
+    """Implements one hook; the others are the base's, which do nothing."""
+
+    def __init__(self) -> None:
+        self.statuses: list[Status] = []
+
+    def answered(self, result: NodeResult, from_memory: bool) -> None:
+        self.statuses.append(result.status)
+
+
+def test_an_observer_implements_only_the_hooks_it_needs(store: FakeStore) -> None:
+    counter = AnswerCounter()
+    answers = Answers()
+    store.present.add("docker.io/library/there:1")
+    service = make_service(store, 1, observer=Observers(PullObserver(), counter))
+    try:
+        submit(service, answers, "there:1")
+        submit(service, answers, "missing:1")
+        answers.wait_for(2)
+        eventually(lambda: service.unfinished == 0)
+    finally:
+        service.shutdown(wait=True)
+    assert sorted(s.value for s in counter.statuses) == ["present", "pulled"]
 
 
 @dataclass
@@ -919,7 +1002,7 @@ def test_a_session_pull_interrupts_running_warm_pulls_which_go_on_afterwards() -
 def test_an_engine_error_gets_one_more_try_a_few_seconds_later_and_no_more(
     store: FakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.pulls.service.ENGINE_WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     odd = PullFailed(ErrorKind.ENGINE_ERROR, "error creating something: words never seen")
     store.failures["docker.io/library/flaky:1"] = [odd, odd, odd]
     answers = Answers()
@@ -931,6 +1014,6 @@ def test_an_engine_error_gets_one_more_try_a_few_seconds_later_and_no_more(
         eventually(lambda: len(store.pulls) == 2 and service.unfinished == 0)
         time.sleep(0.3)  # absence of a third try: nothing to wait for
         assert len(store.pulls) == 2
-        assert service.deferred == 0
+        assert service.owed_waiting == 0
     finally:
         service.shutdown(wait=True)

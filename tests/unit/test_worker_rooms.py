@@ -64,3 +64,13 @@ def test_the_rooms_import_one_way() -> None:
         TopologicalSorter(graph).prepare()
     except CycleError as error:
         raise AssertionError(f"rooms importing each other: {error.args[1]}") from None
+
+
+def test_the_pull_service_and_catch_up_import_no_observer_implementation() -> None:
+    """Observers (the metrics, the usage log) subclass the hooks; the daemon wires them in."""
+    observed = {
+        module: sorted(name for name in names if name == "worker.metrics" or "pruning" in name)
+        for module, names in IMPORTS.items()
+        if room(module) in {"worker.pulls", "worker.catch_up"}
+    }
+    assert observed == {module: [] for module in observed}

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
@@ -55,8 +55,7 @@ from worker.broker import HistoryReading
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
 from worker.catch_up.ledger import Ledger, Place, entry_identity
 from worker.delivery import Delivery
-from worker.metrics import WorkerMetrics
-from worker.pulls.service import AnswerCallback, ProgressCallback
+from worker.pulls.answers import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 
@@ -66,6 +65,24 @@ the image is there)."""
 
 CHECKPOINT_INTERVAL = 30.0
 """Seconds between saves of how far a connected, caught-up node has got."""
+
+
+SkipReason = Literal["served_live", "too_old", "invalid", "forbidden", "stopped_the_worker"]
+"""Why a history entry was not replayed (``forbidden``: this node's rules refused it)."""
+
+
+class ReplayObserver:
+    """Sees what catching up does (the metrics); each hook does nothing here, a subclass
+    implements those it needs. Called on the connection's thread; must not block."""
+
+    def replay_started(self, request: PullRequest) -> None:
+        """A history entry is handed to the pull service."""
+
+    def replay_skipped(self, reason: SkipReason) -> None:
+        """A history entry is not replayed, or its answer does not count as a failure."""
+
+    def replay_failed(self, result: NodeResult) -> None:
+        """A replayed request's pull failed."""
 
 
 class Phase(Enum):
@@ -139,15 +156,16 @@ class CatchUp:
         broker: HistoryBroker,
         max_age: float,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
-        metrics: WorkerMetrics | None = None,
+        observer: ReplayObserver | None = None,
         attempts: ReplayAttempts | None = None,
         working_limit: int = 64,
     ) -> None:
-        """``attempts``: the entries in hand, written down over restarts (memory only by
-        default); ``working_limit``: entries handed to the pull service at once (the stream
-        delivers whole chunks, beyond its prefetch: the rest wait here)."""
+        """``observer``: sees replays and skips (none: nobody does); ``attempts``: the entries
+        in hand, written down over restarts (memory only by default); ``working_limit``:
+        entries handed to the pull service at once (the stream delivers whole chunks, beyond
+        its prefetch: the rest wait here)."""
         self.node = node
-        self._metrics = metrics or WorkerMetrics()
+        self._observer = observer or ReplayObserver()
         self._attempts = attempts or ReplayAttempts(None)
         self._waiting: deque[_Work] = deque()
         """Entries not yet handed over: behind a suspect, or a suspect behind others."""
@@ -303,12 +321,12 @@ class CatchUp:
             entry = decode_history(delivery.body)
         except InvalidMessage as error:
             log.warning("skipping a history entry that breaks the contract", error=str(error))
-            self._metrics.replay_skipped.labels("invalid").inc()
+            self._observer.replay_skipped("invalid")
             self._entry_done(delivery, None)
             return
         except Exception:
             log.exception("decoding a history entry failed unexpectedly")
-            self._metrics.replay_skipped.labels("invalid").inc()
+            self._observer.replay_skipped("invalid")
             self._entry_done(delivery, None)
             return
         if isinstance(entry, HistoryMarker):
@@ -322,11 +340,11 @@ class CatchUp:
                 image=str(entry.image),
                 age=round(age),
             )
-            self._metrics.replay_skipped.labels("too_old").inc()
+            self._observer.replay_skipped("too_old")
             self._entry_done(delivery, None)
             return
         if entry.request_id in self._seen_live:
-            self._metrics.replay_skipped.labels("served_live").inc()
+            self._observer.replay_skipped("served_live")
             self._entry_done(delivery, None)
             return
         starts = self._attempts.starts(offset, identity)
@@ -339,7 +357,7 @@ class CatchUp:
                 offset=offset,
                 runs=starts,
             )
-            self._metrics.replay_skipped.labels("stopped_the_worker").inc()
+            self._observer.replay_skipped("stopped_the_worker")
             self._attempts.skip(offset)
             self._entry_done(delivery, None)
             return
@@ -373,7 +391,7 @@ class CatchUp:
         log.info(
             "replaying", request_id=request.request_id, image=str(request.image), offset=work.offset
         )
-        self._metrics.replayed.inc()
+        self._observer.replay_started(request)
         self._attempts.begin(work.offset, work.identity)
         self._working[delivery] = work.suspect
         self._suspects_working += work.suspect
@@ -402,14 +420,14 @@ class CatchUp:
             return
         if error is not None and error.kind is ErrorKind.FORBIDDEN:
             # Refused by this node's rules: not the node's failure; nothing to catch up on.
-            self._metrics.replay_skipped.labels("forbidden").inc()
-        elif error is not None:
+            self._observer.replay_skipped("forbidden")
+        elif result is not None and error is not None:
             self._failed += 1
-            self._metrics.replay_failed.inc()
+            self._observer.replay_failed(result)
             log.warning(
                 "a replayed pull failed",
-                request_id=result.request_id if result else None,
-                image=result.image if result else None,
+                request_id=result.request_id,
+                image=result.image,
                 error=error.message,
             )
         self._ledger.done(delivery.history_offset)

@@ -25,23 +25,16 @@ The rules, in order, for every image the engine lists (dangling ones included):
    byte budget (``rule.bytes_to_free``) or the caller's stop condition is met.
 5. A candidate asked for since the pass listed the images (answered ``present`` or
    ``pulled``, or being pulled) stays (``kept_asked``): each removal begins through a
-   :class:`Removals` gate the pull service shares (:mod:`worker.pruning.image_guard`).
+   :class:`Removals` gate the pull service shares (:mod:`worker.pulls.image_guard`).
 
 Bytes freed are the removed images' sizes as the engine reports them (``docker images``
 SIZE): an upper bound when a removed image shares layers with one that stays. The
-automatic mode therefore stops by reading the disk again after each removal, not by sizes.
-
-The automatic mode (:class:`DiskWatch`): when the engine's data disk is at least
-``PULLER_DISK_HIGH_WATER`` percent used, candidates with no age rule but
-``PULLER_PRUNE_MIN_IDLE`` (an hour: an image just pulled for a session that is about to
-start is not taken) are removed until the disk is below ``PULLER_DISK_LOW_WATER`` (by default
-10 points under the high mark).
+automatic mode (:mod:`worker.pruning.disk_watch`) therefore stops by reading the disk again
+after each removal, not by sizes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -54,13 +47,11 @@ import structlog
 
 from contract import ErrorKind, ImageReference, InvalidReference, PullFailed, parse_reference
 from contract.image_list import entries, file_text
+from worker.pulls.image_guard import carries
 from worker.stores.contract import DiskUsage, ImageInUse, PrunableStore, StoredImage
 
 __all__ = [
-    "DiskUnreadable",
     "DiskUsage",
-    "DiskWatch",
-    "Housekeeping",
     "ImageInUse",
     "KeepListError",
     "PruneOutcome",
@@ -70,8 +61,6 @@ __all__ = [
     "Removals",
     "StoredImage",
     "choose",
-    "disk_usage",
-    "engine_disk",
     "is_kept",
     "last_used",
     "parse_keep_list",
@@ -81,9 +70,9 @@ __all__ = [
 
 log = structlog.get_logger("worker.pruning")
 
-DEFAULT_LOW_WATER_MARGIN = 10.0
-"""Percentage points under the high-water mark the automatic mode prunes down to."""
 DEFAULT_MIN_IDLE = 3600.0
+"""Seconds the automatic mode leaves an image alone after its last use: an image just
+pulled for a session that is about to start is not taken."""
 
 
 class KeepListError(ValueError):
@@ -183,7 +172,7 @@ class Usage(Protocol):
 
 class Removals(Protocol):
     """Where removals begin and end, so that none crosses an answer
-    (:class:`worker.pruning.image_guard.ImageGuard`)."""
+    (:class:`worker.pulls.image_guard.ImageGuard`)."""
 
     def pass_started(self) -> int: ...
 
@@ -210,26 +199,7 @@ def keep_references(keep: Iterable[str]) -> tuple[ImageReference, ...]:
 
 def is_kept(image: StoredImage, keep: Sequence[ImageReference]) -> bool:
     """Whether a name or repository digest of ``image`` is one of ``keep`` (normalised)."""
-    if not keep:
-        return False
-    tags: set[tuple[str, str | None]] = set()
-    digests: set[tuple[str, str | None]] = set()
-    for name in (*image.names, *image.repo_digests):
-        try:
-            held = parse_reference(name)
-        except InvalidReference:
-            continue
-        if held.digest is not None:
-            digests.add((held.repository, held.digest))
-        else:
-            tags.add((held.repository, held.tag))
-    for reference in keep:
-        if reference.digest is not None:
-            if (reference.repository, reference.digest) in digests:
-                return True
-        elif (reference.repository, reference.tag) in tags:
-            return True
-    return False
+    return carries(image, keep)
 
 
 def last_used(image: StoredImage, usage: Usage, now: float) -> float:
@@ -442,48 +412,6 @@ def read_keep_file(path: Path) -> tuple[str, ...]:
     return parse_keep_list(text, str(path))
 
 
-# -- the disk ----------------------------------------------------------------------------------
-
-
-class DiskUnreadable(Exception):
-    """The engine's data disk cannot be read from here; the message says what to set."""
-
-
-def disk_usage(path: str | Path) -> DiskUsage:
-    """The file system holding ``path``; raises :class:`DiskUnreadable`."""
-    try:
-        total, used, free = shutil.disk_usage(path)
-    except OSError as error:
-        raise DiskUnreadable(f"cannot read the disk of {path}: {error.strerror}") from None
-    return DiskUsage(str(path), total, used, free)
-
-
-def engine_disk(
-    store: PrunableStore, data_root: Path | None, setting: str = "PULLER_DOCKER_DATA_ROOT"
-) -> DiskUsage:
-    """The disk of the engine's data: ``data_root`` (the path as this worker sees it, from
-    ``setting``) or else the engine's own ``DockerRootDir``, which is only right when the
-    worker sees the same file system there (no container, or that path mounted)."""
-    if data_root is not None:
-        try:
-            return disk_usage(data_root)
-        except DiskUnreadable as error:
-            raise DiskUnreadable(f"{setting}: {error}") from None
-    try:
-        path = store.data_root()
-    except PullFailed as failure:
-        raise DiskUnreadable(f"cannot ask the engine for its data root: {failure}") from None
-    if not path:
-        raise DiskUnreadable("the engine does not say where its data root is")
-    try:
-        return disk_usage(path)
-    except DiskUnreadable as error:
-        raise DiskUnreadable(
-            f"{error} (the engine's DockerRootDir, not visible to this worker): mount it "
-            "into the worker, or set PULLER_DOCKER_DATA_ROOT to where this worker sees it"
-        ) from None
-
-
 # -- running passes: on request, and when the disk fills -----------------------------------------
 
 
@@ -531,147 +459,3 @@ class Pruner:
             images = self._store.images()
             self._usage.saw((image.image_id for image in images), self._clock())
             self._usage.flush()
-
-
-class DiskWatch:
-    """The automatic mode: :meth:`check` prunes when the disk is at or over ``high_water``
-    percent, oldest-unused first, until it is under ``low_water``."""
-
-    def __init__(
-        self,
-        pruner: Pruner,
-        read_disk: Callable[[], DiskUsage],
-        high_water: float,
-        low_water: float | None = None,
-        keep_file: Path | None = None,
-        min_idle: float = DEFAULT_MIN_IDLE,
-        on_disk: Callable[[DiskUsage], None] | None = None,
-    ) -> None:
-        self._pruner = pruner
-        self._read_disk = read_disk
-        self.high_water = high_water
-        self.low_water = (
-            max(0.0, high_water - DEFAULT_LOW_WATER_MARGIN) if low_water is None else low_water
-        )
-        self._keep_file = keep_file
-        self._min_idle = min_idle
-        self._on_disk = on_disk
-        self._problem: str | None = None
-
-    def check(self) -> PruneOutcome | None:
-        """Reads the disk; prunes when it is over the mark. ``None``: nothing to do, or the
-        disk or keep list cannot be read (logged, once while the reason stays the same)."""
-        try:
-            disk = self._read_disk()
-        except DiskUnreadable as error:
-            self._report(f"the disk high-water mark is not checked: {error}")
-            return None
-        self._report(None)
-        if self._on_disk is not None:
-            self._on_disk(disk)
-        if disk.used_percent < self.high_water:
-            return None
-        try:
-            keep = read_keep_file(self._keep_file) if self._keep_file is not None else ()
-        except KeepListError as error:  # never prune without the keep list it was given
-            self._report(f"not pruning: PULLER_PRUNE_KEEP_FILE: {error}")
-            return None
-        log.warning(
-            "the engine's disk is over the high-water mark; removing unused images",
-            used_percent=round(disk.used_percent, 1),
-            high_water=self.high_water,
-            low_water=self.low_water,
-            path=disk.path,
-        )
-        rule = PruneRule(keep=keep, min_idle=self._min_idle)
-        try:
-            outcome = self._pruner.prune(rule, enough=self._under_low_water)
-        except PullFailed as failure:
-            log.warning("cannot prune: the engine cannot list its images", error=str(failure))
-            return None
-        with contextlib.suppress(DiskUnreadable):
-            after = self._read_disk()
-            if self._on_disk is not None:
-                self._on_disk(after)
-            log.info(
-                "disk after pruning",
-                used_percent=round(after.used_percent, 1),
-                under_low_water=after.used_percent < self.low_water,
-            )
-        return outcome
-
-    def _under_low_water(self, _freed: int) -> bool:
-        try:
-            return self._read_disk().used_percent < self.low_water
-        except DiskUnreadable:
-            return True  # cannot tell: stop rather than remove blindly
-
-    def _report(self, problem: str | None) -> None:
-        if problem is not None and problem != self._problem:
-            log.warning(problem)
-        self._problem = problem
-
-
-class Housekeeping:
-    """The worker's thread for pruning's bookkeeping: at start it notes the images the engine
-    holds (their age counts from then), then writes the usage log when due and, with a
-    :class:`DiskWatch`, checks the disk every ``interval`` seconds."""
-
-    def __init__(
-        self,
-        usage: Usage,
-        pruner: Pruner | None,
-        watch: DiskWatch | None,
-        interval: float,
-        flush_interval: float = 30.0,
-    ) -> None:
-        self._usage = usage
-        self._pruner = pruner
-        self._watch = watch
-        self._interval = interval
-        self._tick = min(interval, flush_interval)
-        self._flush_interval = flush_interval
-        self._problem: str | None = None
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stops the thread (a pass under way ends first, up to ``timeout``) and writes the
-        usage log."""
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._usage.flush()
-
-    def _run(self) -> None:
-        noted = self._pruner is None
-        last_check = last_flush = float("-inf")
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            if not noted and self._pruner is not None:
-                noted = self._step(self._pruner.note_images)
-            if self._watch is not None and now - last_check >= self._interval:
-                last_check = now
-                self._step(self._watch.check)
-            if now - last_flush >= self._flush_interval:
-                last_flush = now
-                self._step(self._usage.flush)
-            self._stopping.wait(self._tick)
-
-    def _step(self, work: Callable[[], object]) -> bool:
-        """Runs ``work``; ``False`` when it failed (logged once while the reason stays)."""
-        try:
-            work()
-        except PullFailed as failure:
-            if str(failure) != self._problem:
-                log.info("housekeeping: the engine is not reachable", error=str(failure))
-            self._problem = str(failure)
-            return False
-        except Exception:  # a bug must not end the thread, nor the worker
-            log.exception("housekeeping failed; trying again later")
-            return False
-        self._problem = None
-        return True

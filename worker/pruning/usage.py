@@ -13,10 +13,10 @@ Docker records no such thing, so the worker keeps it, per image id, in a small J
 
 Keyed by image id, not name: a tag moved to a new image leaves the old image unused. The
 file is written whole (a new file renamed into place), when it changed, every 30 seconds by
-the worker's housekeeping (:class:`worker.pruning.pruner.Housekeeping`), after each prune and at
-shutdown; a missing file starts empty, an unreadable one too, with a warning; an entry whose
-time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning, and the rest
-kept. Entries of images the engine no longer holds are dropped at each listing.
+the worker's housekeeping (:class:`worker.pruning.disk_watch.Housekeeping`), after each
+prune and at shutdown; a missing file starts empty, an unreadable one too, with a warning;
+an entry whose time is no finite number (``Infinity``, ``NaN``) is skipped, with a warning,
+and the rest kept. Entries of images the engine no longer holds are dropped at each listing.
 
 Times only count up to now: a time later than the listing's ``now`` (written while the
 clock was ahead, even for a moment) is brought back to ``now`` at that listing, with a
@@ -34,7 +34,8 @@ from typing import Any
 
 import structlog
 
-from contract import ImageReference, NodeResult, PullFailed
+from contract import NodeResult
+from worker.pulls.observers import PullObserver
 from worker.state_files import is_finite_number, parse_state, write_whole
 
 log = structlog.get_logger("worker.usage")
@@ -45,7 +46,7 @@ MAX_ENTRIES = 100_000
 """More than any engine holds; a bound on the file whatever happens."""
 
 
-class UsageLog:
+class UsageLog(PullObserver):
     """Per image id: last answered ``pulled``/``present`` (``used``) and first seen on the
     engine (``seen``), both seconds since the epoch. Thread-safe; a pull observer
     (``answered``) that never blocks on the disk."""
@@ -65,18 +66,6 @@ class UsageLog:
         if result.has_image and result.image_id:
             self.record(result.image_id, self._clock())
 
-    def attempt_started(self, image: ImageReference) -> None:
-        pass
-
-    def attempt_ended(
-        self,
-        image: ImageReference,
-        seconds: float,
-        bytes_received: int,
-        failure: PullFailed | None,
-    ) -> None:
-        pass
-
     # -- what pruning reads and writes -------------------------------------------------------
 
     def record(self, image_id: str, when: float) -> None:
@@ -90,7 +79,7 @@ class UsageLog:
                 self._dirty = True
 
     def used_now(self, image_id: str) -> None:
-        """The image was claimed for an answer just now (:mod:`worker.pruning.image_guard`)."""
+        """The image was claimed for an answer just now (:mod:`worker.pulls.image_guard`)."""
         self.record(image_id, self._clock())
 
     def last_used(self, image_id: str) -> float | None:

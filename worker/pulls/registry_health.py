@@ -5,8 +5,9 @@
   instead of each holding a pull slot for the stall timeout.
 - :class:`NotFoundMemory`: an image the registry just said does not exist is answered
   ``not_found`` from memory for a few seconds, so a flood of requests for it costs nothing.
+- :class:`RegistryHealth`: both, as the pull service tells them what each attempt showed.
 
-Both are thread-safe and take the clock as an argument for tests.
+All are thread-safe; the first two take the clock as an argument for tests.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ that gives up marks it down at once)."""
 MAX_REGISTRIES = 1000
 """Registries with failures kept at most (a flood of requests naming distinct unreachable
 registries must not grow the worker): the least recently failed go first."""
+REGISTRY_ANSWERED_KINDS = frozenset(
+    {ErrorKind.NOT_FOUND, ErrorKind.UNAUTHORIZED, ErrorKind.REGISTRY_ERROR}
+)
+"""Failures that show the registry is up: it answered, if only to say no."""
 
 
 @dataclass
@@ -168,6 +173,42 @@ class NotFoundMemory:
             if expires > now and self._bytes <= self.max_bytes:
                 return
             self._drop(name)
+
+
+class RegistryHealth:
+    """What pull attempts showed about registries and images: the breaker and the
+    not-found memory, fed and asked as one."""
+
+    def __init__(self, breaker: RegistryBreaker, not_found: NotFoundMemory) -> None:
+        self._breaker = breaker
+        self._not_found = not_found
+
+    def refusal(self, image: ImageReference) -> PullFailed | None:
+        """A failure to answer at once, without pulling, when the registry is known down."""
+        return self._breaker.refusal(image)
+
+    def recall(self, image: ImageReference) -> PullFailed | None:
+        """``not_found`` from memory, when the registry said so moments ago."""
+        failure = self._not_found.recall(image)
+        if failure is None:
+            return None
+        return PullFailed(
+            failure.kind, f"{failure.message} (answered from memory: seen moments ago)"
+        )
+
+    def pulled(self, image: ImageReference) -> None:
+        self._breaker.answered(image)
+        self._not_found.forget(image)
+
+    def attempt_failed(
+        self, image: ImageReference, failure: PullFailed, bytes_received: int, last: bool
+    ) -> None:
+        """An attempt failed (``last``: the pull gives up after it)."""
+        if says_registry_silent(failure, bytes_received):
+            self._breaker.attempt_failed(image, failure, gave_up=last)
+        elif failure.kind in REGISTRY_ANSWERED_KINDS:
+            self._breaker.answered(image)
+        self._not_found.remember(image, failure)
 
 
 ENTRY_OVERHEAD = 250

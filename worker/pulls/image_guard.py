@@ -21,11 +21,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from contract import ImageReference
-from worker.pruning.pruner import is_kept
+from contract import ImageReference, InvalidReference, parse_reference
 from worker.stores.contract import ImageInfo, StoredImage
 
 REMOVED_MEMORY = 60.0
@@ -155,7 +154,7 @@ class ImageGuard:
         with self._lock:
             if self._claimed.get(image.image_id, 0) > snapshot:
                 return False
-            if self._held and is_kept(image, tuple(self._held)):
+            if self._held and carries(image, tuple(self._held)):
                 return False
             self._removing[image.image_id] = image
             return True
@@ -214,7 +213,7 @@ class ImageGuard:
             self._on_use(image_id)
 
     def _removing_named(self, reference: ImageReference) -> bool:
-        return any(is_kept(image, (reference,)) for image in self._removing.values())
+        return any(carries(image, (reference,)) for image in self._removing.values())
 
     def _sweep(self) -> None:
         """Forgets removals no open ticket predates and older than :data:`REMOVED_MEMORY`."""
@@ -225,3 +224,28 @@ class ImageGuard:
             if number >= oldest_open or when > cutoff:
                 return
             del self._removed[image_id]
+
+
+def carries(image: StoredImage, references: Sequence[ImageReference]) -> bool:
+    """Whether a name or repository digest of ``image`` is one of ``references``, both
+    normalised as ``docker pull`` reads them; a reference with a digest matches by it."""
+    if not references:
+        return False
+    tags: set[tuple[str, str | None]] = set()
+    digests: set[tuple[str, str | None]] = set()
+    for name in (*image.names, *image.repo_digests):
+        try:
+            held = parse_reference(name)
+        except InvalidReference:
+            continue
+        if held.digest is not None:
+            digests.add((held.repository, held.digest))
+        else:
+            tags.add((held.repository, held.tag))
+    for reference in references:
+        if reference.digest is not None:
+            if (reference.repository, reference.digest) in digests:
+                return True
+        elif (reference.repository, reference.tag) in tags:
+            return True
+    return False
