@@ -61,7 +61,7 @@ class WorkerSettings(BrokerAndPolicy):
     containerd_root: Path = Path(CONTAINERD_ROOT)
     """containerd's root directory as the worker sees it (the disk figure for pruning)."""
     docker_host: str | None = None
-    """``None``: the docker SDK's own default (``DOCKER_HOST`` or the local socket)."""
+    """``None``: the local socket, ``/var/run/docker.sock``."""
     docker_config: Path | None = None
     """``None``: ``~/.docker``, as the docker SDK looks (see
     :class:`worker.stores.registry_logins.DockerConfig`)."""
