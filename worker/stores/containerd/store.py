@@ -40,7 +40,7 @@ from worker.stores.containerd.output import (
     repository,
 )
 from worker.stores.containerd.platforms import Platform, node_platform, platform_manifest
-from worker.stores.contract import ImageInfo, PullProgress, StoredImage, store_name
+from worker.stores.contract import ImageInfo, ImageInUse, PullProgress, StoredImage, store_name
 from worker.stores.failures import cancelled, interrupted
 from worker.stores.image_index import ImageIndex
 from worker.stores.registry_logins import DockerConfig, RegistryLogin
@@ -297,25 +297,21 @@ class ContainerdStore:
         and their sandboxes', running or not): the image id the CRI plugin recorded for a
         container it made, else the image its name points at now."""
         made_from = self._containers_images()
-        refs, ids = self._listing()
-        by_name = {ref.name: ref.target for ref in refs}
-        used = set()
-        for image in made_from:
-            if image in by_name:
-                used.add(ids[by_name[image]])
-            elif DIGEST.fullmatch(image):
-                used.add(image)  # an image id, listed or not
-        return used
+        return _used(made_from, *self._listing())
 
     def remove_image(self, image_id: str) -> bool:
         """Removes every name of the image, its id last (``ctr images rm --sync``: the
-        content is collected before this returns). containerd refuses nothing, so an image
-        a container uses is not protected here: pruning lists containers just before."""
+        content is collected before this returns). containerd itself refuses nothing, so the
+        store refuses as the Docker Engine does: :class:`ImageInUse` when a container of the
+        namespace was made from the image."""
+        made_from = self._containers_images()
         refs, ids = self._listing()
         names = [ref.name for ref in refs if ids[ref.target] == image_id]
         names.sort(key=lambda name: bool(DIGEST.fullmatch(name)))  # the id last
         if not names:
             return False
+        if image_id in _used(made_from, refs, ids):
+            raise ImageInUse(f"a container in namespace {self._namespace} uses {image_id}")
         self._ctr.query("images", "rm", "--sync", *names, timeout=REMOVE_TIMEOUT)
         return True
 
@@ -465,3 +461,15 @@ class ContainerdStore:
         failure = ctr_failure(said, image, self._address, login)
         log.info("ctr pull failed", image=str(image), said=said, kind=failure.kind.value)
         return failure
+
+
+def _used(made_from: list[str], refs: list[ListedRef], ids: dict[str, str]) -> set[str]:
+    """The ids of the images containers were made from (by name, or by id)."""
+    by_name = {ref.name: ref.target for ref in refs}
+    used = set()
+    for image in made_from:
+        if image in by_name:
+            used.add(ids[by_name[image]])
+        elif DIGEST.fullmatch(image):
+            used.add(image)  # an image id, listed or not
+    return used
