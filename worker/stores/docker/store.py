@@ -69,7 +69,6 @@ class DockerEngine:
         self._docker_config = docker_config or DockerConfig.from_environment()
         self._stall_timeout = stall_timeout
         self._pull_timeout = pull_timeout
-        self._inspect_timeout = inspect_timeout
         self._api = EngineApi(docker_host, inspect_timeout)
         self._lock = threading.Lock()
         self._streams: dict[Stream, ImageReference] = {}
