@@ -123,8 +123,10 @@ class WorkerSettings(BrokerAndPolicy):
         "DOCKER_HOST",
         str,
         None,
-        help="the node's Docker Engine (the docker SDK's own variable)",
-        unset="the local socket",
+        help="the node's Docker Engine: `unix://PATH`, `tcp://HOST:PORT`, `http://` or "
+        "`https://` (checked against the system's certificate authorities; `SSL_CERT_FILE` "
+        "adds one), as the docker CLI spells it",
+        unset="the local socket, `/var/run/docker.sock`",
     )
     docker_config: Path | None = setting(
         "DOCKER_CONFIG",

@@ -30,7 +30,9 @@ from tests.integration.tcp_proxy import TcpProxy
 from worker.pruning.disk_watch import engine_disk
 from worker.pruning.pruner import PruneRule, prune
 from worker.pruning.usage import UsageLog
-from worker.stores.containerd import PROBE_PREFIX, ContainerdStore, Platform
+from worker.stores.containerd import ContainerdStore
+from worker.stores.containerd.events import PROBE_PREFIX
+from worker.stores.containerd.platforms import Platform
 from worker.stores.contract import ImageInfo, PullProgress
 from worker.stores.registry_logins import DockerConfig
 

@@ -1,4 +1,5 @@
-"""A stand-in for ``ctr``, for the unit tests of :class:`worker.stores.containerd.CtrImageEvents`:
+"""A stand-in for ``ctr``, for the unit tests of ``ctr events`` as the image index's feed
+(:class:`worker.stores.containerd.events.CtrImageEvents`):
 ``python fake_ctr.py STATE_DIR COMMAND...``.
 
 - ``namespaces create|remove NAME``: logged to ``STATE_DIR/log``;

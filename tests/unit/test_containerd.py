@@ -17,24 +17,20 @@ import pytest
 
 from contract import ErrorKind, PullFailed
 from contract.reference import parse_reference
-from worker.stores.containerd import (
-    ADVICE,
+from worker.stores.containerd import ContainerdStore
+from worker.stores.containerd.ctr import ADVICE, ctr_failure, plain_http
+from worker.stores.containerd.output import (
     CRI_CONTAINER_METADATA,
     FIRST_FRAME_WAIT,
-    ContainerdStore,
     ListedRef,
-    Platform,
     PullOutput,
     container_image,
-    ctr_failure,
     event_of,
     listed_refs,
     listed_target,
-    node_platform,
-    plain_http,
-    platform_manifest,
     size,
 )
+from worker.stores.containerd.platforms import Platform, node_platform, platform_manifest
 from worker.stores.contract import PullProgress, store_name
 from worker.stores.failures import classified
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.stores import containerd
-from worker.stores.containerd import PROBE_PREFIX, CtrImageEvents
+from worker.stores.containerd import events as containerd
+from worker.stores.containerd.events import PROBE_PREFIX, CtrImageEvents
 
 FAKE_CTR = Path(__file__).with_name("fake_ctr.py")
 

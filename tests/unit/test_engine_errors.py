@@ -10,7 +10,7 @@ import pytest
 
 from contract import ErrorKind, parse_reference
 from localcluster.registry import docker_config
-from worker.stores.docker import repository_digest
+from worker.stores.docker.records import repository_digest
 from worker.stores.failures import classified
 from worker.stores.registry_logins import BasicLogin, DockerConfig, RegistryLogin
 

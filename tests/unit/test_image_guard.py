@@ -7,120 +7,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from contract import (
     CheckRequest,
-    ImageReference,
     NodeResult,
     PullRequest,
     Status,
     parse_reference,
 )
+from tests.fakes.store import MemoryStore
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
 from worker.pulls.image_guard import ImageGuard, Ticket
 from worker.pulls.retry import RetryPolicy
 from worker.pulls.service import PullService
-from worker.stores.contract import ImageInfo, PrunableStore, PullProgress, StoredImage
+from worker.stores.contract import ImageInfo, PrunableStore, StoredImage
 
 DAY = 86400.0
 NOW = 1_800_000_000.0
 OLD = "registry.example/old:1"
-
-
-@dataclass
-class RacyStore:
-    """An engine whose steps a test can hold: a removal waits on ``removal_gate``; hooks run
-    right after a lookup and in the middle of a pull."""
-
-    names: dict[str, str] = field(default_factory=dict)
-    """Name -> image id, as the engine holds them now."""
-    index: dict[str, str] = field(default_factory=dict)
-    """What the store's memory says (stale until :meth:`forget_index`)."""
-    events: list[str] = field(default_factory=list)
-    removal_gate: threading.Event = field(default_factory=threading.Event)
-    removing: threading.Event = field(default_factory=threading.Event)
-    after_find: Callable[[], None] | None = None
-    during_pull: Callable[[], None] | None = None
-    pull_gives: dict[str, str] = field(default_factory=dict)
-    """Name -> the image id a pull of it gives (default: a new id of its own)."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self.removal_gate.set()
-
-    # -- ImageStore --------------------------------------------------------------------------
-    def describe(self) -> str:
-        return "racy"
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def version(self) -> str:
-        return "1"
-
-    def cancel_pulls(self) -> None:
-        pass
-
-    def known_image(self, image: ImageReference) -> ImageInfo | None:
-        image_id = self.index.get(str(image))
-        return None if image_id is None else ImageInfo(image_id, None)
-
-    def find_image(self, image: ImageReference) -> ImageInfo | None:
-        with self.lock:
-            image_id = self.names.get(str(image))
-        self.events.append(f"found {image}: {image_id}")
-        hook, self.after_find = self.after_find, None
-        if hook is not None:
-            hook()
-        return None if image_id is None else ImageInfo(image_id, None)
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        name = str(image)
-        image_id = self.pull_gives.get(name, f"sha256:{name}")
-        with self.lock:
-            self.names[name] = image_id
-        hook, self.during_pull = self.during_pull, None
-        if hook is not None:
-            hook()
-        self.events.append(f"pulled {name}")
-        return ImageInfo(image_id, None)
-
-    # -- PrunableStore -----------------------------------------------------------------------
-    def images(self) -> list[StoredImage]:
-        with self.lock:
-            by_id: dict[str, list[str]] = {}
-            for name, image_id in self.names.items():
-                by_id.setdefault(image_id, []).append(name)
-        return [StoredImage(i, tuple(n), (), 100, None, None) for i, n in by_id.items()]
-
-    def images_in_use(self) -> set[str]:
-        return set()
-
-    def remove_image(self, image_id: str) -> bool:
-        self.removing.set()
-        assert self.removal_gate.wait(10)
-        with self.lock:
-            names = [n for n, i in self.names.items() if i == image_id]
-            for name in names:
-                del self.names[name]
-        self.events.append(f"removed {image_id}")
-        return bool(names)
-
-    def data_root(self) -> str:
-        return "/"
-
-    def forget_index(self) -> None:
-        self.index.clear()
 
 
 class Answers:
@@ -141,7 +50,7 @@ class Answers:
 
 @dataclass
 class Node:
-    store: RacyStore
+    store: MemoryStore
     guard: ImageGuard
     service: PullService
     pruner: Pruner
@@ -174,7 +83,8 @@ class Node:
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
-    store = RacyStore(names={OLD: "sha256:old"}, index={OLD: "sha256:old"})
+    store = MemoryStore(events_lag=True)  # its memory stale until forget_index()
+    store.hold(OLD, "sha256:old", remembered=True)
     usage = UsageLog(tmp_path / "usage.json", clock=lambda: NOW)
     usage.saw(["sha256:old"], NOW - 40 * DAY)  # unused for 40 days: the pass takes it
     guard = ImageGuard(on_use=usage.used_now)
@@ -193,7 +103,7 @@ def eventually(condition: Callable[[], bool]) -> None:
 
 
 def test_the_racy_store_is_a_prunable_store() -> None:
-    assert isinstance(RacyStore(), PrunableStore)
+    assert isinstance(MemoryStore(), PrunableStore)
 
 
 def test_asked_for_between_the_choice_and_the_removal_it_stays(node: Node) -> None:
@@ -251,12 +161,12 @@ def test_the_memory_of_an_image_removed_just_now_is_not_trusted(node: Node) -> N
 
 def test_a_removal_does_not_begin_while_a_pull_holds_the_name(node: Node) -> None:
     node.store.forget_index()
-    del node.store.names[OLD]  # the node lacks it: the request pulls it
+    node.store.drop(OLD)  # the node lacks it: the request pulls it
     outcomes: list[PruneOutcome] = []
 
     def prune_now() -> None:
         # The pulled image is on the engine, unused for 40 days as far as the log knows.
-        node.store.names[OLD] = "sha256:old"
+        node.store.hold(OLD, "sha256:old")
         outcomes.append(node.pruner.prune(PruneRule(unused_for=30 * DAY)))
 
     node.store.pull_gives[OLD] = "sha256:old"

@@ -39,7 +39,6 @@ import yaml
 
 from contract import BrokerUnavailable, Misconfigured
 from contract.connection import check_url
-from contract.reference import ImageReference
 from gateway.api import Gateway
 from gateway.metrics import GatewayMetrics
 from gateway.settings import SETTINGS as GATEWAY_SETTINGS
@@ -47,11 +46,11 @@ from gateway.settings import GatewaySettings
 from publisher import Publisher
 from serving.http import Request
 from serving.settings import InvalidSetting, Setting, read
+from tests.fakes.store import MemoryStore
 from worker.catch_up.ledger import OffsetStore
 from worker.daemon import CANCEL_GRACE, Worker
 from worker.settings import SETTINGS as WORKER_SETTINGS
 from worker.settings import WorkerSettings
-from worker.stores.contract import ImageInfo, PullProgress
 
 from . import rendering
 
@@ -991,36 +990,6 @@ CHECKS: tuple[Callable[[Manifests], Iterator[str]], ...] = (
 # -- asking the programs -----------------------------------------------------------------------
 
 
-class NoImages:
-    """A node's image store with nothing in it: the worker only has to start."""
-
-    def describe(self) -> str:
-        return "no images"
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def version(self) -> str:
-        return "test"
-
-    def cancel_pulls(self) -> None:
-        pass
-
-    def known_image(self, image: ImageReference) -> ImageInfo | None:
-        return None
-
-    def find_image(self, image: ImageReference) -> ImageInfo | None:
-        return None
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        raise AssertionError("nothing is pulled here")
-
-
 class Disconnected:
     """What the gateway asks of its publisher for ``/ready`` and ``/metrics``, never
     connected."""
@@ -1056,7 +1025,7 @@ def _ask_worker(paths: frozenset[str]) -> dict[str, tuple[int, str]]:
     )
     answers: dict[str, tuple[int, str]] = {}
     with tempfile.TemporaryDirectory() as state:
-        worker = Worker(settings, OffsetStore(Path(state)), store=NoImages())
+        worker = Worker(settings, OffsetStore(Path(state)), store=MemoryStore())
         worker.start()
         try:
             for path in paths:

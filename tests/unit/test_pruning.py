@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from contract import ErrorKind, NodeResult, PullFailed, Status, parse_reference
+from tests.fakes.store import MemoryStore
 from worker.pruning.disk_watch import DiskUnreadable, DiskWatch, Housekeeping, engine_disk
 from worker.pruning.pruner import (
     KeepListError,
@@ -50,37 +51,6 @@ def image(
         created=created,
         last_tagged=tagged,
     )
-
-
-@dataclass
-class FakeStore:
-    held: list[StoredImage] = field(default_factory=list)
-    in_use: set[str] = field(default_factory=set)
-    in_use_later: set[str] = field(default_factory=set)
-    """Ids a container uses from the second listing of containers on."""
-    refuse: dict[str, Exception] = field(default_factory=dict)
-    removed: list[str] = field(default_factory=list)
-    container_listings: int = 0
-
-    def images(self) -> list[StoredImage]:
-        return list(self.held)
-
-    def images_in_use(self) -> set[str]:
-        self.container_listings += 1
-        return self.in_use | (self.in_use_later if self.container_listings > 1 else set())
-
-    def remove_image(self, image_id: str) -> bool:
-        if image_id in self.refuse:
-            raise self.refuse[image_id]
-        before = len(self.held)
-        self.held = [i for i in self.held if i.image_id != image_id]
-        if len(self.held) == before:
-            return False
-        self.removed.append(image_id)
-        return True
-
-    def data_root(self) -> str:
-        return "/nowhere/at/all"
 
 
 @pytest.fixture
@@ -183,8 +153,8 @@ def test_ties_go_to_the_older_build_then_the_larger_image(usage: UsageLog) -> No
 # -- a pass -------------------------------------------------------------------------------------
 
 
-def store_with_ages(usage: UsageLog, ages: dict[str, float], size: int = 100) -> FakeStore:
-    store = FakeStore([image(name, size=size) for name in ages])
+def store_with_ages(usage: UsageLog, ages: dict[str, float], size: int = 100) -> MemoryStore:
+    store = MemoryStore([image(name, size=size) for name in ages])
     usage.saw([f"sha256:{name}" for name in ages], NOW - 365 * DAY)
     for name, days in ages.items():
         usage.record(f"sha256:{name}", NOW - days * DAY)
@@ -238,16 +208,14 @@ def test_failed_removals_are_reported_and_an_engine_gone_ends_the_pass(usage: Us
 
 
 def test_a_store_that_cannot_list_raises(usage: UsageLog) -> None:
-    class Away(FakeStore):
-        def images(self) -> list[StoredImage]:
-            raise PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "no engine")
-
+    away = MemoryStore()
+    away.away.set()
     with pytest.raises(PullFailed, match="no engine"):
-        prune(Away(), PruneRule(), usage, NOW)
+        prune(away, PruneRule(), usage, NOW)
 
 
 def test_the_fake_is_a_prunable_store() -> None:
-    assert isinstance(FakeStore(), PrunableStore)
+    assert isinstance(MemoryStore(), PrunableStore)
 
 
 # -- the usage log ------------------------------------------------------------------------------
@@ -296,7 +264,7 @@ def test_a_moment_with_the_clock_a_year_ahead_does_not_keep_an_image_for_a_year(
 ) -> None:
     clock = [NOW + 365 * DAY]  # a bad NTP step, soon corrected
     log = UsageLog(tmp_path / "usage.json", clock=lambda: clock[0])
-    store = FakeStore([image("a:1", tagged=NOW + 365 * DAY)])  # tagged in that moment too
+    store = MemoryStore([image("a:1", tagged=NOW + 365 * DAY)])  # tagged in that moment too
     log.saw(["sha256:a:1"], NOW - 90 * DAY)
     log.answered(result(Status.PRESENT, "sha256:a:1"), from_memory=True)
     clock[0] = NOW
@@ -349,7 +317,7 @@ def test_infinity_and_nan_in_the_usage_log_are_ignored_and_the_rest_kept(
 class FakeDisk:
     """A 1000-byte disk whose use is a base plus the store's images."""
 
-    store: FakeStore
+    store: MemoryStore
     base: int = 0
     readable: bool = True
     reads: int = 0
@@ -358,7 +326,7 @@ class FakeDisk:
         self.reads += 1
         if not self.readable:
             raise DiskUnreadable("cannot read the disk of /x: No such file or directory")
-        used = self.base + sum(i.size_bytes for i in self.store.held)
+        used = self.base + sum(i.size_bytes for i in self.store.stored)
         return DiskUsage("/x", 1000, used, 1000 - used)
 
 
@@ -404,15 +372,15 @@ def test_the_high_water_mode_does_nothing_it_cannot_see(usage: UsageLog, tmp_pat
 
 def test_the_engines_data_root_must_be_visible(tmp_path: Path) -> None:
     with pytest.raises(DiskUnreadable, match="set PULLER_DOCKER_DATA_ROOT"):
-        engine_disk(FakeStore(), None)
-    assert engine_disk(FakeStore(), tmp_path).total > 0
+        engine_disk(MemoryStore(), None)
+    assert engine_disk(MemoryStore(), tmp_path).total > 0
     with pytest.raises(DiskUnreadable, match="PULLER_DOCKER_DATA_ROOT: "):
-        engine_disk(FakeStore(), tmp_path / "missing")
+        engine_disk(MemoryStore(), tmp_path / "missing")
 
 
 def test_housekeeping_notes_images_checks_the_disk_and_stops(usage: UsageLog) -> None:
     store = store_with_ages(usage, {"a:1": 9})
-    store.held.append(image("new:1"))
+    store.stored.append(image("new:1"))
     disk = FakeDisk(store, base=0)
     pruner = Pruner(store, usage, clock=lambda: NOW)
     keeper = Housekeeping(usage, pruner, DiskWatch(pruner, disk, high_water=90), interval=0.05)

@@ -15,13 +15,8 @@ import pytest
 
 from contract import ErrorKind, PullFailed, parse_reference
 from localcluster.registry import docker_config
-from worker.stores.containerd import (
-    PASSWORD_LIMIT,
-    ContainerdStore,
-    PasswordTerminal,
-    ctr_failure,
-    ctr_login,
-)
+from worker.stores.containerd import ContainerdStore
+from worker.stores.containerd.ctr import PASSWORD_LIMIT, PasswordTerminal, ctr_failure, ctr_login
 from worker.stores.registry_logins import MAX_CONFIG_BYTES, BasicLogin, DockerConfig, RegistryLogin
 
 REGISTRY = "registry.example:5000"

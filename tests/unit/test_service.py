@@ -7,14 +7,12 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from contract import (
     ErrorKind,
-    ImageReference,
     Lane,
     NodeProgress,
     NodeResult,
@@ -24,6 +22,7 @@ from contract import (
     parse_reference,
 )
 from contract.policy import ImagePolicy, allowed_prefixes
+from tests.fakes.store import MemoryStore as FakeStore
 from worker.admission import Admission, RequestLimiter
 from worker.pulls.observers import Observers, PullObserver
 from worker.pulls.owed import (
@@ -37,73 +36,6 @@ from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
 from worker.pulls.retry import RetryPolicy
 from worker.pulls.service import PullService
 from worker.stores.contract import ImageInfo, PullProgress
-
-
-@dataclass
-class FakeStore:
-    present: set[str] = field(default_factory=set)
-    remembered: set[str] = field(default_factory=set)
-    failures: dict[str, list[Exception]] = field(default_factory=dict)
-    """Raised by successive pulls of an image, then it succeeds."""
-    gates: dict[str, threading.Event] = field(default_factory=dict)
-    """A pull of an image with a gate waits for it to be set."""
-    pulls: list[str] = field(default_factory=list)
-    pull_threads: set[str] = field(default_factory=set)
-    progress_steps: list[PullProgress] = field(default_factory=list)
-    running: int = 0
-    most_running: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def describe(self) -> str:
-        return "fake"
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def version(self) -> str:
-        return "20.10.24"
-
-    def cancel_pulls(self) -> None:
-        self.cancelled.set()
-        for gate in self.gates.values():
-            gate.set()
-
-    def known_image(self, image: ImageReference) -> ImageInfo | None:
-        return ImageInfo("sha256:remembered", None) if str(image) in self.remembered else None
-
-    def find_image(self, image: ImageReference) -> ImageInfo | None:
-        return ImageInfo("sha256:present", None) if str(image) in self.present else None
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        name = str(image)
-        with self.lock:
-            self.pulls.append(name)
-            self.pull_threads.add(threading.current_thread().name)
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-        try:
-            gate = self.gates.get(name)
-            if gate is not None:
-                assert gate.wait(10)
-            if self.cancelled.is_set():
-                raise PullFailed(ErrorKind.CANCELLED, "cut")
-            for step in self.progress_steps:
-                if on_progress is not None:
-                    on_progress(step)
-            queued = self.failures.get(name)
-            if queued:
-                raise queued.pop(0)
-            self.present.add(name)
-            return ImageInfo("sha256:pulled", "sha256:digest")
-        finally:
-            with self.lock:
-                self.running -= 1
 
 
 class Answers:
@@ -149,7 +81,7 @@ def request_for(image: str) -> PullRequest:
 
 @pytest.fixture
 def store() -> FakeStore:
-    return FakeStore()
+    return FakeStore(pulled=ImageInfo("sha256:pulled", "sha256:digest"))
 
 
 @pytest.fixture
@@ -177,7 +109,7 @@ def submit(service: PullService, answers: Answers, image: str) -> PullRequest:
 def test_an_image_already_there_is_answered_present_without_pulling(
     service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.present.add("docker.io/library/busybox:latest")
+    store.hold("docker.io/library/busybox:latest")
     request = submit(service, answers, "busybox")
     [result] = answers.wait_for(1)
     assert (result.status, result.node, result.request_id) == (
@@ -204,7 +136,7 @@ def test_a_missing_image_is_pulled_off_the_calling_thread(
 def test_an_image_known_from_memory_is_answered_on_the_calling_thread_at_once(
     service: PullService, store: FakeStore, answers: Answers
 ) -> None:
-    store.remembered.add("docker.io/library/cached:1")
+    store.hold("docker.io/library/cached:1", "sha256:remembered", remembered=True)
     submit(service, answers, "cached:1")  # answered before submit returns
     assert [r.status for r in answers.results] == [Status.PRESENT]
     assert answers.threads == [threading.current_thread().name]
@@ -217,7 +149,7 @@ def test_the_caller_is_free_while_a_pull_runs(
     service: PullService, store: FakeStore, answers: Answers
 ) -> None:
     store.gates["docker.io/library/slow:1"] = threading.Event()
-    store.present.add("docker.io/library/there:latest")
+    store.hold("docker.io/library/there:latest")
     submit(service, answers, "slow:1")
     submit(service, answers, "there")
     assert answers.wait_for(1)[0].status is Status.PRESENT
@@ -561,7 +493,8 @@ def test_a_request_counts_as_unfinished_until_its_answer_is_handed_over(
 def test_a_refused_request_answers_forbidden_and_never_reaches_the_engine(
     store: FakeStore, answers: Answers
 ) -> None:
-    store.remembered.add("docker.io/library/busybox:latest")  # refused even if present
+    # refused even if present
+    store.hold("docker.io/library/busybox:latest", "sha256:remembered", remembered=True)
     service = make_service(
         store,
         admission=Admission(ImagePolicy(allowed_prefixes("docker.io/cyberdojofoundation"))),
@@ -582,8 +515,8 @@ def test_a_refused_request_answers_forbidden_and_never_reaches_the_engine(
 def test_the_cap_counts_only_live_requests_that_start_a_pull(
     store: FakeStore, answers: Answers
 ) -> None:
-    store.remembered.add("docker.io/library/known:latest")
-    store.present.add("docker.io/library/there:latest")
+    store.hold("docker.io/library/known:latest", "sha256:remembered", remembered=True)
+    store.hold("docker.io/library/there:latest")
     service = make_service(store, limiter=RequestLimiter(1))
     try:
         service.submit(request_for("known"), answers.answer)  # from memory: not counted
@@ -651,27 +584,6 @@ def test_with_allowed_publishers_the_later_pull_goes_out_as_its_first_asker(
         service.shutdown(wait=True)
 
 
-@dataclass
-class AwayStore(FakeStore):
-    """A store whose engine is away while ``away`` is set."""
-
-    away: threading.Event = field(default_factory=threading.Event)
-
-    def version(self) -> str:
-        if self.away.is_set():
-            raise PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
-        return super().version()
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        if self.away.is_set():
-            with self.lock:
-                self.pulls.append(f"away {image}")
-            raise PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "cannot reach the engine")
-        return super().pull(image, on_progress)
-
-
 def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -679,7 +591,7 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
     checked again as the publisher that asked."""
     monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / OWED_FILE
-    store = AwayStore()
+    store = FakeStore()
     store.away.set()
     answers = Answers()
     first = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
@@ -712,31 +624,12 @@ def test_pulls_owed_while_the_engine_is_away_survive_a_restart(
         second.shutdown(wait=True)
 
 
-@dataclass
-class HeldStore(AwayStore):
-    """Holds the pull number ``hold_at`` (1-based) until ``release`` is set."""
-
-    hold_at: int = 0
-    release: threading.Event = field(default_factory=threading.Event)
-    held: threading.Event = field(default_factory=threading.Event)
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        with self.lock:
-            number = len(self.pulls) + 1
-        if number == self.hold_at:
-            self.held.set()
-            assert self.release.wait(10)
-        return super().pull(image, on_progress)
-
-
 def test_a_pull_made_again_that_meets_the_engine_away_again_stays_owed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / OWED_FILE
-    store = HeldStore(hold_at=3)
+    store = FakeStore(hold_at=3)
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "restarting")
     store.failures["docker.io/library/flaky:1"] = [away, away]  # the engine answers, pulls fail
     service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
@@ -761,7 +654,7 @@ def test_an_owed_pull_that_keeps_meeting_the_store_away_is_given_up(
     monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.02)
     monkeypatch.setattr("worker.pulls.owed.OWED_MAX_TRIES", 3)
     path = tmp_path / OWED_FILE
-    store = AwayStore()
+    store = FakeStore()
     away = PullFailed(ErrorKind.ENGINE_UNAVAILABLE, "the engine went away mid-pull")
     store.failures["docker.io/library/poison:1"] = [away] * 50
     service = make_service(store, 1, retry=RetryPolicy(attempts=1), owed_file=path)
@@ -789,7 +682,7 @@ def test_owed_pulls_older_than_a_day_are_given_up(
             parse_reference("new:1"): OwedPull(Lane.SESSION, None, now - 60),
         },
     )
-    store = AwayStore()
+    store = FakeStore()
     service = make_service(store, 1, owed_file=path)
     try:
         assert service.resume_owed() == 2
@@ -805,7 +698,7 @@ def test_a_pull_made_again_and_cut_by_the_worker_stopping_stays_owed(
     monkeypatch.setattr("worker.pulls.owed.ENGINE_WATCH_INTERVAL", 0.05)
     path = tmp_path / OWED_FILE
     write_owed_file(path, {parse_reference("slow:1"): OwedPull(Lane.SESSION, None, time.time())})
-    store = AwayStore()
+    store = FakeStore()
     store.gates["docker.io/library/slow:1"] = threading.Event()
     service = make_service(store, 1, owed_file=path)
     try:
@@ -903,7 +796,7 @@ def test_a_worker_upgraded_in_place_makes_the_pulls_its_predecessor_owed(
             }
         )
     )
-    store = AwayStore()
+    store = FakeStore()
     service = make_service(
         store,
         1,
@@ -933,7 +826,7 @@ class AnswerCounter(PullObserver):
 def test_an_observer_implements_only_the_hooks_it_needs(store: FakeStore) -> None:
     counter = AnswerCounter()
     answers = Answers()
-    store.present.add("docker.io/library/there:1")
+    store.hold("docker.io/library/there:1")
     service = make_service(store, 1, observer=Observers(PullObserver(), counter))
     try:
         submit(service, answers, "there:1")
@@ -945,38 +838,8 @@ def test_an_observer_implements_only_the_hooks_it_needs(store: FakeStore) -> Non
     assert sorted(s.value for s in counter.statuses) == ["present", "pulled"]
 
 
-@dataclass
-class InterruptibleStore(FakeStore):
-    cut: set[str] = field(default_factory=set)
-    interrupted: list[str] = field(default_factory=list)
-    started: list[str] = field(default_factory=list)
-
-    def interrupt(self, image: ImageReference) -> None:
-        name = str(image)
-        self.interrupted.append(name)
-        self.cut.add(name)
-        gate = self.gates.get(name)
-        if gate is not None:
-            gate.set()
-
-    def pull(
-        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo:
-        name = str(image)
-        self.started.append(name)
-        gate = self.gates.get(name)
-        if gate is not None:
-            assert gate.wait(10)
-        if name in self.cut:
-            self.cut.discard(name)
-            with self.lock:
-                self.pulls.append(f"cut {name}")
-            raise PullFailed(ErrorKind.CANCELLED, "interrupted")
-        return super().pull(image, on_progress)
-
-
 def test_a_session_pull_interrupts_running_warm_pulls_which_go_on_afterwards() -> None:
-    store = InterruptibleStore()
+    store = FakeStore()
     warm, later, session = (f"docker.io/library/{n}:1" for n in ("warm", "later", "session"))
     store.gates[warm] = threading.Event()
     answers = Answers()

@@ -49,9 +49,23 @@ def test_the_stores_import_no_other_room() -> None:
     assert outside == {module: [] for module in outside}
 
 
+def store_of(module: str) -> str | None:
+    """The store package ``module`` belongs to, if any."""
+    return next((s for s in STORES if module == s or module.startswith(f"{s}.")), None)
+
+
 def test_no_store_imports_another_store() -> None:
-    for store in STORES:
-        assert IMPORTS[store].isdisjoint(STORES), store
+    for module, names in IMPORTS.items():
+        store = store_of(module)
+        if store is not None:
+            assert {store_of(name) for name in names} <= {store, None}, module
+
+
+def test_what_the_stores_share_imports_no_store() -> None:
+    shared = [m for m in IMPORTS if room(m) == "worker.stores" and store_of(m) is None]
+    assert "worker.stores.contract" in shared and "worker.stores.failures" in shared
+    for module in shared:
+        assert {store_of(name) for name in IMPORTS[module]} <= {None}, module
 
 
 def test_the_rooms_import_one_way() -> None:

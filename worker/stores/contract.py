@@ -1,8 +1,11 @@
-"""The image store contract: what the worker may ask of a node's store, and the answers.
+"""The image store contract: what the worker may ask of a node's image store, and the answers.
 
-Every store (:mod:`worker.stores.docker`, :mod:`worker.stores.containerd`) keeps to it and
-raises ``PullFailed`` (the failures both word the same way: :mod:`worker.stores.failures`).
-Free of pika and the docker SDK.
+Every store keeps it (:mod:`worker.stores.docker`, :mod:`worker.stores.containerd`, and the
+unit tests' in-memory one), as the same cases check: tests/stores/conformance.py. Any method
+may be called from any thread. Failures are ``PullFailed``, worded alike by every store
+(:mod:`worker.stores.failures`): ``engine_unavailable`` when the store cannot be reached,
+``not_found``, ``unauthorized``, ``registry_unreachable``, ``registry_error``, ``stalled``,
+``timeout`` for a pull, ``cancelled`` for a pull cut.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from contract import ImageReference
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What the image store knows of an image it holds."""
+    """An image the store holds: its id (the config's digest) and the manifest digest of the
+    repository asked for (``None`` when the store has none, e.g. a locally built image)."""
 
     image_id: str
     digest: str | None
@@ -24,45 +28,61 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class PullProgress:
-    """Bytes downloaded so far over all layers the store reported, and their total."""
+    """Bytes downloaded so far over the layers the store reported, and their total, as exact
+    as the store says them (containerd's ``ctr`` rounds to a tenth of a unit)."""
 
     done: int
     total: int
 
 
 class ImageStore(Protocol):
-    """A node's image store (the Docker Engine, containerd). Every method may be called from
-    any thread; failures are raised as ``PullFailed``."""
+    """A node's image store."""
 
     def describe(self) -> str:
-        """Where the store is, for log lines and error messages."""
+        """Where the store is, for log lines and messages."""
+        ...
+
+    def version(self) -> str:
+        """The daemon's version, for the roster."""
         ...
 
     def start(self) -> None:
-        """Begins following the store's changes (so that known images are answered from
-        memory); the store works without it, asking every time."""
+        """Follows the store's image events, so that :meth:`known_image` can answer."""
         ...
 
     def known_image(self, image: ImageReference) -> ImageInfo | None:
-        """From memory only, never blocking: safe on the connection's thread."""
+        """From memory only, never blocking; ``None`` when not known (or not started)."""
         ...
 
-    def find_image(self, image: ImageReference) -> ImageInfo | None: ...
+    def find_image(self, image: ImageReference) -> ImageInfo | None:
+        """The image held under that name, from memory or the store; ``None``: not held."""
+        ...
 
     def pull(
         self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
-    ) -> ImageInfo: ...
-
-    def version(self) -> str: ...
-
-    def cancel_pulls(self) -> None:
-        """Cuts every running pull; each raises ``PullFailed`` of kind ``cancelled``."""
+    ) -> ImageInfo:
+        """Pulls the image, reporting bytes as they come; what :meth:`find_image` then says."""
         ...
 
-    def close(self) -> None: ...
+    def cancel_pulls(self) -> None:
+        """Cuts every running pull and refuses later ones: ``cancelled`` (the worker stops)."""
+        ...
+
+    def close(self) -> None:
+        """Stops following the store's events; the store is not used after."""
+        ...
 
 
-# -- what pruning needs of a store (see worker.pruning) ----------------------------------------
+@runtime_checkable
+class InterruptibleStore(Protocol):
+    """A store that can cut one running pull (to make room for a session's pull)."""
+
+    def interrupt(self, image: ImageReference) -> None:
+        """Cuts the running pull of ``image`` (``cancelled``, saying interrupted); or nothing."""
+        ...
+
+
+# -- what pruning asks of a store (worker.pruning) ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -71,17 +91,16 @@ class StoredImage:
 
     image_id: str
     names: tuple[str, ...]
-    """``REPOSITORY:TAG`` names, as the engine spells them; empty for a dangling image."""
+    """``REPOSITORY:TAG`` names; empty for a dangling image."""
     repo_digests: tuple[str, ...]
     """``REPOSITORY@DIGEST`` references."""
     size_bytes: int
-    """The engine's figure (``docker images`` SIZE): every layer, shared ones included."""
+    """The store's figure (Docker: unpacked, shared layers included; containerd: compressed)."""
     created: float | None
-    """When the image was built (seconds since the epoch); ``None`` when unknown. Not when
-    it came to this node."""
+    """When it was built (seconds since the epoch); ``None``: unknown. Not when it came."""
     last_tagged: float | None
-    """When it was last tagged on this node (``Metadata.LastTagTime``: ``docker tag``,
-    build, import; a pull does not set it); ``None`` when never."""
+    """When last tagged on this node (``docker tag``, build, import; not a pull); ``None``:
+    never, or unknown."""
 
 
 @dataclass(frozen=True)
@@ -102,50 +121,34 @@ class DiskUsage:
 
 
 class ImageInUse(Exception):
-    """The store refused to remove an image because something needs it now: a container
-    (running or stopped) uses it, or another image is built on it. Not a failure: the
-    image is kept."""
-
-
-@runtime_checkable
-class InterruptibleStore(Protocol):
-    """A store that can cut one running pull (to make room for a session's pull)."""
-
-    def interrupt(self, image: ImageReference) -> None:
-        """Cuts the running pull of ``image``: it raises ``PullFailed`` of kind
-        ``cancelled``; the engine keeps the layers it had finished."""
-        ...
+    """The store will not remove an image something needs now (a container, running or not,
+    was made from it, or another image is built on it): kept, not a failure."""
 
 
 @runtime_checkable
 class PrunableStore(Protocol):
-    """What pruning asks of an image store, beside :class:`ImageStore` (a separate protocol
-    so that stores which never prune, such as the test fakes, need not have it). Engine
-    failures are raised as ``PullFailed`` (kinds ``engine_unavailable``, ``engine_error``)."""
+    """What pruning asks of a store, beside :class:`ImageStore`."""
 
     def images(self) -> list[StoredImage]:
-        """Every image the store holds, dangling ones included (intermediate build layers
-        that other images are built on are not listed)."""
+        """Every image held, each once with all its names (dangling ones included)."""
         ...
 
     def images_in_use(self) -> set[str]:
-        """The ids of the images of every container, stopped ones included."""
+        """The ids of the images containers were made from, stopped ones included."""
         ...
 
     def remove_image(self, image_id: str) -> bool:
-        """Removes the image and every name it has, never by force; ``True`` when removed,
-        ``False`` when it was gone already. Raises :class:`ImageInUse` when the store
-        refuses because something uses it."""
+        """Removes the image, every name, never by force; ``False``: gone already; raises
+        :class:`ImageInUse` when a container uses it."""
         ...
 
     def data_root(self) -> str:
-        """Where the store keeps its data, as the store itself sees that path (the Docker
-        Engine's ``DockerRootDir``)."""
+        """Where the store keeps its data, as the store sees that path."""
         ...
 
 
 def store_name(image: ImageReference) -> str:
-    """The name an image store keeps ``image`` under: fully qualified, tag or digest."""
+    """The name a store keeps ``image`` under: fully qualified, tag or digest."""
     if image.digest is not None:
         return f"{image.repository}@{image.digest}"
     return f"{image.repository}:{image.tag}"
