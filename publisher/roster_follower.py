@@ -158,8 +158,9 @@ class RosterFollower:
             self._send_marker(self._channel, marker_id)
 
     def _follow(self, connection: pika.SelectConnection) -> None:
-        """Starts reading the stream on ``connection``: from where the first reader asked,
-        then from the window back (a reading before, on a connection now gone)."""
+        """Starts reading the stream on ``connection``: the first reading from where the
+        first reader asked, a later one (after a reconnection, or a closed channel) from the
+        window back."""
         if self._connection is not None:
             self._start = time.time() - self._window
         if self._channel is not None and self._channel.is_open:
