@@ -1,7 +1,7 @@
 """How both sides reach RabbitMQ: connection parameters, and pika's errors in puller's terms.
 
-Only the modules that own a connection (``worker.broker``, ``publisher.broker``,
-``publisher.caller_connection``) import this; the rest of the code never sees a pika type.
+Only the modules that own a connection (``worker.broker``, ``publisher.broker`` and the
+parts it is split into) import this; the rest of the code never sees a pika type.
 """
 
 from __future__ import annotations
