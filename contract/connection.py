@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,23 +201,185 @@ def broker_errors(what: str, parameters: pika.connection.Parameters) -> Iterator
         raise BrokerUnavailable(f"{what} at {where(parameters)}: {describe(error)}") from None
 
 
+RUN_STEP = 0.001
+"""How long :func:`run_until` lets pika's loop run before it looks at ``done()`` again (the
+poller waits in whole milliseconds: a shorter step waits as long)."""
+
+
 def run_until(
     connection: pika.BlockingConnection, done: Callable[[], bool], timeout: float
 ) -> bool:
     """Runs ``connection``'s I/O loop until ``done()`` or for ``timeout`` seconds, whichever
     comes first; returns ``done()``. Raises pika's error if the connection closes.
 
-    For waits that must be bounded where pika's own are not (a publisher confirm, say): a
-    ``BlockingConnection`` timer does not fire inside pika's waits, so the loop's is used.
+    For waits that must be bounded where pika's own are not (a publisher confirm set by a
+    callback of the channel's asynchronous side, say): ``process_data_events`` returns
+    early only for the blocking side's events, so ``done()`` is looked at every
+    :data:`RUN_STEP` seconds.
     """
-    impl = connection._impl  # noqa: SLF001 - the loop under the blocking connection
-    expired: list[bool] = []
-    timer = impl.ioloop.call_later(timeout, lambda: expired.append(True))
-    try:
-        connection._flush_output(lambda: bool(expired) or done())  # noqa: SLF001 - our condition
-    finally:
-        impl.ioloop.remove_timeout(timer)
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        connection.process_data_events(time_limit=min(left, RUN_STEP))
     return done()
+
+
+class ServedConnection:
+    """pika's asynchronous connection, served by the one thread that calls these methods:
+    each call runs its I/O loop until what it waits for has come, or for a bounded time (a
+    timer stops the loop), so no wait outlasts its bound, even on a broker that reads
+    nothing more. pika's callbacks run inside these calls (and call none of them but
+    :meth:`wake`, :meth:`fail` and :meth:`channel` with ``on_open``); a callback that makes
+    a wait's condition true calls :meth:`wake`. From another thread, only
+    :meth:`add_callback_threadsafe`. Raises pika's error if it cannot open."""
+
+    def __init__(self, parameters: pika.connection.Parameters, answer_wait: float) -> None:
+        self.parameters = parameters
+        self.answer_wait = answer_wait
+        """The longest wait for the broker to answer one method (see :meth:`call`)."""
+        self._until: Callable[[], bool] | None = None
+        self._trouble: BaseException | None = None
+        self._closed_why: dict[Any, BaseException] = {}
+        outcome: list[BaseException | None] = []
+
+        def opened(_connection: object, error: BaseException | None = None) -> None:
+            outcome.append(error)
+            self.wake()
+
+        self.connection = pika.SelectConnection(
+            parameters,
+            on_open_callback=opened,
+            on_open_error_callback=opened,
+            on_close_callback=self._on_closed,
+        )
+        self._ioloop = self.connection.ioloop
+        # pika's own timeouts (socket, stack) end an attempt first; this is a backstop.
+        self._loop(lambda: bool(outcome), 3 * answer_wait)
+        if outcome == [None]:
+            return
+        if not self.connection.is_closed:
+            self.connection.close()  # aborts the attempt: its error comes as the outcome
+            self._loop(lambda: False, answer_wait)
+        self._ioloop.close()
+        raise next((e for e in outcome if e is not None), None) or AMQPConnectorException(
+            "no answer while connecting"
+        )
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self.connection.is_open)
+
+    def serve(self, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+        """Serves the connection until ``until()`` or for ``seconds``; raises what ended
+        the connection's use meanwhile (its loss, or an error given to :meth:`fail`)."""
+        self._loop(lambda: until() or self._trouble is not None, seconds)
+        if self._trouble is not None:
+            raise self._trouble
+
+    def wake(self) -> None:
+        """Ends the current wait if its condition is now true."""
+        until = self._until
+        if until is not None and until():
+            self._ioloop.stop()
+
+    def fail(self, error: BaseException) -> None:
+        """From a callback: ends the current wait, which raises ``error`` (and so does
+        every one after it). An error raised inside pika's loop would drop the connection."""
+        if self._trouble is None:
+            self._trouble = error
+        self.wake()
+
+    def add_callback_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Any thread: ``callback`` runs on the serving thread, in its next or current wait."""
+        self._ioloop.add_callback_threadsafe(callback)
+
+    def channel(
+        self,
+        on_close: Callable[[Any, BaseException], None] | None = None,
+        on_open: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """A new channel: with ``on_open``, returned at once and opened later; without,
+        returned open. ``on_close(channel, reason)`` is told when it closes."""
+        if not self.connection.is_open:
+            raise pika.exceptions.ConnectionWrongStateError("the connection is not open")
+
+        def closed(channel: Any, reason: BaseException) -> None:
+            self._closed_why[channel] = reason
+            if len(self._closed_why) > 8:  # only the latest are asked about
+                del self._closed_why[next(iter(self._closed_why))]
+            if on_close is not None:
+                on_close(channel, reason)
+            self.wake()
+
+        channel = self.connection.channel(on_open_callback=on_open or (lambda _c: self.wake()))
+        channel.add_on_close_callback(closed)
+        if on_open is None:
+            self.serve(self.answer_wait, lambda: channel.is_open or channel.is_closed)
+            if not channel.is_open:
+                raise self._why(channel)
+        return channel
+
+    def call(self, channel: Any, method: Callable[..., object]) -> Any:
+        """Calls ``method(callback=...)``, one of ``channel``'s methods the broker answers,
+        and waits for the answer (a frame, returned). A refusal closes the channel: it is
+        raised (``ChannelClosedByBroker``, with the broker's code)."""
+        answers: list[Any] = []
+
+        def answered(frame: Any) -> None:
+            answers.append(frame)
+            self.wake()
+
+        method(callback=answered)
+        self.serve(self.answer_wait, lambda: bool(answers) or not channel.is_open)
+        if answers:
+            return answers[0]
+        raise self._why(channel)
+
+    def why_closed(self, channel: Any) -> BaseException | None:
+        """What pika said when ``channel`` (one of the latest few) closed."""
+        return self._closed_why.get(channel)
+
+    def close(self, wait: float) -> bool:
+        """Closes the connection, serving it for up to ``wait`` seconds for the broker's
+        answer, then frees the loop; whether it closed in time. Not from inside a wait."""
+        try:
+            if self.connection.is_open:
+                self.connection.close()
+            self._loop(lambda: False, wait)
+        finally:
+            self._ioloop.close()
+        return bool(self.connection.is_closed)
+
+    def _why(self, channel: Any) -> BaseException:
+        return self._closed_why.get(channel) or BrokerUnavailable(
+            f"RabbitMQ at {where(self.parameters)} did not answer within {self.answer_wait:g}s"
+        )
+
+    def _loop(self, done: Callable[[], bool], seconds: float) -> None:
+        """Runs the loop until ``done()``, the connection closes, or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
+        self._until = done
+        try:
+            while not done() and not self.connection.is_closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                timer = self._ioloop.call_later(left, self._ioloop.stop)
+                try:
+                    self._ioloop.start()
+                finally:
+                    self._ioloop.remove_timeout(timer)
+        finally:
+            self._until = None
+
+    def _on_closed(self, _connection: object, reason: BaseException) -> None:
+        if self._trouble is None and not isinstance(
+            reason, pika.exceptions.ConnectionClosedByClient
+        ):
+            self._trouble = reason
+        self._ioloop.stop()
 
 
 def declare(channel: Any, item: topo.Declaration, **extra: Any) -> None:

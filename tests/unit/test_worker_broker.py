@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pika
+import pika.exceptions
 import pika.frame
-import pika.spec
 import pytest
 
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, Status
 from contract import topology as topo
-from worker.broker import WorkerBroker, _open, ack_frame, reply_frames
+from worker.broker import WorkerBroker
 from worker.delivery import Delivery
 
 
@@ -67,41 +68,6 @@ def test_pika_is_refused_off_the_connection_thread() -> None:
     assert "off the connection's thread" in str(failures[0])
 
 
-@pytest.mark.parametrize("correlation_id", [None, "", "r1", "x" * 255, "é-ü"])
-@pytest.mark.parametrize(
-    ("size", "limit"), [(0, 100), (1, 100), (250, 100), (300, 100), (5, 131064)]
-)
-def test_reply_frames_are_the_bytes_pika_would_send(
-    correlation_id: str | None, size: int, limit: int
-) -> None:
-    body = bytes(range(256))[:size] if size <= 256 else b"b" * size
-    expected = [
-        pika.frame.Method(
-            7, pika.spec.Basic.Publish(exchange=topo.REPLIES.name, routing_key="amq.gen-q")
-        ),
-        pika.frame.Header(
-            7,
-            len(body),
-            pika.BasicProperties(
-                content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
-            ),
-        ),
-        *(pika.frame.Body(7, body[i : i + limit]) for i in range(0, len(body), limit)),
-    ]
-    frames = reply_frames(7, "amq.gen-q", correlation_id, body, limit)
-    assert frames == [frame.marshal() for frame in expected]
-
-
-def test_a_correlation_id_too_long_for_amqp_is_refused_as_pika_refuses_it() -> None:
-    with pytest.raises(ValueError, match="255"):
-        reply_frames(1, "q", "x" * 256, b"{}", 100)
-
-
-@pytest.mark.parametrize("tag", [1, 2**16 + 3, 2**63 - 1])
-def test_the_ack_frame_is_the_bytes_pika_would_send(tag: int) -> None:
-    assert ack_frame(3, tag) == pika.frame.Method(3, pika.spec.Basic.Ack(tag)).marshal()
-
-
 def test_a_live_request_whose_handling_raises_is_refused_not_raised_into_pika() -> None:
     broker = WorkerBroker("amqp://guest:guest@127.0.0.1:9/%2F", "n", prefetch=8, heartbeat=30)
 
@@ -131,27 +97,116 @@ def test_live_requests_after_the_slice_are_held_for_the_next_not_served_on() -> 
     assert broker._held == []  # noqa: SLF001
 
 
-@pytest.mark.parametrize("correlation_id", [b"\xff\xfe-1", b"plain"])
-def test_a_correlation_id_that_is_not_utf8_goes_back_as_it_came(correlation_id: bytes) -> None:
-    frames = reply_frames(2, "q", correlation_id, b"{}", 100)
-    properties = pika.BasicProperties(
-        content_type=CONTENT_TYPE, correlation_id=correlation_id, delivery_mode=1
-    )
-    assert frames[1] == pika.frame.Header(2, 2, properties).marshal()
+class Live:
+    """Stands for the live channel: what is published on it."""
+
+    is_open = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes, pika.BasicProperties]] = []
+
+    def basic_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties
+    ) -> None:
+        self.published.append((exchange, routing_key, body, properties))
+
+
+@pytest.mark.parametrize("correlation_id", [None, "r1", "é-ü", b"\xff\xfe-1", b"plain"])
+def test_a_reply_goes_to_the_reply_exchange_with_the_correlation_id_as_it_came(
+    correlation_id: str | bytes | None,
+) -> None:
+    broker = WorkerBroker("amqp://guest:guest@127.0.0.1:9/%2F", "n", prefetch=8, heartbeat=30)
+    live = broker._channel = Live()  # noqa: SLF001 - as if connected
+    came = Delivery(b"{}", 1, "amq.gen-q", correlation_id, source=live)  # type: ignore[arg-type]
+    broker._reply(came, "amq.gen-q", b"{}")  # noqa: SLF001 - what answer() sends
+    [(exchange, routing_key, body, properties)] = live.published
+    assert (exchange, routing_key, body) == (topo.REPLIES.name, "amq.gen-q", b"{}")
+    assert properties.correlation_id == correlation_id
+    assert (properties.content_type, properties.delivery_mode) == (CONTENT_TYPE, 1)
+    pika.frame.Header(1, len(body), properties).marshal()  # pika can write it as it is
 
 
 def test_a_channel_the_broker_closed_is_reported_with_the_brokers_reason() -> None:
     """What a reconnect is logged with: the reason RabbitMQ gave, not only "no channel"."""
 
+    class Link:
+        def why_closed(self, _channel: object) -> BaseException:
+            reason: BaseException = pika.exceptions.ChannelClosedByBroker(
+                404, "NOT_FOUND - no queue 'puller.presence' in vhost '/'"
+            )
+            return reason
+
     class Closed:
         is_open = False
 
-        class _impl:  # noqa: N801 - stands for pika's channel implementation
-            _closing_reason = pika.exceptions.ChannelClosedByBroker(
-                404, "NOT_FOUND - no queue 'puller.presence' in vhost '/'"
-            )
-
+    broker = WorkerBroker("amqp://rabbit/%2F", "n", prefetch=8, heartbeat=30)
+    broker._link = Link()  # type: ignore[assignment]  # noqa: SLF001 - as if connected
     with pytest.raises(BrokerUnavailable, match=r"closed: \(404, .*NOT_FOUND - no queue"):
-        _open(Closed(), "amqp://rabbit")
-    with pytest.raises(BrokerUnavailable, match=r"^no open channel to RabbitMQ at amqp://rabbit$"):
-        _open(None, "amqp://rabbit")
+        broker._open_channel(Closed())  # noqa: SLF001 - what announce() and answer() call
+    with pytest.raises(BrokerUnavailable, match=r"^no open channel to RabbitMQ at rabbit:5672"):
+        broker._open_channel(None)  # noqa: SLF001
+
+
+class Connected(WorkerBroker):
+    """A broker whose connection's thread is this test: hops wait until ``run_hops()``."""
+
+    def __init__(self) -> None:
+        super().__init__("amqp://rabbit/%2F", "n", prefetch=8, heartbeat=30)
+        self.hops: list[Callable[[], None]] = []
+        self.sent: list[str | None] = []
+        self.open = True
+
+    def _post(self, hop: Callable[[], None]) -> bool:
+        if self.open:
+            self.hops.append(hop)
+        return self.open
+
+    def _on_own_thread(self) -> bool:
+        return self.open and threading.get_ident() == self._owner
+
+    def _send_answer(self, delivery: Delivery, _result: object, _refuse: bool) -> None:
+        self.sent.append(delivery.correlation_id)
+
+    def run_hops(self) -> None:
+        hops, self.hops = self.hops, []
+        for hop in hops:
+            hop()
+
+
+def test_an_answer_handed_over_runs_on_the_connections_thread_once() -> None:
+    broker = Connected()
+    broker._owner = threading.get_ident()  # noqa: SLF001 - this thread serves
+    worker = threading.Thread(target=broker.answer, args=(delivery("r1"), None))
+    worker.start()
+    worker.join()
+    assert (broker.sent, broker.handing_over) == ([], 1)
+    broker.run_hops()
+    assert (broker.sent, broker.handing_over, broker.waiting()) == (["r1"], 0, (0, 0, 0))
+
+
+def test_answers_handed_to_a_connection_that_closes_first_wait_for_the_next() -> None:
+    broker = Connected()
+    broker._owner = threading.get_ident()  # noqa: SLF001
+    for request_id in ("r1", "r2"):
+        worker = threading.Thread(target=broker.answer, args=(delivery(request_id), None))
+        worker.start()
+        worker.join()
+    with broker._lock:  # noqa: SLF001 - as close() does
+        broker._keep_handed()  # noqa: SLF001
+    broker.open = False
+    broker.run_hops()  # the closing connection's loop runs them: they are no longer its own
+    assert (broker.sent, broker.handing_over, broker.waiting()) == ([], 0, (2, 0, 0))
+    broker.open = True
+    broker._send_what_waited()  # noqa: SLF001 - as connect() does
+    assert broker.sent == ["r1", "r2"]
+
+
+def test_a_hop_that_finds_the_connection_lost_keeps_its_answer() -> None:
+    broker = Connected()
+    broker._owner = threading.get_ident()  # noqa: SLF001
+    worker = threading.Thread(target=broker.answer, args=(delivery("r1"), None))
+    worker.start()
+    worker.join()
+    broker.open = False  # lost, not yet closed
+    broker.run_hops()
+    assert (broker.sent, broker.handing_over, broker.waiting()) == ([], 0, (1, 0, 0))
