@@ -201,31 +201,6 @@ def broker_errors(what: str, parameters: pika.connection.Parameters) -> Iterator
         raise BrokerUnavailable(f"{what} at {where(parameters)}: {describe(error)}") from None
 
 
-RUN_STEP = 0.001
-"""How long :func:`run_until` lets pika's loop run before it looks at ``done()`` again (the
-poller waits in whole milliseconds: a shorter step waits as long)."""
-
-
-def run_until(
-    connection: pika.BlockingConnection, done: Callable[[], bool], timeout: float
-) -> bool:
-    """Runs ``connection``'s I/O loop until ``done()`` or for ``timeout`` seconds, whichever
-    comes first; returns ``done()``. Raises pika's error if the connection closes.
-
-    For waits that must be bounded where pika's own are not (a publisher confirm set by a
-    callback of the channel's asynchronous side, say): ``process_data_events`` returns
-    early only for the blocking side's events, so ``done()`` is looked at every
-    :data:`RUN_STEP` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while not done():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        connection.process_data_events(time_limit=min(left, RUN_STEP))
-    return done()
-
-
 class ServedConnection:
     """pika's asynchronous connection, served by the one thread that calls these methods:
     each call runs its I/O loop until what it waits for has come, or for a bounded time (a
