@@ -98,8 +98,9 @@ def start_cluster(
 
 @pytest.fixture(scope="session")
 def cluster(amqp_url: str) -> Iterator[LocalCluster]:
-    """Shared by tests that leave every node as they found it."""
-    cluster = start_cluster(amqp_url)
+    """Shared by tests that leave every node as they found it. Retries come quickly: a pull
+    from a registry that cannot be reached fails after its retries (1 + 2 + 4 s by default)."""
+    cluster = start_cluster(amqp_url, PULLER_RETRY_DELAY="0.2")
     yield cluster
     cluster.remove()
 
