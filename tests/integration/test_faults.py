@@ -233,8 +233,10 @@ def test_a_pull_longer_than_three_heartbeats_completes_on_the_same_connection(
     assert exit_code == 0
     assert str(HEARTBEAT).encode() in output.split(), "the workers' heartbeat was not negotiated"
     connections_before = [connections(w) for w in fault_cluster.workers]
-    image = push_through(fault_cluster, proxy, 12_000_000)
-    proxy.throttle(4_000_000 / (4 * HEARTBEAT))  # three nodes share it: well over 3 heartbeats
+    rate = 500_000
+    # The proxy holds each connection to ``rate``: the layer takes twice 3 heartbeats at least.
+    image = push_through(fault_cluster, proxy, int(2 * 3 * HEARTBEAT * rate))
+    proxy.throttle(rate)
     started = time.monotonic()
     report = fault_publisher.pull(image, timeout=180)
     took = time.monotonic() - started
