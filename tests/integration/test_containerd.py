@@ -337,7 +337,7 @@ def test_a_stopped_containerd_is_reported_and_the_image_comes_once_it_is_back(
     deadline = time.monotonic() + 60
     while cluster.listed(down, image) is None:  # pulled by itself once containerd answers
         assert time.monotonic() < deadline, "the image did not come after containerd was back"
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def test_a_prune_over_the_wire_answers_from_every_containerd_node(

@@ -310,7 +310,7 @@ def test_workers_survive_a_broker_restart_and_serve_again(
         except BrokerUnavailable:
             pass
         assert time.monotonic() < deadline, "the workers did not come back"
-        time.sleep(1)
+        time.sleep(0.2)
     image = fault_cluster.registry.push_files(f"test/b-{uuid.uuid4().hex[:8]}", "1", {"f": b"3"})
     report = fault_publisher.pull(image, timeout=60)
     assert report.ok, report
@@ -395,7 +395,7 @@ def wait_for_roster(publisher: Publisher) -> None:
         except BrokerUnavailable:
             pass
         assert time.monotonic() < deadline, "the workers did not come back"
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def run_cli_in_background(*args: str) -> subprocess.Popen[str]:
