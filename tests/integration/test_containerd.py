@@ -76,8 +76,10 @@ class ContainerdCluster:
         self.registry.start()
         for node in self.nodes:
             node.start()
+        for worker in self.workers:  # their startups overlap
+            worker.launch()
         for worker in self.workers:
-            worker.start()
+            worker.wait_serving()
 
     def remove(self) -> None:
         for worker in self.workers:
