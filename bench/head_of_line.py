@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             args.nodes,
             prefix="hol",
             PULLER_STALL_TIMEOUT=str(STALL_TIMEOUT),
+            # At the end the black hole's pulls are cancelled, not waited for (20 s by default).
+            PULLER_SHUTDOWN_GRACE="1",
         )
         hole = BlackHole()
         try:

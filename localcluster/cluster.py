@@ -11,8 +11,11 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +24,7 @@ from localcluster.processes import free_port, start_daemon, stop, stop_process_g
 from localcluster.registry import Registry
 
 STATE_FILE = "cluster.json"
+_T = TypeVar("_T")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -219,8 +223,7 @@ class LocalCluster:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.registry.start()
-            for index in range(1, self.nodes + 1):
-                self.add_node(f"node-{index}")
+            self._add_nodes([f"node-{index}" for index in range(1, self.nodes + 1)])
         except BaseException:
             self.stop()
             raise
@@ -233,29 +236,41 @@ class LocalCluster:
         worker's own ``PULLER_AMQP_URL`` (the cluster's by default), say to put another
         broker node of a cluster first; ``command``: what runs the worker (say, inside a
         memory limit: :mod:`localcluster.memory_limit`)."""
-        engine = NodeEngine(name, self.root / name)
-        self.engines.append(engine)
-        engine.start()
-        worker = WorkerProcess(
-            node=name,
-            docker_host=engine.docker_host,
-            amqp_url=amqp_url or self.amqp_url,
-            log_path=self.root / name / "worker.log",
-            extra_env=dict(self.worker_env),
-            command=command,
-        )
-        self.workers.append(worker)
-        worker.start()
-        self._write_state()
+        [worker] = self._add_nodes([name], amqp_url, command)
         return worker
+
+    def _add_nodes(
+        self, names: list[str], amqp_url: str | None = None, command: list[str] | None = None
+    ) -> list[WorkerProcess]:
+        """Nodes ``names``, started side by side (engines, then workers), all serving when it
+        returns."""
+        engines = [NodeEngine(name, self.root / name) for name in names]
+        self.engines.extend(engines)
+        _each(NodeEngine.start, engines)
+        workers = [
+            WorkerProcess(
+                node=engine.name,
+                docker_host=engine.docker_host,
+                amqp_url=amqp_url or self.amqp_url,
+                log_path=self.root / engine.name / "worker.log",
+                extra_env=dict(self.worker_env),
+                command=command,
+            )
+            for engine in engines
+        ]
+        self.workers.extend(workers)
+        for worker in workers:
+            worker.launch()
+        for worker in workers:
+            worker.wait_serving()
+        self._write_state()
+        return workers
 
     def stop(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
-        for worker in self.workers:
-            worker.stop()
-        for engine in self.engines:
-            engine.stop()
+        _each(WorkerProcess.stop, self.workers)
+        _each(NodeEngine.stop, self.engines)
         self.registry.stop()
         (self.root / STATE_FILE).unlink(missing_ok=True)
 
@@ -282,6 +297,15 @@ class LocalCluster:
         if self.gateway is not None:
             found.append(self.gateway.process)
         return [p for p in found if p is not None]
+
+
+def _each(action: Callable[[_T], object], items: list[_T]) -> None:
+    """``action`` on every item at once, one thread each (a dockerd takes a second to start
+    or stop, mostly waiting); raises the first error once all are done."""
+    if items:
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            for _ in pool.map(action, items):
+                pass
 
 
 def read_state(root: Path) -> dict[str, object] | None:

@@ -51,19 +51,26 @@ def host_docker() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(scope="session")
 def rabbitmq(host_docker: docker.DockerClient) -> Iterator[RabbitMqContainer]:
-    with RabbitMqContainer(ensure_rabbitmq_image(host_docker)) as container:
+    """The test broker, its management API published too (see :func:`new_vhost`)."""
+    container = RabbitMqContainer(ensure_rabbitmq_image(host_docker)).with_exposed_ports(
+        MANAGEMENT_PORT
+    )
+    with container:
+        base = management_url(container)
+        # The plugin starts after AMQP's listener, which is what the container waited for.
+        wait_until(lambda: bool(api_get(base, "overview")), "RabbitMQ's management API", 60)
         yield container
 
 
 def new_vhost(rabbitmq: RabbitMqContainer) -> str:
-    """A fresh vhost on the test broker, so that tests which need an empty one get it."""
+    """A fresh vhost on the test broker, so that tests which need an empty one get it. Made
+    through the management API: each ``rabbitmqctl`` call costs a second or more."""
     vhost = f"puller-{uuid.uuid4().hex[:8]}"
-    for command in (
-        ["rabbitmqctl", "add_vhost", vhost],
-        ["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-    ):
-        exit_code, output = rabbitmq.exec(command)
-        assert exit_code == 0, output
+    base = management_url(rabbitmq)
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    for path, body in ((f"vhosts/{vhost}", None), (f"permissions/{vhost}/guest", everything)):
+        response = requests.put(f"{base}/api/{path}", json=body, auth=GUEST, timeout=30)
+        assert response.status_code in (201, 204), (path, response.status_code, response.text)
     host = rabbitmq.get_container_host_ip()
     port = rabbitmq.get_exposed_port(5672)
     return f"amqp://guest:guest@{host}:{port}/{quote(vhost, safe='')}"
@@ -91,8 +98,9 @@ def start_cluster(
 
 @pytest.fixture(scope="session")
 def cluster(amqp_url: str) -> Iterator[LocalCluster]:
-    """Shared by tests that leave every node as they found it."""
-    cluster = start_cluster(amqp_url)
+    """Shared by tests that leave every node as they found it. Retries come quickly: a pull
+    from a registry that cannot be reached fails after its retries (1 + 2 + 4 s by default)."""
+    cluster = start_cluster(amqp_url, PULLER_RETRY_DELAY="0.2")
     yield cluster
     cluster.remove()
 

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from testcontainers.community.rabbitmq import RabbitMqContainer
 
+from bench.common import AMQP_URL_ENV
 from localcluster.images import PROJECT_ROOT
+from tests.integration.conftest import new_vhost
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +29,12 @@ pytestmark = pytest.mark.integration
             "onto K nodes",
             "pull_onto_nodes.json",
         ),
-        ("session_path", ["--requests", "50", "--workers", "2"], "request():", "session_path.json"),
+        (
+            "session_path",
+            ["--requests", "50", "--workers", "2", "--rate", "1000"],
+            "request():",
+            "session_path.json",
+        ),
         ("footprint", ["--idle-seconds", "1", "--size-mb", "2"], "footprint", "footprint.json"),
         (
             "http_gateway",
@@ -90,12 +98,21 @@ pytestmark = pytest.mark.integration
     ],
 )
 def test_benchmark_runs_and_prints_its_table(
-    script: str, args: list[str], title: str, figures: str, tmp_path: Path
+    script: str,
+    args: list[str],
+    title: str,
+    figures: str,
+    tmp_path: Path,
+    rabbitmq: RabbitMqContainer,
 ) -> None:
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{script}", *args],
         cwd=PROJECT_ROOT,
-        env={**os.environ, "PULLER_BENCH_RESULTS": str(tmp_path)},
+        env={
+            **os.environ,
+            "PULLER_BENCH_RESULTS": str(tmp_path),
+            AMQP_URL_ENV: new_vhost(rabbitmq),  # the test broker's: no rabbitmqctl calls
+        },
         capture_output=True,
         text=True,
         timeout=600,

@@ -182,8 +182,7 @@ def test_with_two_of_three_broker_nodes_gone_errors_are_clear_and_all_recovers(
             assert ready.get("reason"), ready
             assert worker.health("/alive")[0] == 200
     finally:
-        broker_cluster.start_node(1)
-        broker_cluster.start_node(2)
+        broker_cluster.start_node(1, 2)
     wait_ready(nodes.workers, timeout=120)
     image = nodes.registry.push_files(f"back/{uuid.uuid4().hex[:8]}", "1", {"f": b"y"})
     with Publisher(url, roster_max_age=ROSTER_MAX_AGE) as publisher:

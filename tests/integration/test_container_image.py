@@ -373,7 +373,7 @@ def compose_system(
         # --timeout: the RabbitMQ stand-in's PID 1 is a shell that ignores SIGTERM; nothing
         # here has work in flight that a short grace would cut.
         down = subprocess.run(
-            [*compose, "down", "--volumes", "--remove-orphans", "--timeout", "5"],
+            [*compose, "down", "--volumes", "--remove-orphans", "--timeout", "2"],
             env=env,
             capture_output=True,
             text=True,

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     run_cli,
     start_cluster,
 )
+from tests.integration.test_faults import run_cli_in_background
 
 pytestmark = pytest.mark.integration
 
@@ -89,16 +90,28 @@ def test_a_killed_worker_drops_out_after_the_roster_max_age(
 def test_a_frozen_worker_is_reported_no_reply_while_the_others_pull(
     own_cluster: LocalCluster, own_publisher: Publisher
 ) -> None:
-    image = own_cluster.registry.push_files(
-        f"test/frozen-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+    image, cli_image = (
+        own_cluster.registry.push_files(
+            f"test/frozen-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+        )
+        for _ in range(2)
     )
     frozen = own_cluster.workers[0]
     frozen.signal(signal.SIGSTOP)
     try:
-        started = time.monotonic()
-        report = own_publisher.pull(image, timeout=5)  # waits for the whole roster
-        waited = time.monotonic() - started
-        cli = run_cli("--amqp-url", own_cluster.amqp_url, "pull", image, "--timeout", "5", "--json")
+        # The CLI waits out its timeout while the library waits out its own.
+        cli = run_cli_in_background(
+            "--amqp-url", own_cluster.amqp_url, "pull", cli_image, "--timeout", "5", "--json"
+        )
+        try:
+            started = time.monotonic()
+            report = own_publisher.pull(image, timeout=5)  # waits for the whole roster
+            waited = time.monotonic() - started
+            cli_out, cli_err = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.communicate()
     finally:
         frozen.signal(signal.SIGCONT)
     assert 5 <= waited < 15
@@ -109,9 +122,9 @@ def test_a_frozen_worker_is_reported_no_reply_while_the_others_pull(
     assert not report.ok
     assert [r.node for r in report.no_reply] == [frozen.node]
     assert cli.returncode == 1
-    printed = {n["node"]: n["status"] for n in json.loads(cli.stdout)["nodes"]}
+    printed = {n["node"]: n["status"] for n in json.loads(cli_out)["nodes"]}
     assert printed[frozen.node] == "no_reply"
-    assert f"did not answer within 5s: {frozen.node}" in cli.stderr
+    assert f"did not answer within 5s: {frozen.node}" in cli_err
     has = engine_has(own_cluster, image)
     assert [node for node, there in has.items() if there] == [
         n for n in node_names(own_cluster) if n != frozen.node
