@@ -450,37 +450,27 @@ def _closed_by_peer(sock: socket.socket) -> bool:
     return True
 
 
-def _closed_already(sock: socket.socket) -> bool:
-    sock.setblocking(False)
-    try:
-        return _closed_by_peer(sock)
-    except BlockingIOError:
-        return False
-    finally:
-        sock.settimeout(20)
-
-
-def test_idle_connections_are_closed_and_at_most_max_connections_are_served(
+def test_idle_and_half_sent_connections_are_closed_after_the_idle_timeout(
     registry: Registry, make_cache: MakeCache
 ) -> None:
+    """Whether served and left open, or never finished, a connection that does nothing is
+    closed after ``--idle-timeout``. (Which one is closed first at the limit of connections:
+    the next test; it cannot be asserted here, where the idle timeout may strike first on a
+    busy machine.)"""
     cache = make_cache(registry.url, "--idle-timeout", "3", "--max-connections", "4")
     started = time.monotonic()
     idle = [socket.create_connection(("127.0.0.1", cache.port), timeout=20) for _ in range(4)]
     try:
-        for sock in idle[:3]:  # three served at once, then left open
+        for sock in idle[:3]:  # three served, then left open
             sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         idle[3].sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n")  # half a request, never finished
-        assert not any(_closed_already(sock) for sock in idle)
-        with socket.create_connection(("127.0.0.1", cache.port), timeout=20) as fifth:
-            fifth.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = fifth.recv(65536)
-            # Answered only once a slot was free: an idle connection had been closed.
-            assert answer.startswith(b"HTTP/1.1 200"), answer
-            assert any(_closed_already(sock) for sock in idle)
         for sock in idle:
             assert _closed_by_peer(sock)  # each within the socket's 20 s, not never
         assert time.monotonic() - started < 20
+        with socket.create_connection(("127.0.0.1", cache.port), timeout=20) as fifth:
+            fifth.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert fifth.recv(65536).startswith(b"HTTP/1.1 200")  # and the cache still serves
     finally:
         for sock in idle:
             sock.close()
