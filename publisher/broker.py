@@ -47,8 +47,7 @@ from contract.connection import (
     where,
 )
 from publisher.request_channel import RequestChannel
-from publisher.roster import RosterBook
-from publisher.roster_follower import PresenceSync, RosterFollower
+from publisher.roster import PresenceSync, RosterBook, RosterFollower
 
 log = logging.getLogger("puller.publisher.broker")
 
