@@ -35,12 +35,11 @@ engine's retries), then fewer and fewer.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-import requests
 
 from contract.reference import DOMAIN_PATTERN
 
@@ -151,12 +150,15 @@ class PullThrough:
             skip_for = self._skip_for.get(cache, self._down_for)
         if self._clock() < until:
             raise CacheUnusable(f"cache {cache} failed a moment ago (skipped for {skip_for:g}s)")
+        probe = http.client.HTTPConnection(cache, timeout=self._probe_timeout)
         try:
-            with requests.get(f"http://{cache}/v2/", timeout=self._probe_timeout) as answer:
-                status = answer.status_code
-        except requests.RequestException as error:
+            probe.request("GET", "/v2/")
+            status = probe.getresponse().status
+        except (OSError, http.client.HTTPException) as error:
             self.mark_down(cache)
             raise CacheUnusable(f"cache {cache} does not answer ({type(error).__name__})") from None
+        finally:
+            probe.close()
         if status >= 500:
             self.mark_down(cache)
             raise CacheUnusable(f"cache {cache} answered its /v2/ with {status}")

@@ -16,9 +16,10 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import docker
-from docker import auth as docker_auth
+if TYPE_CHECKING:
+    from docker.auth import AuthConfig
 
 MAX_CONFIG_BYTES = 1024 * 1024
 """The largest config.json read (a Kubernetes Secret holds at most 1 MiB); it is read at
@@ -111,7 +112,9 @@ class DockerConfig:
             return RegistryLogin(registry, None, self.describe(), problem)
         if not found:
             return RegistryLogin(registry, None, self.describe(), f"no login for {registry}")
-        header = docker_auth.encode_header(found).decode("ascii")
+        from docker.auth import encode_header  # noqa: PLC0415 (see _read_docker_config)
+
+        header = encode_header(found).decode("ascii")
         return RegistryLogin(registry, header, self.describe(), basic=_user_and_password(found))
 
 
@@ -130,9 +133,10 @@ class _UnusableConfig(Exception):
     """Why a docker config.json gives no logins. Never quotes the file: it holds secrets."""
 
 
-def _read_docker_config(path: Path) -> docker_auth.AuthConfig:
+def _read_docker_config(path: Path) -> AuthConfig:
     """The logins in ``path``; raises :class:`_UnusableConfig`. The reasons name an
-    exception's type only: its text could quote the file, credentials and all."""
+    exception's type only: its text could quote the file, credentials and all. The docker
+    SDK (8 MB of a worker's memory, with requests) is imported only once there is a file."""
     try:
         # Not blocking: a FIFO or a device put there must not hang the pull that reads it.
         handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -155,11 +159,14 @@ def _read_docker_config(path: Path) -> docker_auth.AuthConfig:
         raise _UnusableConfig("it is not JSON") from None
     if not isinstance(content, dict):
         raise _UnusableConfig("it is not a JSON object")
+    from docker.auth import AuthConfig, load_config  # noqa: PLC0415
+    from docker.errors import DockerException  # noqa: PLC0415
+
     if not content:  # the SDK would go and look for another file
-        return docker_auth.AuthConfig({})
+        return AuthConfig({})
     try:
-        return docker_auth.load_config(config_dict=content)
-    except (docker.errors.DockerException, ValueError, TypeError, AttributeError) as error:
+        return load_config(config_dict=content)
+    except (DockerException, ValueError, TypeError, AttributeError) as error:
         raise _UnusableConfig(
             f"its auths are not docker logins ({type(error).__name__}; each needs "
             '"auth": base64 of USER:PASSWORD)'
