@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -58,3 +59,14 @@ def test_every_module_imported_at_run_time_is_a_declared_dependency() -> None:
         if not names & declared():
             missing[module] = sorted(files)
     assert missing == {}
+
+
+def test_a_worker_starts_without_the_docker_sdk_or_requests() -> None:
+    """Together about 8 MB of a worker's 40 MB budget: the worker speaks the Engine API
+    itself, and reads registry logins with the SDK only once there is a file to read."""
+    probe = "import sys, worker.main; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    for heavy in ("docker", "requests", "urllib3"):
+        assert f"'{heavy}'" not in loaded, f"{heavy} is imported when a worker starts"
