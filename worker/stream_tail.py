@@ -120,6 +120,8 @@ def _connected(at: Endpoint, login: Login, deadline: float) -> Iterator[_Connect
     except OSError as error:
         raise StreamUnavailable(f"cannot connect to the stream port {at}: {_why(error)}") from None
     try:
+        # Small frames, some back to back (tune, then open): not held for the peer's ack.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if login.tls is not None:
             try:
                 sock = login.tls.wrap_socket(sock, server_hostname=at.host)
