@@ -2,7 +2,8 @@
 and the demo.
 
 Every node is new: its own node name (``puller-<token>-<i>@<short host>``), AMQP port,
-distribution port, and data, log, pid and plugin files under ``root``. The machine's own broker
+stream-protocol port (plugin ``rabbitmq_stream``), distribution port, and data, log, pid and
+plugin files under ``root``. The machine's own broker
 (``rabbit@<host>`` on 5672) is never touched. The nodes run as the ``rabbitmq`` user, as Debian's
 server does, and share that user's Erlang cookie (``/var/lib/rabbitmq/.erlang.cookie``) with the
 machine's broker. The CLI tools run as that user too (see :func:`rabbitmqctl`), so root needs
@@ -48,6 +49,18 @@ loopback_users.guest = true
 log.console = false
 log.file.level = info
 """
+PLUGINS = "[rabbitmq_stream].\n"
+"""The stream protocol (where the history ends is read over it), on each node's own port."""
+
+
+def stream_config(port: int, host: str = "127.0.0.1") -> str:
+    """rabbitmq.conf lines for a stream listener on ``host:port``, advertised as that address
+    (``Metadata`` answers it: clients connect there to reach a stream's leader)."""
+    return (
+        f"stream.listeners.tcp.1 = {host}:{port}\n"
+        f"stream.advertised_host = {host}\n"
+        f"stream.advertised_port = {port}\n"
+    )
 
 
 def short_host() -> str:
@@ -109,6 +122,7 @@ class BrokerNode:
     amqp_port: int
     dist_port: int
     directory: Path
+    stream_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -141,7 +155,8 @@ class BrokerNode:
         for directory in (self.directory, self.directory / "mnesia", self.directory / "log"):
             directory.mkdir(parents=True, exist_ok=True)
             os.chown(directory, user.pw_uid, user.pw_gid)
-        for name, text in (("rabbitmq.conf", CONFIG), ("enabled_plugins", "[].\n")):
+        config = CONFIG + stream_config(self.stream_port)
+        for name, text in (("rabbitmq.conf", config), ("enabled_plugins", PLUGINS)):
             path = self.directory / name
             path.write_text(text)
             os.chown(path, user.pw_uid, user.pw_gid)
@@ -168,10 +183,12 @@ class BrokerNode:
         return self.process is not None and self.process.poll() is None
 
     def booted(self) -> bool:
-        """The node has booted (``await_startup``) and its AMQP port answers."""
+        """The node has booted (``await_startup``) and its AMQP and stream ports answer."""
         rabbitmqctl(self.name, "--timeout", "10", "await_startup", timeout=30)
-        with socket.create_connection(("127.0.0.1", self.amqp_port), timeout=2):
-            return True
+        for port in (self.amqp_port, self.stream_port):
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+        return True
 
     @property
     def broker_log(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -19,10 +20,13 @@ def broker_listening(port: int = AMQP_PORT) -> bool:
 
 
 def ensure_rabbitmq(timeout: float = 90.0) -> bool:
-    """Starts rabbitmq-server unless a broker already listens; returns whether it started one."""
+    """Starts rabbitmq-server unless a broker already listens; returns whether it started one.
+    It runs the stream plugin too (port 5552), named in the environment, which RabbitMQ
+    writes into its enabled_plugins file."""
     if broker_listening():
         return False
-    subprocess.run(["rabbitmq-server", "-detached"], check=True)
+    plugins = {**os.environ, "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_stream"}
+    subprocess.run(["rabbitmq-server", "-detached"], check=True, env=plugins)
     # await_startup fails at once while the node is not yet reachable, so ask until it says yes.
     wait_until(_booted, "rabbitmq-server (see /var/log/rabbitmq/)", timeout)
     if not broker_listening():

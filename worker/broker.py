@@ -1,4 +1,5 @@
-"""The worker's AMQP connection: the only module of the worker that imports pika.
+"""The worker's AMQP connection: the only module of the worker that imports pika (the
+history's end is read over the stream protocol by :mod:`worker.stream_tail`).
 
 One thread owns the connection: the one that calls :meth:`WorkerBroker.connect` and then
 :meth:`WorkerBroker.process_events`; every method that touches pika checks it is that
@@ -43,6 +44,7 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
+from worker import stream_tail
 from worker.delivery import Delivery
 from worker.outbox import Outbox
 
@@ -52,6 +54,9 @@ LOST = "lost the connection to RabbitMQ"
 CONNECT_TIMEOUT = 10.0
 ANSWER_WAIT = 30.0
 """The longest wait for RabbitMQ to answer one method while connecting."""
+TAIL_TIMEOUT = 10.0
+"""The longest a read of the history's end over the stream protocol takes."""
+STREAM_PORT, STREAM_TLS_PORT = 5552, 5551
 
 Channel = Any
 """A channel of pika's asynchronous connection (pika has no type hints)."""
@@ -84,6 +89,7 @@ class WorkerBroker(Outbox):
         history_stream: topo.Queue | None = None,
         replay_prefetch: int = 1,
         tls: BrokerTls | None = None,
+        stream_port: int | None = None,
     ) -> None:
         super().__init__()
         blocked_timeout = max(60, 2 * heartbeat)
@@ -128,6 +134,10 @@ class WorkerBroker(Outbox):
         put what into the presence stream."""
         self._may_not_configure = False
         """Learnt from RabbitMQ's refusal, once: from then on shared things are checked."""
+        self._stream_port = stream_port
+        self.tail_reads_off_leader = 0
+        """Tail reads made on the node connected to because the stream's leader could not
+        be reached (its copy may lag behind the leader's)."""
 
     @property
     def where(self) -> str:
@@ -394,6 +404,38 @@ class WorkerBroker(Outbox):
                 channel.close()
             except CONNECTION_ERRORS as error:
                 log.info("could not close the history channel", error=describe(error))
+
+    def read_tail(self) -> int | None:
+        """The history stream's last offset (``None``: it is empty), read over the stream
+        protocol on the stream's leader, on the port ``stream_port`` of the broker in use
+        (a new connection each time). Blocks up to about :data:`TAIL_TIMEOUT` seconds: call it
+        off the connection's thread. Raises :class:`~contract.BrokerUnavailable`."""
+        if threading.get_ident() == self._owner:
+            raise RuntimeError("read_tail() blocks: call it off the connection's thread")
+        parameters = self._parameters
+        credentials = parameters.credentials
+        if not isinstance(credentials, pika.PlainCredentials):
+            raise BrokerUnavailable("reading the history's end needs a user name and password")
+        tls = parameters.ssl_options.context if parameters.ssl_options is not None else None
+        port = self._stream_port or (STREAM_PORT if tls is None else STREAM_TLS_PORT)
+        reading = stream_tail.read_tail(
+            stream_tail.Endpoint(parameters.host, port),
+            stream_tail.Login(
+                credentials.username, credentials.password, parameters.virtual_host, tls
+            ),
+            (self._history_stream or topo.history_stream()).name,
+            timeout=TAIL_TIMEOUT,
+        )
+        if reading.leader_missed is not None:
+            with self._lock:
+                self.tail_reads_off_leader += 1
+            log.warning(
+                "read the history's end on the broker connected to, not on its leader: its "
+                "copy may lag; check stream.advertised_host/port on the brokers",
+                read_at=str(reading.read_at),
+                leader=reading.leader_missed,
+            )
+        return reading.offset
 
     def process_events(self, seconds: float) -> None:
         """Serves the connection (deliveries, callbacks, heartbeats) for up to ``seconds``."""

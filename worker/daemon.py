@@ -129,6 +129,7 @@ class Worker:
             # A replay leaves a pull slot free for live requests (unless there is only one).
             replay_prefetch=replay_slots(settings),
             tls=broker_tls(settings),
+            stream_port=settings.stream_port,
         )
         self._catch_up = CatchUp(
             settings.node_name,

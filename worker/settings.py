@@ -209,6 +209,16 @@ class WorkerSettings(BrokerAndPolicy):
     heartbeat: int = setting(
         "PULLER_HEARTBEAT", whole_number, 30, help="AMQP heartbeat, seconds", minimum=1
     )
+    stream_port: int | None = setting(
+        "PULLER_STREAM_PORT",
+        whole_number,
+        None,
+        help="RabbitMQ's stream-protocol port (plugin `rabbitmq_stream`) on the brokers of "
+        "`PULLER_AMQP_URL`, where the worker reads where the history ends; TLS with `amqps://`",
+        unset="5552, or 5551 with `amqps://`",
+        minimum=1,
+        maximum=65535,
+    )
     presence_interval: float = setting(
         "PULLER_PRESENCE_INTERVAL",
         number,

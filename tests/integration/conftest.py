@@ -29,9 +29,10 @@ from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster
 from localcluster.engines import ensure_host_engine
 from localcluster.images import ensure_rabbitmq_image, host_client
-from localcluster.processes import wait_until
+from localcluster.processes import free_port, wait_until
 from localcluster.tls import Certificates, make_certificates
 from publisher import Publisher
+from worker.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # the reaper image cannot be pulled
 
@@ -49,17 +50,79 @@ def host_docker() -> Iterator[docker.DockerClient]:
     client.close()
 
 
+STREAM_PORT = 5552
+STREAM_TLS_PORT = 5551
+
+
+def with_stream_plugin(container: RabbitMqContainer, directory: Path) -> RabbitMqContainer:
+    """``container`` with the management and stream plugins enabled (its enabled_plugins
+    file, written in ``directory``, mounted read-only)."""
+    plugins = directory / "enabled_plugins"
+    plugins.write_text("[rabbitmq_management,rabbitmq_stream].\n")
+    plugins.chmod(0o644)
+    return container.with_volume_mapping(plugins, "/etc/rabbitmq/enabled_plugins")
+
+
+def stream_config(port: int, tls_port: int | None = None) -> str:
+    """rabbitmq.conf lines for the stream listeners, advertised (``Metadata``) at the ports
+    published on 127.0.0.1, where the tests reach them."""
+    config = f"""\
+stream.listeners.tcp.default = {STREAM_PORT}
+stream.advertised_host = 127.0.0.1
+stream.advertised_port = {port}
+"""
+    if tls_port is not None:
+        config += f"""\
+stream.listeners.ssl.default = {STREAM_TLS_PORT}
+stream.advertised_tls_host = 127.0.0.1
+stream.advertised_tls_port = {tls_port}
+"""
+    return config
+
+
+def wait_for_stream_port(port: int, tls: ssl.SSLContext | None = None) -> None:
+    """Until the stream plugin answers on ``port`` (it starts after AMQP's listener, and
+    Docker's proxy accepts connections before anything listens)."""
+
+    def answers() -> bool:
+        try:
+            read_tail(Endpoint("127.0.0.1", port), Login(*GUEST, "/", tls), "puller-probe")
+        except StreamUnavailable as error:
+            return "does not exist" in str(error)
+        return True
+
+    wait_until(answers, "RabbitMQ's stream port", 60)
+
+
 @pytest.fixture(scope="session")
-def rabbitmq(host_docker: docker.DockerClient) -> Iterator[RabbitMqContainer]:
-    """The test broker, its management API published too (see :func:`new_vhost`)."""
-    container = RabbitMqContainer(ensure_rabbitmq_image(host_docker)).with_exposed_ports(
-        MANAGEMENT_PORT
+def rabbitmq(
+    host_docker: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RabbitMqContainer]:
+    """The test broker, its management API published too (see :func:`new_vhost`), and its
+    stream port (:func:`stream_port`)."""
+    port = free_port()
+    directory = tmp_path_factory.mktemp("rabbitmq")
+    config = directory / "rabbitmq.conf"
+    config.write_text("loopback_users = none\nlisteners.tcp.default = 5672\n" + stream_config(port))
+    config.chmod(0o644)  # the broker runs as its own user
+    container = with_stream_plugin(
+        RabbitMqContainer(ensure_rabbitmq_image(host_docker))
+        .with_exposed_ports(MANAGEMENT_PORT)
+        .with_bind_ports(STREAM_PORT, port)
+        .with_volume_mapping(config, "/etc/rabbitmq/rabbitmq.conf"),
+        directory,
     )
     with container:
         base = management_url(container)
         # The plugin starts after AMQP's listener, which is what the container waited for.
         wait_until(lambda: bool(api_get(base, "overview")), "RabbitMQ's management API", 60)
+        wait_for_stream_port(port)
         yield container
+
+
+def stream_port(rabbitmq: RabbitMqContainer) -> int:
+    """The test broker's stream-protocol port on 127.0.0.1."""
+    return int(rabbitmq.get_exposed_port(STREAM_PORT))
 
 
 def new_vhost(rabbitmq: RabbitMqContainer) -> str:
@@ -162,11 +225,16 @@ class TlsRabbitMq:
     plain_url: str
     certificates: Certificates
     container: RabbitMqContainer
+    stream_port: int
+    stream_tls_port: int
 
 
-def rabbitmq_tls_config(directory: str) -> str:
-    """rabbitmq.conf for both listeners; a client certificate is checked if sent, not required."""
-    return f"""\
+def rabbitmq_tls_config(directory: str, stream_port: int, stream_tls_port: int) -> str:
+    """rabbitmq.conf for both listeners, AMQP's and the stream protocol's; a client
+    certificate is checked if sent, not required."""
+    return (
+        stream_config(stream_port, stream_tls_port)
+        + f"""\
 loopback_users = none
 listeners.tcp.default = 5672
 listeners.ssl.default = {RABBITMQ_TLS_PORT}
@@ -176,6 +244,7 @@ ssl_options.keyfile = {directory}/server.key
 ssl_options.verify = verify_peer
 ssl_options.fail_if_no_peer_cert = false
 """
+    )
 
 
 def tls_context(cafile: Path) -> ssl.SSLContext:
@@ -191,13 +260,17 @@ def tls_rabbitmq(
     directory = tmp_path_factory.mktemp("tls-rabbitmq")
     certificates = make_certificates(directory / "certs")
     config = directory / "rabbitmq.conf"
-    config.write_text(rabbitmq_tls_config(TLS_DIRECTORY_IN_CONTAINER))
+    streams = free_port(), free_port()
+    config.write_text(rabbitmq_tls_config(TLS_DIRECTORY_IN_CONTAINER, *streams))
     config.chmod(0o644)  # the broker runs as its own user
-    container = (
+    container = with_stream_plugin(
         RabbitMqContainer(ensure_rabbitmq_image(host_docker))
         .with_exposed_ports(RABBITMQ_TLS_PORT)
+        .with_bind_ports(STREAM_PORT, streams[0])
+        .with_bind_ports(STREAM_TLS_PORT, streams[1])
         .with_volume_mapping(directory / "certs", TLS_DIRECTORY_IN_CONTAINER)
-        .with_volume_mapping(config, "/etc/rabbitmq/rabbitmq.conf")
+        .with_volume_mapping(config, "/etc/rabbitmq/rabbitmq.conf"),
+        directory,
     )
     try:
         try:
@@ -206,6 +279,7 @@ def tls_rabbitmq(
             wait_until(
                 lambda: _tls_handshake(port, certificates.ca_file), "RabbitMQ's TLS listener", 30
             )
+            wait_for_stream_port(streams[0])
         except Exception as error:
             error.add_note(_container_logs(container))
             raise
@@ -216,6 +290,8 @@ def tls_rabbitmq(
             plain_url=f"amqp://guest:guest@127.0.0.1:{plain_port}/",
             certificates=certificates,
             container=container,
+            stream_port=streams[0],
+            stream_tls_port=streams[1],
         )
     finally:
         container.stop()

@@ -721,6 +721,16 @@ def _network_policy(m: Manifests, what: str, labels: Mapping[str, str], port: in
                 yield f"{label(policy)}: admits ports {numbers}, not only {port}"
 
 
+def missing_plugins(cluster: Document) -> Iterator[str]:
+    plugins = cluster.get("spec", {}).get("rabbitmq", {}).get("additionalPlugins", [])
+    for plugin, why in (
+        ("rabbitmq_management", "puller broker-setup uses it"),
+        ("rabbitmq_stream", "workers read the history's end over it"),
+    ):
+        if plugin not in plugins:
+            yield f"{label(cluster)}: needs {plugin} ({why})"
+
+
 def check_broker(m: Manifests) -> Iterator[str]:
     """The Secrets hold placeholders for URLs of the example RabbitmqCluster, whose shape is
     checked by hand (it is the operator's custom resource, outside the core schemas)."""
@@ -734,8 +744,7 @@ def check_broker(m: Manifests) -> Iterator[str]:
     if cluster["metadata"].get("namespace") != NAMESPACE:
         yield f"{label(cluster)}: must be in the namespace {NAMESPACE!r}"
     spec = cluster.get("spec", {})
-    if "rabbitmq_management" not in spec.get("rabbitmq", {}).get("additionalPlugins", []):
-        yield f"{label(cluster)}: needs rabbitmq_management (puller broker-setup uses it)"
+    yield from missing_plugins(cluster)
     replicas = spec.get("replicas", 1)
     if replicas % 2 == 0:
         yield f"{label(cluster)}: an odd number of replicas keeps a majority"
@@ -1318,6 +1327,10 @@ def _break_plugins(m: Manifests) -> None:
     m.optional[0]["spec"]["rabbitmq"]["additionalPlugins"] = []
 
 
+def _drop_stream_plugin(m: Manifests) -> None:
+    m.optional[0]["spec"]["rabbitmq"]["additionalPlugins"].remove("rabbitmq_stream")
+
+
 def _break_placeholder(m: Manifests) -> None:
     secret = cast(Document, m.find("Secret", "puller-http-amqp"))
     secret["stringData"]["url"] = "amqp://puller-http:hunter2@rabbitmq:5672/puller"
@@ -1358,6 +1371,7 @@ BREAKAGES = [
     (check_http, _break_service),
     (check_http, _break_network_policy),
     (check_broker, _break_plugins),
+    (check_broker, _drop_stream_plugin),
     (check_broker, _break_placeholder),
 ]
 
