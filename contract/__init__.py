@@ -7,6 +7,7 @@ Both sides import this package and nothing else of each other:
 - ``topology``: the exchanges, queues and streams both sides declare
 - ``errors``: the error kinds on the wire and puller's error hierarchy
 - ``connection``: connection parameters and pika's errors in puller's terms (broker modules only)
+- ``stream_tail``: where a stream ends, read over RabbitMQ's stream protocol (catch-up)
 """
 
 from contract import topology

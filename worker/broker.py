@@ -1,5 +1,5 @@
 """The worker's AMQP connection: the only module of the worker that imports pika (the
-history's end is read over the stream protocol by :mod:`worker.stream_tail`).
+history's end is read over the stream protocol by :mod:`contract.stream_tail`).
 
 One thread owns the connection: the one that calls :meth:`WorkerBroker.connect` and then
 :meth:`WorkerBroker.process_events`; every method that touches pika checks it is that
@@ -27,7 +27,7 @@ import pika.exceptions
 import pika.spec
 import structlog
 
-from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, PullerError
+from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, PullerError, stream_tail
 from contract import topology as topo
 from contract.connection import (
     ACCESS_REFUSED,
@@ -44,7 +44,6 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
-from worker import stream_tail
 from worker.delivery import Delivery
 from worker.outbox import Outbox
 

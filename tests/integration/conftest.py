@@ -25,6 +25,7 @@ import pytest
 import requests
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
+from contract.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster
 from localcluster.engines import ensure_host_engine
@@ -32,7 +33,6 @@ from localcluster.images import ensure_rabbitmq_image, host_client
 from localcluster.processes import free_port, wait_until
 from localcluster.tls import Certificates, make_certificates
 from publisher import Publisher
-from worker.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # the reaper image cannot be pulled
 

@@ -15,10 +15,10 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 from contract import BrokerUnavailable
 from contract import topology as topo
 from contract.connection import BrokerTls
+from contract.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 from localcluster.broker_cluster import BrokerCluster
 from tests.integration.conftest import TlsRabbitMq, new_vhost, stream_port
 from worker.broker import WorkerBroker
-from worker.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 
 pytestmark = pytest.mark.integration
 

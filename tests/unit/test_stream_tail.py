@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from contract import BrokerUnavailable
 from contract import topology as topo
-from worker.broker import WorkerBroker
-from worker.stream_tail import (
+from contract.stream_tail import (
     CLOSE,
     DELIVER,
     METADATA,
@@ -40,6 +39,7 @@ from worker.stream_tail import (
     StreamUnavailable,
     read_tail,
 )
+from worker.broker import WorkerBroker
 
 STREAM = "puller.history.stream"
 LOGIN = Login("worker", "s3cret", "/pulls")
