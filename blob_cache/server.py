@@ -17,11 +17,10 @@ client before its stream waits, never in a temporary file: the process writes on
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -38,12 +37,12 @@ from blob_cache.upstream import (
     content_length,
 )
 from contract import puller_version
-from serving.wsgi_server import WsgiServer, usable_connections
+from serving.wsgi_server import WsgiServer, status_line, usable_connections
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger("blob_cache.server")
-
-StartResponse = Callable[..., Any]
-Environ = dict[str, Any]
 
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS"}
 OUTBUF_HIGH_WATERMARK = 256 * 1024
@@ -80,7 +79,7 @@ class BlobCacheApp:
         self.fetches = Fetches(self.store, self.upstream, metrics)
         self.memory = AuthMemory()
 
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "")
         head = method == "HEAD"
         route = parse_target(environ.get("REQUEST_URI", ""))
@@ -123,7 +122,11 @@ class BlobCacheApp:
         return _respond(start_response, 200, [("Content-Type", "application/json")], body, head)
 
     def _forward(
-        self, environ: Environ, start_response: StartResponse, route: Ping | Manifest, method: str
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        route: Ping | Manifest,
+        method: str,
     ) -> list[bytes]:
         headers = {
             name: value
@@ -143,7 +146,7 @@ class BlobCacheApp:
         )
 
     def _blob(
-        self, environ: Environ, start_response: StartResponse, blob: Blob, head: bool
+        self, environ: WSGIEnvironment, start_response: StartResponse, blob: Blob, head: bool
     ) -> Iterable[bytes]:
         authorization: str | None = environ.get("HTTP_AUTHORIZATION")
         answer: Answer | None
@@ -175,7 +178,7 @@ class BlobCacheApp:
 
     def _serve_blob(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -198,7 +201,7 @@ class BlobCacheApp:
 
     def _from_fetch(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -222,7 +225,7 @@ class BlobCacheApp:
         return self._follow(environ, start_response, blob, follower, size)
 
     def _kept(
-        self, environ: Environ, start_response: StartResponse, blob: Blob, kept: KeptFile
+        self, environ: WSGIEnvironment, start_response: StartResponse, blob: Blob, kept: KeptFile
     ) -> Iterable[bytes]:
         kept.on_end = self.metrics.count
         start_response("200 OK", [*_blob_headers(blob), ("Content-Length", str(kept.size))])
@@ -233,7 +236,7 @@ class BlobCacheApp:
 
     def _follow(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         follower: Follower,
@@ -249,7 +252,7 @@ class BlobCacheApp:
 
     def _pass_through(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -295,13 +298,6 @@ def _blob_headers(blob: Blob) -> list[tuple[str, str]]:
     ]
 
 
-def _status(code: int) -> str:
-    try:
-        return f"{code} {HTTPStatus(code).phrase}"
-    except ValueError:
-        return f"{code} Unknown"
-
-
 def _respond(
     start_response: StartResponse,
     status: int,
@@ -310,7 +306,7 @@ def _respond(
     head: bool,
     length: str | None = None,
 ) -> list[bytes]:
-    start_response(_status(status), [*headers, ("Content-Length", length or str(len(body)))])
+    start_response(status_line(status), [*headers, ("Content-Length", length or str(len(body)))])
     return [] if head else [body]
 
 
