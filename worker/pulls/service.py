@@ -329,7 +329,6 @@ class PullService:
         """An interrupted warm pull (not a failure: the attempt does not count) goes back
         to the front of its lane; it starts again once no session pull waits or runs."""
         pull.interrupting = False
-        pull.interruptions += 1
         pull.attempt -= 1
         log.info("warm pull waits for the session's pull", **pull.context)
         pull.queued()
