@@ -2,9 +2,6 @@
 ``broker-setup`` (users and bounds), real workers and a real ``puller-http`` as the publisher
 user, and pika as the any-node worker user publishing junk to ``puller.presence`` as fast as
 one connection can (every worker user may publish there: it announces its node).
-
-The roster was read again from the stream on every call, up to a marker of its own behind
-the flood: ``GET /nodes`` and ``POST /pulls`` without ``expect`` answered 503 after 5 s.
 """
 
 from __future__ import annotations
