@@ -5,7 +5,6 @@ and a pruner sharing one guard, over a stand-in store whose steps the test holds
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from contract import (
     parse_reference,
 )
 from tests.fakes.store import MemoryStore
+from tests.waiting import eventually
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
 from worker.pulls.image_guard import ImageGuard, Ticket
@@ -93,13 +93,6 @@ def node(tmp_path: Path) -> Iterator[Node]:
     yield Node(store, guard, service, pruner, usage, Answers())
     store.removal_gate.set()
     service.shutdown(wait=True)
-
-
-def eventually(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "not within 10 s"
-        time.sleep(0.002)
 
 
 def test_the_racy_store_is_a_prunable_store() -> None:
