@@ -136,8 +136,7 @@ class BlobCacheApp:
         try:
             answer = self.upstream.forward(method, route, headers)
         except UpstreamUnreachable as error:
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", str(error), method == "HEAD")
+            return self._unavailable(start_response, str(error), method == "HEAD")
         self.metrics.count(Outcome.FORWARDED)
         passed = [(k, v) for k, v in answer.headers.items() if k != "Content-Length"]
         length = answer.headers.get("Content-Length", "0") if method == "HEAD" else None
@@ -173,6 +172,12 @@ class BlobCacheApp:
         if kept is not None and self.memory.recalls(authorization, blob.name, blob.digest):
             # The upstream cannot be asked; it allowed this client this blob a moment ago.
             return self._serve_blob(environ, start_response, blob, authorization, kept, head)
+        return self._unavailable(start_response, why, head)
+
+    def _unavailable(
+        self, start_response: StartResponse, why: str, head: bool = False
+    ) -> list[bytes]:
+        """502: the upstream cannot be asked, or its answer cannot be passed on."""
         self.metrics.count(Outcome.UPSTREAM_ERROR)
         return _error(start_response, 502, "UNAVAILABLE", why, head)
 
@@ -189,8 +194,7 @@ class BlobCacheApp:
             self.metrics.count(Outcome.HEAD)
             size = self.store.kept(blob.digest)
             size = hint if size is None else size
-            length = [] if size is None else [("Content-Length", str(size))]
-            start_response("200 OK", [*_blob_headers(blob), *length])
+            start_response("200 OK", _blob_headers(blob, size))
             return []
         opened = self.fetches.open(blob, authorization, hint)
         if isinstance(opened, KeptFile):
@@ -220,15 +224,14 @@ class BlobCacheApp:
             size = follower.fetch.written
         if state is FetchState.FAILED:
             follower.close()
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", follower.fetch.reason, head=False)
+            return self._unavailable(start_response, follower.fetch.reason)
         return self._follow(environ, start_response, blob, follower, size)
 
     def _kept(
         self, environ: WSGIEnvironment, start_response: StartResponse, blob: Blob, kept: KeptFile
     ) -> Iterable[bytes]:
         kept.on_end = self.metrics.count
-        start_response("200 OK", [*_blob_headers(blob), ("Content-Length", str(kept.size))])
+        start_response("200 OK", _blob_headers(blob, kept.size))
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None:
             return wrapper(kept, CHUNK)  # type: ignore[no-any-return]
@@ -246,8 +249,7 @@ class BlobCacheApp:
         if callable(gone):
             follower.client_gone = gone
         follower.on_end = self.metrics.count
-        length = [] if size is None else [("Content-Length", str(size))]
-        start_response("200 OK", [*_blob_headers(blob), *length])
+        start_response("200 OK", _blob_headers(blob, size))
         return follower
 
     def _pass_through(
@@ -263,22 +265,20 @@ class BlobCacheApp:
         try:
             response = self.upstream.open_blob(blob, authorization)
         except UpstreamUnreachable as error:
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", str(error), head=False)
+            return self._unavailable(start_response, str(error))
         if response.status_code != 200:
             response.close()
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            why = f"the upstream answered {response.status_code}"
-            return _error(start_response, 502, "UNAVAILABLE", why, head=False)
+            return self._unavailable(
+                start_response, f"the upstream answered {response.status_code}"
+            )
         size = content_length(response)
         size = hint if size is None else size
         if size is None and environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
             response.close()  # neither a length nor chunks: a cut would look whole
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            why = "no length from upstream for an HTTP/1.0 client"
-            return _error(start_response, 502, "UNAVAILABLE", why, head=False)
-        length = [] if size is None else [("Content-Length", str(size))]
-        start_response("200 OK", [*_blob_headers(blob), *length])
+            return self._unavailable(
+                start_response, "no length from upstream for an HTTP/1.0 client"
+            )
+        start_response("200 OK", _blob_headers(blob, size))
         return PassThrough(blob, response, self.metrics, self.metrics.count)
 
 
@@ -290,11 +290,14 @@ def _chunks(kept: KeptFile) -> Iterable[bytes]:
         kept.close()
 
 
-def _blob_headers(blob: Blob) -> list[tuple[str, str]]:
+def _blob_headers(blob: Blob, size: int | None) -> list[tuple[str, str]]:
+    """A blob's answer headers; its length when known (else chunked, or to the close)."""
+    length = [] if size is None else [("Content-Length", str(size))]
     return [
         ("Content-Type", "application/octet-stream"),
         ("Docker-Content-Digest", blob.digest),
         ("Docker-Distribution-API-Version", "registry/2.0"),
+        *length,
     ]
 
 
