@@ -13,12 +13,12 @@ import pytest
 
 from contract import (
     CheckRequest,
-    NodeResult,
     PullRequest,
     Status,
     parse_reference,
 )
 from tests.fakes.store import MemoryStore
+from tests.unit.test_service import Answers
 from tests.waiting import eventually
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
@@ -30,22 +30,6 @@ from worker.stores.contract import ImageInfo, PrunableStore, StoredImage
 DAY = 86400.0
 NOW = 1_800_000_000.0
 OLD = "registry.example/old:1"
-
-
-class Answers:
-    def __init__(self) -> None:
-        self.changed = threading.Condition()
-        self.results: list[NodeResult] = []
-
-    def answer(self, result: NodeResult) -> None:
-        with self.changed:
-            self.results.append(result)
-            self.changed.notify_all()
-
-    def wait_for(self, count: int) -> list[NodeResult]:
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.results) >= count, 10)
-            return list(self.results)
 
 
 @dataclass

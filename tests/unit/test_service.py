@@ -65,9 +65,6 @@ class Answers:
             )
             return list(self.results)
 
-    def by_image(self) -> dict[str, NodeResult]:
-        return {r.image: r for r in self.results}
-
 
 def request_for(image: str) -> PullRequest:
     return PullRequest.new(parse_reference(image))
