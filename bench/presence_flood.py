@@ -31,22 +31,9 @@ from typing import Any
 from bench.common import bench_environment, percentile, print_table, save, stop_all
 from localcluster.cluster import GatewayProcess, WorkerProcess
 from localcluster.engines import NodeEngine
+from localcluster.faults import flood_presence
 from localcluster.registry import Registry
 
-FLOOD = """
-import sys, time, pika
-url, seconds = sys.argv[1], float(sys.argv[2])
-connection = pika.BlockingConnection(pika.URLParameters(url))
-channel = connection.channel()
-body = b"not a presence announcement " * 8
-sent, stop = 0, time.monotonic() + seconds
-while time.monotonic() < stop:
-    for _ in range(200):
-        channel.basic_publish("puller.presence", "", body)
-    sent += 200
-    connection.process_data_events(0)
-    print(sent, flush=True)
-"""
 Sample = tuple[float, bool]
 """Seconds, and whether the answer was right."""
 
@@ -151,11 +138,7 @@ def _http(gateway: GatewayProcess, method: str, path: str, body: object) -> tupl
 def _flood(amqp_url: str, first: float) -> Iterator[list[float]]:
     """Floods ``puller.presence`` from another process: yields (once ``first`` seconds have
     passed) a list that holds the flood's rate, messages a second, when it ends."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", FLOOD, amqp_url, "600"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    process = flood_presence(amqp_url, 600)
     output = process.stdout
     if output is None:
         raise RuntimeError("the flood's output is not a pipe")

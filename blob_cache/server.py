@@ -17,11 +17,10 @@ client before its stream waits, never in a temporary file: the process writes on
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -38,12 +37,12 @@ from blob_cache.upstream import (
     content_length,
 )
 from contract import puller_version
-from serving.wsgi_server import WsgiServer, usable_connections
+from serving.wsgi_server import WsgiServer, status_line, usable_connections
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 log = structlog.get_logger("blob_cache.server")
-
-StartResponse = Callable[..., Any]
-Environ = dict[str, Any]
 
 ERROR_CODES = {401: "UNAUTHORIZED", 403: "DENIED", 404: "BLOB_UNKNOWN", 429: "TOOMANYREQUESTS"}
 OUTBUF_HIGH_WATERMARK = 256 * 1024
@@ -80,7 +79,7 @@ class BlobCacheApp:
         self.fetches = Fetches(self.store, self.upstream, metrics)
         self.memory = AuthMemory()
 
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "")
         head = method == "HEAD"
         route = parse_target(environ.get("REQUEST_URI", ""))
@@ -123,7 +122,11 @@ class BlobCacheApp:
         return _respond(start_response, 200, [("Content-Type", "application/json")], body, head)
 
     def _forward(
-        self, environ: Environ, start_response: StartResponse, route: Ping | Manifest, method: str
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        route: Ping | Manifest,
+        method: str,
     ) -> list[bytes]:
         headers = {
             name: value
@@ -133,8 +136,7 @@ class BlobCacheApp:
         try:
             answer = self.upstream.forward(method, route, headers)
         except UpstreamUnreachable as error:
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", str(error), method == "HEAD")
+            return self._unavailable(start_response, str(error), method == "HEAD")
         self.metrics.count(Outcome.FORWARDED)
         passed = [(k, v) for k, v in answer.headers.items() if k != "Content-Length"]
         length = answer.headers.get("Content-Length", "0") if method == "HEAD" else None
@@ -143,7 +145,7 @@ class BlobCacheApp:
         )
 
     def _blob(
-        self, environ: Environ, start_response: StartResponse, blob: Blob, head: bool
+        self, environ: WSGIEnvironment, start_response: StartResponse, blob: Blob, head: bool
     ) -> Iterable[bytes]:
         authorization: str | None = environ.get("HTTP_AUTHORIZATION")
         answer: Answer | None
@@ -170,12 +172,18 @@ class BlobCacheApp:
         if kept is not None and self.memory.recalls(authorization, blob.name, blob.digest):
             # The upstream cannot be asked; it allowed this client this blob a moment ago.
             return self._serve_blob(environ, start_response, blob, authorization, kept, head)
+        return self._unavailable(start_response, why, head)
+
+    def _unavailable(
+        self, start_response: StartResponse, why: str, head: bool = False
+    ) -> list[bytes]:
+        """502: the upstream cannot be asked, or its answer cannot be passed on."""
         self.metrics.count(Outcome.UPSTREAM_ERROR)
         return _error(start_response, 502, "UNAVAILABLE", why, head)
 
     def _serve_blob(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -186,8 +194,7 @@ class BlobCacheApp:
             self.metrics.count(Outcome.HEAD)
             size = self.store.kept(blob.digest)
             size = hint if size is None else size
-            length = [] if size is None else [("Content-Length", str(size))]
-            start_response("200 OK", [*_blob_headers(blob), *length])
+            start_response("200 OK", _blob_headers(blob, size))
             return []
         opened = self.fetches.open(blob, authorization, hint)
         if isinstance(opened, KeptFile):
@@ -198,7 +205,7 @@ class BlobCacheApp:
 
     def _from_fetch(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -217,15 +224,14 @@ class BlobCacheApp:
             size = follower.fetch.written
         if state is FetchState.FAILED:
             follower.close()
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", follower.fetch.reason, head=False)
+            return self._unavailable(start_response, follower.fetch.reason)
         return self._follow(environ, start_response, blob, follower, size)
 
     def _kept(
-        self, environ: Environ, start_response: StartResponse, blob: Blob, kept: KeptFile
+        self, environ: WSGIEnvironment, start_response: StartResponse, blob: Blob, kept: KeptFile
     ) -> Iterable[bytes]:
         kept.on_end = self.metrics.count
-        start_response("200 OK", [*_blob_headers(blob), ("Content-Length", str(kept.size))])
+        start_response("200 OK", _blob_headers(blob, kept.size))
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None:
             return wrapper(kept, CHUNK)  # type: ignore[no-any-return]
@@ -233,7 +239,7 @@ class BlobCacheApp:
 
     def _follow(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         follower: Follower,
@@ -243,13 +249,12 @@ class BlobCacheApp:
         if callable(gone):
             follower.client_gone = gone
         follower.on_end = self.metrics.count
-        length = [] if size is None else [("Content-Length", str(size))]
-        start_response("200 OK", [*_blob_headers(blob), *length])
+        start_response("200 OK", _blob_headers(blob, size))
         return follower
 
     def _pass_through(
         self,
-        environ: Environ,
+        environ: WSGIEnvironment,
         start_response: StartResponse,
         blob: Blob,
         authorization: str | None,
@@ -260,22 +265,20 @@ class BlobCacheApp:
         try:
             response = self.upstream.open_blob(blob, authorization)
         except UpstreamUnreachable as error:
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            return _error(start_response, 502, "UNAVAILABLE", str(error), head=False)
+            return self._unavailable(start_response, str(error))
         if response.status_code != 200:
             response.close()
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            why = f"the upstream answered {response.status_code}"
-            return _error(start_response, 502, "UNAVAILABLE", why, head=False)
+            return self._unavailable(
+                start_response, f"the upstream answered {response.status_code}"
+            )
         size = content_length(response)
         size = hint if size is None else size
         if size is None and environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
             response.close()  # neither a length nor chunks: a cut would look whole
-            self.metrics.count(Outcome.UPSTREAM_ERROR)
-            why = "no length from upstream for an HTTP/1.0 client"
-            return _error(start_response, 502, "UNAVAILABLE", why, head=False)
-        length = [] if size is None else [("Content-Length", str(size))]
-        start_response("200 OK", [*_blob_headers(blob), *length])
+            return self._unavailable(
+                start_response, "no length from upstream for an HTTP/1.0 client"
+            )
+        start_response("200 OK", _blob_headers(blob, size))
         return PassThrough(blob, response, self.metrics, self.metrics.count)
 
 
@@ -287,19 +290,15 @@ def _chunks(kept: KeptFile) -> Iterable[bytes]:
         kept.close()
 
 
-def _blob_headers(blob: Blob) -> list[tuple[str, str]]:
+def _blob_headers(blob: Blob, size: int | None) -> list[tuple[str, str]]:
+    """A blob's answer headers; its length when known (else chunked, or to the close)."""
+    length = [] if size is None else [("Content-Length", str(size))]
     return [
         ("Content-Type", "application/octet-stream"),
         ("Docker-Content-Digest", blob.digest),
         ("Docker-Distribution-API-Version", "registry/2.0"),
+        *length,
     ]
-
-
-def _status(code: int) -> str:
-    try:
-        return f"{code} {HTTPStatus(code).phrase}"
-    except ValueError:
-        return f"{code} Unknown"
 
 
 def _respond(
@@ -310,7 +309,7 @@ def _respond(
     head: bool,
     length: str | None = None,
 ) -> list[bytes]:
-    start_response(_status(status), [*headers, ("Content-Length", length or str(len(body)))])
+    start_response(status_line(status), [*headers, ("Content-Length", length or str(len(body)))])
     return [] if head else [body]
 
 

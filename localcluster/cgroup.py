@@ -12,7 +12,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -89,9 +89,3 @@ class MemoryGroup:
                 time.sleep(0.05)
             else:
                 return
-
-
-@contextlib.contextmanager
-def memory_group(limit_mib: int) -> Iterator[MemoryGroup]:
-    with MemoryGroup(limit_mib * MIB) as group:
-        yield group

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +33,33 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {PORTS}")
+
+
+class LocalService:
+    """A daemon of the local cluster serving HTTP on 127.0.0.1:``port``, its files under
+    ``root`` (the dataclasses that use it declare the three fields)."""
+
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes] | None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None
+
+    def remove(self) -> None:
+        """Stops it and removes ``root``."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class ServiceFailed(RuntimeError):

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from urllib.parse import urljoin
 
 import requests
 
-from localcluster.processes import free_port, start_daemon, stop, wait_until
+from localcluster.processes import LocalService, free_port, start_daemon, wait_until
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
@@ -52,7 +51,7 @@ class Login:
 
 
 @dataclass
-class Registry:
+class Registry(LocalService):
     """``docker-registry serve`` on 127.0.0.1, storing blobs under ``root``.
 
     Docker Engines treat 127.0.0.0/8 registries as insecure by default, so
@@ -66,14 +65,6 @@ class Registry:
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     login: Login | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
 
     def start(self, timeout: float = 30.0) -> None:
         if self.port == 0:
@@ -97,15 +88,6 @@ class Registry:
         log_path = self.root / "registry.log"
         self.process = start_daemon(["docker-registry", "serve", str(config)], log_path)
         wait_until(self._answers, "docker-registry", timeout, self.process, log_path)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def _answers(self) -> bool:
         return requests.get(f"{self.url}/v2/", auth=self._auth, timeout=2).status_code == 200

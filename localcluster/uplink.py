@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 import requests
 
 from localcluster.cluster import installed_command
-from localcluster.processes import free_port, start_daemon, stop, wait_until
+from localcluster.processes import LocalService, free_port, start_daemon, wait_until
 
 CHUNK = 64 * 1024
 
@@ -195,7 +194,7 @@ class _Pair:
 
 
 @dataclass
-class ProxyRegistry:
+class ProxyRegistry(LocalService):
     """Debian's ``docker-registry`` in proxy mode (a pull-through cache) for one upstream,
     ``remote_url``, on 127.0.0.1 (plain HTTP: engines trust 127.0.0.0/8 registries)."""
 
@@ -203,10 +202,6 @@ class ProxyRegistry:
     remote_url: str
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
         self.port = self.port or free_port()
@@ -228,20 +223,11 @@ class ProxyRegistry:
         wait_until(self._answers, "docker-registry (proxy)", timeout, self.process, log_path)
 
     def _answers(self) -> bool:
-        return requests.get(f"http://{self.address}/v2/", timeout=2).status_code == 200
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        return requests.get(f"{self.url}/v2/", timeout=2).status_code == 200
 
 
 @dataclass
-class BlobCacheProcess:
+class BlobCacheProcess(LocalService):
     """puller's own pull-through blob cache (``puller-blob-cache``, see docs/blob-cache.md)
     for one upstream, ``remote_url``, on 127.0.0.1, keeping blobs in ``data_dir`` (default
     ``root/data``). ``extra_args``: more flags (``--max-bytes``, ``--idle-timeout``...).
@@ -254,14 +240,6 @@ class BlobCacheProcess:
     data_dir: Path | None = None
     command: list[str] | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
 
     @property
     def log_path(self) -> Path:
@@ -280,12 +258,3 @@ class BlobCacheProcess:
 
     def _answers(self) -> bool:
         return requests.get(f"{self.url}/alive", timeout=2).status_code == 200
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)

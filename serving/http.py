@@ -11,7 +11,6 @@ attacker can still do: docs/http-servers.md.
 
 from __future__ import annotations
 
-import http
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from serving.wsgi_server import WsgiServer, usable_connections
+from serving.wsgi_server import WsgiServer, status_line, usable_connections
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIEnvironment
@@ -130,7 +129,7 @@ class HttpServer:
             ("Content-Length", str(len(response.body))),
             *response.headers.items(),
         ]
-        start_response(f"{response.status} {_phrase(response.status)}", headers)
+        start_response(status_line(response.status), headers)
         return [response.body]
 
 
@@ -147,10 +146,3 @@ def _headers(environ: WSGIEnvironment) -> dict[str, str]:
             continue
         found[name.replace("_", "-").title()] = value
     return found
-
-
-def _phrase(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"

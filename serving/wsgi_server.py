@@ -56,6 +56,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -95,6 +96,14 @@ TLS_HANDSHAKE = 0x16
 
 ErrorDocument = Callable[[int, str], object]
 """What an error answer's JSON body is, from its status and message."""
+
+
+def status_line(code: int) -> str:
+    """``200 OK``: a status code and its reason phrase (``Unknown`` where HTTP names none)."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
 
 
 def error_field(status: int, message: str) -> object:

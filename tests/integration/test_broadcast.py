@@ -151,8 +151,7 @@ def test_a_correlation_id_that_is_not_utf8_gets_its_answers_back_and_stops_no_wo
 ) -> None:
     """pika hands such an id over as bytes. Answered from memory (on the connection's
     thread) and from a pull (another thread), and refused as broken: each answer carries
-    the id back as it came, and the workers go on serving (a crash on the second kind
-    was found by review before it landed)."""
+    the id back as it came, and the workers go on serving."""
     assert publisher.pull(fresh_image, expect=NODES, timeout=60).ok  # now known: from memory
     missing = f"{cluster.registry.address}/test/does-not-exist:{uuid.uuid4().hex[:8]}"
     bodies = {

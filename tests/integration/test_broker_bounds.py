@@ -27,9 +27,9 @@ from contract.connection import RESOURCE_LOCKED
 from localcluster.cluster import LocalCluster, WorkerProcess
 from localcluster.engines import NodeEngine
 from publisher import Publisher
-from publisher.broker_setup import Bounds, bound_vhost, declare_topology, setup
-from tests.integration.conftest import GUEST, PRESENCE_INTERVAL
-from tests.integration.test_broker_users import Broker, users_for_test
+from publisher.broker_setup import Bounds
+from tests.integration.conftest import PRESENCE_INTERVAL
+from tests.integration.test_broker_users import Broker, opened_connections, set_up_vhost
 
 BOUNDS = Bounds(queue_expires=2.0, queue_max_length=20, max_queues=40, max_connections=30)
 SQUAT = {"x-max-length": 1_000_000, "x-expires": 86_400_000}
@@ -38,34 +38,12 @@ SQUAT = {"x-max-length": 1_000_000, "x-expires": 86_400_000}
 
 @pytest.fixture(scope="module")
 def bounded(rabbitmq: RabbitMqContainer, management: str) -> Broker:
-    vhost = f"bounded-{uuid.uuid4().hex[:8]}"
-    users = users_for_test()
-    setup(management, vhost, list(users.values()), credentials=GUEST)
-    bound_vhost(management, vhost, BOUNDS, credentials=GUEST)
-    broker = Broker(
-        management,
-        vhost,
-        rabbitmq.get_container_host_ip(),
-        int(rabbitmq.get_exposed_port(5672)),
-        users,
-    )
-    declare_topology(broker.url("admin"))
-    return broker
+    return set_up_vhost(rabbitmq, management, "bounded", BOUNDS)
 
 
 @pytest.fixture
 def connections(bounded: Broker) -> Iterator[Callable[[str], pika.BlockingConnection]]:
-    opened: list[pika.BlockingConnection] = []
-
-    def connect(name: str) -> pika.BlockingConnection:
-        connection = bounded.connect(name)
-        opened.append(connection)
-        return connection
-
-    yield connect
-    for connection in opened:
-        if connection.is_open:
-            connection.close()
+    yield from opened_connections(bounded)
 
 
 def squat(connection: pika.BlockingConnection, queue: str, hold: bool = False) -> None:

@@ -30,9 +30,11 @@ from localcluster.cluster import LocalCluster, WorkerProcess
 from localcluster.engines import NodeEngine
 from publisher import Publisher, cli
 from publisher.broker_setup import (
+    Bounds,
     BrokerSetupError,
     BrokerUser,
     Role,
+    bound_vhost,
     declare_topology,
     permissions,
     setup,
@@ -78,12 +80,16 @@ def users_for_test() -> dict[str, BrokerUser]:
     )
 
 
-@pytest.fixture(scope="module")
-def broker(rabbitmq: RabbitMqContainer, management: str) -> Broker:
-    """A fresh vhost set up by :func:`setup`, the topology declared by its admin user."""
-    vhost = f"users-{uuid.uuid4().hex[:8]}"
+def set_up_vhost(
+    rabbitmq: RabbitMqContainer, management: str, prefix: str, bounds: Bounds | None = None
+) -> Broker:
+    """A fresh vhost set up by :func:`setup` (and bounded by ``bounds``, if given), the
+    topology declared by its admin user."""
+    vhost = f"{prefix}-{uuid.uuid4().hex[:8]}"
     users = users_for_test()
     setup(management, vhost, list(users.values()), credentials=GUEST)
+    if bounds is not None:
+        bound_vhost(management, vhost, bounds, credentials=GUEST)
     broker = Broker(
         management,
         vhost,
@@ -95,8 +101,7 @@ def broker(rabbitmq: RabbitMqContainer, management: str) -> Broker:
     return broker
 
 
-@pytest.fixture
-def connections(broker: Broker) -> Iterator[Callable[[str], pika.BlockingConnection]]:
+def opened_connections(broker: Broker) -> Iterator[Callable[[str], pika.BlockingConnection]]:
     """Opens connections as a user, and closes them all after the test (exclusive queues go
     with them)."""
     opened: list[pika.BlockingConnection] = []
@@ -110,6 +115,16 @@ def connections(broker: Broker) -> Iterator[Callable[[str], pika.BlockingConnect
     for connection in opened:
         if connection.is_open:
             connection.close()
+
+
+@pytest.fixture(scope="module")
+def broker(rabbitmq: RabbitMqContainer, management: str) -> Broker:
+    return set_up_vhost(rabbitmq, management, "users")
+
+
+@pytest.fixture
+def connections(broker: Broker) -> Iterator[Callable[[str], pika.BlockingConnection]]:
+    yield from opened_connections(broker)
 
 
 def refused(action: Callable[[], object]) -> str:

@@ -423,8 +423,7 @@ def test_the_gateway_matches_its_openapi_document_under_fuzzing(
 def test_a_burst_of_callers_connecting_at_once_is_served_not_reset(
     gateway: GatewayProcess, fresh_image: str
 ) -> None:
-    # The standard library's listen backlog of 5 had connections reset when 32 callers
-    # connected while the gateway was busy (found by bench/http_gateway.py).
+    # 32 callers connect at once while the gateway is busy: a short listen backlog resets some.
     callers, calls = 32, 30
     start = threading.Barrier(callers)
     failures: list[BaseException] = []

@@ -2,18 +2,13 @@
 ``broker-setup`` (users and bounds), real workers and a real ``puller-http`` as the publisher
 user, and pika as the any-node worker user publishing junk to ``puller.presence`` as fast as
 one connection can (every worker user may publish there: it announces its node).
-
-The roster was read again from the stream on every call, up to a marker of its own behind
-the flood: ``GET /nodes`` and ``POST /pulls`` without ``expect`` answered 503 after 5 s.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 import uuid
@@ -25,48 +20,20 @@ import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from localcluster.cluster import GatewayProcess, LocalCluster
-from publisher.broker_setup import Bounds, bound_vhost, declare_topology, setup
-from tests.integration.conftest import GUEST, run_cli, start_cluster
-from tests.integration.test_broker_users import Broker, users_for_test
+from localcluster.faults import flood_presence
+from publisher.broker_setup import Bounds
+from tests.integration.conftest import run_cli, start_cluster
+from tests.integration.test_broker_users import Broker, set_up_vhost
 
 NODES = 2
 FLOODED = 40_000
 """Messages in the stream behind which the roster is asked: seconds of reading for pika,
 more than the gateway's ``PULLER_CONNECT_TIMEOUT`` here."""
-FLOOD_SCRIPT = textwrap.dedent(
-    """
-    import sys, time, pika
-    url, seconds = sys.argv[1], float(sys.argv[2])
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    channel = connection.channel()
-    body = b"not a presence announcement " * 8
-    sent, stop = 0, time.monotonic() + seconds
-    while time.monotonic() < stop:
-        for _ in range(200):
-            channel.basic_publish("puller.presence", "", body)
-        sent += 200
-        connection.process_data_events(0)
-        print(sent, flush=True)
-    connection.close()
-    """
-)
 
 
 @pytest.fixture(scope="module")
 def setup_vhost(rabbitmq: RabbitMqContainer, management: str) -> Broker:
-    vhost = f"flood-{uuid.uuid4().hex[:8]}"
-    users = users_for_test()
-    setup(management, vhost, list(users.values()), credentials=GUEST)
-    bound_vhost(management, vhost, Bounds(), credentials=GUEST)
-    broker = Broker(
-        management,
-        vhost,
-        rabbitmq.get_container_host_ip(),
-        int(rabbitmq.get_exposed_port(5672)),
-        users,
-    )
-    declare_topology(broker.url("admin"))
-    return broker
+    return set_up_vhost(rabbitmq, management, "flood", Bounds())
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +52,7 @@ def flooded(setup_vhost: Broker) -> Iterator[tuple[LocalCluster, GatewayProcess]
         status, roster = get(gateway, "/nodes")
         assert status == 200 and "notes" not in roster, roster
         assert nodes_of(roster) == ["node-1", "node-2"]
-        flood = subprocess.Popen(
-            [sys.executable, "-c", FLOOD_SCRIPT, setup_vhost.url("workers"), "60"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        flood = flood_presence(setup_vhost.url("workers"), 60)
         assert flood.stdout is not None
         began = time.monotonic()
         for line in flood.stdout:  # until the stream holds seconds' worth of junk

@@ -22,6 +22,7 @@ import pytest
 
 from contract import ErrorKind, ImageReference, PullFailed
 from localcluster.registry import docker_config
+from tests.waiting import eventually
 from worker.stores.contract import (
     ImageInfo,
     ImageInUse,
@@ -152,13 +153,6 @@ def start_pull(store: Store, image: ImageReference) -> Pulling:
     return pulling
 
 
-def eventually(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def failure_of(store: Store, image: ImageReference) -> PullFailed:
     with pytest.raises(PullFailed) as failed:
         store.pull(image)
@@ -242,9 +236,9 @@ class StoreConformance:
             assert store.find_image(published.image) == info
             return store.known_image(published.image) == info
 
-        eventually(known_after_a_look, "never answered from memory")
+        eventually(known_after_a_look, "never answered from memory", WAIT)
         harness.remove(full_name(published.image))
-        eventually(lambda: store.known_image(published.image) is None, "still known")
+        eventually(lambda: store.known_image(published.image) is None, "still known", WAIT)
         assert store.find_image(published.image) is None
 
     def test_a_tag_the_registry_lacks_fails_not_found(self, harness: Harness) -> None:
@@ -300,7 +294,7 @@ class StoreConformance:
         slow = harness.throttled(published.image)
         store.interrupt(slow)  # none runs: nothing to cut
         pulling = start_pull(store, slow)
-        eventually(pulling.moved, "the pull never moved")
+        eventually(pulling.moved, "the pull never moved", WAIT)
         store.interrupt(slow)
         failure = pulling.result()
         assert isinstance(failure, PullFailed) and failure.kind is ErrorKind.CANCELLED, failure
@@ -311,7 +305,7 @@ class StoreConformance:
     def test_cancel_pulls_cuts_running_pulls_and_every_later_one(self, harness: Harness) -> None:
         store = harness.store()
         pulling = start_pull(store, harness.throttled(harness.publish(size=1_500_000).image))
-        eventually(pulling.moved, "the pull never moved")
+        eventually(pulling.moved, "the pull never moved", WAIT)
         store.cancel_pulls()
         failure = pulling.result()
         assert isinstance(failure, PullFailed) and failure.kind is ErrorKind.CANCELLED, failure

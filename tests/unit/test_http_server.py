@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -24,6 +24,7 @@ from serving.wsgi_server import (
     bare_line_end,
     framing_problem,
 )
+from tests.waiting import eventually
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -76,13 +77,6 @@ def read_all(client: socket.socket) -> bytes:
     while chunk := client.recv(65536):
         received += chunk
     return received
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never came true"
-        time.sleep(0.01)
 
 
 def answers(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
@@ -366,7 +360,7 @@ def test_bodies_held_unfinished_are_bounded_over_all_connections_and_small_calls
     first = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
         first.sendall(head % (b"/hold", big) + b"a" * big)  # 2 x 4 KB and more past its allowance
-        wait_for(lambda: recorder.paths == ["/hold"])
+        eventually(lambda: recorder.paths == ["/hold"])
         assert server.unfinished_bytes > 2 * HELD_ALLOWANCE
         # About 4 KB past its allowance: over 3 x 4 KB with the first. In one read of the
         # server's (8 KB): a server that closes with bytes left unread resets the
@@ -381,7 +375,7 @@ def test_bodies_held_unfinished_are_bounded_over_all_connections_and_small_calls
         release.set()
         [(status, _, _)] = answers(read_all(first))
         assert status == 200
-        wait_for(lambda: server.unfinished_bytes == 0)
+        eventually(lambda: server.unfinished_bytes == 0)
         [(status, _, _)] = answers(exchange(server.port, head % (b"/again", big) + b"a" * big))
         assert status == 200
         assert recorder.paths == ["/hold", "/small", "/again"]
@@ -439,7 +433,7 @@ def test_when_every_connection_is_being_served_a_new_one_waits_its_turn(
     try:
         for connection in held:
             connection.sendall(b"GET /busy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        wait_for(lambda: recorder.paths == ["/busy", "/busy"])
+        eventually(lambda: recorder.paths == ["/busy", "/busy"])
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as waiting:
             waiting.sendall(b"GET /waited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             waiting.settimeout(1.5)

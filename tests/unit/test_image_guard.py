@@ -5,7 +5,6 @@ and a pruner sharing one guard, over a stand-in store whose steps the test holds
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,13 @@ import pytest
 
 from contract import (
     CheckRequest,
-    NodeResult,
     PullRequest,
     Status,
     parse_reference,
 )
 from tests.fakes.store import MemoryStore
+from tests.unit.test_service import Answers
+from tests.waiting import eventually
 from worker.pruning.pruner import PruneOutcome, Pruner, PruneRule
 from worker.pruning.usage import UsageLog
 from worker.pulls.image_guard import ImageGuard, Ticket
@@ -30,22 +30,6 @@ from worker.stores.contract import ImageInfo, PrunableStore, StoredImage
 DAY = 86400.0
 NOW = 1_800_000_000.0
 OLD = "registry.example/old:1"
-
-
-class Answers:
-    def __init__(self) -> None:
-        self.changed = threading.Condition()
-        self.results: list[NodeResult] = []
-
-    def answer(self, result: NodeResult) -> None:
-        with self.changed:
-            self.results.append(result)
-            self.changed.notify_all()
-
-    def wait_for(self, count: int) -> list[NodeResult]:
-        with self.changed:
-            assert self.changed.wait_for(lambda: len(self.results) >= count, 10)
-            return list(self.results)
 
 
 @dataclass
@@ -93,13 +77,6 @@ def node(tmp_path: Path) -> Iterator[Node]:
     yield Node(store, guard, service, pruner, usage, Answers())
     store.removal_gate.set()
     service.shutdown(wait=True)
-
-
-def eventually(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "not within 10 s"
-        time.sleep(0.002)
 
 
 def test_the_racy_store_is_a_prunable_store() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 
+from tests.waiting import eventually
 from worker.stores import image_index
 from worker.stores.contract import ImageInfo
 from worker.stores.image_index import ImageIndex
@@ -44,13 +44,6 @@ class ScriptedFeed:
         self.items.put(None)
 
 
-def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 5
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 @pytest.fixture
 def feed() -> ScriptedFeed:
     return ScriptedFeed()
@@ -69,7 +62,7 @@ def index(feed: ScriptedFeed) -> Iterator[ImageIndex]:
 
 def subscribe(feed: ScriptedFeed, index: ImageIndex) -> None:
     feed.items.put("subscribed")
-    until(lambda: index.watching, "not watching after subscribing")
+    eventually(lambda: index.watching, "not watching after subscribing")
 
 
 def test_nothing_is_known_before_the_feed_has_subscribed(
@@ -89,7 +82,7 @@ def test_an_event_forgets_everything_and_refuses_an_answer_taken_before_it(
     index.remember("a:1", IMAGE, index.generation())
     asked_at = index.generation()  # a question to the store starts here...
     feed.items.put("/images/delete")
-    until(lambda: index.get("a:1") is None, "an image event did not empty the index")
+    eventually(lambda: index.get("a:1") is None, "an image event did not empty the index")
     index.remember("b:1", IMAGE, asked_at)  # ...and its answer comes after the event
     assert index.get("b:1") is None
     index.remember("b:1", IMAGE, index.generation())
@@ -106,11 +99,11 @@ def test_a_lost_feed_forgets_and_is_followed_again(
         subscribe(feed, index)
         index.remember("a:1", IMAGE, index.generation())
         feed.items.put(RuntimeError("ctr events ended: failed to dial"))
-        until(lambda: not index.watching, "still watching a lost feed")
+        eventually(lambda: not index.watching, "still watching a lost feed")
         assert index.get("a:1") is None
         index.remember("a:1", IMAGE, index.generation())
         assert index.get("a:1") is None
-        until(lambda: feed.follows == 2, "the feed was not followed again")
+        eventually(lambda: feed.follows == 2, "the feed was not followed again")
         subscribe(feed, index)
         assert index.get("a:1") is None  # nothing from before the loss comes back
     finally:
@@ -126,7 +119,7 @@ def test_a_look_is_remembered_only_if_it_found_the_image_and_no_event_came_meanw
 
     def look_while_an_event_comes() -> ImageInfo:
         feed.items.put("/images/delete")
-        until(lambda: index.generation() > 1, "the event did not come")
+        eventually(lambda: index.generation() > 1, "the event did not come")
         return IMAGE
 
     assert index.looked_up("a:1", look_while_an_event_comes) == IMAGE

@@ -6,7 +6,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from contract import (
 )
 from contract.policy import ImagePolicy, allowed_prefixes
 from tests.fakes.store import MemoryStore as FakeStore
+from tests.waiting import eventually
 from worker.admission import Admission, RequestLimiter
 from worker.pulls.observers import Observers, PullObserver
 from worker.pulls.owed import (
@@ -63,16 +64,6 @@ class Answers:
                 f"{len(self.results)} of {count} answers"
             )
             return list(self.results)
-
-    def by_image(self) -> dict[str, NodeResult]:
-        return {r.image: r for r in self.results}
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within the timeout"
-        time.sleep(0.005)
 
 
 def request_for(image: str) -> PullRequest:

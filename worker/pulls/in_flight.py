@@ -24,7 +24,6 @@ class Pull:
     running: bool = False
     interrupting: bool = False
     """Being cut to make room for a session's pull."""
-    interruptions: int = 0
     attempt: int = 0
     last_wait: float | None = None
     """The wait before its latest retry (see :meth:`worker.pulls.retry.RetryPolicy.wait`)."""

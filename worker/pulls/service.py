@@ -34,7 +34,6 @@ import structlog
 from contract import (
     CheckRequest,
     ErrorKind,
-    ImageReference,
     Lane,
     PullFailed,
     PullRequest,
@@ -50,6 +49,7 @@ from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker, Regist
 from worker.pulls.retry import RetryPolicy
 from worker.pulls.slots import PullSlots
 from worker.stores.contract import ImageInfo, ImageStore, InterruptibleStore, PullProgress
+from worker.stores.failures import cancelled
 
 log = structlog.get_logger("worker.service")
 
@@ -168,7 +168,7 @@ class PullService:
         try:
             self._inspectors.submit(self._inspect, waiter)
         except RuntimeError:  # shut down: the worker is stopping
-            waiter.finish(_cancelled_before_start(request.image))
+            waiter.finish(cancelled(request.image))
 
     def check(
         self, request: CheckRequest, answer: AnswerCallback, *, asked_by: str | None = None
@@ -185,7 +185,7 @@ class PullService:
         try:
             self._inspectors.submit(self._check, waiter)
         except RuntimeError:  # shut down: the worker is stopping
-            waiter.finish(_cancelled_before_start(request.image))
+            waiter.finish(cancelled(request.image))
 
     def resume_owed(self) -> int:
         """Takes back the pulls a previous run of the worker still owed (kept in
@@ -200,9 +200,9 @@ class PullService:
         for pull in self._in_flight.retrying():
             if pull.retry is not None:
                 pull.retry.cancel()
-            self._complete(pull, _cancelled_before_start(pull.image))
+            self._complete(pull, cancelled(pull.image))
         for pull in self._slots.remove_waiting():
-            self._complete(pull, _cancelled_before_start(pull.image))
+            self._complete(pull, cancelled(pull.image))
         self._store.cancel_pulls()
 
     def shutdown(self, wait: bool) -> None:
@@ -254,7 +254,7 @@ class PullService:
         if down is not None:
             return down
         if self._cancelling.is_set():
-            return _cancelled_before_start(waiter.request.image)
+            return cancelled(waiter.request.image)
         if waiter.live and self._limiter is not None:
             return self._limiter.refusal(waiter.request.image)
         return None
@@ -323,13 +323,12 @@ class PullService:
             self._pullers.submit(self._attempt, pull)
         except RuntimeError:  # shut down
             self._slots.release(pull.image.domain, pull)
-            self._complete(pull, _cancelled_before_start(pull.image))
+            self._complete(pull, cancelled(pull.image))
 
     def _resume_later(self, pull: Pull) -> None:
         """An interrupted warm pull (not a failure: the attempt does not count) goes back
         to the front of its lane; it starts again once no session pull waits or runs."""
         pull.interrupting = False
-        pull.interruptions += 1
         pull.attempt -= 1
         log.info("warm pull waits for the session's pull", **pull.context)
         pull.queued()
@@ -338,7 +337,7 @@ class PullService:
     def _retry_now(self, pull: Pull) -> None:
         pull.retry = None
         if self._cancelling.is_set():
-            self._complete(pull, _cancelled_before_start(pull.image))
+            self._complete(pull, cancelled(pull.image))
             return
         pull.queued()
         self._slots.add(pull.image.domain, pull, warm=pull.warm)
@@ -387,7 +386,7 @@ class PullService:
             ticket = self._guard.open(pull.image, self._cancelling)
             try:
                 if self._cancelling.is_set():
-                    raise _cancelled_before_start(pull.image)
+                    raise cancelled(pull.image)
                 info = self._store.pull(pull.image, lambda p: self._progress(pull, p))
                 if self._guard.claim(ticket, info, pulled=True):
                     return info
@@ -483,14 +482,6 @@ class PullService:
             # A refresh that found the image unchanged (the tag had not moved) is ``present``.
             status = Status.PRESENT if unchanged else Status.PULLED
             waiter.finish(outcome, status, queued=pull.queued_seconds(waiter.since))
-
-
-def _cancelled_before_start(image: ImageReference) -> PullFailed:
-    return PullFailed(
-        ErrorKind.CANCELLED,
-        f"pulling {image} was cancelled because the worker is shutting down; "
-        "the node may pull it on the next request",
-    )
 
 
 def _internal(error: BaseException) -> PullFailed:

@@ -143,17 +143,6 @@ class PullSlots(Generic[J]):
         with self._lock:
             return self._session.waiting_total + self._warm.waiting_total
 
-    @property
-    def session_busy(self) -> bool:
-        """A session pull waits or runs."""
-        with self._lock:
-            return bool(self._session.waiting or self._session.running)
-
-    @property
-    def warm_waiting(self) -> int:
-        with self._lock:
-            return self._warm.waiting_total
-
     def _take_ready(self) -> list[J]:
         """Under the lock: the jobs that may start now, counted as running."""
         ready: list[J] = []

@@ -1,5 +1,6 @@
-"""The failures both image stores word the same way: a pull cancelled or interrupted, and what
-an engine's error message means (its :class:`ErrorKind` and what to do about it).
+"""The failures every image store (and the pull service) words the same way: a pull cancelled
+or interrupted, and what an engine's error message means (its :class:`ErrorKind` and what to
+do about it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from worker.stores.registry_logins import RegistryLogin, login_advice
 
 
 def cancelled(image: ImageReference) -> PullFailed:
-    """A pull cut because the worker is stopping (any image store)."""
+    """A pull cut, or never started, because the worker is stopping."""
     return PullFailed(
         ErrorKind.CANCELLED,
         f"pulling {image} was cancelled because the worker is shutting down; "

@@ -20,10 +20,6 @@ log = structlog.get_logger("worker.containerd")
 CRI_CONTAINER_METADATA = "io.cri-containerd.container.metadata"
 """The extension the CRI plugin keeps each of its containers' record in (containerd 1.x):
 JSON, ``{"Version": "v1", "Metadata": {..., "ImageRef": "sha256:<image id>", ...}}``."""
-MANIFEST_TYPES = (
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-)
 INDEX_TYPES = (
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.oci.image.index.v1+json",
