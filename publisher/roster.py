@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -44,14 +44,6 @@ NodeInfo = NodePresence
 
 MAX_NODES = 10_000
 """Nodes a roster book holds at most: a flood of made-up names cannot grow it without end."""
-
-
-def build_roster(announcements: Iterable[NodePresence]) -> list[NodeInfo]:
-    """The nodes whose latest announcement (in stream order) is not "leaving", by name."""
-    latest: dict[str, NodePresence] = {}
-    for presence in announcements:
-        latest[presence.node] = presence
-    return [p for _, p in sorted(latest.items()) if p.state is NodeState.UP]
 
 
 @dataclass(frozen=True)

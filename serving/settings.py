@@ -332,8 +332,6 @@ class BrokerAndPolicy:
 
 BROKER_ROWS = settings_of(BrokerAndPolicy)[:4]
 """The broker's declarations: URL and TLS files."""
-POLICY_ROWS = settings_of(BrokerAndPolicy)[4:]
-"""The image policy's declarations."""
 AMQP_URL = BROKER_ROWS[0]
 
 

@@ -17,7 +17,7 @@ from contract import (
 )
 from publisher.live_view import LiveView
 from publisher.report import PullReport
-from publisher.roster import RosterBook, build_roster
+from publisher.roster import RosterBook
 
 
 def result(node: str, status: Status) -> NodeResult:
@@ -77,22 +77,28 @@ def presence(node: str, sent_at: float, state: NodeState = NodeState.UP) -> Node
     return NodePresence(node, "0.1.0", "20.10", 100.0, sent_at, state)
 
 
+def book_of(*announcements: NodePresence) -> RosterBook:
+    """A book fed ``announcements`` in stream order, each seen when it was sent."""
+    book = RosterBook()
+    for announcement in announcements:
+        book.add(announcement, seen=announcement.last_seen, horizon=0.0)
+    return book
+
+
 def test_the_roster_keeps_each_nodes_latest_announcement() -> None:
-    roster = build_roster(
-        [
-            presence("b", 1),
-            presence("a", 2),
-            presence("b", 3),
-            presence("c", 4),
-            presence("c", 5, NodeState.LEAVING),
-        ]
+    book = book_of(
+        presence("b", 1),
+        presence("a", 2),
+        presence("b", 3),
+        presence("c", 4),
+        presence("c", 5, NodeState.LEAVING),
     )
-    assert [(i.node, i.last_seen) for i in roster] == [("a", 2), ("b", 3)]
+    assert [(i.node, i.last_seen) for i in book.roster(since=0.0)] == [("a", 2), ("b", 3)]
 
 
 def test_a_node_that_comes_back_after_leaving_is_in_the_roster() -> None:
-    roster = build_roster([presence("a", 1, NodeState.LEAVING), presence("a", 2)])
-    assert [i.node for i in roster] == ["a"]
+    book = book_of(presence("a", 1, NodeState.LEAVING), presence("a", 2))
+    assert [i.node for i in book.roster(since=0.0)] == ["a"]
 
 
 def test_the_presence_stream_holds_announcements_and_markers() -> None:
