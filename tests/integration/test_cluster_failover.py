@@ -20,9 +20,11 @@ from contract.connection import spread_order
 from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster, WorkerProcess
 from publisher import Publisher
+from publisher.broker_setup import declare_topology
 from publisher.report import PullReport
 from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, start_cluster
 from tests.integration.tcp_proxy import TcpProxy
+from tests.waiting import eventually
 
 NODES = 3
 LAYER = 30_000_000
@@ -99,6 +101,17 @@ def test_workers_given_every_broker_spread_over_them_by_node_name(
 ) -> None:
     vhost = f"spread-{uuid.uuid4().hex[:8]}"
     broker_cluster.add_vhost(vhost)
+    # The streams first, with a replica up on every node: a worker that asks a node for a
+    # stream before its replica there has started is refused and moves on to the next broker.
+    declare_topology(broker_cluster.urls(vhost)[0])
+    streams = (topo.HISTORY_STREAM_NAME, topo.PRESENCE_STREAM.name)
+    eventually(
+        lambda: all(
+            broker_cluster.stream_members(s, vhost, online=True) == {1, 2, 3} for s in streams
+        ),
+        "the new vhost's streams have a replica up on every broker node",
+        60,
+    )
     names = ["node-1", "node-2", "node-4"]
     expected = {name: spread_order(NODES, name)[0] + 1 for name in names}
     assert sorted(expected.values()) == [1, 2, 3]  # these names cover every broker node
