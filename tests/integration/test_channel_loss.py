@@ -72,6 +72,13 @@ def logged(worker: WorkerProcess, text: str, **fields: object) -> bool:
     )
 
 
+def pushed(cluster: LocalCluster) -> str:
+    """A new small image in the cluster's registry."""
+    return cluster.registry.push_files(
+        f"test/chan-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
+    )
+
+
 def assert_answers_again(cluster: LocalCluster, worker: WorkerProcess, before: float) -> None:
     """The worker reconnected (which declares, binds and consumes its queue before the
     connection counts), and answers a broadcast pull."""
@@ -82,11 +89,8 @@ def assert_answers_again(cluster: LocalCluster, worker: WorkerProcess, before: f
         worker.process,
         worker.log_path,
     )
-    image = cluster.registry.push_files(
-        f"test/chan-{uuid.uuid4().hex[:8]}", "1", {"f": uuid.uuid4().bytes}
-    )
     with Publisher(cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
-        report = publisher.pull(image, timeout=30)
+        report = publisher.pull(pushed(cluster), timeout=30)
     assert report.ok, report
     assert [answer.node for answer in report.nodes] == [worker.node]
     assert worker.alive
@@ -124,6 +128,33 @@ def test_a_worker_whose_channel_the_broker_closes_consumes_its_queue_again(
         sender.close()
     assert_answers_again(lone_cluster, worker, before)
     assert logged(worker, "RabbitMQ closed the channel this node's requests come on")
+
+
+def test_a_publisher_whose_reply_queue_is_deleted_declares_it_again_and_hears_answers(
+    lone_cluster: LocalCluster,
+    worker: WorkerProcess,
+    rabbitmq: RabbitMqContainer,
+    management: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same cancel, on the publisher's side: its exclusive reply queue deleted under a
+    connection that stays open, no answer could reach it any more."""
+    with Publisher(lone_cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+        assert publisher.pull(pushed(lone_cluster), timeout=30).ok
+        vhost = quote(vhost_of(lone_cluster), safe="")
+        listed = requests.get(f"{management}/api/queues/{vhost}", auth=GUEST, timeout=10)
+        [reply_queue] = [
+            queue["name"]
+            for queue in listed.json()
+            if queue["name"].startswith(topo.REPLY_QUEUE_PREFIX)
+        ]
+        deleted = rabbitmq.get_wrapped_container().exec_run(
+            ["rabbitmqctl", "delete_queue", "-p", vhost_of(lone_cluster), reply_queue]
+        )
+        assert deleted.exit_code == 0, deleted.output
+        report = publisher.pull(pushed(lone_cluster), timeout=RECOVERY)
+        assert report.ok, report
+    assert f"RabbitMQ cancelled the consumer of reply queue {reply_queue}" in caplog.text
 
 
 def test_a_worker_whose_history_stream_is_deleted_mid_replay_reads_the_new_one(
