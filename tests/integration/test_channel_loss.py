@@ -8,6 +8,7 @@ One worker on a vhost of its own: what these tests delete is shared by a vhost's
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote, unquote, urlsplit
@@ -155,6 +156,26 @@ def test_a_publisher_whose_reply_queue_is_deleted_declares_it_again_and_hears_an
         report = publisher.pull(pushed(lone_cluster), timeout=RECOVERY)
         assert report.ok, report
     assert f"RabbitMQ cancelled the consumer of reply queue {reply_queue}" in caplog.text
+
+
+def test_a_publisher_whose_presence_stream_is_deleted_declares_it_again_and_sees_nodes(
+    lone_cluster: LocalCluster,
+    worker: WorkerProcess,
+    management: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reading of the presence stream, cancelled by its deletion, hears no announcement
+    again; nor does anyone, until the stream is declared again."""
+    with Publisher(lone_cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+        assert [node.node for node in publisher.nodes()] == [worker.node]
+        deleted_at = time.time()
+        delete(management, lone_cluster, "queues", topo.PRESENCE_STREAM.name)
+        wait_until(
+            lambda: [node.last_seen > deleted_at for node in publisher.nodes()] == [True],
+            "an announcement made after the deletion in the roster",
+            RECOVERY,
+        )
+    assert f"RabbitMQ cancelled the reading of {topo.PRESENCE_STREAM.name}" in caplog.text
 
 
 def test_a_worker_whose_history_stream_is_deleted_mid_replay_reads_the_new_one(
