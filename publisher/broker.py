@@ -372,6 +372,7 @@ class PublisherBroker:
             return
         channel = current.requests.channel
         if not todo:
+            channel.add_on_cancel_callback(lambda _frame: self._on_replies_cancelled(current))
             channel.basic_consume(
                 self.reply_queue,
                 lambda _ch, _method, properties, body: self._hand_over_reply(
@@ -466,6 +467,18 @@ class PublisherBroker:
                 "declare puller's topology as an administrator (`puller broker-setup`)"
             )
         self._lost(current.connection, error)
+
+    def _on_replies_cancelled(self, current: _Connection) -> None:
+        """RabbitMQ cancels the reply queue's consumer when the queue is deleted under it (by
+        an administrator, say) and keeps the channel open: no answer could come any more, so
+        the connection starts afresh and declares the queue again."""
+        if current.connection.is_open:
+            log.warning(
+                "RabbitMQ cancelled the consumer of reply queue %s (deleted?); reconnecting "
+                "to declare it again",
+                self.reply_queue,
+            )
+            current.connection.close()
 
     def _lost(self, connection: Any, error: str, learning: bool = False) -> None:
         current = self._current

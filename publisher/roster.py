@@ -12,6 +12,7 @@ stream; a read that cannot reach its marker in time answers from the book with a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ from contract import (
 )
 from contract import topology as topo
 from contract.connection import describe
+
+log = logging.getLogger("puller.publisher.roster")
 
 NodeInfo = NodePresence
 """A node in the roster is its latest announcement; ``last_seen`` is when it was sent."""
@@ -271,6 +274,7 @@ class RosterFollower:
             self._unsent.clear()
 
         def on_open(_channel: pika.channel.Channel) -> None:
+            channel.add_on_cancel_callback(lambda _frame: self._on_cancelled(channel))
             channel.basic_qos(
                 prefetch_count=STREAM_PREFETCH,
                 callback=lambda _frame: channel.basic_consume(
@@ -284,6 +288,19 @@ class RosterFollower:
         channel = connection.channel(on_open_callback=on_open)
         self._channel = channel
         channel.add_on_close_callback(self._on_close)
+
+    def _on_cancelled(self, channel: pika.channel.Channel) -> None:
+        """RabbitMQ cancels the reading when the stream is deleted under it, and keeps the
+        channel open: nothing would be read again. The publisher's connection starts afresh,
+        which declares the stream again (and the reading starts again on the new one)."""
+        connection = self._connection
+        if channel is not self._channel or connection is None or not connection.is_open:
+            return
+        log.warning(
+            "RabbitMQ cancelled the reading of %s (deleted?); reconnecting to declare it again",
+            topo.PRESENCE_STREAM.name,
+        )
+        connection.close()
 
     def _on_close(self, channel: pika.channel.Channel, reason: BaseException) -> None:
         """The reading's channel closed (with its connection, or refused): its readers fail."""

@@ -220,6 +220,7 @@ class WorkerBroker(Outbox):
         link = self._link = self._open_any()
         channel = self._declare_own(self._declare_shared(self._new_channel()))
         link.call(channel, partial(channel.basic_qos, prefetch_count=self._prefetch))
+        channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, channel))
         deliver = self._deliverer(channel, on_live)
         consuming = link.call(channel, partial(channel.basic_consume, self.queue, deliver))
         self._consumer_tag = consuming.method.consumer_tag
@@ -379,6 +380,7 @@ class WorkerBroker(Outbox):
         def opened(channel: Channel) -> None:
             if not self._reading(channel):
                 return
+            channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, channel))
             try:
                 channel.basic_qos(prefetch_count=self._replay_prefetch)
                 channel.basic_consume(
@@ -585,13 +587,51 @@ class WorkerBroker(Outbox):
             self._link.wake()
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
-        """A refused announcement closes the presence channel; a refused history reading
-        (its stream gone, say) ends the connection's use, as it did when it waited."""
+        """A refused announcement closes the presence channel (the next announcement
+        finds it closed); a refused history reading (its stream gone, say) ends the
+        connection's use, and so does the loss of the channel the node's queue is consumed
+        on, which takes the queue with it: the worker reconnects rather than stay deaf."""
         if channel is self._presence_channel and self._arrived is None:
             self._arrived = False
-        refused = isinstance(reason, pika.exceptions.ChannelClosedByBroker)
-        if refused and channel is self._history_channel and self._link is not None:
+        if not isinstance(reason, pika.exceptions.ChannelClosedByBroker) or self._link is None:
+            return
+        if channel is self._history_channel:
             self._link.fail(reason)
+        elif channel is self._channel:
+            log.warning(
+                "RabbitMQ closed the channel this node's requests come on (the node's queue "
+                "goes with it); reconnecting to declare and consume it again",
+                queue=self.queue,
+                code=reason.reply_code,
+                reason=reason.reply_text,
+            )
+            self._link.fail(
+                BrokerUnavailable(
+                    f"RabbitMQ at {self.where} closed the channel consuming {self.queue}: "
+                    f"{reason.reply_code} {reason.reply_text}"
+                )
+            )
+
+    def _on_consumer_cancelled(self, channel: Channel, frame: Any) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted under it (by an administrator,
+        say) and leaves the channel open: the node's queue, or the history stream mid-read.
+        Reconnecting declares them again (and reads the history again)."""
+        if self._link is None:
+            return
+        if channel is self._channel and frame.method.consumer_tag == self._consumer_tag:
+            queue = self.queue
+        elif channel is self._history_channel:
+            queue = (self._history_stream or topo.history_stream()).name
+        else:
+            return  # not a live consumer (stop_consuming() cancelled it)
+        log.warning(
+            "RabbitMQ cancelled this worker's consumer (its queue deleted?); reconnecting "
+            "to declare the queue and consume it again",
+            queue=queue,
+        )
+        self._link.fail(
+            BrokerUnavailable(f"RabbitMQ at {self.where} cancelled the consumer of {queue}")
+        )
 
     def _reading(self, channel: Channel) -> bool:
         return channel is self._history_channel

@@ -210,3 +210,58 @@ def test_a_hop_that_finds_the_connection_lost_keeps_its_answer() -> None:
     broker.open = False  # lost, not yet closed
     broker.run_hops()
     assert (broker.sent, broker.handing_over, broker.waiting()) == ([], 0, (1, 0, 0))
+
+
+class Failing:
+    """Stands for the connection: what ended its use."""
+
+    def __init__(self) -> None:
+        self.failed: list[BaseException] = []
+
+    def fail(self, error: BaseException) -> None:
+        self.failed.append(error)
+
+
+def cancel(consumer_tag: str) -> pika.frame.Method:
+    return pika.frame.Method(1, pika.spec.Basic.Cancel(consumer_tag=consumer_tag))
+
+
+def test_only_the_broker_cancelling_a_live_consumer_ends_the_connections_use() -> None:
+    broker = WorkerBroker("amqp://rabbit/%2F", "n", prefetch=8, heartbeat=30)
+    link = broker._link = Failing()  # type: ignore[assignment]  # noqa: SLF001 - as if connected
+    live, history, other = object(), object(), object()
+    broker._channel, broker._history_channel = live, history  # noqa: SLF001
+    broker._consumer_tag = "now"  # noqa: SLF001
+    broker._on_consumer_cancelled(live, cancel("before"))  # noqa: SLF001 - an older consumer's
+    broker._on_consumer_cancelled(other, cancel("now"))  # noqa: SLF001 - a closed reading's
+    assert link.failed == []
+    broker._consumer_tag = None  # noqa: SLF001 - stop_consuming() cancelled it: draining
+    broker._on_consumer_cancelled(live, cancel("now"))  # noqa: SLF001
+    assert link.failed == []
+    broker._consumer_tag = "now"  # noqa: SLF001
+    broker._on_consumer_cancelled(live, cancel("now"))  # noqa: SLF001
+    broker._on_consumer_cancelled(history, cancel("reading"))  # noqa: SLF001
+    assert [str(error) for error in link.failed] == [
+        "RabbitMQ at rabbit:5672 vhost '/' cancelled the consumer of puller.node.n",
+        "RabbitMQ at rabbit:5672 vhost '/' cancelled the consumer of puller.history.stream",
+    ]
+
+
+def test_the_live_channel_closed_by_the_broker_ends_the_connections_use() -> None:
+    broker = WorkerBroker("amqp://rabbit/%2F", "n", prefetch=8, heartbeat=30)
+    link = broker._link = Failing()  # type: ignore[assignment]  # noqa: SLF001 - as if connected
+    live, refused = object(), object()
+    broker._channel = live  # noqa: SLF001
+    broker._on_channel_closed(live, pika.exceptions.ChannelClosedByClient(200, "bye"))  # noqa: SLF001
+    broker._on_channel_closed(  # noqa: SLF001 - a declaration's refusal while connecting
+        refused, pika.exceptions.ChannelClosedByBroker(405, "RESOURCE_LOCKED")
+    )
+    assert link.failed == []
+    gone = pika.exceptions.ChannelClosedByBroker(404, "NOT_FOUND - no exchange 'puller.replies'")
+    broker._on_channel_closed(live, gone)  # noqa: SLF001
+    [error] = link.failed
+    assert isinstance(error, BrokerUnavailable)
+    assert str(error) == (
+        "RabbitMQ at rabbit:5672 vhost '/' closed the channel consuming puller.node.n: "
+        "404 NOT_FOUND - no exchange 'puller.replies'"
+    )
