@@ -368,9 +368,10 @@ class WorkerBroker(Outbox):
 
     def read_history(self, reading: HistoryReading) -> None:
         """Reads the history stream from ``reading.start`` on a channel of its own, and puts
-        ``reading.marker`` at the stream's end; one reading at a time: a new one ends the
-        last. Returns at once: the channel opens, consumes, then publishes the marker as
-        RabbitMQ answers, and a refusal is raised by the next :meth:`process_events`."""
+        ``reading.marker``, if any, at the stream's end; one reading at a time: a new one
+        ends the last. Returns at once: the channel opens, consumes, then publishes the
+        marker as RabbitMQ answers, and a refusal is raised by the next
+        :meth:`process_events`."""
         self._check_owner()
         self.stop_history()
         stream = self._history_stream or topo.history_stream()
