@@ -7,6 +7,7 @@ parts it is split into) import this; the rest of the code never sees a pika type
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -129,6 +130,27 @@ def broker_candidates(
         )
         for one in split_urls(url)
     ]
+
+
+SPREAD = "spread"
+LISTED = "listed"
+BROKER_ORDERS = (SPREAD, LISTED)
+"""How a client orders the brokers of its URL list: ``spread``, by a hash of its name
+(:func:`spread_order`), so that a cluster's clients share the broker nodes; ``listed``, as
+written."""
+
+
+def spread_order(count: int, name: str) -> list[int]:
+    """The order, as indexes into a list of ``count`` brokers, in which the client called
+    ``name`` tries them: by SHA-256 of the name and the index, lowest first (rendezvous
+    hashing). Clients with different names land on every broker about equally, each always
+    on the same one; when one broker goes, its clients spread evenly over the others, not
+    all onto the next; a broker added at the end takes about its share from each."""
+
+    def weight(index: int) -> bytes:
+        return hashlib.sha256(f"{name}\0{index}".encode("utf-8", errors="surrogatepass")).digest()
+
+    return sorted(range(count), key=weight)
 
 
 def connection_parameters(

@@ -211,15 +211,16 @@ class OptionalBool:
 
 @dataclass(frozen=True)
 class Flag:
-    """``true`` or ``false``; absent (from older peers) is ``false``."""
+    """``true`` or ``false``; absent (from older peers) is ``default``."""
 
+    default: bool = False
     dumps_as_is: ClassVar[bool] = True
 
     def dump(self, value: bool) -> object:
         return value
 
     def load(self, fields: dict[str, Any], key: str) -> bool:
-        value = fields.get(key, False)
+        value = fields.get(key, self.default)
         if not isinstance(value, bool):
             raise InvalidMessage(f"{key!r} must be true or false")
         return value

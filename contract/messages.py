@@ -143,6 +143,9 @@ class PullRequest(Message):
     refresh: bool = False
     """Pull even when the node has an image of that name, so that a tag that moved in the
     registry is followed (an older worker ignores it and answers ``present``)."""
+    progress: bool = True
+    """Whether the requester wants :class:`NodeProgress` reports while nodes pull. Absent
+    (older publishers): yes, as before; an older worker ignores it and always sends them."""
 
     TYPE: ClassVar[str] = "pull"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
@@ -152,6 +155,7 @@ class PullRequest(Message):
         Field("session_id", OptionalIdentifier()),
         Field("lane", Choice(Lane, default=Lane.SESSION, unknown=Lane.SESSION)),
         Field("refresh", Flag()),
+        Field("progress", Flag(default=True)),
     )
 
     @classmethod
@@ -162,6 +166,7 @@ class PullRequest(Message):
         *,
         lane: Lane = Lane.SESSION,
         refresh: bool = False,
+        progress: bool = True,
     ) -> PullRequest:
         return cls(
             image=image,
@@ -170,6 +175,7 @@ class PullRequest(Message):
             session_id=session_id,
             lane=lane,
             refresh=refresh,
+            progress=progress,
         )
 
 
@@ -348,7 +354,8 @@ class NodeResult(Message):
 
 @dataclass(frozen=True)
 class NodeProgress(Message):
-    """A running pull's bytes so far, sent to the requester at most a few times a second."""
+    """A running pull's bytes so far, sent to the requester at most a few times a second,
+    when its :class:`PullRequest` asks for them (``progress``)."""
 
     request_id: str
     node: str

@@ -21,7 +21,7 @@ import structlog
 
 from contract import BrokerUnavailable, Forbidden, InvalidReference, NoNodes
 from contract.fields import MAX_ID_LENGTH
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import ROSTER_SCRAPE_MAX_AGE, GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
 from publisher import Publisher
@@ -52,11 +52,19 @@ class Gateway:
     """Answers one HTTP request; safe from every server thread at once."""
 
     def __init__(
-        self, publisher: Publisher, settings: GatewaySettings, metrics: GatewayMetrics
+        self,
+        publisher: Publisher,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._publisher = publisher
         self._settings = settings
         self._metrics = metrics
+        self._clock = clock
+        self._scraped_roster: tuple[float, float] | None = None
+        """When the roster was last counted for a scrape (``clock()``), and the count."""
+        self._scraping = threading.Lock()
         self._waiting = threading.BoundedSemaphore(settings.max_waiting)
         self._drop_in: dict[str, tuple[Arguments, Callable[[dict[str, Any]], object]]] = {
             "/sha": (Arguments(), lambda _args: self._settings.sha),
@@ -247,10 +255,15 @@ class Gateway:
         return _json(200, answer)
 
     def _refresh(self) -> None:
-        try:
-            self._metrics.live_nodes.set(len(self._publisher.nodes()))
-        except BrokerUnavailable:
-            self._metrics.live_nodes.set(float("nan"))
+        with self._scraping:  # scrapes at once wait for one roster read, then share it
+            now, last = self._clock(), self._scraped_roster
+            if last is None or now - last[0] >= ROSTER_SCRAPE_MAX_AGE:
+                try:
+                    count = float(len(self._publisher.nodes()))
+                except BrokerUnavailable:
+                    count = float("nan")
+                last = self._scraped_roster = (now, count)
+            self._metrics.live_nodes.set(last[1])
         self._metrics.connected.set(1 if self._publisher.connected else 0)
 
 

@@ -20,6 +20,9 @@ ROUTES = (
     "/openapi.json",
     "/metrics",
 )
+ROSTER_SCRAPE_MAX_AGE = 5.0
+"""Seconds a scrape reuses the last one's roster count: a roster read puts a marker into the
+presence stream and waits for it to come back, and sorts every node."""
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 
 
@@ -47,7 +50,8 @@ class GatewayMetrics:
         )
         self.live_nodes = Gauge(
             "puller_http_live_nodes",
-            "Nodes in the roster, read at scrape time (NaN when RabbitMQ is unreachable)",
+            f"Nodes in the roster, read at a scrape at most every {ROSTER_SCRAPE_MAX_AGE:g} s "
+            "(NaN when RabbitMQ is unreachable)",
             registry=self.registry,
         )
         self.waiting = Gauge(

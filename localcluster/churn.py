@@ -62,6 +62,8 @@ WORKER_ENV = {
     # A lost broker node is noticed within seconds, as in the failover tests.
     "PULLER_HEARTBEAT": "2",
     "PULLER_SHUTDOWN_GRACE": "5",
+    # worker_url spreads the nodes over the broker nodes by number: keep its order.
+    "PULLER_BROKER_ORDER": "listed",
 }
 WORKER_START_TIMEOUT = 120.0
 ENGINE_START_TIMEOUT = 120.0

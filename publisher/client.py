@@ -210,9 +210,9 @@ class Publisher:
         :attr:`policy` refuses the image), :class:`NoNodes` (no worker
         was there to receive it) or :class:`BrokerUnavailable`. Collect the
         answers later, if at all, with :meth:`results`. ``session_id`` travels with
-        the request into the workers' logs.
+        the request into the workers' logs. Nodes send no progress reports for it.
         """
-        request = PullRequest.new(self.check(image), session_id)
+        request = PullRequest.new(self.check(image), session_id, progress=False)
         self._publish(request)
         return request.request_id
 
@@ -236,7 +236,8 @@ class Publisher:
         Waits for ``expect`` nodes, or for the ``nodes`` named, or (neither given) for
         every node in the roster. An expected node that does not answer in time is in the
         report with status ``no_reply`` (with ``expect``, the roster's nodes that did not
-        answer are named). ``on_progress`` and ``on_result`` are called on this thread.
+        answer are named). ``on_progress`` and ``on_result`` are called on this thread;
+        nodes send progress reports only when ``on_progress`` is given.
 
         Once published, the request survives a lost connection: within ``timeout`` the
         publisher reconnects and publishes the request again (same id), so that nodes
@@ -246,7 +247,7 @@ class Publisher:
         wanted, roster_notes = self._wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
-        request = PullRequest.new(reference, refresh=refresh)
+        request = PullRequest.new(reference, refresh=refresh, progress=on_progress is not None)
         epoch = self._publish(request, watch=True)
         try:
             collected, notes = self._collect(
@@ -299,6 +300,7 @@ class Publisher:
         nodes: Iterable[str] | None = None,
         timeout: float = 3600.0,
         on_update: Callable[[WarmReport], None] | None = None,
+        progress: bool = True,
     ) -> WarmReport:
         """Puts every image of ``images`` on every node, behind any session's pull: each
         node works through them at its ``PULLER_MAX_CONCURRENT_PULLS``, and starts a
@@ -308,7 +310,8 @@ class Publisher:
         raises, nothing is sent). Waits at most ``timeout`` seconds for every node to
         answer for every image; ``on_update`` gets the report so far about twice a second
         (progress per node: images answered, bytes). Which nodes are waited for: as
-        :meth:`pull`.
+        :meth:`pull`. With ``progress=False`` nodes send no progress reports (a few a second
+        each while they pull) and the report's bytes stay 0.
         """
         references = list(dict.fromkeys(self.check(image) for image in images))
         if not references:
@@ -322,7 +325,10 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         deadline = started + timeout
-        requests = [PullRequest.new(reference, lane=Lane.WARM) for reference in references]
+        requests = [
+            PullRequest.new(reference, lane=Lane.WARM, progress=progress)
+            for reference in references
+        ]
         report = WarmReport.start(tuple(str(r) for r in references), expect, wanted)
         try:
             for request in requests:

@@ -286,8 +286,9 @@ class BrokerAndPolicy:
         amqp_url,
         DEFAULT_AMQP_URL,
         help="RabbitMQ, `amqp://` or `amqps://` (TLS); several nodes of one RabbitMQ cluster "
-        "separated by commas: the first that answers is used, and a lost connection fails over "
-        "to the next at once (the log says which broker)",
+        "separated by commas: the first that answers is used (a worker tries them in its own "
+        "order, `PULLER_BROKER_ORDER`), and a lost connection fails over to the next at once "
+        "(the log says which broker)",
         secret=True,
     )
     tls_ca_file: Path | None = setting(

@@ -31,16 +31,19 @@ from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, PullerError,
 from contract import topology as topo
 from contract.connection import (
     ACCESS_REFUSED,
+    BROKER_ORDERS,
     CONNECTION_ERRORS,
     NOT_FOUND,
     PRECONDITION_FAILED,
     RESOURCE_LOCKED,
+    SPREAD,
     BrokerTls,
     ServedConnection,
     broker_candidates,
     broker_errors,
     declare,
     describe,
+    spread_order,
     where,
 )
 from contract.messages import Message
@@ -100,16 +103,24 @@ class WorkerBroker(Outbox):
         replay_prefetch: int = 1,
         tls: BrokerTls | None = None,
         stream_port: int | None = None,
+        broker_order: str = SPREAD,
     ) -> None:
         super().__init__()
         blocked_timeout = max(60, 2 * heartbeat)
-        self._candidates = broker_candidates(
+        listed = broker_candidates(
             amqp_url,
             tls=tls,
             heartbeat=heartbeat,
             connect_timeout=CONNECT_TIMEOUT,
             blocked_timeout=blocked_timeout,
         )
+        if broker_order not in BROKER_ORDERS:
+            raise ValueError(f"broker_order must be one of {BROKER_ORDERS}, not {broker_order!r}")
+        order = (
+            spread_order(len(listed), node) if broker_order == SPREAD else list(range(len(listed)))
+        )
+        self._candidates = [listed[index] for index in order]
+        """The brokers in the order this node tries them."""
         self._close_wait = blocked_timeout + CONNECT_TIMEOUT
         """A close RabbitMQ does not answer (it reads nothing from a connection it blocks)
         ends when pika's blocked-connection timeout drops the socket."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
 import threading
 import time
 from functools import partial
@@ -61,6 +60,7 @@ from worker.pulls.owed import OWED_FILE
 from worker.pulls.registry_health import NotFoundMemory, RegistryBreaker
 from worker.pulls.retry import RetryPolicy
 from worker.pulls.service import PullService
+from worker.reconnect import ReconnectWaits
 from worker.settings import WorkerSettings
 from worker.stores.containerd import ContainerdStore
 from worker.stores.contract import ImageStore, PrunableStore
@@ -71,10 +71,6 @@ from worker.stores.registry_logins import DockerConfig
 log = structlog.get_logger("worker")
 
 EVENT_LOOP_SLICE = 0.5
-RECONNECT_FIRST_DELAY = 0.5
-RECONNECT_MAX_DELAY = 15.0
-"""The longest wait between connection attempts (each wait is drawn between half of the
-current delay and all of it)."""
 ARRIVAL_WAIT = 5.0
 """Seconds a new connection waits for RabbitMQ to confirm the node's first announcement
 (in the stream), before it serves anyway."""
@@ -130,7 +126,9 @@ class Worker:
             replay_prefetch=replay_slots(settings),
             tls=broker_tls(settings),
             stream_port=settings.stream_port,
+            broker_order=settings.broker_order,
         )
+        self._waits = ReconnectWaits(settings.reconnect_spread)
         self._catch_up = CatchUp(
             settings.node_name,
             Ledger(offsets),
@@ -254,8 +252,9 @@ class Worker:
             )
 
     def serve(self, stopping: threading.Event) -> None:
-        """Connects, serves and reconnects (capped backoff) until ``stopping`` is set."""
-        delay, attempt = RECONNECT_FIRST_DELAY, 0
+        """Connects, serves and reconnects (random, bounded waits: see
+        :mod:`worker.reconnect`) until ``stopping`` is set."""
+        attempt = 0
         while not stopping.is_set():
             self._liveness.tick()
             attempt += 1
@@ -270,18 +269,16 @@ class Worker:
                     self._arriving = False
             except (BrokerUnavailable, NodeNameInUse) as error:
                 self._disconnected(str(error))
-                # Jittered: workers that lost the same broker must not all come back in
-                # the same instant (bench/reconnect_storm.py saw 100 in lockstep).
-                wait = random.uniform(delay / 2, delay)  # noqa: S311 - timing, not secrets
+                wait = self._waits.after_failure()
                 log.warning(
                     "cannot serve yet", error=str(error), attempt=attempt, retry_in=round(wait, 1)
                 )
                 self._wait(stopping, wait)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
                 continue
             self.metrics.connections.inc()
             log.info("serving", queue=self._broker.queue, broker=self._broker.where)
-            delay, attempt = RECONNECT_FIRST_DELAY, 0
+            self._waits.connected()
+            attempt = 0
             try:
                 while not stopping.is_set():
                     self._liveness.tick()
@@ -290,8 +287,12 @@ class Worker:
                     self._broker.process_events(EVENT_LOOP_SLICE)
                     self._catch_up.checkpoint_if_due(self._service.unfinished)
             except BrokerUnavailable as error:
-                log.warning("connection lost; reconnecting", error=str(error))
+                wait = self._waits.after_loss()
+                log.warning(
+                    "connection lost; reconnecting", error=str(error), retry_in=round(wait, 2)
+                )
                 self._disconnected(str(error))
+                self._wait(stopping, wait)
 
     def _announce_arrival(self) -> None:
         """The connection's first presence announcement, confirmed before ``/ready`` says

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import serving.settings
 from contract import PRESENCE_INTERVAL
+from contract.connection import BROKER_ORDERS, SPREAD
 from contract.fields import MAX_NODE_NAME_LENGTH
 from contract.topology import DEFAULT_HISTORY_MAX_AGE, DEFAULT_HISTORY_MAX_BYTES
 from serving.settings import (
@@ -218,6 +219,24 @@ class WorkerSettings(BrokerAndPolicy):
         unset="5552, or 5551 with `amqps://`",
         minimum=1,
         maximum=65535,
+    )
+    broker_order: str = setting(
+        "PULLER_BROKER_ORDER",
+        choice(*BROKER_ORDERS),
+        SPREAD,
+        help="the order this worker tries the brokers of `PULLER_AMQP_URL` in: `spread`, by a "
+        "hash of its node name, so that the nodes share a RabbitMQ cluster's brokers (and "
+        "those of a lost broker fail over to all the others); `listed`, as written",
+    )
+    reconnect_spread: float = setting(
+        "PULLER_RECONNECT_SPREAD",
+        number,
+        1.0,
+        help="most seconds of the random wait before reconnecting after a lost connection, so "
+        "that nodes that lost the same broker come back spread over this time; with "
+        "thousands of nodes a broker, raise it (see docs/operations.md)",
+        minimum=0,
+        maximum=300,
     )
     presence_interval: float = setting(
         "PULLER_PRESENCE_INTERVAL",

@@ -4,15 +4,19 @@ the history's leader went away meanwhile."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from contract import BrokerUnavailable, Status
 from contract import topology as topo
+from contract.connection import spread_order
 from localcluster.broker_cluster import BrokerCluster
 from localcluster.cluster import LocalCluster, WorkerProcess
 from publisher import Publisher
@@ -42,7 +46,10 @@ def vhost(broker_cluster: BrokerCluster) -> str:
 def nodes(broker_cluster: BrokerCluster, vhost: str) -> Iterator[LocalCluster]:
     """Workers that try broker node 1 first."""
     cluster = start_cluster(
-        ordered(broker_cluster.urls(vhost), 1), nodes=NODES, PULLER_HEARTBEAT="2"
+        ordered(broker_cluster.urls(vhost), 1),
+        nodes=NODES,
+        PULLER_HEARTBEAT="2",
+        PULLER_BROKER_ORDER="listed",
     )
     yield cluster
     cluster.remove()
@@ -74,6 +81,46 @@ def test_the_streams_are_replicated_on_every_broker_node(
 ) -> None:
     for stream in (topo.HISTORY_STREAM_NAME, topo.PRESENCE_STREAM.name):
         assert broker_cluster.stream_members(stream, vhost) == {1, 2, 3}, stream
+
+
+def broker_in_use(worker: WorkerProcess, broker_cluster: BrokerCluster) -> int:
+    """The broker node (1-based) the worker's log says it serves through."""
+    for line in worker.log_path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("event") == "serving":
+            found = re.fullmatch(r"127\.0\.0\.1:(\d+) vhost .*", entry["broker"])
+            assert found is not None, entry
+            return next(n.index for n in broker_cluster.nodes if n.amqp_port == int(found[1]))
+    raise AssertionError(f"{worker.node} never served")
+
+
+def test_workers_given_every_broker_spread_over_them_by_node_name(
+    nodes: LocalCluster, broker_cluster: BrokerCluster, tmp_path: Path
+) -> None:
+    vhost = f"spread-{uuid.uuid4().hex[:8]}"
+    broker_cluster.add_vhost(vhost)
+    names = ["node-1", "node-2", "node-4"]
+    expected = {name: spread_order(NODES, name)[0] + 1 for name in names}
+    assert sorted(expected.values()) == [1, 2, 3]  # these names cover every broker node
+    workers = [
+        WorkerProcess(
+            node=name,
+            docker_host=nodes.engines[0].docker_host,  # one engine will do: nothing is pulled
+            amqp_url=",".join(broker_cluster.urls(vhost)),  # listed in node order, 1 first
+            log_path=tmp_path / f"{name}.log",
+            extra_env={"PULLER_PRESENCE_INTERVAL": "1"},
+        )
+        for name in names
+    ]
+    try:
+        for worker in workers:
+            worker.launch()
+        for worker in workers:
+            worker.wait_serving()
+        assert {w.node: broker_in_use(w, broker_cluster) for w in workers} == expected
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def test_losing_the_workers_broker_node_during_a_pull_loses_nothing(

@@ -6,12 +6,15 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
+import pika
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import NodeProgress, NodeResult, Status
+from contract import CONTENT_TYPE, NodeProgress, NodeResult, PullRequest, Status, parse_reference
+from contract import topology as topo
 from localcluster.cluster import LocalCluster
 from publisher import Publisher
 from tests.integration.conftest import (
@@ -163,6 +166,54 @@ def test_a_large_layer_reports_progress_that_grows_to_the_total(
         assert mine[-1].done == mine[-1].total
         assert layer <= mine[-1].total < layer * 1.01  # the compressed layer's size
         assert dones[0] < mine[-1].total
+
+
+def progress_per_request(amqp_url: str, bodies: dict[str, bytes], nodes: int) -> Counter[str]:
+    """Publishes each request body as it is (as any publisher may) on a reply queue of our
+    own, waits for every node's result to each, and counts the progress reports that came
+    for each request id."""
+    counted: Counter[str] = Counter()
+    results: Counter[str] = Counter()
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        reply_to = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(reply_to, topo.REPLIES.name, routing_key=reply_to)
+        for request_id, body in bodies.items():
+            properties = pika.BasicProperties(
+                content_type=CONTENT_TYPE, reply_to=reply_to, correlation_id=request_id
+            )
+            channel.basic_publish(topo.PULLS.name, "", body, properties)
+        for _method, _properties, body in channel.consume(reply_to, inactivity_timeout=60):
+            assert body is not None, f"answers missing after 60 s: {results}"
+            reply = json.loads(body)
+            if reply["type"] == "progress":
+                counted[reply["request_id"]] += 1
+            else:
+                assert reply["status"] == "pulled", reply
+                results[reply["request_id"]] += 1
+            if all(results[request_id] == nodes for request_id in bodies):
+                break
+        channel.cancel()
+    return counted
+
+
+def test_nodes_send_progress_only_to_a_requester_that_asks_and_as_before_to_one_that_does_not_say(
+    own_cluster: LocalCluster, own_publisher: Publisher
+) -> None:
+    images = [
+        own_cluster.registry.push_sized(f"test/quiet-{uuid.uuid4().hex[:8]}", "1", [10_000_000])
+        for _ in range(2)
+    ]
+    quiet, older = (json.loads(PullRequest.new(parse_reference(i)).encode()) for i in images)
+    quiet["progress"] = False
+    del older["progress"]  # an older publisher's request: it says nothing of progress
+    counted = progress_per_request(
+        own_cluster.amqp_url,
+        {body["request_id"]: json.dumps(body).encode() for body in (quiet, older)},
+        NODES,
+    )
+    assert counted[older["request_id"]] >= NODES  # the pulls lasted long enough to report
+    assert counted[quiet["request_id"]] == 0
 
 
 def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Publisher) -> None:

@@ -40,6 +40,22 @@ def test_a_pull_from_an_older_publisher_is_a_session_pull_without_refresh() -> N
     assert request.lane is Lane.SESSION and request.refresh is False
 
 
+def test_a_pull_from_an_older_publisher_asks_for_progress_as_before() -> None:
+    body = json.loads(PullRequest.new(IMAGE, progress=False).encode())
+    del body["progress"]
+    request = decode_request(json.dumps(body).encode())
+    assert isinstance(request, PullRequest) and request.progress is True
+
+
+def test_a_pull_that_asks_for_no_progress_round_trips_and_a_bad_flag_is_refused() -> None:
+    quiet = PullRequest.new(IMAGE, progress=False)
+    assert decode_request(quiet.encode()) == quiet
+    body = json.loads(quiet.encode())
+    body["progress"] = "no"
+    with pytest.raises(InvalidMessage, match="'progress' must be true or false"):
+        decode_request(json.dumps(body).encode())
+
+
 def test_a_lane_this_side_does_not_know_is_read_as_session() -> None:
     body = json.loads(PullRequest.new(IMAGE, lane=Lane.WARM).encode())
     assert body["lane"] == "warm"

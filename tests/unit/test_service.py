@@ -225,6 +225,19 @@ def test_progress_is_throttled_starts_once_the_size_is_known_and_reaches_every_j
         assert len(dones) < 10
 
 
+def test_a_request_that_did_not_ask_for_progress_gets_none_while_one_that_did_gets_it(
+    service: PullService, store: FakeStore, answers: Answers
+) -> None:
+    store.progress_steps = [PullProgress(done, 1000) for done in range(0, 1001, 100)]
+    quiet = PullRequest.new(parse_reference("quiet:1"), progress=False)
+    asked = PullRequest.new(parse_reference("asked:1"))
+    for request in (quiet, asked):
+        service.submit(request, answers.answer, answers.on_progress)
+    assert {r.status for r in answers.wait_for(2)} == {Status.PULLED}
+    assert {m.request_id for m in answers.progress} == {asked.request_id}
+    assert [m.done for m in answers.progress][-1] == 1000
+
+
 def serve_one(
     store: FakeStore, policy: RetryPolicy, image: str = "flaky:1", **kwargs: object
 ) -> NodeResult:

@@ -91,7 +91,8 @@ class Waiter:
         """For a refresh: the image the node had under that name before pulling."""
         self._in_hand = in_hand
         self._answer = answer
-        self._progress = progress
+        self._progress = progress if request.progress else None
+        """Only for a requester that asked for progress reports."""
         self._answered = False
         self._lock = threading.Lock()
 
