@@ -378,6 +378,16 @@ class NodeState(StrEnum):
     LEAVING = "leaving"
 
 
+class HistoryGap(StrEnum):
+    """Whether the history lost entries a node had not replayed when it came back."""
+
+    NONE = "none"
+    RECONCILING = "reconciling"
+    RECOVERED = "recovered"
+    UNRECOVERED = "unrecovered"
+    """Lost, and not made good: what was left was replayed, the rest is missing."""
+
+
 @dataclass(frozen=True)
 class NodePresence(Message):
     """A worker saying it is there (every :data:`PRESENCE_INTERVAL`), or that it is leaving.
@@ -397,6 +407,11 @@ class NodePresence(Message):
     """Whether the worker has replayed the history it missed; ``None`` from older workers."""
     replay_pending: int = 0
     replay_failed: int = 0
+    history_gap: HistoryGap = HistoryGap.NONE
+    """Absent from older workers (read as ``none``), which could not tell."""
+    history_lost: int = 0
+    """History entries the node had not replayed that the history lost (0: none, or unknown
+    when the stream was deleted and declared again)."""
 
     TYPE: ClassVar[str] = "presence"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
@@ -409,6 +424,8 @@ class NodePresence(Message):
         Field("caught_up", OptionalBool()),
         Field("replay_pending", Count(default=0)),
         Field("replay_failed", Count(default=0)),
+        Field("history_gap", Choice(HistoryGap, default=HistoryGap.NONE, unknown=HistoryGap.NONE)),
+        Field("history_lost", Count(default=0)),
     )
 
 

@@ -326,7 +326,13 @@ class SoakSystem:
             root=root,
             amqp_url=",".join(self.urls),
             nodes=0,
-            worker_env={**WORKER_ENV, **(worker_env or {})},
+            # Any node's stream port answers for the cluster (its Metadata names the
+            # history's leader); while that node is down, workers fall back to a marker.
+            worker_env={
+                **WORKER_ENV,
+                "PULLER_STREAM_PORT": str(brokers.nodes[0].stream_port),
+                **(worker_env or {}),
+            },
         )
         self.nodes: dict[str, SoakNode] = {}
         self._lock = threading.Lock()

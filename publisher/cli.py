@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from contract import (
     BrokerUnavailable,
     Forbidden,
+    HistoryGap,
     InvalidReference,
     Misconfigured,
     NoNodes,
@@ -523,6 +524,11 @@ def _catch_up_text(info: NodeInfo) -> str:
     state = "caught up" if info.caught_up else f"catching up ({info.replay_pending} pending)"
     if info.replay_failed:
         state += f", {info.replay_failed} replayed pulls failed"
+    if info.history_gap is HistoryGap.UNRECOVERED:
+        lost = f"{info.history_lost:,}" if info.history_lost else "an unknown number of"
+        state += f"; LOST {lost} history entries while away, not recovered"
+    elif info.history_gap is not HistoryGap.NONE:
+        state += f"; history gap: {info.history_gap.value}"
     return state
 
 

@@ -70,12 +70,23 @@ class NodeNameInUse(PullerError):
 
 @dataclass(frozen=True)
 class HistoryReading:
-    """One reading of the history stream: from where, and the marker put at its end."""
+    """One reading of the history stream: from where, and the marker put at its end (none:
+    nothing is written)."""
 
     start: int | str
     """A stream offset, or ``"first"`` / ``"last"``."""
-    marker: bytes
+    marker: bytes | None
     on_entry: Callable[[Delivery], None]
+
+
+@dataclass(frozen=True)
+class TailRead:
+    """Where the history ends, as :meth:`WorkerBroker.find_tail` read it."""
+
+    offset: int | None
+    """The last entry's offset (``None``: the stream is empty, or the read failed)."""
+    error: str | None = None
+    """Why it could not be read (no stream port, plugin off, refused...)."""
 
 
 class WorkerBroker(Outbox):
@@ -369,9 +380,10 @@ class WorkerBroker(Outbox):
 
     def read_history(self, reading: HistoryReading) -> None:
         """Reads the history stream from ``reading.start`` on a channel of its own, and puts
-        ``reading.marker`` at the stream's end; one reading at a time: a new one ends the
-        last. Returns at once: the channel opens, consumes, then publishes the marker as
-        RabbitMQ answers, and a refusal is raised by the next :meth:`process_events`."""
+        ``reading.marker``, if any, at the stream's end; one reading at a time: a new one
+        ends the last. Returns at once: the channel opens, consumes, then publishes the
+        marker as RabbitMQ answers, and a refusal is raised by the next
+        :meth:`process_events`."""
         self._check_owner()
         self.stop_history()
         stream = self._history_stream or topo.history_stream()
@@ -393,7 +405,7 @@ class WorkerBroker(Outbox):
                 link.fail(error)
 
         def consuming(channel: Channel) -> None:
-            if self._reading(channel) and channel.is_open:
+            if reading.marker is not None and self._reading(channel) and channel.is_open:
                 channel.basic_publish(  # through the exchange: a worker may not write to queues
                     topo.HISTORY.name,
                     routing_key="",
@@ -416,6 +428,23 @@ class WorkerBroker(Outbox):
                 channel.close()
             except CONNECTION_ERRORS as error:
                 log.info("could not close the history channel", error=describe(error))
+
+    def find_tail(self, on_tail: Callable[[TailRead], None]) -> None:
+        """Reads where the history ends (:meth:`read_tail`) on a thread of its own, so that
+        the connection keeps being served; ``on_tail`` then runs on the connection's thread
+        (:meth:`call_soon`: on the next connection if this one closed meanwhile)."""
+
+        def read() -> None:
+            try:
+                found = TailRead(self.read_tail())
+            except BrokerUnavailable as error:
+                found = TailRead(None, str(error))
+            except Exception as error:  # a bug in the reader must not leave catch-up waiting
+                log.exception("reading the history's end failed unexpectedly")
+                found = TailRead(None, f"unexpected error: {error}")
+            self.call_soon(partial(on_tail, found))
+
+        threading.Thread(target=read, name="history-tail", daemon=True).start()
 
     def read_tail(self) -> int | None:
         """The history stream's last offset (``None``: it is empty), read over the stream

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from contract import ImageReference, NodeResult, PullFailed, PullRequest
+from contract import HistoryGap, ImageReference, NodeResult, PullFailed, PullRequest
 from serving.http import Response
-from worker.catch_up.replay import ReplayObserver, SkipReason
+from worker.catch_up.replay import ReplayObserver, SkipReason, TailOutcome
 from worker.pruning.pruner import PruneOutcome
 from worker.pulls.observers import PullObserver
 from worker.stores.contract import DiskUsage
@@ -66,6 +66,33 @@ class WorkerMetrics(PullObserver, ReplayObserver):
         self.replays_failed = self._counter("replay_failed", "Replayed requests whose pull failed")
         self.replay_pending = self._gauge(
             "replay_pending", "Replayed requests in hand, not yet done"
+        )
+        self.history_deliveries = self._counter(
+            "history_deliveries",
+            "History entries handled by this worker, whatever the phase (replay, sweep, "
+            "checkpoint, finding the end)",
+        )
+        self.tail_reads = self._counter(
+            "history_tail_reads",
+            "Connections that found where the history ends, by how ('tail': over the stream "
+            "protocol; 'fallback': it could not be read there, a marker was written)",
+            "outcome",
+        )
+        self.history_sweeps = self._counter(
+            "history_sweeps", "Sweeps done (one per connection, a few seconds after caught up)"
+        )
+        self.history_gaps = self._counter(
+            "history_gaps",
+            "Catch-ups that found the history had lost entries this node had not replayed, "
+            "by outcome ('unrecovered': what was left was replayed, the rest is missing)",
+            "outcome",
+        )
+        self.history_lost = self._counter(
+            "history_lost_entries", "History entries lost before this node replayed them"
+        )
+        self.history_gap_unrecovered = self._gauge(
+            "history_gap_unrecovered",
+            "1 from a catch-up that lost history entries until one that lost none",
         )
         self.connections = self._counter(
             "broker_connections", "Connections to RabbitMQ opened (reconnects are this minus one)"
@@ -130,6 +157,23 @@ class WorkerMetrics(PullObserver, ReplayObserver):
 
     def replay_failed(self, result: NodeResult) -> None:
         self.replays_failed.inc()
+
+    def history_delivered(self) -> None:
+        self.history_deliveries.inc()
+
+    def tail_read(self, outcome: TailOutcome) -> None:
+        self.tail_reads.labels(outcome).inc()
+
+    def history_gap(self, outcome: HistoryGap, lost: int) -> None:
+        self.history_gaps.labels(outcome.value).inc()
+        self.history_lost.inc(lost)
+        self.history_gap_unrecovered.set(1 if outcome is HistoryGap.UNRECOVERED else 0)
+
+    def history_whole(self) -> None:
+        self.history_gap_unrecovered.set(0)
+
+    def swept(self) -> None:
+        self.history_sweeps.inc()
 
     # -- the store ---------------------------------------------------------------------------
 

@@ -65,6 +65,8 @@ class PresenceAnnouncer:
             caught_up=status.caught_up,
             replay_pending=status.replay_pending,
             replay_failed=status.replay_failed,
+            history_gap=status.history_gap,
+            history_lost=status.history_lost,
         ).encode()
 
     def _probe_engine(self) -> None:

@@ -20,6 +20,7 @@ class TcpProxy:
     bytes a second downstream per connection. ``corrupt_at(n)``: the ``n``-th byte each
     connection sends downstream (counting from 0, headers included) is changed.
     ``upstream_data``: every byte clients sent upstream, all connections together.
+    ``cut()``: every connection is dropped, and new ones are closed at once until ``mend()``.
     """
 
     def __init__(self, target: tuple[str, int]) -> None:
@@ -35,6 +36,7 @@ class TcpProxy:
         self.upstream_data = bytearray()
         self._sockets: list[socket.socket] = []
         self._closed = threading.Event()
+        self._cut = threading.Event()
         self.downstream_bytes = 0
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
 
@@ -61,6 +63,17 @@ class TcpProxy:
     def silent(self) -> bool:
         return not self._forwarding.is_set()
 
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the pumps, which close them
+            self._sockets = []
+
+    def mend(self) -> None:
+        self._cut.clear()
+
     def close(self) -> None:
         self._closed.set()
         self._forwarding.set()
@@ -79,6 +92,9 @@ class TcpProxy:
             try:
                 client, _ = self._listener.accept()
             except OSError:
+                continue
+            if self._cut.is_set():
+                client.close()
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=10)

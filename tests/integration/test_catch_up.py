@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -14,15 +15,24 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 from contract import (
     HISTORY_EXCHANGE,
     HISTORY_STREAM,
+    HistoryGap,
     PullRequest,
     Status,
     parse_reference,
     topology,
 )
 from contract.connection import declare
+from contract.stream_tail import Endpoint, Login, read_tail
 from localcluster.cluster import LocalCluster, WorkerProcess
+from localcluster.processes import free_port
 from publisher import Publisher
-from tests.integration.conftest import ROSTER_MAX_AGE, engine_has, new_vhost, start_cluster
+from tests.integration.conftest import (
+    ROSTER_MAX_AGE,
+    engine_has,
+    new_vhost,
+    start_cluster,
+    stream_port,
+)
 from tests.integration.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -30,10 +40,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def own_cluster(rabbitmq: RabbitMqContainer) -> Iterator[LocalCluster]:
-    """Three nodes on a vhost of their own: an empty history."""
-    cluster = start_cluster(new_vhost(rabbitmq))
+    """Three nodes on a vhost of their own: an empty history. The workers read where it
+    ends over the stream protocol."""
+    cluster = start_cluster(new_vhost(rabbitmq), PULLER_STREAM_PORT=reads_the_tail(rabbitmq))
     yield cluster
     cluster.remove()
+
+
+def reads_the_tail(rabbitmq: RabbitMqContainer) -> str:
+    """``PULLER_STREAM_PORT`` for the test broker."""
+    return str(stream_port(rabbitmq))
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -267,7 +283,9 @@ def test_a_recreated_history_stream_does_not_wedge_workers_that_restart(
 def test_a_history_entry_the_worker_dies_on_twice_is_skipped_and_the_rest_replayed(
     rabbitmq: RabbitMqContainer,
 ) -> None:
-    cluster = start_cluster(new_vhost(rabbitmq), nodes=0)
+    cluster = start_cluster(
+        new_vhost(rabbitmq), nodes=0, PULLER_STREAM_PORT=reads_the_tail(rabbitmq)
+    )
     proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
     try:
         before = [new_image(cluster) for _ in range(2)]
@@ -320,4 +338,198 @@ def test_a_history_entry_the_worker_dies_on_twice_is_skipped_and_the_rest_replay
         )
     finally:
         proxy.close()
+        cluster.remove()
+
+
+# -- catching up without markers (issue 25) -------------------------------------------------------
+
+SWEEPS = "puller_worker_history_sweeps_total"
+DELIVERIES = "puller_worker_history_deliveries_total"
+
+
+def declare_topology(url: str, history: topology.Queue | None = None) -> None:
+    """Puller's shared topology on a fresh vhost, before any worker (``history``: the
+    history stream with other settings, which the workers then use as they find it)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for item in topology.shared_declarations(history or topology.history_stream()):
+            declare(channel, item)
+    finally:
+        connection.close()
+
+
+def publish_confirmed(url: str, requests: list[PullRequest]) -> None:
+    """Into the history only (no live node hears of them), each confirmed."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for request in requests:
+            channel.basic_publish(HISTORY_EXCHANGE, "", request.encode())
+    finally:
+        connection.close()
+
+
+def history_tail(rabbitmq: RabbitMqContainer, url: str) -> int | None:
+    vhost = unquote(urlsplit(url).path[1:])
+    at = Endpoint("127.0.0.1", stream_port(rabbitmq))
+    return read_tail(at, Login("guest", "guest", vhost), HISTORY_STREAM).offset
+
+
+def first_offset(url: str) -> int:
+    """The offset of the history's first entry (what retention left)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        for method, properties, _body in channel.consume(
+            HISTORY_STREAM, arguments={"x-stream-offset": "first"}, inactivity_timeout=10
+        ):
+            assert method is not None, "the history is empty"
+            return int(properties.headers["x-stream-offset"])
+    finally:
+        connection.close()
+    raise AssertionError("unreachable")
+
+
+def logged(worker: WorkerProcess, text: str) -> list[dict[str, object]]:
+    events = [
+        json.loads(line) for line in worker.log_path.read_text().splitlines() if line[:1] == "{"
+    ]
+    return [event for event in events if text in str(event.get("event"))]
+
+
+def test_a_reconnect_reads_only_what_was_missed_and_writes_nothing_into_the_history(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    url = new_vhost(rabbitmq)
+    parts = urlsplit(url)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 5672))
+    via_proxy = urlunsplit(parts._replace(netloc=f"guest:guest@{proxy.address}"))
+    cluster = start_cluster(via_proxy, nodes=0, PULLER_STREAM_PORT=reads_the_tail(rabbitmq))
+    try:
+        image = new_image(cluster)
+        declare_topology(url)
+        publish_confirmed(url, [PullRequest.new(parse_reference(image))])
+        tail = history_tail(rabbitmq, url)
+        workers = [cluster.add_node(f"node-{number}") for number in (1, 2, 3)]
+        wait_for(lambda: all(ready(worker) for worker in workers), "every worker caught up")
+        assert tail is not None
+        assert history_tail(rabbitmq, url) == tail, "connecting wrote into the history"
+        wait_for(lambda: all(w.metric(SWEEPS) == 1 for w in workers), "every worker swept")
+        delivered = [worker.metric(DELIVERIES) for worker in workers]
+
+        proxy.cut()  # every worker loses its broker connection, and cannot come back yet
+        wait_for(lambda: not any(ready(worker) for worker in workers), "every worker cut off")
+        publish_confirmed(url, [PullRequest.new(parse_reference(image)) for _ in range(10)])
+        proxy.mend()
+        wait_for(
+            lambda: all(
+                ready(worker) and worker.metric("puller_worker_broker_connections_total") == 2
+                for worker in workers
+            ),
+            "every worker back and caught up",
+        )
+        assert history_tail(rabbitmq, url) == tail + 10, "the workers wrote into the history"
+        wait_for(lambda: all(w.metric(SWEEPS) == 2 for w in workers), "swept on reconnecting")
+        assert history_tail(rabbitmq, url) == tail + 10
+        for worker, before in zip(workers, delivered, strict=True):
+            assert worker.metric(DELIVERIES) - before <= 10 + 2, worker.node
+            assert worker.metric("puller_worker_history_tail_reads_total", outcome="tail") == 2
+        assert all(engine_has(cluster, image).values())
+    finally:
+        proxy.close()
+        cluster.remove()
+
+
+def test_a_history_that_lost_a_nodes_range_says_so_and_replays_what_is_left(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    url = new_vhost(rabbitmq)
+    cluster = start_cluster(
+        url, nodes=0, PULLER_HISTORY_MAX_AGE="3600", PULLER_STREAM_PORT=reads_the_tail(rabbitmq)
+    )
+    try:
+        before, after = new_image(cluster), new_image(cluster)
+        # Small segments and size bound: retention drops the oldest segments within seconds.
+        small = topology.Queue(
+            HISTORY_STREAM,
+            durable=True,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-length-bytes": 16_000,
+                "x-stream-max-segment-size-bytes": 4_000,
+            },
+        )
+        declare_topology(url, small)
+        publish_confirmed(url, [PullRequest.new(parse_reference(before))])
+        node = cluster.add_node("node-1")
+        state = node.state_dir / "history-offset.json"
+        wait_for(lambda: ready(node) and state.exists(), "node-1 caught up, its place saved")
+        saved = json.loads(state.read_text())["offset"]
+        node.stop()
+
+        def filler() -> PullRequest:  # older than the window: skipped, not pulled
+            return PullRequest(
+                image=parse_reference("catch-up/filler:1"),
+                request_id=uuid.uuid4().hex,
+                requested_at=time.time() - 7200,
+            )
+
+        for _ in range(100):
+            if first_offset(url) > saved + 4:
+                break
+            publish_confirmed(url, [filler() for _ in range(20)])
+        publish_confirmed(url, [PullRequest.new(parse_reference(after))])
+        first = first_offset(url)
+        lost = first - saved - 2
+        assert lost >= 2, "retention dropped node-1's range"
+
+        node.start()
+        wait_for(lambda: ready(node), "node-1 caught up with what is left")
+        assert engine_has(cluster, after)["node-1"] is True, "what is left was replayed"
+        assert node.metric("puller_worker_history_lost_entries_total") == lost
+        assert node.metric("puller_worker_history_gaps_total", outcome="unrecovered") == 1
+        assert node.metric("puller_worker_history_gap_unrecovered") == 1
+        _, body = node.health("/ready")
+        assert (body["history_gap"], body["history_lost"]) == ("unrecovered", lost)
+        [warning] = logged(node, "the history lost")
+        assert (warning["level"], warning["lost"], warning["first_offset"]) == (
+            "warning",
+            lost,
+            first,
+        )
+        with Publisher(url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+            wait_for(
+                lambda: any(
+                    info.node == "node-1"
+                    and info.history_gap is HistoryGap.UNRECOVERED
+                    and info.history_lost == lost
+                    for info in publisher.nodes()
+                ),
+                "node-1's loss in the roster",
+            )
+    finally:
+        cluster.remove()
+
+
+def test_without_the_stream_port_catch_up_finds_the_end_with_a_marker(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    closed = free_port()  # nothing listens there: what a broker without the plugin is like
+    cluster = start_cluster(new_vhost(rabbitmq), nodes=2, PULLER_STREAM_PORT=str(closed))
+    try:
+        image = new_image(cluster)
+        away = cluster.workers[1]
+        away.stop()
+        with Publisher(cluster.amqp_url) as publisher:
+            assert publisher.pull(image, nodes=["node-1"], timeout=60).ok
+        away.start()
+        wait_for(lambda: engine_has(cluster, image)["node-2"], "the missed image on node-2")
+        wait_for(lambda: ready(away), "node-2 ready")
+        assert away.metric("puller_worker_history_tail_reads_total", outcome="fallback") == 1
+        assert away.metric("puller_worker_history_tail_reads_total", outcome="tail") == 0
+        assert logged(away, "finding it with a marker instead")
+    finally:
         cluster.remove()

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from contract import ErrorKind, NodeResult, PullRequest, Status, parse_reference
+from contract import (
+    ErrorKind,
+    HistoryGap,
+    HistoryMarker,
+    NodeResult,
+    PullRequest,
+    Status,
+    parse_reference,
+)
 from serving.http import Request, json_response
-from worker.broker import HistoryReading
+from worker.broker import HistoryReading, TailRead
 from worker.catch_up.attempts import ATTEMPTS_FILE, ReplayAttempts
 from worker.catch_up.ledger import (
     STATE_FILE,
@@ -19,6 +28,7 @@ from worker.catch_up.ledger import (
     OffsetStore,
     Place,
     entry_identity,
+    lost_entries,
 )
 from worker.catch_up.replay import CatchUp, Phase
 from worker.delivery import Delivery
@@ -91,13 +101,27 @@ def test_the_health_server_answers_its_routes_and_names_them_for_unknown_paths()
 
 
 class FakeBroker:
-    """Records what catch-up asks of the broker; no AMQP. Each reading is its own source."""
+    """Records what catch-up asks of the broker; no AMQP. Each reading is its own source.
+    ``tail``: where the history ends as the stream protocol reads it (kept until the test
+    hands it over with :meth:`tail_read`); without it, that read fails at once, and
+    catch-up falls back to a marker."""
 
-    def __init__(self) -> None:
+    def __init__(self, tail: bool = False) -> None:
         self.readings: list[HistoryReading] = []
         self.acked: list[int | None] = []
         self.stops = 0
         self.later: list[Callable[[], None]] = []
+        self.tail = tail
+        self.tail_asked: list[Callable[[TailRead], None]] = []
+
+    def find_tail(self, on_tail: Callable[[TailRead], None]) -> None:
+        if self.tail:
+            self.tail_asked.append(on_tail)
+        else:
+            on_tail(TailRead(None, "the fake broker has no stream port"))
+
+    def tail_read(self, offset: int | None) -> None:
+        self.tail_asked.pop(0)(TailRead(offset))
 
     def read_history(self, reading: HistoryReading) -> None:
         self.readings.append(reading)
@@ -145,10 +169,21 @@ class RecordingServer:
         self.submitted.clear()
 
 
-def new_catch_up(tmp_path: Path) -> tuple[CatchUp, FakeBroker, RecordingServer]:
-    broker, server = FakeBroker(), RecordingServer()
+def new_catch_up(
+    tmp_path: Path, tail: bool = False, observer: WorkerMetrics | None = None
+) -> tuple[CatchUp, FakeBroker, RecordingServer]:
+    """Catch-up with checkpoints and its sweep due at once; ``tail``: the stream protocol
+    reads where the history ends (else catch-up falls back to a marker)."""
+    broker, server = FakeBroker(tail), RecordingServer()
     catch_up = CatchUp(
-        "n", Ledger(OffsetStore(tmp_path)), server, broker, 3600, checkpoint_interval=0
+        "n",
+        Ledger(OffsetStore(tmp_path)),
+        server,
+        broker,
+        3600,
+        checkpoint_interval=0,
+        observer=observer,
+        sweep_delay=0,
     )
     return catch_up, broker, server
 
@@ -157,7 +192,13 @@ def find_end(catch_up: CatchUp, broker: FakeBroker, end: int) -> None:
     """Plays the broker's part in FINDING_END: the last chunk, then the marker at ``end``."""
     reading = broker.readings[-1]
     assert (catch_up.phase, reading.start) == (Phase.FINDING_END, "last")
+    assert reading.marker is not None
     broker.deliver(reading.marker, end)
+
+
+def marker_body() -> bytes:
+    """Another node's marker: an entry done as soon as it is read."""
+    return HistoryMarker("another-node", uuid.uuid4().hex).encode()
 
 
 def request_body(image: str = "a:1") -> bytes:
@@ -177,7 +218,7 @@ def test_a_new_node_replays_from_the_first_entry_up_to_the_end(tmp_path: Path) -
     server.answer_all()
     broker.run_later()
     assert not catch_up.status().caught_up, "the end (offset 2) is not read yet"
-    broker.deliver(broker.readings[-1].marker, 2)  # an entry like any other in a replay
+    broker.deliver(marker_body(), 2)  # an entry like any other in a replay
     status = catch_up.status()
     assert (status.caught_up, status.history_offset, status.replay_pending) == (True, 2, 0)
     assert broker.stops >= 1, "the history is not read once caught up"
@@ -187,8 +228,9 @@ def test_caught_up_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> No
     catch_up, broker, _ = new_catch_up(tmp_path)
     catch_up.on_connect()
     find_end(catch_up, broker, end=0)
-    broker.deliver(broker.readings[-1].marker, 0)
+    broker.deliver(marker_body(), 0)
     assert catch_up.phase is Phase.CAUGHT_UP
+    sweep_nothing(catch_up, broker, last=0)
     readings = len(broker.readings)
 
     catch_up.checkpoint_if_due(unanswered=0)
@@ -200,11 +242,23 @@ def test_caught_up_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> No
     catch_up.checkpoint_if_due(unanswered=0)
     checkpoint = broker.readings[-1]
     assert (catch_up.phase, checkpoint.start) == (Phase.CHECKPOINTING, "last")
+    assert checkpoint.marker is None, "a checkpoint writes nothing into the history"
     assert catch_up.status().caught_up
-    broker.deliver(request.encode(), 6)
-    broker.deliver(checkpoint.marker, 7)
+    broker.deliver(request.encode(), 6)  # the first entry of the last chunk
     assert catch_up.phase is Phase.CAUGHT_UP
-    assert Ledger(OffsetStore(tmp_path)).committed == Place(7, entry_identity(checkpoint.marker))
+    assert Ledger(OffsetStore(tmp_path)).committed == Place(6, entry_identity(request.encode()))
+    broker.deliver(request_body("later:1"), 7)
+    assert catch_up.status().history_offset == 6, "the reading ended at its first entry"
+
+
+def sweep_nothing(catch_up: CatchUp, broker: FakeBroker, last: int) -> None:
+    """Plays the connection's sweep when nothing came after the end: the place it reads up
+    to is the one already done."""
+    catch_up.checkpoint_if_due(unanswered=0)
+    reading = broker.readings[-1]
+    assert (catch_up.phase, reading.start, reading.marker) == (Phase.SWEEPING, "last", None)
+    broker.deliver(request_body("last:1"), last)
+    assert catch_up.phase is Phase.CAUGHT_UP
 
 
 def test_a_restart_resumes_at_its_place_and_checks_the_entry_there(tmp_path: Path) -> None:
@@ -234,7 +288,7 @@ def test_a_place_beyond_the_end_of_a_recreated_stream_starts_again_from_the_firs
         broker.deliver(request_body(f"x{offset}:1"), offset)
     server.answer_all()
     broker.run_later()
-    broker.deliver(broker.readings[-1].marker, 3)
+    broker.deliver(marker_body(), 3)
     assert catch_up.status().caught_up
 
 
@@ -436,3 +490,147 @@ def test_a_replay_works_at_most_its_limit_at_once_whatever_the_stream_delivers(
         server.answer_all()
         broker.run_later()
     assert catch_up.status().history_offset == 2
+
+
+# -- the end read over the stream protocol, the sweep, the gap rule -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("saved", "first", "same", "lost"),
+    [
+        (10, 10, True, 0),  # the saved entry itself: nothing lost
+        (10, 10, False, None),  # another entry there: the stream was recreated
+        (10, 11, True, 0),  # the next entry
+        (10, 12, True, 0),  # the next segment's first entry, after its own chunk
+        (10, 13, True, 1),
+        (44, 91, True, 45),  # whole segments dropped
+        (10, 4, True, None),  # before the saved place: another stream
+    ],
+)
+def test_the_gap_rule(saved: int, first: int, same: bool, lost: int | None) -> None:
+    assert lost_entries(saved, first, same) == lost
+
+
+def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(f"puller_worker_{name}", labels) or 0.0
+
+
+def test_the_end_read_over_the_stream_protocol_writes_nothing_and_the_sweep_serves_the_rest(
+    tmp_path: Path,
+) -> None:
+    metrics = WorkerMetrics()
+    catch_up, broker, server = new_catch_up(tmp_path, tail=True, observer=metrics)
+    catch_up.on_connect()
+    assert (catch_up.phase, broker.readings) == (Phase.FINDING_END, []), "read off the thread"
+    broker.tail_read(1)
+    assert (catch_up.phase, broker.readings[-1].start) == (Phase.REPLAYING, "first")
+    broker.deliver(request_body("a:1"), 0)
+    broker.deliver(request_body("b:1"), 1)
+    server.answer_all()
+    broker.run_later()
+    assert catch_up.status().caught_up
+
+    # Meanwhile: one request served live, one whose live copy never came (bound too late).
+    live = PullRequest.new(parse_reference("live:1"))
+    catch_up.note_live(live)
+    catch_up.checkpoint_if_due(unanswered=0)  # the sweep: first, where the stream ends now
+    assert catch_up.phase is Phase.SWEEPING and catch_up.status().caught_up
+    missed = request_body("missed:1")
+    broker.deliver(missed, 3)
+    assert broker.readings[-1].start == 2, "from the committed place on"
+    broker.deliver(live.encode(), 2)
+    broker.deliver(missed, 3)
+    assert submitted_images(server) == ["docker.io/library/missed:1"]
+    server.answer_all()
+    broker.run_later()
+    assert (catch_up.status().phase, catch_up.status().history_offset) == ("caught up", 3)
+    assert all(reading.marker is None for reading in broker.readings), "nothing written"
+    assert sample(metrics, "history_tail_reads_total", outcome="tail") == 1
+    assert sample(metrics, "history_sweeps_total") == 1
+    assert sample(metrics, "history_deliveries_total") == 5  # 2 + the sweep's 1 + 2
+    catch_up.checkpoint_if_due(unanswered=0)
+    assert catch_up.status().phase == Phase.CHECKPOINTING.value, "one sweep, then checkpoints"
+
+
+def test_a_node_that_missed_nothing_reads_one_entry(tmp_path: Path) -> None:
+    body = request_body()
+    OffsetStore(tmp_path).save(Place(5, entry_identity(body)))
+    catch_up, broker, server = new_catch_up(tmp_path, tail=True)
+    catch_up.on_connect()
+    broker.tail_read(5)
+    assert broker.readings[-1].start == 5
+    broker.deliver(body, 5)
+    assert catch_up.status().caught_up
+    assert (server.submitted, catch_up.status().history_gap) == ([], HistoryGap.NONE)
+
+
+def test_a_history_that_lost_the_nodes_range_is_reported_and_the_rest_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = request_body()
+    OffsetStore(tmp_path).save(Place(5, entry_identity(body)))
+    metrics = WorkerMetrics()
+    catch_up, broker, server = new_catch_up(tmp_path, tail=True, observer=metrics)
+    catch_up.on_connect()
+    broker.tail_read(40)
+    broker.deliver(request_body("left:1"), 40)  # 6..39 are gone
+    assert submitted_images(server) == ["docker.io/library/left:1"], "what is left is replayed"
+    server.answer_all()
+    broker.run_later()
+    status = catch_up.status()
+    assert (status.caught_up, status.history_gap, status.history_lost) == (
+        True,
+        HistoryGap.UNRECOVERED,
+        33,
+    )
+    assert sample(metrics, "history_lost_entries_total") == 33
+    assert sample(metrics, "history_gaps_total", outcome="unrecovered") == 1
+    assert sample(metrics, "history_gap_unrecovered") == 1
+    assert "the history lost 33 entries this node had not replayed" in capsys.readouterr().out
+
+    catch_up.on_disconnect()  # the next catch-up loses nothing: the gap is old news
+    catch_up.on_connect()
+    broker.tail_read(40)
+    broker.deliver(request_body("left:1"), 40)
+    assert catch_up.status().caught_up
+    assert (catch_up.status().history_gap, sample(metrics, "history_gap_unrecovered")) == (
+        HistoryGap.NONE,
+        0,
+    )
+
+
+def test_an_empty_stream_after_a_saved_place_is_a_recreated_stream(tmp_path: Path) -> None:
+    OffsetStore(tmp_path).save(Place(7, "old"))
+    catch_up, broker, _ = new_catch_up(tmp_path, tail=True)
+    catch_up.on_connect()
+    broker.tail_read(None)
+    status = catch_up.status()
+    assert (status.caught_up, status.history_gap, broker.readings) == (
+        True,
+        HistoryGap.UNRECOVERED,
+        [],
+    )
+    assert not (tmp_path / STATE_FILE).exists()
+
+
+def test_an_end_read_for_an_earlier_connection_is_dropped(tmp_path: Path) -> None:
+    catch_up, broker, _ = new_catch_up(tmp_path, tail=True)
+    catch_up.on_connect()
+    catch_up.on_disconnect()
+    catch_up.on_connect()
+    broker.tail_read(9)  # the first connection's read, handed over on the second
+    assert (catch_up.phase, broker.readings) == (Phase.FINDING_END, [])
+    broker.tail_read(3)
+    assert (catch_up.phase, broker.readings[-1].start) == (Phase.REPLAYING, "first")
+
+
+def test_without_the_stream_port_the_end_is_found_with_a_marker_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = WorkerMetrics()
+    catch_up, broker, _ = new_catch_up(tmp_path, observer=metrics)
+    catch_up.on_connect()
+    find_end(catch_up, broker, end=0)
+    assert catch_up.status().caught_up is False
+    assert sample(metrics, "history_tail_reads_total", outcome="fallback") == 1
+    assert "finding it with a marker instead" in capsys.readouterr().out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 
 from contract import (
     ErrorKind,
+    HistoryGap,
     NodeError,
     NodePresence,
     NodeProgress,
@@ -15,6 +18,7 @@ from contract import (
     Status,
     decode_presence_stream,
 )
+from publisher.cli import _catch_up_text
 from publisher.live_view import LiveView
 from publisher.report import PullReport
 from publisher.roster import RosterBook
@@ -189,3 +193,25 @@ def test_a_roster_book_names_who_sent_the_most() -> None:
     for user in ["workers", "flooder", "flooder", None]:
         book.count(user)
     assert book.busiest() == ("flooder", 2)
+
+
+def test_a_history_gap_goes_out_in_presence_and_puller_nodes_shows_it() -> None:
+    sent = dataclasses.replace(
+        presence("a", 5),
+        caught_up=True,
+        history_gap=HistoryGap.UNRECOVERED,
+        history_lost=3456,
+    )
+    read = NodePresence.decode(sent.encode())
+    assert (read.history_gap, read.history_lost) == (HistoryGap.UNRECOVERED, 3456)
+    assert "LOST 3,456 history entries while away, not recovered" in _catch_up_text(read)
+    assert "LOST" not in _catch_up_text(presence("a", 5))
+
+
+def test_presence_from_an_older_or_newer_worker_reads_the_gap_fields_as_none() -> None:
+    fields = json.loads(presence("a", 5).encode())
+    older = {k: v for k, v in fields.items() if k not in ("history_gap", "history_lost")}
+    read = NodePresence.decode(json.dumps(older).encode())
+    assert (read.history_gap, read.history_lost) == (HistoryGap.NONE, 0)
+    newer = NodePresence.decode(json.dumps({**fields, "history_gap": "resharding"}).encode())
+    assert newer.history_gap is HistoryGap.NONE

@@ -36,6 +36,23 @@ def entry_identity(body: bytes) -> str:
     return hashlib.blake2b(body, digest_size=8).hexdigest()
 
 
+def lost_entries(saved: int, first_delivered: int, identity_match: bool) -> int | None:
+    """How many history entries after ``saved`` (the offset of the last entry this node is
+    done with) the history lost, from the first offset a reading from ``saved`` delivered
+    and whether that entry, if at ``saved``, is the one saved. ``None``: the stream was
+    deleted and declared again, so everything after ``saved`` is gone (how much is unknown).
+
+    Every segment of a stream starts with one chunk of its own that takes an offset and is
+    never delivered, so the entry after ``saved`` may sit at ``saved + 2`` with nothing lost.
+    When several segments went, the count is an upper bound (their own chunks count too).
+    """
+    if first_delivered == saved:
+        return 0 if identity_match else None
+    if first_delivered < saved:
+        return None
+    return max(0, first_delivered - saved - 2)
+
+
 @dataclass(frozen=True)
 class Place:
     """The last entry done: its offset, and its identity when known (older state files

@@ -2,25 +2,35 @@
 
 An exclusive queue exists only while its worker is connected, so requests published while
 a node's worker was down never reach it live; every request is also in the history stream.
-On each connection the worker reads that stream, through the same pull service as live
-requests, up to a marker it puts at the end; then it stops reading until the next
-connection, except for a short checkpoint now and then. Where it got to is kept by the
-ledger (:mod:`worker.catch_up.ledger`).
+On each connection the worker learns where that stream ends, reads it from where it got to
+up to there, through the same pull service as live requests; then it stops reading, except
+for one sweep per connection and a short checkpoint now and then. Nothing of this writes
+into the history (but the fallback's marker). Where it got to is kept by the ledger
+(:mod:`worker.catch_up.ledger`).
 
 The phases, in order (all on the connection's thread)::
 
-    DISCONNECTED --connect--> FINDING_END --marker read--> REPLAYING --all done--> CAUGHT_UP
-                                                                   ^                  |
-                                      (checkpoint: last chunk to a marker) CHECKPOINTING
+    DISCONNECTED --connect--> FINDING_END --end read--> REPLAYING --all done--> CAUGHT_UP
+                                                                              |    ^
+                      (once per connection, SWEEP_DELAY after caught up) SWEEPING -+
+                      (idle and fed live, at most every 30 s)       CHECKPOINTING -+
 
-- FINDING_END: reads only the stream's last chunk up to a fresh marker, to learn where the
-  stream ends now. A saved place beyond that end, or whose entry is not the one saved, is
-  from a stream deleted since: the worker says so and starts from the beginning.
-- REPLAYING: from the saved place to that end; each request goes to the pull service
-  (validation, retries, one pull per image) without a reply.
-- CHECKPOINTING: while caught up, idle and fed live requests, at most every 30 s: reads
-  the last chunk up to a fresh marker and saves the marker's offset, so that a restart
-  does not replay what was served live.
+- FINDING_END: the stream's last offset, read over the stream protocol off the
+  connection's thread (:meth:`worker.broker.WorkerBroker.find_tail`). Without the stream
+  port (plugin off, port closed, refused) it falls back to reading the last chunk up to a
+  fresh marker of its own, as earlier versions did (logged, counted).
+- REPLAYING: from the saved place itself to that end. The first entry delivered tells
+  whether the history lost entries this node had not replayed (:func:`lost_entries`): a
+  loss is logged, counted and shown in presence, and what is left is replayed. A saved
+  place beyond the end, or whose entry is not the one saved, is from a stream deleted
+  since: the worker says so and starts from the beginning.
+- SWEEPING: once per connection, a few seconds after caught up: reads from the committed
+  place up to the first entry of the stream's last chunk, serving entries not seen live
+  (a request whose live copy came before the node's queue was bound, and whose history
+  copy came after the end was read).
+- CHECKPOINTING: while caught up, idle and fed live requests, at most every 30 s: the
+  first entry of the stream's last chunk becomes the saved place, so that a restart does
+  not replay what was served live. Idle matters: every request before it was answered.
 
 An entry that stopped the worker (it died while the entry was in hand, see
 :mod:`worker.catch_up.attempts`) is worked alone at the next start: nothing else is started
@@ -45,15 +55,16 @@ import structlog
 
 from contract import (
     ErrorKind,
+    HistoryGap,
     HistoryMarker,
     InvalidMessage,
     NodeResult,
     PullRequest,
     decode_history,
 )
-from worker.broker import HistoryReading
+from worker.broker import HistoryReading, TailRead
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
-from worker.catch_up.ledger import Ledger, Place, entry_identity
+from worker.catch_up.ledger import Ledger, Place, entry_identity, lost_entries
 from worker.delivery import Delivery
 from worker.pulls.answers import AnswerCallback, ProgressCallback
 
@@ -66,9 +77,16 @@ the image is there)."""
 CHECKPOINT_INTERVAL = 30.0
 """Seconds between saves of how far a connected, caught-up node has got."""
 
+SWEEP_DELAY = 5.0
+"""Seconds after a connection's catch-up before its sweep."""
+
 
 SkipReason = Literal["served_live", "too_old", "invalid", "forbidden", "stopped_the_worker"]
 """Why a history entry was not replayed (``forbidden``: this node's rules refused it)."""
+
+TailOutcome = Literal["tail", "fallback"]
+"""How a connection found the history's end: read over the stream protocol, or with a
+marker because that read failed."""
 
 
 class ReplayObserver:
@@ -84,6 +102,22 @@ class ReplayObserver:
     def replay_failed(self, result: NodeResult) -> None:
         """A replayed request's pull failed."""
 
+    def history_delivered(self) -> None:
+        """A history entry came on the current reading (any phase)."""
+
+    def tail_read(self, outcome: TailOutcome) -> None:
+        """A connection found where the history ends."""
+
+    def history_gap(self, outcome: HistoryGap, lost: int) -> None:
+        """The history lost ``lost`` entries this node had not replayed (0: how many is
+        unknown, the stream was deleted and declared again)."""
+
+    def history_whole(self) -> None:
+        """A catch-up ended with nothing lost: an earlier gap is no longer the news."""
+
+    def swept(self) -> None:
+        """A connection's sweep ended."""
+
 
 class Phase(Enum):
     DISCONNECTED = "disconnected"
@@ -91,10 +125,16 @@ class Phase(Enum):
     REPLAYING = "replaying missed pulls"
     CAUGHT_UP = "caught up"
     CHECKPOINTING = "caught up (saving its place)"
+    SWEEPING = "caught up (reading what came while it connected)"
+
+
+CAUGHT_UP_PHASES = (Phase.CAUGHT_UP, Phase.CHECKPOINTING, Phase.SWEEPING)
 
 
 class HistoryBroker(Protocol):
     """The part of the worker's broker catch-up uses."""
+
+    def find_tail(self, on_tail: Callable[[TailRead], None]) -> None: ...
 
     def read_history(self, reading: HistoryReading) -> None: ...
 
@@ -143,6 +183,11 @@ class CatchUpStatus:
     """Replayed requests whose pull failed since the worker started."""
     history_offset: int | None
     phase: str
+    history_gap: HistoryGap = HistoryGap.NONE
+    """Whether the history lost entries this node had not replayed (until a catch-up that
+    lost nothing)."""
+    history_lost: int = 0
+    """How many (0 when unknown: the stream was deleted and declared again)."""
 
 
 class CatchUp:
@@ -159,6 +204,7 @@ class CatchUp:
         observer: ReplayObserver | None = None,
         attempts: ReplayAttempts | None = None,
         working_limit: int = 64,
+        sweep_delay: float = SWEEP_DELAY,
     ) -> None:
         """``observer``: sees replays and skips (none: nobody does); ``attempts``: the entries
         in hand, written down over restarts (memory only by default); ``working_limit``:
@@ -178,28 +224,42 @@ class CatchUp:
         self._broker = broker
         self._max_age = max_age
         self._checkpoint_interval = checkpoint_interval
+        self._sweep_delay = sweep_delay
         self._seen_live: OrderedDict[str, None] = OrderedDict()
         self._live_since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._caught_up_at = time.monotonic()
         self.phase = Phase.DISCONNECTED
+        self._connection = 0
+        """Counts connections and disconnections: a tail read for an earlier one is dropped."""
         self._marker_id = ""
         self._end: int | None = None
-        """The offset of the marker that ends this connection's replay."""
+        """The offset of the last entry this connection's replay reads."""
+        self._sweep_end: int | None = None
+        """The offset the sweep reads up to, once read (``None``: not yet)."""
+        self._swept = False
         self._verify: Place | None = None
-        """The saved place, to check against the first entries of the replay."""
+        """The saved place, to check against the first entry of the replay."""
         self._failed = 0
+        self._gap = HistoryGap.NONE
+        self._lost = 0
+        self._gap_on_this_connection = False
         self._status = self._snapshot()
 
     # -- transitions (connection thread) -----------------------------------------------------
 
     def on_connect(self) -> None:
         """A new connection: find where the stream ends now, then replay up to there."""
+        self._connection += 1
         self._ledger.restart()
         self._waiting.clear()  # the old reading's: delivered again on the new one
-        self._end = None
-        self._read(Phase.FINDING_END, "last")
+        self._end = self._sweep_end = None
+        self._swept = self._gap_on_this_connection = False
+        self.phase = Phase.FINDING_END
+        self._update()
+        self._broker.find_tail(partial(self._tail_read, self._connection))
 
     def on_disconnect(self) -> None:
+        self._connection += 1
         self.phase = Phase.DISCONNECTED
         self._waiting.clear()
         self._update()
@@ -216,48 +276,76 @@ class CatchUp:
             self._seen_live.popitem(last=False)
 
     def checkpoint_if_due(self, unanswered: int) -> None:
-        """Between events: when caught up, idle, and fed live since the last time, reads the
-        stream's last chunk up to a fresh marker and saves its offset. Idle matters: every
-        request before the marker has then been answered."""
-        if (
-            self.phase is Phase.CAUGHT_UP
-            and self._live_since_checkpoint
-            and unanswered == 0
-            and time.monotonic() - self._last_checkpoint >= self._checkpoint_interval
-        ):
-            self._last_checkpoint = time.monotonic()
+        """Between events, while caught up and idle (every request before the place read
+        has then been answered): the connection's sweep once it is due; after it, when fed
+        live since the last time, a checkpoint at most every ``checkpoint_interval``."""
+        if self.phase not in (Phase.CAUGHT_UP, Phase.CHECKPOINTING) or unanswered:
+            return
+        now = time.monotonic()
+        if not self._swept:
+            if self.phase is Phase.CAUGHT_UP and now - self._caught_up_at >= self._sweep_delay:
+                self._swept = True
+                self._sweep_end = None
+                self._read(Phase.SWEEPING, "last")  # first: the place to sweep up to
+            return
+        if self._live_since_checkpoint and now - self._last_checkpoint >= self._checkpoint_interval:
+            self._last_checkpoint = now
             self._live_since_checkpoint = 0
             self._read(Phase.CHECKPOINTING, "last")
 
-    def _read(self, phase: Phase, start: int | str) -> None:
+    def _read(self, phase: Phase, start: int | str, marker: bool = False) -> None:
         self.phase = phase
-        self._marker_id = uuid.uuid4().hex
-        marker = HistoryMarker(self.node, self._marker_id).encode()
+        body = None
+        if marker:
+            self._marker_id = uuid.uuid4().hex
+            body = HistoryMarker(self.node, self._marker_id).encode()
         self._update()
-        self._broker.read_history(HistoryReading(start, marker, self._on_entry))
+        self._broker.read_history(HistoryReading(start, body, self._on_entry))
 
-    def _found_end(self, end: int) -> None:
-        """FINDING_END -> REPLAYING (or straight to CAUGHT_UP)."""
+    def _tail_read(self, connection: int, found: TailRead) -> None:
+        """The stream protocol's answer: the end, or the fallback to a marker."""
+        if connection != self._connection or self.phase is not Phase.FINDING_END:
+            return
+        if found.error is not None:
+            log.warning(
+                "cannot read where the history ends over RabbitMQ's stream protocol; "
+                "finding it with a marker instead, which writes into the history: enable "
+                "the rabbitmq_stream plugin and check PULLER_STREAM_PORT",
+                error=found.error,
+            )
+            self._observer.tail_read("fallback")
+            self._read(Phase.FINDING_END, "last", marker=True)
+            return
+        self._observer.tail_read("tail")
+        self._found_end(found.offset, by_marker=False)
+
+    def _found_end(self, end: int | None, by_marker: bool) -> None:
+        """FINDING_END -> REPLAYING (or straight to CAUGHT_UP). ``end``: the last entry's
+        offset (``None``: the stream is empty); ``by_marker``: it is this node's marker."""
         self._end = end
         saved = self._ledger.committed
         self._verify = None
-        if saved is not None and saved.offset >= end:
+        beyond = saved is not None and (
+            end is None or saved.offset > end or (by_marker and saved.offset == end)
+        )
+        if saved is not None and beyond:
             log.warning(
                 "the saved history place is beyond the end of the stream: the stream was "
                 "deleted and declared again since; replaying it from the beginning",
                 saved_offset=saved.offset,
                 stream_end=end,
             )
+            self._report_gap(saved.offset, None, None)
             self._ledger.forget_place()
             saved = None
-        if saved is None:
-            start: int | str = "first"
-        elif saved.identity is None:
-            start = saved.offset + 1  # an older state file: nothing to check it against
-        else:
-            start, self._verify = saved.offset, saved
-        log.info("catching up", history_from=start, history_end=end)
         self._ledger.restart()
+        if end is None:
+            self._caught_up()  # an empty stream: nothing to replay
+            self._update()
+            return
+        start: int | str = "first" if saved is None else saved.offset
+        self._verify = saved
+        log.info("catching up", history_from=start, history_end=end)
         self._read(Phase.REPLAYING, start)
 
     def _restart_from_the_beginning(self, offset: int, found: str) -> None:
@@ -268,9 +356,40 @@ class CatchUp:
             saved_identity=self._verify.identity if self._verify else None,
             found_identity=found,
         )
+        self._report_gap(offset, offset, None)
         self._verify = None
         self._ledger.forget_place()
         self._read(Phase.REPLAYING, "first")
+
+    def _report_gap(self, saved: int, first: int | None, lost: int | None) -> None:
+        """The history lost entries this node had not replayed: said loudly, counted and
+        shown in presence. Nothing restores them here; what is left is replayed."""
+        self._gap_on_this_connection = True
+        self._gap, self._lost = HistoryGap.UNRECOVERED, lost or 0
+        self._observer.history_gap(HistoryGap.UNRECOVERED, lost or 0)
+        if lost is not None:
+            log.warning(
+                f"the history lost {lost} entries this node had not replayed (offsets "
+                f"{saved + 1}..{(first or saved) - 1}): replaying what is left; nothing "
+                "restores the lost ones, ask for the images they named again",
+                lost=lost,
+                saved_offset=saved,
+                first_offset=first,
+            )
+
+    def _caught_up(self) -> None:
+        self.phase = Phase.CAUGHT_UP
+        self._last_checkpoint = self._caught_up_at = time.monotonic()
+        if not self._gap_on_this_connection and self._gap is not HistoryGap.NONE:
+            self._gap, self._lost = HistoryGap.NONE, 0
+            self._observer.history_whole()
+        log.info(
+            "caught up",
+            history_offset=self._ledger.committed_offset,
+            replay_failed=self._failed,
+            history_gap=self._gap.value,
+        )
+        self._broker.stop_history()
 
     # -- entries (connection thread) ---------------------------------------------------------
 
@@ -279,21 +398,33 @@ class CatchUp:
         offset = delivery.history_offset
         if offset is None or not self._broker.is_current(delivery):
             return
+        self._observer.history_delivered()
         identity = entry_identity(delivery.body)
-        if self.phase in (Phase.FINDING_END, Phase.CHECKPOINTING):
+        if self.phase is Phase.FINDING_END:
             self._broker.answer(delivery, None)
             if self._is_my_marker(delivery.body):
-                self._marker_read(offset, identity)
+                self._found_end(offset, by_marker=True)
             return
-        if self.phase is not Phase.REPLAYING:
+        if self.phase is Phase.CHECKPOINTING or (
+            self.phase is Phase.SWEEPING and self._sweep_end is None
+        ):
+            self._broker.answer(delivery, None)
+            self._place_read(offset, identity)
+            return
+        if self.phase not in (Phase.REPLAYING, Phase.SWEEPING):
             return
         if self._verify is not None:
             verify, self._verify = self._verify, None
+            same = verify.identity is None or verify.identity == identity
+            lost = lost_entries(verify.offset, offset, same)
+            if lost is None:
+                self._restart_from_the_beginning(verify.offset, identity)
+                return
+            if lost:
+                self._report_gap(verify.offset, offset, lost)
             if offset == verify.offset:
-                if identity != verify.identity:
-                    self._restart_from_the_beginning(offset, identity)
-                    return
                 self._broker.answer(delivery, None)  # the saved entry itself: done
+                self._update()
                 return
         self._ledger.delivered(offset, identity)
         self._replay(delivery, offset, identity)
@@ -306,14 +437,29 @@ class CatchUp:
             return False
         return isinstance(entry, HistoryMarker) and entry.marker_id == self._marker_id
 
-    def _marker_read(self, offset: int, identity: str) -> None:
-        if self.phase is Phase.FINDING_END:
-            self._found_end(offset)
-            return
-        self.phase = Phase.CAUGHT_UP  # a checkpoint
-        self._ledger.jump(Place(offset, identity))
+    def _place_read(self, offset: int, identity: str) -> None:
+        """The first entry of the stream's last chunk: every entry up to it existed before
+        the read. A checkpoint saves it; a sweep reads up to it."""
         self._broker.stop_history()
-        log.debug("history checkpoint", history_offset=offset)
+        if self.phase is Phase.CHECKPOINTING:
+            self.phase = Phase.CAUGHT_UP
+            self._ledger.jump(Place(offset, identity))
+            log.debug("history checkpoint", history_offset=offset)
+            self._update()
+            return
+        committed = self._ledger.committed_offset
+        if committed is not None and committed >= offset:
+            self._sweep_done()
+            return
+        self._sweep_end = offset
+        self._ledger.restart()
+        self._read(Phase.SWEEPING, "first" if committed is None else committed + 1)
+
+    def _sweep_done(self) -> None:
+        self.phase = Phase.CAUGHT_UP
+        self._broker.stop_history()
+        self._observer.swept()
+        log.debug("history swept", history_offset=self._ledger.committed_offset)
         self._update()
 
     def _replay(self, delivery: Delivery, offset: int, identity: str) -> None:
@@ -440,26 +586,24 @@ class CatchUp:
         return self._status
 
     def _update(self) -> None:
-        committed, end = self._ledger.committed_offset, self._end
-        if (
-            self.phase is Phase.REPLAYING
-            and end is not None
-            and committed is not None
-            and committed >= end
-        ):
-            self.phase = Phase.CAUGHT_UP
-            self._last_checkpoint = time.monotonic()
-            log.info("caught up", history_offset=committed, replay_failed=self._failed)
-            self._broker.stop_history()
+        committed = self._ledger.committed_offset
+        end = self._end if self.phase is Phase.REPLAYING else self._sweep_end
+        reached = end is not None and committed is not None and committed >= end
+        if reached and self.phase is Phase.REPLAYING:
+            self._caught_up()
+        elif reached and self.phase is Phase.SWEEPING:
+            self._sweep_done()
+            return  # _sweep_done() updates
         self._status = self._snapshot()
 
     def _snapshot(self) -> CatchUpStatus:
-        caught_up = self.phase in (Phase.CAUGHT_UP, Phase.CHECKPOINTING)
         return CatchUpStatus(
             connected=self.phase is not Phase.DISCONNECTED,
-            caught_up=caught_up,
+            caught_up=self.phase in CAUGHT_UP_PHASES,
             replay_pending=self._ledger.in_hand,
             replay_failed=self._failed,
             history_offset=self._ledger.committed_offset,
             phase=self.phase.value,
+            history_gap=self._gap,
+            history_lost=self._lost,
         )
