@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import docker
 import pytest
@@ -117,7 +117,13 @@ def rabbitmq(
         # The plugin starts after AMQP's listener, which is what the container waited for.
         wait_until(lambda: bool(api_get(base, "overview")), "RabbitMQ's management API", 60)
         wait_for_stream_port(port)
+        _STREAM_PORTS[int(container.get_exposed_port(5672))] = port
         yield container
+
+
+_STREAM_PORTS: dict[int, int] = {}
+"""The test brokers' stream ports on 127.0.0.1, by their AMQP port there: the clusters'
+workers read the history's end where a deployment's would, not through the fallback."""
 
 
 def stream_port(rabbitmq: RabbitMqContainer) -> int:
@@ -148,6 +154,9 @@ def start_cluster(
     amqp_url: str, nodes: int = NODES, registry_port: int = 0, **worker_env: str
 ) -> LocalCluster:
     root = Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp"))
+    amqp_port = urlsplit(amqp_url.split(",", maxsplit=1)[0]).port
+    if amqp_port in _STREAM_PORTS:
+        worker_env = {"PULLER_STREAM_PORT": str(_STREAM_PORTS[amqp_port]), **worker_env}
     cluster = LocalCluster(
         root=root,
         amqp_url=amqp_url,
