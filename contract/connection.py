@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import pika
@@ -33,6 +33,8 @@ CONNECTION_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
 connection and then says nothing raises ``AMQPConnectorStackTimeout``, which is none of
 pika's ``AMQPError``: without it here, a silent broker node stopped the worker."""
 
+
+_Link = TypeVar("_Link")
 
 _ENCODE = "(characters such as # / ? @ % in a user name or password must be percent-encoded)"
 
@@ -151,6 +153,51 @@ def spread_order(count: int, name: str) -> list[int]:
         return hashlib.sha256(f"{name}\0{index}".encode("utf-8", errors="surrogatepass")).digest()
 
     return sorted(range(count), key=weight)
+
+
+class Brokers:
+    """The brokers of a URL list in the order a client tries them, and the one in use."""
+
+    def __init__(self, candidates: list[pika.URLParameters], order: str, name: str) -> None:
+        """``order``: one of :data:`BROKER_ORDERS`; ``name``: the client's, which a
+        ``spread`` order hashes."""
+        if order not in BROKER_ORDERS:
+            raise ValueError(f"broker_order must be one of {BROKER_ORDERS}, not {order!r}")
+        indexes = spread_order(len(candidates), name) if order == SPREAD else range(len(candidates))
+        self.candidates = [candidates[index] for index in indexes]
+        self._at = 0
+        self._connected_once = False
+
+    @property
+    def current(self) -> pika.URLParameters:
+        """The broker in use, or tried last."""
+        return self.candidates[self._at]
+
+    def open(self, connect: Callable[[pika.URLParameters], _Link]) -> tuple[_Link, bool]:
+        """``connect(parameters)`` to the first broker that answers, starting after the one
+        used last (a lost connection fails over to the next at once), and whether another
+        broker failed first. Raises :class:`BrokerUnavailable` saying why each failed."""
+        count = len(self.candidates)
+        first = (self._at + 1) % count if self._connected_once else self._at
+        failures = []
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                link = connect(self.candidates[index])
+            except CONNECTION_ERRORS as error:
+                failures.append((where(self.candidates[index]), describe(error)))
+                continue
+            self._at = index
+            self._connected_once = True
+            return link, bool(failures)
+        self._at = first
+        if count == 1:
+            at, why = failures[0]
+            raise BrokerUnavailable(f"cannot connect to RabbitMQ at {at}: {why}")
+        raise BrokerUnavailable(
+            f"cannot connect to any of {count} RabbitMQ brokers: "
+            + "; ".join(f"{at}: {why}" for at, why in failures)
+        )
 
 
 def connection_parameters(

@@ -2,7 +2,7 @@
 
 - ``main``: the ``puller-worker`` command; ``daemon``: :class:`Worker` (start, serve, drain)
 - ``broker``: the AMQP connection (the only pika user on this side; owns the thread hop),
-  handing over :class:`~worker.delivery.Delivery`; ``admission``: whether to take a request
+  handing over :class:`~worker.broker.delivery.Delivery`; ``admission``: whether to take a request
 - ``stores``: a node's image store (the contract, Docker, containerd; the only docker SDK users)
 - ``pulls``: what to do with a pull request, and when; ``pruning``: removing images;
   ``catch_up``: replaying what the node missed

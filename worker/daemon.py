@@ -43,10 +43,10 @@ from serving.http import Response, json_response
 from serving.settings import broker_tls, image_policy
 from worker.admission import Admission, RequestLimiter
 from worker.broker import NodeNameInUse, WorkerBroker
+from worker.broker.delivery import Delivery
 from worker.catch_up.attempts import ReplayAttempts
 from worker.catch_up.ledger import Ledger, OffsetStore
 from worker.catch_up.replay import CatchUp
-from worker.delivery import Delivery
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer

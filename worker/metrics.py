@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from contract import HistoryGap, ImageReference, NodeResult, PullFailed, PullRequest
 from serving.http import Response
-from worker.catch_up.replay import ReplayObserver, SkipReason, TailOutcome
+from worker.catch_up.observer import ReplayObserver, SkipReason, TailOutcome
 from worker.pruning.pruner import PruneOutcome
 from worker.pulls.observers import PullObserver
 from worker.stores.contract import DiskUsage

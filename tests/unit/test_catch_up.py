@@ -20,6 +20,7 @@ from contract import (
 )
 from serving.http import Request, json_response
 from worker.broker import HistoryReading, TailRead
+from worker.broker.delivery import Delivery
 from worker.catch_up.attempts import ATTEMPTS_FILE, ReplayAttempts
 from worker.catch_up.ledger import (
     STATE_FILE,
@@ -31,7 +32,6 @@ from worker.catch_up.ledger import (
     lost_entries,
 )
 from worker.catch_up.replay import CatchUp, Phase
-from worker.delivery import Delivery
 from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
 from worker.pulls.answers import AnswerCallback, ProgressCallback

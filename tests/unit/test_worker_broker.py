@@ -14,7 +14,7 @@ import pytest
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, NodeResult, Status
 from contract import topology as topo
 from worker.broker import WorkerBroker
-from worker.delivery import Delivery
+from worker.broker.delivery import Delivery
 
 
 def delivery(request_id: str) -> Delivery:

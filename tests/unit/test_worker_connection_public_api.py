@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("worker/broker.py", "worker/outbox.py", "contract/connection.py")
+MODULES = (
+    "worker/broker/connection.py",
+    "worker/broker/outbox.py",
+    "worker/broker/topology.py",
+    "contract/connection.py",
+)
 
 
 @pytest.mark.parametrize("module", MODULES)

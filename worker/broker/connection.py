@@ -1,5 +1,6 @@
-"""The worker's AMQP connection: the only module of the worker that imports pika (the
-history's end is read over the stream protocol by :mod:`contract.stream_tail`).
+"""The worker's AMQP connection (with :mod:`worker.broker.topology`, the only modules of the
+worker that import pika; the history's end is read over the stream protocol by
+:mod:`contract.stream_tail`).
 
 One thread owns the connection: the one that calls :meth:`WorkerBroker.connect` and then
 :meth:`WorkerBroker.process_events`; every method that touches pika checks it is that
@@ -9,7 +10,7 @@ come as callbacks inside those calls, and every wait is bounded, even while Rabb
 nothing more. Other threads use :meth:`answer`, :meth:`progress` and :meth:`call_soon`,
 which hop onto the connection's thread through pika's ``add_callback_threadsafe`` (the one
 pika call that is safe from another thread), or wait for the next connection
-(:mod:`worker.outbox`). So a pull that takes minutes runs elsewhere while the connection
+(:mod:`worker.broker.outbox`). So a pull that takes minutes runs elsewhere while the connection
 keeps answering heartbeats.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -30,25 +31,21 @@ import structlog
 from contract import CONTENT_TYPE, BrokerUnavailable, NodeProgress, PullerError, stream_tail
 from contract import topology as topo
 from contract.connection import (
-    ACCESS_REFUSED,
-    BROKER_ORDERS,
     CONNECTION_ERRORS,
-    NOT_FOUND,
-    PRECONDITION_FAILED,
     RESOURCE_LOCKED,
     SPREAD,
+    Brokers,
     BrokerTls,
     ServedConnection,
     broker_candidates,
     broker_errors,
-    declare,
     describe,
-    spread_order,
     where,
 )
 from contract.messages import Message
-from worker.delivery import Delivery
-from worker.outbox import Outbox
+from worker.broker.delivery import Delivery
+from worker.broker.outbox import Outbox
+from worker.broker.topology import WorkerTopology
 
 log = structlog.get_logger("worker.broker")
 
@@ -91,7 +88,7 @@ class TailRead:
 
 class WorkerBroker(Outbox):
     """Connects, declares the worker's topology, consumes the node's queue, sends answers
-    (from any thread: see :class:`~worker.outbox.Outbox`)."""
+    (from any thread: see :class:`~worker.broker.outbox.Outbox`)."""
 
     def __init__(
         self,
@@ -114,19 +111,10 @@ class WorkerBroker(Outbox):
             connect_timeout=CONNECT_TIMEOUT,
             blocked_timeout=blocked_timeout,
         )
-        if broker_order not in BROKER_ORDERS:
-            raise ValueError(f"broker_order must be one of {BROKER_ORDERS}, not {broker_order!r}")
-        order = (
-            spread_order(len(listed), node) if broker_order == SPREAD else list(range(len(listed)))
-        )
-        self._candidates = [listed[index] for index in order]
-        """The brokers in the order this node tries them."""
+        self._brokers = Brokers(listed, broker_order, node)
         self._close_wait = blocked_timeout + CONNECT_TIMEOUT
         """A close RabbitMQ does not answer (it reads nothing from a connection it blocks)
         ends when pika's blocked-connection timeout drops the socket."""
-        self._at = 0
-        """The broker in use, or last tried: an index into ``_candidates``."""
-        self._connected_once = False
         self._node = node
         self._prefetch = prefetch
         self._history_stream = history_stream
@@ -153,8 +141,9 @@ class WorkerBroker(Outbox):
         )
         """Announcements carry the user RabbitMQ checks them against: readers can tell who
         put what into the presence stream."""
-        self._may_not_configure = False
-        """Learnt from RabbitMQ's refusal, once: from then on shared things are checked."""
+        self._topology = WorkerTopology(
+            node, self.user, history_stream, self._call, self._new_channel, lambda: self.where
+        )
         self._stream_port = stream_port
         self.tail_reads_off_leader = 0
         """Tail reads made on the node connected to because the stream's leader could not
@@ -198,38 +187,17 @@ class WorkerBroker(Outbox):
 
     @property
     def _parameters(self) -> pika.URLParameters:
-        return self._candidates[self._at]
+        return self._brokers.current
 
     def _open_any(self) -> ServedConnection:
-        """A connection to the first broker that answers, starting after the one used last
-        (a lost connection fails over to the next node of the cluster at once)."""
-        count = len(self._candidates)
-        first = (self._at + 1) % count if self._connected_once else self._at
-        failures = []
-        for step in range(count):
-            index = (first + step) % count
-            try:
-                link = ServedConnection(self._candidates[index], answer_wait=ANSWER_WAIT)
-            except CONNECTION_ERRORS as error:
-                failures.append((where(self._candidates[index]), describe(error)))
-                continue
-            if count > 1 and failures:
-                log.info("connected to another broker", broker=where(self._candidates[index]))
-            self._at = index
-            self._connected_once = True
-            return link
-        self._at = first
-        if count == 1:
-            at, why = failures[0]
-            raise BrokerUnavailable(f"cannot connect to RabbitMQ at {at}: {why}")
-        raise BrokerUnavailable(
-            f"cannot connect to any of {count} RabbitMQ brokers: "
-            + "; ".join(f"{at}: {why}" for at, why in failures)
-        )
+        link, failed_over = self._brokers.open(partial(ServedConnection, answer_wait=ANSWER_WAIT))
+        if failed_over:
+            log.info("connected to another broker", broker=self.where)
+        return link
 
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
         link = self._link = self._open_any()
-        channel = self._declare_own(self._declare_shared(self._new_channel()))
+        channel = self._topology.declare_own(self._topology.declare_shared(self._new_channel()))
         link.call(channel, partial(channel.basic_qos, prefetch_count=self._prefetch))
         channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, channel))
         deliver = self._deliverer(channel, on_live)
@@ -242,86 +210,6 @@ class WorkerBroker(Outbox):
         presence = self._new_channel()
         link.call(presence, partial(presence.confirm_delivery, self._on_confirm))
         self._presence_channel = presence
-
-    def _declare_own(self, channel: Channel) -> Channel:
-        """Declares the node's exclusive queue and its binding; returns the channel to go on
-        with. RabbitMQ refuses it (405) when a queue of that name exists that is not this
-        connection's: another worker's (exclusive: :class:`NodeNameInUse` is raised as it
-        was), or a shared one somebody declared in its place, which would take this node's
-        requests for good. That one is deleted, and the node's own declared."""
-        own = topo.worker_declarations(self._node)
-        try:
-            self._declare(channel, own)
-        except pika.exceptions.ChannelClosedByBroker as error:
-            if error.reply_code != RESOURCE_LOCKED:
-                raise
-        else:
-            return channel
-        channel = self._new_channel()
-        # A passive declaration of another connection's exclusive queue is refused too
-        # (405, raised to connect()); a shared one is answered, with its depth.
-        found = self._call(channel, partial(channel.queue_declare, self.queue, passive=True))
-        log.warning(
-            "the node's queue was declared by someone else, shared instead of exclusive: "
-            "deleting it (the requests in it are in the history) and declaring this "
-            "worker's own. Only a user that may configure it could: this worker's user, a "
-            "worker user for any node, or an administrator; rotate the credentials if that "
-            "was not you",
-            queue=self.queue,
-            user=self.user,
-            messages=found.method.message_count,
-            consumers=found.method.consumer_count,
-        )
-        self._call(channel, partial(channel.queue_delete, self.queue))
-        self._declare(channel, own)
-        return channel
-
-    def _declare_shared(self, channel: Channel) -> Channel:
-        """Declares the shared topology (the history stream with this worker's retention);
-        returns the channel to go on with. A user without configure rights (see ``puller
-        broker-setup``) checks instead that the exchanges and streams exist. A stream that
-        exists with other settings is used as it is (RabbitMQ refuses to change it)."""
-        missing = []
-        for item in topo.shared_declarations(self._history_stream or topo.history_stream()):
-            check = self._may_not_configure
-            if check and isinstance(item, topo.Binding):
-                continue  # bindings have no passive form; whoever declared them bound them
-            try:
-                self._call(
-                    channel, partial(declare, channel, item, **({"passive": True} if check else {}))
-                )
-                continue
-            except pika.exceptions.ChannelClosedByBroker as error:
-                channel, refused = self._new_channel(), error
-            if check and refused.reply_code == NOT_FOUND and not isinstance(item, topo.Binding):
-                missing.append(item.name)
-            elif refused.reply_code == PRECONDITION_FAILED and isinstance(item, topo.Queue):
-                log.warning(
-                    "a stream exists with other settings (the history's retention, or "
-                    "another version's presence stream); using it as it is",
-                    error=refused.reply_text,
-                )
-            elif not check and refused.reply_code == ACCESS_REFUSED:
-                self._may_not_configure = True
-                log.info(
-                    "this user may not declare puller's exchanges and streams; "
-                    "checking that they exist",
-                    user=self.user,
-                )
-                return self._declare_shared(channel)
-            else:
-                raise refused
-        if missing:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self.where}: {', '.join(missing)} do not exist, and user "
-                f"{self.user!r} may not declare them: declare puller's topology as an "
-                "administrator (`puller broker-setup`) or once with a user that may"
-            )
-        return channel
-
-    def _declare(self, channel: Channel, declarations: Iterable[topo.Declaration]) -> None:
-        for item in declarations:
-            self._call(channel, partial(declare, channel, item))
 
     def _deliverer(
         self, channel: Channel, on_delivery: Callable[[Delivery], None], history: bool = False

@@ -19,7 +19,7 @@ import structlog
 
 from contract import NodeProgress
 from contract.messages import Message
-from worker.delivery import Delivery
+from worker.broker.delivery import Delivery
 
 log = structlog.get_logger("worker.broker")
 
