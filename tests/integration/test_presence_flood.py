@@ -121,15 +121,20 @@ def test_a_pull_without_expect_waits_for_every_node_while_the_stream_is_flooded(
     assert [row["node"] for row in report["nodes"]] == ["node-1", "node-2"]
 
 
-def test_the_cli_answers_while_the_stream_is_flooded_and_says_so(
+def test_the_cli_answers_while_the_stream_is_flooded_complete_or_saying_it_is_not(
     setup_vhost: Broker, flooded: tuple[LocalCluster, GatewayProcess]
 ) -> None:
-    """A fresh reader has the window to read, flood and all: it answers with what it read in
-    time, with a warning, instead of failing."""
+    """A fresh reader has the window to read, flood and all: it answers in time, instead of
+    failing, with every node, or with what it read and a warning that the stream is
+    flooded. (Which of the two depends on how fast this machine reads the window.)"""
     started = time.monotonic()
     result = run_cli("--amqp-url", setup_vhost.url("sessions"), "nodes", "--json", timeout=60)
     took = time.monotonic() - started
     print(f"puller nodes under the flood: exit {result.returncode} in {took:.2f}s")
     assert result.returncode == 0, result
-    assert "flooded" in result.stderr
-    assert "flooded" in json.loads(result.stdout)["notes"][0]
+    answer = json.loads(result.stdout)
+    if any("flooded" in note for note in answer.get("notes", [])):
+        assert "flooded" in result.stderr
+    else:
+        assert "flooded" not in result.stderr
+        assert nodes_of(answer) == ["node-1", "node-2"], answer
