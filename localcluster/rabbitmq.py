@@ -9,6 +9,7 @@ import subprocess
 from localcluster.processes import ServiceFailed, wait_until
 
 AMQP_PORT = 5672
+STREAM_PORT = 5552
 
 
 def broker_listening(port: int = AMQP_PORT) -> bool:
@@ -24,6 +25,7 @@ def ensure_rabbitmq(timeout: float = 90.0) -> bool:
     It runs the stream plugin too (port 5552), named in the environment, which RabbitMQ
     writes into its enabled_plugins file."""
     if broker_listening():
+        _enable_streams(timeout)
         return False
     plugins = {**os.environ, "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_stream"}
     subprocess.run(["rabbitmq-server", "-detached"], check=True, env=plugins)
@@ -32,6 +34,22 @@ def ensure_rabbitmq(timeout: float = 90.0) -> bool:
     if not broker_listening():
         raise ServiceFailed("rabbitmq-server booted but does not listen on 127.0.0.1:5672")
     return True
+
+
+def _enable_streams(timeout: float) -> None:
+    """The stream plugin on a broker that runs already (Debian's package starts one without
+    it), so that the workers read where the history ends as they would in a deployment; a
+    broker this machine cannot manage keeps the workers on their fallback, a marker."""
+    if broker_listening(STREAM_PORT):
+        return
+    enabled = subprocess.run(
+        ["rabbitmq-plugins", "enable", "--online", "rabbitmq_stream"],
+        check=False,
+        capture_output=True,
+        timeout=120,
+    )
+    if enabled.returncode == 0:
+        wait_until(lambda: broker_listening(STREAM_PORT), "RabbitMQ's stream port", timeout)
 
 
 def _booted() -> bool:
