@@ -216,7 +216,8 @@ class WorkerSettings(BrokerAndPolicy):
         None,
         help="RabbitMQ's stream-protocol port (plugin `rabbitmq_stream`) on the brokers of "
         "`PULLER_AMQP_URL`, where the worker reads where the history ends; TLS with `amqps://`",
-        unset="5552, or 5551 with `amqps://`",
+        unset="5552, or 5551 with `amqps://`, when the AMQP port is the default one "
+        "(else the marker fallback)",
         minimum=1,
         maximum=65535,
     )

@@ -387,3 +387,17 @@ def test_the_worker_counts_reads_off_the_leader(servers: Callable[..., Server]) 
     broker = WorkerBroker(url, "node-1", prefetch=1, heartbeat=30, stream_port=replica.at.port)
     assert broker.read_tail() == 5
     assert broker.tail_reads_off_leader == 1
+
+
+def test_behind_a_mapped_amqp_port_the_worker_does_not_guess_the_stream_port(
+    servers: Callable[..., Server],
+) -> None:
+    """A broker published on another port (a container, a proxy): 5552 on that host may be
+    another broker's stream, whose end would hold catch-up back for good."""
+    server = servers(Broker(chunks={OFFSET_LAST: (70, 4)}))
+    mapped = "amqp://worker:s3cret@127.0.0.1:29905/%2F"
+    with pytest.raises(BrokerUnavailable, match="set PULLER_STREAM_PORT"):
+        WorkerBroker(mapped, "node-1", prefetch=1, heartbeat=30).read_tail()
+    told = WorkerBroker(mapped, "node-1", prefetch=1, heartbeat=30, stream_port=server.at.port)
+    assert told.read_tail() == 73
+    assert server.broker.received  # the port it was told is the one it read

@@ -56,6 +56,7 @@ ANSWER_WAIT = 30.0
 TAIL_TIMEOUT = 10.0
 """The longest a read of the history's end over the stream protocol takes."""
 STREAM_PORT, STREAM_TLS_PORT = 5552, 5551
+AMQP_PORT, AMQP_TLS_PORT = 5672, 5671
 
 Channel = Any
 """A channel of pika's asynchronous connection (pika has no type hints)."""
@@ -346,6 +347,12 @@ class WorkerBroker(Outbox):
         if not isinstance(credentials, pika.PlainCredentials):
             raise BrokerUnavailable("reading the history's end needs a user name and password")
         tls = parameters.ssl_options.context if parameters.ssl_options is not None else None
+        if self._stream_port is None and parameters.port not in (AMQP_PORT, AMQP_TLS_PORT):
+            # A mapped or proxied AMQP port: 5552 on that host may be another broker's.
+            raise BrokerUnavailable(
+                f"RabbitMQ's AMQP port here is {parameters.port}, not the default: set "
+                "PULLER_STREAM_PORT to the same brokers' stream port"
+            )
         port = self._stream_port or (STREAM_PORT if tls is None else STREAM_TLS_PORT)
         reading = stream_tail.read_tail(
             stream_tail.Endpoint(parameters.host, port),
