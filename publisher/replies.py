@@ -288,11 +288,11 @@ class ReplyBook:
     def _keep(self, request_id: str, request: _Request, answer: Answer, cost: int) -> bool:
         """Keeps a node's first answer whole if there is room, else as its status only (a
         prune's answer, small and rare, stays whole); whether it was kept."""
-        whole = self._room_for(cost) or isinstance(answer, PruneResult)
+        whole = self._room_for(cost, for_answer=True) or isinstance(answer, PruneResult)
         held_by_event = 0 if whole else cost  # a whole answer is shared with the events
         if not whole and isinstance(answer, NodeResult):
             cost = STATUS_ONLY_OVERHEAD + len(answer.node)
-            if not self._room_for(cost) and not request.pinned:
+            if not self._room_for(cost, for_answer=True) and not request.pinned:
                 self._forget(request_id)  # nobody waits on it, and nothing older is left
                 return False
             kind = None if answer.error is None else answer.error.kind
@@ -312,13 +312,26 @@ class ReplyBook:
             self._add(request, held_by_event)
         return True
 
-    def _room_for(self, cost: int) -> bool:
-        """Forgets the oldest requests no caller waits on until ``cost`` more bytes fit;
-        whether they do."""
+    def _room_for(self, cost: int, for_answer: bool = False) -> bool:
+        """Forgets the oldest requests no caller waits on until ``cost`` more bytes fit, and
+        for an answer drops the progress reports not yet handed over; whether they fit."""
         while self._kept + cost > self._budget:
             if not self._forget_oldest():
-                return False
+                return for_answer and self._drop_progress() and self._kept + cost <= self._budget
         return True
+
+    def _drop_progress(self) -> bool:
+        """Drops every progress report not yet handed to a watcher; whether there was one."""
+        dropped = 0
+        for request in self._requests.values():
+            progress = [(e, cost) for e, cost in request.events if isinstance(e, NodeProgress)]
+            if progress:
+                dropped += len(progress)
+                self._add(request, -sum(cost for _, cost in progress))
+                kept = [(e, cost) for e, cost in request.events if not isinstance(e, NodeProgress)]
+                request.events = deque(kept)
+        self._dropped_progress += dropped
+        return dropped > 0
 
     def _forget_oldest(self) -> bool:
         for request_id, request in self._requests.items():
