@@ -287,13 +287,15 @@ class ReplyBook:
 
     def _keep(self, request_id: str, request: _Request, answer: Answer, cost: int) -> bool:
         """Keeps a node's first answer whole if there is room, else as its status only (a
-        prune's answer, small and rare, stays whole); whether it was kept."""
-        whole = self._room_for(cost, for_answer=True) or isinstance(answer, PruneResult)
+        prune's answer, small and rare, stays whole); whether it was kept. Older requests
+        nobody waits on are forgotten to make room; this one last, when even its status
+        does not fit and nobody waits on it."""
+        whole = self._room_for(cost, request_id) or isinstance(answer, PruneResult)
         held_by_event = 0 if whole else cost  # a whole answer is shared with the events
         if not whole and isinstance(answer, NodeResult):
             cost = STATUS_ONLY_OVERHEAD + len(answer.node)
-            if not self._room_for(cost, for_answer=True) and not request.pinned:
-                self._forget(request_id)  # nobody waits on it, and nothing older is left
+            if not self._room_for(cost, request_id) and not request.pinned:
+                self._forget(request_id)
                 return False
             kind = None if answer.error is None else answer.error.kind
             request.status_only[answer.node] = (answer.status, kind)
@@ -312,12 +314,15 @@ class ReplyBook:
             self._add(request, held_by_event)
         return True
 
-    def _room_for(self, cost: int, for_answer: bool = False) -> bool:
-        """Forgets the oldest requests no caller waits on until ``cost`` more bytes fit, and
-        for an answer drops the progress reports not yet handed over; whether they fit."""
+    def _room_for(self, cost: int, answering: str | None = None) -> bool:
+        """Forgets the oldest requests no caller waits on (never ``answering``) until ``cost``
+        more bytes fit, and for an answer drops the progress reports not yet handed over;
+        whether they fit."""
         while self._kept + cost > self._budget:
-            if not self._forget_oldest():
-                return for_answer and self._drop_progress() and self._kept + cost <= self._budget
+            if not self._forget_oldest(answering) and (
+                answering is None or not self._drop_progress()
+            ):
+                return False
         return True
 
     def _drop_progress(self) -> bool:
@@ -333,9 +338,9 @@ class ReplyBook:
         self._dropped_progress += dropped
         return dropped > 0
 
-    def _forget_oldest(self) -> bool:
+    def _forget_oldest(self, spare: str | None = None) -> bool:
         for request_id, request in self._requests.items():
-            if not request.pinned:
+            if not request.pinned and request_id != spare:
                 self._forget(request_id)
                 return True
         return False

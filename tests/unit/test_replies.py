@@ -193,3 +193,18 @@ def test_the_count_of_requests_forgets_only_requests_nobody_waits_on() -> None:
         book.track(f"r{n}")
     assert book.lookup("held") is not None
     assert [book.forgot(f"r{n}") for n in range(3)] == [True, True, False]
+
+
+def test_a_request_nobody_waits_on_forgets_older_ones_first_and_itself_only_when_alone() -> None:
+    cost = whole_cost(result("old", "node-0"))
+    book = ReplyBook(budget=10 * cost)
+    book.track("old")
+    book.receive("old", result("old", "node-0"))
+    book.track("new")
+    for n in range(10):
+        book.receive("new", result("new", f"node-{n}"))
+    assert book.forgot("old") and book.lookup("new") is not None
+    for n in range(10, 200):  # its status only, while that fits; then it is forgotten
+        book.receive("new", result("new", f"node-{n}"))
+    assert book.forgot("new")
+    assert book.memory().kept_bytes == 0
