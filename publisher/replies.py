@@ -169,6 +169,7 @@ class ReplyBook:
                 request.watchers -= 1
                 if not request.watchers:
                     self._take_events(request)
+                self._room_for(0)  # what it held past the budget goes, oldest first
 
     def release(self, request_id: str) -> None:
         """Ends a :meth:`track` ``hold``."""
@@ -176,6 +177,7 @@ class ReplyBook:
             request = self._requests.get(request_id)
             if request is not None and request.holds:
                 request.holds -= 1
+                self._room_for(0)
 
     def receive(self, correlation_id: str | None, body: bytes) -> None:
         """I/O thread: one reply."""
@@ -282,6 +284,7 @@ class ReplyBook:
         finally:
             with self._lock:
                 request.waiters.remove(waiter)
+                self._room_for(0)
 
     # -- the budget (with the lock held) ---------------------------------------------------
 
