@@ -65,21 +65,27 @@ class FakeNodes:
         reply = pika.BasicProperties(
             content_type=CONTENT_TYPE, correlation_id=properties.correlation_id
         )
-        started, sent = time.monotonic(), 0
-        for number, node in enumerate(self.names[:nodes], start=1):
-            if fail_every and number % fail_every == 0:
-                error = NodeError(ErrorKind.NOT_FOUND, f"manifest for {image} not found")
-                answer = NodeResult(
-                    request.request_id, node, image, Status.FAILED, 0.2, error=error
-                )
-            else:
-                digest = f"{image.partition(':')[0]}@sha256:{'b' * 64}"
-                answer = NodeResult(
-                    request.request_id, node, image, Status.PRESENT, 0.01, IMAGE_ID, digest
-                )
-            body = answer.encode()
-            sent += len(body)
+        bodies = [
+            self._answer(
+                request.request_id, node, image, bool(fail_every) and number % fail_every == 0
+            )
+            for number, node in enumerate(self.names[:nodes], start=1)
+        ]
+        started = time.monotonic()
+        for body in bodies:  # encoded first: what is timed is the publishing
             self._channel.basic_publish(topo.REPLIES.name, properties.reply_to, body, reply)
+        self._connection.process_data_events(time_limit=0)
+        sent = sum(map(len, bodies))
         return Answered(
             request.request_id, len(self.names[:nodes]), sent, time.monotonic() - started
         )
+
+    @staticmethod
+    def _answer(request_id: str, node: str, image: str, failed: bool) -> bytes:
+        if failed:
+            error = NodeError(ErrorKind.NOT_FOUND, f"manifest for {image} not found")
+            answer = NodeResult(request_id, node, image, Status.FAILED, 0.2, error=error)
+        else:
+            digest = f"{image.partition(':')[0]}@sha256:{'b' * 64}"
+            answer = NodeResult(request_id, node, image, Status.PRESENT, 0.01, IMAGE_ID, digest)
+        return answer.encode()
