@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from contract import (
@@ -113,9 +113,9 @@ class _Request:
         """Whether a caller waits on it (or will): it is not forgotten then."""
         return bool(self.watchers or self.holds or self.waiters)
 
-    def answered(self) -> dict[str, object]:
-        """Every node that answered, whole or status only (for a condition)."""
-        return {**self.results, **self.status_only}
+    def answered(self) -> Mapping[str, object]:
+        """Every node that answered, whole or status only (for a condition; not a copy)."""
+        return _Answered(self.results, self.status_only) if self.status_only else self.results
 
     def answers(self, request_id: str) -> dict[str, Answer]:
         """The answers, status-only ones made whole again (without what was not kept)."""
@@ -124,6 +124,26 @@ class _Request:
             error = None if kind is None else NodeError(kind, STATUS_ONLY_MESSAGE)
             answers[node] = NodeResult(request_id, node, self.image or "", status, 0.0, error=error)
         return answers
+
+
+class _Answered(Mapping[str, object]):
+    """A request's whole and short answers read as one table, without copying either."""
+
+    def __init__(self, whole: Mapping[str, object], short: Mapping[str, object]) -> None:
+        self._whole, self._short = whole, short
+
+    def __getitem__(self, node: str) -> object:
+        return self._whole[node] if node in self._whole else self._short[node]
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._whole or node in self._short
+
+    def __len__(self) -> int:
+        return len(self._whole) + len(self._short)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._whole
+        yield from self._short
 
 
 class ReplyBook:
@@ -267,13 +287,12 @@ class ReplyBook:
             request.waiters.append(waiter)
         try:
             while True:
-                with self._lock:
+                with self._lock:  # the condition reads the answers as they are: no copy
                     waiter.wake.clear()
                     events: list[Event] = []
                     if on_event is not None:
                         events = self._take_events(request)
-                    answered = request.answered()
-                finished = done(answered)
+                    finished = done(request.answered())
                 if on_event is not None:
                     for event in events:
                         on_event(event)
