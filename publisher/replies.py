@@ -64,9 +64,9 @@ class AnswersForgotten(PullerError):
 
     def __init__(self, request_id: str, budget: int) -> None:
         super().__init__(
-            f"the answers to request {request_id!r} were forgotten: this publisher keeps "
-            f"{budget / 2**20:g} MB of answers (PULLER_ANSWER_MEMORY_MB) and forgets the "
-            "oldest requests no caller waits on first"
+            f"the answers to request {request_id!r} were forgotten: this publisher keeps the "
+            f"answers to its last {REQUESTS_REMEMBERED:,} requests within {budget / 2**20:g} MB "
+            "(PULLER_ANSWER_MEMORY_MB), and forgets the oldest requests no caller waits on first"
         )
         self.request_id = request_id
 
