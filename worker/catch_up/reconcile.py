@@ -2,7 +2,7 @@
 
 The newest snapshot's requests go to the pull service as replays (images the node has are
 answered ``present`` at once), a few at a time; catch-up then replays the history after the
-snapshot. Whether that makes good the loss is :func:`worker.desired.view.covers`.
+snapshot. Whether that makes good the loss is :func:`covers`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import structlog
 from contract import ErrorKind, InvalidMessage, NodeResult, PullRequest
 from contract.desired import DesiredState
 from worker.catch_up.ledger import Place
-from worker.desired.view import covers
 
 if TYPE_CHECKING:
     from worker.catch_up.replay import RequestServer
@@ -28,6 +27,18 @@ ReadDesired = Callable[[Callable[[bytes | None, str | None], None]], None]
 there is none, ``(None, why)`` when it cannot be read."""
 
 log = structlog.get_logger("worker.catch_up")
+
+
+def covers(snapshot: DesiredState, first_delivered: int, saved_requested_at: float | None) -> bool:
+    """Whether ``snapshot`` holds every request the history lost before ``first_delivered``
+    (the first entry a reading from the saved place delivered): it reaches up to that entry,
+    and it was complete since the saved place's request time (unknown, from an older state
+    file: only a snapshot built from an unbroken history is)."""
+    if snapshot.through_offset < first_delivered - 1:
+        return False
+    if snapshot.complete_since == 0:
+        return True
+    return saved_requested_at is not None and snapshot.complete_since <= saved_requested_at
 
 
 class Reconciling:
@@ -45,17 +56,18 @@ class Reconciling:
         limit: int,
         max_age: float,
         seen_live: Container[str],
-        on_failed: Callable[[NodeResult], None],
+        on_answer: Callable[[NodeResult | None], None],
         on_done: Callable[[int, bool], None],
     ) -> None:
-        """Requests older than ``max_age`` or in ``seen_live`` are not applied."""
+        """Requests older than ``max_age`` or in ``seen_live`` are not applied. ``on_answer``
+        hears of a change in what is pending: a failed pull (its result), or ``None``."""
         self._read_desired = read_desired
         self._server = server
         self._call_soon = call_soon
         self._limit = max(1, limit)
         self._max_age = max_age
         self._seen_live = seen_live
-        self._on_failed = on_failed
+        self._on_answer = on_answer
         self._on_done = on_done
         self._waiting: deque[PullRequest] = deque()
         self._working = 0
@@ -85,6 +97,7 @@ class Reconciling:
     def stop(self) -> None:
         self._stopped = True
         self._waiting.clear()
+        self._working = 0
 
     def _read(self, saved: Place, first: int, body: bytes | None, why: str | None) -> None:
         if self._stopped:
@@ -108,6 +121,7 @@ class Reconciling:
         self._covered = covers(snapshot, first, saved.requested_at)
         self._waiting.extend(to_apply(snapshot.requests, self._max_age, self._seen_live))
         self._next()
+        self._on_answer(None)
 
     def _next(self) -> None:
         while self._waiting and self._working < self._limit:
@@ -129,7 +143,9 @@ class Reconciling:
             self._cancelled = True
         elif error is not None and error.kind is not ErrorKind.FORBIDDEN:
             log.warning("a reconciling pull failed", image=result.image, error=error.message)
-            self._on_failed(result)
+            self._on_answer(result)
+        else:
+            self._on_answer(None)
         self._next()
 
     def _finish(self, recovered: bool, why: str | None) -> None:

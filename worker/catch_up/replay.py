@@ -189,7 +189,8 @@ class CatchUp:
     def on_connect(self) -> None:
         """A new connection: find where the stream ends now, then replay up to there."""
         self._connection += 1
-        self._stop_reconciling()
+        if self._reconciling is not None:
+            self._reconciling.stop()  # its answers are dropped
         self._ledger.restart()
         self._waiting.clear()  # the old reading's: delivered again on the new one
         self._end = self._sweep_end = None
@@ -200,7 +201,8 @@ class CatchUp:
 
     def on_disconnect(self) -> None:
         self._connection += 1
-        self._stop_reconciling()
+        if self._reconciling is not None:
+            self._reconciling.stop()  # its answers are dropped
         self.phase = Phase.DISCONNECTED
         self._waiting.clear()
         self._update()
@@ -325,14 +327,16 @@ class CatchUp:
             self._working_limit,
             self._max_age,
             self._seen_live,
-            self._reconcile_failed,
+            self._reconcile_answered,
             partial(self._reconciled, first),
         )
         self._reconciling.start(saved, first, lost)
 
-    def _reconcile_failed(self, result: NodeResult) -> None:
-        self._failed += 1
-        self._observer.replay_failed(result)
+    def _reconcile_answered(self, failed: NodeResult | None) -> None:
+        if failed is not None:
+            self._failed += 1
+            self._observer.replay_failed(failed)
+        self._update()
 
     def _reconciled(self, first: int, through: int, recovered: bool) -> None:
         """RECONCILING -> REPLAYING from after the loss and after the snapshot."""
@@ -347,11 +351,6 @@ class CatchUp:
             self._update()
         else:
             self._read(Phase.REPLAYING, start)
-
-    def _stop_reconciling(self) -> None:
-        reconciling, self._reconciling = self._reconciling, None
-        if reconciling is not None:
-            reconciling.stop()
 
     def _caught_up(self) -> None:
         self.phase = Phase.CAUGHT_UP
@@ -395,8 +394,7 @@ class CatchUp:
             self._update()
 
     def _verified(self, verify: Place, delivery: Delivery, offset: int, identity: str) -> bool:
-        """The first entry read from the saved place: whether to replay it (not when it is
-        the saved entry itself, nor after a loss, which restarts or reconciles)."""
+        """The first entry read from the saved place: whether to replay it (not after a loss)."""
         self._verify = None
         same = verify.identity is None or verify.identity == identity
         lost = lost_entries(verify.offset, offset, same)

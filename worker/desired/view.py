@@ -1,12 +1,11 @@
-"""The desired state as a pure view: merging requests into it, dropping what left the window,
-and whether a snapshot makes good what the history lost. No I/O here."""
+"""The desired state as a pure view: merging requests into it and dropping what left the
+window. No I/O here."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from contract import PullRequest
-from contract.desired import DesiredState
 
 
 class DesiredView:
@@ -45,15 +44,3 @@ def _newer(request: PullRequest, than: PullRequest | None) -> bool:
         than.requested_at,
         than.request_id,
     )
-
-
-def covers(snapshot: DesiredState, first_delivered: int, saved_requested_at: float | None) -> bool:
-    """Whether ``snapshot`` holds every request the history lost before ``first_delivered``
-    (the first entry a reading from the saved place delivered): it reaches up to that entry,
-    and it was complete since the saved place's request time (unknown, from an older state
-    file: only a snapshot built from an unbroken history is)."""
-    if snapshot.through_offset < first_delivered - 1:
-        return False
-    if snapshot.complete_since == 0:
-        return True
-    return saved_requested_at is not None and snapshot.complete_since <= saved_requested_at
