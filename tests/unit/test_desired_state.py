@@ -6,10 +6,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
-from contract import HistoryGap, InvalidMessage, PullRequest, Status, parse_reference
+from contract import (
+    ErrorKind,
+    HistoryGap,
+    InvalidMessage,
+    NodeResult,
+    PullRequest,
+    Status,
+    parse_reference,
+)
 from contract import topology as topo
 from contract.desired import DesiredState
 from tests.unit.test_catch_up import FakeBroker, RecordingServer, request_body, submitted_images
@@ -310,3 +319,32 @@ def test_the_token_is_forgotten_with_the_connection() -> None:
     assert link.on_token is not None
     link.on_token()
     assert keeper.holding
+
+
+def test_a_snapshot_beyond_the_end_leaves_nothing_to_replay_and_keeps_its_place(
+    tmp_path: Path,
+) -> None:
+    catch_up, broker, server, reader, _ = lost_range(tmp_path, WorkerMetrics())
+    lost = request("lost:1", time.time())
+    reader.answer(snapshot(41, 0.0, (lost,)).encode())
+    server.answer_all()
+    readings = len(broker.readings)
+    broker.run_later()
+    assert len(broker.readings) == readings, "nothing after the snapshot to read"
+    status = catch_up.status()
+    assert (status.caught_up, status.history_gap) == (True, HistoryGap.RECOVERED)
+    assert OffsetStore(tmp_path).load() == Place(41, None, lost.requested_at)
+
+
+def test_a_reconciling_pull_cancelled_by_shutdown_is_not_recovered(tmp_path: Path) -> None:
+    catch_up, broker, server, reader, _ = lost_range(tmp_path, WorkerMetrics())
+    reader.answer(snapshot(41, 0.0, (request("lost:1", time.time()),)).encode())
+    [(lost, answer)] = server.submitted
+    answer(
+        NodeResult.failure(
+            lost.request_id, "n", str(lost.image), ErrorKind.CANCELLED, "stopping", 0.1
+        )
+    )
+    broker.run_later()
+    assert catch_up.status().history_gap is HistoryGap.UNRECOVERED
+    assert OffsetStore(tmp_path).load() == Place(5, ANY, ANY), "the place stays before it"

@@ -43,8 +43,8 @@ def covers(snapshot: DesiredState, first_delivered: int, saved_requested_at: flo
 
 class Reconciling:
     """One loss made good: reads the newest snapshot, hands its requests to the pull
-    service (at most ``limit`` at once), then says how it went: ``on_done(through,
-    recovered)``, ``through`` the snapshot's ``through_offset`` (-1: none applied).
+    service (at most ``limit`` at once), then says how it went: ``on_done(place,
+    recovered)``, ``place`` what the snapshot covers (``None``: none applied in full).
     Connection thread, but for the pull service's answers, which come back through
     ``call_soon``; after :meth:`stop` (the connection went) nothing more is said."""
 
@@ -57,7 +57,7 @@ class Reconciling:
         max_age: float,
         seen_live: Container[str],
         on_answer: Callable[[NodeResult | None], None],
-        on_done: Callable[[int, bool], None],
+        on_done: Callable[[Place | None, bool], None],
     ) -> None:
         """Requests older than ``max_age`` or in ``seen_live`` are not applied. ``on_answer``
         hears of a change in what is pending: a failed pull (its result), or ``None``."""
@@ -73,7 +73,7 @@ class Reconciling:
         self._working = 0
         self._cancelled = False
         self._stopped = False
-        self._through = -1
+        self._place: Place | None = None
         self._covered = False
 
     @property
@@ -117,7 +117,8 @@ class Reconciling:
             through_offset=snapshot.through_offset,
             images=len(snapshot.requests),
         )
-        self._through = snapshot.through_offset
+        newest = max((request.requested_at for request in snapshot.requests), default=None)
+        self._place = Place(snapshot.through_offset, None, newest)
         self._covered = covers(snapshot, first, saved.requested_at)
         self._waiting.extend(to_apply(snapshot.requests, self._max_age, self._seen_live))
         self._next()
@@ -158,7 +159,7 @@ class Reconciling:
                 "images they named again",
                 why=why or "it does not cover the lost range (or a pull was cancelled)",
             )
-        self._on_done(self._through, recovered)
+        self._on_done(None if self._cancelled else self._place, recovered)
 
 
 def to_apply(

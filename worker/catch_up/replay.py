@@ -338,14 +338,14 @@ class CatchUp:
             self._observer.replay_failed(failed)
         self._update()
 
-    def _reconciled(self, first: int, through: int, recovered: bool) -> None:
+    def _reconciled(self, first: int, place: Place | None, recovered: bool) -> None:
         """RECONCILING -> REPLAYING from after the loss and after the snapshot."""
         self._reconciling = None
         self._gap = HistoryGap.RECOVERED if recovered else HistoryGap.UNRECOVERED
         self._observer.history_gap(self._gap, self._lost)
-        if through >= 0:
-            self._ledger.jump(Place(through))  # what the snapshot holds is done
-        start = max(first, through + 1)
+        if place is not None:
+            self._ledger.jump(place)  # what the snapshot holds is done
+        start = first if place is None else max(first, place.offset + 1)
         if self._end is not None and start > self._end:
             self.phase = Phase.REPLAYING
             self._update()
