@@ -265,6 +265,7 @@ class Gateway:
                 last = self._scraped_roster = (now, count)
             self._metrics.live_nodes.set(last[1])
         self._metrics.connected.set(1 if self._publisher.connected else 0)
+        self._metrics.history_unrouted.set(self._publisher.history_unrouted)
 
 
 class _NotReady(ApiError):

@@ -22,6 +22,7 @@ class CountingPublisher:
         self.nodes_up = 3
         self.down = False
         self.connected = True
+        self.history_unrouted = 0
 
     def nodes(self) -> list[object]:
         self.reads += 1
