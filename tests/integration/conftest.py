@@ -173,7 +173,7 @@ def old_worker_command(source: Path, prelude: str = "") -> list[str]:
         sys.executable,
         "-c",
         # Its source first on the path (before the working directory's worker/).
-        f"import sys, runpy; sys.path.insert(0, {str(source)!r}); {prelude}; "
+        f"import sys, runpy; sys.path.insert(0, {str(source)!r})\n{prelude}\n"
         "runpy.run_module('worker.main', run_name='__main__')",
     ]
 

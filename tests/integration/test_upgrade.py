@@ -80,7 +80,9 @@ def test_a_rolling_upgrade_from_the_marker_history_loses_no_request_of_a_node_aw
 ) -> None:
     old = old_worker_command(old_worker_source(MARKER_COMMIT, tmp_path), QUICK_CHECKPOINTS)
     first, second, away = (cluster.add_node(f"node-{n}", command=old) for n in (1, 2, 3))
-    images = [cluster.registry.push_files(f"test/upgrade-{n}", "1", {"n": n.encode()}) for n in "1234"]
+    images = [
+        cluster.registry.push_files(f"test/upgrade-{n}", "1", {"n": n.encode()}) for n in "1234"
+    ]
     with Publisher(cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
         assert publisher.pull(images[0], expect=3, timeout=60).ok
         # The old design's history: each node's connection marker, and checkpoints after it.
