@@ -145,6 +145,7 @@ class PublisherBroker:
         self._epoch = 0
         self._follower: RosterFollower | None = None
         self._history_unrouted = 0
+        self._history_resent = 0
 
     @property
     def _parameters(self) -> pika.URLParameters:
@@ -173,9 +174,18 @@ class PublisherBroker:
         with self._lock:
             return self._history_unrouted
 
-    def _count_unrouted(self) -> None:
+    @property
+    def history_resent(self) -> int:
+        """History copies RabbitMQ returned (could not route) and that were sent again."""
         with self._lock:
-            self._history_unrouted += 1
+            return self._history_resent
+
+    def _count_history_return(self, given_up: bool) -> None:
+        with self._lock:
+            if given_up:
+                self._history_unrouted += 1
+            else:
+                self._history_resent += 1
 
     @property
     def epoch(self) -> int:
@@ -365,7 +375,11 @@ class PublisherBroker:
 
     def _on_channel(self, current: _Connection, channel: pika.channel.Channel) -> None:
         current.requests = RequestChannel(
-            channel, self.where, self.reply_queue, self.user, on_unrouted=self._count_unrouted
+            channel,
+            self.where,
+            self.reply_queue,
+            self.user,
+            on_history_returned=self._count_history_return,
         )
         channel.add_on_close_callback(lambda _ch, reason: self._on_channel_closed(current, reason))
         current.requests.confirming(lambda: self._declare(current, self._declarations()))

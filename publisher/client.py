@@ -132,6 +132,12 @@ class Publisher:
         return self._broker.history_unrouted
 
     @property
+    def history_resent(self) -> int:
+        """History copies RabbitMQ could not route at first (as just after a broker restart)
+        and that were sent again."""
+        return self._broker.history_resent
+
+    @property
     def connection_problem(self) -> str:
         """Why the last attempt to connect failed, or the connection was lost."""
         return self._broker.last_error

@@ -4,7 +4,7 @@ A request is two publishes (the live copy, then the history's, both ``mandatory`
 together: it settles once RabbitMQ confirmed both. A live copy that no worker queue took
 comes back (a return, before its confirm) as :class:`NoNodes`. A history copy that comes
 back (the stream not bound yet, as just after a broker restart) is published again after a
-short wait, a few times; one never taken is logged and counted (``on_unrouted``), and the
+short wait, a few times; one never taken is logged and counted (``on_history_returned``), and the
 request still settles. Everything here runs on the publisher's I/O thread.
 """
 
@@ -62,8 +62,9 @@ class RequestChannel:
     _tickets: dict[int, _Ticket] = field(default_factory=dict)
     _by_request: dict[str, _Ticket] = field(default_factory=dict)
     """For a returned request (a return names no delivery tag); every request not settled."""
-    on_unrouted: Callable[[], None] = lambda: None
-    """Called for a request settled without its history copy (returned every time)."""
+    on_history_returned: Callable[[bool], None] = lambda _given_up: None
+    """Called for each history copy RabbitMQ returns: ``True`` when the request settles
+    without it, ``False`` when it is sent again."""
     _history_unbound: bool = False
     """A request's history copy came back every time, and none was taken since: the next
     ones are sent once each (a history left unbound must not slow every request)."""
@@ -148,7 +149,7 @@ class RequestChannel:
         if ticket.history_returns >= HISTORY_ATTEMPTS or self._history_unbound:
             ticket.in_history = False
             self._history_unbound = True
-            self.on_unrouted()
+            self.on_history_returned(True)
             log.warning(
                 "RabbitMQ could not route request %s into the history (exchange %r is bound "
                 "to no stream at %s) after %d attempts: nodes away now will not catch up on "
@@ -161,6 +162,7 @@ class RequestChannel:
             )
             return
         # Comes before the returned copy's confirm: the ticket waits for the next one.
+        self.on_history_returned(False)
         ticket.unconfirmed += 1
         delay = HISTORY_RETRY_DELAY * 2 ** (ticket.history_returns - 1)
         log.info(
