@@ -97,6 +97,8 @@ def _figures(result: SoakResult) -> dict[str, object]:
         "churn_seconds": result.churn_seconds,
         "converged_after_s": result.converged_after,
         "publish_failures": result.publish_failures,
+        "history_resent": result.history_resent,
+        "history_unrouted": result.history_unrouted,
         "errors": result.errors,
         "schedule": [{**asdict(fault), "kind": fault.kind.value} for fault in result.schedule],
         "timeline": [asdict(entry) for entry in result.timeline],

@@ -273,6 +273,7 @@ class Gateway:
             self._metrics.live_nodes.set(last[1])
             self._metrics.answer_memory(self._publisher.answer_memory())
         self._metrics.connected.set(1 if self._publisher.connected else 0)
+        self._metrics.history_unrouted.set(self._publisher.history_unrouted)
 
 
 class _NotReady(ApiError):

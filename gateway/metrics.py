@@ -60,6 +60,12 @@ class GatewayMetrics:
             "Callers waiting in POST /pulls now",
             registry=self.registry,
         )
+        self.history_unrouted = Gauge(
+            "puller_http_history_unrouted",
+            "Requests published since the gateway started that RabbitMQ could not route into "
+            "the history stream (nodes away then do not catch up on them)",
+            registry=self.registry,
+        )
         self.connected = Gauge(
             "puller_http_broker_connected", "1 while connected to RabbitMQ", registry=self.registry
         )

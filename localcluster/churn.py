@@ -681,6 +681,10 @@ class SoakResult:
     converged_after: float | None
     """Seconds after the churn ended until every pair was present; ``None``: never."""
     publish_failures: int
+    history_resent: int = 0
+    """History copies RabbitMQ returned (not routable yet) that the publisher sent again."""
+    history_unrouted: int = 0
+    """Requests the history never took (confirmed to the live nodes only)."""
     kept: Path | None = None
     """Where the nodes' logs were kept (a failed run); ``None``: removed."""
 
@@ -703,6 +707,8 @@ class SoakResult:
             f"requests confirmed: {len(published)} of {len(self.requests)}"
             f" ({self.publish_failures} attempt(s) raised BrokerUnavailable and were made again;"
             f" {sum(r.no_nodes for r in published)} found no worker queue bound)",
+            f"history copies sent again (returned by RabbitMQ): {self.history_resent};"
+            f" requests not in the history: {self.history_unrouted}",
             "expected: every requested image on every node there at the end, nodes added"
             " late included (a new worker replays the history stream from its first entry)",
             f"missing (request, node) pairs: {len(self.missing)} of {self.pairs}",
@@ -836,7 +842,7 @@ def _churn(
             observer.stopping.set()
             observer.join(timeout=30)
         try:
-            return _result(
+            result = _result(
                 config,
                 schedule,
                 timeline,
@@ -847,6 +853,9 @@ def _churn(
                 churn_seconds,
                 converged_after,
             )
+            result.history_resent = publisher.history_resent
+            result.history_unrouted = publisher.history_unrouted
+            return result
         finally:
             observer.close()
 

@@ -8,7 +8,9 @@ future of their own.
 Requests are published with publisher confirms and ``mandatory``: ``publish_request``
 returns once RabbitMQ has taken both copies (live and history, published together and
 confirmed together), and a request that no worker queue is bound to receive comes back as
-:class:`NoNodes` instead of vanishing. Replies arrive on an exclusive queue bound to the
+:class:`NoNodes` instead of vanishing. A history copy RabbitMQ cannot route yet is published
+again (see :mod:`publisher.request_channel`); one it never takes is counted
+(:attr:`PublisherBroker.history_unrouted`). Replies arrive on an exclusive queue bound to the
 reply exchange under its own name; the queue keeps its name across reconnections.
 
 A lost connection is opened again in the background (capped backoff), and at once when a
@@ -142,6 +144,8 @@ class PublisherBroker:
         self._last_error = "not connected yet"
         self._epoch = 0
         self._follower: RosterFollower | None = None
+        self._history_unrouted = 0
+        self._history_resent = 0
 
     @property
     def _parameters(self) -> pika.URLParameters:
@@ -161,6 +165,27 @@ class PublisherBroker:
     def last_error(self) -> str:
         with self._lock:
             return self._last_error
+
+    @property
+    def history_unrouted(self) -> int:
+        """Requests published (and confirmed) whose history copy RabbitMQ could not route
+        into the history stream, however often it was published again: a node away then
+        will not catch up on them."""
+        with self._lock:
+            return self._history_unrouted
+
+    @property
+    def history_resent(self) -> int:
+        """History copies RabbitMQ returned (could not route) and that were sent again."""
+        with self._lock:
+            return self._history_resent
+
+    def _count_history_return(self, given_up: bool) -> None:
+        with self._lock:
+            if given_up:
+                self._history_unrouted += 1
+            else:
+                self._history_resent += 1
 
     @property
     def epoch(self) -> int:
@@ -349,7 +374,13 @@ class PublisherBroker:
         connection.channel(on_open_callback=lambda channel: self._on_channel(current, channel))
 
     def _on_channel(self, current: _Connection, channel: pika.channel.Channel) -> None:
-        current.requests = RequestChannel(channel, self.where, self.reply_queue, self.user)
+        current.requests = RequestChannel(
+            channel,
+            self.where,
+            self.reply_queue,
+            self.user,
+            on_history_returned=self._count_history_return,
+        )
         channel.add_on_close_callback(lambda _ch, reason: self._on_channel_closed(current, reason))
         current.requests.confirming(lambda: self._declare(current, self._declarations()))
 

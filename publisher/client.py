@@ -140,6 +140,19 @@ class Publisher:
         return self._broker.connected
 
     @property
+    def history_unrouted(self) -> int:
+        """Requests since this publisher started that reached the live nodes but not the
+        history (RabbitMQ could not route the copy, however often it was sent again): a
+        node away then does not catch up on them. Each is also logged, with its id."""
+        return self._broker.history_unrouted
+
+    @property
+    def history_resent(self) -> int:
+        """History copies RabbitMQ could not route at first (as just after a broker restart)
+        and that were sent again."""
+        return self._broker.history_resent
+
+    @property
     def connection_problem(self) -> str:
         """Why the last attempt to connect failed, or the connection was lost."""
         return self._broker.last_error

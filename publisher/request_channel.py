@@ -1,13 +1,16 @@
 """The channel requests are published on, and how RabbitMQ's confirms settle each one.
 
-A request is two publishes (the live copy, ``mandatory``, then the history's) awaited
+A request is two publishes (the live copy, then the history's, both ``mandatory``) awaited
 together: it settles once RabbitMQ confirmed both. A live copy that no worker queue took
-comes back (a return, before its confirm) as :class:`NoNodes`. Everything here runs on
-the publisher's I/O thread.
+comes back (a return, before its confirm) as :class:`NoNodes`. A history copy that comes
+back (the stream not bound yet, as just after a broker restart) is published again after a
+short wait, a few times; one never taken is logged and counted (``on_history_returned``), and the
+request still settles. Everything here runs on the publisher's I/O thread.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -20,6 +23,15 @@ import pika.spec
 from contract import CONTENT_TYPE, BrokerUnavailable, NoNodes
 from contract import topology as topo
 
+log = logging.getLogger("puller.publisher.broker")
+
+HISTORY_ATTEMPTS = 5
+"""Publishes of a request's history copy that RabbitMQ may return (unroutable) before the
+request settles without it."""
+HISTORY_RETRY_DELAY = 0.2
+"""Seconds before the first republish of a returned history copy; doubled each time (3 s in
+all for :data:`HISTORY_ATTEMPTS`, inside the wait for a confirm)."""
+
 
 @dataclass
 class _Ticket:
@@ -31,6 +43,7 @@ class _Ticket:
     unconfirmed: int
     returned: bool = False
     refused: bool = False
+    history_returns: int = 0
 
 
 @dataclass
@@ -48,7 +61,13 @@ class RequestChannel:
     """Publishes so far: the next delivery tag is this plus one."""
     _tickets: dict[int, _Ticket] = field(default_factory=dict)
     _by_request: dict[str, _Ticket] = field(default_factory=dict)
-    """For a returned request (a return names no delivery tag)."""
+    """For a returned request (a return names no delivery tag); every request not settled."""
+    on_history_returned: Callable[[bool], None] = lambda _given_up: None
+    """Called for each history copy RabbitMQ returns: ``True`` when the request settles
+    without it, ``False`` when it is sent again."""
+    _history_unbound: bool = False
+    """A request's history copy came back every time, and none was taken since: the next
+    ones are sent once each (a history left unbound must not slow every request)."""
 
     def confirming(self, on_ready: Callable[[], None]) -> None:
         """Puts the channel in confirm mode, and takes its returns; then ``on_ready``."""
@@ -72,20 +91,37 @@ class RequestChannel:
             delivery_mode=1,
             user_id=self.user,
         )
-        copies = [(topo.PULLS.name, live, True)]
+        self._publish(topo.PULLS.name, body, live, ticket)
         if history:
-            kept = pika.BasicProperties(
-                content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user
-            )
-            copies.append((topo.HISTORY.name, kept, False))
-        for exchange, properties, mandatory in copies:
-            self._published += 1
-            self._tickets[self._published] = ticket
-            self.channel.basic_publish(exchange, "", body, properties, mandatory=mandatory)
+            self._publish_history(body, ticket)
+
+    def _publish(
+        self, exchange: str, body: bytes, properties: pika.BasicProperties, ticket: _Ticket
+    ) -> None:
+        self._published += 1
+        self._tickets[self._published] = ticket
+        self.channel.basic_publish(exchange, "", body, properties, mandatory=True)
+
+    def _publish_history(self, body: bytes, ticket: _Ticket) -> None:
+        """The history's copy: its ``correlation_id`` finds the ticket when it comes back
+        (workers read no ``correlation_id`` from the history)."""
+        kept = pika.BasicProperties(
+            content_type=CONTENT_TYPE,
+            correlation_id=ticket.request_id,
+            delivery_mode=2,
+            user_id=self.user,
+        )
+        self._publish(topo.HISTORY.name, body, kept, ticket)
+
+    def _republish_history(self, body: bytes, ticket: _Ticket) -> None:
+        if ticket.future.done() or not self.channel.is_open:
+            return  # the connection was lost meanwhile: fail_all settled the ticket
+        self._publish_history(body, ticket)
 
     def fail_all(self, error: Exception) -> None:
         """The connection is gone: no request waiting for a confirm will get one."""
-        for ticket in {id(t): t for t in self._tickets.values()}.values():
+        waiting = [*self._tickets.values(), *self._by_request.values()]
+        for ticket in {id(t): t for t in waiting}.values():
             if not ticket.future.done():
                 ticket.future.set_exception(error)
         self._tickets.clear()
@@ -94,13 +130,51 @@ class RequestChannel:
     def _on_return(
         self,
         _channel: object,
-        _method: object,
+        method: pika.spec.Basic.Return,
         properties: pika.BasicProperties,
-        _body: bytes,
+        body: bytes,
     ) -> None:
         ticket = self._by_request.get(properties.correlation_id or "")
-        if ticket is not None:
+        if ticket is None:
+            return
+        if method.exchange != topo.HISTORY.name:
             ticket.returned = True
+            return
+        ticket.history_returns += 1
+        if ticket.returned:
+            # No worker queue either (the live copy's return came first): NoNodes says
+            # the request is not kept, at once.
+            ticket.in_history = False
+            return
+        if ticket.history_returns >= HISTORY_ATTEMPTS or self._history_unbound:
+            ticket.in_history = False
+            self._history_unbound = True
+            self.on_history_returned(True)
+            log.warning(
+                "RabbitMQ could not route request %s into the history (exchange %r is bound "
+                "to no stream at %s) after %d attempts: nodes away now will not catch up on "
+                "it. Check the binding of %s (workers declare it).",
+                ticket.request_id,
+                topo.HISTORY.name,
+                self.where,
+                ticket.history_returns,
+                topo.HISTORY_STREAM_NAME,
+            )
+            return
+        # Comes before the returned copy's confirm: the ticket waits for the next one.
+        self.on_history_returned(False)
+        ticket.unconfirmed += 1
+        delay = HISTORY_RETRY_DELAY * 2 ** (ticket.history_returns - 1)
+        log.info(
+            "the history copy of request %s came back (no stream bound to %r yet); "
+            "publishing it again in %.1fs",
+            ticket.request_id,
+            topo.HISTORY.name,
+            delay,
+        )
+        self.channel.connection.ioloop.call_later(
+            delay, lambda: self._republish_history(body, ticket)
+        )
 
     def _on_confirm(self, frame: pika.frame.Method) -> None:
         method = frame.method
@@ -118,6 +192,8 @@ class RequestChannel:
     def _settle(self, ticket: _Ticket) -> None:
         if self._by_request.get(ticket.request_id) is ticket:
             del self._by_request[ticket.request_id]
+        if ticket.in_history:
+            self._history_unbound = False
         if ticket.future.done():
             return
         if ticket.refused:
@@ -136,6 +212,12 @@ class RequestChannel:
                         " The request is in the history, so workers that start within its "
                         "window will still pull the image."
                         if ticket.in_history
+                        else ""
+                    )
+                    + (
+                        f" It is not in the history either: no stream is bound to "
+                        f"{topo.HISTORY.name!r}."
+                        if ticket.history_returns
                         else ""
                     )
                 )

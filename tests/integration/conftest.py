@@ -6,11 +6,13 @@ Nothing here skips: a missing service is started, and if it cannot be, the tests
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import ssl
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -148,6 +150,32 @@ def new_vhost(rabbitmq: RabbitMqContainer) -> str:
 @pytest.fixture(scope="session")
 def amqp_url(rabbitmq: RabbitMqContainer) -> str:
     return new_vhost(rabbitmq)
+
+
+def old_worker_source(commit: str, target: Path) -> Path:
+    """The worker (and what it imports) as it was at ``commit``, unpacked into ``target``:
+    run it with its folder first on ``sys.path`` (see :func:`old_worker_command`)."""
+    root = Path(__file__).resolve().parents[2]
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", commit, "worker", "contract", "serving"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+def old_worker_command(source: Path, prelude: str = "") -> list[str]:
+    """Runs the worker unpacked at ``source`` (by :func:`old_worker_source`) with this
+    interpreter; ``prelude``: Python run after its imports are set up, before it starts."""
+    return [
+        sys.executable,
+        "-c",
+        # Its source first on the path (before the working directory's worker/).
+        f"import sys, runpy; sys.path.insert(0, {str(source)!r})\n{prelude}\n"
+        "runpy.run_module('worker.main', run_name='__main__')",
+    ]
 
 
 def start_cluster(

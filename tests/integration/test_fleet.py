@@ -4,11 +4,7 @@ before these request types answers."""
 
 from __future__ import annotations
 
-import io
 import json
-import subprocess
-import sys
-import tarfile
 import threading
 import time
 import uuid
@@ -27,6 +23,8 @@ from tests.integration.conftest import (
     ROSTER_MAX_AGE,
     engine_has,
     new_vhost,
+    old_worker_command,
+    old_worker_source,
     run_cli,
     start_cluster,
 )
@@ -319,21 +317,12 @@ OLD_COMMIT = "0b8e49e"
 
 
 @pytest.fixture(scope="module")
-def old_worker_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = Path(__file__).resolve().parents[2]
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", OLD_COMMIT, "worker", "contract", "serving"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    target = tmp_path_factory.mktemp("old-worker")
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(target, filter="data")
-    return target
+def old_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return old_worker_source(OLD_COMMIT, tmp_path_factory.mktemp("old-worker"))
 
 
 def test_an_older_worker_answers_the_new_request_types_as_the_contract_says(
-    fleet: LocalCluster, fleet_publisher: Publisher, old_worker_source: Path
+    fleet: LocalCluster, fleet_publisher: Publisher, old_worker: Path
 ) -> None:
     # The worker of the commit before this contract change, run from its own source, on
     # the first node's engine under a name of its own.
@@ -343,13 +332,7 @@ def test_an_older_worker_answers_the_new_request_types_as_the_contract_says(
         amqp_url=fleet.amqp_url,
         log_path=fleet.root / "old-worker.log",
         extra_env=dict(fleet.worker_env),
-        command=[
-            sys.executable,
-            "-c",
-            # Its source first on the path (before the working directory's worker/).
-            f"import sys, runpy; sys.path.insert(0, {str(old_worker_source)!r}); "
-            "runpy.run_module('worker.main', run_name='__main__')",
-        ],
+        command=old_worker_command(old_worker),
     )
     old.start()
     try:

@@ -4,11 +4,13 @@ gone silent."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pika
@@ -17,10 +19,12 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import CONTENT_TYPE, BrokerUnavailable, NoNodes, PullRequest, parse_reference
 from contract import topology as topo
+from contract.connection import declare
 from publisher import Publisher
 from publisher.broker import PublisherBroker
 from tests.integration.conftest import new_vhost
 from tests.integration.tcp_proxy import TcpProxy
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -101,14 +105,78 @@ def test_a_check_or_prune_is_one_live_copy(broker: PublisherBroker, vhost_url: s
         kept_connection.close()
 
 
-def test_no_nodes_says_so_and_whether_the_request_is_kept(broker: PublisherBroker) -> None:
+def test_no_nodes_says_so_and_whether_the_request_is_kept(
+    broker: PublisherBroker, vhost_url: str
+) -> None:
     body = PullRequest.new(parse_reference(IMAGE)).encode()
-    with pytest.raises(NoNodes, match=r"no worker queue is bound.*in the history"):
+    with pytest.raises(NoNodes, match=r"no worker queue is bound.*not in the history"):
         broker.publish_request(body, uuid.uuid4().hex)
+    kept_connection, _ = bound_queue(vhost_url, topo.HISTORY.name)
+    try:
+        with pytest.raises(NoNodes, match=r"no worker queue is bound.*is in the history"):
+            broker.publish_request(body, uuid.uuid4().hex)
+    finally:
+        kept_connection.close()
     with pytest.raises(NoNodes) as raised:
         broker.publish_request(body, uuid.uuid4().hex, history=False)
     assert "in the history" not in str(raised.value)
     assert broker.epoch == 1, "a request no node took is no reason to drop the connection"
+
+
+def history_holds(url: str, body: bytes, timeout: float = 10.0) -> bool:
+    """Whether the history stream holds ``body``, reading it from its first entry."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        for method, _properties, kept in channel.consume(
+            topo.HISTORY_STREAM_NAME,
+            arguments={"x-stream-offset": "first"},
+            inactivity_timeout=timeout,
+        ):
+            if method is None:
+                return False
+            if kept == body:
+                return True
+            channel.basic_ack(method.delivery_tag)
+    finally:
+        connection.close()
+    return False
+
+
+def test_a_request_published_while_the_history_is_unbound_reaches_it_once_bound_again(
+    broker: PublisherBroker, vhost_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As just after a broker restart: the stream's binding is not back yet when the request
+    is published, and RabbitMQ confirms an unroutable copy."""
+    live_connection, _ = bound_queue(vhost_url, topo.PULLS.name)
+    admin = pika.BlockingConnection(pika.URLParameters(vhost_url)).channel()
+    for item in topo.shared_declarations(topo.history_stream()):
+        declare(admin, item)
+    admin.queue_unbind(topo.HISTORY_STREAM_NAME, topo.HISTORY.name, "")
+    request = PullRequest.new(parse_reference(IMAGE))
+    published: Future[int] = Future()
+    caplog.set_level(logging.INFO, logger="puller.publisher.broker")
+
+    def publish() -> None:
+        try:
+            published.set_result(broker.publish_request(request.encode(), request.request_id))
+        except BaseException as error:  # handed to the test's thread
+            published.set_exception(error)
+
+    try:
+        threading.Thread(target=publish, daemon=True).start()
+        eventually(
+            lambda: published.done() or "came back" in caplog.text,
+            "the publish neither ended nor had its history copy returned",
+        )
+        admin.queue_bind(topo.HISTORY_STREAM_NAME, topo.HISTORY.name, "")
+        published.result(timeout=15)
+        assert history_holds(vhost_url, request.encode()), "the request is not in the history"
+        assert broker.history_resent >= 1 and broker.history_unrouted == 0
+    finally:
+        admin.connection.close()
+        live_connection.close()
 
 
 def test_requests_from_many_threads_share_one_connection_and_each_arrives_once(
@@ -119,6 +187,7 @@ def test_requests_from_many_threads_share_one_connection_and_each_arrives_once(
     with Publisher(vhost_url) as publisher:
         assert publisher.connect(10), publisher.connection_problem
         connection, queue = bound_queue(vhost_url, topo.PULLS.name)
+        kept_connection, _ = bound_queue(vhost_url, topo.HISTORY.name)  # as workers bind it
         try:
 
             def requests() -> None:
@@ -135,10 +204,11 @@ def test_requests_from_many_threads_share_one_connection_and_each_arrives_once(
                 thread.join(timeout=60)
             assert errors == []
             assert len(sent) == 200
-            assert connections_in(rabbitmq, vhost_url) == 2, "the publisher's and the test's"
+            assert connections_in(rabbitmq, vhost_url) == 3, "the publisher's and the test's two"
             got = take(connection, queue, count=200)
         finally:
             connection.close()
+            kept_connection.close()
     assert sorted(p.correlation_id for p, _ in got) == sorted(sent)
 
 

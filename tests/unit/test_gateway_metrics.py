@@ -24,6 +24,7 @@ class CountingPublisher:
         self.down = False
         self.connected = True
         self.memory = AnswerMemory(64 * 2**20, 0, 0, 0, 0, 0)
+        self.history_unrouted = 0
 
     def nodes(self) -> list[object]:
         self.reads += 1

@@ -1006,6 +1006,7 @@ class Disconnected:
 
     connected = False
     connection_problem = "not connected (a test)"
+    history_unrouted = 0
 
     def connect(self, timeout: float) -> bool:
         return False

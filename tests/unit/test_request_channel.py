@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import Any
 
 import pika
@@ -14,7 +15,24 @@ import pytest
 
 from contract import BrokerUnavailable, NoNodes
 from contract import topology as topo
-from publisher.request_channel import RequestChannel
+from publisher.request_channel import HISTORY_ATTEMPTS, HISTORY_RETRY_DELAY, RequestChannel
+
+
+class FakeLoop:
+    """Keeps what pika's loop would run later; the test runs it."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Callable[[], None]]] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        self.later.append((delay, callback))
+
+    def run_due(self) -> list[float]:
+        """Runs what was waiting; returns the delays it waited for."""
+        due, self.later = self.later, []
+        for _, callback in due:
+            callback()
+        return [delay for delay, _ in due]
 
 
 class FakeChannel:
@@ -25,6 +43,7 @@ class FakeChannel:
         self.on_return: Callable[..., None] | None = None
         self.on_confirm: Callable[[pika.frame.Method], None] | None = None
         self.is_open = True
+        self.connection = SimpleNamespace(ioloop=FakeLoop())
 
     def add_on_return_callback(self, callback: Callable[..., None]) -> None:
         self.on_return = callback
@@ -50,9 +69,10 @@ class FakeChannel:
         assert self.on_confirm is not None
         self.on_confirm(pika.frame.Method(1, kind(delivery_tag=tag, multiple=multiple)))
 
-    def give_back(self, request_id: str) -> None:
+    def give_back(self, request_id: str, exchange: str = topo.PULLS.name) -> None:
         assert self.on_return is not None
-        self.on_return(self, None, pika.BasicProperties(correlation_id=request_id), b"")
+        method = pika.spec.Basic.Return(312, "NO_ROUTE", exchange, "")
+        self.on_return(self, method, pika.BasicProperties(correlation_id=request_id), b"{}")
 
 
 @pytest.fixture
@@ -76,7 +96,7 @@ def test_a_request_settles_once_both_copies_are_confirmed(
     requests.publish(b"{}", "r1", True, settled)
     assert [(e, m) for e, _, m in fake.published] == [
         (topo.PULLS.name, True),
-        (topo.HISTORY.name, False),
+        (topo.HISTORY.name, True),
     ]
     [(_, live, _), (_, kept, _)] = fake.published
     assert (live.correlation_id, live.reply_to, live.user_id) == (
@@ -146,3 +166,119 @@ def test_a_lost_connection_fails_every_request_still_waiting(
     assert done.result(timeout=0) is None
     with pytest.raises(BrokerUnavailable, match="lost"):
         waiting.result(timeout=0)
+
+
+def test_a_returned_history_copy_is_published_again_until_the_history_takes_it(
+    fake: FakeChannel,
+) -> None:
+    returns: list[int] = []
+    requests = RequestChannel(
+        fake,
+        "broker:5672",
+        "puller.replies.x",
+        "sessions",
+        on_history_returned=lambda given_up: returns.append(int(given_up)),
+    )
+    requests.confirming(lambda: None)
+    settled: Future[None] = Future()
+    requests.publish(b"{}", "r1", True, settled)
+    fake.ack(1)
+    fake.give_back("r1", topo.HISTORY.name)
+    fake.ack(2)
+    assert not settled.done()
+    assert fake.connection.ioloop.run_due() == [HISTORY_RETRY_DELAY]
+    assert [e for e, _, _ in fake.published] == [topo.PULLS.name, *[topo.HISTORY.name] * 2]
+    fake.ack(3)
+    assert settled.result(timeout=0) is None
+    assert returns == [0], "sent again once"
+
+
+def test_a_history_copy_returned_every_time_is_counted_and_the_request_settles(
+    fake: FakeChannel,
+) -> None:
+    returns: list[int] = []
+    requests = RequestChannel(
+        fake,
+        "broker:5672",
+        "puller.replies.x",
+        "sessions",
+        on_history_returned=lambda given_up: returns.append(int(given_up)),
+    )
+    requests.confirming(lambda: None)
+    settled: Future[None] = Future()
+    requests.publish(b"{}", "r1", True, settled)
+    fake.ack(1)
+    delays: list[float] = []
+    for tag in range(2, 2 + HISTORY_ATTEMPTS):
+        fake.give_back("r1", topo.HISTORY.name)
+        fake.ack(tag)
+        delays += fake.connection.ioloop.run_due()
+    assert len(delays) == HISTORY_ATTEMPTS - 1 and delays == sorted(delays)
+    assert settled.result(timeout=0) is None
+    assert returns == [0] * (HISTORY_ATTEMPTS - 1) + [1], "sent again, then given up"
+
+
+def test_a_request_waiting_to_publish_its_history_again_fails_with_the_connection(
+    requests: RequestChannel, fake: FakeChannel
+) -> None:
+    settled: Future[None] = Future()
+    requests.publish(b"{}", "r1", True, settled)
+    fake.ack(1)
+    fake.give_back("r1", topo.HISTORY.name)
+    fake.ack(2)
+    requests.fail_all(BrokerUnavailable("lost"))
+    with pytest.raises(BrokerUnavailable, match="lost"):
+        settled.result(timeout=0)
+    fake.is_open = False
+    fake.connection.ioloop.run_due()
+    assert len(fake.published) == 2
+
+
+def test_after_a_history_copy_never_taken_the_next_are_sent_once_until_one_is_taken(
+    fake: FakeChannel,
+) -> None:
+    returns: list[int] = []
+    requests = RequestChannel(
+        fake,
+        "broker:5672",
+        "puller.replies.x",
+        "sessions",
+        on_history_returned=lambda given_up: returns.append(int(given_up)),
+    )
+    requests.confirming(lambda: None)
+    first: Future[None] = Future()
+    requests.publish(b"{}", "r1", True, first)
+    fake.ack(1)
+    for tag in range(2, 2 + HISTORY_ATTEMPTS):
+        fake.give_back("r1", topo.HISTORY.name)
+        fake.ack(tag)
+        fake.connection.ioloop.run_due()
+    tag = 1 + HISTORY_ATTEMPTS
+    second: Future[None] = Future()
+    requests.publish(b"{}", "r2", True, second)
+    fake.give_back("r2", topo.HISTORY.name)
+    fake.ack(tag + 2, multiple=True)
+    assert second.result(timeout=0) is None and fake.connection.ioloop.later == []
+    assert returns == [0] * (HISTORY_ATTEMPTS - 1) + [1, 1]
+    third: Future[None] = Future()
+    requests.publish(b"{}", "r3", True, third)  # the history is bound again
+    fake.ack(tag + 4, multiple=True)
+    fourth: Future[None] = Future()
+    requests.publish(b"{}", "r4", True, fourth)
+    fake.ack(tag + 5)
+    fake.give_back("r4", topo.HISTORY.name)
+    fake.ack(tag + 6)
+    assert not fourth.done(), "published again, as a history that worked before"
+
+
+def test_a_request_no_worker_and_no_history_took_is_no_nodes_at_once_and_not_kept(
+    requests: RequestChannel, fake: FakeChannel
+) -> None:
+    settled: Future[None] = Future()
+    requests.publish(b"{}", "r1", True, settled)
+    fake.give_back("r1")
+    fake.give_back("r1", topo.HISTORY.name)
+    fake.ack(2, multiple=True)
+    with pytest.raises(NoNodes, match="not in the history"):
+        settled.result(timeout=0)
+    assert fake.connection.ioloop.later == []
