@@ -19,6 +19,11 @@ ROUTES = (
     "/nodes",
     "/openapi.json",
     "/metrics",
+    "/",
+    "/fleet.js",
+    "/fleet.css",
+    "/fleet.json",
+    "/fleet/actions",
 )
 ROSTER_SCRAPE_MAX_AGE = 5.0
 """Seconds a scrape reuses the last one's roster count: a roster read puts a marker into the

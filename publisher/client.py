@@ -22,8 +22,10 @@ from contract import (
     Misconfigured,
     NodeProgress,
     NodeResult,
+    NodeState,
     NoNodes,
     PruneRequest,
+    PruneResult,
     PullRequest,
     Status,
     parse_reference,
@@ -54,6 +56,15 @@ ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
 MAX_WARM_IMAGES = REQUESTS_REMEMBERED
 """At most this many images in one :meth:`Publisher.warm` (their answers are all kept)."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What :meth:`Publisher.survey` found: the roster, and a report per image asked."""
+
+    roster: Roster
+    """Every node seen lately, those leaving included."""
+    reports: tuple[StatusReport, ...]
 
 
 @dataclass(frozen=True)
@@ -149,13 +160,15 @@ class Publisher:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
         return self.roster().nodes
 
-    def roster(self) -> Roster:
+    def roster(self, *, leaving: bool = False) -> Roster:
         """:meth:`nodes`, and whether the list is complete: a flooded presence stream is
-        answered from what was read of it, with a note saying so, rather than not at all."""
-        return self._roster(since=time.time() - self.roster_max_age)
+        answered from what was read of it, with a note saying so, rather than not at all.
+        With ``leaving``, the nodes whose latest word is "leaving" are in it too."""
+        return self._roster(since=time.time() - self.roster_max_age, leaving=leaving)
 
-    def _roster(self, since: float) -> Roster:
-        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving".
+    def _roster(self, since: float, leaving: bool = False) -> Roster:
+        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving"
+        (with ``leaving``: whatever it is).
 
         The presence stream is followed into memory from the first call on; each call waits
         for what was announced before it (see :meth:`PublisherBroker.sync_presence`)."""
@@ -168,7 +181,7 @@ class Publisher:
                 count=invalid - self._invalid_presence,
             )
             self._invalid_presence = invalid
-        nodes = book.roster(since)
+        nodes = book.announcements(since) if leaving else book.roster(since)
         notes = []
         if not sync.complete:
             busiest = book.busiest()
@@ -292,6 +305,40 @@ class Publisher:
             notes=(*roster_notes, *notes),
         )
 
+    def survey(self, images: Iterable[str | ImageReference], *, timeout: float = 2.0) -> Survey:
+        """Asks every node about each of ``images`` at once (a check each, pulling nothing),
+        and waits at most ``timeout`` seconds in all for the nodes that are up: a status
+        report per image (as :meth:`status`), from one roster read, which keeps the nodes
+        that are leaving too. Every image is checked first (raises as :meth:`check`)."""
+        references = list(dict.fromkeys(self.check(image) for image in images))
+        roster = self.roster(leaving=True)
+        wanted = {info.node for info in roster.nodes if info.state is NodeState.UP}
+        requests = [CheckRequest.new(reference) for reference in references]
+        started = time.monotonic()
+        published = set()
+        for request in requests if wanted else ():
+            try:
+                self._publish(request, history=False)
+            except NoNodes:
+                break  # every worker is gone: nobody can answer the rest either
+            published.add(request.request_id)
+        reports = []
+        for request in requests:
+            results: dict[str, Answer] = {}
+            if request.request_id in published:
+                results = self._replies.wait(
+                    request.request_id, lambda r: wanted <= r.keys(), started + timeout
+                )
+            answered = _pull_results(results)
+            waited = round(time.monotonic() - started, 6)
+            silent = [
+                NodeResult(request.request_id, node, str(request.image), Status.NO_REPLY, waited)
+                for node in sorted(wanted - answered.keys())
+            ]
+            rows = tuple(sorted([*answered.values(), *silent], key=lambda r: r.node))
+            reports.append(StatusReport(request.request_id, str(request.image), rows))
+        return Survey(roster, tuple(reports))
+
     def warm(
         self,
         images: Iterable[str | ImageReference],
@@ -301,6 +348,7 @@ class Publisher:
         timeout: float = 3600.0,
         on_update: Callable[[WarmReport], None] | None = None,
         progress: bool = True,
+        on_event: Callable[[NodeProgress | NodeResult], None] | None = None,
     ) -> WarmReport:
         """Puts every image of ``images`` on every node, behind any session's pull: each
         node works through them at its ``PULLER_MAX_CONCURRENT_PULLS``, and starts a
@@ -311,7 +359,8 @@ class Publisher:
         answer for every image; ``on_update`` gets the report so far about twice a second
         (progress per node: images answered, bytes). Which nodes are waited for: as
         :meth:`pull`. With ``progress=False`` nodes send no progress reports (a few a second
-        each while they pull) and the report's bytes stay 0.
+        each while they pull) and the report's bytes stay 0. ``on_event`` gets each progress
+        report and answer as it is handed over (on this thread).
         """
         references = list(dict.fromkeys(self.check(image) for image in images))
         if not references:
@@ -330,6 +379,12 @@ class Publisher:
             for reference in references
         ]
         report = WarmReport.start(tuple(str(r) for r in references), expect, wanted)
+
+        def take(event: Event) -> None:
+            report.take(event)
+            if on_event is not None and not isinstance(event, PruneResult):
+                on_event(event)
+
         try:
             for request in requests:
                 self._publish(request, watch=True)
@@ -338,7 +393,7 @@ class Publisher:
                 self._replies.wait(pending[0], lambda _: False, deadline, wake_every=WAKE_INTERVAL)
                 for request_id in pending:
                     # Hands over what came (progress and answers) without waiting.
-                    self._replies.wait(request_id, lambda _: True, 0.0, report.take)
+                    self._replies.wait(request_id, lambda _: True, 0.0, take)
                 pending = [request_id for request_id in pending if not report.finished(request_id)]
                 if on_update is not None:
                     on_update(report)
