@@ -51,6 +51,7 @@ PAGE_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/fleet.js": ("fleet.js", "text/javascript; charset=utf-8"),
     "/fleet.css": ("fleet.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 FLEET_PATHS = (*PAGE_FILES, "/fleet.json", "/fleet/actions")
 

@@ -22,6 +22,7 @@ ROUTES = (
     "/",
     "/fleet.js",
     "/fleet.css",
+    "/favicon.svg",
     "/fleet.json",
     "/fleet/actions",
 )
