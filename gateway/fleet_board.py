@@ -32,6 +32,11 @@ SURVEY_TIMEOUT = 1.5
 """Seconds a survey waits for the nodes' answers (a node that misses it shows "no answer")."""
 MAX_IMAGES = 100
 """Images in a survey at most: those named by pages first, then the most recently asked."""
+HISTORY_WINDOW = 3600.0
+"""Seconds back that the history is read for the images asked lately."""
+ASKED_FRESH = 600.0
+"""Seconds after it was asked that a node without the image shows "asked, not there yet"
+rather than "absent" (a failure is answered to whoever asked, not to the page)."""
 NAMED_FOR = 60.0
 """Seconds an image a page named stays in the survey without being named again."""
 MAX_ACTIONS = 4
@@ -75,7 +80,8 @@ class FleetBoard:
         self._survey_timeout = survey_timeout
         self._clock = clock
         self._lock = threading.Lock()
-        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        """Images asked through this gateway, with when (Unix time)."""
         self._named: OrderedDict[str, float] = OrderedDict()
         """Images pages named, with when (``clock()``) they last did."""
         self._pulling: dict[tuple[str, str], tuple[Pulling, float]] = {}
@@ -94,8 +100,9 @@ class FleetBoard:
     def asked(self, image: str) -> None:
         """An image someone asked the fleet for (``/pull_images``, ``POST /pulls``): cheap,
         called on the hot path."""
+        now = time.time()
         with self._lock:
-            self._recent[image] = None
+            self._recent[image] = now
             self._recent.move_to_end(image)
             if len(self._recent) > MAX_IMAGES:
                 self._recent.popitem(last=False)
@@ -110,15 +117,20 @@ class FleetBoard:
             while len(self._named) > MAX_IMAGES:
                 self._named.popitem(last=False)
 
-    def _images(self) -> list[str]:
+    def _images(self, history: list[tuple[str, float]]) -> tuple[list[str], dict[str, float]]:
+        """The images to survey (named ones, then the most recently asked, here or in
+        ``history``), and when each asked one was last asked (Unix time)."""
         now = self._clock()
         with self._lock:
             for image, when in list(self._named.items()):
                 if now - when > NAMED_FOR:
                     del self._named[image]
             named = list(reversed(self._named))
-            recent = list(reversed(self._recent))
-        return list(dict.fromkeys([*named, *recent]))[:MAX_IMAGES]
+            asked = dict(self._recent)
+        for image, when in history:
+            asked[image] = max(when, asked.get(image, 0.0))
+        recent = sorted(asked, key=lambda image: asked[image], reverse=True)
+        return list(dict.fromkeys([*named, *recent]))[:MAX_IMAGES], asked
 
     # -- the survey ------------------------------------------------------------------------------
 
@@ -157,7 +169,9 @@ class FleetBoard:
 
     def _survey(self, started: float) -> bytes:
         publisher = self._publisher_now()
-        survey = publisher.survey(self._images(), timeout=self._survey_timeout)
+        history, problem = publisher.asked_lately(HISTORY_WINDOW)
+        images, asked = self._images(history)
+        survey = publisher.survey(images, timeout=self._survey_timeout)
         self.surveys += 1
         now = self._clock()
         present = {
@@ -175,7 +189,14 @@ class FleetBoard:
                     del self._failures[key]
             pulling = {key: value for key, (value, _) in self._pulling.items()}
             failures = {key: (kind, message) for key, (kind, message, _) in self._failures.items()}
-        document = fleet_matrix(survey, pulling, failures)
+        wall = time.time()
+        lately = {image: wall - when for image, when in asked.items() if wall - when <= ASKED_FRESH}
+        document = fleet_matrix(survey, pulling, failures, asked=lately)
+        if problem is not None:
+            document["notes"].append(
+                f"{problem}: the images shown are those asked through this gateway (give its "
+                "user read on puller.history.stream to see everyone's, docs/security.md)"
+            )
         document["actions"] = self.actions
         document["generated_at"] = time.time()
         return _document(document)

@@ -4,7 +4,9 @@ per image, see :meth:`publisher.Publisher.survey`) and what the page's own pulls
 Pure: no I/O, no clock of its own, so the rules below are unit-tested with fakes.
 
 A cell is ``"p"`` present, ``"a"`` absent, ``"n"`` no answer, ``["d", version]`` drift (present,
-but another digest than most nodes that have the image), ``["u", percent or null]`` pulling,
+but another digest than most nodes that have the image), ``["u", percent or null]`` pulling
+(a pull the page started, with its progress), ``["w", seconds]`` asked that long ago and not
+there yet (pulling or queued: the node's progress and answer go to whoever asked),
 ``["f", kind, message]`` failed. Short codes: 100 nodes x 100 images is 10,000 cells.
 """
 
@@ -59,6 +61,7 @@ def cell(
     drifting: bool,
     pulling: Pulling | None,
     failure: tuple[str, str] | None,
+    asked: float | None = None,
 ) -> object:
     """One node's cell for one image (see the module's doc for the codes)."""
     if result is not None and result.status in (Status.PRESENT, Status.PULLED):
@@ -74,7 +77,9 @@ def cell(
         failure = (error.kind.value, error.message)
     if failure is not None:
         return ["f", failure[0], failure[1][:MAX_MESSAGE]]
-    return "a" if result is not None and result.status is Status.ABSENT else "n"
+    if result is not None and result.status is Status.ABSENT:
+        return "a" if asked is None else ["w", round(asked)]
+    return "n"
 
 
 def fleet_matrix(
@@ -82,12 +87,15 @@ def fleet_matrix(
     pulling: Mapping[tuple[str, str], Pulling],
     failures: Mapping[tuple[str, str], tuple[str, str]],
     max_nodes: int = MAX_NODES_SHOWN,
+    asked: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The page's document: ``nodes`` (the roster, by name: state, last seen, version),
     ``images``, ``cells`` (a row per node, a column per image) and ``notes``.
 
     ``pulling`` and ``failures`` are keyed by (image, node): the page's own pulls in flight,
-    and their failures (kind, message), shown where the survey has nothing better."""
+    and their failures (kind, message), shown where the survey has nothing better. ``asked``:
+    seconds since each image was last asked, for those asked lately (a node without it is
+    then waiting for it, not just without it)."""
     rows = {info.node: info for info in survey.roster.nodes}
     answered = {r.node for report in survey.reports for r in report.nodes}
     names = sorted(rows.keys() | answered)
@@ -105,6 +113,7 @@ def fleet_matrix(
                 drifting,
                 pulling.get((image, node)),
                 failures.get((image, node)),
+                (asked or {}).get(image),
             )
             for image, results, majority, drifting in by_image
         ]

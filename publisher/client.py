@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from contract import (
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
+from publisher.history_reader import RecentRequests
 from publisher.replies import REQUESTS_REMEMBERED, Answer, Event, ReplyBook
 from publisher.report import PruneReport, PullReport, StatusReport, WarmReport
 from publisher.roster import NodeInfo, Roster, RosterBook
@@ -115,6 +117,8 @@ class Publisher:
         self._broker = PublisherBroker(
             self.amqp_url, connect_timeout, self._replies.receive, tls=tls
         )
+        self._history: RecentRequests | None = None
+        self._history_lock = threading.Lock()
 
     def __enter__(self) -> Publisher:
         return self
@@ -205,6 +209,18 @@ class Publisher:
         note = "; ".join(notes)
         log.warning("the roster may be incomplete", reason=note)
         return Roster(nodes, complete=False, note=note)
+
+    def asked_lately(self, window: float) -> tuple[list[tuple[str, float]], str | None]:
+        """The images any publisher asked the fleet for in the last ``window`` seconds, read
+        from the history stream: ``(image, requested_at)``, the most recent first; and why
+        the history cannot be read, if it cannot (its user may not read the stream, say).
+        The first call starts the reading (from ``window`` back): it returns what was read
+        so far, later calls the rest."""
+        with self._history_lock:
+            if self._history is None:
+                self._history = RecentRequests(self._broker, window)
+            history = self._history
+        return history.images(), history.problem
 
     def check(self, image: str | ImageReference) -> ImageReference:
         """``image`` parsed and normalised, if :attr:`policy` allows it; raises

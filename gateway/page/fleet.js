@@ -3,7 +3,9 @@
 "use strict";
 
 const POLL_MS = 2000;
-const STATES = { p: "present", a: "absent", n: "no answer", d: "drift", u: "pulling", f: "failed" };
+const STATES = {
+  p: "present", a: "absent", n: "no answer", d: "drift", u: "pulling", w: "asked, not there yet", f: "failed",
+};
 
 let shape = "";
 let cellsByPosition = [];
@@ -38,6 +40,8 @@ function drawCell(span, value, node, image) {
     hover += " (" + value[1] + ")" + (value[2] ? ": " + value[2] : "");
   } else if (code === "d") {
     hover += ": has " + value[1];
+  } else if (code === "w") {
+    hover += " (asked " + value[1] + " s ago: pulling or queued; its answer goes to whoever asked)";
   }
   span.title = hover;
   span.dataset.state = code;
@@ -112,7 +116,7 @@ function summarise(doc) {
     }
   }
   const parts = [doc.nodes.length + " nodes", doc.images.length + " images"];
-  for (const code of ["p", "u", "f", "a", "d", "n"]) {
+  for (const code of ["p", "u", "w", "f", "a", "d", "n"]) {
     if (counts[code]) parts.push(counts[code] + " " + STATES[code]);
   }
   if (doc.hidden_nodes) parts.push(doc.hidden_nodes + " more nodes not shown");

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -160,6 +161,11 @@ class FakePublisher:
         self.surveys: list[list[str]] = []
         self.gate = gate
         self.warmed: list[list[str]] = []
+        self.history: list[tuple[str, float]] = []
+        self.problem: str | None = None
+
+    def asked_lately(self, window: float) -> tuple[list[tuple[str, float]], str | None]:
+        return self.history, self.problem
 
     def survey(self, images: Iterable[str], *, timeout: float) -> Survey:
         if self.gate is not None:
@@ -227,6 +233,25 @@ def test_named_images_come_first_and_expire() -> None:
     board.snapshot()
     eventually(lambda: len(fake.surveys) == 2)
     assert fake.surveys[-1] == [OTHER]
+
+
+def test_images_asked_anywhere_join_by_when_and_a_node_without_one_is_waiting() -> None:
+    fake, clock = FakePublisher(), Clock()
+    board = board_with(fake, clock)
+    board.asked(OTHER)  # through this gateway, just now
+    fake.history = [(IMAGE, time.time() - 30), ("docker.io/library/old:1", time.time() - 7200)]
+    document = json.loads(board.snapshot())
+    assert document["images"] == [OTHER, IMAGE, "docker.io/library/old:1"]
+    assert document["cells"][0][:2] == [["w", 0], ["w", 30]]
+    assert document["cells"][0][2] == "a"  # asked too long ago to be waited for
+
+
+def test_a_history_that_cannot_be_read_is_said() -> None:
+    fake, clock = FakePublisher(), Clock()
+    fake.problem = "the history stream cannot be read: ACCESS_REFUSED"
+    notes = json.loads(board_with(fake, clock).snapshot())["notes"]
+    assert len(notes) == 1
+    assert "ACCESS_REFUSED" in notes[0] and "puller.history.stream" in notes[0]
 
 
 def test_actions_are_refused_when_off_and_bounded_when_on() -> None:
