@@ -19,10 +19,18 @@ from typing import Any
 
 import structlog
 
-from contract import BrokerUnavailable, ImageReference, NodeProgress, NodeResult, Status
+from contract import (
+    BrokerUnavailable,
+    ImageReference,
+    NodeProgress,
+    NodeResult,
+    NodeState,
+    Status,
+)
 from gateway.fleet_matrix import Pulling, fleet_matrix
 from publisher import Publisher
-from publisher.client import MAX_WARM_IMAGES
+from publisher.client import MAX_WARM_IMAGES, Survey
+from publisher.report import StatusReport
 
 log = structlog.get_logger("gateway.fleet")
 
@@ -48,6 +56,9 @@ FAILURE_FORGOTTEN = 600.0
 ACTION_TIMEOUT = 600.0
 """Seconds a warm-up or refresh started from the page waits for its answers at most."""
 CHECK_TIMEOUT = 5.0
+SETTLED_RECHECK = 10.0
+"""Seconds between checks of an image every node that is up has (settled: only a tag moved
+by hand, or a prune, changes that); the others are checked at every survey."""
 SOON = 0.5
 """Seconds after an action's answer that a poll starts a survey to show it."""
 
@@ -92,8 +103,14 @@ class FleetBoard:
         self._refreshing = False
         self._first = threading.Event()
         self._running_actions = threading.BoundedSemaphore(MAX_ACTIONS)
+        self._checked: dict[str, tuple[StatusReport, float]] = {}
+        """The last report on each image shown, and when (``clock()``) its survey began."""
+        self._up: set[str] = set()
+        """The nodes up at the last survey."""
         self.surveys = 0
         """Surveys made since the start (what the page's polls cost RabbitMQ and the nodes)."""
+        self.checks = 0
+        """Images checked in them (each is a message to every node, and an answer from each)."""
 
     # -- what to show ----------------------------------------------------------------------------
 
@@ -125,7 +142,7 @@ class FleetBoard:
             for image, when in list(self._named.items()):
                 if now - when > NAMED_FOR:
                     del self._named[image]
-            named = list(reversed(self._named))
+            named = list(self._named)  # in the order the pages name them
             asked = dict(self._recent)
         for image, when in history:
             asked[image] = max(when, asked.get(image, 0.0))
@@ -171,21 +188,31 @@ class FleetBoard:
         publisher = self._publisher_now()
         history, problem = publisher.asked_lately(HISTORY_WINDOW)
         images, asked = self._images(history)
-        survey = publisher.survey(images, timeout=self._survey_timeout)
+        with self._lock:
+            due = [image for image in images if self._due(image, started)]
+        fresh = publisher.survey(due, timeout=self._survey_timeout)
         self.surveys += 1
+        self.checks += len(due)
         now = self._clock()
+        with self._lock:
+            for report in fresh.reports:
+                self._checked[report.image] = (report, started)
+            self._checked = {i: self._checked[i] for i in images if i in self._checked}
+            self._up = {n.node for n in fresh.roster.nodes if n.state is NodeState.UP}
+            checked = list(self._checked.values())
+        survey = Survey(fresh.roster, tuple(report for report, _ in checked))
         present = {
-            (report.image, r.node)
-            for report in survey.reports
+            (report.image, r.node): when
+            for report, when in checked
             for r in report.nodes
             if r.status in (Status.PRESENT, Status.PULLED)
         }
         with self._lock:
             for key, (_, heard) in list(self._pulling.items()):
-                if (key in present and heard < started) or now - heard > PULLING_FORGOTTEN:
+                if present.get(key, -1.0) > heard or now - heard > PULLING_FORGOTTEN:
                     del self._pulling[key]
             for key, (_, _, when) in list(self._failures.items()):
-                if (key in present and when < started) or now - when > FAILURE_FORGOTTEN:
+                if present.get(key, -1.0) > when or now - when > FAILURE_FORGOTTEN:
                     del self._failures[key]
             pulling = {key: value for key, (value, _) in self._pulling.items()}
             failures = {key: (kind, message) for key, (kind, message, _) in self._failures.items()}
@@ -200,6 +227,22 @@ class FleetBoard:
         document["actions"] = self.actions
         document["generated_at"] = time.time()
         return _document(document)
+
+    def _due(self, image: str, now: float) -> bool:
+        """Whether ``image`` is checked in this survey: always, unless every node that is
+        up had it at the last check, less than :data:`SETTLED_RECHECK` ago."""
+        known = self._checked.get(image)
+        if known is None:
+            return True
+        report, when = known
+        settled = bool(self._up) and self._up <= {r.node for r in report.present}
+        return not settled or now - when >= SETTLED_RECHECK
+
+    def _recheck(self, images: Iterable[ImageReference]) -> None:
+        """The next survey checks ``images`` (an action on them may have changed them)."""
+        with self._lock:
+            for image in images:
+                self._checked.pop(str(image), None)
 
     def _publisher_now(self) -> Publisher:
         with self._lock:
@@ -239,6 +282,7 @@ class FleetBoard:
             )
         for image in images:
             self.asked(str(image))
+        self._recheck(images)
         if action == "check":
             try:
                 report = self._publisher_now().status(images[0], timeout=CHECK_TIMEOUT)
@@ -264,6 +308,7 @@ class FleetBoard:
             log.exception("a fleet page action failed")
         finally:
             self._running_actions.release()
+            self._recheck(images)
             self.refresh_soon()
 
     def _warm(self, images: list[ImageReference]) -> None:

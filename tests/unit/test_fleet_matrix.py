@@ -163,6 +163,7 @@ class FakePublisher:
         self.warmed: list[list[str]] = []
         self.history: list[tuple[str, float]] = []
         self.problem: str | None = None
+        self.present: set[str] = set()
 
     def asked_lately(self, window: float) -> tuple[list[tuple[str, float]], str | None]:
         return self.history, self.problem
@@ -172,7 +173,13 @@ class FakePublisher:
             self.gate.wait(5)
         asked = list(images)
         self.surveys.append(asked)
-        return survey(["n1"], *(report(row("n1", Status.ABSENT, image=i), image=i) for i in asked))
+        rows = {
+            image: row("n1", Status.PRESENT, "sha256:a", image)
+            if image in self.present
+            else row("n1", Status.ABSENT, image=image)
+            for image in asked
+        }
+        return survey(["n1"], *(report(rows[i], image=i) for i in asked))
 
     def warm(self, images: list[ImageReference], **_options: Any) -> None:
         self.warmed.append([str(i) for i in images])
@@ -244,6 +251,27 @@ def test_images_asked_anywhere_join_by_when_and_a_node_without_one_is_waiting() 
     assert document["images"] == [OTHER, IMAGE, "docker.io/library/old:1"]
     assert document["cells"][0][:2] == [["w", 0], ["w", 30]]
     assert document["cells"][0][2] == "a"  # asked too long ago to be waited for
+
+
+def test_an_image_every_node_has_is_checked_less_often_and_shown_all_along() -> None:
+    fake, clock = FakePublisher(), Clock()
+    fake.present = {IMAGE}
+    board = board_with(fake, clock)
+    board.name([parse_reference(IMAGE), parse_reference(OTHER)])
+    board.snapshot()
+    for seconds in (2, 4, 6, 8, 10):
+        clock.now = 1000.0 + seconds
+        # polls until one starts the survey (the last one may be finishing): one per step
+        wanted = 1 + seconds // 2
+
+        def surveyed(n: int = wanted) -> bool:
+            return bool(board.snapshot()) and len(fake.surveys) == n
+
+        eventually(surveyed)
+    # IMAGE (settled) at the first survey and 10 s later; OTHER (absent) at every one
+    assert [IMAGE in asked for asked in fake.surveys] == [True, False, False, False, False, True]
+    assert all(OTHER in asked for asked in fake.surveys)
+    assert json.loads(board.snapshot())["cells"] == [["p", "a"]]
 
 
 def test_a_history_that_cannot_be_read_is_said() -> None:
