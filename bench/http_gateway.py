@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 from bench.common import bench_environment, percentile, print_table, save, stop_all
 from contract import NodePresence, NodeResult, Status
 from gateway.fleet_matrix import fleet_matrix
-from localcluster.cluster import GatewayProcess
+from localcluster.cluster import GatewayProcess, metric_value
 from publisher import Publisher
 from publisher.client import Survey
 from publisher.report import StatusReport
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--pages", type=int, default=4, help="fleet pages open at once")
     parser.add_argument("--page-images", type=int, default=20, help="images each page names")
+    parser.add_argument(
+        "--page-rounds", type=int, default=2, help="no page / pages open, alternated, per level"
+    )
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.clients.split(",")]
     rows: list[list[object]] = []
@@ -67,21 +70,26 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 named = [f"{image.rsplit(':', 1)[0]}-page-{i}:1" for i in range(args.page_images)]
                 for clients in levels:
-                    closed = run(clients, args.requests, lambda: _http(gateway.port, image))
-                    with OpenPages(gateway.port, args.pages, named) as pages:
-                        opened = run(clients, args.requests, lambda: _http(gateway.port, image))
-                    page_rows.append(
-                        [
-                            clients,
-                            closed[0],
-                            closed[1],
-                            opened[0],
-                            opened[1],
-                            opened[1] - closed[1],
-                            pages.polls,
-                            pages.biggest,
-                        ]
-                    )
+                    for _ in range(args.page_rounds):
+                        closed = run(clients, args.requests, lambda: _http(gateway.port, image))
+                        before = _fleet_metrics(gateway.port)
+                        with OpenPages(gateway.port, args.pages, named) as pages:
+                            opened = run(clients, args.requests, lambda: _http(gateway.port, image))
+                        after = _fleet_metrics(gateway.port)
+                        page_rows.append(
+                            [
+                                clients,
+                                closed[0],
+                                closed[1],
+                                opened[0],
+                                opened[1],
+                                opened[1] - closed[1],
+                                pages.polls,
+                                after[0] - before[0],
+                                after[1] - before[1],
+                                pages.biggest,
+                            ]
+                        )
         finally:
             gateway.stop()
             stop_all([w.process for w in workers])
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             "p99 ms",
             "p99 difference ms",
             "polls",
+            "surveys",
+            "images checked",
             "fleet.json bytes",
         ],
         page_rows,
@@ -190,6 +200,20 @@ class OpenPages:
             self.biggest = max(self.biggest, len(data))
             self._stop.wait(POLL_SECONDS)
         connection.close()
+
+
+def _fleet_metrics(port: int) -> tuple[float, float]:
+    """The gateway's surveys and images checked for the fleet page so far."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    return (
+        metric_value(text, "puller_http_fleet_surveys_total"),
+        metric_value(text, "puller_http_fleet_checks_total"),
+    )
 
 
 def matrix_size(nodes: int, images: int) -> int:

@@ -83,8 +83,11 @@ class FleetBoard:
         max_age: float = FLEET_MAX_AGE,
         survey_timeout: float = SURVEY_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        on_survey: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_survey``: told how many images each survey checked (the gateway's metrics)."""
         self.actions = actions
+        self._on_survey = on_survey
         self._make_publisher = make_publisher
         self._publisher: Publisher | None = None
         self._max_age = max_age
@@ -193,6 +196,8 @@ class FleetBoard:
         fresh = publisher.survey(due, timeout=self._survey_timeout)
         self.surveys += 1
         self.checks += len(due)
+        if self._on_survey is not None:
+            self._on_survey(len(due))
         now = self._clock()
         with self._lock:
             for report in fresh.reports:

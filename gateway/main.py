@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         tls=broker_tls(settings),
         policy=image_policy(settings),
     ) as publisher:
+        metrics = GatewayMetrics()
         fleet = (
             FleetBoard(
                 lambda: Publisher(
@@ -53,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                     policy=image_policy(settings),
                 ),
                 actions=settings.fleet_actions,
+                on_survey=metrics.surveyed,
             )
             if settings.fleet_page
             else None
         )
-        gateway = Gateway(publisher, settings, GatewayMetrics(), fleet=fleet)
+        gateway = Gateway(publisher, settings, metrics, fleet=fleet)
         try:
             server = HttpServer(
                 settings.http_port,

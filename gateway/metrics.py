@@ -65,9 +65,26 @@ class GatewayMetrics:
             "Callers waiting in POST /pulls now",
             registry=self.registry,
         )
+        self.fleet_surveys = Counter(
+            "puller_http_fleet_surveys",
+            "Surveys of the fleet made for the fleet page (at most one every 2 s, while a page "
+            "polls)",
+            registry=self.registry,
+        )
+        self.fleet_checks = Counter(
+            "puller_http_fleet_checks",
+            "Images checked in those surveys (each a message to every node, and an answer "
+            "from each)",
+            registry=self.registry,
+        )
         self.connected = Gauge(
             "puller_http_broker_connected", "1 while connected to RabbitMQ", registry=self.registry
         )
+
+    def surveyed(self, checks: int) -> None:
+        """A survey of the fleet for the page, of ``checks`` images."""
+        self.fleet_surveys.inc()
+        self.fleet_checks.inc(checks)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = (
