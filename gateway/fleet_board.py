@@ -56,6 +56,8 @@ FAILURE_FORGOTTEN = 600.0
 ACTION_TIMEOUT = 600.0
 """Seconds a warm-up or refresh started from the page waits for its answers at most."""
 CHECK_TIMEOUT = 5.0
+MAX_TRACKED = 100_000
+"""(image, node) pairs of the page's own pulls followed at most (progress, failures)."""
 SETTLED_RECHECK = 10.0
 """Seconds between checks of an image every node that is up has (settled: only a tag moved
 by hand, or a prune, changes that); the others are checked at every survey."""
@@ -332,6 +334,8 @@ class FleetBoard:
         """A progress report or answer to a pull the page started."""
         key, now = (event.image, event.node), self._clock()
         with self._lock:
+            if key not in self._pulling and len(self._pulling) + len(self._failures) >= MAX_TRACKED:
+                return
             if isinstance(event, NodeProgress):
                 self._pulling[key] = (Pulling(event.done, event.total), now)
                 return

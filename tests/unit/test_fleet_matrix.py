@@ -27,7 +27,7 @@ from gateway.fleet_matrix import Pulling, fleet_matrix, majority_version, node_s
 from publisher import Publisher
 from publisher.client import Survey
 from publisher.report import StatusReport
-from publisher.roster import Roster
+from publisher.roster import Roster, RosterBook
 from tests.waiting import eventually
 
 IMAGE = "docker.io/library/a:1"
@@ -301,3 +301,15 @@ def test_actions_are_refused_when_off_and_bounded_when_on() -> None:
     eventually(lambda: fake.warmed == [[IMAGE]])
     clock.now += 5  # the action's progress is shown by the next survey
     eventually(lambda: json.loads(board.snapshot())["cells"] == [[["u", 25]]])
+
+
+def test_the_book_keeps_leaving_nodes_for_the_page_but_not_for_the_roster() -> None:
+    book = RosterBook()
+    book.add(presence("a"), seen=100.0, horizon=0.0)
+    book.add(presence("b", state=NodeState.LEAVING), seen=100.0, horizon=0.0)
+    book.add(presence("c"), seen=10.0, horizon=0.0)  # too long ago
+    assert [n.node for n in book.roster(since=50.0)] == ["a"]
+    assert [(n.node, node_state(n)) for n in book.announcements(since=50.0)] == [
+        ("a", "up"),
+        ("b", "leaving"),
+    ]
