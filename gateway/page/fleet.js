@@ -27,6 +27,9 @@ function shortName(image) {
 }
 
 function drawCell(span, value, node, image) {
+  const key = JSON.stringify(value);
+  if (span.dataset.v === key) return; // unchanged since the last poll
+  span.dataset.v = key;
   const code = Array.isArray(value) ? value[0] : value;
   span.className = "cell " + code;
   span.replaceChildren();

@@ -173,6 +173,36 @@ def test_an_action_works_where_enabled_and_is_refused_where_not(
     )
 
 
+def test_100_nodes_by_100_images_draw_whole_and_readable(
+    gateways: tuple[GatewayProcess, GatewayProcess], page: Page
+) -> None:
+    read_only, _ = gateways
+    nodes = [f"node-{i:03}.eu-west-1.compute.internal" for i in range(100)]
+    images = [f"docker.io/cyberdojofoundation/language_{i:03}:93eefc6" for i in range(100)]
+    states: list[object] = ["p"] * 6 + ["a", ["u", 40], ["w", 12], ["f", "stalled", "no byte"]]
+    document = {
+        "nodes": [{"name": n, "state": "up", "last_seen": 1e9, "version": "0.1.0"} for n in nodes],
+        "images": images,
+        "cells": [[states[(i + j) % len(states)] for j in range(100)] for i in range(100)],
+        "hidden_nodes": 0,
+        "notes": [],
+        "actions": False,
+        "generated_at": 1e9 + 2,
+    }
+    body = json.dumps(document, separators=(",", ":"))
+    page.route(
+        "**/fleet.json*",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=body),
+    )
+    page.goto(read_only.url)
+    page.wait_for_selector("body[data-ready]", timeout=WAIT_MS)
+    assert page.locator("#matrix tbody .cell").count() == 100 * 100
+    box = page.locator("#matrix tbody .cell").first.bounding_box()
+    assert box is not None and box["width"] >= 10  # a cell stays big enough to see and point at
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTEFACTS / "fleet-page-100x100.png")
+
+
 def test_hostile_names_are_shown_as_text_never_run(
     cluster: LocalCluster,
     gateways: tuple[GatewayProcess, GatewayProcess],
