@@ -18,11 +18,14 @@ from urllib.parse import quote
 import pika
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
+from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import CONTENT_TYPE, NodePresence, NodeState
 from contract import topology as topo
 from localcluster.cluster import GatewayProcess, LocalCluster
 from tests.integration.conftest import NODES, run_cli
+from tests.integration.test_broker_users import set_up_vhost
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -234,6 +237,42 @@ def test_hostile_names_are_shown_as_text_never_run(
         announce(cluster, NodeState.LEAVING)  # out of the roster for the tests after this one
 
 
+def test_a_gateway_whose_user_may_not_read_the_history_says_so_and_shows_its_own(
+    rabbitmq: RabbitMqContainer, management: str, tmp_path: Path
+) -> None:
+    broker = set_up_vhost(rabbitmq, management, "fleet")  # broker-setup's users
+    gateway = GatewayProcess(broker.url("sessions"), tmp_path / "gateway.log")
+    gateway.start()
+    try:
+        image = "127.0.0.1:5000/demo/asked-here:1"
+        status, _ = call(gateway, "POST", "/pull_images", {"id": "s1", "image_name": image})
+        assert status == 200
+        found: dict[str, Any] = {}
+
+        def said() -> bool:
+            found.update(call(gateway, "GET", "/fleet.json")[1])
+            return any("puller.history.stream" in note for note in found.get("notes", []))
+
+        eventually(said, "the page never said the history cannot be read", timeout=30)
+        assert "ACCESS_REFUSED" in found["notes"][0]
+        assert found["images"] == [image]  # asked through this gateway: still shown
+    finally:
+        gateway.stop()
+
+
+def call(
+    gateway: GatewayProcess, method: str, path: str, arguments: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    try:
+        body = json.dumps(arguments).encode() if arguments is not None else None
+        connection.request(method, path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
 def announce(cluster: LocalCluster, state: NodeState) -> None:
     """A presence announcement of a node named :data:`HOSTILE`, as any worker user may send."""
     now = time.time()
@@ -252,18 +291,7 @@ def announce(cluster: LocalCluster, state: NodeState) -> None:
 
 
 def post_action(gateway: GatewayProcess, arguments: dict[str, Any]) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
-    try:
-        connection.request(
-            "POST",
-            "/fleet/actions",
-            json.dumps(arguments).encode(),
-            {"Content-Type": "application/json"},
-        )
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
+    return call(gateway, "POST", "/fleet/actions", arguments)
 
 
 def puller_env(cluster: LocalCluster) -> dict[str, str]:
