@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from contract import NodePresence, NodeState, PullFailed, puller_version
-from worker.catch_up.replay import CatchUpStatus
+from worker.catch_up.status import CatchUpStatus
 from worker.stores.contract import ImageStore
 
 
