@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--page-rounds", type=int, default=2, help="no page / pages open, alternated, per level"
     )
+    parser.add_argument(
+        "--settled",
+        action="store_true",
+        help="the pages name images every node has (checked every 10 s), not missing ones",
+    )
     args = parser.parse_args(argv)
     levels = [int(n) for n in args.clients.split(",")]
     rows: list[list[object]] = []
@@ -69,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                         ]
                     )
                 named = [f"{image.rsplit(':', 1)[0]}-page-{i}:1" for i in range(args.page_images)]
+                if args.settled:
+                    named = [
+                        environment.registry.push_files(f"bench/page-{i}", "1", {"f": b"%d" % i})
+                        for i in range(args.page_images)
+                    ]
+                    publisher.warm(named, expect=args.workers, timeout=600, progress=False)
                 for clients in levels:
                     for _ in range(args.page_rounds):
                         closed = run(clients, args.requests, lambda: _http(gateway.port, image))
@@ -110,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_table(
         f"/pull_images with {args.pages} fleet pages open (each polling /fleet.json every "
-        f"{POLL_SECONDS:g} s, {args.page_images} images named) against none",
+        f"{POLL_SECONDS:g} s, {args.page_images} images named, "
+        f"{'every node has them' if args.settled else 'no node has them'}) against none",
         [
             "clients",
             "no page p50 ms",
