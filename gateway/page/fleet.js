@@ -137,7 +137,8 @@ async function poll() {
   const query = new URLSearchParams();
   for (const image of named()) query.append("image", image);
   try {
-    const response = await fetch("/fleet.json" + (query.size ? "?" + query : ""), { cache: "no-store" });
+    const search = query.toString(); // (URLSearchParams.size is newer than some browsers)
+    const response = await fetch("/fleet.json" + (search ? "?" + search : ""), { cache: "no-store" });
     const doc = await response.json();
     if (!response.ok) {
       showError(doc.exception ? doc.exception.message : "HTTP " + response.status);
