@@ -15,12 +15,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 
-from contract import BrokerUnavailable, Forbidden, InvalidReference, NoNodes
+from contract import BrokerUnavailable, Forbidden, ImageReference, InvalidReference, NoNodes
 from contract.fields import MAX_ID_LENGTH
+from gateway.fleet_board import MAX_IMAGES, ActionRefused, FleetBoard
 from gateway.metrics import ROSTER_SCRAPE_MAX_AGE, GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
@@ -33,6 +37,23 @@ log = structlog.get_logger("gateway")
 EXCEPTION_CLASS = "Puller"
 """The ``class`` of every error, as the original service named itself."""
 DEFAULT_PULL_TIMEOUT = 60.0
+PAGE_HEADERS = {
+    # scripts, styles and fetches from the gateway itself only; no inline script, no frames
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+FLEET_JSON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+PAGE_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/fleet.js": ("fleet.js", "text/javascript; charset=utf-8"),
+    "/fleet.css": ("fleet.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+FLEET_PATHS = (*PAGE_FILES, "/fleet.json", "/fleet/actions")
 
 
 class ApiError(Exception):
@@ -57,8 +78,11 @@ class Gateway:
         settings: GatewaySettings,
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
+        fleet: FleetBoard | None = None,
     ) -> None:
+        """``fleet``: the fleet page's board (``None``: no page)."""
         self._publisher = publisher
+        self._fleet = fleet
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -79,6 +103,13 @@ class Gateway:
             ("GET", "/openapi.json"): lambda _request: _json(200, openapi_document()),
             ("GET", "/metrics"): lambda _request: self._metrics.exposition(self._refresh),
         }
+        if fleet is not None:
+            page = resources.files("gateway") / "page"
+            for path, (name, kind) in PAGE_FILES.items():
+                answer = Response(200, (page / name).read_bytes(), kind, PAGE_HEADERS)
+                self._own["GET", path] = partial(_same, answer)
+            self._own["GET", "/fleet.json"] = partial(self._fleet_json, fleet)
+            self._own["POST", "/fleet/actions"] = partial(self._fleet_action, fleet)
 
     def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -102,8 +133,11 @@ class Gateway:
             return own(request)
         if request.path.startswith("/pulls/") and request.method == "GET":
             return self._pull_status(request.path.removeprefix("/pulls/"))
-        if request.path in ("/pulls", "/nodes", "/openapi.json", "/metrics") or (
-            request.path.startswith("/pulls/")
+        fleet_path = self._fleet is not None and request.path in FLEET_PATHS[1:]
+        if (
+            fleet_path
+            or request.path in ("/pulls", "/nodes", "/openapi.json", "/metrics")
+            or request.path.startswith("/pulls/")
         ):
             allowed = sorted(m for m, p in self._own if p == request.path) or ["GET"]
             raise ApiError(405, f"method not allowed: use {' or '.join(allowed)}")
@@ -153,6 +187,8 @@ class Gateway:
             self._metrics.publish_failures.labels("broker_unavailable").inc()
             raise ApiError(503, str(error)) from None
         log.info("pull requested", **answer)
+        if self._fleet is not None:
+            self._fleet.asked(str(image))
         return answer
 
     # -- puller's own --------------------------------------------------------------------------
@@ -168,6 +204,8 @@ class Gateway:
             self._metrics.publish_failures.labels("forbidden").inc()
             raise ApiError(403, f"forbidden: {error}") from None
         expect, nodes, timeout = self._pull_options(arguments)
+        if self._fleet is not None:
+            self._fleet.asked(str(image))
         if not self._waiting.acquire(blocking=False):
             raise ApiError(
                 503,
@@ -261,6 +299,44 @@ class Gateway:
             answer["notes"] = [roster.note]
         return _json(200, answer)
 
+    # -- the fleet page -------------------------------------------------------------------------
+
+    def _fleet_json(self, fleet: FleetBoard, request: Request) -> Response:
+        names = []
+        for key, value in parse_qsl(request.query, keep_blank_values=True):
+            if key != "image":
+                raise ApiError(400, f"unknown argument: :{key} (only image=NAME, repeated)")
+            names.append(value)
+        if len(names) > MAX_IMAGES:
+            raise ApiError(400, f"{len(names)} images named; at most {MAX_IMAGES}")
+        fleet.name([self._checked(name, "image") for name in names])
+        return Response(200, fleet.snapshot(), headers=FLEET_JSON_HEADERS)
+
+    def _fleet_action(self, fleet: FleetBoard, request: Request) -> Response:
+        if not request.headers.get("Content-Type", "").startswith("application/json"):
+            # a form on another site cannot send this type without the browser asking first
+            raise ApiError(415, "send the action as Content-Type: application/json")
+        arguments = _arguments(request.body)
+        _check(Arguments(("action", "images")), arguments)
+        images = arguments["images"]
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ApiError(400, "invalid argument: :images must be an array of image names")
+        checked = [self._checked(image, "images") for image in images]
+        try:
+            status, answer = fleet.act(_string(arguments, "action"), checked)
+        except ActionRefused as error:
+            raise ApiError(error.status, error.message) from None
+        return _json(status, answer)
+
+    def _checked(self, name: str, argument: str) -> ImageReference:
+        """``name`` parsed, if the image policy allows it (as for ``/pull_images``)."""
+        try:
+            return self._publisher.check(name)
+        except InvalidReference as error:
+            raise ApiError(400, f"invalid argument: :{argument}: {error}") from None
+        except Forbidden as error:
+            raise ApiError(403, f"forbidden: {error}") from None
+
     def _refresh(self) -> None:
         with self._scraping:  # scrapes at once wait for one roster read, then share it
             now, last = self._clock(), self._scraped_roster
@@ -280,6 +356,10 @@ class _NotReady(ApiError):
     def __init__(self, reason: str) -> None:
         super().__init__(503, f"not connected to RabbitMQ: {reason}")
         self.reason = reason
+
+
+def _same(answer: Response, _request: Request) -> Response:
+    return answer
 
 
 def _arguments(body: bytes) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import sys
 import structlog
 
 from gateway.api import Gateway
+from gateway.fleet_board import FleetBoard
 from gateway.metrics import GatewayMetrics
 from gateway.settings import GatewaySettings, InvalidSetting, environment_help
 from publisher import Publisher
@@ -44,7 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         policy=image_policy(settings),
         answer_memory=settings.answer_memory_mb * 2**20,
     ) as publisher:
-        gateway = Gateway(publisher, settings, GatewayMetrics())
+        metrics = GatewayMetrics()
+        fleet = (
+            FleetBoard(
+                lambda: Publisher(
+                    settings.amqp_url,
+                    connect_timeout=settings.connect_timeout,
+                    tls=broker_tls(settings),
+                    policy=image_policy(settings),
+                ),
+                actions=settings.fleet_actions,
+                on_survey=metrics.surveyed,
+            )
+            if settings.fleet_page
+            else None
+        )
+        gateway = Gateway(publisher, settings, metrics, fleet=fleet)
         try:
             server = HttpServer(
                 settings.http_port,
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         stopping.wait()
         log.info("stopping")
         server.stop()
+        if fleet is not None:
+            fleet.close()
     return 0
 
 

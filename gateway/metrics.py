@@ -20,6 +20,12 @@ ROUTES = (
     "/nodes",
     "/openapi.json",
     "/metrics",
+    "/",
+    "/fleet.js",
+    "/fleet.css",
+    "/favicon.svg",
+    "/fleet.json",
+    "/fleet/actions",
 )
 ROSTER_SCRAPE_MAX_AGE = 5.0
 """Seconds a scrape reuses the last one's roster count: a roster read puts a marker into the
@@ -66,6 +72,18 @@ class GatewayMetrics:
             "the history stream (nodes away then do not catch up on them)",
             registry=self.registry,
         )
+        self.fleet_surveys = Counter(
+            "puller_http_fleet_surveys",
+            "Surveys of the fleet made for the fleet page (at most one every 2 s, while a page "
+            "polls)",
+            registry=self.registry,
+        )
+        self.fleet_checks = Counter(
+            "puller_http_fleet_checks",
+            "Images checked in those surveys (each a message to every node, and an answer "
+            "from each)",
+            registry=self.registry,
+        )
         self.connected = Gauge(
             "puller_http_broker_connected", "1 while connected to RabbitMQ", registry=self.registry
         )
@@ -103,6 +121,11 @@ class GatewayMetrics:
         for what, count in now.items():
             self.answers_given_up.labels(what).inc(max(count - self._given_up[what], 0))
         self._given_up = now
+
+    def surveyed(self, checks: int) -> None:
+        """A survey of the fleet for the page, of ``checks`` images."""
+        self.fleet_surveys.inc()
+        self.fleet_checks.inc(checks)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = (

@@ -12,6 +12,7 @@ from publisher.settings import PublisherSettings
 from serving.settings import (
     InvalidSetting,
     Setting,
+    boolean,
     broker_tls,
     log_format_setting,
     number,
@@ -59,6 +60,20 @@ class GatewaySettings(PublisherSettings):
         600.0,
         help="the longest `timeout` a `POST /pulls` may ask for, seconds",
         minimum=1,
+    )
+    fleet_page: bool = setting(
+        "PULLER_HTTP_FLEET_PAGE",
+        boolean,
+        True,
+        help="`true`: `GET /` serves the fleet page (read-only unless "
+        "`PULLER_HTTP_FLEET_ACTIONS`); `false`: no page, and no survey of the fleet",
+    )
+    fleet_actions: bool = setting(
+        "PULLER_HTTP_FLEET_ACTIONS",
+        boolean,
+        False,
+        help="`true`: the fleet page may warm, refresh and check images (under the image "
+        "policy); put authentication in front of the gateway first (docs/security.md)",
     )
     connect_timeout: float = setting(
         "PULLER_CONNECT_TIMEOUT",

@@ -111,6 +111,7 @@ def _up(root: Path, nodes: int, brokers: int = 1) -> LocalCluster:
         print(f"RabbitMQ   {url}")
     print(f"registry   {cluster.registry.address}")
     print(f"HTTP API   {gateway.url}  (puller-http, log {gateway.log_path})")
+    print(f"fleet page {gateway.url}/  (open it in a browser: every node by every image, live)")
     for engine, worker in zip(cluster.engines, cluster.workers, strict=True):
         print(
             f"{engine.name:<10} DOCKER_HOST={engine.docker_host}  "

@@ -10,6 +10,7 @@
 - ``replies``: the answers received, for the callers waiting on them
 - ``report``: :class:`PullReport`
 - ``roster``: :class:`NodeInfo`, the live nodes, from the workers' presence stream
+- ``history_reader``: the images anyone asked for lately, from the history stream
 - ``cli`` and ``live_view``: the ``puller`` command
 
 A library: it logs through the standard ``logging`` module (logger ``puller.publisher``)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from contract import (
     Misconfigured,
     NodeProgress,
     NodeResult,
+    NodeState,
     NoNodes,
     PruneRequest,
+    PruneResult,
     PullRequest,
     Status,
     parse_reference,
@@ -31,6 +34,7 @@ from contract import (
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
+from publisher.history_reader import RecentRequests
 from publisher.replies import (
     DEFAULT_ANSWER_MEMORY,
     REQUESTS_REMEMBERED,
@@ -62,6 +66,15 @@ ProgressCallback = Callable[[NodeProgress], None]
 ResultCallback = Callable[[NodeResult], None]
 MAX_WARM_IMAGES = REQUESTS_REMEMBERED
 """At most this many images in one :meth:`Publisher.warm` (their answers are all kept)."""
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What :meth:`Publisher.survey` found: the roster, and a report per image asked."""
+
+    roster: Roster
+    """Every node seen lately, those leaving included."""
+    reports: tuple[StatusReport, ...]
 
 
 @dataclass(frozen=True)
@@ -119,6 +132,8 @@ class Publisher:
         self._broker = PublisherBroker(
             self.amqp_url, connect_timeout, self._replies.receive, tls=tls
         )
+        self._history: RecentRequests | None = None
+        self._history_lock = threading.Lock()
 
     def __enter__(self) -> Publisher:
         return self
@@ -184,13 +199,15 @@ class Publisher:
         """The live nodes: those whose worker announced itself within ``roster_max_age``."""
         return self.roster().nodes
 
-    def roster(self) -> Roster:
+    def roster(self, *, leaving: bool = False) -> Roster:
         """:meth:`nodes`, and whether the list is complete: a flooded presence stream is
-        answered from what was read of it, with a note saying so, rather than not at all."""
-        return self._roster(since=time.time() - self.roster_max_age)
+        answered from what was read of it, with a note saying so, rather than not at all.
+        With ``leaving``, the nodes whose latest word is "leaving" are in it too."""
+        return self._roster(since=time.time() - self.roster_max_age, leaving=leaving)
 
-    def _roster(self, since: float) -> Roster:
-        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving".
+    def _roster(self, since: float, leaving: bool = False) -> Roster:
+        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving"
+        (with ``leaving``: whatever it is).
 
         The presence stream is followed into memory from the first call on; each call waits
         for what was announced before it (see :meth:`PublisherBroker.sync_presence`)."""
@@ -203,7 +220,7 @@ class Publisher:
                 count=invalid - self._invalid_presence,
             )
             self._invalid_presence = invalid
-        nodes = book.roster(since)
+        nodes = book.announcements(since) if leaving else book.roster(since)
         notes = []
         if not sync.complete:
             busiest = book.busiest()
@@ -227,6 +244,18 @@ class Publisher:
         note = "; ".join(notes)
         log.warning("the roster may be incomplete", reason=note)
         return Roster(nodes, complete=False, note=note)
+
+    def asked_lately(self, window: float) -> tuple[list[tuple[str, float]], str | None]:
+        """The images any publisher asked the fleet for in the last ``window`` seconds, read
+        from the history stream: ``(image, requested_at)``, the most recent first; and why
+        the history cannot be read, if it cannot (its user may not read the stream, say).
+        The first call starts the reading (from ``window`` back): it returns what was read
+        so far, later calls the rest."""
+        with self._history_lock:
+            if self._history is None:
+                self._history = RecentRequests(self._broker, window)
+            history = self._history
+        return history.images(), history.problem
 
     def check(self, image: str | ImageReference) -> ImageReference:
         """``image`` parsed and normalised, if :attr:`policy` allows it; raises
@@ -330,6 +359,45 @@ class Publisher:
             notes=(*roster_notes, *notes),
         )
 
+    def survey(self, images: Iterable[str | ImageReference], *, timeout: float = 2.0) -> Survey:
+        """Asks every node about each of ``images`` at once (a check each, pulling nothing),
+        and waits at most ``timeout`` seconds in all for the nodes that are up: a status
+        report per image (as :meth:`status`), from one roster read, which keeps the nodes
+        that are leaving too. Every image is checked first (raises as :meth:`check`)."""
+        references = list(dict.fromkeys(self.check(image) for image in images))
+        roster = self.roster(leaving=True)
+        wanted = {info.node for info in roster.nodes if info.state is NodeState.UP}
+        requests = [CheckRequest.new(reference) for reference in references]
+        started = time.monotonic()
+        published = set()
+        try:
+            for request in requests if wanted else ():
+                try:
+                    self._publish(request, history=False, hold=True)
+                except NoNodes:
+                    break  # every worker is gone: nobody can answer the rest either
+                published.add(request.request_id)
+            answers = {
+                request_id: self._replies.wait(
+                    request_id, lambda r: wanted <= r.keys(), started + timeout
+                )
+                for request_id in published
+            }
+        finally:
+            for request_id in published:
+                self._replies.release(request_id)
+        reports = []
+        for request in requests:
+            answered = _pull_results(answers.get(request.request_id, {}))
+            waited = round(time.monotonic() - started, 6)
+            silent = [
+                NodeResult(request.request_id, node, str(request.image), Status.NO_REPLY, waited)
+                for node in sorted(wanted - answered.keys())
+            ]
+            rows = tuple(sorted([*answered.values(), *silent], key=lambda r: r.node))
+            reports.append(StatusReport(request.request_id, str(request.image), rows))
+        return Survey(roster, tuple(reports))
+
     def warm(
         self,
         images: Iterable[str | ImageReference],
@@ -339,6 +407,7 @@ class Publisher:
         timeout: float = 3600.0,
         on_update: Callable[[WarmReport], None] | None = None,
         progress: bool = True,
+        on_event: Callable[[NodeProgress | NodeResult], None] | None = None,
     ) -> WarmReport:
         """Puts every image of ``images`` on every node, behind any session's pull: each
         node works through them at its ``PULLER_MAX_CONCURRENT_PULLS``, and starts a
@@ -349,7 +418,8 @@ class Publisher:
         answer for every image; ``on_update`` gets the report so far about twice a second
         (progress per node: images answered, bytes). Which nodes are waited for: as
         :meth:`pull`. With ``progress=False`` nodes send no progress reports (a few a second
-        each while they pull) and the report's bytes stay 0.
+        each while they pull) and the report's bytes stay 0. ``on_event`` gets each progress
+        report and answer as it is handed over (on this thread).
         """
         references = list(dict.fromkeys(self.check(image) for image in images))
         if not references:
@@ -368,6 +438,12 @@ class Publisher:
             for reference in references
         ]
         report = WarmReport.start(tuple(str(r) for r in references), expect, wanted)
+
+        def take(event: Event) -> None:
+            report.take(event)
+            if on_event is not None and not isinstance(event, PruneResult):
+                on_event(event)
+
         try:
             for request in requests:
                 self._publish(request, watch=True)
@@ -376,7 +452,7 @@ class Publisher:
                 self._replies.wait(pending[0], lambda _: False, deadline, wake_every=WAKE_INTERVAL)
                 for request_id in pending:
                     # Hands over what came (progress and answers) without waiting.
-                    self._replies.wait(request_id, lambda _: True, 0.0, report.take)
+                    self._replies.wait(request_id, lambda _: True, 0.0, take)
                 pending = [request_id for request_id in pending if not report.finished(request_id)]
                 if on_update is not None:
                     on_update(report)

@@ -101,6 +101,13 @@ class RosterBook:
             if entry.seen >= since and entry.presence.state is NodeState.UP
         ]
 
+    def announcements(self, since: float) -> list[NodeInfo]:
+        """Every node's latest announcement seen since ``since`` (Unix time), "leaving" ones
+        included, by node name."""
+        with self._lock:
+            entries = sorted(self._latest.items())
+        return [entry.presence for _, entry in entries if entry.seen >= since]
+
     def count(self, user: str | None) -> None:
         with self._lock:
             self.senders[user or ""] += 1
