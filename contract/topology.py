@@ -11,6 +11,7 @@ arguments, so sharing one table is also what keeps the two sides compatible.
               --copy--> [puller.history fanout] --> puller.history.stream (replayed on connect)
     worker --result/progress--> [puller.replies direct] --(routing key)--> puller.reply.ID
     worker --presence--> [puller.presence fanout] --> puller.presence.stream (the roster)
+    worker --consumes--> puller.census (empty; its consumer count is the number of workers)
 
 Streams and exchanges have different names because RabbitMQ's permissions match a name
 whatever its kind: a user who may publish to an exchange must not thereby get write on the
@@ -73,6 +74,16 @@ PRESENCE_STREAM = Queue(
     },
 )
 """Recent presence announcements: the roster is read from it."""
+
+CENSUS = Queue(
+    "puller.census",
+    durable=True,
+    arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"},
+)
+"""Every worker consumes it and nothing is meant to be put in it: a passive declaration
+answers with its consumer count, which is how a worker learns how many nodes there are
+(a stream reports no counts). Quorum, so that it outlives any one broker of a cluster.
+Declared by workers that may, and by ``puller broker-setup``; never required."""
 
 HISTORY_STREAM_NAME = "puller.history.stream"
 DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0

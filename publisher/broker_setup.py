@@ -4,11 +4,14 @@ Three roles, each a set of RabbitMQ permissions (configure, write, read regular 
 resource names) derived from :mod:`contract.topology`:
 
 ``admin``
-    declares the shared topology (exchanges, streams, bindings): everything named ``puller.*``.
+    declares the shared topology (exchanges, streams, bindings, the census queue): everything
+    named ``puller.*``.
 ``worker``
     declares, binds and consumes its own node's queue; answers on ``puller.replies``; announces
     itself on ``puller.presence``; reads the history stream and puts markers into it through the
-    ``puller.history`` exchange. It may not publish pull requests.
+    ``puller.history`` exchange; consumes the census queue (``puller.census``, declared by
+    the admin), whose consumer count tells it how many nodes there are. It may not publish
+    pull requests.
 ``publisher``
     declares, binds and consumes its reply queues; publishes pull requests (live and history);
     reads the presence stream, and puts the roster's markers into it through the
@@ -184,8 +187,9 @@ def permissions(role: Role | str, node: str | None = None) -> Permissions:
                 _name(topo.PRESENCE.name),
                 _name(topo.HISTORY.name),
             ),
-            # consuming its queue and the history stream; queue.bind reads the pulls exchange
-            read=_only(own_queue, _name(topo.PULLS.name), history),
+            # consuming its queue, the history stream and the census (declared by broker-setup);
+            # queue.bind reads the pulls exchange
+            read=_only(own_queue, _name(topo.PULLS.name), history, _name(topo.CENSUS.name)),
         )
     reply_queues = _prefixed(topo.REPLY_QUEUE_PREFIX)
     return Permissions(
@@ -490,7 +494,7 @@ def declare_topology(
         try:
             channel = connection.channel()
             history = topo.history_stream(history_max_age, history_max_bytes)
-            for item in topo.shared_declarations(history):
+            for item in (*topo.shared_declarations(history), topo.CENSUS):
                 try:
                     declare(channel, item)
                 except pika.exceptions.ChannelClosedByBroker as error:

@@ -142,7 +142,11 @@ class Worker:
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
         self._presence = PresenceAnnouncer(
-            settings.node_name, self._store, settings.presence_interval, self._catch_up.status
+            settings.node_name,
+            self._store,
+            settings.presence_interval,
+            self._catch_up.status,
+            settings.presence_target_rate,
         )
         self._liveness = Liveness()
         self._health = (
@@ -283,7 +287,9 @@ class Worker:
                 while not stopping.is_set():
                     self._liveness.tick()
                     if self._presence.due():
-                        self._broker.announce(self._presence.message())
+                        census = self._broker.census
+                        self._broker.announce(self._presence.message(nodes=census.nodes))
+                        census.ask()  # for the next one
                     self._broker.process_events(EVENT_LOOP_SLICE)
                     self._catch_up.checkpoint_if_due(self._service.unfinished)
             except BrokerUnavailable as error:
@@ -298,7 +304,9 @@ class Worker:
         """The connection's first presence announcement, confirmed before ``/ready`` says
         "connected": whoever reads the roster after that finds this node (announced
         unconfirmed, a roster read at once could miss it)."""
-        arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
+        arrived = self._broker.announce_arrival(
+            self._presence.message(nodes=self._broker.census.nodes, first=True), ARRIVAL_WAIT
+        )
         if not arrived:
             log.warning(
                 "RabbitMQ did not confirm this node's announcement; publishers list the "
@@ -314,7 +322,9 @@ class Worker:
         self._presence.stop()
         if self._broker.connected:
             with contextlib.suppress(BrokerUnavailable):
-                self._broker.announce(self._presence.message(NodeState.LEAVING))
+                self._broker.announce(
+                    self._presence.message(NodeState.LEAVING, nodes=self._broker.census.nodes)
+                )
             self._broker.stop_consuming()
         self._serve_while_unfinished(self.settings.shutdown_grace)
         if self._service.unfinished:

@@ -51,12 +51,12 @@ def test_the_patterns_of_each_role() -> None:
     assert permissions("worker", "node-1") == Permissions(
         configure=r"^puller\.node\.node\-1$",
         write=r"^(?:puller\.node\.node\-1|puller\.replies|puller\.presence|puller\.history)$",
-        read=r"^(?:puller\.node\.node\-1|puller\.pulls|puller\.history\.stream)$",
+        read=r"^(?:puller\.node\.node\-1|puller\.pulls|puller\.history\.stream|puller\.census)$",
     )
     assert permissions(Role.WORKER) == Permissions(
         configure=r"^puller\.node\..+$",
         write=r"^(?:puller\.node\..+|puller\.replies|puller\.presence|puller\.history)$",
-        read=r"^(?:puller\.node\..+|puller\.pulls|puller\.history\.stream)$",
+        read=r"^(?:puller\.node\..+|puller\.pulls|puller\.history\.stream|puller\.census)$",
     )
     assert permissions(Role.PUBLISHER) == Permissions(
         configure=r"^puller\.reply\..+$",

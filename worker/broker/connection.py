@@ -43,6 +43,7 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
+from worker.broker.census import Census
 from worker.broker.delivery import Delivery
 from worker.broker.outbox import Outbox
 from worker.broker.topology import WorkerTopology
@@ -114,8 +115,7 @@ class WorkerBroker(Outbox):
         )
         self._brokers = Brokers(listed, broker_order, node)
         self._close_wait = blocked_timeout + CONNECT_TIMEOUT
-        """A close RabbitMQ does not answer (it reads nothing from a connection it blocks)
-        ends when pika's blocked-connection timeout drops the socket."""
+        """An unanswered close ends when pika's blocked-connection timeout drops the socket."""
         self._node = node
         self._prefetch = prefetch
         self._history_stream = history_stream
@@ -140,12 +140,12 @@ class WorkerBroker(Outbox):
         self._presence_properties = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user or None
         )
-        """Announcements carry the user RabbitMQ checks them against: readers can tell who
-        put what into the presence stream."""
+        """Carrying the user RabbitMQ checks: readers can tell who put what into the stream."""
         self._topology = WorkerTopology(
             node, self.user, history_stream, self._call, self._new_channel, lambda: self.where
         )
         self._stream_port = stream_port
+        self.census = Census(lambda opened: self._open_link().channel(on_open=opened))
         self.tail_reads_off_leader = 0
         """Tail reads made on the node connected to because the stream's leader could not
         be reached (its copy may lag behind the leader's)."""
@@ -211,6 +211,7 @@ class WorkerBroker(Outbox):
         presence = self._new_channel()
         link.call(presence, partial(presence.confirm_delivery, self._on_confirm))
         self._presence_channel = presence
+        self.census.join()
 
     def _deliverer(
         self, channel: Channel, on_delivery: Callable[[Delivery], None], history: bool = False
