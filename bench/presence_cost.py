@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         url, first, count, rate = args.child
         return _child(url, int(first), int(count), float(rate))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the broker on the way out
     sizes = [int(n) for n in args.nodes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="pb-presence-", dir="/tmp"))
     root.chmod(0o755)  # the broker runs as the rabbitmq user
@@ -254,7 +256,9 @@ def _child(url: str, first: int, count: int, rate: float) -> int:
         print(f"failed: {failed[0]!r}", flush=True)
         return 1
     print("ready", flush=True)
-    threading.Event().wait()
+    parent = os.getppid()
+    while os.getppid() == parent:  # ends with the bench, however it ends
+        time.sleep(1)
     return 0
 
 

@@ -78,12 +78,14 @@ PRESENCE_STREAM = Queue(
 CENSUS = Queue(
     "puller.census",
     durable=True,
-    arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "drop-head"},
+    arguments={"x-max-length": 1, "x-overflow": "drop-head"},
 )
 """Every worker consumes it and nothing is meant to be put in it: a passive declaration
 answers with its consumer count, which is how a worker learns how many nodes there are
-(a stream reports no counts). Quorum, so that it outlives any one broker of a cluster.
-Declared by workers that may, and by ``puller broker-setup``; never required."""
+(a stream reports no counts). A classic queue: on RabbitMQ 3.10 a consume that reaches a
+quorum queue while it starts crashes the channel and closes the whole connection (seen with
+100 workers declaring it at once). While its broker node is down, workers keep their last
+count. Declared by workers that may, and by ``puller broker-setup``; never required."""
 
 HISTORY_STREAM_NAME = "puller.history.stream"
 DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0

@@ -10,6 +10,7 @@ the worker announces as often as a small cluster's would.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -24,6 +25,8 @@ log = structlog.get_logger("worker.broker")
 
 Channel = Any
 """A channel of pika's asynchronous connection (pika has no type hints)."""
+REJOIN_AFTER = 60.0
+"""Seconds between attempts to join a census that could not be joined."""
 
 
 class Census:
@@ -37,22 +40,30 @@ class Census:
         self._channel: Channel | None = None
         self._consuming = False
         self._asking = False
+        self._joined_at = -float("inf")
         self.nodes: int | None = None
         """The workers consuming the census at the last answer (kept across connections:
         the last known is a better guess than none)."""
         self.refused: str | None = None
         """Why the broker refused the census on this connection (``None``: it did not)."""
+        self._said: str | None = None
+        """The refusal last logged."""
 
     def join(self) -> None:
         """Declares the census queue (or, refused that, checks it exists) and consumes it,
         on a channel of its own. Called once the connection is up."""
         self._channel, self._consuming, self._asking, self.refused = None, False, False, None
+        self._joined_at = time.monotonic()
         self._open(passive=False)
 
     def ask(self) -> None:
         """Asks for the count again (the answer updates :attr:`nodes`); does nothing while
-        the last question is unanswered, or the census is not joined."""
+        the last question is unanswered. Not joined (refused, or the queue's broker node was
+        down), it joins again every :data:`REJOIN_AFTER` seconds."""
         channel = self._channel
+        if channel is None and time.monotonic() >= self._joined_at + REJOIN_AFTER:
+            self.join()
+            return
         if not self._consuming or self._asking or channel is None or not channel.is_open:
             return
         self._asking = True
@@ -104,10 +115,13 @@ class Census:
         if not passive and reason.reply_code != NOT_FOUND:
             self._open(passive=True)  # may not declare it: it may exist all the same
             return
-        self.refused = f"{reason.reply_code} {reason.reply_text}"
+        said, self.refused = self._said, f"{reason.reply_code} {reason.reply_text}"
+        self._said = self.refused
+        if said == self.refused:
+            return  # said once already
         log.info(
-            "the census queue cannot be used; presence keeps its base interval until the "
-            "next connection (`puller broker-setup` declares it)",
+            "the census queue cannot be used; presence keeps the last count (the base "
+            "interval if none) and tries again in a minute (`puller broker-setup` declares it)",
             queue=topo.CENSUS.name,
             reason=self.refused,
         )
