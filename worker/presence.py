@@ -21,8 +21,9 @@ from worker.catch_up.replay import CatchUpStatus
 from worker.stores.contract import ImageStore
 
 JITTER = 0.1
-"""A wait between announcements is drawn from the last tenth below the interval, so that
-nodes that started together drift apart; the first after a connection from all of it."""
+"""A stretched interval's waits are drawn from its last tenth, so that nodes that started
+together drift apart; the first after a connection from all of it. The base interval is
+kept as it is (a small cluster announces as before)."""
 
 
 def interval_for(base: float, nodes: int | None, target_rate: float) -> float:
@@ -96,7 +97,7 @@ class PresenceAnnouncer:
         interval, spreading nodes that connect together."""
         self.interval = interval_for(self.base_interval, nodes, self.target_rate)
         now = time.monotonic()
-        low = 0.0 if first else 1 - JITTER
+        low = 0.0 if first else 1 - JITTER if self.interval > self.base_interval else 1.0
         self._next_due = now + self._draw(low * self.interval, self.interval)
         self._last_sent = now
         status = self._catch_up()

@@ -81,9 +81,12 @@ def test_an_announcement_declares_the_interval_and_the_wait_is_drawn_below_it() 
     first = NodePresence.decode(presence.message(nodes=2_000, first=True))
     assert first.interval == 20.0
     assert draws[-1] == (0.0, 20.0)  # the first after connecting: anywhere in the interval
-    later = NodePresence.decode(presence.message(nodes=200))
-    assert later.interval == 5.0
-    assert draws[-1] == pytest.approx(((1 - JITTER) * 5.0, 5.0))
+    later = NodePresence.decode(presence.message(nodes=3_000))
+    assert later.interval == 30.0
+    assert draws[-1] == pytest.approx(((1 - JITTER) * 30.0, 30.0))
+    small = NodePresence.decode(presence.message(nodes=200))
+    assert small.interval == 5.0
+    assert draws[-1] == (5.0, 5.0)  # unstretched: every 5 s, as before
 
 
 def test_the_next_announcement_is_due_after_the_drawn_wait() -> None:
