@@ -16,6 +16,7 @@ stretches to nodes / ``--target-rate`` seconds (at most 60).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import cast
 
 import pika
+import pika.exceptions
 
 from bench.common import print_table, save
 from contract import PRESENCE_INTERVAL, NodePresence, decode_presence_stream
@@ -39,6 +41,7 @@ from localcluster.broker_cluster import BrokerCluster
 from worker.broker.census import Census
 from worker.broker.connection import WorkerBroker
 from worker.catch_up.replay import CatchUpStatus
+from worker.daemon import CENSUS_EVERY
 from worker.presence import PresenceAnnouncer
 from worker.stores.contract import ImageStore
 
@@ -179,13 +182,11 @@ def _announcements(url: str, began: float, ended: float) -> list[NodePresence]:
                 break  # read to the end
             channel.basic_ack(method.delivery_tag, multiple=True)
             message = decode_presence_stream(body)
-            if isinstance(message, NodePresence):
-                if message.last_seen >= ended:
-                    break
-                if message.last_seen >= began:
-                    found.append(message)
+            if isinstance(message, NodePresence) and began <= message.last_seen < ended:
+                found.append(message)
     finally:
-        connection.close()
+        with contextlib.suppress(pika.exceptions.AMQPError):  # a stream refuses the requeue
+            connection.close()
     return found
 
 
@@ -205,7 +206,7 @@ class _NoCensus:
     def join(self) -> None:
         pass
 
-    def ask(self) -> None:
+    def ask(self, every: float) -> None:
         pass
 
 
@@ -244,7 +245,7 @@ def _child(url: str, first: int, count: int, rate: float) -> int:
         while True:
             if presence.due():
                 broker.announce(presence.message(nodes=broker.census.nodes))
-                broker.census.ask()
+                broker.census.ask(every=CENSUS_EVERY * PRESENCE_INTERVAL)
             broker.process_events(SLICE)
 
     for index in range(first, first + count):

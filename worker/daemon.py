@@ -71,6 +71,8 @@ from worker.stores.registry_logins import DockerConfig
 log = structlog.get_logger("worker")
 
 EVENT_LOOP_SLICE = 0.5
+CENSUS_EVERY = 6
+"""Base presence intervals at least between two counts of the nodes (30 s by default)."""
 ARRIVAL_WAIT = 5.0
 """Seconds a new connection waits for RabbitMQ to confirm the node's first announcement
 (in the stream), before it serves anyway."""
@@ -289,7 +291,7 @@ class Worker:
                     if self._presence.due():
                         census = self._broker.census
                         self._broker.announce(self._presence.message(nodes=census.nodes))
-                        census.ask()  # for the next one
+                        census.ask(every=CENSUS_EVERY * self.settings.presence_interval)
                     self._broker.process_events(EVENT_LOOP_SLICE)
                     self._catch_up.checkpoint_if_due(self._service.unfinished)
             except BrokerUnavailable as error:

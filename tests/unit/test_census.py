@@ -13,6 +13,8 @@ import pytest
 from contract import topology as topo
 from worker.broker.census import REJOIN_AFTER, Census
 
+EVERY = 30.0
+
 
 class Channel:
     """Records what the census sends; the test answers for the broker."""
@@ -76,15 +78,19 @@ def joined(census: Census, broker: Broker, consumers: int) -> Channel:
     return channel
 
 
-def test_the_count_is_the_census_queues_consumers() -> None:
+def test_the_count_is_the_census_queues_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
     broker = Broker()
     census = Census(broker.open)
     channel = joined(census, broker, consumers=4)
     assert channel.declared[0][0] is False  # declared, not only checked
     assert census.nodes == 5  # the four before, and this one
-    census.ask()
+    census.ask(EVERY)
+    assert len(channel.declared) == 1  # joining just counted: not asked again so soon
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + EVERY)
+    census.ask(EVERY)
     assert channel.declared[-1][0] is True  # passive: it only asks
-    census.ask()  # the last question is not answered yet: not asked twice
+    census.ask(EVERY)  # the last question is not answered yet: not asked twice
     assert len(channel.declared) == 2
     channel.answer(7)
     assert census.nodes == 7
@@ -112,11 +118,11 @@ def test_a_missing_census_keeps_the_last_count_and_is_tried_again_later(
     assert census.nodes == 100
     assert census.refused is not None
     opened = len(broker.channels)
-    census.ask()
+    census.ask(EVERY)
     assert len(broker.channels) == opened  # not at once
     now = time.monotonic()
     monkeypatch.setattr(time, "monotonic", lambda: now + REJOIN_AFTER + 1)
-    census.ask()
+    census.ask(EVERY)
     assert len(broker.channels) == opened + 1
     broker.serve().answer(9)
     assert census.nodes == 10

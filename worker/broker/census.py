@@ -41,6 +41,7 @@ class Census:
         self._consuming = False
         self._asking = False
         self._joined_at = -float("inf")
+        self._asked_at = -float("inf")
         self.nodes: int | None = None
         """The workers consuming the census at the last answer (kept across connections:
         the last known is a better guess than none)."""
@@ -53,19 +54,24 @@ class Census:
         """Declares the census queue (or, refused that, checks it exists) and consumes it,
         on a channel of its own. Called once the connection is up."""
         self._channel, self._consuming, self._asking, self.refused = None, False, False, None
-        self._joined_at = time.monotonic()
+        self._joined_at = self._asked_at = time.monotonic()  # joining answers with a count
         self._open(passive=False)
 
-    def ask(self) -> None:
-        """Asks for the count again (the answer updates :attr:`nodes`); does nothing while
-        the last question is unanswered. Not joined (refused, or the queue's broker node was
-        down), it joins again every :data:`REJOIN_AFTER` seconds."""
-        channel = self._channel
-        if channel is None and time.monotonic() >= self._joined_at + REJOIN_AFTER:
+    def ask(self, every: float) -> None:
+        """Asks for the count again, at most every ``every`` seconds (the count moves slowly,
+        and a question costs the broker about what an announcement does); the answer updates
+        :attr:`nodes`. Does nothing while the last question is unanswered. Not
+        joined (refused, or the queue's broker node was down), it joins again every
+        :data:`REJOIN_AFTER` seconds."""
+        channel, now = self._channel, time.monotonic()
+        if channel is None and now >= self._joined_at + REJOIN_AFTER:
             self.join()
             return
         if not self._consuming or self._asking or channel is None or not channel.is_open:
             return
+        if now < self._asked_at + every:
+            return
+        self._asked_at = now
         self._asking = True
         try:
             channel.queue_declare(topo.CENSUS.name, passive=True, callback=self._counted)
