@@ -253,6 +253,7 @@ def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Pu
         "replay_failed",
         "history_gap",
         "history_lost",
+        "interval",
     }
     assert {n["caught_up"] for n in listed} == {True}  # an empty history: nothing to replay
     plain = run_cli("--amqp-url", own_cluster.amqp_url, "nodes")
