@@ -6,11 +6,11 @@ the bench's own, today's rule (every 5 s) and the stretching one side by side.
         [--seconds 60] [--per-process 250]
 
 For each N and each rule, in a fresh vhost: the nodes connect (as a worker does: topology,
-the node's queue, the census), announce for a warm-up, then for ``--seconds``; announcements
+the node's queue, the keeper's token), announce for a warm-up, then for ``--seconds``; announcements
 are counted from the presence stream afterwards (those sent inside the window), and the
 broker's CPU (its Erlang VM's user + system time) over the window. ``before`` is today's
-rule: every PULLER_PRESENCE_INTERVAL (5 s), no census; ``after`` consumes the census and
-stretches to nodes / ``--target-rate`` seconds (at most 60).
+rule: every PULLER_PRESENCE_INTERVAL (5 s), no census; ``after`` counts the keeper's token
+queue's consumers and stretches to nodes / ``--target-rate`` seconds (at most 60).
 """
 
 from __future__ import annotations
@@ -236,6 +236,7 @@ def _child(url: str, first: int, count: int, rate: float) -> int:
                     if attempt == 4:
                         raise
                     time.sleep(1 + attempt)
+            broker.desired.consume_token(lambda: None)  # as every worker does (the keeper's)
             broker.announce_arrival(presence.message(nodes=broker.census.nodes, first=True), 5)
         except BaseException as error:
             failed.append(error)

@@ -527,18 +527,19 @@ def _of_type(fields: dict[str, Any], *types: type[Message]) -> dict[str, Any]:
     return fields
 
 
-def load_body(body: bytes, expected_type: str | None) -> dict[str, Any]:
-    """The body's fields, checked for size, JSON, version and (unless ``None``) type.
+def load_body(
+    body: bytes, expected_type: str | None, max_bytes: int = MAX_MESSAGE_BYTES
+) -> dict[str, Any]:
+    """The body's fields, checked for size (``max_bytes``), JSON, version and (unless
+    ``None``) type.
 
     Strict JSON: ``NaN`` and ``Infinity`` are refused, and so is nesting deeper than
     :data:`MAX_JSON_DEPTH`, before it is parsed.
     """
     if not isinstance(body, bytes | bytearray):
         raise InvalidMessage(f"a message body must be bytes, not {type(body).__name__}")
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(
-            f"the message is {len(body)} bytes; at most {MAX_MESSAGE_BYTES} are allowed"
-        )
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"the message is {len(body)} bytes; at most {max_bytes} are allowed")
     try:
         text = (body if type(body) is bytes else bytes(body)).decode("utf-8")
     except UnicodeDecodeError:

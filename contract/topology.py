@@ -11,7 +11,8 @@ arguments, so sharing one table is also what keeps the two sides compatible.
               --copy--> [puller.history fanout] --> puller.history.stream (replayed on connect)
     worker --result/progress--> [puller.replies direct] --(routing key)--> puller.reply.ID
     worker --presence--> [puller.presence fanout] --> puller.presence.stream (the roster)
-    worker --consumes--> puller.census (empty; its consumer count is the number of workers)
+    keeper --snapshot--> [puller.desired fanout] --> puller.desired.stream (reconciling)
+    worker --token--> [puller.keeper fanout] --> puller.keeper.token (who is the keeper)
 
 Streams and exchanges have different names because RabbitMQ's permissions match a name
 whatever its kind: a user who may publish to an exchange must not thereby get write on the
@@ -75,17 +76,35 @@ PRESENCE_STREAM = Queue(
 )
 """Recent presence announcements: the roster is read from it."""
 
-CENSUS = Queue(
-    "puller.census",
+DESIRED = Exchange("puller.desired", "fanout")
+"""The keeper's snapshots of the desired state, into :data:`DESIRED_STREAM`."""
+KEEPER = Exchange("puller.keeper", "fanout")
+"""The keeper's token, into :data:`KEEPER_TOKEN`."""
+
+DESIRED_STREAM = Queue(
+    "puller.desired.stream",
     durable=True,
-    arguments={"x-max-length": 1, "x-overflow": "drop-head"},
+    arguments={
+        "x-queue-type": "stream",
+        "x-max-age": "1D",
+        "x-max-length-bytes": 50 * 1000 * 1000,
+        # Retention drops whole non-active segments: the newest snapshot survives idle days.
+        "x-stream-max-segment-size-bytes": 4 * 1000 * 1000,
+    },
 )
-"""Every worker consumes it and nothing is meant to be put in it: a passive declaration
-answers with its consumer count, which is how a worker learns how many nodes there are
-(a stream reports no counts). A classic queue: on RabbitMQ 3.10 a consume that reaches a
-quorum queue while it starts crashes the channel and closes the whole connection (seen with
-100 workers declaring it at once). While its broker node is down, workers keep their last
-count. Declared by workers that may, and by ``puller broker-setup``; never required."""
+"""Snapshots of the desired state (:class:`contract.desired.DesiredState`), newest last."""
+
+KEEPER_TOKEN = Queue(
+    "puller.keeper.token",
+    durable=True,
+    arguments={
+        "x-single-active-consumer": True,
+        "x-max-length": 1,
+        "x-overflow": "drop-head",
+    },
+)
+"""One token: the worker it is delivered to (never acknowledged) is the keeper until its
+connection goes, when RabbitMQ gives it to the next consumer."""
 
 HISTORY_STREAM_NAME = "puller.history.stream"
 DEFAULT_HISTORY_MAX_AGE = 7 * 24 * 3600.0
@@ -140,6 +159,17 @@ def history(stream: Queue) -> tuple[Declaration, ...]:
     return HISTORY, stream, Binding(stream.name, HISTORY.name)
 
 
+def desired() -> tuple[Declaration, ...]:
+    return (
+        DESIRED,
+        DESIRED_STREAM,
+        Binding(DESIRED_STREAM.name, DESIRED.name),
+        KEEPER,
+        KEEPER_TOKEN,
+        Binding(KEEPER_TOKEN.name, KEEPER.name),
+    )
+
+
 def shared_declarations(stream: Queue | None = None) -> tuple[Declaration, ...]:
     """Everything both sides rely on: the exchanges, the streams and their bindings.
 
@@ -147,7 +177,7 @@ def shared_declarations(stream: Queue | None = None) -> tuple[Declaration, ...]:
     user may configure declares it too (idempotent), and one whose user may not checks
     that the exchanges and streams exist. ``stream``: the history stream with the
     retention to declare (see :func:`history_stream`)."""
-    return (PULLS, REPLIES, *presence(), *history(stream or history_stream()))
+    return (PULLS, REPLIES, *presence(), *history(stream or history_stream()), *desired())
 
 
 def publisher_shared() -> tuple[Declaration, ...]:

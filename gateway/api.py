@@ -24,7 +24,7 @@ from contract.fields import MAX_ID_LENGTH
 from gateway.metrics import ROSTER_SCRAPE_MAX_AGE, GatewayMetrics
 from gateway.openapi import openapi_document
 from gateway.settings import GatewaySettings
-from publisher import Publisher
+from publisher import AnswersForgotten, Publisher
 from publisher.report import report_row
 from serving.http import Request, Response
 
@@ -227,22 +227,29 @@ class Gateway:
         return expect, nodes, float(timeout)
 
     def _pull_status(self, request_id: str) -> Response:
-        known = self._publisher.known_request(request_id)
+        try:
+            known = self._publisher.known_request(request_id)
+        except AnswersForgotten as error:
+            raise ApiError(410, str(error)) from None
         if known is None:
             raise ApiError(
                 404,
                 f"no request {request_id!r} is known here: this gateway keeps its last 1,000 "
                 "requests (since it started)",
             )
-        return _json(
-            200,
-            {
-                "request_id": known.request_id,
-                "image": known.image,
-                "answered": len(known.results),
-                "nodes": [report_row(r) for r in known.results],
-            },
-        )
+        answer: dict[str, object] = {
+            "request_id": known.request_id,
+            "image": known.image,
+            "answered": len(known.results),
+            "nodes": [report_row(r) for r in known.results],
+        }
+        if known.status_only:
+            answer["notes"] = [
+                f"{known.status_only} answer(s) were kept as node and status only (no image id, "
+                "digest, seconds or error message): the answer memory (PULLER_ANSWER_MEMORY_MB) "
+                "was full"
+            ]
+        return _json(200, answer)
 
     def _nodes(self, _request: Request) -> Response:
         try:
@@ -264,6 +271,7 @@ class Gateway:
                     count = float("nan")
                 last = self._scraped_roster = (now, count)
             self._metrics.live_nodes.set(last[1])
+            self._metrics.answer_memory(self._publisher.answer_memory())
         self._metrics.connected.set(1 if self._publisher.connected else 0)
 
 

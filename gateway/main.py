@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_timeout=settings.connect_timeout,
         tls=broker_tls(settings),
         policy=image_policy(settings),
+        answer_memory=settings.answer_memory_mb * 2**20,
     ) as publisher:
         gateway = Gateway(publisher, settings, GatewayMetrics())
         try:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from publisher.replies import AnswerMemory
 from serving.http import Response
 
 ROUTES = (
@@ -62,6 +63,40 @@ class GatewayMetrics:
         self.connected = Gauge(
             "puller_http_broker_connected", "1 while connected to RabbitMQ", registry=self.registry
         )
+
+        self.answer_bytes = Gauge(
+            "puller_http_answer_memory_bytes",
+            "Bytes of nodes' answers kept (estimated), and the budget (PULLER_ANSWER_MEMORY_MB)",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.answer_requests = Gauge(
+            "puller_http_answer_memory_requests",
+            "Requests whose answers are kept",
+            registry=self.registry,
+        )
+        self.answers_given_up = Counter(
+            "puller_http_answer_memory_evictions",
+            "What the answer memory gave up to stay within its budget: requests forgotten "
+            "(oldest first), answers kept as node and status only, progress reports dropped",
+            ["what"],
+            registry=self.registry,
+        )
+        self._given_up = {"requests": 0, "status_only": 0, "progress": 0}
+
+    def answer_memory(self, memory: AnswerMemory) -> None:
+        """Sets the answer memory's figures from ``memory`` (its counts are since start)."""
+        self.answer_bytes.labels("kept").set(memory.kept_bytes)
+        self.answer_bytes.labels("budget").set(memory.budget)
+        self.answer_requests.set(memory.requests)
+        now = {
+            "requests": memory.forgotten_requests,
+            "status_only": memory.status_only_answers,
+            "progress": memory.dropped_progress,
+        }
+        for what, count in now.items():
+            self.answers_given_up.labels(what).inc(max(count - self._given_up[what], 0))
+        self._given_up = now
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         route = (

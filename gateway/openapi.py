@@ -264,11 +264,17 @@ def openapi_document() -> dict[str, Any]:
                                     "image": NULLABLE_STRING,
                                     "answered": {"type": "integer", "minimum": 0},
                                     "nodes": {"type": "array", "items": ROW},
+                                    "notes": {"type": "array", "items": {"type": "string"}},
                                 },
                                 ["request_id", "image", "answered", "nodes"],
                             ),
                         ),
                         "404": _answer("Not a request this gateway knows", EXCEPTION),
+                        "410": _answer(
+                            "A request of this gateway whose answers were forgotten to keep "
+                            "its answer memory within PULLER_ANSWER_MEMORY_MB",
+                            EXCEPTION,
+                        ),
                     },
                 }
             },

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import serving.settings
+from publisher.settings import PublisherSettings
 from serving.settings import (
-    BrokerAndPolicy,
     InvalidSetting,
     Setting,
     broker_tls,
@@ -25,7 +25,7 @@ __all__ = ["SETTINGS", "GatewaySettings", "InvalidSetting", "environment_help"]
 
 
 @dataclass(frozen=True)
-class GatewaySettings(BrokerAndPolicy):
+class GatewaySettings(PublisherSettings):
     http_port: int = setting(
         "PULLER_HTTP_PORT",
         whole,

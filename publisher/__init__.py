@@ -30,6 +30,7 @@ from contract import (
     Status,
 )
 from publisher.client import Publisher
+from publisher.replies import AnswersForgotten
 from publisher.report import PullReport
 from publisher.roster import NodeInfo
 
@@ -38,6 +39,7 @@ from publisher.roster import NodeInfo
 logging.getLogger("puller").addHandler(logging.NullHandler())
 
 __all__ = [
+    "AnswersForgotten",
     "BrokerUnavailable",
     "ErrorKind",
     "InvalidReference",

@@ -4,14 +4,13 @@ Three roles, each a set of RabbitMQ permissions (configure, write, read regular 
 resource names) derived from :mod:`contract.topology`:
 
 ``admin``
-    declares the shared topology (exchanges, streams, bindings, the census queue): everything
-    named ``puller.*``.
+    declares the shared topology (exchanges, streams, bindings): everything named ``puller.*``.
 ``worker``
     declares, binds and consumes its own node's queue; answers on ``puller.replies``; announces
     itself on ``puller.presence``; reads the history stream and puts markers into it through the
-    ``puller.history`` exchange; consumes the census queue (``puller.census``, declared by
-    the admin), whose consumer count tells it how many nodes there are. It may not publish
-    pull requests.
+    ``puller.history`` exchange; reads and (as keeper) writes the desired state
+    (``puller.desired``, ``puller.desired.stream``) and the keeper's token (``puller.keeper``,
+    ``puller.keeper.token``). It may not publish pull requests.
 ``publisher``
     declares, binds and consumes its reply queues; publishes pull requests (live and history);
     reads the presence stream, and puts the roster's markers into it through the
@@ -153,6 +152,10 @@ def _common_prefix() -> str:
         topo.HISTORY.name,
         topo.PRESENCE_STREAM.name,
         topo.HISTORY_STREAM_NAME,
+        topo.DESIRED.name,
+        topo.KEEPER.name,
+        topo.DESIRED_STREAM.name,
+        topo.KEEPER_TOKEN.name,
         topo.NODE_QUEUE_PREFIX,
         topo.REPLY_QUEUE_PREFIX,
     ]
@@ -180,16 +183,25 @@ def permissions(role: Role | str, node: str | None = None) -> Permissions:
         history = _name(topo.HISTORY_STREAM_NAME)
         return Permissions(
             configure=_only(own_queue),
-            # queue.bind writes to the queue; answers, presence and history markers are published
+            # queue.bind writes to the queue; answers, presence, history markers, the keeper's
+            # snapshots of the desired state and its token are published
             write=_only(
                 own_queue,
                 _name(topo.REPLIES.name),
                 _name(topo.PRESENCE.name),
                 _name(topo.HISTORY.name),
+                _name(topo.DESIRED.name),
+                _name(topo.KEEPER.name),
             ),
-            # consuming its queue, the history stream and the census (declared by broker-setup);
-            # queue.bind reads the pulls exchange
-            read=_only(own_queue, _name(topo.PULLS.name), history, _name(topo.CENSUS.name)),
+            # consuming its queue, the history and desired state streams and the keeper's
+            # token; queue.bind reads the pulls exchange
+            read=_only(
+                own_queue,
+                _name(topo.PULLS.name),
+                history,
+                _name(topo.DESIRED_STREAM.name),
+                _name(topo.KEEPER_TOKEN.name),
+            ),
         )
     reply_queues = _prefixed(topo.REPLY_QUEUE_PREFIX)
     return Permissions(
@@ -220,7 +232,8 @@ class Bounds:
     presence_max_bytes: int = 10 * 1000 * 1000
     """The presence stream's size bound (it is read from a few seconds back, for the roster)."""
     max_queues: int = 1000
-    """Queues on the vhost: one per node and per publisher, and the two streams. -1: none."""
+    """Queues on the vhost: one per node and per publisher, three streams and the keeper's
+    token queue. -1: none."""
     max_connections: int = 1000
     """Connections to the vhost: one per worker, two per publisher. -1: none."""
 
@@ -494,7 +507,7 @@ def declare_topology(
         try:
             channel = connection.channel()
             history = topo.history_stream(history_max_age, history_max_bytes)
-            for item in (*topo.shared_declarations(history), topo.CENSUS):
+            for item in topo.shared_declarations(history):
                 try:
                     declare(channel, item)
                 except pika.exceptions.ChannelClosedByBroker as error:

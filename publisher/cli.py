@@ -528,7 +528,9 @@ def _catch_up_text(info: NodeInfo) -> str:
         lost = f"{info.history_lost:,}" if info.history_lost else "an unknown number of"
         state += f"; LOST {lost} history entries while away, not recovered"
     elif info.history_gap is not HistoryGap.NONE:
-        state += f"; history gap: {info.history_gap.value}"
+        how = {HistoryGap.RECOVERED: "recovered from", HistoryGap.RECONCILING: "reconciling with"}
+        state += f"; lost {info.history_lost:,} history entries while away, "
+        state += f"{how.get(info.history_gap, info.history_gap.value)} the desired state"
     return state
 
 

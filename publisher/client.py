@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -33,7 +33,15 @@ from contract import (
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy
 from publisher.broker import PublisherBroker
-from publisher.replies import REQUESTS_REMEMBERED, Answer, Event, ReplyBook
+from publisher.replies import (
+    DEFAULT_ANSWER_MEMORY,
+    REQUESTS_REMEMBERED,
+    Answer,
+    AnswerMemory,
+    AnswersForgotten,
+    Event,
+    ReplyBook,
+)
 from publisher.report import PruneReport, PullReport, StatusReport, WarmReport
 from publisher.roster import NodeInfo, Roster, RosterBook
 from publisher.settings import PublisherSettings
@@ -64,6 +72,8 @@ class KnownRequest:
     image: str | None
     results: tuple[NodeResult, ...]
     """One per node that answered so far, sorted by node."""
+    status_only: int = 0
+    """How many of them were kept as node and status only (the answer memory was full)."""
 
 
 class Publisher:
@@ -77,7 +87,8 @@ class Publisher:
     instance may be shared by threads: nothing waits while holding the connection, so a
     :meth:`request` returns in milliseconds whatever other threads wait for.
     ``roster_max_age``: a node that has not announced itself for this many seconds is no
-    longer in the roster.
+    longer in the roster. ``answer_memory``: bytes of answers kept (estimated), defaults to
+    ``PULLER_ANSWER_MEMORY_MB`` (see :mod:`publisher.replies`).
     """
 
     def __init__(
@@ -88,8 +99,10 @@ class Publisher:
         roster_max_age: float = DEFAULT_ROSTER_MAX_AGE,
         tls: BrokerTls | None = None,
         policy: ImagePolicy | None = None,
+        answer_memory: int | None = None,
     ) -> None:
-        env = PublisherSettings.from_env() if None in (amqp_url, tls, policy) else None
+        unsaid = (amqp_url, tls, policy, answer_memory)
+        env = PublisherSettings.from_env() if None in unsaid else None
         self.amqp_url = amqp_url or (env.amqp_url if env else DEFAULT_AMQP_URL)
         if tls is None and env is not None:
             tls = BrokerTls(env.tls_ca_file, env.tls_cert_file, env.tls_key_file)
@@ -100,7 +113,9 @@ class Publisher:
         """Checked before anything is published: a refused image raises :class:`Forbidden`."""
         self.roster_max_age = roster_max_age
         self._connect_timeout = connect_timeout
-        self._replies = ReplyBook()
+        if answer_memory is None:
+            answer_memory = env.answer_memory_mb * 2**20 if env else DEFAULT_ANSWER_MEMORY
+        self._replies = ReplyBook(budget=answer_memory)
         self._roster_book = RosterBook()
         self._invalid_presence = 0
         self._broker = PublisherBroker(
@@ -137,15 +152,22 @@ class Publisher:
         return self._broker.wait_connected(timeout)
 
     def known_request(self, request_id: str) -> KnownRequest | None:
-        """An earlier request of this publisher (the last 1,000 are kept): its image and
-        the answers so far; ``None`` if it is not one of them."""
+        """An earlier request of this publisher: its image and the answers so far; ``None``
+        if it is not one. Raises :class:`AnswersForgotten` if its answers were forgotten
+        (the last 1,000 requests are kept, within ``answer_memory`` bytes)."""
         found = self._replies.lookup(request_id)
         if found is None:
+            if self._replies.forgot(request_id):
+                raise AnswersForgotten(request_id, self._replies.memory().budget)
             return None
         image, results = found
         pulled = _pull_results(results)
         ordered = tuple(pulled[node] for node in sorted(pulled))
-        return KnownRequest(request_id, image, ordered)
+        return KnownRequest(request_id, image, ordered, self._replies.status_only(request_id))
+
+    def answer_memory(self) -> AnswerMemory:
+        """What the memory of answers holds now (bytes, requests) and gave up since start."""
+        return self._replies.memory()
 
     def nodes(self) -> list[NodeInfo]:
         """The live nodes: those whose worker announced itself within ``roster_max_age``, or
@@ -289,8 +311,11 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         request = CheckRequest.new(reference)
-        epoch = self._publish(request, history=False)
-        collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+        epoch = self._publish(request, history=False, hold=True)
+        try:
+            collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+        finally:
+            self._replies.release(request.request_id)
         rows = self._rows(request, collected, expect, wanted, began, started, notes)
         return StatusReport(
             request_id=request.request_id,
@@ -385,8 +410,11 @@ class Publisher:
         began = time.time()
         started = time.monotonic()
         request = PruneRequest.new(unused_for, kept, dry_run)
-        epoch = self._publish(request, history=False)
-        collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+        epoch = self._publish(request, history=False, hold=True)
+        try:
+            collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+        finally:
+            self._replies.release(request.request_id)
         silent, _ = self._silent(expect, wanted, collected.keys(), began, started, notes)
         return PruneReport(
             request_id=request.request_id,
@@ -467,10 +495,12 @@ class Publisher:
     ) -> tuple[NodeResult, ...]:
         """The answers so far to an earlier request, waiting up to ``timeout`` for ``expect``.
 
-        Answers to the last 1,000 requests of this publisher are kept.
+        Answers to the last 1,000 requests of this publisher are kept, within
+        ``answer_memory`` bytes; raises :class:`AnswersForgotten` for one whose answers were
+        forgotten.
         """
 
-        def enough(results: dict[str, Answer]) -> bool:
+        def enough(results: Mapping[str, object]) -> bool:
             return expect is not None and len(results) >= expect
 
         answered = _pull_results(self._replies.wait(request_id, enough, time.monotonic() + timeout))
@@ -481,11 +511,12 @@ class Publisher:
         request: PullRequest | CheckRequest | PruneRequest,
         watch: bool = False,
         history: bool = True,
+        hold: bool = False,
     ) -> int:
         """Publishes ``request``; returns the connection's epoch it was published in: a
         reconnection after that may have lost its answers."""
         image = None if isinstance(request, PruneRequest) else str(request.image)
-        self._replies.track(request.request_id, image, watch=watch)
+        self._replies.track(request.request_id, image, watch=watch, hold=hold)
         try:
             epoch = self._broker.publish_request(
                 request.encode(), request.request_id, history=history
@@ -493,6 +524,8 @@ class Publisher:
         except NoNodes as error:
             if watch:
                 self._replies.unwatch(request.request_id)
+            if hold:
+                self._replies.release(request.request_id)
             raise NoNodes(str(error), request.request_id) from None
         log.debug("requested", request_id=request.request_id, type=request.TYPE, image=image)
         return epoch
@@ -516,7 +549,7 @@ class Publisher:
         """Waits for the answers, reconnecting and asking again if the connection is lost."""
         history = isinstance(request, PullRequest)
 
-        def done(results: dict[str, Answer]) -> bool:
+        def done(results: Mapping[str, object]) -> bool:
             if expect is not None:
                 return len(results) >= expect
             return bool(wanted) and wanted is not None and wanted <= results.keys()
@@ -552,6 +585,13 @@ class Publisher:
                 except (NoNodes, BrokerUnavailable) as error:
                     log.info("asking again failed", error=str(error))
         notes = []
+        status_only = self._replies.status_only(request.request_id)
+        if status_only:
+            notes.append(
+                f"{status_only} answer(s) were kept as node and status only (no image id, "
+                "digest, seconds or error message): this publisher's answer memory "
+                f"(PULLER_ANSWER_MEMORY_MB, {self._replies.memory().budget / 2**20:g} MB) was full"
+            )
         if asked_again:
             notes.append(
                 f"the connection to RabbitMQ was lost during the wait and opened again "

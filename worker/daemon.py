@@ -47,6 +47,7 @@ from worker.broker.delivery import Delivery
 from worker.catch_up.attempts import ReplayAttempts
 from worker.catch_up.ledger import Ledger, OffsetStore
 from worker.catch_up.replay import CatchUp
+from worker.desired.keeper import Keeper
 from worker.health import LOOP_SILENCE_LIMIT, HealthServer, Liveness
 from worker.metrics import WorkerMetrics
 from worker.presence import PresenceAnnouncer
@@ -140,6 +141,15 @@ class Worker:
             observer=self.metrics,
             attempts=ReplayAttempts(settings.state_dir),
             working_limit=replay_slots(settings),
+            read_desired=partial(self._broker.desired.read_newest, topo.DESIRED_STREAM.name),
+        )
+        self._keeper = Keeper(
+            settings.node_name,
+            self._broker.desired,
+            self._broker.find_tail,
+            settings.history_max_age,
+            settings.desired_state_interval,
+            on_written=lambda _state: self.metrics.desired_states_written.inc(),
         )
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
@@ -269,6 +279,7 @@ class Worker:
                 self._arriving = True
                 try:
                     self._catch_up.on_connect()
+                    self._keeper.on_connect()
                     self._announce_arrival()
                 finally:
                     self._liveness.tick()  # the wait was the loop's: it did not hang
@@ -294,6 +305,8 @@ class Worker:
                         census.ask(every=CENSUS_EVERY * self.settings.presence_interval)
                     self._broker.process_events(EVENT_LOOP_SLICE)
                     self._catch_up.checkpoint_if_due(self._service.unfinished)
+                    self._keeper.tick()
+                    self.metrics.keeper.set(1 if self._keeper.holding else 0)
             except BrokerUnavailable as error:
                 wait = self._waits.after_loss()
                 log.warning(
@@ -399,6 +412,7 @@ class Worker:
     def _disconnected(self, reason: str) -> None:
         self._not_connected_because = f"not connected to RabbitMQ: {reason}"
         self._catch_up.on_disconnect()
+        self._keeper.on_disconnect()
         self._broker.close()
 
     def _wait(self, stopping: threading.Event, seconds: float) -> None:

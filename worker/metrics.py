@@ -84,7 +84,8 @@ class WorkerMetrics(PullObserver, ReplayObserver):
         self.history_gaps = self._counter(
             "history_gaps",
             "Catch-ups that found the history had lost entries this node had not replayed, "
-            "by outcome ('unrecovered': what was left was replayed, the rest is missing)",
+            "by outcome ('recovered': made good from the desired state; 'unrecovered': what "
+            "was left was replayed, the rest is missing)",
             "outcome",
         )
         self.history_lost = self._counter(
@@ -93,6 +94,12 @@ class WorkerMetrics(PullObserver, ReplayObserver):
         self.history_gap_unrecovered = self._gauge(
             "history_gap_unrecovered",
             "1 from a catch-up that lost history entries until one that lost none",
+        )
+        self.keeper = self._gauge(
+            "keeper", "1 while this worker holds the keeper's token (writes the desired state)"
+        )
+        self.desired_states_written = self._counter(
+            "desired_states_written", "Snapshots of the desired state this worker wrote as keeper"
         )
         self.connections = self._counter(
             "broker_connections", "Connections to RabbitMQ opened (reconnects are this minus one)"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from contract import MAX_PRESENCE_INTERVAL, NodePresence, NodeState, PullFailed, puller_version
-from worker.catch_up.replay import CatchUpStatus
+from worker.catch_up.status import CatchUpStatus
 from worker.stores.contract import ImageStore
 
 JITTER = 0.1

@@ -279,6 +279,14 @@ class WorkerSettings(BrokerAndPolicy):
         help="size bound of the history stream, whatever the age of what it holds",
         minimum=100_000,
     )
+    desired_state_interval: float = setting(
+        "PULLER_DESIRED_STATE_INTERVAL",
+        number,
+        600.0,
+        help="seconds between the keeper's snapshots of the desired state (written only when "
+        "the history moved; the keeper is one worker, whichever holds the keeper's token)",
+        minimum=0.1,
+    )
     state_dir: Path = setting(
         "PULLER_STATE_DIR",
         Path,

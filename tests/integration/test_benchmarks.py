@@ -95,6 +95,12 @@ pytestmark = pytest.mark.integration
             "50 distinct missing images",
             "missing_flood.json",
         ),
+        (
+            "answer_memory",
+            ["--nodes", "50", "--requests", "2", "--baseline", ""],
+            "a publisher taking every answer of N nodes",
+            "answer_memory.json",
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_table(

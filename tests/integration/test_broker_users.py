@@ -212,7 +212,7 @@ def test_the_admin_declares_the_shared_topology_again_and_nothing_else(
             assert api_get(broker.management, f"exchanges/{vhost}/{item.name}")["type"] == item.kind
         elif isinstance(item, topo.Queue):
             found = api_get(broker.management, f"queues/{vhost}/{item.name}")
-            assert found["arguments"]["x-queue-type"] == "stream"
+            assert found["arguments"].get("x-queue-type") == item.arguments.get("x-queue-type")
         else:
             bindings = api_get(
                 broker.management, f"bindings/{vhost}/e/{item.exchange}/q/{item.queue}"
@@ -247,6 +247,20 @@ def test_a_worker_uses_its_own_queue_answers_announces_and_reads_the_history(
     marker = f"marker {uuid.uuid4().hex}".encode()
     publish(worker, topo.HISTORY.name, marker)  # a history marker, through the exchange
     read_stream_until(worker, topo.HISTORY_STREAM_NAME, marker)
+
+
+def test_a_worker_keeps_and_reads_the_desired_state_and_takes_the_keepers_token(
+    broker: Broker, connections: Callable[[str], pika.BlockingConnection]
+) -> None:
+    worker = connections("worker-1")
+    snapshot = f"a snapshot {uuid.uuid4().hex}".encode()
+    publish(worker, topo.DESIRED.name, snapshot, user_id=broker.users["worker-1"].name)
+    read_stream_until(worker, topo.DESIRED_STREAM.name, snapshot)
+    publish(worker, topo.KEEPER.name, b"a token")
+    channel = worker.channel()
+    channel.basic_qos(prefetch_count=1)
+    channel.basic_consume(topo.KEEPER_TOKEN.name, lambda *_: None)
+    refused(lambda: worker.channel().queue_bind(topo.DESIRED_STREAM.name, topo.PULLS.name))
 
 
 def test_a_worker_for_any_node_takes_any_node_queue_but_no_reply_queue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -443,7 +444,23 @@ def test_a_reconnect_reads_only_what_was_missed_and_writes_nothing_into_the_hist
         cluster.remove()
 
 
-def test_a_history_that_lost_a_nodes_range_says_so_and_replays_what_is_left(
+@contextlib.contextmanager
+def no_keeper(url: str) -> Iterator[None]:
+    """Holds the keeper's token (the first consumer of its queue is the active one), so that
+    no worker writes the desired state meanwhile."""
+    parameters = pika.URLParameters(url)
+    parameters.heartbeat = 0  # nothing serves this connection while it holds the token
+    connection = pika.BlockingConnection(parameters)
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1)
+        channel.basic_consume(topology.KEEPER_TOKEN.name, lambda *_delivery: None)
+        yield
+    finally:
+        connection.close()
+
+
+def test_a_history_that_lost_a_nodes_range_with_no_desired_state_says_so_and_replays_the_rest(
     rabbitmq: RabbitMqContainer,
 ) -> None:
     url = new_vhost(rabbitmq)
@@ -463,53 +480,54 @@ def test_a_history_that_lost_a_nodes_range_says_so_and_replays_what_is_left(
             },
         )
         declare_topology(url, small)
-        publish_confirmed(url, [PullRequest.new(parse_reference(before))])
-        node = cluster.add_node("node-1")
-        state = node.state_dir / "history-offset.json"
-        wait_for(lambda: ready(node) and state.exists(), "node-1 caught up, its place saved")
-        saved = json.loads(state.read_text())["offset"]
-        node.stop()
+        with no_keeper(url):  # no desired state to recover from
+            publish_confirmed(url, [PullRequest.new(parse_reference(before))])
+            node = cluster.add_node("node-1")
+            state = node.state_dir / "history-offset.json"
+            wait_for(lambda: ready(node) and state.exists(), "node-1 caught up, its place saved")
+            saved = json.loads(state.read_text())["offset"]
+            node.stop()
 
-        def filler() -> PullRequest:  # older than the window: skipped, not pulled
-            return PullRequest(
-                image=parse_reference("catch-up/filler:1"),
-                request_id=uuid.uuid4().hex,
-                requested_at=time.time() - 7200,
+            def filler() -> PullRequest:  # older than the window: skipped, not pulled
+                return PullRequest(
+                    image=parse_reference("catch-up/filler:1"),
+                    request_id=uuid.uuid4().hex,
+                    requested_at=time.time() - 7200,
+                )
+
+            for _ in range(100):
+                if first_offset(url) > saved + 4:
+                    break
+                publish_confirmed(url, [filler() for _ in range(20)])
+            publish_confirmed(url, [PullRequest.new(parse_reference(after))])
+            first = first_offset(url)
+            lost = first - saved - 2
+            assert lost >= 2, "retention dropped node-1's range"
+
+            node.start()
+            wait_for(lambda: ready(node), "node-1 caught up with what is left")
+            assert engine_has(cluster, after)["node-1"] is True, "what is left was replayed"
+            assert node.metric("puller_worker_history_lost_entries_total") == lost
+            assert node.metric("puller_worker_history_gaps_total", outcome="unrecovered") == 1
+            assert node.metric("puller_worker_history_gap_unrecovered") == 1
+            _, body = node.health("/ready")
+            assert (body["history_gap"], body["history_lost"]) == ("unrecovered", lost)
+            [warning] = logged(node, "the history lost")
+            assert (warning["level"], warning["lost"], warning["first_offset"]) == (
+                "warning",
+                lost,
+                first,
             )
-
-        for _ in range(100):
-            if first_offset(url) > saved + 4:
-                break
-            publish_confirmed(url, [filler() for _ in range(20)])
-        publish_confirmed(url, [PullRequest.new(parse_reference(after))])
-        first = first_offset(url)
-        lost = first - saved - 2
-        assert lost >= 2, "retention dropped node-1's range"
-
-        node.start()
-        wait_for(lambda: ready(node), "node-1 caught up with what is left")
-        assert engine_has(cluster, after)["node-1"] is True, "what is left was replayed"
-        assert node.metric("puller_worker_history_lost_entries_total") == lost
-        assert node.metric("puller_worker_history_gaps_total", outcome="unrecovered") == 1
-        assert node.metric("puller_worker_history_gap_unrecovered") == 1
-        _, body = node.health("/ready")
-        assert (body["history_gap"], body["history_lost"]) == ("unrecovered", lost)
-        [warning] = logged(node, "the history lost")
-        assert (warning["level"], warning["lost"], warning["first_offset"]) == (
-            "warning",
-            lost,
-            first,
-        )
-        with Publisher(url, roster_max_age=ROSTER_MAX_AGE) as publisher:
-            wait_for(
-                lambda: any(
-                    info.node == "node-1"
-                    and info.history_gap is HistoryGap.UNRECOVERED
-                    and info.history_lost == lost
-                    for info in publisher.nodes()
-                ),
-                "node-1's loss in the roster",
-            )
+            with Publisher(url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+                wait_for(
+                    lambda: any(
+                        info.node == "node-1"
+                        and info.history_gap is HistoryGap.UNRECOVERED
+                        and info.history_lost == lost
+                        for info in publisher.nodes()
+                    ),
+                    "node-1's loss in the roster",
+                )
     finally:
         cluster.remove()
 

@@ -50,13 +50,25 @@ def test_the_patterns_of_each_role() -> None:
     assert permissions(Role.ADMIN) == Permissions(r"^puller\..*$", r"^puller\..*$", r"^puller\..*$")
     assert permissions("worker", "node-1") == Permissions(
         configure=r"^puller\.node\.node\-1$",
-        write=r"^(?:puller\.node\.node\-1|puller\.replies|puller\.presence|puller\.history)$",
-        read=r"^(?:puller\.node\.node\-1|puller\.pulls|puller\.history\.stream|puller\.census)$",
+        write=(
+            r"^(?:puller\.node\.node\-1|puller\.replies|puller\.presence|puller\.history"
+            r"|puller\.desired|puller\.keeper)$"
+        ),
+        read=(
+            r"^(?:puller\.node\.node\-1|puller\.pulls|puller\.history\.stream"
+            r"|puller\.desired\.stream|puller\.keeper\.token)$"
+        ),
     )
     assert permissions(Role.WORKER) == Permissions(
         configure=r"^puller\.node\..+$",
-        write=r"^(?:puller\.node\..+|puller\.replies|puller\.presence|puller\.history)$",
-        read=r"^(?:puller\.node\..+|puller\.pulls|puller\.history\.stream|puller\.census)$",
+        write=(
+            r"^(?:puller\.node\..+|puller\.replies|puller\.presence|puller\.history"
+            r"|puller\.desired|puller\.keeper)$"
+        ),
+        read=(
+            r"^(?:puller\.node\..+|puller\.pulls|puller\.history\.stream"
+            r"|puller\.desired\.stream|puller\.keeper\.token)$"
+        ),
     )
     assert permissions(Role.PUBLISHER) == Permissions(
         configure=r"^puller\.reply\..+$",
@@ -112,6 +124,10 @@ WORKER_DOES = [
     publish(topo.PRESENCE.name),
     publish(topo.HISTORY.name),
     consume(HISTORY),
+    publish(topo.DESIRED.name),  # the keeper's snapshot
+    consume(topo.DESIRED_STREAM.name),
+    publish(topo.KEEPER.name),  # a token when none is ready
+    consume(topo.KEEPER_TOKEN.name),
 ]
 WORKER_MAY_NOT = [
     publish(topo.PULLS.name),
@@ -127,6 +143,8 @@ WORKER_MAY_NOT = [
     bind(HISTORY, topo.HISTORY.name),
     bind(PRESENCE, topo.PRESENCE.name),
     bind(HISTORY, topo.PULLS.name),
+    bind(topo.DESIRED_STREAM.name, topo.DESIRED.name),
+    bind(topo.KEEPER_TOKEN.name, topo.KEEPER.name),
 ]
 PUBLISHER_DOES = [
     declare(REPLY),
@@ -148,6 +166,9 @@ PUBLISHER_MAY_NOT = [
     *(declare(name) for name in SHARED),
     bind(HISTORY, topo.HISTORY.name),
     bind(PRESENCE, topo.PRESENCE.name),
+    publish(topo.DESIRED.name),
+    consume(topo.DESIRED_STREAM.name),
+    consume(topo.KEEPER_TOKEN.name),
 ]
 
 

@@ -31,7 +31,8 @@ from worker.catch_up.ledger import (
     entry_identity,
     lost_entries,
 )
-from worker.catch_up.replay import CatchUp, Phase
+from worker.catch_up.replay import CatchUp
+from worker.catch_up.status import Phase
 from worker.health import HealthServer
 from worker.metrics import WorkerMetrics
 from worker.pulls.answers import AnswerCallback, ProgressCallback
@@ -246,7 +247,9 @@ def test_caught_up_then_checkpoints_only_when_idle_and_fed(tmp_path: Path) -> No
     assert catch_up.status().caught_up
     broker.deliver(request.encode(), 6)  # the first entry of the last chunk
     assert catch_up.phase is Phase.CAUGHT_UP
-    assert Ledger(OffsetStore(tmp_path)).committed == Place(6, entry_identity(request.encode()))
+    assert Ledger(OffsetStore(tmp_path)).committed == Place(
+        6, entry_identity(request.encode()), request.requested_at
+    )
     broker.deliver(request_body("later:1"), 7)
     assert catch_up.status().history_offset == 6, "the reading ended at its first entry"
 
@@ -574,6 +577,9 @@ def test_a_history_that_lost_the_nodes_range_is_reported_and_the_rest_replayed(
     catch_up.on_connect()
     broker.tail_read(40)
     broker.deliver(request_body("left:1"), 40)  # 6..39 are gone
+    assert catch_up.status().history_gap is HistoryGap.UNRECOVERED, "no desired state here"
+    assert broker.readings[-1].start == 40, "read again from the first entry left"
+    broker.deliver(request_body("left:1"), 40)
     assert submitted_images(server) == ["docker.io/library/left:1"], "what is left is replayed"
     server.answer_all()
     broker.run_later()

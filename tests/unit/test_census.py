@@ -11,7 +11,7 @@ import pika.exceptions
 import pytest
 
 from contract import topology as topo
-from worker.broker.census import REJOIN_AFTER, Census
+from worker.broker.census import REOPEN_AFTER, Census
 
 EVERY = 30.0
 
@@ -21,25 +21,19 @@ class Channel:
 
     def __init__(self) -> None:
         self.is_open = True
-        self.declared: list[tuple[bool, Callable[[Any], None]]] = []
-        self.consumed: list[tuple[str, bool, Callable[[Any], None]]] = []
+        self.asked: list[Callable[[Any], None]] = []
         self._on_close: list[Callable[[Any, BaseException], None]] = []
 
     def add_on_close_callback(self, callback: Callable[[Any, BaseException], None]) -> None:
         self._on_close.append(callback)
 
-    def add_on_cancel_callback(self, _callback: object) -> None:
-        pass
-
     def queue_declare(self, queue: str, **options: Any) -> None:
-        assert queue == topo.CENSUS.name
-        self.declared.append((bool(options.get("passive")), options["callback"]))
-
-    def basic_consume(self, queue: str, _on_message: object, **options: Any) -> None:
-        self.consumed.append((queue, options["auto_ack"], options["callback"]))
+        assert queue == topo.KEEPER_TOKEN.name  # every worker consumes it
+        assert options["passive"] is True  # only asks: needs no permission
+        self.asked.append(options["callback"])
 
     def answer(self, consumers: int) -> None:
-        self.declared[-1][1](SimpleNamespace(method=SimpleNamespace(consumer_count=consumers)))
+        self.asked[-1](SimpleNamespace(method=SimpleNamespace(consumer_count=consumers)))
 
     def refuse(self, code: int) -> None:
         self.is_open = False
@@ -68,61 +62,51 @@ class Broker:
         return self.channels[-1]
 
 
-def joined(census: Census, broker: Broker, consumers: int) -> Channel:
-    census.join()
-    channel = broker.serve()
-    channel.answer(consumers)
-    queue, auto_ack, consuming = channel.consumed[-1]
-    assert (queue, auto_ack) == (topo.CENSUS.name, True)
-    consuming(None)
-    return channel
+def later(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + seconds)
 
 
-def test_the_count_is_the_census_queues_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_count_is_the_keeper_token_queues_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
     broker = Broker()
     census = Census(broker.open)
-    channel = joined(census, broker, consumers=4)
-    assert channel.declared[0][0] is False  # declared, not only checked
-    assert census.nodes == 5  # the four before, and this one
+    census.join()
+    channel = broker.serve()
+    assert len(channel.asked) == 1  # counted once on joining
+    channel.answer(5)
+    assert census.nodes == 5
     census.ask(EVERY)
-    assert len(channel.declared) == 1  # joining just counted: not asked again so soon
-    now = time.monotonic()
-    monkeypatch.setattr(time, "monotonic", lambda: now + EVERY)
+    assert len(channel.asked) == 1  # just counted: not asked again so soon
+    later(monkeypatch, EVERY)
     census.ask(EVERY)
-    assert channel.declared[-1][0] is True  # passive: it only asks
+    assert len(channel.asked) == 2
     census.ask(EVERY)  # the last question is not answered yet: not asked twice
-    assert len(channel.declared) == 2
+    assert len(channel.asked) == 2
     channel.answer(7)
     assert census.nodes == 7
 
 
-def test_a_user_that_may_not_declare_it_checks_it_exists() -> None:
-    broker = Broker()
-    census = Census(broker.open)
-    census.join()
-    broker.serve().refuse(403)
-    channel = broker.serve()
-    assert channel.declared[-1][0] is True
-    channel.answer(2)
-    assert census.nodes == 3
-    assert census.refused is None
-
-
-def test_a_missing_census_keeps_the_last_count_and_is_tried_again_later(
+def test_a_refused_count_keeps_the_last_and_is_asked_again_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     broker = Broker()
     census = Census(broker.open)
-    joined(census, broker, consumers=99)
-    broker.channels[-1].refuse(404)  # deleted, or its broker node went down
+    census.join()
+    broker.serve().answer(100)
+    broker.channels[-1].refuse(404)  # the queue deleted, or its broker node down
     assert census.nodes == 100
     assert census.refused is not None
     opened = len(broker.channels)
     census.ask(EVERY)
     assert len(broker.channels) == opened  # not at once
-    now = time.monotonic()
-    monkeypatch.setattr(time, "monotonic", lambda: now + REJOIN_AFTER + 1)
+    later(monkeypatch, REOPEN_AFTER + 1)
     census.ask(EVERY)
     assert len(broker.channels) == opened + 1
     broker.serve().answer(9)
-    assert census.nodes == 10
+    assert census.nodes == 9
+    assert census.refused is None
+
+
+def test_no_count_before_the_first_answer() -> None:
+    census = Census(Broker().open)
+    assert census.nodes is None  # presence then keeps the base interval

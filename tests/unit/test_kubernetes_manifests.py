@@ -44,6 +44,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.settings import SETTINGS as GATEWAY_SETTINGS
 from gateway.settings import GatewaySettings
 from publisher import Publisher
+from publisher.replies import AnswerMemory
 from serving.http import Request
 from serving.settings import InvalidSetting, Setting, read
 from tests.fakes.store import MemoryStore
@@ -1011,6 +1012,9 @@ class Disconnected:
 
     def nodes(self) -> list[object]:
         raise BrokerUnavailable(self.connection_problem)
+
+    def answer_memory(self) -> AnswerMemory:
+        return AnswerMemory(64 * 2**20, 0, 0, 0, 0, 0)
 
 
 NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"

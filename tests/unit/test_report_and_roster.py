@@ -205,6 +205,12 @@ def test_a_history_gap_goes_out_in_presence_and_puller_nodes_shows_it() -> None:
     read = NodePresence.decode(sent.encode())
     assert (read.history_gap, read.history_lost) == (HistoryGap.UNRECOVERED, 3456)
     assert "LOST 3,456 history entries while away, not recovered" in _catch_up_text(read)
+    for gap, said in [
+        (HistoryGap.RECONCILING, "reconciling with"),
+        (HistoryGap.RECOVERED, "recovered from"),
+    ]:
+        shown = _catch_up_text(dataclasses.replace(read, history_gap=gap))
+        assert f"lost 3,456 history entries while away, {said} the desired state" in shown
     assert "LOST" not in _catch_up_text(presence("a", 5))
 
 

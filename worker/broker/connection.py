@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -44,7 +43,8 @@ from contract.connection import (
 )
 from contract.messages import Message
 from worker.broker.census import Census
-from worker.broker.delivery import Delivery
+from worker.broker.delivery import Delivery, HistoryReading, TailRead
+from worker.broker.desired import DesiredLink
 from worker.broker.outbox import Outbox
 from worker.broker.topology import WorkerTopology
 
@@ -65,27 +65,6 @@ Channel = Any
 
 class NodeNameInUse(PullerError):
     """Another worker holds this node's exclusive queue."""
-
-
-@dataclass(frozen=True)
-class HistoryReading:
-    """One reading of the history stream: from where, and the marker put at its end (none:
-    nothing is written)."""
-
-    start: int | str
-    """A stream offset, or ``"first"`` / ``"last"``."""
-    marker: bytes | None
-    on_entry: Callable[[Delivery], None]
-
-
-@dataclass(frozen=True)
-class TailRead:
-    """Where the history ends, as :meth:`WorkerBroker.find_tail` read it."""
-
-    offset: int | None
-    """The last entry's offset (``None``: the stream is empty, or the read failed)."""
-    error: str | None = None
-    """Why it could not be read (no stream port, plugin off, refused...)."""
 
 
 class WorkerBroker(Outbox):
@@ -115,12 +94,15 @@ class WorkerBroker(Outbox):
         )
         self._brokers = Brokers(listed, broker_order, node)
         self._close_wait = blocked_timeout + CONNECT_TIMEOUT
-        """An unanswered close ends when pika's blocked-connection timeout drops the socket."""
+        """A close RabbitMQ does not answer (it reads nothing from a connection it blocks)
+        ends when pika's blocked-connection timeout drops the socket."""
         self._node = node
         self._prefetch = prefetch
         self._history_stream = history_stream
         self._replay_prefetch = replay_prefetch
         self._link: ServedConnection | None = None
+        self._cluster: str | None = None
+        """The RabbitMQ cluster the connection is on: the stream port read must be its."""
         self._channel: Channel | None = None
         self._history_channel: Channel | None = None
         self._presence_channel: Channel | None = None
@@ -140,11 +122,15 @@ class WorkerBroker(Outbox):
         self._presence_properties = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=2, user_id=self.user or None
         )
-        """Carrying the user RabbitMQ checks: readers can tell who put what into the stream."""
+        """Announcements carry the user RabbitMQ checks them against: readers can tell who
+        put what into the presence stream."""
         self._topology = WorkerTopology(
             node, self.user, history_stream, self._call, self._new_channel, lambda: self.where
         )
         self._stream_port = stream_port
+        self.desired = DesiredLink(
+            self._open_link, self._check_owner, self.call_soon, self.read_tail, self.user
+        )
         self.census = Census(lambda opened: self._open_link().channel(on_open=opened))
         self.tail_reads_off_leader = 0
         """Tail reads made on the node connected to because the stream's leader could not
@@ -198,6 +184,7 @@ class WorkerBroker(Outbox):
 
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
         link = self._link = self._open_any()
+        self._cluster = link.cluster_name
         channel = self._topology.declare_own(self._topology.declare_shared(self._new_channel()))
         link.call(channel, partial(channel.basic_qos, prefetch_count=self._prefetch))
         channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, channel))
@@ -336,11 +323,11 @@ class WorkerBroker(Outbox):
 
         threading.Thread(target=read, name="history-tail", daemon=True).start()
 
-    def read_tail(self) -> int | None:
-        """The history stream's last offset (``None``: it is empty), read over the stream
-        protocol on the stream's leader, on the port ``stream_port`` of the broker in use
-        (a new connection each time). Blocks up to about :data:`TAIL_TIMEOUT` seconds: call it
-        off the connection's thread. Raises :class:`~contract.BrokerUnavailable`."""
+    def read_tail(self, stream: str | None = None) -> int | None:
+        """The last offset of ``stream`` (default: the history; ``None``: it is empty), read
+        over the stream protocol on the stream's leader, on the port ``stream_port`` of the
+        broker in use (a new connection each time). Blocks up to about :data:`TAIL_TIMEOUT`
+        seconds: call it off the connection's thread. Raises :class:`BrokerUnavailable`."""
         if threading.get_ident() == self._owner:
             raise RuntimeError("read_tail() blocks: call it off the connection's thread")
         parameters = self._parameters
@@ -360,8 +347,9 @@ class WorkerBroker(Outbox):
             stream_tail.Login(
                 credentials.username, credentials.password, parameters.virtual_host, tls
             ),
-            (self._history_stream or topo.history_stream()).name,
+            stream or (self._history_stream or topo.history_stream()).name,
             timeout=TAIL_TIMEOUT,
+            cluster=self._cluster,
         )
         if reading.leader_missed is not None:
             with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -23,3 +24,24 @@ class Delivery:
     acked: bool = False
     """Acknowledged on receipt (a warm-up: see ``WorkerBroker.acknowledge``); its answer is
     sent without an ack."""
+
+
+@dataclass(frozen=True)
+class HistoryReading:
+    """One reading of the history stream: from where, and the marker put at its end (none:
+    nothing is written)."""
+
+    start: int | str
+    """A stream offset, or ``"first"`` / ``"last"``."""
+    marker: bytes | None
+    on_entry: Callable[[Delivery], None]
+
+
+@dataclass(frozen=True)
+class TailRead:
+    """Where the history ends, as :meth:`WorkerBroker.find_tail` read it."""
+
+    offset: int | None
+    """The last entry's offset (``None``: the stream is empty, or the read failed)."""
+    error: str | None = None
+    """Why it could not be read (no stream port, plugin off, refused...)."""

@@ -117,7 +117,15 @@ class WorkerTopology:
                 return self.declare_shared(channel)
             else:
                 raise refused
-        if missing:
+        optional = {item.name for item in topo.desired() if not isinstance(item, topo.Binding)}
+        if missing and set(missing) <= optional:
+            log.warning(
+                "the desired state's exchanges, stream and token queue do not exist, and "
+                "this user may not declare them: this worker neither keeps nor reconciles "
+                "with the desired state; run `puller broker-setup` again",
+                missing=missing,
+            )
+        elif missing:
             raise BrokerUnavailable(
                 f"RabbitMQ at {self._where()}: {', '.join(missing)} do not exist, and user "
                 f"{self._user!r} may not declare them: declare puller's topology as an "

@@ -60,6 +60,8 @@ class Place:
 
     offset: int
     identity: str | None = None
+    requested_at: float | None = None
+    """When its request was made (``None``: unknown: a marker, or an older state file)."""
 
 
 class OffsetStore:
@@ -82,6 +84,7 @@ class OffsetStore:
         try:
             state = parse_state(self.path.read_text())
             offset, identity = state["offset"], state.get("identity")
+            requested_at = state.get("requested_at")
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -94,10 +97,19 @@ class OffsetStore:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             log.warning("invalid catch-up state; replaying the whole window", offset=offset)
             return None
-        return Place(offset, identity if isinstance(identity, str) else None)
+        return Place(
+            offset,
+            identity if isinstance(identity, str) else None,
+            requested_at if _is_time(requested_at) else None,
+        )
 
     def save(self, place: Place) -> None:
-        state = {"offset": place.offset, "identity": place.identity, "saved_at": time.time()}
+        state = {
+            "offset": place.offset,
+            "identity": place.identity,
+            "requested_at": place.requested_at,
+            "saved_at": time.time(),
+        }
         try:
             write_whole(self.path, json.dumps(state))
         except OSError as error:  # a full disk must not stop the node serving live requests
@@ -119,11 +131,14 @@ class Ledger:
         self.committed: Place | None = store.load()
         self._in_order: deque[tuple[int, str]] = deque()
         self._done: set[int] = set()
+        self._times: dict[int, float] = {}
+        """When the requests in hand were made, by offset."""
 
     def restart(self) -> None:
         """A new reading redelivers everything not committed: forget what was in hand."""
         self._in_order.clear()
         self._done.clear()
+        self._times.clear()
 
     def forget_place(self) -> None:
         """The saved place belongs to another stream: start again from the beginning."""
@@ -134,14 +149,20 @@ class Ledger:
     def delivered(self, offset: int, identity: str) -> None:
         self._in_order.append((offset, identity))
 
+    def requested(self, offset: int, requested_at: float) -> None:
+        """When the request of the entry in hand at ``offset`` was made."""
+        self._times[offset] = requested_at
+
     def done(self, offset: int) -> None:
         self._done.add(offset)
         advanced: tuple[int, str] | None = None
+        requested_at: float | None = None
         while self._in_order and self._in_order[0][0] in self._done:
             advanced = self._in_order.popleft()
             self._done.discard(advanced[0])
+            requested_at = self._times.pop(advanced[0], None)
         if advanced is not None:
-            self.jump(Place(*advanced))
+            self.jump(Place(*advanced, requested_at))
 
     def jump(self, place: Place) -> None:
         """Everything up to ``place`` is done (never moves back)."""
@@ -156,3 +177,7 @@ class Ledger:
     @property
     def committed_offset(self) -> int | None:
         return None if self.committed is None else self.committed.offset
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0

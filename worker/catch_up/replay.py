@@ -11,7 +11,7 @@ into the history (but the fallback's marker). Where it got to is kept by the led
 The phases, in order (all on the connection's thread)::
 
     DISCONNECTED --connect--> FINDING_END --end read--> REPLAYING --all done--> CAUGHT_UP
-                                                                              |    ^
+                                      (a loss) RECONCILING <--+                |    ^
                       (once per connection, SWEEP_DELAY after caught up) SWEEPING -+
                       (idle and fed live, at most every 30 s)       CHECKPOINTING -+
 
@@ -21,9 +21,11 @@ The phases, in order (all on the connection's thread)::
   fresh marker of its own, as earlier versions did (logged, counted).
 - REPLAYING: from the saved place itself to that end. The first entry delivered tells
   whether the history lost entries this node had not replayed (:func:`lost_entries`): a
-  loss is logged, counted and shown in presence, and what is left is replayed. A saved
-  place beyond the end, or whose entry is not the one saved, is from a stream deleted
-  since: the worker says so and starts from the beginning.
+  loss is logged, counted and shown in presence, and the node reconciles. A saved place
+  beyond the end, or whose entry is not the one saved, is from a stream deleted since: the
+  worker says so and starts from the beginning.
+- RECONCILING: the newest snapshot of the desired state is applied, then the history after
+  it and after the loss is replayed (:mod:`worker.catch_up.reconcile`).
 - SWEEPING: once per connection, a few seconds after caught up: reads from the committed
   place up to the first entry of the stream's last chunk, serving entries not seen live
   (a request whose live copy came before the node's queue was bound, and whose history
@@ -47,7 +49,6 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from functools import partial
 from typing import Protocol
 
@@ -67,6 +68,8 @@ from worker.broker.delivery import Delivery
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
 from worker.catch_up.ledger import Ledger, Place, entry_identity, lost_entries
 from worker.catch_up.observer import ReplayObserver
+from worker.catch_up.reconcile import ReadDesired, Reconciling
+from worker.catch_up.status import CAUGHT_UP_PHASES, CatchUpStatus, Phase
 from worker.pulls.answers import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
@@ -80,18 +83,6 @@ CHECKPOINT_INTERVAL = 30.0
 
 SWEEP_DELAY = 5.0
 """Seconds after a connection's catch-up before its sweep."""
-
-
-class Phase(Enum):
-    DISCONNECTED = "disconnected"
-    FINDING_END = "finding the end of the history"
-    REPLAYING = "replaying missed pulls"
-    CAUGHT_UP = "caught up"
-    CHECKPOINTING = "caught up (saving its place)"
-    SWEEPING = "caught up (reading what came while it connected)"
-
-
-CAUGHT_UP_PHASES = (Phase.CAUGHT_UP, Phase.CHECKPOINTING, Phase.SWEEPING)
 
 
 class HistoryBroker(Protocol):
@@ -134,25 +125,6 @@ class _Work:
     """It was in hand when a run of the worker died: worked alone."""
 
 
-@dataclass(frozen=True)
-class CatchUpStatus:
-    """What ``/ready`` and presence announcements say about catching up."""
-
-    connected: bool
-    caught_up: bool
-    replay_pending: int
-    """Replayed requests in hand, not yet done."""
-    replay_failed: int
-    """Replayed requests whose pull failed since the worker started."""
-    history_offset: int | None
-    phase: str
-    history_gap: HistoryGap = HistoryGap.NONE
-    """Whether the history lost entries this node had not replayed (until a catch-up that
-    lost nothing)."""
-    history_lost: int = 0
-    """How many (0 when unknown: the stream was deleted and declared again)."""
-
-
 class CatchUp:
     """Feeds the history stream to the pull service and knows when the node has caught up."""
 
@@ -168,11 +140,13 @@ class CatchUp:
         attempts: ReplayAttempts | None = None,
         working_limit: int = 64,
         sweep_delay: float = SWEEP_DELAY,
+        read_desired: ReadDesired | None = None,
     ) -> None:
         """``observer``: sees replays and skips (none: nobody does); ``attempts``: the entries
         in hand, written down over restarts (memory only by default); ``working_limit``:
         entries handed to the pull service at once (the stream delivers whole chunks, beyond
-        its prefetch: the rest wait here)."""
+        its prefetch: the rest wait here); ``read_desired``: where a loss is made good from
+        (none: it is reported ``unrecovered``)."""
         self.node = node
         self._observer = observer or ReplayObserver()
         self._attempts = attempts or ReplayAttempts(None)
@@ -206,6 +180,8 @@ class CatchUp:
         self._gap = HistoryGap.NONE
         self._lost = 0
         self._gap_on_this_connection = False
+        self._read_desired = read_desired
+        self._reconciling: Reconciling | None = None
         self._status = self._snapshot()
 
     # -- transitions (connection thread) -----------------------------------------------------
@@ -213,6 +189,8 @@ class CatchUp:
     def on_connect(self) -> None:
         """A new connection: find where the stream ends now, then replay up to there."""
         self._connection += 1
+        if self._reconciling is not None:
+            self._reconciling.stop()  # its answers are dropped
         self._ledger.restart()
         self._waiting.clear()  # the old reading's: delivered again on the new one
         self._end = self._sweep_end = None
@@ -223,6 +201,8 @@ class CatchUp:
 
     def on_disconnect(self) -> None:
         self._connection += 1
+        if self._reconciling is not None:
+            self._reconciling.stop()  # its answers are dropped
         self.phase = Phase.DISCONNECTED
         self._waiting.clear()
         self._update()
@@ -298,7 +278,7 @@ class CatchUp:
                 saved_offset=saved.offset,
                 stream_end=end,
             )
-            self._report_gap(saved.offset, None, None)
+            self._report_gap()
             self._ledger.forget_place()
             saved = None
         self._ledger.restart()
@@ -319,26 +299,58 @@ class CatchUp:
             saved_identity=self._verify.identity if self._verify else None,
             found_identity=found,
         )
-        self._report_gap(offset, offset, None)
+        self._report_gap()
         self._verify = None
         self._ledger.forget_place()
         self._read(Phase.REPLAYING, "first")
 
-    def _report_gap(self, saved: int, first: int | None, lost: int | None) -> None:
-        """The history lost entries this node had not replayed: said loudly, counted and
-        shown in presence. Nothing restores them here; what is left is replayed."""
+    def _report_gap(self) -> None:
+        """The stream was deleted and declared again: an unknown loss, counted and shown."""
         self._gap_on_this_connection = True
-        self._gap, self._lost = HistoryGap.UNRECOVERED, lost or 0
-        self._observer.history_gap(HistoryGap.UNRECOVERED, lost or 0)
-        if lost is not None:
-            log.warning(
-                f"the history lost {lost} entries this node had not replayed (offsets "
-                f"{saved + 1}..{(first or saved) - 1}): replaying what is left; nothing "
-                "restores the lost ones, ask for the images they named again",
-                lost=lost,
-                saved_offset=saved,
-                first_offset=first,
-            )
+        self._gap, self._lost = HistoryGap.UNRECOVERED, 0
+        self._observer.history_gap(HistoryGap.UNRECOVERED, 0)
+
+    def _reconcile(self, saved: Place, first: int, lost: int) -> None:
+        """REPLAYING -> RECONCILING: the history lost ``lost`` entries after ``saved``; the
+        first left is at ``first``. Reads the newest snapshot of the desired state."""
+        self._broker.stop_history()
+        self._ledger.restart()
+        self._waiting.clear()
+        self._gap_on_this_connection = True
+        self._gap, self._lost = HistoryGap.RECONCILING, lost
+        self.phase = Phase.RECONCILING
+        self._update()
+        self._reconciling = Reconciling(
+            self._read_desired,
+            self._server,
+            self._broker.call_soon,
+            self._working_limit,
+            self._max_age,
+            self._seen_live,
+            self._reconcile_answered,
+            partial(self._reconciled, first),
+        )
+        self._reconciling.start(saved, first, lost)
+
+    def _reconcile_answered(self, failed: NodeResult | None) -> None:
+        if failed is not None:
+            self._failed += 1
+            self._observer.replay_failed(failed)
+        self._update()
+
+    def _reconciled(self, first: int, place: Place | None, recovered: bool) -> None:
+        """RECONCILING -> REPLAYING from after the loss and after the snapshot."""
+        self._reconciling = None
+        self._gap = HistoryGap.RECOVERED if recovered else HistoryGap.UNRECOVERED
+        self._observer.history_gap(self._gap, self._lost)
+        if place is not None:
+            self._ledger.jump(place)  # what the snapshot holds is done
+        start = first if place is None else max(first, place.offset + 1)
+        if self._end is not None and start > self._end:
+            self.phase = Phase.REPLAYING
+            self._update()
+        else:
+            self._read(Phase.REPLAYING, start)
 
     def _caught_up(self) -> None:
         self.phase = Phase.CAUGHT_UP
@@ -372,26 +384,30 @@ class CatchUp:
             self.phase is Phase.SWEEPING and self._sweep_end is None
         ):
             self._broker.answer(delivery, None)
-            self._place_read(offset, identity)
+            self._place_read(offset, identity, delivery.body)
             return
         if self.phase not in (Phase.REPLAYING, Phase.SWEEPING):
             return
-        if self._verify is not None:
-            verify, self._verify = self._verify, None
-            same = verify.identity is None or verify.identity == identity
-            lost = lost_entries(verify.offset, offset, same)
-            if lost is None:
-                self._restart_from_the_beginning(verify.offset, identity)
-                return
-            if lost:
-                self._report_gap(verify.offset, offset, lost)
-            if offset == verify.offset:
-                self._broker.answer(delivery, None)  # the saved entry itself: done
-                self._update()
-                return
-        self._ledger.delivered(offset, identity)
-        self._replay(delivery, offset, identity)
-        self._update()
+        if self._verify is None or self._verified(self._verify, delivery, offset, identity):
+            self._ledger.delivered(offset, identity)
+            self._replay(delivery, offset, identity)
+            self._update()
+
+    def _verified(self, verify: Place, delivery: Delivery, offset: int, identity: str) -> bool:
+        """The first entry read from the saved place: whether to replay it (not after a loss)."""
+        self._verify = None
+        same = verify.identity is None or verify.identity == identity
+        lost = lost_entries(verify.offset, offset, same)
+        if lost is None:
+            self._restart_from_the_beginning(verify.offset, identity)
+        elif lost:
+            self._reconcile(verify, offset, lost)
+        elif offset == verify.offset:
+            self._broker.answer(delivery, None)  # the saved entry itself: done
+            self._update()
+        else:
+            return True
+        return False
 
     def _is_my_marker(self, body: bytes) -> bool:
         try:
@@ -400,13 +416,13 @@ class CatchUp:
             return False
         return isinstance(entry, HistoryMarker) and entry.marker_id == self._marker_id
 
-    def _place_read(self, offset: int, identity: str) -> None:
+    def _place_read(self, offset: int, identity: str, body: bytes) -> None:
         """The first entry of the stream's last chunk: every entry up to it existed before
         the read. A checkpoint saves it; a sweep reads up to it."""
         self._broker.stop_history()
         if self.phase is Phase.CHECKPOINTING:
             self.phase = Phase.CAUGHT_UP
-            self._ledger.jump(Place(offset, identity))
+            self._ledger.jump(Place(offset, identity, _requested_at(body)))
             log.debug("history checkpoint", history_offset=offset)
             self._update()
             return
@@ -441,6 +457,7 @@ class CatchUp:
         if isinstance(entry, HistoryMarker):
             self._entry_done(delivery, None)
             return
+        self._ledger.requested(offset, entry.requested_at)
         age = time.time() - entry.requested_at
         if age > self._max_age:
             log.info(
@@ -563,10 +580,19 @@ class CatchUp:
         return CatchUpStatus(
             connected=self.phase is not Phase.DISCONNECTED,
             caught_up=self.phase in CAUGHT_UP_PHASES,
-            replay_pending=self._ledger.in_hand,
+            replay_pending=self._ledger.in_hand
+            + (self._reconciling.pending if self._reconciling else 0),
             replay_failed=self._failed,
             history_offset=self._ledger.committed_offset,
             phase=self.phase.value,
             history_gap=self._gap,
             history_lost=self._lost,
         )
+
+
+def _requested_at(body: bytes) -> float | None:
+    try:
+        entry = decode_history(body)
+    except InvalidMessage:
+        return None
+    return entry.requested_at if isinstance(entry, PullRequest) else None
