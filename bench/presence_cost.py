@@ -40,7 +40,7 @@ from contract import topology as topo
 from localcluster.broker_cluster import BrokerCluster
 from worker.broker.census import Census
 from worker.broker.connection import WorkerBroker
-from worker.catch_up.replay import CatchUpStatus
+from worker.catch_up.status import CatchUpStatus
 from worker.daemon import CENSUS_EVERY
 from worker.presence import PresenceAnnouncer
 from worker.stores.contract import ImageStore

@@ -16,7 +16,7 @@ from contract import (
     decode_presence_stream,
 )
 from publisher.roster import RosterBook
-from worker.catch_up.replay import CatchUpStatus
+from worker.catch_up.status import CatchUpStatus
 from worker.presence import JITTER, PresenceAnnouncer, interval_for
 from worker.stores.contract import ImageStore
 
