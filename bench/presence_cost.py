@@ -33,6 +33,7 @@ from typing import cast
 
 import pika
 import pika.exceptions
+import structlog
 
 from bench.common import print_table, save
 from contract import PRESENCE_INTERVAL, NodePresence, decode_presence_stream
@@ -124,8 +125,9 @@ def _run(
         )
     try:
         for child in children:  # each says "ready" once all its nodes are connected
-            if child.stdout is None or child.stdout.readline().strip() != "ready":
-                raise RuntimeError("a simulating process did not connect its nodes")
+            said = child.stdout.readline().strip() if child.stdout is not None else ""
+            if said != "ready":
+                raise RuntimeError(f"a simulating process did not connect its nodes: {said}")
         time.sleep(args.warm_up)
         began, cpu_before = time.time(), _cpu(broker)
         time.sleep(args.seconds)
@@ -217,6 +219,7 @@ def _caught_up() -> CatchUpStatus:
 def _child(url: str, first: int, count: int, rate: float) -> int:
     """``count`` nodes, one thread each; "ready" once all are connected; runs until killed.
     ``rate`` < 0: today's rule (no census, the base interval)."""
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: ours
     connected = threading.Semaphore(0)
     failed: list[BaseException] = []
 
