@@ -52,7 +52,13 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 """Where both sides look for RabbitMQ when ``PULLER_AMQP_URL`` is not set."""
 
 PRESENCE_INTERVAL = 5.0
-"""Seconds between a worker's presence announcements."""
+"""Seconds between a worker's presence announcements on a small cluster (the base interval)."""
+MAX_PRESENCE_INTERVAL = 60.0
+"""The longest interval a worker stretches to on a large cluster, and the longest a reader
+believes (a larger declared interval is read as this)."""
+PRESENCE_MISSES = 3
+"""A node whose announcements stop is gone from the roster after this many of its intervals
+(or the reader's own age limit, if longer)."""
 
 
 class Message:
@@ -390,7 +396,7 @@ class HistoryGap(StrEnum):
 
 @dataclass(frozen=True)
 class NodePresence(Message):
-    """A worker saying it is there (every :data:`PRESENCE_INTERVAL`), or that it is leaving.
+    """A worker saying it is there (every ``interval`` seconds at most), or that it is leaving.
 
     The roster is the latest of these per node, so this is also what ``puller nodes``
     prints (:meth:`to_json`)."""
@@ -412,6 +418,9 @@ class NodePresence(Message):
     history_lost: int = 0
     """History entries the node had not replayed that the history lost (0: none, or unknown
     when the stream was deleted and declared again)."""
+    interval: float | None = None
+    """The most seconds until the node's next announcement (it stretches on a large
+    cluster); ``None`` from older workers, which announce every :data:`PRESENCE_INTERVAL`."""
 
     TYPE: ClassVar[str] = "presence"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
@@ -426,7 +435,15 @@ class NodePresence(Message):
         Field("replay_failed", Count(default=0)),
         Field("history_gap", Choice(HistoryGap, default=HistoryGap.NONE, unknown=HistoryGap.NONE)),
         Field("history_lost", Count(default=0)),
+        Field("interval", OptionalSeconds()),
     )
+
+    def silent_after(self, max_age: float) -> float:
+        """Seconds without a word from this node after which a reader drops it: ``max_age``,
+        or :data:`PRESENCE_MISSES` of the interval it declared (at most
+        :data:`MAX_PRESENCE_INTERVAL`), whichever is longer."""
+        declared = min(self.interval or 0.0, MAX_PRESENCE_INTERVAL)
+        return max(max_age, PRESENCE_MISSES * declared)
 
 
 @dataclass(frozen=True)

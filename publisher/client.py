@@ -14,7 +14,9 @@ import structlog
 from contract import (
     DEFAULT_AMQP_URL,
     MAX_KEEP_IMAGES,
+    MAX_PRESENCE_INTERVAL,
     PRESENCE_INTERVAL,
+    PRESENCE_MISSES,
     BrokerUnavailable,
     CheckRequest,
     Forbidden,
@@ -196,23 +198,28 @@ class Publisher:
         return self._replies.memory()
 
     def nodes(self) -> list[NodeInfo]:
-        """The live nodes: those whose worker announced itself within ``roster_max_age``."""
+        """The live nodes: those whose worker announced itself within ``roster_max_age``, or
+        within the longer interval it declared (a node of a large cluster announces rarely)."""
         return self.roster().nodes
 
     def roster(self, *, leaving: bool = False) -> Roster:
         """:meth:`nodes`, and whether the list is complete: a flooded presence stream is
         answered from what was read of it, with a note saying so, rather than not at all.
         With ``leaving``, the nodes whose latest word is "leaving" are in it too."""
-        return self._roster(since=time.time() - self.roster_max_age, leaving=leaving)
+        return self._roster(at=time.time(), leaving=leaving)
 
-    def _roster(self, since: float, leaving: bool = False) -> Roster:
-        """The nodes whose latest announcement since ``since`` (Unix time) is not "leaving"
-        (with ``leaving``: whatever it is).
+    def _roster(self, at: float, leaving: bool = False) -> Roster:
+        """The nodes alive at ``at`` (Unix time) whose latest announcement is not "leaving"
+        (with ``leaving``: whatever it is): announced within ``roster_max_age`` before, or
+        within the longer wait a node of a large cluster declares (see
+        :meth:`NodePresence.silent_after`).
 
-        The presence stream is followed into memory from the first call on; each call waits
-        for what was announced before it (see :meth:`PublisherBroker.sync_presence`)."""
+        The presence stream is followed into memory from the first call on, first from as
+        far back as the longest wait a node may declare; each call waits for what was
+        announced before it (see :meth:`PublisherBroker.sync_presence`)."""
         book = self._roster_book
-        sync = self._broker.sync_presence(book, since, timeout=self._connect_timeout)
+        back = max(self.roster_max_age, PRESENCE_MISSES * MAX_PRESENCE_INTERVAL)
+        sync = self._broker.sync_presence(book, at - back, timeout=self._connect_timeout)
         invalid = self._broker.invalid_presence()
         if invalid > self._invalid_presence:
             log.warning(
@@ -220,7 +227,8 @@ class Publisher:
                 count=invalid - self._invalid_presence,
             )
             self._invalid_presence = invalid
-        nodes = book.announcements(since) if leaving else book.roster(since)
+        since, max_age = at - self.roster_max_age, self.roster_max_age
+        nodes = book.announcements(since, max_age) if leaving else book.roster(since, max_age)
         notes = []
         if not sync.complete:
             busiest = book.busiest()
@@ -564,7 +572,7 @@ class Publisher:
         if expect is not None and missing > 0:
             # Who was there when the request began? Asked only now, and only when someone
             # is missing: the roster costs a stream read the common case need not pay.
-            silent = self._roster_names(since=began - self.roster_max_age)
+            silent = self._roster_names(at=began)
             if not silent - answered:
                 notes.append(
                     f"only a count was known: {missing} of {expect} expected node(s) did not "
@@ -612,9 +620,9 @@ class Publisher:
         log.debug("requested", request_id=request.request_id, type=request.TYPE, image=image)
         return epoch
 
-    def _roster_names(self, since: float) -> set[str]:
+    def _roster_names(self, at: float) -> set[str]:
         try:
-            return {info.node for info in self._roster(since).nodes}
+            return {info.node for info in self._roster(at).nodes}
         except BrokerUnavailable:
             return set()
 

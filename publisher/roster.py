@@ -91,22 +91,30 @@ class RosterBook:
                     return
             self._latest[presence.node] = _Entry(presence, seen)
 
-    def roster(self, since: float) -> list[NodeInfo]:
-        """The nodes seen since ``since`` (Unix time) whose latest word is not "leaving"."""
+    def roster(self, since: float, max_age: float = 0.0) -> list[NodeInfo]:
+        """The nodes seen since ``since`` (Unix time) whose latest word is not "leaving". A
+        node that declared a longer wait between its announcements than ``max_age`` (the age
+        limit ``since`` was reckoned with) counts from that much earlier
+        (:meth:`NodePresence.silent_after`)."""
         with self._lock:
             entries = sorted(self._latest.items())
         return [
             entry.presence
             for _, entry in entries
-            if entry.seen >= since and entry.presence.state is NodeState.UP
+            if entry.seen >= since + max_age - entry.presence.silent_after(max_age)
+            and entry.presence.state is NodeState.UP
         ]
 
-    def announcements(self, since: float) -> list[NodeInfo]:
+    def announcements(self, since: float, max_age: float = 0.0) -> list[NodeInfo]:
         """Every node's latest announcement seen since ``since`` (Unix time), "leaving" ones
-        included, by node name."""
+        included, by node name; ``max_age`` as in :meth:`roster`."""
         with self._lock:
             entries = sorted(self._latest.items())
-        return [entry.presence for _, entry in entries if entry.seen >= since]
+        return [
+            entry.presence
+            for _, entry in entries
+            if entry.seen >= since + max_age - entry.presence.silent_after(max_age)
+        ]
 
     def count(self, user: str | None) -> None:
         with self._lock:

@@ -72,6 +72,8 @@ from worker.stores.registry_logins import DockerConfig
 log = structlog.get_logger("worker")
 
 EVENT_LOOP_SLICE = 0.5
+CENSUS_EVERY = 6
+"""Base presence intervals at least between two counts of the nodes (30 s by default)."""
 ARRIVAL_WAIT = 5.0
 """Seconds a new connection waits for RabbitMQ to confirm the node's first announcement
 (in the stream), before it serves anyway."""
@@ -152,7 +154,11 @@ class Worker:
         self.image_pruner, self._housekeeping = self._pruning(settings)
         self._pruner = PruneRequests(settings.node_name, lambda: self.image_pruner, self.admission)
         self._presence = PresenceAnnouncer(
-            settings.node_name, self._store, settings.presence_interval, self._catch_up.status
+            settings.node_name,
+            self._store,
+            settings.presence_interval,
+            self._catch_up.status,
+            settings.presence_target_rate,
         )
         self._liveness = Liveness()
         self._health = (
@@ -294,7 +300,9 @@ class Worker:
                 while not stopping.is_set():
                     self._liveness.tick()
                     if self._presence.due():
-                        self._broker.announce(self._presence.message())
+                        census = self._broker.census
+                        self._broker.announce(self._presence.message(nodes=census.nodes))
+                        census.ask(every=CENSUS_EVERY * self.settings.presence_interval)
                     self._broker.process_events(EVENT_LOOP_SLICE)
                     self._catch_up.checkpoint_if_due(self._service.unfinished)
                     self._keeper.tick()
@@ -311,7 +319,9 @@ class Worker:
         """The connection's first presence announcement, confirmed before ``/ready`` says
         "connected": whoever reads the roster after that finds this node (announced
         unconfirmed, a roster read at once could miss it)."""
-        arrived = self._broker.announce_arrival(self._presence.message(), ARRIVAL_WAIT)
+        arrived = self._broker.announce_arrival(
+            self._presence.message(nodes=self._broker.census.nodes, first=True), ARRIVAL_WAIT
+        )
         if not arrived:
             log.warning(
                 "RabbitMQ did not confirm this node's announcement; publishers list the "
@@ -327,7 +337,9 @@ class Worker:
         self._presence.stop()
         if self._broker.connected:
             with contextlib.suppress(BrokerUnavailable):
-                self._broker.announce(self._presence.message(NodeState.LEAVING))
+                self._broker.announce(
+                    self._presence.message(NodeState.LEAVING, nodes=self._broker.census.nodes)
+                )
             self._broker.stop_consuming()
         self._serve_while_unfinished(self.settings.shutdown_grace)
         if self._service.unfinished:

@@ -243,8 +243,18 @@ class WorkerSettings(BrokerAndPolicy):
         "PULLER_PRESENCE_INTERVAL",
         number,
         PRESENCE_INTERVAL,
-        help="seconds between presence announcements (publishers drop a node after three missed)",
+        help="seconds between presence announcements on a small cluster (publishers drop a "
+        "node after three missed); a large one stretches it, see PULLER_PRESENCE_TARGET_RATE",
         minimum=0.1,
+    )
+    presence_target_rate: float = setting(
+        "PULLER_PRESENCE_TARGET_RATE",
+        number,
+        100.0,
+        help="announcements a second the whole cluster aims at: past this many x "
+        "PULLER_PRESENCE_INTERVAL nodes, each node announces every nodes/rate seconds (at "
+        "most 60); 0 keeps the base interval whatever the size (upgrade publishers first)",
+        minimum=0,
     )
     shutdown_grace: float = setting(
         "PULLER_SHUTDOWN_GRACE",

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import signal
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pika
+import pika.exceptions
 import pytest
 from testcontainers.community.rabbitmq import RabbitMqContainer
 
-from contract import CONTENT_TYPE, NodeProgress, NodeResult, PullRequest, Status, parse_reference
+from contract import (
+    CONTENT_TYPE,
+    PRESENCE_MISSES,
+    NodePresence,
+    NodeProgress,
+    NodeResult,
+    PullRequest,
+    Status,
+    decode_presence_stream,
+    parse_reference,
+)
 from contract import topology as topo
 from localcluster.cluster import LocalCluster
+from localcluster.processes import wait_until
 from publisher import Publisher
 from tests.integration.conftest import (
     NODES,
@@ -27,6 +42,7 @@ from tests.integration.conftest import (
     start_cluster,
 )
 from tests.integration.test_faults import run_cli_in_background
+from worker.presence import JITTER
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +209,6 @@ def progress_per_request(amqp_url: str, bodies: dict[str, bytes], nodes: int) ->
                 results[reply["request_id"]] += 1
             if all(results[request_id] == nodes for request_id in bodies):
                 break
-        channel.cancel()
     return counted
 
 
@@ -238,8 +253,87 @@ def test_cli_nodes_lists_the_roster(own_cluster: LocalCluster, own_publisher: Pu
         "replay_failed",
         "history_gap",
         "history_lost",
+        "interval",
     }
     assert {n["caught_up"] for n in listed} == {True}  # an empty history: nothing to replay
     plain = run_cli("--amqp-url", own_cluster.amqp_url, "nodes")
     assert [line.split()[0] for line in plain.stdout.splitlines()] == node_names(own_cluster)
     assert all(line.endswith("caught up") for line in plain.stdout.splitlines())
+
+
+STRETCH_RATE = 1.0
+"""Announcements a second a stretching cluster aims at: two nodes count as large."""
+
+
+def presence_stream(amqp_url: str, since: float, seconds: float) -> list[NodePresence]:
+    """The announcements in the presence stream from ``since`` (Unix time), read for
+    ``seconds``."""
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        found = []
+        deadline = time.monotonic() + seconds
+        for method, _properties, body in channel.consume(
+            topo.PRESENCE_STREAM.name,
+            arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
+            inactivity_timeout=0.2,
+        ):
+            if time.monotonic() > deadline:
+                break
+            if method is None:
+                continue
+            channel.basic_ack(method.delivery_tag)
+            message = decode_presence_stream(body)
+            if isinstance(message, NodePresence) and message.last_seen >= since:
+                found.append(message)
+        return found
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):  # a stream refuses the requeue
+            connection.close()
+
+
+def test_a_large_roster_stretches_the_interval_and_a_killed_node_still_leaves_in_three_of_them(
+    rabbitmq: RabbitMqContainer,
+) -> None:
+    cluster = start_cluster(
+        new_vhost(rabbitmq), nodes=2, PULLER_PRESENCE_TARGET_RATE=str(STRETCH_RATE)
+    )
+    stretched = 2 / STRETCH_RATE
+    assert stretched > PRESENCE_INTERVAL and PRESENCE_MISSES * stretched > ROSTER_MAX_AGE
+    try:
+        with Publisher(cluster.amqp_url, roster_max_age=ROSTER_MAX_AGE) as publisher:
+            # Each worker counts the census's consumers (two) and stretches its interval.
+            wait_until(
+                lambda: [i.interval for i in publisher.nodes()] == [stretched, stretched],
+                "both nodes to declare the stretched interval",
+                timeout=20,
+            )
+            since = time.time()
+            announced = presence_stream(cluster.amqp_url, since, 2 * stretched + 1)
+            first = [a for a in announced if a.node == cluster.workers[0].node]
+            assert len(first) >= 2
+            assert {a.interval for a in first} == {stretched}
+            gaps = [b.last_seen - a.last_seen for a, b in itertools.pairwise(first)]
+            assert min(gaps) >= (1 - JITTER) * stretched - 0.05, gaps  # not every 1 s
+
+            killed = cluster.workers[1]
+            killed.signal(signal.SIGKILL)  # no goodbye
+            assert killed.process is not None
+            killed.process.wait(10)
+            [last] = [i for i in publisher.nodes() if i.node == killed.node]
+            bound = last.silent_after(ROSTER_MAX_AGE)
+            assert bound == PRESENCE_MISSES * stretched
+            while True:
+                asked = time.time()
+                listed = killed.node in [i.node for i in publisher.nodes()]
+                answered = time.time()
+                if not listed:
+                    break
+                # Gone within the bound (plus what a loaded machine adds to the read).
+                assert asked < last.last_seen + bound + 5, "a dead node stayed in the roster"
+                time.sleep(0.2)
+            # ... and not before: readers judged it by its own interval, not their 4 s.
+            assert answered > last.last_seen + bound
+    finally:
+        cluster.remove()

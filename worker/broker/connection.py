@@ -42,6 +42,7 @@ from contract.connection import (
     where,
 )
 from contract.messages import Message
+from worker.broker.census import Census
 from worker.broker.delivery import Delivery, HistoryReading, TailRead
 from worker.broker.desired import DesiredLink
 from worker.broker.outbox import Outbox
@@ -130,6 +131,7 @@ class WorkerBroker(Outbox):
         self.desired = DesiredLink(
             self._open_link, self._check_owner, self.call_soon, self.read_tail, self.user
         )
+        self.census = Census(lambda opened: self._open_link().channel(on_open=opened))
         self.tail_reads_off_leader = 0
         """Tail reads made on the node connected to because the stream's leader could not
         be reached (its copy may lag behind the leader's)."""
@@ -196,6 +198,7 @@ class WorkerBroker(Outbox):
         presence = self._new_channel()
         link.call(presence, partial(presence.confirm_delivery, self._on_confirm))
         self._presence_channel = presence
+        self.census.join()
 
     def _deliverer(
         self, channel: Channel, on_delivery: Callable[[Delivery], None], history: bool = False
