@@ -315,14 +315,6 @@ class ServedConnection:
     def is_open(self) -> bool:
         return bool(self.connection.is_open)
 
-    @property
-    def cluster_name(self) -> str | None:
-        """The RabbitMQ cluster's name, as the broker said when the connection opened."""
-        name = (self.connection.server_properties or {}).get("cluster_name")
-        if isinstance(name, bytes):
-            name = name.decode("utf-8", "replace")
-        return name if isinstance(name, str) and name else None
-
     def serve(self, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
         """Serves the connection until ``until()`` or for ``seconds``; raises what ended
         the connection's use meanwhile (its loss, or an error given to :meth:`fail`)."""

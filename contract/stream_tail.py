@@ -92,24 +92,13 @@ class TailReading:
 
 
 def read_tail(
-    at: Endpoint,
-    login: Login,
-    stream: str,
-    timeout: float = 10.0,
-    commit_wait: float = COMMIT_WAIT,
-    cluster: str | None = None,
+    at: Endpoint, login: Login, stream: str, timeout: float = 10.0, commit_wait: float = COMMIT_WAIT
 ) -> TailReading:
     """The last offset of ``stream``, read on its leader; raises :class:`StreamUnavailable`.
     Takes at most about ``timeout`` seconds (plus ``commit_wait`` in the rare case that the
-    last chunk is not committed yet). With ``cluster``, the stream port must belong to the
-    RabbitMQ cluster of that name (the one the caller's AMQP connection is on)."""
+    last chunk is not committed yet)."""
     deadline = time.monotonic() + timeout
     with _connected(at, login, deadline) as first:
-        if cluster is not None and first.cluster_name != cluster:
-            raise first.error(
-                f"it belongs to RabbitMQ cluster {first.cluster_name!r}, not {cluster!r} whose "
-                "AMQP port is in use: set PULLER_STREAM_PORT to that cluster's stream port"
-            )
         leader = first.leader(stream)
         if leader == at:
             return TailReading(first.tail(stream, commit_wait), at)
@@ -159,28 +148,22 @@ class _Connection:
         self._correlation = 0
         self.chunks: dict[int, int] = {}
         """Subscription id -> the last offset of the first chunk delivered to it."""
-        self.cluster_name: str | None = None
-        """The broker's cluster name, from its peer properties."""
 
     def open(self, login: Login) -> None:
-        properties = self.call(PEER_PROPERTIES, struct.pack(">i", 0))
-        try:
-            self.cluster_name = _properties(properties).get("cluster_name")
-        except (struct.error, UnicodeDecodeError):
-            raise self.error("malformed peer properties") from None
+        self.call(PEER_PROPERTIES, struct.pack(">i", 0))
         try:
             mechanisms = _strings(self.call(SASL_HANDSHAKE, b""))
         except (struct.error, UnicodeDecodeError):
-            raise self.error("a malformed list of login mechanisms") from None
+            raise self._error("a malformed list of login mechanisms") from None
         if "PLAIN" not in mechanisms:
-            raise self.error(f"PLAIN login is not offered (only {', '.join(mechanisms)})")
+            raise self._error(f"PLAIN login is not offered (only {', '.join(mechanisms)})")
         secret = f"\0{login.user}\0{login.password}".encode()
         self.call(SASL_AUTHENTICATE, _string("PLAIN") + struct.pack(">i", len(secret)) + secret)
         key, _version, body = self._frame()
         while key == HEARTBEAT:
             key, _version, body = self._frame()
         if key != TUNE or len(body) < 8:
-            raise self.error(f"expected the server's tune, got frame {key:#06x}")
+            raise self._error(f"expected the server's tune, got frame {key:#06x}")
         frame_max, _heartbeat = struct.unpack_from(">II", body)
         # Heartbeat 0: the connection lives for one read.
         self._send(TUNE, struct.pack(">II", frame_max, 0))
@@ -200,11 +183,11 @@ class _Connection:
             name, at = _string_at(body, at + 4)  # one stream asked, one answered
             code, leader = struct.unpack_from(">HH", body, at)
         except (struct.error, UnicodeDecodeError):
-            raise self.error("malformed metadata") from None
+            raise self._error("malformed metadata") from None
         if name != stream or code != OK:
-            raise self.error(f"metadata for {stream!r}: {_meaning(code)}")
+            raise self._error(f"metadata for {stream!r}: {_meaning(code)}")
         if leader not in brokers:
-            raise self.error(f"metadata names leader {leader}, not among its brokers")
+            raise self._error(f"metadata names leader {leader}, not among its brokers")
         return brokers[leader]
 
     def tail(self, stream: str, commit_wait: float) -> int | None:
@@ -225,7 +208,7 @@ class _Connection:
         except StreamUnavailable:
             if time.monotonic() < self._deadline:
                 raise
-            raise self.error(
+            raise self._error(
                 f"the stream's last chunk was not committed within {commit_wait:g} s"
             ) from None
         return self.chunks[0]
@@ -251,14 +234,14 @@ class _Connection:
                 self._take(got, version, answer)
                 continue
             if len(answer) < (6 if coded else 4):
-                raise self.error(f"a short response to {key:#06x}")
+                raise self._error(f"a short response to {key:#06x}")
             if struct.unpack_from(">I", answer)[0] != self._correlation:
                 continue  # an answer to an earlier request (a close's, say)
             if not coded:
                 return answer[4:]
             (code,) = struct.unpack_from(">H", answer, 4)
             if code not in allowed:
-                raise self.error(f"request {key:#06x} refused: {_meaning(code)}")
+                raise self._error(f"request {key:#06x} refused: {_meaning(code)}")
             return answer[6:]
 
     def _take(self, key: int, version: int, body: bytes) -> None:
@@ -266,20 +249,20 @@ class _Connection:
         if key == DELIVER:
             skip = 9 if version >= 2 else 1  # version 2 adds the committed chunk id
             if len(body) < skip + CHUNK_HEADER.size:
-                raise self.error("a short deliver frame")
+                raise self._error("a short deliver frame")
             subscription = body[0]
             magic, _type, entries, _records, _time, _epoch, first = CHUNK_HEADER.unpack_from(
                 body, skip
             )
             if magic >> 4 != 5 or entries == 0:
-                raise self.error("a deliver frame that holds no chunk")
+                raise self._error("a deliver frame that holds no chunk")
             self.chunks.setdefault(subscription, first + entries - 1)
         elif key == CLOSE:
             try:
                 reason, _ = _string_at(body, 6)
             except (struct.error, UnicodeDecodeError):
                 reason = ""
-            raise self.error(f"the broker closed the connection: {reason or 'no reason'}")
+            raise self._error(f"the broker closed the connection: {reason or 'no reason'}")
         # Others (heartbeat, metadata update, credit notice): nothing to do for one read.
 
     def _send(self, key: int, body: bytes) -> None:
@@ -288,13 +271,13 @@ class _Connection:
             self._socket.settimeout(_left(self._deadline, self._at))
             self._socket.sendall(struct.pack(">I", len(frame)) + frame)
         except OSError as error:
-            raise self.error(f"cannot send: {_why(error)}") from None
+            raise self._error(f"cannot send: {_why(error)}") from None
 
     def _frame(self) -> tuple[int, int, bytes]:
         """The next frame: key, version, and at most :data:`KEPT` bytes of its fields."""
         (size,) = struct.unpack(">I", self._read(4))
         if size < 4:
-            raise self.error(f"a frame of {size} bytes")
+            raise self._error(f"a frame of {size} bytes")
         key, version = struct.unpack(">HH", self._read(4))
         body = self._read(min(size - 4, KEPT))
         left = size - 4 - len(body)
@@ -308,26 +291,16 @@ class _Connection:
                 self._socket.settimeout(_left(self._deadline, self._at))
                 data = self._socket.recv(max(65536, count - len(self._buffer)))
             except OSError as error:
-                raise self.error(f"cannot read: {_why(error)}") from None
+                raise self._error(f"cannot read: {_why(error)}") from None
             if not data:
-                raise self.error("the broker closed the connection")
+                raise self._error("the broker closed the connection")
             self._buffer += data
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         return data
 
-    def error(self, what: str) -> StreamUnavailable:
+    def _error(self, what: str) -> StreamUnavailable:
         return StreamUnavailable(f"stream port {self._at}: {what}")
-
-
-def _properties(body: bytes) -> dict[str, str]:
-    """A map of strings: a count, then key and value strings."""
-    (count,), at = struct.unpack_from(">i", body), 4
-    found = {}
-    for _ in range(count):
-        key, at = _string_at(body, at)
-        found[key], at = _string_at(body, at)
-    return found
 
 
 def _subscription(subscription: int, stream: str, offset: int) -> bytes:

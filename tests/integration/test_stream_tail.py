@@ -14,7 +14,7 @@ from testcontainers.community.rabbitmq import RabbitMqContainer
 
 from contract import BrokerUnavailable
 from contract import topology as topo
-from contract.connection import BrokerTls, ServedConnection
+from contract.connection import BrokerTls
 from contract.stream_tail import Endpoint, Login, StreamUnavailable, read_tail
 from localcluster.broker_cluster import BrokerCluster
 from tests.integration.conftest import TlsRabbitMq, new_vhost, stream_port
@@ -151,24 +151,3 @@ def test_the_tail_is_read_on_the_leader_of_a_cluster(broker_cluster: BrokerClust
     assert reading.read_at == Endpoint("127.0.0.1", broker_cluster.node(leader).stream_port)
     with pika.BlockingConnection(pika.URLParameters(writer_url)) as connection:
         connection.channel().queue_delete(stream.name)
-
-
-def test_a_stream_port_of_another_cluster_is_refused(
-    rabbitmq: RabbitMqContainer, broker_cluster: BrokerCluster
-) -> None:
-    """A worker told the wrong PULLER_STREAM_PORT (here: another cluster's) must not take that
-    stream's end for its history's: the read checks the cluster's name against the one its
-    AMQP connection is on, as each broker says it."""
-    url, stream = new_vhost(rabbitmq), a_stream()
-    declare(url, stream)
-    publish(url, stream, 3)
-    on_amqp = ServedConnection(pika.URLParameters(url), answer_wait=5)
-    ours = on_amqp.cluster_name
-    on_amqp.close(5)
-    assert ours
-    login = Login("guest", "guest", pika.URLParameters(url).virtual_host)
-    here = Endpoint(rabbitmq.get_container_host_ip(), stream_port(rabbitmq))
-    assert read_tail(here, login, stream.name, cluster=ours).offset == true_end(url, stream, 3)
-    elsewhere = Endpoint("127.0.0.1", broker_cluster.nodes[0].stream_port)
-    with pytest.raises(StreamUnavailable, match="belongs to RabbitMQ cluster"):
-        read_tail(elsewhere, Login("guest", "guest", "/"), stream.name, cluster=ours)

@@ -401,32 +401,3 @@ def test_behind_a_mapped_amqp_port_the_worker_does_not_guess_the_stream_port(
     told = WorkerBroker(mapped, "node-1", prefetch=1, heartbeat=30, stream_port=server.at.port)
     assert told.read_tail() == 73
     assert server.broker.received  # the port it was told is the one it read
-
-
-def peer_properties(**properties: str) -> Callable[[int, bytes], bytes]:
-    pairs = b"".join(string(key) + string(value) for key, value in properties.items())
-    return lambda correlation, _fields: response(
-        PEER_PROPERTIES, correlation, rest=struct.pack(">i", len(properties)) + pairs
-    )
-
-
-def test_a_stream_port_of_another_cluster_is_refused(servers: Callable[..., Server]) -> None:
-    """Told the AMQP connection's cluster, the read refuses a stream port that another cluster
-    answers on (a wrong PULLER_STREAM_PORT), before it reads anything there."""
-    named = peer_properties(cluster_name="rabbit@other", product="RabbitMQ")
-    server = servers(Broker(chunks={OFFSET_LAST: (70, 4)}, override={PEER_PROPERTIES: named}))
-    with pytest.raises(StreamUnavailable, match="cluster 'rabbit@other', not 'rabbit@ours'"):
-        read_tail(server.at, LOGIN, STREAM, cluster="rabbit@ours")
-    assert not server.broker.subscriptions
-    assert read_tail(server.at, LOGIN, STREAM, cluster="rabbit@other").offset == 73
-    assert read_tail(server.at, LOGIN, STREAM).offset == 73
-
-
-def test_malformed_peer_properties_are_a_clear_error(servers: Callable[..., Server]) -> None:
-    def broken(correlation: int, _fields: bytes) -> bytes:
-        rest = struct.pack(">i", 3) + string("cluster_name")  # three pairs said, half of one sent
-        return response(PEER_PROPERTIES, correlation, rest=rest)
-
-    server = servers(Broker(override={PEER_PROPERTIES: broken}))
-    with pytest.raises(StreamUnavailable, match="malformed peer properties"):
-        read_tail(server.at, LOGIN, STREAM, cluster="rabbit@ours")

@@ -101,8 +101,6 @@ class WorkerBroker(Outbox):
         self._history_stream = history_stream
         self._replay_prefetch = replay_prefetch
         self._link: ServedConnection | None = None
-        self._cluster: str | None = None
-        """The RabbitMQ cluster the connection is on: the stream port read must be its."""
         self._channel: Channel | None = None
         self._history_channel: Channel | None = None
         self._presence_channel: Channel | None = None
@@ -184,7 +182,6 @@ class WorkerBroker(Outbox):
 
     def _open_and_consume(self, on_live: Callable[[Delivery], None]) -> None:
         link = self._link = self._open_any()
-        self._cluster = link.cluster_name
         channel = self._topology.declare_own(self._topology.declare_shared(self._new_channel()))
         link.call(channel, partial(channel.basic_qos, prefetch_count=self._prefetch))
         channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, channel))
@@ -349,7 +346,6 @@ class WorkerBroker(Outbox):
             ),
             stream or (self._history_stream or topo.history_stream()).name,
             timeout=TAIL_TIMEOUT,
-            cluster=self._cluster,
         )
         if reading.leader_missed is not None:
             with self._lock:
