@@ -1,0 +1,360 @@
+"""Simulated nodes for ``bench/scale.py``: many in one process, served in turns by one thread.
+
+Each node is the worker's own code for what grows with the number of nodes: its broker
+(:class:`~worker.broker.WorkerBroker`: connection, topology, live queue, history readings,
+presence channel), a design's catch-up (today's: :class:`~worker.catch_up.replay.CatchUp`
+with its :class:`~worker.catch_up.ledger.Ledger`), its presence announcements and its pull
+service, over a store that holds every image (so every request is answered ``present``
+from memory, at once). What is left out: the Docker engine, the health port, pruning, and
+the daemon's threads; the daemon's connect, serve and reconnect loop is
+:meth:`SimulatedNode.step`, in the same order with the same waits.
+
+One thread may own many brokers: each :class:`WorkerBroker` checks its owner thread, and
+each has a connection (and I/O loop) of its own, served by ``process_events`` for a short
+slice in turn. A node whose turn has not come keeps its deliveries unread in its socket.
+
+Run by ``bench/scale.py`` as ``python -m bench.scale_nodes SPEC`` (SPEC: JSON, see
+:class:`FleetSpec`); commands come one JSON line each on standard input, answers go one
+JSON line each on standard output (see :func:`serve_commands`); logs go to standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import select
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import structlog
+
+from contract import (
+    BrokerUnavailable,
+    CheckRequest,
+    InvalidMessage,
+    PruneRequest,
+    PullRequest,
+    decode_request,
+)
+from contract import topology as topo
+from worker.broker import NodeNameInUse, WorkerBroker
+from worker.catch_up.ledger import Ledger, OffsetStore
+from worker.catch_up.replay import CatchUp, CatchUpStatus, Reading, ReplayObserver
+from worker.daemon import ARRIVAL_WAIT, RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY
+from worker.delivery import Delivery
+from worker.presence import PresenceAnnouncer
+from worker.pulls.service import PullService
+from worker.stores.contract import ImageInfo, PullProgress
+
+SLICE = 0.002
+"""Seconds each node's connection is served per turn."""
+
+
+# -- what a design provides --------------------------------------------------------------------
+
+
+class CatchUpRole(Protocol):
+    """What the simulated node (as the daemon) asks of a design's catch-up."""
+
+    def on_connect(self) -> None: ...
+
+    def on_disconnect(self) -> None: ...
+
+    def note_live(self, request: PullRequest) -> None: ...
+
+    def checkpoint_if_due(self, unanswered: int) -> None: ...
+
+    def status(self) -> CatchUpStatus: ...
+
+
+@dataclass(frozen=True)
+class CatchUpParts:
+    """What a design's catch-up is built from, as the daemon builds it."""
+
+    node: str
+    ledger: Ledger
+    server: PullService
+    broker: WorkerBroker
+    max_age: float
+    checkpoint_interval: float
+    observer: ReplayObserver
+
+
+def markers_catch_up(parts: CatchUpParts) -> CatchUpRole:
+    """Today's design: a marker per connection and per checkpoint (worker/catch_up)."""
+    return CatchUp(
+        parts.node,
+        parts.ledger,
+        parts.server,
+        parts.broker,
+        parts.max_age,
+        checkpoint_interval=parts.checkpoint_interval,
+        observer=parts.observer,
+    )
+
+
+DESIGNS: dict[str, Callable[[CatchUpParts], CatchUpRole]] = {"markers": markers_catch_up}
+"""Catch-up designs by name; a new design adds its constructor here (and, if it needs one,
+a broker setting in ``bench/scale.py``'s ``BROKER_PLUGINS``)."""
+
+
+# -- the parts the bench supplies ---------------------------------------------------------------
+
+
+class EveryImageStore:
+    """An image store that holds every image: ``known_image`` answers from memory."""
+
+    def describe(self) -> str:
+        return "every image (bench)"
+
+    def version(self) -> str:
+        return "bench"
+
+    def start(self) -> None:
+        """Nothing to follow."""
+
+    def known_image(self, image: object) -> ImageInfo:
+        return ImageInfo("sha256:" + "0" * 64, None)
+
+    def find_image(self, image: object) -> ImageInfo:
+        return self.known_image(image)
+
+    def pull(
+        self, image: object, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        return self.known_image(image)
+
+    def cancel_pulls(self) -> None:
+        """No pull ever runs."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+class Tally(ReplayObserver):
+    """Counts history deliveries by reading, and remembers which requests were replayed."""
+
+    def __init__(self) -> None:
+        self.deliveries: Counter[str] = Counter()
+        self.replayed: set[str] = set()
+
+    def history_delivered(self, reading: Reading) -> None:
+        self.deliveries[reading] += 1
+
+    def replay_started(self, request: PullRequest) -> None:
+        self.replayed.add(request.request_id)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    amqp_url: str
+    design: str
+    state_root: str
+    presence_interval: float
+    checkpoint_interval: float
+    heartbeat: int = 30
+    history_max_age: float = topo.DEFAULT_HISTORY_MAX_AGE
+    history_max_bytes: int = topo.DEFAULT_HISTORY_MAX_BYTES
+
+
+class SimulatedNode:
+    """One node: the worker's broker, catch-up, presence and pull service, driven by
+    :meth:`step` as the daemon's loop drives them."""
+
+    def __init__(self, name: str, settings: NodeSettings) -> None:
+        self.name = name
+        store = EveryImageStore()
+        self.tally = Tally()
+        self.service = PullService(name, store, slots=2)
+        self.broker = WorkerBroker(
+            settings.amqp_url,
+            name,
+            prefetch=8,
+            heartbeat=settings.heartbeat,
+            history_stream=topo.history_stream(
+                settings.history_max_age, settings.history_max_bytes
+            ),
+            replay_prefetch=1,
+        )
+        offsets = OffsetStore(Path(settings.state_root) / name)
+        self.catch_up = DESIGNS[settings.design](
+            CatchUpParts(
+                name,
+                Ledger(offsets),
+                self.service,
+                self.broker,
+                settings.history_max_age,
+                settings.checkpoint_interval,
+                self.tally,
+            )
+        )
+        self.presence = PresenceAnnouncer(
+            name, store, settings.presence_interval, self.catch_up.status
+        )
+        self.serving = False
+        self.retry_at = 0.0
+        self.delay = RECONNECT_FIRST_DELAY
+        self.announcements = 0
+        self.connections = 0
+        self.attempts = 0
+        self.live = 0
+
+    def step(self, gate: str) -> None:
+        """One turn: connect when due, or serve the connection for a slice. ``gate``:
+        ``open``; ``refuse`` stands for a broker that cannot be reached yet (an attempt
+        fails and the next waits longer, as the daemon's does); ``hold`` makes no attempt
+        (all held nodes try at once when it opens)."""
+        if not self.serving:
+            if gate != "hold" and time.monotonic() >= self.retry_at:
+                self._connect(gate == "open")
+            return
+        try:
+            if self.presence.due():
+                self.broker.announce(self.presence.message())
+                self.announcements += 1
+            self.broker.process_events(SLICE)
+            self.catch_up.checkpoint_if_due(self.service.unfinished)
+        except BrokerUnavailable:
+            self._disconnected()
+            self.retry_at = 0.0  # the daemon tries again at once after a lost connection
+
+    def _connect(self, may_connect: bool) -> None:
+        self.attempts += 1
+        try:
+            if not may_connect:
+                raise BrokerUnavailable("the broker is held back by the bench")
+            self.broker.connect(self._on_live)
+            self.catch_up.on_connect()
+            self.broker.announce_arrival(self.presence.message(), ARRIVAL_WAIT)
+            self.announcements += 1
+        except (BrokerUnavailable, NodeNameInUse):
+            self._disconnected()
+            self.retry_at = time.monotonic() + random.uniform(self.delay / 2, self.delay)  # noqa: S311
+            self.delay = min(self.delay * 2, RECONNECT_MAX_DELAY)
+            return
+        self.serving = True
+        self.connections += 1
+        self.delay = RECONNECT_FIRST_DELAY
+
+    def _disconnected(self) -> None:
+        self.serving = False
+        self.catch_up.on_disconnect()
+        self.broker.close()
+
+    def _on_live(self, delivery: Delivery) -> None:
+        """A live request, as the daemon's ``_on_live`` serves a pull (the bench sends no
+        checks or prunes; one is refused)."""
+        try:
+            request = decode_request(delivery.body)
+        except InvalidMessage:
+            self.broker.answer(delivery, None, refuse=True)
+            return
+        if isinstance(request, CheckRequest | PruneRequest):
+            self.broker.answer(delivery, None, refuse=True)
+            return
+        self.live += 1
+        self.catch_up.note_live(request)
+        self.service.submit(
+            request,
+            partial(self.broker.answer, delivery),
+            partial(self.broker.progress, delivery),
+            asked_by=delivery.user_id,
+        )
+
+    def report(self, replayed: bool) -> dict[str, Any]:
+        status = self.catch_up.status()
+        return {
+            "name": self.name,
+            "serving": self.serving,
+            "caught_up": status.caught_up,
+            "phase": status.phase,
+            "history_offset": status.history_offset,
+            "deliveries": dict(self.tally.deliveries),
+            "announcements": self.announcements,
+            "connections": self.connections,
+            "attempts": self.attempts,
+            "live": self.live,
+            **({"replayed": sorted(self.tally.replayed)} if replayed else {}),
+        }
+
+    def close(self) -> None:
+        if self.serving:
+            self.broker.stop_consuming()
+        self.broker.close()
+        self.service.shutdown(wait=False)
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """One process's nodes: their names and settings."""
+
+    names: list[str]
+    settings: NodeSettings
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def decode(text: str) -> FleetSpec:
+        raw = json.loads(text)
+        return FleetSpec(list(raw["names"]), NodeSettings(**raw["settings"]))
+
+
+def serve_commands(nodes: list[SimulatedNode], commands: TextIO, answers: TextIO) -> None:
+    """Turns over the nodes until told to stop, reading commands between turns:
+    ``{"do": "status", "replayed": bool}`` -> a list of node reports;
+    ``{"do": "gate", "gate": "open" | "refuse" | "hold"}`` -> whether nodes may connect
+    (see :meth:`SimulatedNode.step`; ``open`` at start);
+    ``{"do": "forget"}`` -> forgets which requests were replayed;
+    ``{"do": "stop"}`` -> closes every node and returns."""
+    gate = "open"
+    while True:
+        for node in nodes:
+            node.step(gate)
+        if not select.select([commands], [], [], 0)[0]:
+            continue
+        line = commands.readline()
+        if not line:
+            break
+        command = json.loads(line)
+        answer: object = True
+        if command["do"] == "status":
+            answer = [node.report(bool(command.get("replayed"))) for node in nodes]
+        elif command["do"] == "gate":
+            gate = str(command["gate"])
+        elif command["do"] == "forget":
+            for node in nodes:
+                node.tally.replayed.clear()
+        elif command["do"] == "stop":
+            break
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+    for node in nodes:
+        node.close()
+    answers.write("true\n")
+    answers.flush()
+
+
+def main() -> None:
+    spec = FleetSpec.decode(sys.argv[1])
+    # Answers on the original standard output; anything else printed goes to the log.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    nodes = [SimulatedNode(name, spec.settings) for name in spec.names]
+    serve_commands(nodes, sys.stdin, answers)
+
+
+if __name__ == "__main__":
+    main()
