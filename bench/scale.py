@@ -407,6 +407,7 @@ def broadcast_phase(
             default=None,
         ),
         "history_entries_per_request": statistics.mean(r["history_entries"] for r in rounds),
+        "history_bytes_per_request": round(statistics.mean(r["history_bytes"] for r in rounds)),
         "checkpoint_deliveries_per_node": spread(
             [d for r in rounds for d in r["checkpoint_deliveries"]]
         ),
@@ -426,6 +427,7 @@ def one_broadcast(
     calls would count as the publisher's CPU)."""
     before = {n["name"]: n for n in fleet.reports()}
     tail = broker.stream_tail(topo.HISTORY_STREAM_NAME)
+    size = broker.stream_bytes(topo.HISTORY_STREAM_NAME)
     sampling = index % 2 == 1
     depths: list[int] = []
     answered = threading.Event()
@@ -468,6 +470,7 @@ def one_broadcast(
             else {"publisher_cpu_s": round(cpu, 3)}
         ),
         "history_entries": broker.stream_tail(topo.HISTORY_STREAM_NAME) - tail,
+        "history_bytes": broker.stream_bytes(topo.HISTORY_STREAM_NAME) - size,
         "checkpoint_deliveries": [deliveries(n) - deliveries(before[n["name"]]) for n in after],
     }
 
