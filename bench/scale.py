@@ -402,6 +402,9 @@ def broadcast_phase(
         "publisher_cpu_s_per_1000_answers": round(
             1000 * sum(r["publisher_cpu_s"] for r in timed) / sum(r["answers"] for r in timed), 3
         ),
+        "answers_per_second": round(
+            sum(r["answers"] for r in rounds) / max(0.001, sum(r["seconds"] for r in rounds))
+        ),
         "reply_queue_depth_max_sampled": max(
             (r["reply_queue_depth_max"] for r in rounds if "reply_queue_depth_max" in r),
             default=None,
@@ -463,7 +466,7 @@ def one_broadcast(
     after = fleet.reports()
     return {
         "answers": present,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 3),
         **(
             {"reply_queue_depth_max": max(depths, default=0), "reply_queue_samples": len(depths)}
             if sampling
