@@ -56,6 +56,8 @@ from worker.stores.contract import ImageInfo, PullProgress
 
 SLICE = 0.002
 """Seconds each node's connection is served per turn."""
+PULL_SLOTS = 2
+"""``PULLER_MAX_CONCURRENT_PULLS``' default; the daemon derives prefetches from it."""
 
 
 # -- what a design provides --------------------------------------------------------------------
@@ -86,6 +88,8 @@ class CatchUpParts:
     max_age: float
     checkpoint_interval: float
     observer: ReplayObserver
+    working_limit: int
+    """Replayed requests worked at once (the daemon's ``replay_slots``)."""
 
 
 def markers_catch_up(parts: CatchUpParts) -> CatchUpRole:
@@ -98,6 +102,7 @@ def markers_catch_up(parts: CatchUpParts) -> CatchUpRole:
         parts.max_age,
         checkpoint_interval=parts.checkpoint_interval,
         observer=parts.observer,
+        working_limit=parts.working_limit,
     )
 
 
@@ -173,16 +178,16 @@ class SimulatedNode:
         self.name = name
         store = EveryImageStore()
         self.tally = Tally()
-        self.service = PullService(name, store, slots=2)
+        self.service = PullService(name, store, slots=PULL_SLOTS)
         self.broker = WorkerBroker(
             settings.amqp_url,
             name,
-            prefetch=8,
+            prefetch=max(8, 2 * PULL_SLOTS),
             heartbeat=settings.heartbeat,
             history_stream=topo.history_stream(
                 settings.history_max_age, settings.history_max_bytes
             ),
-            replay_prefetch=1,
+            replay_prefetch=max(1, PULL_SLOTS - 1),
         )
         offsets = OffsetStore(Path(settings.state_root) / name)
         self.catch_up = DESIGNS[settings.design](
@@ -194,6 +199,7 @@ class SimulatedNode:
                 settings.history_max_age,
                 settings.checkpoint_interval,
                 self.tally,
+                working_limit=max(1, PULL_SLOTS - 1),
             )
         )
         self.presence = PresenceAnnouncer(
