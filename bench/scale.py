@@ -323,6 +323,7 @@ def run_once(args: argparse.Namespace, count: int) -> dict[str, Any]:
         nonlocal clock
         now = time.monotonic()
         figures.setdefault("phase_seconds", {})[phase] = round(now - clock, 1)
+        print(f"N = {count}: {phase} took {now - clock:.0f} s", file=sys.stderr, flush=True)
         clock = now
 
     try:
