@@ -8,7 +8,8 @@ machine's brokers, since the storm stops and starts it). Counts, which a noisy m
 not change; the few CPU figures come from ``/proc`` (the broker's ``beam.smp``, this
 process for the publisher). For each N, in order:
 
-1. *join*: every node starts with no saved place; each reads the history up to its marker.
+1. *join*: one request in the history, then every node starts with no saved place; each
+   finds the history's end, replays up to it and sweeps once (what came while it connected).
 2. *idle*: ``--idle-seconds`` with nothing published: history entries and bytes written
    (scaled to an hour: nothing periodic but presence runs while idle), presence
    announcements per second (the presence stream's offsets), the broker's CPU.
@@ -18,21 +19,25 @@ process for the publisher). For each N, in order:
    checkpoint each node makes after a live request (``--checkpoint-seconds``, 30 in the
    worker: the bench compresses time): history entries written and deliveries per node.
 4. *storm*: the broker stopped (``rabbitmqctl stop``), down ``--down-seconds``, started
-   again; ``--missed`` requests go into the history only (the nodes missed them); the
+   again (or, ``--storm drop``, every connection closed by ``rabbitmqctl``); ``--missed``
+   requests go into the history only (the nodes missed them); the
    nodes, which kept trying with the daemon's jittered backoff while the bench held them
    back (or, ``--release together``, made no attempt), then reconnect and catch up.
-   History deliveries per node (mean, max), entries the storm wrote into the history, the
-   broker's CPU-seconds from the release until every node caught up, and whether every
-   node replayed every missed request.
+   History deliveries per node (mean, max; the sweep included), entries the storm wrote
+   into the history, how each connection found the end, the broker's CPU-seconds from the
+   release until every node caught up and swept, and whether every node replayed every
+   missed request.
 
-``--design`` picks the catch-up design the nodes run (``scale_nodes.DESIGNS``; today's is
-``markers``), so that another design is measured by the same phases. Figures go to
-``bench/results/scale.json``, merged with earlier runs of other N (same design), with the
-fitted model (see bench/README.md).
+``--design`` (``scale_nodes.DESIGNS``): ``tail``, the nodes read the history's end over the
+stream protocol on the broker's stream port (``PULLER_STREAM_PORT``), as a deployment does;
+``fallback``, they get no stream port and find the end with a marker each connection.
+Figures go to ``bench/results/scale.json``, merged with earlier runs of other N (same
+design), with the fitted model (see bench/README.md); the earlier design's figures
+(``markers``) stay there, with the commit they were measured on.
 
     .venv/bin/python -m bench.scale [--nodes 100,300] [--per-process 150] [--missed 50]
         [--idle-seconds 60] [--broadcasts 2] [--checkpoint-seconds 5] [--down-seconds 5]
-        [--release backoff|together] [--design markers]
+        [--release backoff|together] [--reconnect-spread 1] [--design tail|fallback]
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -60,19 +66,21 @@ import pika.exceptions
 
 from bench.common import RESULTS, print_table, save
 from bench.scale_nodes import DESIGNS, FleetSpec, NodeSettings
-from contract import CONTENT_TYPE, PullRequest, Status, parse_reference
+from contract import CONTENT_TYPE, PullRequest, Status, parse_reference, stream_tail
 from contract import topology as topo
+from contract.connection import declare
 from localcluster.broker_cluster import BrokerNode, processes_with, rabbitmqctl, short_host
 from localcluster.processes import free_port
 from publisher import Publisher
+from worker.catch_up.replay import SWEEP_DELAY
 
-BROKER_CONFIG = """\
-loopback_users.guest = true
-log.console = false
-log.file.level = warning
-"""
-BROKER_PLUGINS: dict[str, list[str]] = {"markers": []}
-"""Plugins a design needs on the broker (the stream protocol, for one)."""
+MEASURED_BEFORE = "markers"
+"""The design measured before catch-up read the history's end over the stream protocol
+(figures kept in ``scale.json``; its code is gone, see :data:`MARKERS_MEASURED_ON`)."""
+MARKERS_MEASURED_ON = (
+    "b301ce4 (main before the stream-protocol tail read) with the bench and a history-"
+    "deliveries hook of its own; the broker had no stream plugin and RabbitMQ's defaults"
+)
 PROJECT = Path(__file__).resolve().parent.parent
 TEN_THOUSAND = 10_000
 
@@ -83,7 +91,7 @@ TEN_THOUSAND = 10_000
 class OwnBroker:
     """A RabbitMQ node of the bench's own, with what the bench reads from it."""
 
-    def __init__(self, root: Path, plugins: Sequence[str]) -> None:
+    def __init__(self, root: Path) -> None:
         self.node = BrokerNode(
             index=1,
             name=f"puller-scale-{secrets.token_hex(3)}@{short_host()}",
@@ -91,20 +99,16 @@ class OwnBroker:
             dist_port=free_port(),
             directory=root / "broker",
         )
-        self.plugins = list(plugins)
         self.url = f"amqp://guest:guest@127.0.0.1:{self.node.amqp_port}/%2F"
 
     def start(self) -> None:
         root = self.node.directory.parent
         root.chmod(0o755)
+        # The project's settings for thousands of nodes and the stream plugin on a port of
+        # its own (localcluster.broker_cluster); warnings only in the broker's log.
         self.node.prepare()
-        for name, text in (
-            ("rabbitmq.conf", BROKER_CONFIG),
-            ("enabled_plugins", f"[{','.join(self.plugins)}].\n"),
-        ):
-            path = self.node.directory / name
-            path.write_text(text)
-            shutil.chown(path, "rabbitmq", "rabbitmq")
+        config = self.node.directory / "rabbitmq.conf"
+        config.write_text(config.read_text().replace("level = info", "level = warning"))
         self.node.launch()
         self.node.wait_booted(240)
 
@@ -127,22 +131,14 @@ class OwnBroker:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stream_tail(self, stream: str) -> int:
-        """The offset of the stream's last entry (-1: empty)."""
-        rows = json.loads(
-            _json_part(
-                rabbitmqctl(
-                    self.node.name,
-                    "stream_status",
-                    "-p",
-                    "/",
-                    stream,
-                    "--formatter",
-                    "json",
-                    tool="rabbitmq-streams",
-                )
-            )
+        """The offset of the stream's last entry (-1: empty), read over the stream protocol
+        as a worker reads it (``rabbitmq-streams stream_status`` took seconds after a storm)."""
+        reading = stream_tail.read_tail(
+            stream_tail.Endpoint("127.0.0.1", self.node.stream_port),
+            stream_tail.Login("guest", "guest", "/"),
+            stream,
         )
-        return int(rows[0]["committed_offset"])
+        return -1 if reading.offset is None else reading.offset
 
     def stream_bytes(self, stream: str) -> int:
         """Bytes of the stream's segment files on the node's disk."""
@@ -190,6 +186,8 @@ class OwnBroker:
         deadline = time.monotonic() + timeout
         try:
             channel = connection.channel()
+            for item in topo.shared_declarations():  # as a worker declares them
+                declare(channel, item)
             channel.confirm_delivery()
             ids, unroutable = set(), 0
             for index in range(count):
@@ -270,11 +268,14 @@ class Fleet:
         (saying how many did not), or at once if a node process ended."""
         deadline = time.monotonic() + timeout
         while True:
-            behind = sum(1 for node in self.reports() if not condition(node))
-            if not behind:
+            lagging = [node for node in self.reports() if not condition(node)]
+            if not lagging:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"waited {timeout:.0f} s for {what}: {behind} nodes did not")
+                raise RuntimeError(
+                    f"waited {timeout:.0f} s for {what}: {len(lagging)} nodes did not "
+                    f"(one: {json.dumps(lagging[0])})"
+                )
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -314,7 +315,7 @@ def spread(values: Sequence[float]) -> dict[str, float]:
 def run_once(args: argparse.Namespace, count: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="puller-scale-", dir="/tmp"))
     state = Path(tempfile.mkdtemp(prefix="puller-scale-", dir="/dev/shm"))
-    broker = OwnBroker(root, BROKER_PLUGINS[args.design])
+    broker = OwnBroker(root)
     fleet: Fleet | None = None
     figures: dict[str, Any] = {"design": args.design, "nodes": count}
     clock = time.monotonic()
@@ -335,11 +336,19 @@ def run_once(args: argparse.Namespace, count: int) -> dict[str, Any]:
             state_root=str(state),
             presence_interval=args.presence_seconds,
             checkpoint_interval=args.checkpoint_seconds,
+            sweep_delay=args.sweep_seconds,
+            reconnect_spread=args.reconnect_spread,
+            stream_port=broker.node.stream_port if args.design == "tail" else None,
         )
+        # One request in the history first: a connection's sweep ends at an entry it reads
+        # (on an empty history it waits for the first one).
+        broker.publish_history_only(1, args.timeout)
         began = time.monotonic()
         fleet = Fleet(count, args.per_process, settings, root)
         figures["processes"] = len(fleet.processes)
-        fleet.wait(lambda n: n["caught_up"], f"{count} nodes to join", args.timeout)
+        fleet.wait(
+            lambda n: n["caught_up"] and n["sweeps"] >= 1, f"{count} nodes to join", args.timeout
+        )
         joined = fleet.reports()
         figures["join"] = {
             "seconds": round(time.monotonic() - began, 1),
@@ -484,18 +493,27 @@ def storm_phase(
 ) -> dict[str, Any]:
     fleet.command(do="gate", gate="refuse" if args.release == "backoff" else "hold")
     fleet.command(do="forget")
-    broker.node.halt()
+    if args.storm == "restart":
+        broker.node.halt()
+    else:
+        rabbitmqctl(broker.node.name, "close_all_connections", "the scale bench's storm")
     fleet.wait(lambda n: not n["serving"], "every node to lose its connection", args.timeout)
     time.sleep(args.down_seconds)
-    broker.node.launch()
-    broker.node.wait_booted(240)
+    if args.storm == "restart":
+        broker.node.launch()
+        broker.node.wait_booted(240)
     missed, unroutable = broker.publish_history_only(args.missed, args.timeout)
     tail = broker.stream_tail(topo.HISTORY_STREAM_NAME)
     before = {n["name"]: n for n in fleet.reports()}
     cpu, began = broker.cpu_seconds(), time.monotonic()
     fleet.command(do="gate", gate="open")
+    # Caught up to the end, and the connection's sweep (what came while it connected) done.
     fleet.wait(
-        lambda n: n["caught_up"] and (n["history_offset"] or -1) >= tail,
+        lambda n: (
+            n["caught_up"]
+            and (n["history_offset"] or -1) >= tail
+            and n["sweeps"] > before[n["name"]]["sweeps"]
+        ),
         f"{count} nodes to catch up after the storm",
         args.timeout,
     )
@@ -518,10 +536,26 @@ def storm_phase(
         "missed_publishes_unroutable": unroutable,
         "seconds": round(seconds, 1),
         "deliveries_per_node": spread(per_node),
+        "deliveries_over_missed_per_node": spread([d - args.missed for d in per_node]),
         "deliveries_total": sum(per_node),
         "deliveries_per_node_mean_by_reading": by_reading,
         "history_entries_written": broker.stream_tail(topo.HISTORY_STREAM_NAME) - tail,
         "broker_cpu_s": round(cpu, 2),
+        "tail_reads": dict(
+            sum(
+                (
+                    Counter(
+                        {
+                            k: v - before[n["name"]]["tail_reads"].get(k, 0)
+                            for k, v in n["tail_reads"].items()
+                        }
+                    )
+                    for n in after
+                ),
+                Counter(),
+            )
+        ),
+        "nodes_with_a_gap": sum(1 for n in after if n["gaps"] > before[n["name"]]["gaps"]),
         "connections_per_node": spread(
             [n["connections"] - before[n["name"]]["connections"] for n in after]
         ),
@@ -648,7 +682,7 @@ def print_runs(runs: Sequence[dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", default="100,300", help="N values, comma-separated")
-    parser.add_argument("--design", default="markers", choices=sorted(DESIGNS))
+    parser.add_argument("--design", default="tail", choices=DESIGNS)
     parser.add_argument("--per-process", type=int, default=150)
     parser.add_argument("--missed", type=int, default=50)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
@@ -656,6 +690,25 @@ def main() -> None:
     parser.add_argument("--broadcasts", type=int, default=2)
     parser.add_argument("--checkpoint-seconds", type=float, default=5.0)
     parser.add_argument("--down-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=SWEEP_DELAY,
+        help="how long after catching up a connection's sweep starts (the worker's: 5)",
+    )
+    parser.add_argument(
+        "--storm",
+        choices=("restart", "drop"),
+        default="restart",
+        help="the broker stopped and started again (restart), or every connection closed by "
+        "rabbitmqctl close_all_connections (drop: seconds shorter, the same catch-up)",
+    )
+    parser.add_argument(
+        "--reconnect-spread",
+        type=float,
+        default=1.0,
+        help="PULLER_RECONNECT_SPREAD of the nodes (the worker's default: 1)",
+    )
     parser.add_argument(
         "--release",
         choices=("backoff", "together"),
@@ -677,7 +730,10 @@ def main() -> None:
     if path.exists():
         with contextlib.suppress(ValueError):
             document = json.loads(path.read_text())
-    document.setdefault("designs", {})[args.design] = {
+    earlier = document.setdefault("designs", {}).get(MEASURED_BEFORE)
+    if isinstance(earlier, dict):
+        earlier.setdefault("measured_on", MARKERS_MEASURED_ON)
+    document["designs"][args.design] = {
         "settings": {k: v for k, v in vars(args).items() if k != "nodes"},
         "runs": runs,
         "model": model(runs),

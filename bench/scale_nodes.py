@@ -2,8 +2,9 @@
 
 Each node is the worker's own code for what grows with the number of nodes: its broker
 (:class:`~worker.broker.WorkerBroker`: connection, topology, live queue, history readings,
-presence channel), a design's catch-up (today's: :class:`~worker.catch_up.replay.CatchUp`
-with its :class:`~worker.catch_up.ledger.Ledger`), its presence announcements and its pull
+presence channel, the history's end read over the stream protocol), its catch-up
+(:class:`~worker.catch_up.replay.CatchUp` with its :class:`~worker.catch_up.ledger.Ledger`),
+its presence announcements and its pull
 service, over a store that holds every image (so every request is answered ``present``
 from memory, at once). What is left out: the Docker engine, the health port, pruning, and
 the daemon's threads; the daemon's connect, serve and reconnect loop is
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import select
 import sys
 import time
@@ -32,13 +32,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 import structlog
 
 from contract import (
     BrokerUnavailable,
     CheckRequest,
+    HistoryGap,
     InvalidMessage,
     PruneRequest,
     PullRequest,
@@ -46,12 +47,14 @@ from contract import (
 )
 from contract import topology as topo
 from worker.broker import NodeNameInUse, WorkerBroker
+from worker.broker.delivery import Delivery
 from worker.catch_up.ledger import Ledger, OffsetStore
-from worker.catch_up.replay import CatchUp, CatchUpStatus, Reading, ReplayObserver
-from worker.daemon import ARRIVAL_WAIT, RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY
-from worker.delivery import Delivery
+from worker.catch_up.observer import ReplayObserver, TailOutcome
+from worker.catch_up.replay import SWEEP_DELAY, CatchUp, Phase
+from worker.daemon import ARRIVAL_WAIT
 from worker.presence import PresenceAnnouncer
 from worker.pulls.service import PullService
+from worker.reconnect import ReconnectWaits
 from worker.stores.contract import ImageInfo, PullProgress
 
 SLICE = 0.002
@@ -60,55 +63,15 @@ PULL_SLOTS = 2
 """``PULLER_MAX_CONCURRENT_PULLS``' default; the daemon derives prefetches from it."""
 
 
-# -- what a design provides --------------------------------------------------------------------
+# -- the designs -----------------------------------------------------------------------------
 
 
-class CatchUpRole(Protocol):
-    """What the simulated node (as the daemon) asks of a design's catch-up."""
-
-    def on_connect(self) -> None: ...
-
-    def on_disconnect(self) -> None: ...
-
-    def note_live(self, request: PullRequest) -> None: ...
-
-    def checkpoint_if_due(self, unanswered: int) -> None: ...
-
-    def status(self) -> CatchUpStatus: ...
-
-
-@dataclass(frozen=True)
-class CatchUpParts:
-    """What a design's catch-up is built from, as the daemon builds it."""
-
-    node: str
-    ledger: Ledger
-    server: PullService
-    broker: WorkerBroker
-    max_age: float
-    checkpoint_interval: float
-    observer: ReplayObserver
-    working_limit: int
-    """Replayed requests worked at once (the daemon's ``replay_slots``)."""
-
-
-def markers_catch_up(parts: CatchUpParts) -> CatchUpRole:
-    """Today's design: a marker per connection and per checkpoint (worker/catch_up)."""
-    return CatchUp(
-        parts.node,
-        parts.ledger,
-        parts.server,
-        parts.broker,
-        parts.max_age,
-        checkpoint_interval=parts.checkpoint_interval,
-        observer=parts.observer,
-        working_limit=parts.working_limit,
-    )
-
-
-DESIGNS: dict[str, Callable[[CatchUpParts], CatchUpRole]] = {"markers": markers_catch_up}
-"""Catch-up designs by name; a new design adds its constructor here (and, if it needs one,
-a broker setting in ``bench/scale.py``'s ``BROKER_PLUGINS``)."""
+DESIGNS = ("tail", "fallback")
+"""Today's catch-up (worker/catch_up) in two settings: ``tail``, the history's end read over
+the stream protocol (``PULLER_STREAM_PORT``; the broker runs ``rabbitmq_stream``); and
+``fallback``, no stream port, so each connection finds the end with a marker written into
+the history. (The earlier design, a marker per connection and per checkpoint, is gone
+from the code; its figures stay in ``bench/results/scale.json`` under ``markers``.)"""
 
 
 # -- the parts the bench supplies ---------------------------------------------------------------
@@ -145,14 +108,28 @@ class EveryImageStore:
 
 
 class Tally(ReplayObserver):
-    """Counts history deliveries by reading, and remembers which requests were replayed."""
+    """Counts history deliveries by the catch-up phase they came in, how each connection
+    found the history's end, sweeps and gaps; remembers which requests were replayed."""
 
     def __init__(self) -> None:
         self.deliveries: Counter[str] = Counter()
+        self.tail_reads: Counter[str] = Counter()
+        self.sweeps = 0
+        self.gaps = 0
         self.replayed: set[str] = set()
+        self.phase: Callable[[], Phase] = lambda: Phase.DISCONNECTED
 
-    def history_delivered(self, reading: Reading) -> None:
-        self.deliveries[reading] += 1
+    def history_delivered(self) -> None:
+        self.deliveries[self.phase().name.lower()] += 1
+
+    def tail_read(self, outcome: TailOutcome) -> None:
+        self.tail_reads[outcome] += 1
+
+    def swept(self) -> None:
+        self.sweeps += 1
+
+    def history_gap(self, outcome: HistoryGap, lost: int) -> None:
+        self.gaps += 1
 
     def replay_started(self, request: PullRequest) -> None:
         self.replayed.add(request.request_id)
@@ -165,6 +142,11 @@ class NodeSettings:
     state_root: str
     presence_interval: float
     checkpoint_interval: float
+    sweep_delay: float = SWEEP_DELAY
+    reconnect_spread: float = 1.0
+    """``PULLER_RECONNECT_SPREAD``: the most seconds a node waits after a lost connection."""
+    stream_port: int | None = None
+    """The broker's stream-protocol port (design ``tail``); none: the marker fallback."""
     heartbeat: int = 30
     history_max_age: float = topo.DEFAULT_HISTORY_MAX_AGE
     history_max_bytes: int = topo.DEFAULT_HISTORY_MAX_BYTES
@@ -188,26 +170,27 @@ class SimulatedNode:
                 settings.history_max_age, settings.history_max_bytes
             ),
             replay_prefetch=max(1, PULL_SLOTS - 1),
+            stream_port=settings.stream_port,
         )
         offsets = OffsetStore(Path(settings.state_root) / name)
-        self.catch_up = DESIGNS[settings.design](
-            CatchUpParts(
-                name,
-                Ledger(offsets),
-                self.service,
-                self.broker,
-                settings.history_max_age,
-                settings.checkpoint_interval,
-                self.tally,
-                working_limit=max(1, PULL_SLOTS - 1),
-            )
+        self.catch_up = CatchUp(
+            name,
+            Ledger(offsets),
+            self.service,
+            self.broker,
+            settings.history_max_age,
+            checkpoint_interval=settings.checkpoint_interval,
+            sweep_delay=settings.sweep_delay,
+            observer=self.tally,
+            working_limit=max(1, PULL_SLOTS - 1),
         )
+        self.tally.phase = lambda: self.catch_up.phase
         self.presence = PresenceAnnouncer(
             name, store, settings.presence_interval, self.catch_up.status
         )
         self.serving = False
         self.retry_at = 0.0
-        self.delay = RECONNECT_FIRST_DELAY
+        self.waits = ReconnectWaits(settings.reconnect_spread)
         self.announcements = 0
         self.connections = 0
         self.attempts = 0
@@ -230,7 +213,7 @@ class SimulatedNode:
             self.catch_up.checkpoint_if_due(self.service.unfinished)
         except BrokerUnavailable:
             self._disconnected()
-            self.retry_at = 0.0  # the daemon tries again at once after a lost connection
+            self.retry_at = time.monotonic() + self.waits.after_loss()
 
     def _connect(self, may_connect: bool) -> None:
         self.attempts += 1
@@ -243,12 +226,11 @@ class SimulatedNode:
             self.announcements += 1
         except (BrokerUnavailable, NodeNameInUse):
             self._disconnected()
-            self.retry_at = time.monotonic() + random.uniform(self.delay / 2, self.delay)  # noqa: S311
-            self.delay = min(self.delay * 2, RECONNECT_MAX_DELAY)
+            self.retry_at = time.monotonic() + self.waits.after_failure()
             return
         self.serving = True
         self.connections += 1
-        self.delay = RECONNECT_FIRST_DELAY
+        self.waits.connected()
 
     def _disconnected(self) -> None:
         self.serving = False
@@ -284,6 +266,9 @@ class SimulatedNode:
             "phase": status.phase,
             "history_offset": status.history_offset,
             "deliveries": dict(self.tally.deliveries),
+            "tail_reads": dict(self.tally.tail_reads),
+            "sweeps": self.tally.sweeps,
+            "gaps": self.tally.gaps,
             "announcements": self.announcements,
             "connections": self.connections,
             "attempts": self.attempts,
