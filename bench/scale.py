@@ -362,12 +362,21 @@ def run_once(args: argparse.Namespace, count: int) -> dict[str, Any]:
         lap("broadcast")
         figures["storm"] = storm_phase(broker, fleet, args, count)
         lap("storm")
+    except BaseException:
+        kept = root.with_name(root.name + "-failed")
+        print(
+            f"N = {count} failed: the broker's files and node logs kept in {kept}", file=sys.stderr
+        )
+        raise
     finally:
         if fleet is not None:
             fleet.stop()
         broker.stop()
         shutil.rmtree(state, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+        if sys.exc_info()[0] is None:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            root.rename(root.with_name(root.name + "-failed"))
     return figures
 
 
@@ -603,6 +612,7 @@ def model(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     mean_b, mean_a = fit_line([(n, s["deliveries_per_node"]["mean"]) for n, s in storm])
     max_b, max_a = fit_line([(n, s["deliveries_per_node"]["max"]) for n, s in storm])
     cpu_1, cpu_2 = fit_quadratic_through_zero([(n, s["broker_cpu_s"]) for n, s in storm])
+    per_node_b, per_node_a = fit_line([(n, 1000 * s["broker_cpu_s"] / n) for n, s in storm])
     written_b, written_a = fit_line([(n, s["history_entries_written"]) for n, s in storm])
     request_b, request_a = fit_line(
         [(r["nodes"], r["broadcast"]["history_entries_per_request"]) for r in runs]
@@ -617,6 +627,7 @@ def model(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "storm_deliveries_per_node_mean": {"b": round(mean_b, 1), "a": round(mean_a, 3)},
         "storm_deliveries_per_node_max": {"b": round(max_b, 1), "a": round(max_a, 3)},
         "storm_broker_cpu_s": {"c1": round(cpu_1, 5), "c2": round(cpu_2, 8)},
+        "storm_broker_cpu_ms_per_node": {"b": round(per_node_b, 2), "a": round(per_node_a, 5)},
         "checkpoint_deliveries_per_node_mean": {"b": round(check_b, 1), "a": round(check_a, 3)},
         "storm_history_entries_written": {"b": round(written_b, 1), "a": round(written_a, 3)},
         "history_entries_per_request": {"b": round(request_b, 1), "a": round(request_a, 3)},
@@ -626,6 +637,7 @@ def model(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "storm_deliveries_total": round(n * (mean_b + mean_a * n)),
             "storm_history_entries_written": round(written_b + written_a * n),
             "storm_broker_cpu_s": round(cpu_1 * n + cpu_2 * n * n),
+            "storm_broker_cpu_s_per_node_line": round(n * (per_node_b + per_node_a * n) / 1000),
             "checkpoint_deliveries_per_node_mean": round(check_b + check_a * n),
             "history_entries_per_request": round(request_b + request_a * n),
         },
@@ -717,15 +729,23 @@ def main() -> None:
         "(backoff), or all try at once when it is back (together: shorter)",
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="for each wait")
+    parser.add_argument(
+        "--refit", action="store_true", help="run nothing: fit the saved runs again"
+    )
     args = parser.parse_args()
-    new = []
-    for count in (int(n) for n in args.nodes.split(",")):
+    for count in () if args.refit else (int(n) for n in args.nodes.split(",")):
         figures = run_once(args, count)
         print(json.dumps(figures), flush=True)
-        new.append(figures)
+        record(args, [figures])  # each N as it ends: a later one may fail
+    record(args, [])
+
+
+def record(args: argparse.Namespace, new: Sequence[dict[str, Any]]) -> None:
+    """Merges ``new`` runs into ``scale.json`` and fits this design's model again."""
     path = RESULTS / "scale.json"
     runs = merged(path, args.design, new)
-    print_runs(runs)
+    if not new:
+        print_runs(runs)
     document: dict[str, Any] = {"designs": {}}
     if path.exists():
         with contextlib.suppress(ValueError):
@@ -733,13 +753,17 @@ def main() -> None:
     earlier = document.setdefault("designs", {}).get(MEASURED_BEFORE)
     if isinstance(earlier, dict):
         earlier.setdefault("measured_on", MARKERS_MEASURED_ON)
+    settings = {k: v for k, v in vars(args).items() if k not in ("nodes", "refit")}
+    if not new:
+        settings = document["designs"][args.design]["settings"]
     document["designs"][args.design] = {
-        "settings": {k: v for k, v in vars(args).items() if k != "nodes"},
+        "settings": settings,
         "runs": runs,
         "model": model(runs),
     }
     save("scale", document)
-    print(json.dumps(document["designs"][args.design]["model"], indent=2))
+    if not new:
+        print(json.dumps(document["designs"][args.design]["model"], indent=2))
 
 
 if __name__ == "__main__":
