@@ -656,7 +656,7 @@ def merged(path: Path, design: str, new: Sequence[dict[str, Any]]) -> list[dict[
 
 def print_runs(runs: Sequence[dict[str, Any]]) -> None:
     print_table(
-        "scale: counts per N (storm: broker restarted, missed requests history-only)",
+        "scale: counts per N (storm: connections lost, missed requests history-only)",
         [
             "N",
             "storm deliveries/node mean",
