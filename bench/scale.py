@@ -384,6 +384,7 @@ def idle_phase(broker: OwnBroker, fleet: Fleet, seconds: float, count: int) -> d
     history, presence = topo.HISTORY_STREAM_NAME, topo.PRESENCE_STREAM.name
     tail, size = broker.stream_tail(history), broker.stream_bytes(history)
     presence_tail, cpu = broker.stream_tail(presence), broker.cpu_seconds()
+    desired = broker.stream_tail(topo.DESIRED_STREAM.name)
     announced = sum(n["announcements"] for n in fleet.reports())
     began = time.monotonic()
     time.sleep(seconds)
@@ -393,11 +394,13 @@ def idle_phase(broker: OwnBroker, fleet: Fleet, seconds: float, count: int) -> d
     written = broker.stream_tail(history) - tail
     grown = broker.stream_bytes(history) - size
     presence_written = broker.stream_tail(presence) - presence_tail
+    desired = broker.stream_tail(topo.DESIRED_STREAM.name) - desired
     hour = 3600 / elapsed
     return {
         "seconds": round(elapsed, 1),
         "history_entries_per_hour": round(written * hour),
         "history_bytes_per_hour": round(grown * hour),
+        "desired_state_entries_per_hour": round(desired * hour),
         "presence_messages_per_second": round(presence_written / elapsed, 2),
         "presence_announcements_per_second": round(announced / elapsed, 2),
         "broker_cpu_per_second": round(cpu / elapsed, 3),
@@ -513,6 +516,7 @@ def storm_phase(
         broker.node.wait_booted(240)
     missed, unroutable = broker.publish_history_only(args.missed, args.timeout)
     tail = broker.stream_tail(topo.HISTORY_STREAM_NAME)
+    desired = broker.stream_tail(topo.DESIRED_STREAM.name)
     before = {n["name"]: n for n in fleet.reports()}
     cpu, began = broker.cpu_seconds(), time.monotonic()
     fleet.command(do="gate", gate="open")
@@ -549,6 +553,8 @@ def storm_phase(
         "deliveries_total": sum(per_node),
         "deliveries_per_node_mean_by_reading": by_reading,
         "history_entries_written": broker.stream_tail(topo.HISTORY_STREAM_NAME) - tail,
+        "desired_state_entries_written": broker.stream_tail(topo.DESIRED_STREAM.name) - desired,
+        "keepers": sum(1 for n in after if n["keeper"]),
         "broker_cpu_s": round(cpu, 2),
         "tail_reads": dict(
             sum(

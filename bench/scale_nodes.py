@@ -50,8 +50,10 @@ from worker.broker import NodeNameInUse, WorkerBroker
 from worker.broker.delivery import Delivery
 from worker.catch_up.ledger import Ledger, OffsetStore
 from worker.catch_up.observer import ReplayObserver, TailOutcome
-from worker.catch_up.replay import SWEEP_DELAY, CatchUp, Phase
+from worker.catch_up.replay import SWEEP_DELAY, CatchUp
+from worker.catch_up.status import Phase
 from worker.daemon import ARRIVAL_WAIT
+from worker.desired.keeper import Keeper
 from worker.presence import PresenceAnnouncer
 from worker.pulls.service import PullService
 from worker.reconnect import ReconnectWaits
@@ -147,6 +149,8 @@ class NodeSettings:
     """``PULLER_RECONNECT_SPREAD``: the most seconds a node waits after a lost connection."""
     stream_port: int | None = None
     """The broker's stream-protocol port (design ``tail``); none: the marker fallback."""
+    desired_state_interval: float = 600.0
+    """``PULLER_DESIRED_STATE_INTERVAL``' default."""
     heartbeat: int = 30
     history_max_age: float = topo.DEFAULT_HISTORY_MAX_AGE
     history_max_bytes: int = topo.DEFAULT_HISTORY_MAX_BYTES
@@ -183,7 +187,18 @@ class SimulatedNode:
             sweep_delay=settings.sweep_delay,
             observer=self.tally,
             working_limit=max(1, PULL_SLOTS - 1),
+            read_desired=partial(self.broker.desired.read_newest, topo.DESIRED_STREAM.name),
         )
+        # Every node competes for the keeper's token, as the daemon's does; one holds it.
+        self.keeper = Keeper(
+            name,
+            self.broker.desired,
+            self.broker.find_tail,
+            settings.history_max_age,
+            settings.desired_state_interval,
+            on_written=self._snapshot_written,
+        )
+        self.snapshots = 0
         self.tally.phase = lambda: self.catch_up.phase
         self.presence = PresenceAnnouncer(
             name, store, settings.presence_interval, self.catch_up.status
@@ -211,6 +226,7 @@ class SimulatedNode:
                 self.announcements += 1
             self.broker.process_events(SLICE)
             self.catch_up.checkpoint_if_due(self.service.unfinished)
+            self.keeper.tick()
         except BrokerUnavailable:
             self._disconnected()
             self.retry_at = time.monotonic() + self.waits.after_loss()
@@ -222,6 +238,7 @@ class SimulatedNode:
                 raise BrokerUnavailable("the broker is held back by the bench")
             self.broker.connect(self._on_live)
             self.catch_up.on_connect()
+            self.keeper.on_connect()
             self.broker.announce_arrival(self.presence.message(), ARRIVAL_WAIT)
             self.announcements += 1
         except (BrokerUnavailable, NodeNameInUse):
@@ -235,7 +252,11 @@ class SimulatedNode:
     def _disconnected(self) -> None:
         self.serving = False
         self.catch_up.on_disconnect()
+        self.keeper.on_disconnect()
         self.broker.close()
+
+    def _snapshot_written(self, _state: object) -> None:
+        self.snapshots += 1
 
     def _on_live(self, delivery: Delivery) -> None:
         """A live request, as the daemon's ``_on_live`` serves a pull (the bench sends no
@@ -269,6 +290,8 @@ class SimulatedNode:
             "tail_reads": dict(self.tally.tail_reads),
             "sweeps": self.tally.sweeps,
             "gaps": self.tally.gaps,
+            "keeper": self.keeper.holding,
+            "snapshots": self.snapshots,
             "announcements": self.announcements,
             "connections": self.connections,
             "attempts": self.attempts,
