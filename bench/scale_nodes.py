@@ -52,7 +52,7 @@ from worker.catch_up.ledger import Ledger, OffsetStore
 from worker.catch_up.observer import ReplayObserver, TailOutcome
 from worker.catch_up.replay import SWEEP_DELAY, CatchUp
 from worker.catch_up.status import Phase
-from worker.daemon import ARRIVAL_WAIT
+from worker.daemon import ARRIVAL_WAIT, CENSUS_EVERY
 from worker.desired.keeper import Keeper
 from worker.presence import PresenceAnnouncer
 from worker.pulls.service import PullService
@@ -149,6 +149,8 @@ class NodeSettings:
     """``PULLER_RECONNECT_SPREAD``: the most seconds a node waits after a lost connection."""
     stream_port: int | None = None
     """The broker's stream-protocol port (design ``tail``); none: the marker fallback."""
+    presence_target_rate: float = 100.0
+    """``PULLER_PRESENCE_TARGET_RATE``' default."""
     desired_state_interval: float = 600.0
     """``PULLER_DESIRED_STATE_INTERVAL``' default."""
     heartbeat: int = 30
@@ -201,8 +203,13 @@ class SimulatedNode:
         self.snapshots = 0
         self.tally.phase = lambda: self.catch_up.phase
         self.presence = PresenceAnnouncer(
-            name, store, settings.presence_interval, self.catch_up.status
+            name,
+            store,
+            settings.presence_interval,
+            self.catch_up.status,
+            settings.presence_target_rate,
         )
+        self.presence_interval = settings.presence_interval
         self.serving = False
         self.retry_at = 0.0
         self.waits = ReconnectWaits(settings.reconnect_spread)
@@ -222,7 +229,9 @@ class SimulatedNode:
             return
         try:
             if self.presence.due():
-                self.broker.announce(self.presence.message())
+                census = self.broker.census
+                self.broker.announce(self.presence.message(nodes=census.nodes))
+                census.ask(every=CENSUS_EVERY * self.presence_interval)
                 self.announcements += 1
             self.broker.process_events(SLICE)
             self.catch_up.checkpoint_if_due(self.service.unfinished)
@@ -239,7 +248,9 @@ class SimulatedNode:
             self.broker.connect(self._on_live)
             self.catch_up.on_connect()
             self.keeper.on_connect()
-            self.broker.announce_arrival(self.presence.message(), ARRIVAL_WAIT)
+            self.broker.announce_arrival(
+                self.presence.message(nodes=self.broker.census.nodes, first=True), ARRIVAL_WAIT
+            )
             self.announcements += 1
         except (BrokerUnavailable, NodeNameInUse):
             self._disconnected()
