@@ -129,3 +129,41 @@ def test_benchmark_runs_and_prints_its_table(
     assert json.loads((tmp_path / figures).read_text())
     if script == "round_trip":
         assert (tmp_path / "round_trip.png").stat().st_size > 10_000
+
+
+def test_the_scale_bench_counts_a_storm_in_which_each_node_reads_what_it_missed_and_no_more(
+    tmp_path: Path,
+) -> None:
+    """bench/scale.py with its own broker, 6 simulated nodes in 2 processes, a storm of
+    dropped connections: each node's history deliveries are what it missed plus a constant
+    (it reads its saved place again, and its sweep reads the last entry), and nothing is
+    written into the history but the requests."""
+    nodes, missed = 6, 4
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.scale",
+            *("--nodes", str(nodes), "--per-process", "3", "--missed", str(missed)),
+            *("--idle-seconds", "1", "--broadcasts", "1", "--checkpoint-seconds", "0.2"),
+            *("--sweep-seconds", "0.2", "--storm", "drop", "--down-seconds", "0"),
+            *("--release", "together", "--timeout", "60"),
+        ],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PULLER_BENCH_RESULTS": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scale: counts per N" in done.stdout
+    (run,) = json.loads((tmp_path / "scale.json").read_text())["designs"]["tail"]["runs"]
+    storm, broadcast, idle = run["storm"], run["broadcast"], run["idle"]
+    assert storm["nodes_that_replayed_every_missed_request"] == nodes
+    assert storm["tail_reads"] == {"tail": nodes}, "every connection read the end, no marker"
+    assert missed <= storm["deliveries_per_node"]["max"] <= missed + 4
+    assert storm["history_entries_written"] == 0
+    assert broadcast["answers_per_round"] == nodes
+    assert broadcast["history_entries_per_request"] == 1, "checkpoints write nothing"
+    assert idle["history_entries_per_hour"] == 0
