@@ -101,6 +101,14 @@ class WorkerTopology:
                 channel, refused = self._new_channel(), error
             if check and refused.reply_code == NOT_FOUND and not isinstance(item, topo.Binding):
                 missing.append(item.name)
+            elif not check and refused.reply_code == NOT_FOUND and _is_token(item):
+                # A classic queue lives on one broker node: while that node is down, the
+                # keeper waits, and the worker serves (the next connection declares it again).
+                log.warning(
+                    "the keeper's token queue is out of reach (its broker node is down?): "
+                    "this worker does not keep the desired state on this connection",
+                    error=refused.reply_text,
+                )
             elif refused.reply_code == PRECONDITION_FAILED and isinstance(item, topo.Queue):
                 log.warning(
                     "a stream exists with other settings (the history's retention, or "
@@ -136,3 +144,9 @@ class WorkerTopology:
     def _declare_all(self, channel: Channel, declarations: Iterable[topo.Declaration]) -> None:
         for item in declarations:
             self._call(channel, partial(declare, channel, item))
+
+
+def _is_token(item: topo.Declaration) -> bool:
+    """The keeper's token queue, or its binding."""
+    name = item.queue if isinstance(item, topo.Binding) else item.name
+    return name == topo.KEEPER_TOKEN.name
