@@ -53,6 +53,8 @@ log.file.level = info
 # connections cost less CPU in statistics events.
 tcp_listen_options.backlog = 4096
 tcp_listen_options.nodelay = true
+# The same storm reads where the history ends over the stream port.
+stream.tcp_listen_options.backlog = 4096
 collect_statistics_interval = 30000
 """
 PLUGINS = "[rabbitmq_stream].\n"
