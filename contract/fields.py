@@ -309,6 +309,27 @@ class Records(Generic[T]):
 
 
 @dataclass(frozen=True)
+class OptionalRecord(Generic[T]):
+    """One object decoded by ``item`` (a message-like type with ``FIELDS``), or ``null``/absent."""
+
+    item: Any
+
+    def dump(self, value: T | None) -> object:
+        if value is None:
+            return None
+        return {f.key: f.codec.dump(getattr(value, f.attribute)) for f in self.item.FIELDS}
+
+    def load(self, fields: dict[str, Any], key: str) -> T | None:
+        value = fields.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise InvalidMessage(f"{key!r} must be an object, not {json_type(value)}")
+        loaded: T = self.item(**{f.attribute: f.codec.load(value, f.key) for f in self.item.FIELDS})
+        return loaded
+
+
+@dataclass(frozen=True)
 class Choice(Generic[_E]):
     """One of an enum's values; ``allowed`` narrows which ones may be sent."""
 

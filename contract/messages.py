@@ -32,6 +32,7 @@ from contract.fields import (
     Images,
     OptionalBool,
     OptionalIdentifier,
+    OptionalRecord,
     OptionalSeconds,
     OptionalText,
     Records,
@@ -302,6 +303,20 @@ class PruneResult(Message):
 
 
 @dataclass(frozen=True)
+class Pulling:
+    """A pull running on a node: bytes so far over all layers and the image's size (0 until
+    the engine has reported it)."""
+
+    done: int
+    total: int
+
+    FIELDS: ClassVar[tuple[Field[Any], ...]] = (
+        Field("done", Count()),
+        Field("total", Count()),
+    )
+
+
+@dataclass(frozen=True)
 class NodeResult(Message):
     """One node's answer to one :class:`PullRequest`."""
 
@@ -316,6 +331,9 @@ class NodeResult(Message):
     error: NodeError | None = None
     queued_seconds: float = 0.0
     """The part of ``seconds`` spent waiting for a pull slot (absent from older workers: 0)."""
+    pulling: Pulling | None = None
+    """In an ``absent`` answer to a check: the node is pulling the image right now, for
+    whoever asked, this far (absent from older workers: ``None``)."""
 
     TYPE: ClassVar[str] = "result"
     FIELDS: ClassVar[tuple[Field[Any], ...]] = (
@@ -328,6 +346,7 @@ class NodeResult(Message):
         Field("image_id", OptionalText()),
         Field("digest", OptionalText()),
         Field("error", Failure()),
+        Field("pulling", OptionalRecord[Pulling](Pulling)),
     )
 
     def __post_init__(self) -> None:

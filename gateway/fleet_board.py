@@ -25,9 +25,10 @@ from contract import (
     NodeProgress,
     NodeResult,
     NodeState,
+    Pulling,
     Status,
 )
-from gateway.fleet_matrix import Pulling, fleet_matrix
+from gateway.fleet_matrix import fleet_matrix
 from publisher import Publisher
 from publisher.client import MAX_WARM_IMAGES, Survey
 from publisher.report import StatusReport

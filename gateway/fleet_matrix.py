@@ -5,7 +5,8 @@ Pure: no I/O, no clock of its own, so the rules below are unit-tested with fakes
 
 A cell is ``"p"`` present, ``"a"`` absent, ``"n"`` no answer, ``["d", version]`` drift (present,
 but another digest than most nodes that have the image), ``["u", percent or null]`` pulling
-(a pull the page started, with its progress), ``["w", seconds]`` asked that long ago and not
+(a pull the page started, or one the node says in its answer it runs for someone else,
+with its progress), ``["w", seconds]`` asked that long ago and not
 there yet (pulling or queued: the node's progress and answer go to whoever asked),
 ``["f", kind, message]`` failed. Short codes: 100 nodes x 100 images is 10,000 cells.
 """
@@ -14,10 +15,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from contract import ErrorKind, NodeError, NodeResult, NodeState, Status
+from contract import ErrorKind, NodeError, NodeResult, NodeState, Pulling, Status
 from publisher.client import Survey
 from publisher.report import StatusReport
 from publisher.roster import NodeInfo
@@ -26,14 +26,6 @@ MAX_NODES_SHOWN = 1000
 """Rows at most (the rest are counted in ``hidden_nodes``): the answer stays bounded."""
 MAX_MESSAGE = 200
 """Characters of a failure's message kept for the cell's hover text."""
-
-
-@dataclass(frozen=True)
-class Pulling:
-    """A pull the page started, as its node last reported it."""
-
-    done: int
-    total: int
 
 
 def node_state(info: NodeInfo) -> str:
@@ -63,12 +55,15 @@ def cell(
     failure: tuple[str, str] | None,
     asked: float | None = None,
 ) -> object:
-    """One node's cell for one image (see the module's doc for the codes)."""
+    """One node's cell for one image (see the module's doc for the codes); ``pulling``: the
+    page's own pull of it, as its node last reported it."""
     if result is not None and result.status in (Status.PRESENT, Status.PULLED):
         version = result.digest or result.image_id or "unknown"
         if drifting and version != majority:
             return ["d", version]
         return "p"
+    if pulling is None and result is not None and result.status is Status.ABSENT:
+        pulling = result.pulling  # the node's own word: it pulls the image for someone else
     if pulling is not None:
         percent = round(100 * pulling.done / pulling.total) if pulling.total > 0 else None
         return ["u", percent]

@@ -9,7 +9,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import subprocess
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from contract import CONTENT_TYPE, NodePresence, NodeState
 from contract import topology as topo
 from localcluster.cluster import GatewayProcess, LocalCluster
 from tests.integration.conftest import NODES, run_cli
+from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.test_broker_users import set_up_vhost
 from tests.waiting import eventually
 
@@ -32,6 +37,9 @@ pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
 ARTEFACTS = Path(os.environ.get("PULLER_TEST_ARTEFACTS", Path(__file__).parents[2] / "artefacts"))
 WAIT_MS = 60_000
+PULL_SIZE = 1_500_000
+PULL_RATE = 100_000
+"""Bytes a second per node while throttled: the pull takes 15 s at least until released."""
 HOSTILE = '<img src=x onerror="window.pwned=1">"\'&amp;'
 
 STATES_OF_COLUMN = """image => Object.fromEntries(
@@ -90,6 +98,20 @@ def page(browser: Browser, console_errors: list[str]) -> Iterator[Page]:
     assert errors == [], errors  # no script error, no refused inline script or style
 
 
+CELLS_OF_COLUMN = """image => Object.fromEntries(
+  [...document.querySelectorAll('#matrix tbody tr')].map(tr => {
+    const td = [...tr.querySelectorAll('td')].find(t => t.dataset.image === image);
+    const span = td ? td.firstChild : null;
+    return [tr.dataset.node, span ? {state: span.dataset.state, title: span.title} : null];
+  }))"""
+
+
+def cells(page: Page, image: str) -> dict[str, dict[str, str | None]]:
+    """Each node's cell for ``image``: its state code and hover text."""
+    found: dict[str, dict[str, str | None]] = page.evaluate(CELLS_OF_COLUMN, image)
+    return found
+
+
 def column(page: Page, image: str) -> dict[str, str | None]:
     found: dict[str, str | None] = page.evaluate(STATES_OF_COLUMN, image)
     return found
@@ -107,12 +129,24 @@ def node_names(cluster: LocalCluster) -> list[str]:
     return sorted(engine.name for engine in cluster.engines)
 
 
+@pytest.fixture
+def slow_link(cluster: LocalCluster) -> Iterator[TcpProxy]:
+    """The cluster's registry behind a proxy that may throttle what the nodes download."""
+    proxy = TcpProxy(("127.0.0.1", cluster.registry.port))
+    yield proxy
+    proxy.close()
+
+
 def test_the_page_shows_every_node_a_cli_pull_turning_present_and_a_drifted_node(
     cluster: LocalCluster,
     gateways: tuple[GatewayProcess, GatewayProcess],
     page: Page,
-    fresh_image: str,
+    slow_link: TcpProxy,
 ) -> None:
+    # at most PULL_RATE bytes a second per node until the page has seen each one pulling
+    pushed = cluster.registry.push_sized(f"test/{uuid.uuid4().hex[:10]}", "1", [PULL_SIZE])
+    fresh_image = f"{slow_link.address}/{pushed.split('/', 1)[1]}"
+    slow_link.throttle(PULL_RATE)
     read_only, _ = gateways
     nodes = node_names(cluster)
     response = page.goto(read_only.url)
@@ -124,8 +158,30 @@ def test_the_page_shows_every_node_a_cli_pull_turning_present_and_a_drifted_node
     assert roster == nodes
     assert page.locator("#actions").is_hidden()  # read-only by default
 
-    # asked by another publisher, named nowhere: the page learns it from the history
-    pulled = run_cli("pull", fresh_image, "--timeout", "60", env=puller_env(cluster))
+    # asked by another publisher, named nowhere: the page learns it from the history, and
+    # each node's answer to the page's check says how far its pull for the CLI is
+    answers: dict[str, subprocess.CompletedProcess[str]] = {}
+    cli = threading.Thread(
+        target=lambda: answers.update(
+            pulled=run_cli("pull", fresh_image, "--timeout", "90", env=puller_env(cluster))
+        )
+    )
+    cli.start()
+    try:
+        page.wait_for_function(
+            f"want => {{ const found = Object.values(({CELLS_OF_COLUMN})(want.image));"
+            " return found.length === want.nodes && found.every("
+            "c => c && c.state === 'u' && /\\d+%/.test(c.title)); }",
+            arg={"image": fresh_image, "nodes": len(nodes)},
+            timeout=WAIT_MS,
+        )
+        pulling = cells(page, fresh_image)
+    finally:
+        slow_link.throttle(None)
+        cli.join(timeout=120)
+    assert sorted(pulling) == nodes
+    assert all(re.search(r"\d+%", cell["title"] or "") for cell in pulling.values()), pulling
+    pulled = answers["pulled"]
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     wait_for_column(page, fresh_image, dict.fromkeys(nodes, "p"))
 

@@ -19,11 +19,12 @@ from contract import (
     NodeProgress,
     NodeResult,
     NodeState,
+    Pulling,
     Status,
     parse_reference,
 )
 from gateway.fleet_board import ActionRefused, FleetBoard
-from gateway.fleet_matrix import Pulling, fleet_matrix, majority_version, node_state
+from gateway.fleet_matrix import fleet_matrix, majority_version, node_state
 from publisher import Publisher
 from publisher.client import Survey
 from publisher.report import StatusReport
@@ -109,6 +110,21 @@ def test_present_wins_over_a_pull_in_flight_and_a_failure_shows_where_absent() -
         failures={(IMAGE, "n2"): ("stalled", "no byte for 60s")},
     )
     assert [r[0] for r in found["cells"]] == ["p", ["f", "stalled", "no byte for 60s"]]
+
+
+def test_a_node_pulling_for_someone_else_shows_its_progress_not_waiting() -> None:
+    def pulling(node: str, done: int, total: int) -> NodeResult:
+        return NodeResult("r1", node, IMAGE, Status.ABSENT, 0.1, pulling=Pulling(done, total))
+
+    rows = report(
+        pulling("n1", 40, 100),
+        pulling("n2", 0, 0),  # the engine has not said the size yet
+        row("n3", Status.ABSENT),
+    )
+    found = fleet_matrix(survey(["n1", "n2", "n3"], rows), {}, {})
+    assert [r[0] for r in found["cells"]] == [["u", 40], ["u", None], "a"]
+    asked = fleet_matrix(survey(["n1", "n2", "n3"], rows), {}, {}, asked={IMAGE: 3.2})
+    assert [r[0] for r in asked["cells"]] == [["u", 40], ["u", None], ["w", 3]]
 
 
 def test_the_roster_says_up_catching_up_leaving_and_unknown() -> None:

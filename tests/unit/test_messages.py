@@ -16,6 +16,7 @@ from contract import (
     InvalidMessage,
     NodeError,
     NodeResult,
+    Pulling,
     PullRequest,
     Status,
     parse_reference,
@@ -160,6 +161,19 @@ def test_a_result_from_an_older_worker_has_no_queued_time() -> None:
     body = json.loads(NodeResult("r", "n", "i", Status.PRESENT, 2.0).encode())
     del body["queued_seconds"]
     assert NodeResult.decode(json.dumps(body).encode()).queued_seconds == 0.0
+
+
+def test_an_absent_answer_may_say_how_far_the_nodes_own_pull_is() -> None:
+    pulling = NodeResult("r", "n", "i", Status.ABSENT, 0.1, pulling=Pulling(300, 1000))
+    body = json.loads(pulling.encode())
+    assert body["pulling"] == {"done": 300, "total": 1000}
+    assert NodeResult.decode(pulling.encode()) == pulling
+    del body["pulling"]  # an older worker
+    assert NodeResult.decode(json.dumps(body).encode()).pulling is None
+    for bad in ("half", {"done": -1, "total": 2}, {"done": 1}):
+        body["pulling"] = bad
+        with pytest.raises(InvalidMessage, match=r"done|total|pulling"):
+            NodeResult.decode(json.dumps(body).encode())
 
 
 def test_a_result_carries_an_error_exactly_when_it_failed() -> None:

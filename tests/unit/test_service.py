@@ -6,17 +6,20 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from contract import (
+    CheckRequest,
     ErrorKind,
+    ImageReference,
     Lane,
     NodeProgress,
     NodeResult,
     PullFailed,
+    Pulling,
     PullRequest,
     Status,
     parse_reference,
@@ -236,6 +239,47 @@ def test_a_request_that_did_not_ask_for_progress_gets_none_while_one_that_did_ge
     assert {r.status for r in answers.wait_for(2)} == {Status.PULLED}
     assert {m.request_id for m in answers.progress} == {asked.request_id}
     assert [m.done for m in answers.progress][-1] == 1000
+
+
+class HeldStore(FakeStore):
+    """Reports some progress, then holds every pull until ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(pulled=ImageInfo("sha256:pulled", "sha256:digest"))
+        self.reported = threading.Event()
+        self.go = threading.Event()
+
+    def pull(
+        self, image: ImageReference, on_progress: Callable[[PullProgress], None] | None = None
+    ) -> ImageInfo:
+        if on_progress is not None:
+            on_progress(PullProgress(300, 1000))
+        self.reported.set()
+        assert self.go.wait(10)
+        return super().pull(image, on_progress)
+
+
+def test_a_check_while_the_image_is_pulled_for_someone_else_says_how_far_it_is() -> None:
+    store, pulls, checks = HeldStore(), Answers(), Answers()
+    service = make_service(store)
+    try:
+        submit(service, pulls, "big:1")
+        assert store.reported.wait(10)
+        for image in ("big:1", "other:1"):
+            service.check(CheckRequest.new(parse_reference(image)), checks.answer)
+        during = {r.image: r for r in checks.wait_for(2)}
+        assert during["docker.io/library/big:1"].status is Status.ABSENT
+        assert during["docker.io/library/big:1"].pulling == Pulling(300, 1000)
+        assert during["docker.io/library/other:1"].status is Status.ABSENT
+        assert during["docker.io/library/other:1"].pulling is None
+        store.go.set()
+        assert pulls.wait_for(1)[0].status is Status.PULLED
+        service.check(CheckRequest.new(parse_reference("big:1")), checks.answer)
+        after = checks.wait_for(3)[2]
+        assert (after.status, after.pulling) == (Status.PRESENT, None)
+    finally:
+        store.go.set()
+        service.shutdown(wait=True)
 
 
 def serve_one(

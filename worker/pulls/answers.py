@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import structlog
 
-from contract import Lane, NodeProgress, NodeResult, PullFailed, PullRequest, Status
+from contract import Lane, NodeProgress, NodeResult, PullFailed, Pulling, PullRequest, Status
 from worker.pulls.observers import PullObserver
 from worker.stores.contract import ImageInfo, PullProgress
 
@@ -111,8 +111,9 @@ class Waiter:
         except Exception:
             log.exception("sending progress failed", **self.context)
 
-    def finish_absent(self) -> None:
-        """The answer to a check: the node does not have the image."""
+    def finish_absent(self, pulling: Pulling | None = None) -> None:
+        """The answer to a check: the node does not have the image (``pulling``: yet, and
+        its pull runs, this far)."""
         self._hand_over(
             NodeResult(
                 request_id=self.request.request_id,
@@ -120,6 +121,7 @@ class Waiter:
                 image=str(self.request.image),
                 status=Status.ABSENT,
                 seconds=round(time.monotonic() - self.since, 6),
+                pulling=pulling,
             ),
             from_memory=False,
         )

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from contract import ImageReference, Lane, PullFailed
+from contract import ImageReference, Lane, PullFailed, Pulling
 from worker.pulls.answers import Waiter
 
 
@@ -28,6 +28,8 @@ class Pull:
     last_wait: float | None = None
     """The wait before its latest retry (see :meth:`worker.pulls.retry.RetryPolicy.wait`)."""
     bytes_received: int = 0
+    bytes_total: int = 0
+    """The image's size as the engine last reported it (0: not known yet)."""
     last_progress: float = 0.0
     completed: bool = False
     retry: threading.Timer | None = None
@@ -104,6 +106,21 @@ class InFlight:
             if self._pulls.get(pull.image) is pull:
                 del self._pulls[pull.image]
             return list(pull.waiters)
+
+    def progressed(self, pull: Pull, done: int, total: int) -> None:
+        """Keeps ``pull``'s bytes so far and the image's size, for :meth:`pulling`."""
+        with self._lock:
+            pull.bytes_received = done
+            pull.bytes_total = max(total, 0)
+
+    def pulling(self, image: ImageReference) -> Pulling | None:
+        """How far the running pull of ``image`` is; ``None`` when none runs (queued or
+        waiting to retry is not running). Memory only: never waits on the pull."""
+        with self._lock:
+            pull = self._pulls.get(image)
+            if pull is None or not pull.running or pull.completed:
+                return None
+            return Pulling(pull.bytes_received, pull.bytes_total)
 
     def waiters(self, pull: Pull) -> list[Waiter]:
         with self._lock:

@@ -174,7 +174,8 @@ class PullService:
         self, request: CheckRequest, answer: AnswerCallback, *, asked_by: str | None = None
     ) -> None:
         """Answers whether the node has ``request.image`` (``present`` or ``absent``), from
-        one inspect; pulls nothing. Never raises."""
+        one inspect; pulls nothing. An ``absent`` answer says how far the image's pull is
+        when one runs now, for whoever asked. Never raises."""
         as_pull = PullRequest(request.image, request.request_id, request.requested_at)
         waiter = self._in_hand.take(as_pull, answer, asked_by=asked_by)
         refusal = self._admission.refusal(request.image, asked_by)
@@ -297,7 +298,7 @@ class PullService:
         finally:
             self._guard.close(ticket)
         if info is None:
-            waiter.finish_absent()
+            waiter.finish_absent(self._in_flight.pulling(waiter.request.image))
         else:
             waiter.finish(info, Status.PRESENT)
 
@@ -348,7 +349,7 @@ class PullService:
         """One attempt; on a transient failure, gives the slot back and retries after a
         delay, else answers every waiting request."""
         pull.attempt += 1
-        pull.bytes_received = 0
+        self._in_flight.progressed(pull, 0, 0)
         bound = log.bind(**pull.context)
         bound.info("pulling", attempt=pull.attempt)
         started = time.monotonic()
@@ -453,7 +454,7 @@ class PullService:
     def _progress(self, pull: Pull, progress: PullProgress) -> None:
         """Forwards the engine's progress, throttled, to every waiting request; nothing
         until the size is known."""
-        pull.bytes_received = progress.done
+        self._in_flight.progressed(pull, progress.done, progress.total)
         if progress.total <= 0:
             return
         now = time.monotonic()
