@@ -194,7 +194,7 @@ def test_losing_the_publishers_broker_node_during_a_pull_still_gets_every_answer
         proxy.close()
     report = outcome["report"]
     assert isinstance(report, PullReport)
-    assert report.ok, report
+    assert report.ok, json.dumps(report.to_json(), indent=1)
     assert sorted(r.node for r in report.nodes) == [w.node for w in nodes.workers]
     assert all(r.status in (Status.PULLED, Status.PRESENT) for r in report.nodes)
     assert any("published again" in note for note in report.notes), report.notes

@@ -265,3 +265,28 @@ def test_the_live_channel_closed_by_the_broker_ends_the_connections_use() -> Non
         "RabbitMQ at rabbit:5672 vhost '/' closed the channel consuming puller.node.n: "
         "404 NOT_FOUND - no exchange 'puller.replies'"
     )
+
+
+class Closed:
+    """The live channel after RabbitMQ closed it, the connection still going down."""
+
+    is_open = False
+    is_closed = True
+
+
+def test_an_answer_the_going_connection_cannot_send_waits_for_the_next() -> None:
+    """A pull that ends just as the connection goes (its channel closed by the broker, the
+    connection not yet marked lost) answers on the next connection: its requester waits,
+    and the request, acknowledged live, is not in what catch-up replays."""
+    broker = WorkerBroker("amqp://guest:guest@127.0.0.1:9/%2F", "n", prefetch=8, heartbeat=30)
+    broker._channel = Closed()  # noqa: SLF001 - as the going connection left it
+    result = NodeResult("r1", "n", "img:1", Status.PULLED, 1.0)
+    came = Delivery(b"{}", 1, "reply-q", "r1", source=None)
+    broker._send_answer(came, result, False)  # noqa: SLF001 - what answer() runs
+    assert broker.waiting() == (1, 0, 0)
+    live = broker._channel = Live()  # noqa: SLF001 - the next connection
+    broker._send_what_waited()  # noqa: SLF001 - as connect() does
+    [(exchange, routing_key, body, _properties)] = live.published
+    assert (exchange, routing_key) == (topo.REPLIES.name, "reply-q")
+    assert NodeResult.decode(body) == result
+    assert broker.waiting() == (0, 0, 0)

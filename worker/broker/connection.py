@@ -453,8 +453,15 @@ class WorkerBroker(Outbox):
             if result is not None and delivery.reply_to:
                 try:
                     self._reply(delivery, delivery.reply_to, result.encode())
-                except (BrokerUnavailable, pika.exceptions.AMQPConnectionError):
-                    raise
+                except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
+                    # The connection is going (its channel already closed): the requester
+                    # may be waiting, so the answer goes out on the next connection.
+                    self._keep_answer(delivery, result, refuse)
+                    log.warning(
+                        "could not answer; the answer waits for the next connection",
+                        error=describe(error),
+                    )
+                    return
                 except Exception:
                     log.exception(
                         "could not make the reply; acknowledging the request without it",

@@ -138,6 +138,11 @@ class Outbox:
                 del self._handed[number]
                 waiting()
 
+    def _keep_answer(self, delivery: Delivery, result: Message | None, refuse: bool) -> None:
+        """An answer the connection could not send: it waits for the next one."""
+        with self._lock:
+            self._waiting_answers.append((delivery, result, refuse))
+
     def _keep_handed(self) -> None:
         """With the lock held, as the connection goes: what it has not run waits."""
         handed, self._handed = self._handed, {}
