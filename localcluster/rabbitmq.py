@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import subprocess
+from pathlib import Path
 
 from localcluster.processes import ServiceFailed, wait_until
 
@@ -28,6 +30,7 @@ def ensure_rabbitmq(timeout: float = 90.0) -> bool:
         _enable_streams(timeout)
         return False
     plugins = {**os.environ, "RABBITMQ_ENABLED_PLUGINS": "rabbitmq_stream"}
+    _plugins_file_writable()
     subprocess.run(["rabbitmq-server", "-detached"], check=True, env=plugins)
     # await_startup fails at once while the node is not yet reachable, so ask until it says yes.
     wait_until(_booted, "rabbitmq-server (see /var/log/rabbitmq/)", timeout)
@@ -48,8 +51,23 @@ def _enable_streams(timeout: float) -> None:
         capture_output=True,
         timeout=120,
     )
+    _plugins_file_writable()
     if enabled.returncode == 0:
         wait_until(lambda: broker_listening(STREAM_PORT), "RabbitMQ's stream port", timeout)
+
+
+def _plugins_file_writable() -> None:
+    """``rabbitmq-plugins`` run as root leaves the enabled-plugins file root's; the server,
+    which runs as ``rabbitmq`` and rewrites the file as it boots, then fails to start
+    (``failed_to_update_enabled_plugins_file``). Gives the file back to that user."""
+    path = Path(os.environ.get("RABBITMQ_ENABLED_PLUGINS_FILE", "/etc/rabbitmq/enabled_plugins"))
+    if os.geteuid() != 0 or not path.exists():
+        return
+    try:
+        user = pwd.getpwnam("rabbitmq")
+    except KeyError:
+        return
+    os.chown(path, user.pw_uid, user.pw_gid)
 
 
 def _booted() -> bool:
