@@ -23,15 +23,14 @@ from contract.errors import (
     PullerError,
     PullFailed,
 )
+from contract.json_body import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from contract.messages import (
     CONTENT_TYPE,
     DEFAULT_AMQP_URL,
     MAX_KEEP_IMAGES,
-    MAX_MESSAGE_BYTES,
     MAX_PRESENCE_INTERVAL,
     PRESENCE_INTERVAL,
     PRESENCE_MISSES,
-    PROTOCOL_VERSION,
     CheckRequest,
     HistoryGap,
     HistoryMarker,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from contract.fields import MAX_NODE_NAME_LENGTH, Count, Field, Records, Seconds, Text
-from contract.messages import Message, PullRequest, load_body
+from contract.json_body import load_body
+from contract.messages import Message, PullRequest
 
 MAX_DESIRED_BYTES = 32 * 1000 * 1000
 """A snapshot is about 190 B per image: this bound holds well over 100,000 images."""

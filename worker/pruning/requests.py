@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from contract import ErrorKind, NodeError, PruneRequest, PruneResult, PullFailed, Removed
-from contract.messages import MAX_MESSAGE_BYTES, MAX_REMOVALS_LISTED
+from contract.json_body import MAX_MESSAGE_BYTES
+from contract.messages import MAX_REMOVALS_LISTED
 from worker.admission import Admission
 from worker.pruning.pruner import Pruner, PruneRule
 
