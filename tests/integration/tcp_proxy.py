@@ -78,6 +78,12 @@ class TcpProxy:
         self._closed.set()
         self._forwarding.set()
         with contextlib.suppress(OSError):
+            # Closing alone does not stop a listener that the accept thread is blocked on:
+            # the kernel keeps it listening, and the next client is accepted and dropped (a
+            # Go client then says "server closed idle connection", not "connection refused").
+            # Shutting it down wakes the accept and refuses every connection from here on.
+            self._listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
             for sock in self._sockets:

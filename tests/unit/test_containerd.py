@@ -374,6 +374,11 @@ def test_plain_http_only_for_loopback_registries(domain: str | None, plain: bool
             "connection refused",
             ErrorKind.REGISTRY_UNREACHABLE,
         ),
+        (  # the registry's end accepted the connection and closed it without an answer
+            'failed to resolve reference "127.0.0.1:39531/cd/x:1": failed to do request: Head '
+            '"http://127.0.0.1:39531/v2/cd/x/manifests/1": http: server closed idle connection',
+            ErrorKind.REGISTRY_UNREACHABLE,
+        ),
         (
             'failed to resolve reference "r.local/x:1": pulling from host r.local failed '
             "with status code [manifests 1]: 401 Unauthorized",

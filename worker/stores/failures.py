@@ -64,6 +64,7 @@ _RULES: list[tuple[ErrorKind, tuple[str, ...], str]] = [
             "i/o timeout",
             "dial tcp",
             "connection reset",
+            "server closed idle connection",  # Go's client: closed before any answer
             "tls handshake",
             "network is unreachable",
             "eof",
