@@ -35,12 +35,18 @@ from contract import (
 )
 from contract.connection import BrokerTls
 from contract.policy import ImagePolicy
+from publisher.answer_wait import (
+    WAKE_INTERVAL,
+    AnswerWait,
+    ProgressCallback,
+    ResultCallback,
+    pull_results,
+)
 from publisher.broker import PublisherBroker
 from publisher.history_reader import RecentRequests
 from publisher.replies import (
     DEFAULT_ANSWER_MEMORY,
     REQUESTS_REMEMBERED,
-    Answer,
     AnswerMemory,
     AnswersForgotten,
     Event,
@@ -61,11 +67,6 @@ log = structlog.wrap_logger(
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_ROSTER_MAX_AGE = 3 * PRESENCE_INTERVAL
-WAKE_INTERVAL = 0.5
-"""Seconds between looks at the connection while waiting for answers."""
-
-ProgressCallback = Callable[[NodeProgress], None]
-ResultCallback = Callable[[NodeResult], None]
 MAX_WARM_IMAGES = REQUESTS_REMEMBERED
 """At most this many images in one :meth:`Publisher.warm` (their answers are all kept)."""
 
@@ -136,6 +137,7 @@ class Publisher:
         )
         self._history: RecentRequests | None = None
         self._history_lock = threading.Lock()
+        self._wait = AnswerWait(self._replies, self._broker, self.roster, self._roster_names)
 
     def __enter__(self) -> Publisher:
         return self
@@ -189,7 +191,7 @@ class Publisher:
                 raise AnswersForgotten(request_id, self._replies.memory().budget)
             return None
         image, results = found
-        pulled = _pull_results(results)
+        pulled = pull_results(results)
         ordered = tuple(pulled[node] for node in sorted(pulled))
         return KnownRequest(request_id, image, ordered, self._replies.status_only(request_id))
 
@@ -316,18 +318,18 @@ class Publisher:
         whose answers were lost answer again; the report's ``notes`` say so.
         """
         reference = self.check(image)
-        wanted, roster_notes = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wait.wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = PullRequest.new(reference, refresh=refresh, progress=on_progress is not None)
         epoch = self._publish(request, watch=True)
         try:
-            collected, notes = self._collect(
+            collected, notes = self._wait.collect(
                 request, epoch, expect, wanted, started + timeout, on_progress, on_result
             )
         finally:
             self._replies.unwatch(request.request_id)
-        rows = self._rows(request, collected, expect, wanted, began, started, notes)
+        rows = self._wait.rows(request, collected, expect, wanted, began, started, notes)
         return PullReport(
             request_id=request.request_id,
             image=str(reference),
@@ -350,16 +352,16 @@ class Publisher:
         differ for the same name are the report's :attr:`~StatusReport.drift`. Which nodes
         are waited for: as :meth:`pull`."""
         reference = self.check(image)
-        wanted, roster_notes = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wait.wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = CheckRequest.new(reference)
         epoch = self._publish(request, history=False, hold=True)
         try:
-            collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+            collected, notes = self._wait.collect(request, epoch, expect, wanted, started + timeout)
         finally:
             self._replies.release(request.request_id)
-        rows = self._rows(request, collected, expect, wanted, began, started, notes)
+        rows = self._wait.rows(request, collected, expect, wanted, began, started, notes)
         return StatusReport(
             request_id=request.request_id,
             image=str(reference),
@@ -396,7 +398,7 @@ class Publisher:
                 self._replies.release(request_id)
         reports = []
         for request in requests:
-            answered = _pull_results(answers.get(request.request_id, {}))
+            answered = pull_results(answers.get(request.request_id, {}))
             waited = round(time.monotonic() - started, 6)
             silent = [
                 NodeResult(request.request_id, node, str(request.image), Status.NO_REPLY, waited)
@@ -437,7 +439,7 @@ class Publisher:
                 f"{len(references)} images; at most {MAX_WARM_IMAGES} in one warm-up "
                 "(split the list)"
             )
-        wanted, roster_notes = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wait.wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         deadline = started + timeout
@@ -470,7 +472,9 @@ class Publisher:
             for request in requests:
                 self._replies.unwatch(request.request_id)
         notes: list[str] = []
-        silent, _ = self._silent(expect, wanted, report.nodes_answered(), began, started, notes)
+        silent, _ = self._wait.silent(
+            expect, wanted, report.nodes_answered(), began, started, notes
+        )
         return report.finish(
             requests=tuple(request.request_id for request in requests),
             silent=frozenset(silent),
@@ -496,16 +500,16 @@ class Publisher:
         kept = tuple(dict.fromkeys(_reference(image) for image in keep))
         if len(kept) > MAX_KEEP_IMAGES:
             raise ValueError(f"{len(kept)} images to keep; at most {MAX_KEEP_IMAGES}")
-        wanted, roster_notes = self._wanted(expect, nodes)
+        wanted, roster_notes = self._wait.wanted(expect, nodes)
         began = time.time()
         started = time.monotonic()
         request = PruneRequest.new(unused_for, kept, dry_run)
         epoch = self._publish(request, history=False, hold=True)
         try:
-            collected, notes = self._collect(request, epoch, expect, wanted, started + timeout)
+            collected, notes = self._wait.collect(request, epoch, expect, wanted, started + timeout)
         finally:
             self._replies.release(request.request_id)
-        silent, _ = self._silent(expect, wanted, collected.keys(), began, started, notes)
+        silent, _ = self._wait.silent(expect, wanted, collected.keys(), began, started, notes)
         return PruneReport(
             request_id=request.request_id,
             dry_run=dry_run,
@@ -513,72 +517,6 @@ class Publisher:
             no_reply=tuple(sorted(silent)),
             notes=(*roster_notes, *notes),
         )
-
-    def _rows(
-        self,
-        request: PullRequest | CheckRequest,
-        collected: dict[str, Answer],
-        expect: int | None,
-        wanted: set[str] | None,
-        began: float,
-        started: float,
-        notes: list[str],
-    ) -> tuple[NodeResult, ...]:
-        """One row per node that answered, and a ``no_reply`` row per expected node that
-        did not, sorted by node."""
-        answered = _pull_results(collected)
-        silent, waited = self._silent(expect, wanted, answered.keys(), began, started, notes)
-        image = str(request.image)
-        no_reply = [
-            NodeResult(request.request_id, node, image, Status.NO_REPLY, waited)
-            for node in sorted(silent)
-        ]
-        return tuple(sorted([*answered.values(), *no_reply], key=lambda r: r.node))
-
-    def _wanted(
-        self, expect: int | None, nodes: Iterable[str] | None
-    ) -> tuple[set[str] | None, list[str]]:
-        """The nodes to wait for by name (``None``: a count, or nobody), and notes about
-        them for the report (an incomplete roster)."""
-        if expect is not None and nodes is not None:
-            raise ValueError("give expect or nodes, not both")
-        if expect is not None and expect < 1:
-            raise ValueError("expect must be at least 1")
-        if nodes is not None:
-            wanted = set(nodes)
-            if not wanted:
-                raise ValueError("nodes names no node")
-            return wanted, []
-        if expect is None:
-            roster = self.roster()
-            return {info.node for info in roster.nodes}, [roster.note] if roster.note else []
-        return None, []
-
-    def _silent(
-        self,
-        expect: int | None,
-        wanted: set[str] | None,
-        answered: Iterable[str],
-        began: float,
-        started: float,
-        notes: list[str],
-    ) -> tuple[set[str], float]:
-        """The expected nodes that did not answer (by name, where known), and the seconds
-        waited; a note when only a count was known."""
-        answered = set(answered)
-        waited = round(time.monotonic() - started, 6)
-        missing = (expect - len(answered)) if expect is not None else 0
-        silent = set(wanted or ())
-        if expect is not None and missing > 0:
-            # Who was there when the request began? Asked only now, and only when someone
-            # is missing: the roster costs a stream read the common case need not pay.
-            silent = self._roster_names(at=began)
-            if not silent - answered:
-                notes.append(
-                    f"only a count was known: {missing} of {expect} expected node(s) did not "
-                    "answer, and the roster named none that was silent"
-                )
-        return silent - answered, waited
 
     def results(
         self, request_id: str, *, expect: int | None = None, timeout: float = 0.0
@@ -593,7 +531,7 @@ class Publisher:
         def enough(results: Mapping[str, object]) -> bool:
             return expect is not None and len(results) >= expect
 
-        answered = _pull_results(self._replies.wait(request_id, enough, time.monotonic() + timeout))
+        answered = pull_results(self._replies.wait(request_id, enough, time.monotonic() + timeout))
         return tuple(answered[node] for node in sorted(answered))
 
     def _publish(
@@ -625,82 +563,6 @@ class Publisher:
             return {info.node for info in self._roster(at).nodes}
         except BrokerUnavailable:
             return set()
-
-    def _collect(
-        self,
-        request: PullRequest | CheckRequest | PruneRequest,
-        epoch: int,
-        expect: int | None,
-        wanted: set[str] | None,
-        deadline: float,
-        on_progress: ProgressCallback | None = None,
-        on_result: ResultCallback | None = None,
-    ) -> tuple[dict[str, Answer], list[str]]:
-        """Waits for the answers, reconnecting and asking again if the connection is lost."""
-        history = isinstance(request, PullRequest)
-
-        def done(results: Mapping[str, object]) -> bool:
-            if expect is not None:
-                return len(results) >= expect
-            return bool(wanted) and wanted is not None and wanted <= results.keys()
-
-        def hand_over(event: Event) -> None:
-            if isinstance(event, NodeProgress):
-                if on_progress is not None:
-                    on_progress(event)
-            elif on_result is not None and isinstance(event, NodeResult):
-                on_result(event)
-
-        # Woken for every event only when there is someone to hand them to; else once, when
-        # the answers are complete (a wake-up for each node's reply cost a thread switch each).
-        on_event = hand_over if on_progress is not None or on_result is not None else None
-        asked_again, lost_at = 0, None
-        while True:
-            results = self._replies.wait(
-                request.request_id, done, deadline, on_event, wake_every=WAKE_INTERVAL
-            )
-            if done(results) or time.monotonic() >= deadline:
-                break
-            if not self._broker.connected:
-                lost_at = lost_at or time.monotonic()
-                self._broker.wait_connected(min(WAKE_INTERVAL, deadline - time.monotonic()))
-            elif self._broker.epoch != epoch:
-                epoch, lost_at = self._broker.epoch, None
-                asked_again += 1
-                log.info("reconnected while waiting; asking again", request_id=request.request_id)
-                try:
-                    epoch = self._broker.publish_request(
-                        request.encode(), request.request_id, history=history
-                    )
-                except (NoNodes, BrokerUnavailable) as error:
-                    log.info("asking again failed", error=str(error))
-        notes = []
-        status_only = self._replies.status_only(request.request_id)
-        if status_only:
-            notes.append(
-                f"{status_only} answer(s) were kept as node and status only (no image id, "
-                "digest, seconds or error message): this publisher's answer memory "
-                f"(PULLER_ANSWER_MEMORY_MB, {self._replies.memory().budget / 2**20:g} MB) was full"
-            )
-        if asked_again:
-            notes.append(
-                f"the connection to RabbitMQ was lost during the wait and opened again "
-                f"({asked_again} time(s)); the request was published again (same id) so that "
-                "nodes whose answers were lost answered again: a node that already had the "
-                "image then answers 'present'"
-            )
-        if lost_at is not None:
-            notes.append(
-                f"the connection to RabbitMQ was down for the last "
-                f"{time.monotonic() - lost_at:.1f}s of the wait: answers sent then are lost"
-            )
-        return results, notes
-
-
-def _pull_results(answers: dict[str, Answer]) -> dict[str, NodeResult]:
-    """The answers that are results of a pull or check (a node that answers a pull with a
-    prune's answer breaks the contract: it is left out)."""
-    return {node: answer for node, answer in answers.items() if isinstance(answer, NodeResult)}
 
 
 def _reference(image: str | ImageReference) -> ImageReference:
