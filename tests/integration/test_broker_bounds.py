@@ -108,17 +108,29 @@ def node_1(bounded: Broker) -> Iterator[tuple[LocalCluster, WorkerProcess]]:
         cluster.remove()
 
 
+@pytest.mark.parametrize(
+    "phases",
+    [
+        pytest.param(("before its worker starts",), id="before"),
+        pytest.param(  # once more after the worker served and stopped: a 10 s long run
+            ("before its worker starts", "while its worker is away"),
+            id="before-and-while-away",
+            marks=pytest.mark.long,
+        ),
+    ],
+)
 def test_a_squatted_node_queue_holds_at_most_the_bound_and_its_worker_takes_it_back(
     bounded: Broker,
     connections: Callable[[str], pika.BlockingConnection],
     node_1: tuple[LocalCluster, WorkerProcess],
+    phases: tuple[str, ...],
 ) -> None:
-    """Squatted before the worker ever started, then again while it was away (stopped)."""
+    """Squatted before the worker ever started, then (long run) again while it was away."""
     cluster, worker = node_1
     queue = topo.node_queue_name("node-1")
     image = cluster.registry.push_files(f"squat/{uuid.uuid4().hex[:8]}", "1", {"f": b"x"})
     with Publisher(bounded.url("sessions")) as publisher:
-        for when in ("before its worker starts", "while its worker is away"):
+        for when in phases:
             squat(connections("worker-1"), queue, hold=True)  # the node's own user, staying
             for _ in range(2 * BOUNDS.queue_max_length):
                 publisher.request(image)  # "reached a node", and piled up in the squat

@@ -133,7 +133,13 @@ def test_a_stream_has_a_replica_on_every_node_and_reads_through_any(
     assert read_stream(broker_cluster.node_url(3, vhost), stream, 1) == [body]
 
 
-@pytest.mark.parametrize("kill", [False, True], ids=["rabbitmqctl-stop", "sigkill"])
+@pytest.mark.parametrize(
+    "kill",
+    [  # the clean stop (9 s) is a long run: the SIGKILL case is the harder one
+        pytest.param(False, id="rabbitmqctl-stop", marks=pytest.mark.long),
+        pytest.param(True, id="sigkill"),
+    ],
+)
 def test_a_stream_outlives_the_node_of_its_leader(
     broker_cluster: BrokerCluster, kill: bool
 ) -> None:

@@ -221,6 +221,7 @@ def test_a_node_that_was_away_catches_up_after_the_historys_leader_went_away(
         broker_cluster.start_node(leader)
 
 
+@pytest.mark.long  # 45 s, mostly two nodes booting again; the one-node losses above stay in CI
 def test_with_two_of_three_broker_nodes_gone_errors_are_clear_and_all_recovers(
     nodes: LocalCluster, broker_cluster: BrokerCluster, vhost: str
 ) -> None:

@@ -20,7 +20,7 @@ from tests.integration.conftest import new_vhost, start_cluster
 pytestmark = pytest.mark.integration
 
 NODES = 2
-STALL_TIMEOUT = 10.0
+STALL_TIMEOUT = 7.0
 
 
 @pytest.fixture(scope="module")
