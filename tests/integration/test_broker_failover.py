@@ -68,6 +68,7 @@ def black_hole_twin(url: str, hole: BlackHole) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
+@pytest.mark.long  # 16 s, a worker's 10 s connect timeout; a refusing node stays in CI (above)
 def test_a_silent_broker_node_first_costs_one_connect_timeout(
     rabbitmq: RabbitMqContainer,
 ) -> None:

@@ -177,6 +177,8 @@ def owed_by(worker: WorkerProcess) -> set[str]:
     return {str(image) for image in read_owed_file(worker.state_dir / OWED_FILE)}
 
 
+@pytest.mark.long  # 14 s; a stall mid-layer, retried, stays in CI (the next test), as do
+# two stalled attempts on a black-hole registry (test_head_of_line.py)
 def test_a_registry_gone_silent_mid_layer_gives_stalled_within_the_stall_timeout(
     fault_cluster: LocalCluster, fault_publisher: Publisher, proxy: TcpProxy
 ) -> None:

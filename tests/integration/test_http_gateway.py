@@ -173,7 +173,7 @@ def test_a_caller_waiting_in_post_pulls_never_delays_pull_images(
 ) -> None:
     waiting = threading.Thread(
         target=post,
-        args=(gateway, "/pulls", {"image": fresh_image, "nodes": ["ghost"], "timeout": 10}),
+        args=(gateway, "/pulls", {"image": fresh_image, "nodes": ["ghost"], "timeout": 6}),
     )
     waiting.start()
     time.sleep(0.5)
