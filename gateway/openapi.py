@@ -129,6 +129,39 @@ NO_ARGUMENTS = {
 }
 
 
+FLEET_CELL = {
+    "oneOf": [
+        {"type": "string", "enum": ["p", "a", "n"]},  # present, absent, no answer
+        # ["d", version] drift, ["u", percent] pulling, ["w", seconds] asked, not there yet,
+        # ["f", kind, message] failed
+        {"type": "array", "minItems": 2, "maxItems": 3},
+    ]
+}
+FLEET = _object(
+    {
+        "nodes": {
+            "type": "array",
+            "items": _object(
+                {
+                    "name": {"type": "string"},
+                    "state": {"type": "string"},
+                    "last_seen": {"type": "number", "nullable": True},
+                    "version": NULLABLE_STRING,
+                },
+                ["name", "state", "last_seen", "version"],
+            ),
+        },
+        "images": {"type": "array", "items": {"type": "string"}},
+        "cells": {"type": "array", "items": {"type": "array", "items": FLEET_CELL}},
+        "hidden_nodes": {"type": "integer", "minimum": 0},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "actions": {"type": "boolean"},
+        "generated_at": {"type": "number"},
+    },
+    ["nodes", "images", "cells", "hidden_nodes", "notes", "actions", "generated_at"],
+)
+
+
 def _drop_in(key: str, value: dict[str, Any], summary: str, ready: bool = False) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": _answer(summary, _object({key: value}, [key])),
@@ -294,6 +327,36 @@ def openapi_document() -> dict[str, Any]:
                             ),
                         ),
                         "503": UNAVAILABLE,
+                    },
+                }
+            },
+            "/fleet.json": {
+                "get": {
+                    "summary": "The fleet page's document: nodes by images, from the last "
+                    "survey (docs/http-api.md)",
+                    "parameters": [
+                        {
+                            "name": "image",
+                            "in": "query",
+                            "required": False,
+                            "description": "An image to show besides those asked lately "
+                            "(repeated, at most 100)",
+                            "schema": {"type": "array", "items": {"type": "string"}},
+                            "style": "form",
+                            "explode": True,
+                        }
+                    ],
+                    "responses": {
+                        "200": _answer(
+                            "The last survey; or why the fleet could not be surveyed",
+                            {"oneOf": [FLEET, _object({"error": {"type": "string"}}, ["error"])]},
+                        ),
+                        "400": _answer(
+                            "An invalid image, or too many; or the fleet page is off "
+                            "(PULLER_HTTP_FLEET_PAGE=false: an unknown path, as any other)",
+                            EXCEPTION,
+                        ),
+                        "403": _answer("An image the image policy refuses", EXCEPTION),
                     },
                 }
             },
