@@ -21,6 +21,7 @@ import structlog
 from contract import ErrorKind, InvalidMessage, NodeResult, PullRequest
 from contract.desired import DesiredState
 from worker.catch_up.ledger import Place
+from worker.catch_up.observer import ReplayObserver
 
 if TYPE_CHECKING:
     from worker.catch_up.replay import RequestServer
@@ -70,9 +71,12 @@ class Reconciling:
         seen_live: Container[str],
         on_answer: Callable[[NodeResult | None], None],
         on_done: Callable[[Place | None, bool], None],
+        observer: ReplayObserver | None = None,
     ) -> None:
         """Requests older than ``max_age`` or in ``seen_live`` are not applied. ``on_answer``
-        hears of a change in what is pending: a failed pull (its result), or ``None``."""
+        hears of a change in what is pending: a failed pull (its result), or ``None``.
+        ``observer`` counts the snapshot's requests as the history's: each handed to the
+        pull service a replay, each left out a skip (``too_old``, ``served_live``)."""
         self._read_desired = read_desired
         self._server = server
         self._call_soon = call_soon
@@ -81,6 +85,7 @@ class Reconciling:
         self._seen_live = seen_live
         self._on_answer = on_answer
         self._on_done = on_done
+        self._observer = observer or ReplayObserver()
         self._waiting: deque[PullRequest] = deque()
         self._working = 0
         self._cancelled = False
@@ -172,13 +177,21 @@ class Reconciling:
         )
         newest = max((request.requested_at for request in snapshot.requests), default=None)
         self._place = Place(snapshot.through_offset, None, newest)
-        self._waiting.extend(to_apply(snapshot.requests, self._max_age, self._seen_live))
+        applied = to_apply(snapshot.requests, self._max_age, self._seen_live)
+        now = time.time()
+        for request in snapshot.requests:
+            if now - request.requested_at > self._max_age:
+                self._observer.replay_skipped("too_old")
+            elif request.request_id in self._seen_live:
+                self._observer.replay_skipped("served_live")
+        self._waiting.extend(applied)
 
     def _next(self) -> None:
         while self._waiting and self._working < self._limit:
             request = self._waiting.popleft()
             self._working += 1
             log.info("reconciling", request_id=request.request_id, image=str(request.image))
+            self._observer.replay_started(request)
             self._server.submit(
                 request, lambda result: self._call_soon(partial(self._answered, result)), live=False
             )

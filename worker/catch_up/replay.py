@@ -316,6 +316,7 @@ class CatchUp:
             self._seen_live,
             self._reconcile_answered,
             self._started_from_desired,
+            self._observer,
         )
         self._reconciling.start_fresh(end)
 
@@ -369,6 +370,7 @@ class CatchUp:
             self._seen_live,
             self._reconcile_answered,
             partial(self._reconciled, first),
+            self._observer,
         )
         self._reconciling.start(saved, first, lost)
 
