@@ -24,8 +24,9 @@ run is, at the end, on every node that is still there**, including nodes added d
 and images requested before they joined. A request that a node's live queue did not receive
 (its worker was dead, its broker node was away, it did not exist yet) is in the history stream
 (``puller.history.stream``); a worker replays it on every connection from where it got to,
-and a worker that never ran (no saved place) replays the stream from its first entry, so a new
-node gets every request younger than ``PULLER_HISTORY_MAX_AGE`` (a week by default; a soak
+and a worker that never ran (no saved place) applies the newest snapshot of the desired state
+if one covers the window, else replays the stream from its first entry, so a new node gets
+every request younger than ``PULLER_HISTORY_MAX_AGE`` (a week by default; a soak
 lasts minutes, and :func:`run_soak` checks that it fits).
 
 The figure: (request, node) pairs where a node there at the end lacks the request's image after
@@ -710,7 +711,7 @@ class SoakResult:
             f"history copies sent again (returned by RabbitMQ): {self.history_resent};"
             f" requests not in the history: {self.history_unrouted}",
             "expected: every requested image on every node there at the end, nodes added"
-            " late included (a new worker replays the history stream from its first entry)",
+            " late included (a new worker applies the desired state or replays the history)",
             f"missing (request, node) pairs: {len(self.missing)} of {self.pairs}",
         ]
         lines.extend(f"  MISSING {image} on {node}" for image, node in self.missing)

@@ -81,6 +81,11 @@ class WorkerMetrics(PullObserver, ReplayObserver):
         self.history_sweeps = self._counter(
             "history_sweeps", "Sweeps done (one per connection, a few seconds after caught up)"
         )
+        self.history_from_desired = self._counter(
+            "history_started_from_desired",
+            "Catch-ups of a node with no saved place (new, or its state deleted) that applied "
+            "the desired state and replayed only the history after it",
+        )
         self.history_gaps = self._counter(
             "history_gaps",
             "Catch-ups that found the history had lost entries this node had not replayed, "
@@ -181,6 +186,9 @@ class WorkerMetrics(PullObserver, ReplayObserver):
 
     def swept(self) -> None:
         self.history_sweeps.inc()
+
+    def started_from_desired(self) -> None:
+        self.history_from_desired.inc()
 
     # -- the store ---------------------------------------------------------------------------
 

@@ -124,9 +124,11 @@ def test_a_node_whose_missed_range_is_gone_recovers_every_image_from_the_desired
         cluster.remove()
 
 
-def test_when_the_keeper_goes_another_worker_keeps_the_desired_state(
+def test_when_the_keeper_goes_another_worker_keeps_the_desired_state_and_new_nodes_use_it(
     rabbitmq: RabbitMqContainer,
 ) -> None:
+    """Then a node that joins pulls each image of the snapshot once (two pulls) instead of
+    replaying the history's five entries up to where the snapshot reaches."""
     url = new_vhost(rabbitmq)
     cluster = start_cluster(
         url,
@@ -136,7 +138,7 @@ def test_when_the_keeper_goes_another_worker_keeps_the_desired_state(
     )
     try:
         first = new_image(cluster)
-        publish_confirmed(url, [PullRequest.new(parse_reference(first))])
+        publish_confirmed(url, [PullRequest.new(parse_reference(first)) for _ in range(4)])
         wait_for(lambda: first in snapshot_images(url), "a snapshot with the first image")
         [holder] = [worker for worker in cluster.workers if keeper(worker)]
         [heir] = [worker for worker in cluster.workers if worker is not holder]
@@ -152,6 +154,19 @@ def test_when_the_keeper_goes_another_worker_keeps_the_desired_state(
         assert snapshot is not None
         assert snapshot["written_by"] == heir.node
         assert {first, second} <= snapshot_images(url), "merged with the last keeper's"
+
+        tail = history_tail(rabbitmq, url)
+        assert tail is not None
+        wait_for(lambda: snapshot_through(url) >= tail, "the keeper's snapshot reaches the end")
+        node = cluster.add_node("node-new")
+        wait_for(lambda: ready(node), "the new node caught up")
+        assert engine_has(cluster, first)["node-new"] and engine_has(cluster, second)["node-new"]
+        assert node.metric("puller_worker_history_started_from_desired_total") == 1
+        # One pull per image of the snapshot, not one per request of the history.
+        assert node.metric("puller_worker_replayed_total") == 2
+        assert logged(node, "started from the desired state")
+        _, body = node.health("/ready")
+        assert body["history_gap"] == "none"
     finally:
         cluster.remove()
 

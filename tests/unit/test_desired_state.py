@@ -208,6 +208,120 @@ def test_a_snapshot_read_for_an_earlier_connection_is_dropped(tmp_path: Path) ->
     assert (server.submitted, catch_up.phase) == ([], Phase.DISCONNECTED)
 
 
+def new_node(
+    tmp_path: Path, metrics: WorkerMetrics, end: int = 99
+) -> tuple[CatchUp, FakeBroker, RecordingServer, DesiredReader]:
+    """A node with no saved place, connecting to a history that ends at ``end``."""
+    broker, server, reader = FakeBroker(tail=True), RecordingServer(), DesiredReader()
+    catch_up = CatchUp(
+        "n",
+        Ledger(OffsetStore(tmp_path)),
+        server,
+        broker,
+        3600,
+        observer=metrics,
+        read_desired=reader,
+        sweep_delay=3600,
+    )
+    catch_up.on_connect()
+    broker.tail_read(end)
+    assert catch_up.phase is Phase.RECONCILING and not catch_up.status().caught_up
+    assert (server.submitted, broker.readings, len(reader.asked)) == ([], [], 1)
+    return catch_up, broker, server, reader
+
+
+def test_a_new_node_applies_the_snapshot_then_replays_only_the_history_after_it(
+    tmp_path: Path,
+) -> None:
+    metrics = WorkerMetrics()
+    catch_up, broker, server, reader = new_node(tmp_path, metrics)
+    now = time.time()
+    reader.answer(snapshot(97, 0.0, (request("a:1", now), request("b:1", now))).encode())
+    assert submitted_images(server) == ["docker.io/library/a:1", "docker.io/library/b:1"]
+    server.answer_all(Status.PULLED)
+    broker.run_later()
+    assert [reading.start for reading in broker.readings] == [97], "not from the first entry"
+    broker.deliver(request_body("b:1"), 97)  # the entry the snapshot reaches: done already
+    assert server.submitted == []
+    broker.deliver(request_body("c:1"), 98)
+    broker.deliver(request_body("d:1"), 99)
+    assert submitted_images(server) == ["docker.io/library/c:1", "docker.io/library/d:1"]
+    server.answer_all()
+    broker.run_later()
+    status = catch_up.status()
+    assert (status.caught_up, status.history_gap, status.history_offset) == (
+        True,
+        HistoryGap.NONE,
+        99,
+    )
+    assert (
+        metrics.registry.get_sample_value("puller_worker_history_started_from_desired_total") == 1
+    )
+
+
+def test_a_new_node_whose_snapshot_reaches_the_end_reads_one_entry(tmp_path: Path) -> None:
+    catch_up, broker, server, reader = new_node(tmp_path, WorkerMetrics())
+    reader.answer(snapshot(99, 0.0, (request("a:1", time.time()),)).encode())
+    server.answer_all()
+    broker.run_later()
+    assert [reading.start for reading in broker.readings] == [99]
+    broker.deliver(request_body("z:1"), 99)  # that entry itself: nothing more to replay
+    assert server.submitted == []
+    assert catch_up.status().caught_up and catch_up.status().history_offset == 99
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (None, "no snapshot"),
+        (b"{broken", "unreadable"),
+        (snapshot(97, time.time() - 60).encode(), "complete only for the last minute"),
+        (
+            DesiredState(time.time(), "keeper-node", 60.0, 97, 0.0, ()).encode(),
+            "a keeper whose window is a minute, this node's an hour",
+        ),
+        (snapshot(120).encode(), "beyond the end: from a stream deleted since"),
+    ],
+)
+def test_a_new_node_replays_the_whole_history_when_no_snapshot_stands_for_it(
+    tmp_path: Path, answer: bytes | None, why: str
+) -> None:
+    metrics = WorkerMetrics()
+    catch_up, broker, server, reader = new_node(tmp_path, metrics)
+    reader.answer(answer)
+    assert server.submitted == [], why
+    assert [reading.start for reading in broker.readings] == ["first"], why
+    assert catch_up.status().history_gap is HistoryGap.NONE
+    assert not metrics.registry.get_sample_value("puller_worker_history_started_from_desired_total")
+
+
+def test_a_node_whose_place_is_from_a_deleted_stream_replays_the_new_one_from_its_start(
+    tmp_path: Path,
+) -> None:
+    """Its place is beyond the new stream's end: the snapshot, written from the old stream,
+    may be too; the node replays the new stream whole, as before."""
+    OffsetStore(tmp_path).save(Place(500, entry_identity(request_body("old:1")), time.time()))
+    broker, server, reader = FakeBroker(tail=True), RecordingServer(), DesiredReader()
+    catch_up = CatchUp(
+        "n", Ledger(OffsetStore(tmp_path)), server, broker, 3600, read_desired=reader
+    )
+    catch_up.on_connect()
+    broker.tail_read(99)
+    assert reader.asked == []
+    assert [reading.start for reading in broker.readings] == ["first"]
+    assert catch_up.status().history_gap is HistoryGap.UNRECOVERED
+
+
+def test_a_new_node_without_a_desired_state_reader_replays_from_the_first_entry(
+    tmp_path: Path,
+) -> None:
+    broker, server = FakeBroker(tail=True), RecordingServer()
+    catch_up = CatchUp("n", Ledger(OffsetStore(tmp_path)), server, broker, 3600)
+    catch_up.on_connect()
+    broker.tail_read(99)
+    assert [reading.start for reading in broker.readings] == ["first"]
+
+
 # -- the keeper --------------------------------------------------------------------------------
 
 

@@ -103,11 +103,25 @@ class DesiredLink:
 
         self._link().channel(_closed("the keeper's token"), on_open=opened)
 
-    def read_stream(self, stream: str, start: int | str, on_entry: OnEntry) -> StreamRead:
+    def read_stream(
+        self,
+        stream: str,
+        start: int | str,
+        on_entry: OnEntry,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> StreamRead:
         """Reads ``stream`` from ``start`` (an offset, ``"first"`` or ``"last"``) until the
-        returned reading is stopped; ``on_entry`` runs for each entry (it must not raise)."""
+        returned reading is stopped; ``on_entry`` runs for each entry (it must not raise).
+        ``on_refused(why)``: RabbitMQ refused the reading or closed its channel before it
+        was stopped (the reading is then over)."""
         self._owner_check()
         reading = StreamRead()
+
+        def refused(why: str) -> None:
+            if reading.channel is not None:
+                reading.channel = None
+                if on_refused is not None:
+                    on_refused(why)
 
         def opened(channel: Channel) -> None:
             if not reading.owns(channel):
@@ -120,6 +134,7 @@ class DesiredLink:
                 )
             except CONNECTION_ERRORS as error:
                 log.warning("cannot read a stream", stream=stream, error=describe(error))
+                refused(describe(error))
 
         def deliver(
             channel: Channel,
@@ -135,7 +150,12 @@ class DesiredLink:
             if isinstance(offset, int):
                 on_entry(offset, body)
 
-        reading.channel = self._link().channel(_closed(stream), on_open=opened)
+        def closed(channel: Channel, reason: BaseException) -> None:
+            _closed(stream)(channel, reason)
+            if reading.owns(channel):
+                refused(f"RabbitMQ closed the reading of {stream}: {describe(reason)}")
+
+        reading.channel = self._link().channel(closed, on_open=opened)
         return reading
 
     def read_newest(
@@ -161,7 +181,9 @@ class DesiredLink:
                 on_found(None, why)
                 return
             try:
-                reading = self.read_stream(stream, "last", lambda _offset, body: first(body))
+                reading = self.read_stream(
+                    stream, "last", lambda _offset, body: first(body), partial(on_found, None)
+                )
             except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
                 on_found(None, describe(error))
                 return

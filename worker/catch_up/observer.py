@@ -42,3 +42,7 @@ class ReplayObserver:
 
     def swept(self) -> None:
         """A connection's sweep ended."""
+
+    def started_from_desired(self) -> None:
+        """A node with no saved place applied the desired state instead of the history up
+        to where the snapshot reaches."""

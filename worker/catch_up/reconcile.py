@@ -1,8 +1,11 @@
-"""Reconciling: a node whose missed range of the history is gone applies the desired state.
+"""Reconciling: a node whose missed range of the history is gone applies the desired state;
+so does a node with no saved place at all (new, or its state deleted), instead of
+replaying the whole window.
 
 The newest snapshot's requests go to the pull service as replays (images the node has are
 answered ``present`` at once), a few at a time; catch-up then replays the history after the
-snapshot. Whether that makes good the loss is :func:`covers`.
+snapshot. Whether that makes good the loss is :func:`covers`; whether it can stand for the
+whole window, for a node with no place, :func:`covers_window`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import structlog
 from contract import ErrorKind, InvalidMessage, NodeResult, PullRequest
 from contract.desired import DesiredState
 from worker.catch_up.ledger import Place
+from worker.catch_up.observer import ReplayObserver
 
 if TYPE_CHECKING:
     from worker.catch_up.replay import RequestServer
@@ -41,6 +45,15 @@ def covers(snapshot: DesiredState, first_delivered: int, saved_requested_at: flo
     return saved_requested_at is not None and snapshot.complete_since <= saved_requested_at
 
 
+def covers_window(snapshot: DesiredState, max_age: float, now: float) -> bool:
+    """Whether ``snapshot`` holds every request of the last ``max_age`` seconds up to its
+    ``through_offset``: built from an unbroken history (or complete since early enough),
+    and its own window reaching back as far."""
+    since = now - max_age
+    complete = snapshot.complete_since == 0 or snapshot.complete_since <= since
+    return complete and snapshot.written_at - snapshot.window <= since
+
+
 class Reconciling:
     """One loss made good: reads the newest snapshot, hands its requests to the pull
     service (at most ``limit`` at once), then says how it went: ``on_done(place,
@@ -58,9 +71,12 @@ class Reconciling:
         seen_live: Container[str],
         on_answer: Callable[[NodeResult | None], None],
         on_done: Callable[[Place | None, bool], None],
+        observer: ReplayObserver | None = None,
     ) -> None:
         """Requests older than ``max_age`` or in ``seen_live`` are not applied. ``on_answer``
-        hears of a change in what is pending: a failed pull (its result), or ``None``."""
+        hears of a change in what is pending: a failed pull (its result), or ``None``.
+        ``observer`` counts the snapshot's requests as the history's: each handed to the
+        pull service a replay, each left out a skip (``too_old``, ``served_live``)."""
         self._read_desired = read_desired
         self._server = server
         self._call_soon = call_soon
@@ -69,12 +85,14 @@ class Reconciling:
         self._seen_live = seen_live
         self._on_answer = on_answer
         self._on_done = on_done
+        self._observer = observer or ReplayObserver()
         self._waiting: deque[PullRequest] = deque()
         self._working = 0
         self._cancelled = False
         self._stopped = False
         self._place: Place | None = None
         self._covered = False
+        self._fresh = False
 
     @property
     def pending(self) -> int:
@@ -94,6 +112,40 @@ class Reconciling:
         else:
             self._read_desired(partial(self._read, saved, first))
 
+    def start_fresh(self, end: int) -> None:
+        """A node with no saved place, the history ending at ``end``: the snapshot stands
+        for the history up to its ``through_offset``, if it covers the whole window
+        (:func:`covers_window`) and reaches no further than ``end`` (further, it was made
+        from a stream deleted since); if not, or if there is none, ``on_done(None, False)``
+        and nothing is applied."""
+        self._fresh = True
+        if self._read_desired is None:
+            self._finish(False, "this worker reads no desired state")
+        else:
+            self._read_desired(partial(self._read_fresh, end))
+
+    def _read_fresh(self, end: int, body: bytes | None, why: str | None) -> None:
+        if self._stopped:
+            return
+        snapshot = None
+        try:
+            snapshot = None if body is None else DesiredState.decode(body)
+        except InvalidMessage as error:
+            why = f"the newest desired state is unreadable: {error}"
+        if snapshot is None:
+            self._finish(False, why or "no desired state written yet")
+            return
+        if not covers_window(snapshot, self._max_age, time.time()):
+            self._finish(False, "the newest desired state does not cover this node's window")
+            return
+        if snapshot.through_offset > end:
+            self._finish(False, "the newest desired state reaches beyond the history's end")
+            return
+        self._apply(snapshot)
+        self._covered = True
+        self._next()
+        self._on_answer(None)
+
     def stop(self) -> None:
         self._stopped = True
         self._waiting.clear()
@@ -110,6 +162,12 @@ class Reconciling:
         if snapshot is None:
             self._finish(False, why or "no desired state written yet")
             return
+        self._apply(snapshot)
+        self._covered = covers(snapshot, first, saved.requested_at)
+        self._next()
+        self._on_answer(None)
+
+    def _apply(self, snapshot: DesiredState) -> None:
         log.info(
             "applying the desired state",
             written_at=snapshot.written_at,
@@ -119,16 +177,21 @@ class Reconciling:
         )
         newest = max((request.requested_at for request in snapshot.requests), default=None)
         self._place = Place(snapshot.through_offset, None, newest)
-        self._covered = covers(snapshot, first, saved.requested_at)
-        self._waiting.extend(to_apply(snapshot.requests, self._max_age, self._seen_live))
-        self._next()
-        self._on_answer(None)
+        applied = to_apply(snapshot.requests, self._max_age, self._seen_live)
+        now = time.time()
+        for request in snapshot.requests:
+            if now - request.requested_at > self._max_age:
+                self._observer.replay_skipped("too_old")
+            elif request.request_id in self._seen_live:
+                self._observer.replay_skipped("served_live")
+        self._waiting.extend(applied)
 
     def _next(self) -> None:
         while self._waiting and self._working < self._limit:
             request = self._waiting.popleft()
             self._working += 1
             log.info("reconciling", request_id=request.request_id, image=str(request.image))
+            self._observer.replay_started(request)
             self._server.submit(
                 request, lambda result: self._call_soon(partial(self._answered, result)), live=False
             )
@@ -151,7 +214,12 @@ class Reconciling:
 
     def _finish(self, recovered: bool, why: str | None) -> None:
         self._stopped = True
-        if recovered:
+        if self._fresh:
+            if recovered:
+                log.info("started from the desired state; replaying the history after it")
+            else:
+                log.info("replaying the history from its first entry", why=why)
+        elif recovered:
             log.info("recovered the lost history entries from the desired state")
         else:
             log.warning(

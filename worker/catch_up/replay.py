@@ -25,7 +25,9 @@ The phases, in order (all on the connection's thread)::
   beyond the end, or whose entry is not the one saved, is from a stream deleted since: the
   worker says so and starts from the beginning.
 - RECONCILING: the newest snapshot of the desired state is applied, then the history after
-  it and after the loss is replayed (:mod:`worker.catch_up.reconcile`).
+  it and after the loss is replayed (:mod:`worker.catch_up.reconcile`). A node with no
+  saved place goes there straight from FINDING_END when a snapshot stands for its whole
+  window: it pulls each image once instead of replaying every request of the window.
 - SWEEPING: once per connection, a few seconds after caught up: reads from the committed
   place up to the first entry of the stream's last chunk, serving entries not seen live
   (a request whose live copy came before the node's queue was bound, and whose history
@@ -267,6 +269,7 @@ class CatchUp:
         offset (``None``: the stream is empty); ``by_marker``: it is this node's marker."""
         self._end = end
         saved = self._ledger.committed
+        new_node = saved is None
         self._verify = None
         beyond = saved is not None and (
             end is None or saved.offset > end or (by_marker and saved.offset == end)
@@ -286,10 +289,48 @@ class CatchUp:
             self._caught_up()  # an empty stream: nothing to replay
             self._update()
             return
+        if new_node and self._read_desired is not None:
+            self._start_from_desired(end)
+            return
+        self._replay_from(saved)
+
+    def _replay_from(self, saved: Place | None) -> None:
         start: int | str = "first" if saved is None else saved.offset
         self._verify = saved
-        log.info("catching up", history_from=start, history_end=end)
+        log.info("catching up", history_from=start, history_end=self._end)
         self._read(Phase.REPLAYING, start)
+
+    def _start_from_desired(self, end: int) -> None:
+        """FINDING_END -> RECONCILING, for a node with no saved place: the newest snapshot
+        of the desired state, if it covers the window, stands for the history up to where
+        it reaches (a new node pulls each image once, not once per request), then the rest
+        is replayed; if it does not, the whole history is."""
+        self.phase = Phase.RECONCILING
+        self._update()
+        self._reconciling = Reconciling(
+            self._read_desired,
+            self._server,
+            self._broker.call_soon,
+            self._working_limit,
+            self._max_age,
+            self._seen_live,
+            self._reconcile_answered,
+            self._started_from_desired,
+            self._observer,
+        )
+        self._reconciling.start_fresh(end)
+
+    def _started_from_desired(self, place: Place | None, applied: bool) -> None:
+        """RECONCILING -> REPLAYING after the snapshot (or from the first entry)."""
+        self._reconciling = None
+        if place is None or not applied:
+            self._replay_from(None)
+            return
+        self._observer.started_from_desired()
+        self._ledger.jump(place)
+        # As a node saved there: the replay starts at that entry itself, so that a loss
+        # after it (retention outrunning the keeper) is found and said as any other.
+        self._replay_from(place)
 
     def _restart_from_the_beginning(self, offset: int, found: str) -> None:
         log.warning(
@@ -329,6 +370,7 @@ class CatchUp:
             self._seen_live,
             self._reconcile_answered,
             partial(self._reconciled, first),
+            self._observer,
         )
         self._reconciling.start(saved, first, lost)
 
