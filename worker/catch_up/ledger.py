@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from contract import InvalidMessage, PullRequest, decode_history
 from worker.state_files import parse_state, write_whole
 
 log = structlog.get_logger("worker.history_ledger")
@@ -181,3 +182,12 @@ class Ledger:
 
 def _is_time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def requested_at(body: bytes) -> float | None:
+    """When a history entry's request was made (``None``: not a request, or unreadable)."""
+    try:
+        entry = decode_history(body)
+    except InvalidMessage:
+        return None
+    return entry.requested_at if isinstance(entry, PullRequest) else None

@@ -14,7 +14,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,9 +21,7 @@ from contract import ErrorKind, InvalidMessage, NodeResult, PullRequest
 from contract.desired import DesiredState
 from worker.catch_up.ledger import Place
 from worker.catch_up.observer import ReplayObserver
-
-if TYPE_CHECKING:
-    from worker.catch_up.replay import RequestServer
+from worker.catch_up.ports import RequestServer
 
 ReadDesired = Callable[[Callable[[bytes | None, str | None], None]], None]
 """Reads the newest snapshot of the desired state: ``(body, None)``, ``(None, None)`` when
@@ -127,13 +124,9 @@ class Reconciling:
     def _read_fresh(self, end: int, body: bytes | None, why: str | None) -> None:
         if self._stopped:
             return
-        snapshot = None
-        try:
-            snapshot = None if body is None else DesiredState.decode(body)
-        except InvalidMessage as error:
-            why = f"the newest desired state is unreadable: {error}"
+        snapshot, why = _decoded(body, why)
         if snapshot is None:
-            self._finish(False, why or "no desired state written yet")
+            self._finish(False, why)
             return
         if not covers_window(snapshot, self._max_age, time.time()):
             self._finish(False, "the newest desired state does not cover this node's window")
@@ -154,13 +147,9 @@ class Reconciling:
     def _read(self, saved: Place, first: int, body: bytes | None, why: str | None) -> None:
         if self._stopped:
             return
-        snapshot = None
-        try:
-            snapshot = None if body is None else DesiredState.decode(body)
-        except InvalidMessage as error:
-            why = f"the newest desired state is unreadable: {error}"
+        snapshot, why = _decoded(body, why)
         if snapshot is None:
-            self._finish(False, why or "no desired state written yet")
+            self._finish(False, why)
             return
         self._apply(snapshot)
         self._covered = covers(snapshot, first, saved.requested_at)
@@ -228,6 +217,16 @@ class Reconciling:
                 why=why or "it does not cover the lost range (or a pull was cancelled)",
             )
         self._on_done(None if self._cancelled else self._place, recovered)
+
+
+def _decoded(body: bytes | None, why: str | None) -> tuple[DesiredState | None, str]:
+    """The snapshot read, or why there is none."""
+    if body is None:
+        return None, why or "no desired state written yet"
+    try:
+        return DesiredState.decode(body), ""
+    except InvalidMessage as error:
+        return None, f"the newest desired state is unreadable: {error}"
 
 
 def to_apply(

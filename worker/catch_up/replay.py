@@ -52,7 +52,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
 
 import structlog
 
@@ -68,11 +67,11 @@ from contract import (
 from worker.broker import HistoryReading, TailRead
 from worker.broker.delivery import Delivery
 from worker.catch_up.attempts import MAX_STARTS, ReplayAttempts
-from worker.catch_up.ledger import Ledger, Place, entry_identity, lost_entries
+from worker.catch_up.ledger import Ledger, Place, entry_identity, lost_entries, requested_at
 from worker.catch_up.observer import ReplayObserver
+from worker.catch_up.ports import HistoryBroker, RequestServer
 from worker.catch_up.reconcile import ReadDesired, Reconciling
 from worker.catch_up.status import CAUGHT_UP_PHASES, CatchUpStatus, Phase
-from worker.pulls.answers import AnswerCallback, ProgressCallback
 
 log = structlog.get_logger("worker.catch_up")
 
@@ -85,34 +84,6 @@ CHECKPOINT_INTERVAL = 30.0
 
 SWEEP_DELAY = 5.0
 """Seconds after a connection's catch-up before its sweep."""
-
-
-class HistoryBroker(Protocol):
-    """The part of the worker's broker catch-up uses."""
-
-    def find_tail(self, on_tail: Callable[[TailRead], None]) -> None: ...
-
-    def read_history(self, reading: HistoryReading) -> None: ...
-
-    def stop_history(self) -> None: ...
-
-    def answer(self, delivery: Delivery, result: NodeResult | None) -> None: ...
-
-    def call_soon(self, callback: Callable[[], None]) -> None: ...
-
-    def is_current(self, delivery: Delivery) -> bool: ...
-
-
-class RequestServer(Protocol):
-    def submit(
-        self,
-        request: PullRequest,
-        answer: AnswerCallback,
-        progress: ProgressCallback | None = None,
-        *,
-        asked_by: str | None = None,
-        live: bool = True,
-    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -307,17 +278,7 @@ class CatchUp:
         is replayed; if it does not, the whole history is."""
         self.phase = Phase.RECONCILING
         self._update()
-        self._reconciling = Reconciling(
-            self._read_desired,
-            self._server,
-            self._broker.call_soon,
-            self._working_limit,
-            self._max_age,
-            self._seen_live,
-            self._reconcile_answered,
-            self._started_from_desired,
-            self._observer,
-        )
+        self._reconciling = self._reconciler(self._started_from_desired)
         self._reconciling.start_fresh(end)
 
     def _started_from_desired(self, place: Place | None, applied: bool) -> None:
@@ -361,7 +322,11 @@ class CatchUp:
         self._gap, self._lost = HistoryGap.RECONCILING, lost
         self.phase = Phase.RECONCILING
         self._update()
-        self._reconciling = Reconciling(
+        self._reconciling = self._reconciler(partial(self._reconciled, first))
+        self._reconciling.start(saved, first, lost)
+
+    def _reconciler(self, on_done: Callable[[Place | None, bool], None]) -> Reconciling:
+        return Reconciling(
             self._read_desired,
             self._server,
             self._broker.call_soon,
@@ -369,10 +334,9 @@ class CatchUp:
             self._max_age,
             self._seen_live,
             self._reconcile_answered,
-            partial(self._reconciled, first),
+            on_done,
             self._observer,
         )
-        self._reconciling.start(saved, first, lost)
 
     def _reconcile_answered(self, failed: NodeResult | None) -> None:
         if failed is not None:
@@ -464,7 +428,7 @@ class CatchUp:
         self._broker.stop_history()
         if self.phase is Phase.CHECKPOINTING:
             self.phase = Phase.CAUGHT_UP
-            self._ledger.jump(Place(offset, identity, _requested_at(body)))
+            self._ledger.jump(Place(offset, identity, requested_at(body)))
             log.debug("history checkpoint", history_offset=offset)
             self._update()
             return
@@ -630,11 +594,3 @@ class CatchUp:
             history_gap=self._gap,
             history_lost=self._lost,
         )
-
-
-def _requested_at(body: bytes) -> float | None:
-    try:
-        entry = decode_history(body)
-    except InvalidMessage:
-        return None
-    return entry.requested_at if isinstance(entry, PullRequest) else None
